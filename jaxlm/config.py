@@ -1,0 +1,343 @@
+"""Config schema, defaults and validation.
+
+Experiment scripts build an `ml_collections.ConfigDict` (from `configs/*.py` plus CLI overrides);
+the library validates it once, here, into frozen dataclasses. Frozen dataclasses are hashable, so
+Flax modules can hold them as attributes and `jax.jit` can take them as static arguments.
+
+Every problem raises `ConfigError` with the field, the value and the fix, before anything is
+compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field, the value and the fix."""
+
+
+POSITIONALS = ("learned", "sinusoidal", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "save_attention_out", "minimal")
+DTYPES = ("float32", "bfloat16", "float16")
+CORPORA = ("pystdlib", "text_files", "tfds")
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder shape and numerics. `mlp_dim` is the hidden width of the MLP."""
+  num_layers: int = 4
+  num_heads: int = 4
+  embed_dim: int = 256
+  mlp_dim: int = 1024
+  vocab_size: int = 4096
+  max_seq_len: int = 256
+  positional: str = "learned"
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  attention_impl: str = "reference"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  init_std: float = 0.02
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where documents come from and how they become windows of tokens.
+
+  `data_dir` holds prepared TFDS datasets, trained tokenizers and token caches; `tokenizer` may
+  name an existing SentencePiece `.model` to use instead of training one.
+  """
+  corpus: str = "pystdlib"
+  files: str = ""
+  tfds_name: str = ""
+  text_key: str = "text"
+  train_split: str = "train"
+  validation_split: str = "validation"
+  validation_fraction: float = 0.05
+  seq_len: int = 256
+  stride: int = 256
+  data_dir: str = "~/.cache/jaxlm"
+  tokenizer: str = ""
+  tokenizer_max_sentences: int = 300_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 1000
+  global_batch_size: int = 16
+  microbatches: int = 1
+  z_loss: float = 0.0
+  log_every: int = 10
+  eval_every: int = 250
+  eval_batches: int = 8
+  checkpoint_every: int = 250
+  keep_checkpoints: int = 2
+  sample_every: int = 0
+  sample_prompts: tuple[str, ...] = ("def ", "import ", "class ")
+  sample_max_new_tokens: int = 64
+  sample_temperature: float = 0.8
+  sample_top_k: int = 40
+  max_nonfinite_steps: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  schedule: str = "cosine"
+  learning_rate: float = 3e-3
+  min_learning_rate: float = 3e-4
+  warmup_steps: int = 50
+  decay_fraction: float = 0.2  # wsd: share of num_steps spent decaying at the end
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; one of them may be -1 ("all remaining devices")."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "optim": OptimConfig, "mesh": MeshConfig}
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """The schema's defaults as a ConfigDict; `configs/*.py` start from it and override."""
+  return ml_collections.ConfigDict(to_dict(Config()))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  """Plain JSON-able dict (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(field: str, value: Any, default: Any) -> Any:
+  """Casts `value` to the type of `default`, or raises a ConfigError naming `field`."""
+  if isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+      return value.lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+      return bool(value)
+    raise ConfigError(f"{field}={value!r}: expected true or false.")
+  if isinstance(default, int):
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+      raise ConfigError(f"{field}={value!r}: expected an integer.")
+    return int(value)
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{field}={value!r}: expected a number.")
+    return float(value)
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      raise ConfigError(f"{field}={value!r}: expected a string.")
+    return value
+  if isinstance(default, tuple):
+    if isinstance(value, str):
+      value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+      raise ConfigError(f"{field}={value!r}: expected a list of strings.")
+    return tuple(value)
+  return value
+
+
+def _section_from_mapping(name: str, cls: type, values: Mapping[str, Any]):
+  known = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    if key not in known:
+      raise ConfigError(
+          f"unknown config key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}.")
+    kwargs[key] = _coerce(f"{name}.{key}", value, known[key].default)
+  return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
+  """Builds a Config from a (possibly partial) nested mapping; unknown keys are errors."""
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  sections: dict[str, Any] = {}
+  for key, value in values.items():
+    if key == "seed":
+      sections["seed"] = _coerce("seed", value, 0)
+    elif key in _SECTIONS:
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"config key '{key}' must be a section (a dict), got {value!r}.")
+      sections[key] = _section_from_mapping(key, _SECTIONS[key], value)
+    else:
+      raise ConfigError(
+          f"unknown config key '{key}'; top-level keys are: seed, {', '.join(_SECTIONS)}.")
+  return Config(**sections)
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r}: must be one of {', '.join(choices)}.")
+
+
+def _positive(field: str, value: float) -> None:
+  if not value > 0:
+    raise ConfigError(f"{field}={value!r}: must be positive.")
+
+
+def _non_negative(field: str, value: float) -> None:
+  if value < 0:
+    raise ConfigError(f"{field}={value!r}: must be >= 0.")
+
+
+def check(config: Config) -> Config:
+  """Checks ranges and cross-field constraints; returns the config unchanged."""
+  m, d, t, o = config.model, config.data, config.train, config.optim
+  for name in ("num_layers", "num_heads", "embed_dim", "mlp_dim", "vocab_size", "max_seq_len"):
+    _positive(f"model.{name}", getattr(m, name))
+  if m.embed_dim % m.num_heads:
+    raise ConfigError(
+        f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
+        f"choose num_heads among the divisors of embed_dim (e.g. "
+        f"{', '.join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0 and h <= 32)}).")
+  if m.positional == "rope" and m.head_dim % 2:
+    raise ConfigError(f"model.positional='rope' needs an even head dim; embed_dim/num_heads="
+                      f"{m.head_dim}. Change model.num_heads or model.embed_dim.")
+  _choice("model.positional", m.positional, POSITIONALS)
+  _choice("model.norm", m.norm, NORMS)
+  _choice("model.mlp", m.mlp, MLPS)
+  _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+  _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+  _choice("model.dtype", m.dtype, DTYPES)
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1).")
+  _positive("model.norm_eps", m.norm_eps)
+  _positive("model.init_std", m.init_std)
+
+  _choice("data.corpus", d.corpus, CORPORA)
+  if d.corpus == "text_files" and not d.files:
+    raise ConfigError("data.corpus='text_files' needs data.files, e.g. "
+                      "--config.data.files='/data/*.txt' (comma-separate several globs).")
+  if d.corpus == "tfds" and not d.tfds_name:
+    raise ConfigError("data.corpus='tfds' needs data.tfds_name, e.g. "
+                      "--config.data.tfds_name=tiny_shakespeare.")
+  _positive("data.seq_len", d.seq_len)
+  _positive("data.stride", d.stride)
+  if m.positional == "learned" and d.seq_len > m.max_seq_len:
+    raise ConfigError(
+        f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, the number "
+        f"of learned positions; lower data.seq_len or raise model.max_seq_len.")
+  if not 0.0 < d.validation_fraction < 1.0:
+    raise ConfigError(f"data.validation_fraction={d.validation_fraction}: must be in (0, 1).")
+  _positive("data.tokenizer_max_sentences", d.tokenizer_max_sentences)
+
+  _positive("train.num_steps", t.num_steps)
+  _positive("train.global_batch_size", t.global_batch_size)
+  _positive("train.microbatches", t.microbatches)
+  if t.global_batch_size % t.microbatches:
+    raise ConfigError(
+        f"train.global_batch_size={t.global_batch_size} is not divisible by "
+        f"train.microbatches={t.microbatches}; pick microbatches that divide the batch.")
+  for name in ("log_every", "eval_batches", "keep_checkpoints"):
+    _positive(f"train.{name}", getattr(t, name))
+  for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
+               "z_loss", "sample_top_k", "max_nonfinite_steps"):
+    _non_negative(f"train.{name}", getattr(t, name))
+  _non_negative("train.sample_temperature", t.sample_temperature)
+
+  _choice("optim.schedule", o.schedule, SCHEDULES)
+  _positive("optim.learning_rate", o.learning_rate)
+  _non_negative("optim.min_learning_rate", o.min_learning_rate)
+  if o.min_learning_rate > o.learning_rate:
+    raise ConfigError(f"optim.min_learning_rate={o.min_learning_rate} exceeds "
+                      f"optim.learning_rate={o.learning_rate}; lower it.")
+  _non_negative("optim.warmup_steps", o.warmup_steps)
+  if not 0.0 <= o.decay_fraction <= 1.0:
+    raise ConfigError(f"optim.decay_fraction={o.decay_fraction}: must be in [0, 1].")
+  _non_negative("optim.weight_decay", o.weight_decay)
+  for name in ("b1", "b2"):
+    if not 0.0 <= getattr(o, name) < 1.0:
+      raise ConfigError(f"optim.{name}={getattr(o, name)}: must be in [0, 1).")
+  _positive("optim.eps", o.eps)
+  _non_negative("optim.grad_clip", o.grad_clip)
+
+  mesh = config.mesh
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+  for name, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{name}={size}: must be a positive size or -1 (all remaining).")
+  if sum(1 for s in sizes.values() if s == -1) > 1:
+    raise ConfigError(f"mesh {sizes}: at most one axis may be -1.")
+  return config
+
+
+def validate(values: Mapping[str, Any] | ml_collections.ConfigDict | Config) -> Config:
+  """The one entry point: mapping/ConfigDict/Config -> checked, frozen Config.
+
+  Paths (`data.data_dir`, `data.files`, `data.tokenizer`) are expanded (`~`).
+  """
+  config = values if isinstance(values, Config) else from_dict(values)
+  data = config.data
+  expanded = dataclasses.replace(
+      data,
+      data_dir=os.path.expanduser(data.data_dir),
+      files=",".join(os.path.expanduser(f.strip()) for f in data.files.split(",") if f.strip()),
+      tokenizer=os.path.expanduser(data.tokenizer) if data.tokenizer else "")
+  return check(dataclasses.replace(config, data=expanded))
+
+
+def diff(base: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Flat {dotted.key: {'from': a, 'to': b}} of the values in `new` that differ from `base`."""
+  out: dict[str, Any] = {}
+  for key in sorted(set(base) | set(new)):
+    a, b = base.get(key), new.get(key)
+    name = f"{prefix}{key}"
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out.update(diff(a, b, name + "."))
+    elif a != b:
+      out[name] = {"from": a, "to": b}
+  return out
+
+
+def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
+  """Returns `config` with some section fields replaced, e.g. replace(c, model={'dtype': ...})."""
+  updates = {}
+  for name, values in sections.items():
+    if name == "seed":
+      updates["seed"] = values
+    else:
+      updates[name] = dataclasses.replace(getattr(config, name), **values)
+  return validate(dataclasses.replace(config, **updates))
