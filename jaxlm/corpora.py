@@ -1,0 +1,549 @@
+"""Corpora: where documents come from, as TensorFlow Datasets (array_record, no TensorFlow).
+
+Three corpora, chosen by `data.corpus`:
+  pystdlib    the running interpreter's standard library source (`*.py`, tests excluded), the
+              default: a real, ~12 MB code corpus that every machine already has;
+  text_files  the user's files (`data.files`, comma-separated globs): `.jsonl` holds one document
+              per line (field `data.text_key`), any other file is one document;
+  tfds        any TFDS text dataset by name (`data.tfds_name`, e.g. `tiny_shakespeare`).
+
+The first two are TFDS `GeneratorBasedBuilder`s written as array_record under
+`data.data_dir/tfds` and read back with `builder.as_data_source` (what `tfds.data_source` calls),
+so documents are random access (`len`, `docs[i] -> str`) and grain can shard and shuffle them.
+Both hold out a deterministic share of whole documents as "validation": the sha256 of a
+document's identity (its path, or path:line) decides, never Python's salted `hash()`.
+
+Preparation is idempotent and crash-safe: TFDS writes into `incomplete.XXXXXX_<version>/` and
+renames it into place only when complete, and `file_lock` makes concurrent preparers wait for
+the first one instead of racing it.
+
+Known limit: TFDS shuffles each split in memory up to 1 GB and spills to disk through
+`tf.io.gfile` beyond that, so text_files corpora over ~1 GB need TensorFlow installed; that is
+checked up front (`_check_fits_in_memory`).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import dataclasses
+import difflib
+import glob
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import sysconfig
+from typing import Callable, Iterable, Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+from jaxlm.config import DataConfig
+
+
+class CorpusError(ValueError):
+  """A corpus cannot be found, read or split; the message names the field or file and the fix."""
+
+
+SPLITS = ("train", "validation")
+# Directory names never taken from the standard library: installed packages and test suites
+# (tests are huge, repetitive and full of deliberately odd code; they would dominate the corpus).
+_STDLIB_EXCLUDED_DIRS = frozenset({
+    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "testing"})
+_FILE_FORMAT = "array_record"
+_HASH_CHARS = 12
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+def load_split(data: DataConfig, split: str) -> Sequence[str]:
+  """Documents of one split ("train" or "validation") as a random-access sequence of str.
+
+  Prepares the corpus under `data.data_dir/tfds` on first use (idempotent); later calls only
+  open the array_record files. For corpus=tfds, "train"/"validation" mean `data.train_split` /
+  `data.validation_split` (any TFDS split expression, e.g. "train[:95%]").
+  """
+  if split not in SPLITS:
+    raise CorpusError(f"split={split!r}: must be one of {', '.join(SPLITS)}.")
+  if data.corpus == "tfds":
+    return _load_tfds_split(data, split)
+  make_builder = _files_builder_factory(data)
+  builder = _prepared(make_builder, data)
+  return Documents(builder.as_data_source(split=split), "text", f"{builder.name}/{split}")
+
+
+def corpus_id(data: DataConfig) -> str:
+  """Short stable name of the corpus content and its split, for cache keys (tokenizers, tokens).
+
+  Everything that changes which documents land in which split is in it:
+    "pystdlib-3.11.7-<hash of the file list>-val0.05"
+    "text_files-<hash of paths, sizes, mtimes and text_key>-val0.05"
+    "tfds-tiny_shakespeare-1.0.0" (+ "-<text_key>" and "-splits<hash>" when not the defaults)
+  """
+  if data.corpus == "pystdlib":
+    root, files = _stdlib_files()
+    listing = _listing_hash(root, files, mtimes=False)
+    return (f"pystdlib-{platform.python_version()}-{listing}-"
+            f"{_fraction_tag(data.validation_fraction)}")
+  if data.corpus == "text_files":
+    content = _text_files_hash(_resolve_globs(data.files), data.text_key)
+    return f"text_files-{content}-{_fraction_tag(data.validation_fraction)}"
+  if data.corpus == "tfds":
+    name = "tfds-" + re.sub(r"[^\w.]+", "-", _tfds_builder(data).info.full_name)
+    if data.text_key != "text":
+      name += f"-{data.text_key}"
+    if (data.train_split, data.validation_split) != ("train", "validation"):
+      # Split expressions like "train[:95%]" do not make safe file names: hash them.
+      splits = json.dumps([data.train_split, data.validation_split]).encode()
+      name += f"-splits{hashlib.sha256(splits).hexdigest()[:8]}"
+    return name
+  raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
+
+
+class Documents(collections.abc.Sequence):
+  """One split's documents as str, read on demand from a TFDS array_record data source.
+
+  Supports `len`, `docs[i]`, `docs[a:b]` (a list) and iteration; pass it to
+  `grain.MapDataset.source`. (Reads go one record at a time: batched `__getitems__` was no
+  faster on this corpus, and TFDS's test mock does not implement it.)
+  """
+
+  def __init__(self, source: Sequence[dict], text_key: str, name: str):
+    self._source = source
+    self._text_key = text_key
+    self._name = name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    return self._text(self._source[self._check_index(index)])
+
+  def __iter__(self) -> Iterator[str]:
+    for index in range(len(self)):
+      yield self[index]
+
+  def __repr__(self) -> str:
+    return f"Documents({self._name}, {len(self)} documents)"
+
+  def _check_index(self, index: int) -> int:
+    size = len(self)
+    index = int(index)
+    if index < 0:
+      index += size
+    if not 0 <= index < size:
+      raise IndexError(f"document index {index} out of range for {size} documents")
+    return index
+
+  def _text(self, example: dict) -> str:
+    value = example[self._text_key]
+    # TFDS Text features come back as bytes from array_record (str from some mocks/decoders).
+    if isinstance(value, bytes):
+      return value.decode("utf-8", errors="replace")
+    if hasattr(value, "item"):  # a 0-d numpy array of bytes/str
+      return self._text({self._text_key: value.item()})
+    return str(value)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[bool]:
+  """Holds an exclusive advisory lock on `path` (created if missing) for the block.
+
+  Serializes preparers of the same artifact across processes (and threads with their own
+  `open`); yields whether the lock is held. Where `fcntl.flock` is unavailable (Windows, some
+  network filesystems) it yields False and does nothing else: every writer still writes to a
+  temporary name and renames, so the worst case is duplicated work, never a half-written
+  artifact that looks complete.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a+b") as lock_file:
+    locked = False
+    try:
+      import fcntl  # pylint: disable=import-outside-toplevel
+      fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+      locked = True
+    except (ImportError, OSError) as e:
+      logging.warning("could not lock %s (%s); preparing without a lock.", path, e)
+    try:
+      yield locked
+    finally:
+      if locked:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic held-out split by document identity.
+
+def _unit_hash(identity: str) -> float:
+  """Maps a document identity to [0, 1), identically on every machine and run (sha256)."""
+  digest = hashlib.sha256(identity.encode("utf-8", errors="surrogatepass")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitRule:
+  """`is_validation(identity)`: hash < fraction, with one forced member so no split is empty."""
+  fraction: float
+  force_validation: str | None = None
+  force_train: str | None = None
+
+  def is_validation(self, identity: str) -> bool:
+    if identity == self.force_validation:
+      return True
+    if identity == self.force_train:
+      return False
+    return _unit_hash(identity) < self.fraction
+
+
+def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _SplitRule:
+  """Decides the split of every document; raises CorpusError if a split would be empty.
+
+  With few documents the hash may send all of them to one side: then the document whose hash is
+  closest to the other side moves over (still deterministic, still whole documents).
+  """
+  count = validation = 0
+  lowest: tuple[float, str] | None = None
+  highest: tuple[float, str] | None = None
+  for identity in identities:
+    u = _unit_hash(identity)
+    count += 1
+    validation += u < fraction
+    lowest = min(lowest, (u, identity)) if lowest else (u, identity)
+    highest = max(highest, (u, identity)) if highest else (u, identity)
+  if count == 0:
+    raise CorpusError(f"corpus {corpus} has no non-empty documents; point data.files at files "
+                      f"with text in them.")
+  if count == 1:
+    raise CorpusError(f"corpus {corpus} has only 1 non-empty document ({lowest[1]}), but the "
+                      f"held-out validation split needs whole documents: add at least one more "
+                      f"file (or more .jsonl lines).")
+  return _SplitRule(fraction,
+                    force_validation=lowest[1] if validation == 0 else None,
+                    force_train=highest[1] if validation == count else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading documents from files.
+
+def _read_text_file(path: str) -> str:
+  # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation). Undecodable
+  # bytes become U+FFFD rather than failing the whole corpus on one stray Latin-1 byte.
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", errors="replace")
+
+
+def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+  """Yields (line number, text) for each non-blank line of a JSON-lines file."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CorpusError(f"{path}:{number}: not valid JSON ({e}); each line of a .jsonl file "
+                          f"must be one JSON object.") from None
+      if not isinstance(record, dict) or text_key not in record:
+        fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f"{path}:{number}: no field '{text_key}' (found: {fields}); set "
+                          f"--config.data.text_key to the field that holds the text.")
+      text = record[text_key]
+      if not isinstance(text, str):
+        raise CorpusError(f"{path}:{number}: field '{text_key}' is a {type(text).__name__}, not "
+                          f"a string; set --config.data.text_key to a text field.")
+      yield number, text
+
+
+def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator[tuple[str, str]]:
+  """Yields (identity, text) of every non-blank document in `files` = [(identity, path)].
+
+  Whitespace-only documents are skipped: they teach nothing and would make splits look non-empty.
+  """
+  for identity, path in files:
+    if path.endswith(".jsonl"):
+      for number, text in _read_jsonl(path, text_key):
+        if text.strip():
+          yield f"{identity}:{number}", text
+    else:
+      text = _read_text_file(path)
+      if text.strip():
+        yield identity, text
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS builders for local files (pystdlib, text_files).
+
+@dataclasses.dataclass(eq=False)
+class FilesConfig(tfds.core.BuilderConfig):
+  """A concrete file list; its `name` encodes a hash of the content so caches never mix."""
+  files: tuple[tuple[str, str], ...] = ()  # (identity, absolute path), sorted
+  text_key: str = "text"
+  validation_fraction: float = 0.05
+
+
+class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Documents from a fixed file list, features {text, path}, splits train/validation."""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # No code-relative resources (checksums, metadata). Also TFDS 4.9.10 computes this path with
+  # `importlib_resources`, which it only declares for Python < 3.9: unset, preparing would fail.
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text(),
+            "path": tfds.features.Text(),  # identity: relative path, or path:line for .jsonl
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    config: FilesConfig = self.builder_config
+    # A first pass over the documents decides the split (and raises CorpusError on bad input)
+    # before TFDS writes anything, so an error never leaves a half-written dataset behind.
+    rule = _split_rule((identity for identity, _ in _iter_documents(config.files,
+                                                                    config.text_key)),
+                       config.validation_fraction, self.name)
+    return {split: self._generate_examples(rule, split == "validation") for split in SPLITS}
+
+  def _generate_examples(self, rule: _SplitRule, validation: bool):
+    config: FilesConfig = self.builder_config
+    for identity, text in _iter_documents(config.files, config.text_key):
+      if rule.is_validation(identity) == validation:
+        yield identity, {"text": text, "path": identity}
+
+
+class PyStdlib(_FilesBuilder, skip_registration=True):
+  """The running Python's standard library source (*.py), without site-packages and tests."""
+  name = "pystdlib"
+
+
+class TextFiles(_FilesBuilder, skip_registration=True):
+  """The user's text files (one document per file) and .jsonl files (one per line)."""
+  name = "text_files"
+
+
+def _stdlib_files() -> tuple[str, list[str]]:
+  """(stdlib root, sorted relative paths of its *.py files outside excluded directories)."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_EXCLUDED_DIRS)
+    for name in names:
+      if name.endswith(".py"):
+        files.append(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"))
+  if not files:
+    raise CorpusError(f"no *.py files under the standard library at {root}; this Python ships "
+                      f"without its source: use data.corpus=text_files or tfds.")
+  return root, sorted(files)
+
+
+def _listing_hash(root: str, files: Sequence[str], mtimes: bool) -> str:
+  """Hash of (path, size[, mtime]) of every file: changes whenever the content likely does."""
+  digest = hashlib.sha256()
+  for name in files:
+    stat = os.stat(os.path.join(root, name))
+    digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns if mtimes else 0]).encode())
+  return digest.hexdigest()[:_HASH_CHARS]
+
+
+def _resolve_globs(patterns: str) -> list[str]:
+  """Absolute, sorted, de-duplicated files matched by comma-separated globs (`**` recursive)."""
+  found: set[str] = set()
+  globs = [p.strip() for p in patterns.split(",") if p.strip()]
+  if not globs:
+    raise CorpusError("data.files is empty; set --config.data.files='/data/*.txt' (quote it so "
+                      "the shell does not expand it; comma-separate several globs).")
+  for pattern in globs:
+    matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
+               if os.path.isfile(m)]
+    if not matches:
+      raise CorpusError(f"data.files glob '{pattern}' matched no files; check the path, and "
+                        f"quote the glob (--config.data.files='{pattern}') so the shell passes "
+                        f"it unexpanded.")
+    found.update(os.path.abspath(m) for m in matches)
+  return sorted(found)
+
+
+def _text_files_hash(paths: Sequence[str], text_key: str) -> str:
+  return hashlib.sha256(
+      (_listing_hash("/", paths, mtimes=True) + "\0" + text_key).encode()).hexdigest()[:_HASH_CHARS]
+
+
+def _fraction_tag(fraction: float) -> str:
+  return f"val{fraction:.6g}"
+
+
+def _files_builder_factory(data: DataConfig) -> Callable[[], tfds.core.DatasetBuilder]:
+  """A function that builds the (unprepared or prepared) builder for pystdlib / text_files."""
+  if data.corpus == "pystdlib":
+    root, relpaths = _stdlib_files()
+    files = tuple((rel, os.path.join(root, rel)) for rel in relpaths)
+    content = _listing_hash(root, relpaths, mtimes=False)
+    name = f"py{platform.python_version()}-{content}-{_fraction_tag(data.validation_fraction)}"
+    cls: type[_FilesBuilder] = PyStdlib
+  elif data.corpus == "text_files":
+    paths = _resolve_globs(data.files)
+    files = tuple((path, path) for path in paths)
+    _check_fits_in_memory(paths, data.validation_fraction)
+    name = f"{_text_files_hash(paths, data.text_key)}-{_fraction_tag(data.validation_fraction)}"
+    cls = TextFiles
+  else:
+    raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
+  config = FilesConfig(name=name, files=files, text_key=data.text_key,
+                       validation_fraction=data.validation_fraction,
+                       description=f"{cls.name} corpus, {len(files)} files")
+
+  def make() -> tfds.core.DatasetBuilder:
+    with _quiet_custom_config_warning():
+      return cls(config=config, data_dir=_tfds_dir(data), file_format=_FILE_FORMAT)
+  return make
+
+
+def _check_fits_in_memory(paths: Sequence[str], validation_fraction: float) -> None:
+  """TFDS's shuffler spills splits over MAX_MEM_BUFFER_SIZE to disk with tf.io.gfile."""
+  from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+  train_bytes = sum(os.path.getsize(p) for p in paths) * (1.0 - validation_fraction)
+  if train_bytes > shuffle.MAX_MEM_BUFFER_SIZE:
+    try:
+      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      raise CorpusError(
+          f"data.files: {train_bytes / 2**30:.1f} GB of training text is more than TFDS can "
+          f"prepare without TensorFlow ({shuffle.MAX_MEM_BUFFER_SIZE / 2**30:.1f} GB); install "
+          f"tensorflow-cpu for this one-time preparation, or use fewer files.") from None
+
+
+@contextlib.contextmanager
+def _quiet_custom_config_warning() -> Iterator[None]:
+  """Drops TFDS's 'Using custom data configuration' warning: our configs are custom by design."""
+  absl_logger = logging.getLogger("absl")
+  drop = lambda record: "Using custom data configuration" not in str(record.msg)
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation and TFDS-by-name.
+
+def _tfds_dir(data: DataConfig) -> str:
+  return os.path.join(os.path.expanduser(data.data_dir), "tfds")
+
+
+def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder],
+              data: DataConfig) -> tfds.core.DatasetBuilder:
+  """Returns a prepared builder, preparing it (once, under a lock) if needed."""
+  builder = make_builder()
+  if _is_prepared(builder):
+    return builder
+  lock = os.path.join(_tfds_dir(data), ".locks",
+                      f"{builder.name}-{builder.builder_config_name or 'default'}.lock")
+  with file_lock(lock) as locked:
+    builder = make_builder()  # re-read: another process may have prepared it while we waited
+    if _is_prepared(builder):
+      return builder
+    if locked:
+      _remove_abandoned_attempts(builder)
+    try:
+      # TFDS prints progress to stdout; keep stdout for what scripts output (e.g. generated text).
+      with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(
+            file_format=_FILE_FORMAT,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except OSError:
+      # Without a working lock, a concurrent preparer may have renamed its copy into place first.
+      builder = make_builder()
+      if not _is_prepared(builder):
+        raise
+  return builder
+
+
+def _remove_abandoned_attempts(builder: tfds.core.DatasetBuilder) -> None:
+  """Deletes `incomplete.*` folders of killed preparers (only the lock holder may prepare)."""
+  parent = builder.data_path.parent
+  for leftover in parent.glob(f"incomplete.*_{builder.data_path.name}"):
+    logging.info("removing %s, left by an interrupted preparation", leftover)
+    leftover.rmtree(missing_ok=True)
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # `is_prepared()` logs a warning for a missing folder; not being prepared yet is normal here.
+  return builder.data_path.exists() and builder.is_prepared()
+
+
+def _tfds_builder(data: DataConfig) -> tfds.core.DatasetBuilder:
+  """The builder for `data.tfds_name` ("name", "name:1.0.0", "name/config"); fast, no I/O."""
+  name = data.tfds_name.strip()
+  if not name:
+    raise CorpusError("data.corpus='tfds' needs data.tfds_name, e.g. "
+                      "--config.data.tfds_name=tiny_shakespeare.")
+  try:
+    builder = tfds.builder(name, data_dir=_tfds_dir(data), file_format=_FILE_FORMAT)
+  except tfds.core.DatasetNotFoundError:
+    base = name.split("/")[0].split(":")[0]
+    close = difflib.get_close_matches(
+        base, sorted(set(tfds.list_builders(with_community_datasets=False))))
+    hint = f"did you mean {', '.join(close)}?" if close else "see `tfds.list_builders()`."
+    raise CorpusError(f"unknown TFDS dataset '{name}' (data.tfds_name); {hint}") from None
+  except (ValueError, AssertionError) as e:  # unknown config or version
+    # TFDS prefixes 'Failed to construct dataset "x", builder_kwargs "{...}": ' to the reason.
+    reason = str(e).splitlines()[0].rsplit('": ', 1)[-1].split(" Here are")[0]
+    raise CorpusError(f"data.tfds_name={name!r}: {reason} Fix the config or version in "
+                      f"data.tfds_name ('name', 'name/config' or 'name:1.2.3').") from None
+  features = builder.info.features
+  if data.text_key not in features:
+    raise CorpusError(f"TFDS dataset '{name}' has no feature '{data.text_key}' (data.text_key); "
+                      f"its features are: {', '.join(features.keys())}.")
+  return builder
+
+
+def _load_tfds_split(data: DataConfig, split: str) -> Documents:
+  field = "train_split" if split == "train" else "validation_split"
+  tfds_split = getattr(data, field)
+  try:
+    builder = _prepared(lambda: _tfds_builder(data), data)
+  except CorpusError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # anything from a failed download
+    first_line = (str(e).splitlines() or [""])[0][:200]
+    raise CorpusError(
+        f"TFDS dataset '{data.tfds_name}' is not prepared in {_tfds_dir(data)} and could not be "
+        f"downloaded here ({type(e).__name__}: {first_line}); prepare it on a machine with "
+        f"network: `tfds build {data.tfds_name} --data_dir={_tfds_dir(data)} "
+        f"--file_format=array_record`, then copy that directory here.") from None
+  _check_split_names(builder, tfds_split, field)
+  try:
+    source = builder.as_data_source(split=tfds_split)
+  except NotImplementedError:
+    raise CorpusError(
+        f"TFDS dataset '{data.tfds_name}' in {_tfds_dir(data)} was prepared without array_record "
+        f"(needed for random access); rebuild it with `tfds build ... --file_format=array_record` "
+        f"into that data_dir.") from None
+  except (ValueError, KeyError) as e:
+    raise CorpusError(f"data.{field}={tfds_split!r}: {str(e).splitlines()[0]}") from None
+  return Documents(source, data.text_key, f"{builder.info.full_name}/{tfds_split}")
+
+
+def _check_split_names(builder: tfds.core.DatasetBuilder, tfds_split: str, field: str) -> None:
+  """Names the available splits when `tfds_split` (e.g. "train[:95%]+test") uses another one."""
+  available = list(builder.info.splits.keys())
+  if not available:  # splits unknown (e.g. mocked in tests): let TFDS decide
+    return
+  for part in tfds_split.split("+"):
+    base = part.split("[")[0].strip()
+    if base not in available:
+      raise CorpusError(
+          f"data.{field}={tfds_split!r}: TFDS dataset '{builder.info.full_name}' has no split "
+          f"'{base}'; its splits are {', '.join(available)} (slices like 'train[:95%]' work too).")
