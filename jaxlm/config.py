@@ -244,6 +244,10 @@ def check(config: Config) -> Config:
   _choice("model.dtype", m.dtype, DTYPES)
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1).")
+  if m.dropout > 0 and m.attention_impl != "reference":
+    raise ConfigError(
+        f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
+        f"kernels have no attention dropout; use attention_impl='reference' or dropout=0.")
   _positive("model.norm_eps", m.norm_eps)
   _positive("model.init_std", m.init_std)
 

@@ -1,0 +1,62 @@
+"""Shared CLI plumbing for experiment scripts: config flags, multi-host init, clean errors."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from typing import Any, Callable
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from jaxlm import config as config_lib
+
+# Errors that mean "the input is wrong": printed as one line, exit code 2, no traceback.
+def user_errors() -> tuple[type[BaseException], ...]:
+  from jaxlm import checkpoint, corpora, data, tokenizer, trainer
+  return (config_lib.ConfigError, corpora.CorpusError, tokenizer.TokenizerError,
+          data.DataError, trainer.RunError, checkpoint.CheckpointError)
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for a multi-process job (jax.distributed).")
+  flags.DEFINE_integer("num_processes", None, "number of processes in the job.")
+  flags.DEFINE_integer("process_id", None, "this process's index in the job.")
+
+
+def quiet_logs() -> None:
+  """Orbax/TFDS log every save and read at INFO; show warnings only unless -v was given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process job: from flags, or auto-detected (TPU pods, SLURM) by JAX."""
+  import jax
+  values = flags.FLAGS
+  if values.coordinator_address or values.num_processes:
+    jax.distributed.initialize(coordinator_address=values.coordinator_address,
+                               num_processes=values.num_processes, process_id=values.process_id)
+
+
+def config_file_dict(flag_name: str = "config") -> dict[str, Any]:
+  """The config file's own values (before --config.K=V overrides)."""
+  path = config_flags.get_config_filename(flags.FLAGS[flag_name])
+  spec = importlib.util.spec_from_file_location("_jaxlm_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config().to_dict()
+
+
+def exit_on_user_error(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """Prints a user error as `error: <message>` on stderr and exits 2 (no traceback)."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except user_errors() as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped

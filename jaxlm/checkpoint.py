@@ -1,0 +1,140 @@
+"""Orbax checkpoints: train state + data iterator state + config + tokenizer, verified on restore.
+
+A checkpoint step directory holds three items:
+  state/  the TrainState arrays (Orbax, each process writes its own shards)
+  data/   the grain iterator state (JSON)
+  meta/   resolved config, tokenizer model (base64), and a fingerprint of every array
+Orbax restores flipped bytes inside array files without error, so `meta` carries fingerprints
+computed on device, restore recomputes them and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlm.train import TrainState
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used; the message names it and what to do."""
+
+
+def _fingerprint_leaf(x: jax.Array) -> jax.Array:
+  """Two uint32 hashes of an array's bits: sums of bits times position-dependent odd numbers.
+
+  Addition mod 2**32 is exact and order-free, so the result does not depend on the sharding or
+  the reduction order, and because the multipliers are odd (invertible mod 2**32), changing any
+  single element always changes the first hash.
+  """
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif x.dtype.itemsize == 1:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  else:
+    raise CheckpointError(f"cannot fingerprint dtype {x.dtype}")
+  bits = bits.reshape(-1)
+  index = jnp.arange(bits.size, dtype=jnp.uint32)
+  h1 = jnp.sum(bits * (index * jnp.uint32(2654435761) | jnp.uint32(1)), dtype=jnp.uint32)
+  mixed = bits ^ (bits >> 15)
+  h2 = jnp.sum(mixed * (index * jnp.uint32(40503) + jnp.uint32(0x9E3779B1) | jnp.uint32(1)),
+               dtype=jnp.uint32)
+  return jnp.stack([h1, h2])
+
+
+_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_fingerprint_leaf, tree))
+
+
+def fingerprints(tree: Any) -> dict[str, list[int]]:
+  """{'params/.../kernel': [h1, h2], ...} for every array leaf."""
+  hashes = jax.device_get(_fingerprint_tree(tree))
+  flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in value]
+          for path, value in flat}
+
+
+class Checkpointer:
+  """Async Orbax CheckpointManager for one run directory's `checkpoints/`."""
+
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_state: dict[str, Any],
+           config_dict: dict[str, Any], tokenizer_path: str) -> None:
+    """Starts an async save of `state` at `step` (returns before the write completes)."""
+    with open(tokenizer_path, "rb") as f:
+      tokenizer_b64 = base64.b64encode(f.read()).decode("ascii")
+    meta = {"step": int(step), "config": config_dict, "fingerprints": fingerprints(state),
+            "tokenizer_model_b64": tokenizer_b64,
+            "tokenizer_name": os.path.basename(tokenizer_path)}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    """Blocks until pending saves are committed (before exit, or before trusting latest_step)."""
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: TrainState
+              ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """(state with the shardings of `abstract_state`, data iterator state, meta).
+
+    Restoring against an abstract target carrying the current shardings lets a checkpoint move
+    to another mesh or device count.
+    """
+    where = os.path.join(self.directory, str(step))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types; one clear line for the user
+      raise CheckpointError(
+          f"checkpoint {where} cannot be restored into this config ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:300]}); use a workdir whose config matches, or delete "
+          f"that step to fall back to an earlier one.") from e
+    state, meta = restored["state"], restored["meta"]
+    expected, actual = meta.get("fingerprints", {}), fingerprints(state)
+    bad = sorted(name for name in actual if expected.get(name) != actual[name])
+    if bad:
+      raise CheckpointError(
+          f"checkpoint {where} is corrupted: {len(bad)} arrays differ from the fingerprints "
+          f"written with them (first: {bad[0]}); delete that step directory to resume from an "
+          f"earlier checkpoint.")
+    return state, restored["data"], meta
+
+
+def write_tokenizer(meta: dict[str, Any], path: str) -> None:
+  """Writes the tokenizer model stored in a checkpoint's meta to `path` (atomically)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(base64.b64decode(meta["tokenizer_model_b64"]))
+  os.replace(tmp, path)
+
+
+def numpy_state(state: TrainState) -> TrainState:
+  """Host copy of a state (tests compare these)."""
+  return jax.tree.map(np.asarray, jax.device_get(state))

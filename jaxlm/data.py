@@ -1,0 +1,173 @@
+"""Grain pipelines: documents -> token ids -> windows -> shuffled global batches -> this process.
+
+Documents are encoded once per (corpus, tokenizer, split) into one flat token array, with EOS
+after every document, cached as `.npy` (memory-mapped; no pickle). A window is `seq_len + 1`
+consecutive tokens starting at `index * stride` (the book's sliding window: `stride == seq_len`
+gives non-overlapping windows, smaller strides overlap). Inputs are the first `seq_len` tokens,
+targets the last `seq_len`. The order of windows is a pure function of (seed, epoch), so the
+iterator state is just an index and resuming needs no replay.
+
+A batch is a dict of numpy arrays, each [batch, seq_len]:
+  inputs, targets (int32), weights (float32; 0 marks padding), segment_ids (int32; which
+  document of the window a token belongs to, from 1), positions (int32; position within that
+  document).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from jaxlm.config import Config, DataConfig
+
+Batch = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+  """The data cannot feed the model as configured; the message says what to change."""
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def token_cache_path(data: DataConfig, corpus_name: str, tokenizer_path: str, split: str) -> str:
+  with open(tokenizer_path, "rb") as f:
+    tokenizer_hash = hashlib.sha256(f.read()).hexdigest()[:12]
+  return os.path.join(data.data_dir, "tokens", f"{corpus_name}-{tokenizer_hash}-{split}.npy")
+
+
+def encode_documents(documents: Sequence[str], tokenizer, chunk: int = 256) -> np.ndarray:
+  """[num_tokens] ids of all documents, each followed by EOS."""
+  dtype = _token_dtype(tokenizer.vocab_size)
+  pieces = []
+  for start in range(0, len(documents), chunk):
+    texts = [documents[i] for i in range(start, min(start + chunk, len(documents)))]
+    for ids in tokenizer.encode_batch(texts):
+      pieces.append(np.asarray(ids, dtype=dtype))
+      pieces.append(np.asarray([tokenizer.eos_id], dtype=dtype))
+  return np.concatenate(pieces) if pieces else np.zeros([0], dtype)
+
+
+def load_tokens(data: DataConfig, split: str, tokenizer, tokenizer_path: str) -> np.ndarray:
+  """The split's flat token array, encoded on first use and memory-mapped afterwards."""
+  from jaxlm import corpora  # documents only when the cache is cold
+
+  path = token_cache_path(data, corpora.corpus_id(data), tokenizer_path, split)
+  if not os.path.exists(path):
+    tokens = encode_documents(corpora.load_split(data, split), tokenizer)
+    check_ids(tokens, tokenizer.vocab_size, f"{split} split of corpus '{data.corpus}'")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+      np.save(f, tokens, allow_pickle=False)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+  return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
+  """An id >= vocab_size would silently read garbage in the embedding lookup: refuse it."""
+  if ids.size and int(ids.max()) >= vocab_size:
+    raise DataError(f"{where}: token id {int(ids.max())} >= model.vocab_size={vocab_size}; "
+                    f"the tokenizer and model.vocab_size disagree.")
+
+
+def num_windows(num_tokens: int, seq_len: int, stride: int) -> int:
+  return max(0, (num_tokens - (seq_len + 1)) // stride + 1)
+
+
+def check_enough_tokens(tokens: np.ndarray, data: DataConfig, split: str, min_windows: int) -> None:
+  have = num_windows(len(tokens), data.seq_len, data.stride)
+  if have < min_windows:
+    raise DataError(
+        f"the {split} split of corpus '{data.corpus}' has {len(tokens)} tokens = {have} windows "
+        f"of data.seq_len+1={data.seq_len + 1} at data.stride={data.stride}; at least "
+        f"{min_windows} needed: add text or lower data.seq_len.")
+
+
+class WindowSource:
+  """Random-access windows of `seq_len + 1` tokens (grain's data-source protocol)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, stride: int):
+    self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
+    self.length = num_windows(len(tokens), seq_len, stride)
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    start = index * self.stride
+    return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
+
+
+def window_example(window: np.ndarray, eos_id: int) -> Batch:
+  """[seq_len + 1] tokens -> one example of [seq_len] arrays (see module doc).
+
+  A token after an EOS starts a new document: its segment id increases and its position
+  restarts at 0, so attention can stay within documents.
+  """
+  inputs, targets = window[:-1], window[1:]
+  starts = np.concatenate([[False], inputs[:-1] == eos_id])  # [seq_len]
+  segment_ids = np.cumsum(starts, dtype=np.int32) + 1
+  index = np.arange(len(inputs), dtype=np.int32)
+  start_index = np.maximum.accumulate(np.where(starts, index, 0))
+  return {"inputs": inputs, "targets": targets,
+          "weights": np.ones(len(inputs), np.float32),
+          "segment_ids": segment_ids, "positions": index - start_index}
+
+
+def process_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise DataError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                    f"{process_count} processes.")
+  return global_batch_size // process_count
+
+
+def train_dataset(tokens: np.ndarray, config: Config, eos_id: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite dataset of this process's share of each global batch.
+
+  Global batch b is the shuffled windows [b*G, (b+1)*G); process p takes every
+  `process_count`-th of them, so the processes together cover exactly the global batch and
+  each reads only its own windows.
+  """
+  data = config.data
+  ds = grain.MapDataset.source(WindowSource(tokens, data.seq_len, data.stride))
+  ds = ds.shuffle(seed=config.seed).repeat()  # reshuffled (deterministically) every epoch
+  ds = ds[process_index::process_count]
+  ds = ds.map(lambda window: window_example(window, eos_id))
+  return ds.batch(process_batch_size(config.train.global_batch_size, process_count),
+                  drop_remainder=True)
+
+
+def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+  """Prefetching iterator whose `get_state()`/`set_state()` go into checkpoints."""
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
+
+
+def eval_batches(tokens: np.ndarray, config: Config, eos_id: int, num_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """The first `num_batches` global batches of non-overlapping validation windows, this
+  process's share; a short last batch is padded with zero-weight rows."""
+  data = config.data
+  source = WindowSource(tokens, data.seq_len, data.seq_len)
+  global_size = config.train.global_batch_size
+  local_size = process_batch_size(global_size, process_count)
+  total = min(len(source), num_batches * global_size)
+  batches = []
+  for start in range(0, total, global_size):
+    rows = []
+    for i in range(start + process_index, start + global_size, process_count):
+      if i < total:
+        rows.append(window_example(source[i], eos_id))
+      else:  # padding row: weight 0, never enters loss or byte counts
+        row = window_example(source[0], eos_id)
+        row["weights"] = np.zeros_like(row["weights"])
+        rows.append(row)
+    assert len(rows) == local_size
+    batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+  return batches

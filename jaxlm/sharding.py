@@ -1,0 +1,134 @@
+"""Device mesh, logical-axis rules, and shardings for params, train state and batches.
+
+Model code names axes logically (`batch, length, embed, heads, kv, mlp, vocab, layers`); this
+module maps them onto the mesh axes `data, fsdp, tensor` with one small table. Changing the mesh
+in the config is all it takes to go from one CPU to data parallel, FSDP or tensor parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. A mesh axis is used at most once per array: for activations
+# ('batch', 'length', 'embed') `batch` takes fsdp first, so `embed` stays replicated there, while
+# for parameters `embed` is sharded over fsdp (ZeRO-3-like).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves a -1 axis and checks that the mesh uses exactly `num_devices` devices."""
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  for name, size in sizes.items():
+    if size == -1:
+      if num_devices % known:
+        raise ConfigError(
+            f"mesh.{name}=-1 cannot fill {num_devices} devices: the other axes multiply to "
+            f"{known}, which does not divide {num_devices}; change the mesh sizes.")
+      sizes[name] = num_devices // known
+  product = math.prod(sizes.values())
+  if product != num_devices:
+    raise ConfigError(
+        f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
+        f"{product} devices, but {num_devices} are available; make the product equal "
+        f"{num_devices} (or set one axis to -1).")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD, logical-rule style)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways a global batch is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh) -> None:
+  """Raises ConfigError unless each microbatch splits evenly over data x fsdp and processes."""
+  ways = data_parallel_size(mesh)
+  micro = global_batch_size // microbatches
+  if micro % ways:
+    raise ConfigError(
+        f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} = "
+        f"{micro} per microbatch, not divisible by mesh data x fsdp = {ways}; use a multiple of "
+        f"{ways * microbatches}.")
+  if global_batch_size % jax.process_count():
+    raise ConfigError(
+        f"train.global_batch_size={global_batch_size} is not divisible by the "
+        f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Tree of logical PartitionSpecs (or Partitioned boxes) -> tree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops the mesh axes of any dimension they do not divide (that dimension is replicated).
+
+  E.g. GPT-2's vocabulary of 50,257 cannot be split over tensor=2; its embedding then keeps
+  only the fsdp split of its embed dimension instead of failing to compile.
+  """
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    ways = math.prod(mesh.shape[n] for n in names)
+    fitted.append(axes if dim % ways == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a (possibly boxed) abstract state from `jax.eval_shape`.
+
+  Leaves without logical names (step, RNG key, optimizer counters) are replicated.
+  """
+  specs = logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
+  shapes = nn.unbox(abstract_state)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh)),
+                      specs, shapes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[batch, length] arrays: batch over data x fsdp, length replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's rows of a batch into global arrays sharded over data x fsdp."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, value)
+          for name, value in local_batch.items()}
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+  """Context manager activating the rules for `nn.with_logical_constraint` in model code."""
+  return nn.logical_axis_rules(rules)

@@ -1,0 +1,185 @@
+"""Train state, loss, and the pure train/eval steps, jitted with shardings from `sharding.py`.
+
+State is created sharded: `jax.eval_shape` gives the abstract state with logical axis names,
+`sharding.py` turns them into NamedShardings, and `jax.jit(init, out_shardings=...)` builds
+every shard where it lives. No device ever holds the full unsharded state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import sharding
+from jaxlm.config import Config
+from jaxlm.model import Transformer
+from jaxlm.optim import make_optimizer, make_schedule
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `rng` is a raw uint32[2] key; step t uses fold_in(rng, t)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [batch, length, vocab] float32, targets [batch, length] -> (nll, log Z), each
+  [batch, length] float32."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return log_z - target_logits, log_z
+
+
+def loss_sums(params: Any, batch: Batch, model: Transformer, z_loss: float,
+              dropout_rng: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """(weighted sum of nll + z_loss * log Z^2, (sum of nll, sum of weights)) over a batch.
+
+  Sums, not means, so microbatches add up to exactly the full-batch gradient.
+  """
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"], deterministic=dropout_rng is None,
+                       rngs=rngs)
+  nll, log_z = token_losses(logits.astype(jnp.float32), batch["targets"])
+  weights = batch["weights"]
+  nll_sum = jnp.sum(nll * weights)
+  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights)
+  return objective, (nll_sum, jnp.sum(weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted functions of a run and the shardings they use.
+
+  `init`, `train` and `eval` trace under the run's mesh and logical-axis rules;
+  `compile_train` compiles the train step ahead of time (for timing and memory analysis).
+  """
+  init: Callable[[jax.Array], TrainState]
+  train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  eval: Callable[[Any, Batch], Metrics]
+  state_shardings: Any
+  abstract_state: TrainState
+  mesh: Mesh
+  train_jit: Any
+
+  def compile_train(self, state: Any, batch: Any):
+    """The compiled train step for arrays (or ShapeDtypeStructs) like `state` and `batch`."""
+    with jax.set_mesh(self.mesh), sharding.axis_rules():
+      return self.train_jit.lower(state, batch).compile()
+
+
+def make_model(config: Config) -> Transformer:
+  return Transformer(config.model)
+
+
+def _dummy_tokens(config: Config) -> jax.Array:
+  return jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
+
+
+def make_steps(config: Config, mesh: Mesh) -> Steps:
+  """Builds init/train/eval for `config` on `mesh`; compilation happens on first call."""
+  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  model = make_model(config)
+  optimizer = make_optimizer(config.optim, config.train.num_steps)
+  schedule = make_schedule(config.optim, config.train.num_steps)
+  microbatches = config.train.microbatches
+  z_loss = config.train.z_loss
+  use_dropout = config.model.dropout > 0
+
+  def init_boxed(rng: jax.Array) -> TrainState:
+    params = model.init({"params": rng}, _dummy_tokens(config))["params"]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=rng)
+
+  def init(rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    state = nn.unbox(init_boxed(init_rng))
+    return state.replace(rng=state_rng)
+
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  state_shardings = sharding.state_shardings(abstract_boxed, mesh)
+  abstract_state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+      nn.unbox(abstract_boxed), state_shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  # Microbatch m takes rows m, m+M, m+2M, ...: each device keeps its own rows (no reshuffling
+  # across devices), because every device's block of rows is a multiple of M long.
+  micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.grad(loss_sums, has_aux=True)
+
+    def micro_grads(m: jax.Array, micro: Batch):
+      rng = jax.random.fold_in(step_rng, m) if use_dropout else None
+      return grad_fn(state.params, micro, model, z_loss, rng)
+
+    if microbatches == 1:
+      grads, (nll_sum, weight_sum) = micro_grads(jnp.int32(0), batch)
+    else:
+      def split(x):  # [batch, ...] -> [microbatches, batch / microbatches, ...]
+        x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+      def accumulate(carry, inputs):
+        m, micro = inputs
+        grads, (nll, weight) = micro_grads(m, micro)
+        return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+      (grads, nll_sum, weight_sum), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
+    denominator = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    loss = nll_sum / denominator
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite step is skipped (params and optimizer state unchanged, step still advances
+    # so data and dropout move on); the trainer halts after too many in a row.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "nonfinite": (~finite).astype(jnp.int32), "train_tokens": weight_sum}
+    return new_state, metrics
+
+  def eval_step(params: Any, batch: Batch) -> Metrics:
+    _, (nll_sum, weight_sum) = loss_sums(params, batch, model, 0.0, None)
+    return {"loss_sum": nll_sum, "weight_sum": weight_sum}
+
+  def with_rules(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.set_mesh(mesh), sharding.axis_rules():
+        return fn(*args)
+    return wrapped
+
+  batch_shardings = {k: batch_sharding for k in
+                     ("inputs", "targets", "weights", "segment_ids", "positions")}
+  train_jit = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return Steps(
+      init=with_rules(jax.jit(init, in_shardings=replicated, out_shardings=state_shardings)),
+      train=with_rules(train_jit),
+      eval=with_rules(jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
+                              out_shardings=replicated)),
+      state_shardings=state_shardings, abstract_state=abstract_state, mesh=mesh,
+      train_jit=train_jit)

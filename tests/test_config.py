@@ -1,0 +1,45 @@
+"""Config validation: every bad value is one ConfigError naming the field."""
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm.config import ConfigError
+
+
+def test_defaults_validate_and_hash():
+  config = config_lib.validate(config_lib.default_config_dict())
+  assert hash(config) == hash(config_lib.validate(config_lib.default_config_dict()))
+  assert config_lib.from_dict(config_lib.to_dict(config)) == config
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model": {"num_heads": 5}}, "model.num_heads"),
+    ({"data": {"seq_len": 512}}, "data.seq_len"),
+    ({"train": {"global_batch_size": 10, "microbatches": 4}}, "train.global_batch_size"),
+    ({"train": {"num_steps": 0}}, "train.num_steps"),
+    ({"train": {"global_batch_size": -2}}, "train.global_batch_size"),
+    ({"optim": {"learning_rate": 0.0}}, "optim.learning_rate"),
+    ({"optim": {"learning_rate": -1e-3}}, "optim.learning_rate"),
+    ({"model": {"num_layerz": 2}}, "model.num_layerz"),
+    ({"modle": {"num_layers": 2}}, "modle"),
+    ({"model": {"positional": "alibi"}}, "model.positional"),
+    ({"model": {"num_layers": "four"}}, "model.num_layers"),
+    ({"data": {"corpus": "text_files"}}, "data.files"),
+    ({"data": {"corpus": "tfds"}}, "data.tfds_name"),
+    ({"mesh": {"data": -1, "fsdp": -1}}, "mesh"),
+    ({"model": {"dropout": 0.1, "attention_impl": "xla"}}, "model.dropout"),
+])
+def test_bad_values_name_the_field(overrides, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as info:
+    config_lib.validate(overrides)
+  assert "\n" not in str(info.value)
+
+
+def test_learned_positions_limit_but_rope_does_not():
+  config_lib.validate({"data": {"seq_len": 512}, "model": {"positional": "rope"}})
+
+
+def test_diff_lists_changed_leaves():
+  base = config_lib.to_dict(config_lib.validate(config_lib.Config()))
+  new = config_lib.to_dict(config_lib.replace(config_lib.Config(), model={"num_layers": 2}))
+  assert config_lib.diff(base, new) == {"model.num_layers": {"from": 4, "to": 2}}
