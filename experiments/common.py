@@ -19,6 +19,51 @@ def user_errors() -> tuple[type[BaseException], ...]:
           data.DataError, trainer.RunError, checkpoint.CheckpointError)
 
 
+def _flag_error(e: BaseException) -> None:
+  """Prints a flag/override error as one line and exits 2."""
+  while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests KeyErrors
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
+    text = f"unknown config key {'; '.join(text.splitlines())}"
+  print(f"error: {' '.join(text.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def define_config_flag(default: str | None = "configs/default.py"):
+  """The --config flag. ml_collections applies --config.K=V overrides while defining it, so a
+  bad override surfaces here; it becomes one line on stderr instead of a traceback."""
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", default, "ml_collections config file; override fields with --config.K=V.")
+  except _FLAG_ERRORS as e:
+    _flag_error(e)
+
+
+def config_value(holder) -> Any:
+  """The --config value; a config file that cannot be loaded is a ConfigError (one line)."""
+  try:
+    value = holder.value
+    value.to_dict()  # a config file that failed to load raises only when first used
+    return value
+  except OSError as e:
+    path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+    raise config_lib.ConfigError(
+        f"config file {path} cannot be loaded ({str(e).splitlines()[-1].strip()}); pass "
+        f"--config=configs/NAME.py.") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (for app.run), with bad values reported as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    _flag_error(e)
+
+
 def define_distributed_flags() -> None:
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0 for a multi-process job (jax.distributed).")

@@ -21,8 +21,7 @@ from ml_collections import ConfigDict, config_flags
 from experiments import common
 from jaxlm import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "ml_collections config file; override with --config.K=V.")
+_CONFIG = common.define_config_flag("configs/default.py")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "run directory (default: runs/<config name>-<time>); reusing one resumes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
@@ -39,7 +38,7 @@ def resolve_config(workdir: str) -> tuple[config_lib.Config, dict]:
       section, _, name = key.rpartition(".")
       (values[section] if section else values)[name] = value
     return config_lib.validate(values), saved
-  return config_lib.validate(_CONFIG.value), common.config_file_dict()
+  return config_lib.validate(common.config_value(_CONFIG)), common.config_file_dict()
 
 
 @common.exit_on_user_error
@@ -63,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

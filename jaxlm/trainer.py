@@ -64,6 +64,9 @@ def check_workdir(workdir: str) -> None:
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise RunError(f"workdir {workdir} cannot be created: {existing} is a file; choose another "
+                   f"--workdir.")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise RunError(f"workdir {workdir} cannot be written ({existing} is not writable); "
                    f"choose a --workdir you can write to.")

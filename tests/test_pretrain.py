@@ -1,0 +1,235 @@
+"""End to end: the pretrain script and trainer on the embedded corpus and on users' files.
+
+Covers the run directory contract, resume == uninterrupted, preemption by SIGTERM, refusing
+incompatible workdirs, and every bad input the issue lists (one line, nothing written).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_values(data_dir, **sections):
+  values = {
+      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 64, "mlp_dim": 128,
+                "vocab_size": 512, "max_seq_len": 64},
+      "data": {"seq_len": 64, "stride": 64, "data_dir": str(data_dir),
+               "tokenizer_max_sentences": 20000},
+      "train": {"num_steps": 12, "global_batch_size": 8, "log_every": 1, "eval_every": 6,
+                "eval_batches": 2, "checkpoint_every": 6, "sample_every": 6,
+                "sample_max_new_tokens": 8},
+      "optim": {"warmup_steps": 2},
+  }
+  for name, updates in sections.items():
+    values.setdefault(name, {}).update(updates)
+  return values
+
+
+def overrides(values):
+  """--config.a.b=v flags for a nested dict."""
+  flags = []
+  for section, fields in values.items():
+    for key, value in fields.items():
+      flags.append(f"--config.{section}.{key}={value}")
+  return flags
+
+
+def run_cli(args, timeout=600, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("jaxlm_cache")
+
+
+def losses(workdir, key="train_loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+@pytest.mark.slow
+def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  result = run_cli(["--workdir", str(workdir), "--progress=false",
+                    *overrides(tiny_values(data_dir))])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("config.json", "config_diff.json", "tokenizer.model", "metrics.jsonl",
+               "samples.jsonl", "loss.png", "summary.json"):
+    assert (workdir / name).is_file(), name
+  assert any((workdir / "tensorboard").iterdir())
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  train_keys = {"train_loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"}
+  assert train_keys <= set(records[-3]) | set(records[-2]) | set(records[-1])
+  evals = [r for r in records if "eval_bits_per_byte" in r]
+  assert [r["step"] for r in evals] == [6, 12]
+  assert 0 < evals[-1]["eval_bits_per_byte"] < 8
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] + 0.5
+  samples = [json.loads(line) for line in open(workdir / "samples.jsonl")]
+  assert {s["step"] for s in samples} == {6, 12} and all(s["prompt"] for s in samples)
+  saved = json.load(open(workdir / "config.json"))
+  assert saved["model"]["num_layers"] == 2
+  assert json.load(open(workdir / "config_diff.json"))["model.num_layers"]["to"] == 2
+  # stdout carries only the final summary line.
+  assert result.stdout.strip().startswith("step=12")
+
+  # Rerun with --workdir alone: it uses the saved config and finds nothing left to do...
+  again = run_cli(["--workdir", str(workdir), "--progress=false"])
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "already trained to step 12" in again.stderr
+  # ...and a longer num_steps continues from step 12 with the saved config.
+  longer = run_cli(["--workdir", str(workdir), "--progress=false",
+                    "--config.train.num_steps=14"])
+  assert longer.returncode == 0, longer.stderr[-2000:]
+  assert max(losses(workdir)) == 14
+  assert json.load(open(workdir / "config.json"))["train"]["num_steps"] == 14
+
+
+@pytest.mark.slow
+def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
+  config = config_lib.validate(tiny_values(data_dir, model={"dropout": 0.1}))
+  straight = tmp_path / "straight"
+  trainer.train(config, str(straight), show_progress=False)
+  resumed = tmp_path / "resumed"
+  first = trainer.train(config, str(resumed), stop_at_step=5, show_progress=False)
+  assert first["step"] == 5 and not first["finished"]
+  assert max(losses(resumed)) == 5
+  second = trainer.train(config, str(resumed), show_progress=False)
+  assert second["finished"]
+  assert losses(resumed) == losses(straight)  # bitwise: same floats in the JSON
+  assert losses(resumed, "eval_loss") == losses(straight, "eval_loss")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_rerun_continues(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  values = tiny_values(data_dir, train={"num_steps": 100000, "checkpoint_every": 100000,
+                                        "eval_every": 100000, "sample_every": 0})
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.pretrain", "--workdir", str(workdir),
+       "--progress=false", *overrides(values)], cwd=REPO, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and len(losses(workdir) if (workdir / "metrics.jsonl").exists()
+                                       else {}) < 3:
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and steps[0] >= 3
+  assert "SIGTERM" in stderr
+  rerun = run_cli(["--workdir", str(workdir), "--progress=false",
+                   f"--config.train.num_steps={steps[0] + 2}"])
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"resumed from {workdir / 'checkpoints'}/{steps[0]}" in rerun.stderr
+  assert max(losses(workdir)) == steps[0] + 2
+
+
+def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  saved = config_lib.to_dict(config_lib.validate(tiny_values(data_dir)))
+  (workdir / "config.json").write_text(json.dumps(saved))
+  before = (workdir / "config.json").read_text()
+  other = config_lib.validate(tiny_values(data_dir, model={"num_layers": 3}))
+  with pytest.raises(trainer.RunError, match="model.num_layers"):
+    trainer.train(other, str(workdir), show_progress=False)
+  assert (workdir / "config.json").read_text() == before
+  assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
+# -- bad input: one line on stderr, exit code 2, no run directory --------------------------------
+
+def write_files(directory, texts, suffix=".txt"):
+  directory.mkdir(parents=True, exist_ok=True)
+  for i, text in enumerate(texts):
+    (directory / f"doc{i}{suffix}").write_text(text)
+  return str(directory / f"*{suffix}")
+
+
+BAD_CLI_CASES = {
+    "heads": (["--config.model.num_heads=3"], "model.num_heads=3"),
+    "seq_len": (["--config.data.seq_len=128"], "data.seq_len=128"),
+    "microbatches": (["--config.train.microbatches=3"], "train.microbatches=3"),
+    "unknown_key": (["--config.model.num_layerz=2"], "num_layerz"),
+    "steps": (["--config.train.num_steps=0"], "train.num_steps=0"),
+    "batch": (["--config.train.global_batch_size=-8"], "train.global_batch_size=-8"),
+    "learning_rate": (["--config.optim.learning_rate=0"], "optim.learning_rate=0"),
+    "glob": (["--config.data.corpus=text_files", "--config.data.files=/nonexistent/*.txt"],
+             "/nonexistent/*.txt"),
+    "tfds_name": (["--config.data.corpus=tfds", "--config.data.tfds_name=no_such_dataset_xyz"],
+                  "no_such_dataset_xyz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLI_CASES))
+def test_bad_cli_input_is_one_line_and_writes_nothing(case, tmp_path, data_dir):
+  args, expected = BAD_CLI_CASES[case]
+  workdir = tmp_path / "run"
+  base = [a for a in overrides(tiny_values(data_dir))
+          if not any(a.startswith(x.split("=")[0] + "=") for x in args)]
+  result = run_cli(["--workdir", str(workdir), "--progress=false", *base, *args], timeout=300)
+  assert result.returncode != 0
+  error_lines = [l for l in result.stderr.splitlines() if expected in l]
+  assert error_lines, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def expect_refused(values, workdir, match, error=ValueError):
+  with pytest.raises(error, match=match) as info:
+    trainer.train(config_lib.validate(values), str(workdir), show_progress=False)
+  assert "\n" not in str(info.value)
+  assert not os.path.exists(workdir)
+
+
+def test_tokenizer_vocabulary_must_match_the_model(tmp_path, data_dir):
+  from jaxlm import tokenizer as tokenizer_lib
+  files = write_files(tmp_path / "docs", [f"line {i} of some text\n" * 40 for i in range(6)])
+  model_path = str(tmp_path / "tok.model")
+  from jaxlm import corpora
+  data = config_lib.validate(tiny_values(data_dir, data={"corpus": "text_files",
+                                                         "files": files})).data
+  tokenizer_lib.train_sentencepiece(corpora.load_split(data, "train"), 300, model_path)
+  values = tiny_values(data_dir, data={"corpus": "text_files", "files": files,
+                                       "tokenizer": model_path})
+  expect_refused(values, tmp_path / "run", "vocab")
+
+
+def test_empty_corpus_is_refused(tmp_path, data_dir):
+  files = write_files(tmp_path / "docs", ["", "   \n", ""])
+  values = tiny_values(data_dir, data={"corpus": "text_files", "files": files})
+  expect_refused(values, tmp_path / "run", "empty|no .*documents|text")
+
+
+def test_corpus_shorter_than_one_window_is_refused(tmp_path, data_dir):
+  files = write_files(tmp_path / "docs", ["a b", "c d", "e f"])
+  tokenizer_values = tiny_values(data_dir, data={"corpus": "pystdlib"})
+  # Reuse the stdlib tokenizer so the tiny corpus does not need its own.
+  config_lib.validate(tokenizer_values)
+  from jaxlm import tokenizer as tokenizer_lib
+  _, path = tokenizer_lib.get_tokenizer(config_lib.validate(tokenizer_values).data, 512)
+  values = tiny_values(data_dir, data={"corpus": "text_files", "files": files, "tokenizer": path})
+  expect_refused(values, tmp_path / "run", "data.seq_len")
+
+
+def test_unwritable_workdir_is_refused(tmp_path, data_dir):
+  blocked = tmp_path / "blocked"
+  blocked.write_text("a file where a directory should be")
+  expect_refused(tiny_values(data_dir), blocked / "run", "cannot be written|not a directory|file")
