@@ -1,0 +1,570 @@
+"""A GPT-style decoder in Flax linen, written out from scratch.
+
+Read top to bottom: numerics helpers (positions, norms), the attention core, the modules
+(Dense -> Norm -> CausalSelfAttention -> Mlp -> Block -> Transformer), then helpers that other
+modules need (parameter counts, FLOPs, layer stacking for `scan_layers`, KV cache).
+
+Conventions (see DESIGN.md):
+  * Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`):
+    `vocab, embed, heads, kv, mlp` (+ `layers` when scanned). Compute runs in `config.dtype`;
+    attention scores, softmax, norm statistics and logits are float32.
+  * Activations get `nn.with_logical_constraint` at block boundaries; without a mesh and rules
+    these are no-ops, so plain `model.init` / `model.apply` work anywhere.
+  * Shapes use the letters batch, length, heads, head_dim, embed, mlp, vocab.
+
+Parameter tree (unscanned; with `scan_layers=True`, `layers_0 .. layers_{n-1}` become one
+`layers` subtree whose arrays have a leading [num_layers] axis named 'layers'):
+
+  token_embed            [vocab, embed]            ('vocab', 'embed')
+  position_embed         [max_seq_len, embed]      (None, 'embed')        positional='learned'
+  layers_{i}/
+    attention_norm/scale [embed]                   ('embed',)
+    attention_norm/bias  [embed]                   ('embed',)             layernorm + use_bias
+    attention/{query,key,value}/kernel [embed, heads, head_dim]  ('embed', 'heads', 'kv')
+    attention/{query,key,value}/bias   [heads, head_dim]         ('heads', 'kv')
+    attention/out/kernel [heads, head_dim, embed]  ('heads', 'kv', 'embed')
+    attention/out/bias   [embed]                   ('embed',)
+    mlp_norm/{scale,bias}                          as attention_norm
+    mlp/fc/kernel        [embed, mlp]              ('embed', 'mlp')       mlp='gelu'
+    mlp/proj/kernel      [mlp, embed]              ('mlp', 'embed')
+    mlp/{gate,up}/kernel [embed, mlp]              ('embed', 'mlp')       mlp='swiglu'
+    mlp/down/kernel      [mlp, embed]              ('mlp', 'embed')
+    (every Dense has a bias over its output axes when use_bias)
+  final_norm/{scale,bias}
+  lm_head                [embed, vocab]            ('embed', 'vocab')     tie_embeddings=False
+
+The LM head never has a bias (as in GPT-2 / nanoGPT).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlm.config import ModelConfig
+
+Array = jax.Array
+PyTree = Any
+
+# Logical axis names of the activations we constrain.
+ACTIVATION_AXES = ("batch", "length", "embed")
+HEADS_AXES = ("batch", "length", "heads", "kv")
+# The KV cache is [batch, max_len, heads, head_dim] per layer.
+CACHE_AXES = ("batch", "length", "heads", "kv")
+
+# `remat_policy` -> what jax.checkpoint may keep from the forward pass (everything else is
+# recomputed in the backward pass). The names are set with `checkpoint_name` below.
+#   full: keep nothing but the block inputs (least memory, ~1 extra forward).
+#   dots_saveable: keep every matmul output (incl. attention scores: O(length^2) memory).
+#   dots_with_no_batch_dims_saveable: keep the projection matmuls, not the attention einsums.
+#   save_attention_out: keep only the attention output (before its output projection).
+#   minimal: keep q, k, v, the attention output and the MLP input projections (like MaxText's
+#     "minimal"): recompute only norms, attention scores/softmax and activations.
+_MINIMAL_NAMES = ("query", "key", "value", "attention_out", "mlp_in")
+CHECKPOINT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "minimal": jax.checkpoint_policies.save_only_these_names(*_MINIMAL_NAMES),
+}
+
+
+def _normal(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------
+
+def sinusoidal_embedding(positions: Array, dim: int) -> Array:
+  """Fixed sin/cos position codes (Vaswani et al.), float32.
+
+  positions [batch, length] -> [batch, length, dim]: first half sin, second half cos, with
+  frequencies 1 / 10000^(2i/dim). An odd `dim` gets a zero last channel.
+  """
+  half = dim // 2
+  inv_freq = 10000.0 ** (-np.arange(half, dtype=np.float32) / half)  # [half]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
+  codes = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if dim % 2:
+    codes = jnp.pad(codes, ((0, 0), (0, 0), (0, 1)))
+  return codes
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding, "rotate half" layout (GPT-NeoX / Hugging Face LLaMA).
+
+  x [batch, length, heads, head_dim], positions [batch, length] -> same shape and dtype as x.
+  Channel i of the first half and channel i of the second half form a pair rotated by the
+  angle position / theta^(2i/head_dim). Computed in float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-np.arange(half, dtype=np.float32) / half)     # [half]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
+  sin = jnp.sin(angles)[:, :, None, :]                                # [batch, length, 1, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)               # [..., half] each
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention core
+# ---------------------------------------------------------------------------------------------
+
+def causal_mask(q_slots: Array, k_slots: Array) -> Array:
+  """Causal mask: True where a query may attend to a key.
+
+  q_slots [q_len], k_slots [kv_len]: index of each token in the sequence (or in the KV cache);
+  a query sees keys at the same or earlier slots. -> [1, 1, q_len, kv_len] (broadcasts over
+  batch and heads).
+  """
+  return (q_slots[:, None] >= k_slots[None, :])[None, None]
+
+
+def segment_mask(q_segment_ids: Array, k_segment_ids: Array) -> Array:
+  """True where query and key belong to the same segment (packed documents, padding).
+
+  q_segment_ids [batch, q_len], k_segment_ids [batch, kv_len] -> [batch, 1, q_len, kv_len].
+  """
+  return (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
+
+
+def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
+                        dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
+  """Multi-head scaled dot-product attention, written out.
+
+  query [batch, q_len, heads, head_dim], key/value [batch, kv_len, heads, head_dim],
+  mask bool broadcastable to [batch, heads, q_len, kv_len] -> [batch, q_len, heads, head_dim].
+  Scores and softmax are float32; the weighted sum runs in the input dtype. Dropout on the
+  attention probabilities happens only when `dropout_rng` is given.
+  """
+  scale = 1.0 / math.sqrt(query.shape[-1])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                      preferred_element_type=jnp.float32) * scale    # [batch, heads, q, kv]
+  # The most negative float, not -inf: a fully masked row (a padding query) then gives a
+  # uniform distribution instead of NaN.
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+class Dense(nn.Module):
+  """`x @ kernel + bias`, contracting the trailing input axes of x with the leading kernel axes.
+
+  The kernel has shape x.shape[-n_in:] + features, where n_in = len(axes) - len(features);
+  `axes` names all kernel axes (inputs, then outputs); the bias covers the output axes.
+  E.g. features=(heads, head_dim), axes=('embed', 'heads', 'kv'):
+  [batch, length, embed] -> [batch, length, heads, head_dim].
+  """
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  config: ModelConfig
+  init_scale: float = 1.0  # multiplies init_std; < 1 for the residual output projections
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    n_in = len(self.axes) - len(self.features)
+    kernel = self.param("kernel", _normal(cfg.init_std * self.init_scale, self.axes),
+                        x.shape[x.ndim - n_in:] + tuple(self.features), jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+    if cfg.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[n_in:]),
+                        tuple(self.features), jnp.float32)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, statistics in float32.
+
+  [..., embed] -> same shape, config.dtype. LayerNorm subtracts the mean first; RMSNorm does
+  not and never has a bias.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dim = x.shape[-1]
+    x = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (dim,), jnp.float32)
+    x = x * scale
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (dim,), jnp.float32)
+      x = x + bias
+    return x.astype(jnp.dtype(cfg.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+  """Causal multi-head self-attention with an optional KV cache.
+
+  x [batch, length, embed] -> [batch, length, embed].
+
+  q/k/v are kept as [batch, length, heads, head_dim] from projection to output projection: the
+  kernels are [embed, heads, head_dim], so no reshapes or transposes are written out. They are
+  three separate kernels rather than one fused [embed, 3, heads, head_dim]: the logical axes
+  stay simple, GPT-2/LLaMA conversion is a plain reshape, and fusing would save little (each
+  of the three matmuls is already large; it mostly saves kernel launches on accelerators).
+
+  `attention_impl='reference'` uses `reference_attention` above; 'xla'/'cudnn' call
+  `jax.nn.dot_product_attention` (same math, tested equal). Dropout on the attention
+  probabilities exists only in the reference path (the fused kernels have no dropout);
+  residual and embedding dropout apply with every implementation.
+
+  Decoding (`decode=True`, the Flax lm1b pattern): `model.init(..., decode=True)` on tokens of
+  shape [batch, max_len] creates the 'cache' collection: cached_key/cached_value
+  [batch, max_len, heads, head_dim], cached_segment_ids [batch, max_len] and cache_index (the
+  number of slots written). Each later call writes its `length` new keys/values at cache_index
+  (after RoPE, so cached keys are final), advances the index, and attends over the whole cache
+  with a causal mask on cache slots: a multi-token prompt (prefill) and single-token steps use
+  the same code. Writing past max_len is not detected (dynamic_update_slice clamps); callers
+  size the cache for prompt + new tokens.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
+               deterministic: bool, decode: bool) -> Array:
+    cfg = self.config
+    residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+    qkv = functools.partial(Dense, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg)
+    query = qkv(name="query")(x)  # [batch, length, heads, head_dim]
+    key = qkv(name="key")(x)
+    value = qkv(name="value")(x)
+    if cfg.positional == "rope":
+      query = apply_rope(query, positions, cfg.rope_theta)
+      key = apply_rope(key, positions, cfg.rope_theta)
+    query = nn.with_logical_constraint(checkpoint_name(query, "query"), HEADS_AXES)
+    key = nn.with_logical_constraint(checkpoint_name(key, "key"), HEADS_AXES)
+    value = nn.with_logical_constraint(checkpoint_name(value, "value"), HEADS_AXES)
+
+    q_slots = jnp.arange(x.shape[1])  # [length]: where each query sits in the sequence
+    k_slots, k_segment_ids = q_slots, segment_ids
+    decoding = decode and self.has_variable("cache", "cached_key")
+    if decoding:
+      if segment_ids is None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+      key, value, k_segment_ids, index = self._update_cache(key, value, segment_ids)
+      # The queries sit after the cached tokens and see every cache slot up to their own;
+      # slots not written yet lie in the future.
+      q_slots = index + q_slots
+      k_slots = jnp.arange(key.shape[1])                       # [max_len]
+    elif decode:  # model.init(decode=True): allocate an empty cache sized by this input
+      self._cache_variables(key.shape, key.dtype)
+    causal = causal_mask(q_slots, k_slots)                     # [1, 1, q_len, kv_len]
+    segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
+    mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
+
+    if cfg.attention_impl == "reference":
+      dropout_rng = None
+      if not deterministic and cfg.dropout > 0.0:
+        dropout_rng = self.make_rng("dropout")
+      out = reference_attention(query, key, value, mask, dropout_rate=cfg.dropout,
+                                dropout_rng=dropout_rng)
+    elif decoding:  # queries and cache slots are offset: pass the whole mask
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                         implementation=cfg.attention_impl)
+    else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
+      out = jax.nn.dot_product_attention(query, key, value, mask=segments, is_causal=True,
+                                         implementation=cfg.attention_impl)
+    out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
+    return Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, init_scale=residual_scale,
+                 name="out")(out)
+
+  def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
+    """The 'cache' variables; created as zeros for shape [batch, max_len, heads, head_dim]."""
+    zeros = lambda names: nn.with_logical_partitioning(jnp.zeros, names)
+    return (self.variable("cache", "cached_key", zeros(CACHE_AXES), shape, dtype),
+            self.variable("cache", "cached_value", zeros(CACHE_AXES), shape, dtype),
+            self.variable("cache", "cached_segment_ids", zeros(("batch", "length")),
+                          shape[:2], jnp.int32),
+            self.variable("cache", "cache_index", zeros(()), (), jnp.int32))
+
+  def _update_cache(self, key: Array, value: Array, segment_ids: Array):
+    """Writes key/value [batch, length, heads, head_dim] and segment_ids at cache_index.
+
+    Returns all cached keys and values [batch, max_len, heads, head_dim] (in key's dtype),
+    the cached segment ids [batch, max_len], and the cache index before this write.
+    """
+    cached_key, cached_value, cached_segments, cache_index = self._cache_variables(
+        key.shape, key.dtype)
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, key.astype(cached_key.value.dtype), (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value.astype(cached_value.value.dtype), (0, index, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segment_ids.astype(jnp.int32), (0, index))
+    cache_index.value = index + key.shape[1]
+    return (cached_key.value.astype(key.dtype), cached_value.value.astype(value.dtype),
+            cached_segments.value, index)
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP: [batch, length, embed] -> [batch, length, embed].
+
+  gelu (GPT-2): fc -> gelu (tanh approximation) -> proj.
+  swiglu (LLaMA): silu(gate(x)) * up(x) -> down.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dense_in = functools.partial(Dense, (cfg.mlp_dim,), ("embed", "mlp"), cfg)
+    dense_out = functools.partial(Dense, (cfg.embed_dim,), ("mlp", "embed"), cfg,
+                                  init_scale=1.0 / math.sqrt(2 * cfg.num_layers))
+    if cfg.mlp == "gelu":
+      hidden = checkpoint_name(dense_in(name="fc")(x), "mlp_in")    # [batch, length, mlp]
+      hidden = nn.gelu(hidden, approximate=True)
+      out_name = "proj"
+    else:
+      gate = checkpoint_name(dense_in(name="gate")(x), "mlp_in")
+      up = checkpoint_name(dense_in(name="up")(x), "mlp_in")
+      hidden = nn.silu(gate) * up
+      out_name = "down"
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    return dense_out(name=out_name)(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x)).
+
+  x [batch, length, embed] -> (x [batch, length, embed], None). The (carry, output) pair lets
+  the same module be the body of `nn.scan`.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
+               deterministic: bool, decode: bool) -> tuple[Array, None]:
+    cfg = self.config
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    h = Norm(cfg, name="attention_norm")(x)
+    h = CausalSelfAttention(cfg, name="attention")(h, positions, segment_ids, deterministic,
+                                                   decode)
+    x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    h = Norm(cfg, name="mlp_norm")(x)
+    h = Mlp(cfg, name="mlp")(h)
+    x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+
+
+def _block_class(config: ModelConfig) -> type[nn.Module]:
+  """Block, wrapped in nn.remat and/or nn.scan as the config asks."""
+  block = Block
+  if config.remat_policy != "none":
+    # Arguments 4, 5 (counting self) are the Python bools deterministic and decode. Inside a
+    # scan, CSE cannot merge the recomputation with the forward pass anyway, so prevent_cse
+    # (which blocks some XLA optimizations) is only needed unscanned.
+    block = nn.remat(block, prevent_cse=not config.scan_layers,
+                     policy=CHECKPOINT_POLICIES[config.remat_policy], static_argnums=(4, 5))
+  if config.scan_layers:
+    block = nn.scan(block,
+                    variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=config.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return block
+
+
+class Transformer(nn.Module):
+  """GPT-style decoder: tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
+
+  positions [batch, length] int32: absolute position of each token (default arange(length));
+    required with decode=True (e.g. cache_index + arange(length), or shifted for left padding).
+  segment_ids [batch, length] int32: if given, tokens attend only within their segment (packed
+    documents; e.g. 0 for padding). With decode=True they are cached, default 1.
+  deterministic: False enables dropout (needs the 'dropout' rng).
+  decode: use and update the 'cache' collection (apply with mutable=['cache']); see
+    CausalSelfAttention and `init_cache`.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, positions: Array | None = None,
+               segment_ids: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    batch, length = tokens.shape
+    if positions is None:
+      if decode:
+        raise ValueError("Transformer(decode=True) needs explicit positions [batch, length]: the "
+                         "absolute position of each new token (e.g. cache_index + "
+                         "arange(length)).")
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    token_embed = self.param("token_embed", _normal(cfg.init_std, ("vocab", "embed")),
+                             (cfg.vocab_size, cfg.embed_dim), jnp.float32)
+    x = jnp.take(token_embed, tokens, axis=0).astype(dtype)  # [batch, length, embed]
+    if cfg.positional == "learned":
+      position_embed = self.param("position_embed", _normal(cfg.init_std, (None, "embed")),
+                                  (cfg.max_seq_len, cfg.embed_dim), jnp.float32)
+      x = x + jnp.take(position_embed, positions, axis=0).astype(dtype)
+    elif cfg.positional == "sinusoidal":
+      x = x + sinusoidal_embedding(positions, cfg.embed_dim).astype(dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, deterministic, decode)
+
+    x = Norm(cfg, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("bld,vd->blv", x, token_embed.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      lm_head = self.param("lm_head", _normal(cfg.init_std, ("embed", "vocab")),
+                           (cfg.embed_dim, cfg.vocab_size), jnp.float32)
+      logits = jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def count_params(params: PyTree) -> int:
+  """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def param_count(config: ModelConfig) -> int:
+  """Parameter count from the config alone (equals count_params of the initialized model)."""
+  d, m, v = config.embed_dim, config.mlp_dim, config.vocab_size
+  bias = config.use_bias
+  norm = d + (d if config.norm == "layernorm" and bias else 0)
+  attention = 4 * d * d + (4 * d if bias else 0)  # q, k, v, out (+ biases)
+  if config.mlp == "gelu":
+    mlp = 2 * d * m + (m + d if bias else 0)
+  else:
+    mlp = 3 * d * m + (2 * m + d if bias else 0)
+  total = v * d + config.num_layers * (2 * norm + attention + mlp) + norm
+  if config.positional == "learned":
+    total += config.max_seq_len * d
+  if not config.tie_embeddings:
+    total += d * v
+  return total
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), the PaLM / nanoGPT convention.
+
+  6 * N + 12 * num_layers * seq_len * embed_dim, where N counts the matmul weights: the
+  attention and MLP kernels and the LM head (tied or not: it is a matmul either way), but not
+  the embedding lookups, position tables, biases or norms. The second term is the
+  attention-score and weighted-sum matmuls over the full (unmasked) seq_len x seq_len square.
+  """
+  d, m = config.embed_dim, config.mlp_dim
+  mlp = (2 if config.mlp == "gelu" else 3) * d * m
+  matmul_params = config.num_layers * (4 * d * d + mlp) + d * config.vocab_size
+  return 6.0 * matmul_params + 12.0 * config.num_layers * seq_len * d
+
+
+def _layer_keys(tree: Mapping[str, Any]) -> list[str]:
+  keys = [k for k in tree if k.startswith("layers_")]
+  return sorted(keys, key=lambda k: int(k.split("_")[1]))
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+_LAYERS_AXIS = {nn.PARTITION_NAME: "layers"}
+
+
+def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Unscanned -> scanned layout for one collection (params, cache, or optimizer-state-like).
+
+  {'layers_0': t0, ..., 'layers_{n-1}': t_{n-1}, ...} -> {'layers': stack of t_i on a new
+  leading axis, ...}. Boxed leaves (nn.LogicallyPartitioned) get the 'layers' axis name.
+  """
+  keys = _layer_keys(tree)
+  if not keys:
+    raise ValueError("stack_layers: no 'layers_<i>' entries; is the tree already stacked?")
+
+  def stack(*leaves):
+    if _is_box(leaves[0]):
+      stacked = jnp.stack([leaf.value for leaf in leaves])
+      return leaves[0].replace_boxed(stacked).add_axis(0, _LAYERS_AXIS)
+    return jnp.stack(leaves)
+
+  out = {k: v for k, v in tree.items() if k not in keys}
+  out["layers"] = jax.tree.map(stack, *[tree[k] for k in keys], is_leaf=_is_box)
+  return out
+
+
+def unstack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned -> unscanned layout: the inverse of `stack_layers`."""
+  if "layers" not in tree:
+    raise ValueError("unstack_layers: no 'layers' entry; is the tree already unstacked?")
+  stacked = tree["layers"]
+  num_layers = jax.tree.leaves(nn.unbox(stacked))[0].shape[0]
+
+  def take(i, leaf):
+    if _is_box(leaf):
+      return leaf.replace_boxed(leaf.value[i]).remove_axis(0, _LAYERS_AXIS)
+    return leaf[i]
+
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(functools.partial(take, i), stacked, is_leaf=_is_box)
+  return out
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int,
+               dtype: Any | None = None) -> PyTree:
+  """An empty KV cache for `batch` sequences of up to `max_len` tokens.
+
+  The same tree as `model.init(rng, tokens[batch, max_len], positions=..., decode=True)['cache']`
+  (boxed with logical axes: keys/values ('batch', 'length', 'heads', 'kv'), plus a leading
+  'layers' axis when scanned), without initializing parameters. `dtype` sets the storage dtype
+  of keys and values (default config.dtype). Use with
+  `model.apply({'params': params, 'cache': cache}, tokens, positions=..., decode=True,
+  mutable=['cache'])`.
+  """
+  model = Transformer(config)
+  tokens = jnp.zeros((batch, max_len), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), tokens, positions=positions, decode=True))["cache"]
+
+  def zeros(s: jax.ShapeDtypeStruct) -> Array:
+    floating = jnp.issubdtype(s.dtype, jnp.floating)
+    return jnp.zeros(s.shape, dtype if (dtype is not None and floating) else s.dtype)
+
+  return jax.tree.map(zeros, shapes)

@@ -1,0 +1,489 @@
+"""Tests for jaxlm/model.py: numbers, not shapes.
+
+A tiny model (2 layers, 32 dims) with random parameters larger than a fresh init's, so logits
+are O(1) and attention is far from uniform: a masking or caching bug then moves the logits far
+past the 1e-5 tolerances used below.
+"""
+
+import dataclasses
+import functools
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm.config import ModelConfig
+from jaxlm.model import Transformer
+
+BASE = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=61,
+                   max_seq_len=16)
+BATCH, LENGTH = 2, 12
+# XLA CPU compilation dominates this file's runtime; backend optimization level 0 compiles ~40%
+# faster and does not change what is tested.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+ONES = jnp.ones((BATCH, LENGTH), jnp.int32)
+ARANGE = jnp.broadcast_to(jnp.arange(LENGTH, dtype=jnp.int32), (BATCH, LENGTH))
+
+
+def make(**overrides) -> ModelConfig:
+  return dataclasses.replace(BASE, **overrides)
+
+
+def random_tokens(seed: int = 0, shape=(BATCH, LENGTH), vocab: int = BASE.vocab_size):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def random_normal(seed: int, shape, dtype=jnp.float32):
+  # numpy, not jax.random: each new shape would compile another threefry program.
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def random_params(cfg: ModelConfig, seed: int = 1):
+  """Boxed params with the model's structure and random values: N(0, 0.2) everywhere, norm
+  scales 1 + N(0, 0.2). Much cheaper than model.init (no XLA compile per initializer), and
+  non-zero biases / non-unit scales exercise more of the model than a fresh init."""
+  shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), ONES)["params"])
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  values = [jnp.asarray((rng.normal(0.0, 0.2, s.shape) +
+                         ("scale" in jax.tree_util.keystr(path))).astype(np.float32))
+            for path, s in leaves]
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def cross_entropy(logits, targets):
+  logprobs = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logprobs, targets[..., None], axis=-1))
+
+
+# Jitted entry points with the config static: tests that use the same config and shapes share
+# one compilation.
+@functools.partial(jit, static_argnums=0)
+def forward(cfg, params, tokens, positions, segment_ids):
+  return Transformer(cfg).apply({"params": params}, tokens, positions=positions,
+                                segment_ids=segment_ids)
+
+
+@functools.partial(jit, static_argnums=0)
+def decode_step(cfg, params, cache, tokens, positions, segment_ids):
+  logits, variables = Transformer(cfg).apply(
+      {"params": params, "cache": cache}, tokens, positions=positions, segment_ids=segment_ids,
+      decode=True, mutable=["cache"])
+  return logits, variables["cache"]
+
+
+def assert_trees_close(a, b, atol, msg=""):
+  a, b = nn.unbox(a), nn.unbox(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=msg + jax.tree_util.keystr(path))
+
+
+# --- attention ------------------------------------------------------------------------------
+
+@jit
+def reference_and_jax_attention(q, k, v, segments):
+  """Pairs (ours, jax.nn.dot_product_attention) for: causal, causal + segments, and a decode
+  shape (3 queries at slots 5..7 against 10 cache slots). One jit: one compile."""
+  slots = jnp.arange(q.shape[1])
+  causal = model_lib.causal_mask(slots, slots)
+  same_segment = model_lib.segment_mask(segments, segments)
+  decode_mask = model_lib.causal_mask(5 + jnp.arange(3), slots)
+  return [
+      (model_lib.reference_attention(q, k, v, causal),
+       jax.nn.dot_product_attention(q, k, v, is_causal=True)),
+      (model_lib.reference_attention(q, k, v, causal & same_segment),
+       jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True)),
+      (model_lib.reference_attention(q[:, 5:8], k, v, decode_mask),
+       jax.nn.dot_product_attention(q[:, 5:8], k, v, mask=decode_mask)),
+  ]
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_reference_attention_matches_jax(dtype, atol):
+  q, k, v = (random_normal(i, (2, 10, 4, 16), dtype) * 2 for i in range(3))
+  segments = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
+  for ours, theirs in reference_and_jax_attention(q, k, v, segments):
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(ours.astype(jnp.float32), theirs.astype(jnp.float32), atol=atol)
+
+
+def test_reference_attention_matches_numpy_loop():
+  """An independent per-head, per-query loop, so the reference is not only checked against jax."""
+  q, k, v = (np.random.default_rng(i).normal(size=(1, 5, 2, 8)) for i in range(3))
+  ours = np.asarray(jit(model_lib.reference_attention)(
+      q, k, v, model_lib.causal_mask(jnp.arange(5), jnp.arange(5))))
+  for h in range(2):
+    for t in range(5):
+      scores = k[0, :t + 1, h] @ q[0, t, h] / np.sqrt(8)
+      probs = np.exp(scores - scores.max())
+      probs /= probs.sum()
+      np.testing.assert_allclose(ours[0, t, h], probs @ v[0, :t + 1, h], atol=1e-5)
+
+
+def test_rope_depends_on_relative_position_only():
+  q, k = (random_normal(i, (1, 1, 2, 16)) for i in range(2))
+
+  @jit
+  def score(pq, pk):
+    rq = model_lib.apply_rope(q, jnp.full((1, 1), pq), 10000.0)
+    rk = model_lib.apply_rope(k, jnp.full((1, 1), pk), 10000.0)
+    return jnp.sum(rq * rk, axis=-1)
+
+  np.testing.assert_allclose(score(7, 3), score(107, 103), rtol=1e-4)
+  assert np.abs(score(7, 3) - score(7, 5)).max() > 1e-3
+  rotated = jit(model_lib.apply_rope)(q, jnp.full((1, 1), 11), 10000.0)
+  np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(q, axis=-1),
+                             rtol=1e-5)
+
+
+# --- the model: masking ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [make(positional="rope"), make(attention_impl="xla")],
+                         ids=["reference-rope", "xla-learned"])
+def test_causality_and_packed_documents(cfg):
+  """Each row packs document A (5 tokens) then B (7 tokens), positions restarting at B."""
+  params = random_params(cfg)
+  tokens = random_tokens()
+  a, b = tokens[:, :5], tokens[:, 5:]
+  packed_segments = jnp.array([[1] * 5 + [2] * 7] * BATCH, jnp.int32)
+  packed_positions = jnp.array([list(range(5)) + list(range(7))] * BATCH, jnp.int32)
+  packed = forward(cfg, params, tokens, packed_positions, packed_segments)
+
+  # Causality, in one unpacked sequence: changing tokens 7.. leaves logits 0..6 unchanged.
+  plain = forward(cfg, params, tokens, ARANGE, ONES)
+  changed = forward(cfg, params, tokens.at[:, 7:].set((tokens[:, 7:] + 1) % cfg.vocab_size),
+                    ARANGE, ONES)
+  np.testing.assert_allclose(plain[:, :7], changed[:, :7], atol=1e-6)
+  assert np.abs(plain[:, 7:] - changed[:, 7:]).max() > 0.1  # ... and the future does change
+
+  # RoPE sees only relative positions: shifting all positions changes nothing (this fails if
+  # either q or k misses its rotation); learned positions do change the logits.
+  shifted = forward(cfg, params, tokens, ARANGE + 3, ONES)
+  if cfg.positional == "rope":
+    np.testing.assert_allclose(shifted, plain, atol=1e-5)
+  else:
+    assert np.abs(shifted - plain).max() > 0.1
+
+  # Packed A equals A alone (the start of the unpacked sequence).
+  np.testing.assert_allclose(packed[:, :5], plain[:, :5], atol=1e-5)
+  # Packed B equals B alone: B placed first in another sequence (then A, packed after it).
+  swapped_positions = jnp.array([list(range(7)) + list(range(5))] * BATCH, jnp.int32)
+  swapped_segments = jnp.array([[1] * 7 + [2] * 5] * BATCH, jnp.int32)
+  swapped = forward(cfg, params, jnp.concatenate([b, a], axis=1), swapped_positions,
+                    swapped_segments)
+  np.testing.assert_allclose(packed[:, 5:], swapped[:, :7], atol=1e-5)
+  # And packing really isolates B from A: without segment ids B's logits differ.
+  assert np.abs(packed[:, 5:] - plain[:, 5:]).max() > 0.1
+
+
+# --- scan and remat -------------------------------------------------------------------------
+
+def loss_fn(cfg, params, tokens, positions, segment_ids):
+  logits = Transformer(cfg).apply({"params": params}, tokens, positions=positions,
+                                  segment_ids=segment_ids)
+  return cross_entropy(logits, jnp.roll(tokens, -1, axis=1)), logits
+
+
+VARIANTS = [(False, policy) for policy in config_lib.REMAT_POLICIES] + [(True, "none"),
+                                                                       (True, "full")]
+
+
+def test_scan_and_remat_match_plain_model():
+  """Every remat policy, and scan with and without remat: same loss, logits and gradients.
+
+  All variants live in one jitted function: one XLA compilation instead of eight.
+  """
+  cfg = make(positional="rope")
+  params = nn.unbox(random_params(cfg))
+  tokens = random_tokens()
+  segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+  positions = jnp.array([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
+
+  @jit
+  def all_variants(params):
+    results = []
+    for scan, policy in VARIANTS:
+      variant = dataclasses.replace(cfg, scan_layers=scan, remat_policy=policy)
+      variant_params = model_lib.stack_layers(params) if scan else params
+      (loss, logits), grads = jax.value_and_grad(
+          functools.partial(loss_fn, variant), has_aux=True)(
+              variant_params, tokens, positions, segment_ids)
+      results.append((loss, logits, model_lib.unstack_layers(grads) if scan else grads))
+    return results
+
+  results = all_variants(params)
+  loss, logits, grads = results[0]  # (False, 'none'): the plain model
+  assert VARIANTS[0] == (False, "none")
+  for (scan, policy), (other_loss, other_logits, other_grads) in zip(VARIANTS[1:], results[1:]):
+    msg = f"scan={scan} remat_policy={policy}: "
+    np.testing.assert_allclose(loss, other_loss, atol=1e-6, err_msg=msg)
+    np.testing.assert_allclose(logits, other_logits, atol=1e-5, err_msg=msg)
+    assert_trees_close(grads, other_grads, atol=1e-5, msg=msg)
+
+
+def test_stack_and_unstack_layers():
+  params = random_params(BASE)
+  stacked = model_lib.stack_layers(params)
+  kernel = stacked["layers"]["attention"]["query"]["kernel"]
+  assert kernel.names == ("layers", "embed", "heads", "kv")
+  np.testing.assert_array_equal(kernel.value[1],
+                                params["layers_1"]["attention"]["query"]["kernel"].value)
+  scanned_shapes = jax.eval_shape(
+      lambda: Transformer(make(scan_layers=True)).init(jax.random.key(0), ONES)["params"])
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(stacked)) ==
+          jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(scanned_shapes)))
+  assert nn.get_partition_spec(stacked) == nn.get_partition_spec(scanned_shapes)
+  unstacked = model_lib.unstack_layers(stacked)
+  assert jax.tree.structure(unstacked) == jax.tree.structure(params)
+  assert_trees_close(unstacked, params, atol=0)
+  # Plain arrays work too (checkpoint conversion, gradients).
+  assert_trees_close(model_lib.stack_layers(nn.unbox(params)), stacked, atol=0)
+
+
+def residual_bytes(cfg, params):
+  """Bytes that the backward pass keeps from the forward pass (traced, not compiled)."""
+  tokens = random_tokens()
+  loss = lambda p: loss_fn(cfg, p, tokens, ARANGE, ONES)[0]
+  vjp_fn = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
+
+
+def test_remat_policies_save_what_they_say():
+  params = nn.unbox(random_params(BASE))
+  saved = {policy: residual_bytes(make(remat_policy=policy), params)
+           for policy in config_lib.REMAT_POLICIES}
+  assert (saved["full"] < saved["save_attention_out"] < saved["minimal"]
+          < saved["dots_saveable"] <= saved["none"]), saved
+  assert saved["dots_with_no_batch_dims_saveable"] < saved["dots_saveable"], saved
+
+
+# --- KV cache -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [
+    make(positional="learned"), make(positional="sinusoidal"), make(positional="rope"),
+    make(positional="none"), make(positional="learned", scan_layers=True),
+    make(positional="rope", attention_impl="xla")],
+    ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla"])
+def test_cached_decoding_matches_full_forward(cfg):
+  """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
+
+  No segment ids: decoding defaults them to 1 (the left-padding test passes them)."""
+  params = random_params(cfg)
+  tokens = random_tokens()
+  # The expected logits come from the unscanned reference model (shares its compilation with
+  # other tests, and checks scan / xla against it on the way).
+  plain = dataclasses.replace(cfg, scan_layers=False, attention_impl="reference")
+  plain_params = model_lib.unstack_layers(params) if cfg.scan_layers else params
+  full = forward(plain, plain_params, tokens, ARANGE, ONES)
+
+  cache = model_lib.init_cache(cfg, BATCH, cfg.max_seq_len)
+  prefill = 5
+  logits, cache = decode_step(cfg, params, cache, tokens[:, :prefill], ARANGE[:, :prefill],
+                              None)
+  outputs = [logits]
+  for t in range(prefill, LENGTH):
+    logits, cache = decode_step(cfg, params, cache, tokens[:, t:t + 1], ARANGE[:, t:t + 1],
+                                None)
+    outputs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=1e-5)
+  attention_cache = nn.unbox(cache)["layers" if cfg.scan_layers else "layers_1"]["attention"]
+  np.testing.assert_array_equal(attention_cache["cache_index"], LENGTH)
+
+
+def test_cached_decoding_with_left_padding():
+  """Row 1 holds a 3-token prompt left-padded to 5 (segment 0), its positions starting at 0.
+
+  The prompt passes segment ids; the steps do not (they default to 1, so never see padding)."""
+  cfg = make(positional="rope")
+  params = random_params(cfg)
+  tokens = random_tokens()
+  pad, prompt = 2, 5
+  segment_ids = jnp.array([[1] * prompt, [0] * pad + [1] * (prompt - pad)], jnp.int32)
+  positions = jnp.array([list(range(prompt)), [0] * pad + list(range(prompt - pad))], jnp.int32)
+
+  cache = model_lib.init_cache(cfg, BATCH, cfg.max_seq_len)
+  logits, cache = decode_step(cfg, params, cache, tokens[:, :prompt], positions, segment_ids)
+  outputs = [logits]
+  for t in range(prompt, LENGTH):
+    step_positions = jnp.array([[t], [t - pad]], jnp.int32)
+    logits, cache = decode_step(cfg, params, cache, tokens[:, t:t + 1], step_positions, None)
+    outputs.append(logits)
+  decoded = jnp.concatenate(outputs, axis=1)
+
+  # The same rows without padding (row 1 shifted left, any filler after it: causal).
+  unpadded = tokens.at[1].set(jnp.roll(tokens[1], -pad))
+  full = forward(cfg, params, unpadded, ARANGE, ONES)
+  np.testing.assert_allclose(decoded[0], full[0], atol=1e-5)
+  np.testing.assert_allclose(decoded[1, pad:], full[1, :LENGTH - pad], atol=1e-5)
+
+
+def test_init_cache_matches_model_init():
+  cfg = make(scan_layers=True)
+  tokens = jnp.zeros((3, 9), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(9), (3, 9))
+  from_init = jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.key(0), tokens, positions=positions, decode=True)["cache"])
+  cache = model_lib.init_cache(cfg, 3, 9)
+  describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(tree))
+  assert describe(cache) == describe(from_init)
+  assert nn.get_partition_spec(cache) == nn.get_partition_spec(from_init)
+  assert cache["layers"]["attention"]["cached_key"].names == (
+      "layers", "batch", "length", "heads", "kv")
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(nn.unbox(cache)))
+  bf16 = nn.unbox(model_lib.init_cache(cfg, 3, 9, dtype=jnp.bfloat16))["layers"]["attention"]
+  assert bf16["cached_value"].dtype == jnp.bfloat16
+  assert bf16["cache_index"].dtype == jnp.int32
+
+
+def test_decode_requires_positions():
+  with pytest.raises(ValueError, match="positions"):
+    jax.eval_shape(lambda: Transformer(BASE).init(jax.random.key(0), ONES, decode=True))
+
+
+# --- dropout, dtype, init -------------------------------------------------------------------
+
+@functools.partial(jit, static_argnums=0)
+def dropout_outputs(cfg, params, tokens, key, other_key):
+  """Logits with dropout from `key` and `other_key`, deterministic=True (with `key`), and the
+  xla attention path with dropout from `key`: one program, one compile."""
+  apply = lambda cfg, deterministic, key: Transformer(cfg).apply(
+      {"params": params}, tokens, deterministic=deterministic, rngs={"dropout": key})
+  xla = dataclasses.replace(cfg, attention_impl="xla")
+  return (apply(cfg, False, key), apply(cfg, False, other_key), apply(cfg, True, key),
+          apply(xla, False, key))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout(scan):
+  cfg = make(dropout=0.2, scan_layers=scan)
+  params = random_params(cfg)
+  tokens = random_tokens()
+  k1, k2 = jax.random.key(10), jax.random.key(11)
+  a, c, deterministic, xla = dropout_outputs(cfg, params, tokens, k1, k2)
+  again = dropout_outputs(cfg, params, tokens, k1, k2)[0]
+  np.testing.assert_array_equal(a, again)  # reproducible from the key
+  assert np.abs(a - c).max() > 0.1
+  # deterministic=True ignores the rng: the same logits as the model without dropout.
+  no_dropout = forward(dataclasses.replace(cfg, dropout=0.0), params, tokens, ARANGE, ONES)
+  np.testing.assert_allclose(deterministic, no_dropout, atol=1e-5)
+  assert np.abs(a - no_dropout).max() > 0.1
+  # The xla path has no attention-probability dropout; the other dropout masks are the same.
+  assert np.abs(a - xla).max() > 1e-3
+
+
+def test_bfloat16_compute_close_to_float32():
+  cfg = make(positional="learned")
+  params = random_params(cfg)
+  tokens = random_tokens()
+  f32 = forward(cfg, params, tokens, ARANGE, ONES)
+  bf16 = forward(make(dtype="bfloat16"), params, tokens, ARANGE, ONES)
+  assert bf16.dtype == jnp.float32  # logits stay float32
+  assert np.abs(f32 - bf16).max() < 0.05 * np.abs(f32).max()
+
+
+def test_init():
+  """GPT-2 init: N(0, init_std), residual projections / sqrt(2 * layers), zero biases, unit
+  scales; float32 params; scanned layers get different values (params rng split per layer)."""
+  cfg = make(embed_dim=64, mlp_dim=256, max_seq_len=64, scan_layers=True, init_std=0.02)
+  # The 'rbg' PRNG compiles much faster than threefry; the initializers are what is tested.
+  params = jit(Transformer(cfg).init)(jax.random.key(0, impl="rbg"), ONES)["params"]
+  assert params["layers"]["mlp"]["fc"]["kernel"].names == ("layers", "embed", "mlp")
+  params = nn.unbox(params)
+  layers = params["layers"]
+  std = lambda x: float(np.std(np.asarray(x)))
+  residual_std = 0.02 / np.sqrt(2 * cfg.num_layers)
+  np.testing.assert_allclose(std(params["token_embed"]), 0.02, rtol=0.05)
+  np.testing.assert_allclose(std(params["position_embed"]), 0.02, rtol=0.05)
+  for i in range(cfg.num_layers):
+    np.testing.assert_allclose(std(layers["attention"]["query"]["kernel"][i]), 0.02, rtol=0.05)
+    np.testing.assert_allclose(std(layers["mlp"]["fc"]["kernel"][i]), 0.02, rtol=0.05)
+    np.testing.assert_allclose(std(layers["attention"]["out"]["kernel"][i]), residual_std,
+                               rtol=0.05)
+    np.testing.assert_allclose(std(layers["mlp"]["proj"]["kernel"][i]), residual_std, rtol=0.05)
+  fc = layers["mlp"]["fc"]["kernel"]
+  assert np.abs(fc[0] - fc[1]).max() > 0.01
+  np.testing.assert_array_equal(layers["attention"]["out"]["bias"], 0.0)
+  np.testing.assert_array_equal(layers["attention_norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(params["final_norm"]["bias"], 0.0)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_logical_axes():
+  cfg = make(mlp="swiglu", tie_embeddings=False)
+  specs = nn.get_partition_spec(random_params(cfg))
+  P = jax.sharding.PartitionSpec
+  assert specs["token_embed"] == P("vocab", "embed")
+  assert specs["position_embed"] == P(None, "embed")
+  assert specs["lm_head"] == P("embed", "vocab")
+  attention = specs["layers_0"]["attention"]
+  assert attention["key"]["kernel"] == P("embed", "heads", "kv")
+  assert attention["key"]["bias"] == P("heads", "kv")
+  assert attention["out"]["kernel"] == P("heads", "kv", "embed")
+  assert specs["layers_0"]["mlp"]["gate"]["kernel"] == P("embed", "mlp")
+  assert specs["layers_0"]["mlp"]["down"]["kernel"] == P("mlp", "embed")
+  assert specs["layers_0"]["mlp_norm"]["scale"] == P("embed")
+
+
+# --- parameter counts and FLOPs -------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_embeddings": False}, {"mlp": "swiglu"}, {"use_bias": False},
+    {"norm": "rmsnorm"}, {"positional": "rope"}, {"positional": "sinusoidal"},
+    {"positional": "none", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False,
+     "tie_embeddings": False, "scan_layers": True}])
+def test_param_count_formula(overrides):
+  cfg = make(**overrides)
+  assert model_lib.param_count(cfg) == model_lib.count_params(random_params(cfg))
+
+
+def file_config(name: str) -> ModelConfig:
+  return config_lib.validate(importlib.import_module(f"configs.{name}").get_config()).model
+
+
+def abstract_params(cfg: ModelConfig):
+  return jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gpt2_124m", 124_439_808), ("gpt2_355m", 354_823_168), ("gpt2_774m", 774_030_080),
+    ("gpt2_1558m", 1_557_611_200)])
+def test_gpt2_config_param_counts(name, expected):
+  cfg = file_config(name)
+  assert model_lib.param_count(cfg) == expected
+  # Tracing a scanned model is much cheaper for deep models; the count is the same.
+  assert model_lib.count_params(abstract_params(
+      dataclasses.replace(cfg, scan_layers=True))) == expected
+  if name == "gpt2_124m":
+    assert model_lib.count_params(abstract_params(cfg)) == expected
+
+
+def test_llama_small_config():
+  cfg = file_config("llama_small")
+  assert (cfg.positional, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+  assert not cfg.use_bias and not cfg.tie_embeddings
+  count = model_lib.count_params(abstract_params(cfg))
+  assert count == model_lib.param_count(cfg) < 10_000_000
+
+
+def test_flops_per_token():
+  cfg = file_config("gpt2_124m")
+  matmul_params = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50257
+  assert model_lib.flops_per_token(cfg, 1024) == 6 * matmul_params + 12 * 12 * 1024 * 768
+
+
+def test_flops_per_token_matches_xla_count():
+  """XLA's own FLOP count of a training step (from the lowered program, not compiled), on a
+  model where matmuls dominate. The reference attention computes the full square, as counted."""
+  cfg = make(embed_dim=128, mlp_dim=512, vocab_size=256, max_seq_len=64)
+  params = nn.unbox(random_params(cfg))
+  tokens = random_tokens(shape=(2, 64), vocab=256)
+  grad = jax.grad(lambda p: cross_entropy(Transformer(cfg).apply({"params": p}, tokens), tokens))
+  xla_flops = jit(grad).lower(params).cost_analysis()["flops"] / tokens.size
+  np.testing.assert_allclose(xla_flops, model_lib.flops_per_token(cfg, 64), rtol=0.03)
