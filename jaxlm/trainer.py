@@ -252,6 +252,7 @@ class _Loop:
     compile_start = time.perf_counter()
     train_step = run.steps.compile_train(state, first)
     compile_seconds = time.perf_counter() - compile_start
+    _log(f"compiled the train step in {compile_seconds:.1f}s")
     if self.lead and start == 0:
       writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
 
@@ -263,7 +264,7 @@ class _Loop:
                       dynamic_ncols=True, smoothing=0.1)
     step, pending, batch = start, None, first
     window_start, window_step = time.perf_counter(), start
-    nonfinite_run, last_train = 0, {}
+    nonfinite_run, saved_step = 0, start
     with stop.installed():
       while step < cfg.train.num_steps:
         if stop or (self.stop_at_step is not None and step >= self.stop_at_step):
@@ -286,19 +287,19 @@ class _Loop:
           now = time.perf_counter()
           seconds = (now - window_start) / max(step - window_step, 1)
           tokens_per_second = self.tokens_per_step / seconds
-          last_train = {"train_loss": float(values["train_loss"]),
-                        "learning_rate": float(values["learning_rate"]),
-                        "grad_norm": float(values["grad_norm"]),
-                        "tokens_per_second": tokens_per_second,
-                        "step_seconds": seconds,
-                        "mfu": flops * tokens_per_second / peak,
-                        "tokens_seen": step * self.tokens_per_step}
-          writer.write(step, last_train)
+          logged = {"train_loss": float(values["train_loss"]),
+                    "learning_rate": float(values["learning_rate"]),
+                    "grad_norm": float(values["grad_norm"]),
+                    "tokens_per_second": tokens_per_second,
+                    "step_seconds": seconds,
+                    "mfu": flops * tokens_per_second / peak,
+                    "tokens_seen": step * self.tokens_per_step}
+          writer.write(step, logged)
           if progress is not None:
             progress.update(step - progress.n)
-            progress.set_postfix(loss=f"{last_train['train_loss']:.3f}",
+            progress.set_postfix(loss=f"{logged['train_loss']:.3f}",
                                  tok_s=f"{tokens_per_second:,.0f}",
-                                 mfu=f"{last_train['mfu']:.0%}", refresh=False)
+                                 mfu=f"{logged['mfu']:.0%}", refresh=False)
           window_start, window_step = time.perf_counter(), step
         paused = False
         if due(cfg.train.eval_every) or last:
@@ -313,6 +314,7 @@ class _Loop:
           paused = True
         if due(cfg.train.checkpoint_every) or last:
           checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer_path)
+          saved_step = step
           paused = True
         if paused:
           window_start, window_step = time.perf_counter(), step
@@ -322,7 +324,7 @@ class _Loop:
       progress.close()
 
     interrupted = step < cfg.train.num_steps
-    if interrupted and step not in checkpointer.all_steps() and step > start:
+    if interrupted and step != saved_step:
       checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer_path)
     checkpointer.wait()
     writer.close()
