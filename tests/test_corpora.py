@@ -260,7 +260,7 @@ def test_concurrent_preparers_do_not_corrupt(tmp_path):
   assert [run.returncode for run in runs] == [0, 0], outputs[0][1][-2000:]
   assert [out.split()[-1] for out, _ in outputs] == [b"8", b"8"]
   # The lock made the second process wait and reuse the first one's dataset.
-  assert sum(b"Downloading and preparing" in out for out, _ in outputs) == 1
+  assert sum(b"Downloading and preparing" in err for _, err in outputs) == 1  # progress: stderr
   assert len(_variant_dirs(data.data_dir)) == 1
 
 
