@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 from typing import Any, Callable
 
@@ -77,11 +78,22 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def _cluster_detected() -> bool:
+  """A multi-host TPU slice or a SLURM job of several tasks (what jax.distributed detects)."""
+  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return ("," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "OMPI_COMM_WORLD_SIZE" in os.environ)
+
+
 def maybe_initialize_distributed() -> None:
-  """Joins a multi-process job: from flags, or auto-detected (TPU pods, SLURM) by JAX."""
+  """Joins a multi-process job: from flags, or auto-detected (TPU pods, SLURM, Open MPI)."""
   import jax
   values = flags.FLAGS
-  if values.coordinator_address or values.num_processes:
+  if not (values.coordinator_address or values.num_processes) and _cluster_detected():
+    jax.distributed.initialize()
+  elif values.coordinator_address or values.num_processes:
+    # CPU collectives across processes need gloo (ignored by TPU/GPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=values.coordinator_address,
                                num_processes=values.num_processes, process_id=values.process_id)
 

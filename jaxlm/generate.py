@@ -106,10 +106,14 @@ def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequenc
         f"prompt ({tokens.shape[1]} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds "
         f"model.max_seq_len={config.max_seq_len}; shorten the prompt or max_new_tokens.")
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  new = np.asarray(generate_tokens(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                                   config=config, max_new_tokens=max_new_tokens,
-                                   temperature=float(temperature), top_k=int(top_k),
-                                   top_p=float(top_p), eos_id=tokenizer.eos_id))
+  new = generate_tokens(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
+                        config=config, max_new_tokens=max_new_tokens,
+                        temperature=float(temperature), top_k=int(top_k),
+                        top_p=float(top_p), eos_id=tokenizer.eos_id)
+  if not new.is_fully_addressable:  # multi-process: every process gets all rows
+    from jax.experimental import multihost_utils
+    new = multihost_utils.process_allgather(new, tiled=True)
+  new = np.asarray(new)
   texts = []
   for row in new.tolist():
     if tokenizer.eos_id in row:

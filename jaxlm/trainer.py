@@ -122,17 +122,31 @@ def prepare(config: Config, workdir: str) -> Prepared:
 
 
 class StopFlag:
-  """Set by SIGTERM (a preempted VM) or the first Ctrl-C; the loop saves and exits cleanly."""
+  """Set by SIGTERM (a preempted VM) or the first Ctrl-C; the loop saves and exits cleanly.
+
+  In a multi-process job no Python handler is installed: JAX's preemption service catches
+  SIGTERM on any process and `reached(step)` turns true on every process at the same step, so
+  all of them save that step (a Python handler would replace the service's).
+  """
 
   def __init__(self):
     self.reason: str | None = None
+    self.multiprocess = jax.process_count() > 1
 
   def __bool__(self) -> bool:
     return self.reason is not None
 
+  def reached(self, step: int) -> bool:
+    """Whether to stop before running step `step + 1` (call at every step on every process)."""
+    if self.multiprocess:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.reason = "SIGTERM"
+    return bool(self)
+
   @contextlib.contextmanager
   def installed(self):
-    if threading.current_thread() is not threading.main_thread():
+    if self.multiprocess or threading.current_thread() is not threading.main_thread():
       yield self
       return
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -267,7 +281,7 @@ class _Loop:
     nonfinite_run, saved_step = 0, start
     with stop.installed():
       while step < cfg.train.num_steps:
-        if stop or (self.stop_at_step is not None and step >= self.stop_at_step):
+        if stop.reached(step) or (self.stop_at_step is not None and step >= self.stop_at_step):
           break
         state, step_metrics = train_step(state, batch)
         step += 1

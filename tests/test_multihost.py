@@ -1,0 +1,106 @@
+"""Multi-host for real: processes on 127.0.0.1 joined by jax.distributed (gloo CPU collectives)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import tokenizer as tokenizer_lib
+from tests.test_pretrain import REPO, losses, overrides, tiny_values
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir, values, num_processes, devices_per_process):
+  """Starts the pretrain script as `num_processes` processes; returns the Popen objects."""
+  port = free_port()
+  processes = []
+  for index in range(num_processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}",
+            "--progress=false", *overrides(values)]
+    if num_processes > 1:
+      args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+               f"--process_id={index}"]
+    processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  return processes
+
+
+def wait(processes, timeout=600):
+  results = [p.communicate(timeout=timeout) for p in processes]
+  for p, (_, err) in zip(processes, results):
+    assert p.returncode == 0, err[-3000:]
+  return [err for _, err in results]
+
+
+@pytest.fixture(scope="module")
+def values(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("multihost_cache")
+  values = tiny_values(data_dir, train={"num_steps": 10, "global_batch_size": 8, "log_every": 1,
+                                        "eval_every": 5, "checkpoint_every": 5,
+                                        "sample_every": 0, "sample_max_new_tokens": 4},
+                       mesh={"data": -1})
+  # Train the tokenizer once here rather than racing in two processes.
+  tokenizer_lib.get_tokenizer(config_lib.validate(values).data, values["model"]["vocab_size"])
+  return values
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_their_checkpoint_moves(tmp_path, values):
+  two = tmp_path / "two"
+  wait(launch(two, values, num_processes=2, devices_per_process=4))
+  one = tmp_path / "one"
+  wait(launch(one, values, num_processes=1, devices_per_process=8))
+  got, want = losses(two), losses(one)
+  assert sorted(got) == list(range(1, 11))
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), step
+  assert losses(two, "eval_loss")[10] == pytest.approx(losses(one, "eval_loss")[10], rel=1e-5)
+
+  # The checkpoint written by two processes restores in one process, on 1 device and on 8.
+  longer = dict(values, train=dict(values["train"], num_steps=12))
+  for devices in (1, 8):
+    copy = tmp_path / f"restored{devices}"
+    shutil.copytree(two, copy)
+    stderr = wait(launch(copy, longer, num_processes=1, devices_per_process=devices))[0]
+    assert f"resumed from {copy / 'checkpoints'}/10" in stderr
+    resumed = losses(copy)
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed[12] < resumed[1]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path, values):
+  workdir = tmp_path / "run"
+  endless = dict(values, train=dict(values["train"], num_steps=100000, eval_every=100000,
+                                    checkpoint_every=100000))
+  processes = launch(workdir, endless, num_processes=2, devices_per_process=4)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 3:
+      break
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGTERM)  # one preempted host is enough
+  wait(processes, timeout=300)
+  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+  assert len(steps) == 1 and steps[0] >= 3
+  meta = json.load(open(workdir / "summary.json"))
+  assert meta["step"] == steps[0] and meta["stop_reason"] == "SIGTERM"
+
+  rerun = dict(endless, train=dict(endless["train"], num_steps=steps[0] + 2))
+  stderr = wait(launch(workdir, rerun, num_processes=2, devices_per_process=4))[0]
+  assert f"resumed from {workdir / 'checkpoints'}/{steps[0]}" in stderr
+  assert max(losses(workdir)) == steps[0] + 2
