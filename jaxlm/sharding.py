@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -82,24 +82,31 @@ def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh) -> None:
         f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
 
 
+def check_model(model: ModelConfig, mesh: Mesh) -> None:
+  """Raises ConfigError if a dimension cannot be split the way the rule table says.
+
+  Tensor parallelism splits heads, the MLP hidden dimension and the vocabulary; FSDP splits the
+  embedding dimension. An indivisible size is refused (not silently replicated), since the run
+  would not shard the way the mesh promises.
+  """
+  tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+  sizes = (("model.num_heads", model.num_heads, "tensor", tensor),
+           ("model.mlp_dim", model.mlp_dim, "tensor", tensor),
+           ("model.vocab_size", model.vocab_size, "tensor", tensor),
+           ("model.embed_dim", model.embed_dim, "fsdp", fsdp))
+  for field, size, axis, ways in sizes:
+    if size % ways:
+      padded = -(-size // ways) * ways
+      hint = (f"; pad the vocabulary, e.g. --config.model.vocab_size={padded} (a tokenizer "
+              f"may use fewer ids than the model has rows)" if field == "model.vocab_size"
+              else f"; choose a multiple of {ways} or a smaller mesh.{axis}")
+      raise ConfigError(f"{field}={size} is not divisible by mesh.{axis}={ways}{hint}.")
+
+
 def logical_to_sharding(logical_specs: Any, mesh: Mesh,
                         rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
   """Tree of logical PartitionSpecs (or Partitioned boxes) -> tree of NamedShardings."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Drops the mesh axes of any dimension they do not divide (that dimension is replicated).
-
-  E.g. GPT-2's vocabulary of 50,257 cannot be split over tensor=2; its embedding then keeps
-  only the fsdp split of its embed dimension instead of failing to compile.
-  """
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    ways = math.prod(mesh.shape[n] for n in names)
-    fitted.append(axes if dim % ways == 0 else None)
-  return PartitionSpec(*fitted)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
@@ -107,10 +114,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 
   Leaves without logical names (step, RNG key, optimizer counters) are replicated.
   """
-  specs = logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
-  shapes = nn.unbox(abstract_state)
-  return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh)),
-                      specs, shapes)
+  return logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -93,6 +93,7 @@ def _dummy_tokens(config: Config) -> jax.Array:
 def make_steps(config: Config, mesh: Mesh) -> Steps:
   """Builds init/train/eval for `config` on `mesh`; compilation happens on first call."""
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  sharding.check_model(config.model, mesh)
   model = make_model(config)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   schedule = make_schedule(config.optim, config.train.num_steps)

@@ -78,7 +78,18 @@ def test_batch_must_split_over_data_and_fsdp():
     train.make_steps(config, sharding.make_mesh(config.mesh))
 
 
-def test_indivisible_dimensions_are_replicated_not_refused():
-  mesh = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=2, tensor=4))
-  spec = sharding.fit_spec(jax.sharding.PartitionSpec("tensor", "fsdp"), (50257, 768), mesh)
-  assert spec == jax.sharding.PartitionSpec(None, "fsdp")
+@pytest.mark.parametrize("field, value, mesh_values, match", [
+    ("num_heads", 2, {"data": 2, "tensor": 4}, "model.num_heads=2 is not divisible by mesh.tensor=4"),
+    ("mlp_dim", 102, {"data": 2, "tensor": 4}, "model.mlp_dim=102"),
+    ("vocab_size", 50257, {"data": 4, "tensor": 2}, "vocab_size=50258"),
+    ("embed_dim", 60, {"data": 1, "fsdp": 8}, "model.embed_dim=60 is not divisible by mesh.fsdp"),
+])
+def test_dimensions_must_divide_their_mesh_axes(field, value, mesh_values, match):
+  model = dict(MESH_VALUES["model"], **{field: value})
+  if field == "embed_dim":
+    model["num_heads"] = 4
+  values = {**MESH_VALUES, "model": model, "mesh": {"data": 1, "fsdp": 1, "tensor": 1,
+                                                    **mesh_values}}
+  config = config_lib.validate(values)
+  with pytest.raises(ConfigError, match=match):
+    train.make_steps(config, sharding.make_mesh(config.mesh))
