@@ -9,15 +9,7 @@ from jaxlm.config import default_config_dict
 
 
 def get_config():
-  config = default_config_dict()
-  model = config.model
-  model.num_layers = 4
-  model.num_heads = 4
-  model.embed_dim = 256
-  model.mlp_dim = 688
-  model.positional = "rope"
-  model.norm = "rmsnorm"
-  model.mlp = "swiglu"
-  model.use_bias = False
-  model.tie_embeddings = False
+  config = default_config_dict()  # the default run's data and training settings
+  config.model.update(num_layers=4, num_heads=4, embed_dim=256, mlp_dim=688, positional="rope",
+                      norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False)
   return config
