@@ -305,6 +305,7 @@ class Row:
   rss_growth_mib: float           # peak-RSS growth over setup + warm-up (both implementations)
   block_tokens_per_second: list[float]
   other_load: float               # median share of the machine's CPU used by other processes
+  block_other_load: list[float]   # that share per block
 
 
 def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: int,
@@ -319,7 +320,7 @@ def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: in
     runners.append(torch_runner(config, warmup, torch_threads))
   runners.insert(0, jaxlm_runner(config, warmup))
   rates: dict[str, list[float]] = {r.name: [] for r in runners}
-  loads: list[float] = []
+  loads: dict[str, list[float]] = {r.name: [] for r in runners}
   for round_index in range(repeats):
     order = runners if round_index % 2 == 0 else runners[::-1]
     for runner in order:
@@ -327,7 +328,7 @@ def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: in
         start = time.perf_counter()
         runner.run(steps)
         rates[runner.name].append(steps * tokens_per_step / (time.perf_counter() - start))
-      loads.append(load.fraction)
+      loads[runner.name].append(load.fraction)
   medians = {name: statistics.median(values) for name, values in rates.items()}
   rows = []
   for runner in runners:
@@ -337,7 +338,8 @@ def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: in
     rows.append(Row(workload, runner.name, medians[runner.name],
                     flops * medians[runner.name] / peak, runner.memory_bytes / MiB,
                     runner.memory_method, ratio, runner.extra["rss_bytes"] / MiB,
-                    rates[runner.name], statistics.median(loads)))
+                    rates[runner.name], statistics.median(loads[runner.name]),
+                    loads[runner.name]))
   return rows
 
 
@@ -408,11 +410,12 @@ def main(argv: list[str]) -> None:
         f"{_STEPS.value} steps x {_REPEATS.value} alternating rounds, medians")
   print(format_table(rows))
   for r in rows:
-    print(f"{r.workload}/{r.implementation} tokens/s per block: "
-          f"{', '.join(f'{x:,.0f}' for x in r.block_tokens_per_second)}")
-  loads = [r.other_load for r in rows]
-  print(f"other processes used a median {max(loads):.0%} of the machine's CPU during the timed "
-        f"blocks ({'quiet' if max(loads) < 0.05 else 'SHARED: absolute numbers are low, compare ratios'}).")
+    print(f"{r.workload}/{r.implementation} tokens/s per block (other processes' CPU share): "
+          + ", ".join(f"{x:,.0f} ({load:.0%})"
+                      for x, load in zip(r.block_tokens_per_second, r.block_other_load)))
+  busiest = max(r.other_load for r in rows)
+  print(f"other processes used up to a median {busiest:.0%} of the machine's CPU during the timed "
+        f"blocks: {'quiet' if busiest < 0.05 else 'SHARED machine, numbers are noisy'}.")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def test_train_table_rows(tmp_path, use_torch):
     assert row.tokens_per_second > 0 and row.mfu > 0
     assert row.peak_memory_mib > 0 and row.memory_method
     assert 0 <= row.other_load <= 1 or math.isnan(row.other_load)
+    assert len(row.block_other_load) == 2
   jaxlm = rows[0]
   assert (jaxlm.ratio is not None) == use_torch
   table = benchmark.format_table(rows)
