@@ -1,0 +1,56 @@
+"""experiments/benchmark.py train mode: the real code path on a tiny workload (not timings)."""
+
+import math
+
+import pytest
+
+from experiments import benchmark
+from jaxlm import config as config_lib
+
+TINY = {"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 128,
+                  "vocab_size": 97, "max_seq_len": 16},
+        "data": {"seq_len": 16, "stride": 16},
+        "train": {"global_batch_size": 4},
+        "mesh": {"data": 1}}
+
+
+def test_workload_configs_are_valid_float32_single_device():
+  small = benchmark.workload_config("small")
+  assert (small.model.num_layers, small.model.num_heads, small.model.embed_dim,
+          small.model.mlp_dim, small.model.vocab_size, small.data.seq_len,
+          small.train.global_batch_size) == (6, 6, 384, 1536, 8192, 256, 16)
+  assert small.model.tie_embeddings and small.model.dropout == 0
+  default = benchmark.workload_config("default")
+  for config in (small, default):
+    assert config.model.dtype == "float32"
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("use_torch", [True, False])
+def test_train_table_rows(tmp_path, use_torch):
+  if use_torch and not benchmark.torch_available():
+    pytest.skip("torch/transformers not installed")
+  config = config_lib.validate(TINY)
+  rows, peak = benchmark.run_train(["tiny"], steps=2, repeats=2, warmup=1, use_torch=use_torch,
+                                   peak_cache_dir=str(tmp_path), configs={"tiny": config})
+  assert peak > 0
+  assert [r.implementation for r in rows] == (["jaxlm", "torch"] if use_torch else ["jaxlm"])
+  for row in rows:
+    assert row.workload == "tiny"
+    assert len(row.block_tokens_per_second) == 2
+    assert row.tokens_per_second > 0 and row.mfu > 0
+    assert row.peak_memory_mib > 0 and row.memory_method
+    assert 0 <= row.other_load <= 1 or math.isnan(row.other_load)
+    assert len(row.block_other_load) == 2
+  jaxlm = rows[0]
+  assert (jaxlm.ratio is not None) == use_torch
+  table = benchmark.format_table(rows)
+  lines = table.splitlines()
+  assert lines[0].split()[:4] == ["workload", "implementation", "tokens/s", "MFU"]
+  assert len(lines) == 1 + len(rows)
+  assert all(line.startswith("tiny") for line in lines[1:])
+
+
+def test_machine_lines_name_cpu_and_versions():
+  text = "\n".join(benchmark.machine_lines())
+  assert "machine:" in text and "jax" in text
