@@ -46,7 +46,7 @@ from absl import app, flags
 
 from experiments import common
 
-MODES = ("train",)
+MODES = ("train", "generate")
 WORKLOADS = ("small", "default")
 
 _WORKLOAD = flags.DEFINE_enum("workload", "all", (*WORKLOADS, "all"), "which workload(s).")
@@ -55,6 +55,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "rounds of alternating blocks; med
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per implementation first.")
 _TORCH = flags.DEFINE_bool("torch", True, "also run the PyTorch reference if importable.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+_GENERATE_CONFIG = flags.DEFINE_string(
+    "generate_config", "configs/gpt2_124m.py", "generate mode: model config (random weights).")
+_GENERATE_REPEATS = flags.DEFINE_integer(
+    "generate_repeats", 3, "generate mode: alternating cached/uncached rounds; medians.")
+_UNCACHED_STEPS = flags.DEFINE_integer(
+    "uncached_steps", 8, "generate mode: timed steps of the (constant-cost) uncached path.")
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -400,6 +406,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"usage: python -m experiments.benchmark MODE [flags]; MODE is one of "
                          f"{', '.join(MODES)}.")
   common.quiet_logs()
+  if argv[1] == "generate":
+    from experiments import generate_benchmark
+    rows = generate_benchmark.run_generate_benchmark(
+        _GENERATE_CONFIG.value, repeats=_GENERATE_REPEATS.value,
+        uncached_steps=_UNCACHED_STEPS.value)
+    for line in machine_lines():
+      print(line)
+    print(generate_benchmark.format_table(rows))
+    return
   workloads = list(WORKLOADS) if _WORKLOAD.value == "all" else [_WORKLOAD.value]
   rows, peak = run_train(workloads, steps=_STEPS.value, repeats=_REPEATS.value,
                          warmup=_WARMUP.value, use_torch=_TORCH.value,

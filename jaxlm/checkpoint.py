@@ -66,11 +66,19 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
 class Checkpointer:
   """Async Orbax CheckpointManager for one run directory's `checkpoints/`."""
 
-  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True,
+               read_only: bool = False):
+    """read_only: only list and restore (generation, evaluation): never creates the directory,
+    deletes old steps, or cleans up the unfinished saves of a run that is still training."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0,
+                                             cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 

@@ -1,17 +1,57 @@
-"""Text generation: prefill the prompt in one pass, then decode with a KV cache in one jitted loop.
+"""Text generation: prefill the prompt in one pass, then decode with a KV cache in a jitted loop.
 
-Prompts of different lengths are left-padded: padding gets segment id 0 (so real tokens never
-attend to it) and positions count from each row's first real token.
+Layout of one batch (B rows, P prompt slots, N new-token slots; all static shapes):
+
+  tokens [B, P + N]   row r: P - len_r padding slots | its len_r prompt tokens | generated tokens
+  positions           count from each row's first real token; padding has segment id 0, so real
+                      tokens never attend to it
+  cache               [B, P + N, heads, head_dim] per layer, logical axes as in the model (heads
+                      over `tensor`), so decoding runs on a mesh like training does
+
+P is the longest prompt rounded up to a power of two (>= 16) and N is max_new_tokens rounded up
+to a multiple of 64, so the two jitted functions, `_start` (prefill + first token) and
+`_continue` (a `lax.while_loop` of decode steps up to a *traced* stop step), compile once per
+(batch, P, N, kv_cache): a new prompt length, a different max_new_tokens in the same bucket,
+other sampling values (all traced) or another streaming chunk size reuse the compiled code.
+Attention always spans the whole P + N cache (unwritten slots are masked), so the time per
+token does not grow during a generation.
+
+`kv_cache=False` is the reference path: the same loop and sampling code, but every step runs
+the model over the whole [B, P + N] buffer and reads the logits at the current slot.
+
+Sampling: temperature (0 = greedy), then top-k, top-p (nucleus: the smallest set of most likely
+tokens whose mass reaches p), min-p (drop tokens below min_p * the top token's probability).
+Row r's step t draws with fold_in(fold_in(key(seed), r), t): reproducible from the seed,
+independent of chunking and of the kv_cache switch.
+
+Stopping: each row stops at EOS (on device), at max_new_tokens, or at a stop string. Stop
+strings are checked on the host, on decoded text, after every chunk of decode steps: a stop
+string has many tokenizations (a BPE token may hold it together with neighbouring characters),
+so matching token sequences on device would miss some; text matching is exact, costs at most
+one chunk of extra steps for that row, and the text is cut just before the stop string.
+
+`stream()` yields text pieces as chunks finish (text that could still turn out to be the start
+of a stop string, or an incomplete UTF-8 character, is held back); `generate()` collects them.
+`load_run()` restores a run directory's params and tokenizer onto the current devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+import json
+import math
+import os
+import threading
+import time
+from typing import Any, Iterator, Sequence
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer, init_cache
@@ -21,102 +61,578 @@ class GenerationError(ValueError):
   """Generation arguments are invalid; the message names the argument and the fix."""
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-  if temperature < 0:
-    raise GenerationError(f"temperature={temperature}: must be >= 0 (0 means greedy).")
-  if top_k < 0:
-    raise GenerationError(f"top_k={top_k}: must be >= 0 (0 means no top-k filter).")
+class RunLoadError(GenerationError):
+  """A run directory cannot be loaded (missing, no checkpoint, unknown step)."""
+
+
+MIN_PROMPT_BUCKET = 16
+NEW_TOKENS_MULTIPLE = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
+  """Raises GenerationError naming the first bad sampling argument."""
+  number = (int, float, np.integer, np.floating)
+  if isinstance(temperature, bool) or not (isinstance(temperature, number)
+                                           and math.isfinite(temperature) and temperature >= 0):
+    raise GenerationError(f"temperature={temperature}: must be a finite number >= 0 "
+                          f"(0 means greedy).")
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise GenerationError(f"top_k={top_k}: must be an integer >= 0 (0 means no top-k filter).")
   if not 0.0 < top_p <= 1.0:
     raise GenerationError(f"top_p={top_p}: must be in (0, 1] (1 means no nucleus filter).")
+  if not 0.0 <= min_p <= 1.0:
+    raise GenerationError(f"min_p={min_p}: must be in [0, 1] (0 means no min-p filter).")
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
-  """logits [batch, vocab] float32 -> token ids [batch]; temperature 0 is greedy."""
-  if temperature == 0:
+def prompt_bucket(longest: int) -> int:
+  """Prompt slots for a batch whose longest prompt has `longest` tokens (a power of 2, >= 16)."""
+  return max(MIN_PROMPT_BUCKET, 1 << max(longest - 1, 0).bit_length())
+
+
+def new_token_slots(max_new_tokens: int) -> int:
+  return -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
+
+
+def _sampling_arrays(temperature, top_k, top_p, min_p) -> dict[str, np.ndarray]:
+  """Traced (not static) sampling values: changing them never recompiles."""
+  return {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
+          "top_p": np.float32(top_p), "min_p": np.float32(min_p)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (pure jnp; every argument may be traced)
+# ---------------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
+  """logits [batch, vocab] -> float32 logits / temperature with removed tokens at -inf.
+
+  top_k > 0 keeps the k largest; top_p < 1 then keeps the smallest most-likely set whose mass
+  (renormalized after top-k) reaches top_p; min_p > 0 drops tokens whose probability is below
+  min_p times the most likely token's. Ties at a cutoff are kept.
+  """
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+  logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+  vocab = logits.shape[-1]
+
+  def by_rank(logits):
+    sorted_desc = -jnp.sort(-logits, axis=-1)                          # [batch, vocab]
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k = rank < k
+    sorted_desc = jnp.where(in_top_k, sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs                   # mass of better tokens
+    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))         # rank 0 always kept
+    count = jnp.sum(keep, axis=-1, keepdims=True)                      # [batch, 1] >= 1
+    cutoff = jnp.take_along_axis(sorted_desc, count - 1, axis=-1)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+  logits = jax.lax.cond((top_k > 0) | (top_p < 1.0), by_rank, lambda x: x, logits)
+  # log(0) = -inf: min_p = 0 removes nothing.
+  threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(jnp.asarray(min_p, jnp.float32))
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k=0, top_p=1.0,
+                  min_p=0.0) -> jax.Array:
+  """logits [batch, vocab], keys [batch] PRNG keys (one per row) -> token ids [batch] int32.
+
+  temperature 0 is greedy (argmax; the filters are skipped).
+  """
+  def greedy(_):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    # Keep the smallest set of most likely tokens whose mass reaches top_p.
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.asarray(temperature) == 0, greedy, sample, None)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id"))
-def generate_tokens(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
-                    config: ModelConfig, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, eos_id: int = -1) -> jax.Array:
-  """prompt [batch, prompt_len] left-padded int32, prompt_lengths [batch] -> new tokens
-  [batch, max_new_tokens]; after a row emits `eos_id` it emits only `eos_id`."""
-  model = Transformer(config)
+# ---------------------------------------------------------------------------------------------
+# The compiled part
+# ---------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class DecodeState:
+  """A batch in flight between jitted calls (B rows, P prompt slots, N new-token slots)."""
+  tokens: jax.Array          # [B, P + N] int32: left-padded prompt, then generated tokens
+  lengths: jax.Array         # [B] int32: real prompt tokens per row
+  done: jax.Array            # [B] bool: the row emitted EOS or was stopped by the host
+  step: jax.Array            # [] int32: tokens generated so far; the next goes to slot P + step
+  keys: jax.Array            # [B, 2] uint32: per-row PRNG keys
+  cache: Any                 # the KV cache (unboxed), None with kv_cache=False
+  logits: Any                # [B, N, vocab] float32 logits of every step (tests), else None
+
+
+def _constrain_cache(cache: Any, names: Any) -> Any:
+  return jax.tree.map(lambda x, spec: nn.with_logical_constraint(x, tuple(spec)), cache, names)
+
+
+def _cache_names(config: ModelConfig, batch: int, length: int) -> Any:
+  boxed = jax.eval_shape(lambda: init_cache(config, batch, length))
+  return nn.get_partition_spec(boxed)
+
+
+def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
+  """The uncached reference: logits [B, P + N, vocab] of the whole buffer."""
+  slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  pad = (prompt_len - lengths)[:, None]
+  # Slots after the current one hold filler: causally invisible, but their positions must stay
+  # inside a learned table (an out-of-range lookup is NaN, and 0 * NaN leaks through softmax).
+  positions = jnp.clip(slots - pad, 0, config.max_seq_len - 1)
+  segment_ids = (slots >= pad).astype(jnp.int32)
+  return Transformer(config).apply({"params": params}, tokens, positions=positions,
+                                   segment_ids=segment_ids)
+
+
+def _pick(state: DecodeState, new: jax.Array, logits: jax.Array, prompt_len: int,
+          eos_id, pad_id) -> DecodeState:
+  """Writes step `state.step`'s tokens [B] (pad for finished rows) and logits [B, vocab]."""
+  new = jnp.where(state.done, pad_id, new)
+  tokens = jax.lax.dynamic_update_slice(state.tokens, new[:, None], (0, prompt_len + state.step))
+  saved = state.logits
+  if saved is not None:
+    saved = jax.lax.dynamic_update_slice(saved, logits[:, None], (0, state.step, 0))
+  return state.replace(tokens=tokens, done=state.done | (new == eos_id), step=state.step + 1,
+                       logits=saved)
+
+
+def _step_keys(state: DecodeState) -> jax.Array:
+  return jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "new_slots", "kv_cache", "with_logits"))
+def _start(params, prompt, lengths, rng, sampling, *, config: ModelConfig, new_slots: int,
+           kv_cache: bool, with_logits: bool) -> DecodeState:
+  """prompt [B, P] left-padded, lengths [B] -> state after prefill and the first new token."""
   batch, prompt_len = prompt.shape
-  cache = init_cache(config, batch, prompt_len + max_new_tokens)
-  slots = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
-  pad = (prompt_len - prompt_lengths)[:, None]                    # [batch, 1]
-  positions = jnp.maximum(slots - pad, 0)                          # [batch, prompt_len]
-  segment_ids = (slots >= pad).astype(jnp.int32)                   # 0 = left padding
-  logits, variables = model.apply({"params": params, "cache": cache}, prompt,
-                                  positions=positions, segment_ids=segment_ids, decode=True,
-                                  mutable=["cache"])
-  first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+  total = prompt_len + new_slots
+  tokens = jnp.pad(prompt, ((0, 0), (0, new_slots)), constant_values=sampling["pad_id"])
+  keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(batch))
+  cache = None
+  if kv_cache:
+    names = _cache_names(config, batch, total)
+    cache = _constrain_cache(nn.unbox(init_cache(config, batch, total)), names)
+    slots = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
+    pad = (prompt_len - lengths)[:, None]                              # [B, 1]
+    logits, variables = Transformer(config).apply(
+        {"params": params, "cache": cache}, prompt, positions=jnp.maximum(slots - pad, 0),
+        segment_ids=(slots >= pad).astype(jnp.int32), decode=True, mutable=["cache"])
+    cache = _constrain_cache(variables["cache"], names)
+    last = logits[:, -1]                                               # [B, vocab]
+  else:
+    last = _full_forward(config, params, tokens, lengths, prompt_len)[:, prompt_len - 1]
+  state = DecodeState(
+      tokens=tokens, lengths=lengths, done=jnp.zeros([batch], bool), step=jnp.int32(0),
+      keys=keys, cache=cache,
+      logits=jnp.zeros((batch, new_slots, last.shape[-1]), jnp.float32) if with_logits else None)
+  new = sample_logits(last, _step_keys(state), sampling["temperature"], sampling["top_k"],
+                      sampling["top_p"], sampling["min_p"])
+  return _pick(state, new, last, prompt_len, sampling["eos_id"], sampling["pad_id"])
 
-  def step(carry, i):
-    cache, token, done = carry
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, token[:, None],
-        positions=(prompt_lengths + i - 1)[:, None], segment_ids=jnp.ones_like(token)[:, None],
-        decode=True, mutable=["cache"])
-    new = sample_logits(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k, top_p)
-    new = jnp.where(done, eos_id, new)
-    return (variables["cache"], new, done | (new == eos_id)), new
 
-  done = first == eos_id
-  _, rest = jax.lax.scan(step, (variables["cache"], first, done),
-                         jnp.arange(1, max_new_tokens, dtype=jnp.int32))
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "kv_cache"),
+                   donate_argnames=("state",))
+def _continue(params, state: DecodeState, stop_at, stop_rows, sampling, *, config: ModelConfig,
+              prompt_len: int, kv_cache: bool) -> DecodeState:
+  """Decode steps until `state.step == stop_at` or every row is done. stop_at is traced: one
+  compiled loop serves any chunk size. stop_rows [B] bool marks rows the host has stopped."""
+  model = Transformer(config)
+  names = (_cache_names(config, state.tokens.shape[0], state.tokens.shape[1])
+           if kv_cache else None)
+
+  def body(state: DecodeState) -> DecodeState:
+    slot = prompt_len + state.step - 1                                 # the last written token
+    if kv_cache:
+      token = jax.lax.dynamic_slice_in_dim(state.tokens, slot, 1, axis=1)   # [B, 1]
+      logits, variables = model.apply(
+          {"params": params, "cache": state.cache}, token,
+          positions=(state.lengths + state.step - 1)[:, None],
+          segment_ids=jnp.ones_like(token), decode=True, mutable=["cache"])
+      state = state.replace(cache=_constrain_cache(variables["cache"], names))
+      last = logits[:, 0]
+    else:
+      logits = _full_forward(config, params, state.tokens, state.lengths, prompt_len)
+      last = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
+    new = sample_logits(last, _step_keys(state), sampling["temperature"], sampling["top_k"],
+                        sampling["top_p"], sampling["min_p"])
+    return _pick(state, new, last, prompt_len, sampling["eos_id"], sampling["pad_id"])
+
+  state = state.replace(done=state.done | stop_rows)
+  return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~jnp.all(s.done), body, state)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> ([batch, longest] left-padded int32, [batch] lengths)."""
-  longest = max(len(r) for r in rows)
-  out = np.full((len(rows), longest), pad_id, np.int32)
-  for i, r in enumerate(rows):
-    out[i, longest - len(r):] = r
-  return out, np.array([len(r) for r in rows], np.int32)
+def compiled_count() -> int:
+  """How many programs `_start` and `_continue` have compiled in this process (tests check
+  that new prompt lengths, sampling values and chunk sizes do not add any)."""
+  return _start._cache_size() + _continue._cache_size()
+
+
+_compile_seconds = [0.0]
+_listener_lock = threading.Lock()
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def _compile_clock() -> float:
+  """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
+  with _listener_lock:
+    if not getattr(_compile_clock, "registered", False):
+      def listener(event, duration_secs, **_):
+        if event in _COMPILE_EVENTS:
+          _compile_seconds[0] += duration_secs
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      _compile_clock.registered = True
+  return _compile_seconds[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: batches, stop strings, streaming
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Piece:
+  """Streamed text of row `row`; `finish_reason` ('eos', 'stop' or 'length') on its last piece."""
+  row: int
+  text: str
+  finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+  prompt: str
+  text: str                  # the continuation (without EOS or the stop string)
+  tokens: list[int]          # generated ids (up to EOS; for 'stop', all generated so far)
+  finish_reason: str         # 'eos' | 'stop' | 'length'
+  prompt_tokens: int         # tokens the model saw (after truncation)
+  truncated: bool = False
+
+
+def _mesh_of(params) -> Mesh | None:
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+      return sharding.mesh
+  return None
+
+
+def _rules(batch: int, mesh: Mesh):
+  """The training rules; batch stays replicated if it does not split over data x fsdp."""
+  from jaxlm import sharding
+  rules = sharding.LOGICAL_RULES
+  if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+  return rules
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def encode_prompts(config: ModelConfig, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                   truncate: bool = False) -> tuple[list[list[int]], list[bool]]:
+  """Token ids per prompt (an empty prompt becomes [EOS], a document boundary) and whether each
+  was left-truncated; GenerationError if a prompt does not fit the context window."""
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise GenerationError(f"max_new_tokens={max_new_tokens}: must be an integer >= 1.")
+  room = config.max_seq_len - max_new_tokens
+  if room < 1:
+    raise GenerationError(
+        f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context window "
+        f"(model.max_seq_len={config.max_seq_len}); use max_new_tokens <= "
+        f"{config.max_seq_len - 1}.")
+  if not prompts:
+    raise GenerationError("no prompts given; pass at least one prompt.")
+  rows, truncated = [], []
+  for i, ids in enumerate(tokenizer.encode_batch(list(prompts))):
+    ids = list(ids) or [tokenizer.eos_id]
+    cut = len(ids) > room
+    if cut and not truncate:
+      raise GenerationError(
+          f"prompt {i} has {len(ids)} tokens, but the context window (model.max_seq_len="
+          f"{config.max_seq_len}) minus max_new_tokens={max_new_tokens} leaves room for {room}; "
+          f"shorten the prompt, lower max_new_tokens, or truncate (truncate=True / --truncate) "
+          f"to keep its last {room} tokens.")
+    rows.append(ids[-room:] if cut else ids)
+    truncated.append(cut)
+  return rows, truncated
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+  """How many trailing characters of `text` must wait: an incomplete UTF-8 character (decoded
+  as U+FFFD) or the beginning of a stop string."""
+  keep = len(text) - len(text.rstrip("\ufffd"))
+  for s in stop:
+    for n in range(min(len(s) - 1, len(text)), 0, -1):
+      if text.endswith(s[:n]):
+        keep = max(keep, n)
+        break
+  return keep
+
+
+def stream(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
+           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
+           stop: Sequence[str] = (), truncate: bool = False, kv_cache: bool = True,
+           chunk_size: int = 8, mesh: Mesh | None = None, stats: dict | None = None,
+           completions: list | None = None, with_logits: bool = False) -> Iterator[Piece]:
+  """Generates continuations for a batch of prompts, yielding text pieces as they are produced.
+
+  Each row stops at EOS, at a stop string (cut before it), or after max_new_tokens. Decoding
+  runs `chunk_size` steps per jitted call (traced: any size reuses the compiled loop).
+  rng: a PRNG key overriding `seed`. mesh: decode under this mesh and the logical-axis rules
+  (default: the mesh the params live on, if any). stats: filled with timings and counts.
+  completions: filled with one Completion per prompt when the stream ends. with_logits:
+  stats['logits'] gets the [B, max_new_tokens, vocab] per-step logits (tests).
+  All argument errors are raised before anything is compiled.
+  """
+  check_sampling(temperature, top_k, top_p, min_p)
+  stop = [stop] if isinstance(stop, str) else list(stop)
+  if any(not isinstance(s, str) or not s for s in stop):
+    raise GenerationError(f"stop={stop!r}: stop strings must be non-empty strings.")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise GenerationError(f"chunk_size={chunk_size}: must be an integer >= 1.")
+  rows, truncated = encode_prompts(config, tokenizer, prompts, max_new_tokens, truncate)
+  return _stream(config, params, tokenizer, list(prompts), rows, truncated,
+                 max_new_tokens=max_new_tokens,
+                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
+                 rng=jax.random.PRNGKey(seed) if rng is None else rng, stop=stop,
+                 kv_cache=kv_cache, chunk_size=chunk_size, mesh=mesh, stats=stats,
+                 completions=completions, with_logits=with_logits)
+
+
+def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]], *,
+                  max_new_tokens: int, chunk_size: int, eos_id: int, pad_id: int,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
+                  kv_cache: bool = True, mesh: Mesh | None = None, with_logits: bool = False,
+                  info: dict | None = None) -> Iterator[np.ndarray]:
+  """Token-level generation (no tokenizer; prompts already fit the context window).
+
+  A generator: after the prefill (1 token) and after each call of up to `chunk_size` decode
+  steps it yields the host array [B, steps so far] of generated ids (pad after a row's EOS);
+  every yield waits for the device, so the time between yields is the decode time. `send()` a
+  [B] bool array to stop rows (the host's stop strings). It ends when every row is done or
+  max_new_tokens are generated. info: gets prompt_bucket, cache_length and, at the end, `logits`
+  [B, max_new_tokens, vocab] when with_logits.
+  """
+  batch = len(rows)
+  prompt_len = prompt_bucket(max(len(r) for r in rows))
+  new_slots = new_token_slots(max_new_tokens)
+  prompt = np.full((batch, prompt_len), pad_id, np.int32)
+  for i, ids in enumerate(rows):
+    prompt[i, prompt_len - len(ids):] = ids
+  lengths = np.array([len(r) for r in rows], np.int32)
+  sampling = dict(_sampling_arrays(temperature, top_k, top_p, min_p), eos_id=np.int32(eos_id),
+                  pad_id=np.int32(pad_id))
+  rng = jax.random.PRNGKey(seed) if rng is None else rng
+  mesh = mesh if mesh is not None else _mesh_of(params)
+  info = {} if info is None else info
+  info.update(prompt_bucket=prompt_len, cache_length=prompt_len + new_slots)
+
+  def under_mesh(fn, *args, **kwargs):
+    if mesh is None:
+      return fn(*args, **kwargs)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(batch, mesh)):
+      return fn(*args, **kwargs)
+
+  state = under_mesh(_start, params, prompt, lengths, rng, sampling, config=config,
+                     new_slots=new_slots, kv_cache=kv_cache, with_logits=with_logits)
+  while True:
+    tokens, done, step = map(_to_host, (state.tokens, state.done, state.step))
+    step = int(step)
+    stop_rows = yield tokens[:, prompt_len:prompt_len + step]
+    stop_rows = np.zeros(batch, bool) if stop_rows is None else np.asarray(stop_rows, bool)
+    if step >= max_new_tokens or np.all(done | stop_rows):
+      break
+    state = under_mesh(_continue, params, state, np.int32(min(step + chunk_size, max_new_tokens)),
+                       stop_rows, sampling, config=config, prompt_len=prompt_len,
+                       kv_cache=kv_cache)
+  if with_logits:
+    info["logits"] = _to_host(state.logits)[:, :max_new_tokens]
+
+
+def _stream(config, params, tokenizer, prompts, rows, truncated, *, max_new_tokens, sampling,
+            rng, stop, kv_cache, chunk_size, mesh, stats, completions, with_logits):
+  batch = len(rows)
+  stats = {} if stats is None else stats
+  stats.update(batch=batch, prompt_tokens=sum(len(r) for r in rows), kv_cache=kv_cache)
+  compile_start, wall_start = _compile_clock(), time.perf_counter()
+  chunks = decode_tokens(config, params, rows, max_new_tokens=max_new_tokens,
+                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                         rng=rng, kv_cache=kv_cache, mesh=mesh, with_logits=with_logits,
+                         info=stats, **sampling)
+  new = next(chunks)
+  stats["first_token_seconds"] = time.perf_counter() - wall_start
+
+  finished: list[str | None] = [None] * batch
+  emitted, texts, generated = [""] * batch, [""] * batch, [[] for _ in range(batch)]
+  while True:
+    for r in range(batch):
+      if finished[r]:
+        continue
+      ids = new[r].tolist()
+      if tokenizer.eos_id in ids:
+        ids, finished[r] = ids[:ids.index(tokenizer.eos_id)], "eos"
+      generated[r] = ids
+      text = tokenizer.decode(ids)
+      hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+      if hits:
+        text, finished[r] = text[:min(hits)], "stop"
+      elif not finished[r] and new.shape[1] >= max_new_tokens:
+        finished[r] = "length"
+      texts[r] = text
+      if not finished[r]:
+        text = text[:len(text) - _held_back(text, stop)]
+      start = len(os.path.commonprefix([emitted[r], text]))  # len(emitted[r]), barring odd decodes
+      if text[start:] or finished[r]:
+        emitted[r] = text
+        yield Piece(r, text[start:], finished[r])
+    try:
+      new = chunks.send(np.array([f is not None for f in finished]))
+    except StopIteration:
+      break
+  assert all(finished), finished
+
+  seconds = time.perf_counter() - wall_start
+  new_tokens = sum(len(g) for g in generated)
+  stats.update(seconds=seconds, compile_seconds=_compile_clock() - compile_start,
+               new_tokens=new_tokens, steps=new.shape[1])
+  stats["tokens_per_second"] = new_tokens / max(seconds - stats["compile_seconds"], 1e-9)
+  if completions is not None:
+    completions[:] = [Completion(p, t, g, f, len(ids), cut) for p, t, g, f, ids, cut in
+                      zip(prompts, texts, generated, finished, rows, truncated)]
+
+
+def generate(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
+             max_new_tokens: int, stop: Sequence[str] = (), chunk_size: int | None = None,
+             **kwargs) -> list[Completion]:
+  """The batch API: one Completion per prompt (same arguments as `stream`). Without stop
+  strings the whole generation is one jitted call; with them, chunks of 16 steps."""
+  if chunk_size is None:
+    whole = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1
+    chunk_size = 16 if stop else whole
+  completions: list[Completion] = []
+  for _ in stream(config, params, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
+                  chunk_size=chunk_size, completions=completions, **kwargs):
+    pass
+  return completions
 
 
 def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
                    max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, rng: jax.Array | None = None) -> list[str]:
+                   top_p: float = 1.0, rng: jax.Array | None = None, **kwargs) -> list[str]:
   """Continuations (text after each prompt, up to EOS) for a batch of prompts."""
-  check_sampling(temperature, top_k, top_p)
-  rows = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
-  tokens, lengths = left_pad(rows, tokenizer.pad_id)
-  total = tokens.shape[1] + max_new_tokens
-  if config.positional == "learned" and total > config.max_seq_len:
-    raise GenerationError(
-        f"prompt ({tokens.shape[1]} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds "
-        f"model.max_seq_len={config.max_seq_len}; shorten the prompt or max_new_tokens.")
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  new = generate_tokens(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                        config=config, max_new_tokens=max_new_tokens,
-                        temperature=float(temperature), top_k=int(top_k),
-                        top_p=float(top_p), eos_id=tokenizer.eos_id)
-  if not new.is_fully_addressable:  # multi-process: every process gets all rows
-    from jax.experimental import multihost_utils
-    new = multihost_utils.process_allgather(new, tiled=True)
-  new = np.asarray(new)
-  texts = []
-  for row in new.tolist():
-    if tokenizer.eos_id in row:
-      row = row[:row.index(tokenizer.eos_id)]
-    texts.append(tokenizer.decode(row))
-  return texts
+  return [c.text for c in generate(config, params, tokenizer, prompts,
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, rng=rng, **kwargs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run directory
+# ---------------------------------------------------------------------------------------------
+
+def _generation_mesh(config) -> Mesh:
+  """The run's own mesh if it fits the devices here, else every device on the data axis."""
+  from jaxlm import config as config_lib
+  from jaxlm import sharding
+  try:
+    return sharding.make_mesh(config.mesh)
+  except config_lib.ConfigError:
+    return sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
+
+
+@dataclasses.dataclass
+class Run:
+  """A run directory opened for reading: everything but the parameters (cheap to get)."""
+  workdir: str
+  config: Any                # jaxlm.config.Config
+  tokenizer: Any
+  step: int                  # the checkpoint step to restore
+  steps: list[int]           # all available steps
+  checkpointer: Any
+
+
+def open_run(workdir: str, step: int | None = None) -> Run:
+  """Reads config.json and the tokenizer, and picks the checkpoint (latest, or `step`),
+  without restoring anything. RunLoadError names the path (and the available steps)."""
+  from jaxlm import checkpoint as ckpt
+  from jaxlm import config as config_lib
+  from jaxlm import tokenizer as tokenizer_lib
+
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    raise RunLoadError(f"workdir {workdir} does not exist; pass --workdir=RUN, a directory "
+                       f"written by python -m experiments.pretrain.")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise RunLoadError(f"workdir {workdir} has no config.json, so it is not a run directory; "
+                       f"pass a directory written by python -m experiments.pretrain.")
+  with open(config_path) as f:
+    config = config_lib.validate(json.load(f))
+  checkpoints_dir = os.path.join(path, "checkpoints")
+  checkpointer = None
+  if os.path.isdir(checkpoints_dir):
+    from absl import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity(min(level, logging.ERROR))  # Orbax warns that read-only is read-only
+    try:
+      checkpointer = ckpt.Checkpointer(checkpoints_dir, read_only=True)
+    finally:
+      logging.set_verbosity(level)
+  steps = sorted(checkpointer.all_steps()) if checkpointer else []
+  if not steps:
+    raise RunLoadError(f"no checkpoint in {checkpoints_dir} (available steps: none); train "
+                       f"first: python -m experiments.pretrain --workdir={workdir}.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise RunLoadError(f"step {step} is not in {checkpoints_dir}; available steps: "
+                       f"{', '.join(map(str, steps))}.")
+  tokenizer_path = os.path.join(path, "tokenizer.model")
+  if os.path.isfile(tokenizer_path):
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  else:  # the checkpoint carries its tokenizer too
+    import base64
+    meta = checkpointer.read_meta(step)
+    tokenizer = tokenizer_lib.SentencePieceTokenizer(
+        base64.b64decode(meta["tokenizer_model_b64"]), f"{checkpoints_dir}/{step}/meta")
+  return Run(workdir, config, tokenizer, step, steps, checkpointer)
+
+
+def restore_params(run: Run, mesh: Mesh | None = None) -> Any:
+  """The params of `run.step`, restored against an abstract target with the shardings of
+  `mesh` (default: the run's mesh if it fits the devices here, else data parallel over all of
+  them), so a checkpoint moves to another device count. Checksums are verified."""
+  from jaxlm import config as config_lib
+  from jaxlm import train as train_lib
+  config = run.config
+  mesh = _generation_mesh(config) if mesh is None else mesh
+  # Only the state's shapes and shardings matter here; make the batch fit this mesh.
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  restore_config = config_lib.replace(
+      config, train={"microbatches": 1,
+                     "global_batch_size": math.lcm(ways, jax.process_count())})
+  abstract = train_lib.make_steps(restore_config, mesh).abstract_state
+  state, _, _ = run.checkpointer.restore(run.step, abstract)
+  return state.params
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None
+             ) -> tuple[Any, Any, Any]:
+  """(config, params, tokenizer) of a run directory written by the trainer: the latest
+  checkpoint, or `step`. Reads only (safe while the run is still training). See `open_run`
+  and `restore_params`."""
+  run = open_run(workdir, step)
+  return run.config, restore_params(run, mesh), run.tokenizer

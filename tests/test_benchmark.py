@@ -54,3 +54,17 @@ def test_train_table_rows(tmp_path, use_torch):
 def test_machine_lines_name_cpu_and_versions():
   text = "\n".join(benchmark.machine_lines())
   assert "machine:" in text and "jax" in text
+
+
+def test_generate_table_rows():
+  from experiments import generate_benchmark
+  rows = generate_benchmark.run_generate_benchmark(
+      "configs/default.py", batch_sizes=(2,), prompt_tokens=4, new_tokens=8, total_tokens=16,
+      long_tokens=40, repeats=1, uncached_steps=1, log=lambda message: None)
+  measurements = {(r["measurement"], r.get("kv_cache")) for r in rows}
+  assert ("throughput", True) in measurements and ("throughput", False) in measurements
+  cached = [r for r in rows if r["measurement"] == "throughput" and r["kv_cache"]][0]
+  assert cached["tokens_per_second"] > 0 and cached["speedup"] > 0
+  assert any("growth" in r for r in rows)
+  table = generate_benchmark.format_table(rows)
+  assert table.count("\n") == len(rows) + 1

@@ -1,0 +1,181 @@
+r"""Generation benchmark: KV-cache decoding vs full recompute, and time per token over a long
+generation, on a named config with random weights.
+
+  python -m experiments.benchmark generate                 # configs/gpt2_124m.py
+  python -m experiments.benchmark generate --generate_repeats=2 --uncached_steps=3   # quicker
+
+Measured (cached and uncached alternate within each repeat; medians over repeats; compilation
+is excluded by a warm-up run of each program):
+  * throughput: batch 1 and 8, 200 new tokens after a 16-token prompt;
+  * 512 total tokens (16 + 496), batch 1: the issue's >= 5x target for the cache;
+  * time per token (cached) at the start vs the end of a 1,000-token generation, in
+    chunks of 16 steps: the issue's <= 50% growth target.
+The uncached path (full recompute over the whole [batch, prompt + new] buffer each step) costs
+the same every step, so it is timed over `uncached_steps` steps and extrapolated: running it
+for 200 tokens of GPT-2 small on a 2-core CPU would take many minutes.
+
+`run_generate_benchmark(...)` returns the rows (dicts) and `format_table(rows)` prints them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def load_model_config(path: str):
+  from jaxlm import config as config_lib
+  spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return config_lib.validate(module.get_config()).model
+
+
+def random_params(model_config, seed: int = 0) -> Any:
+  """Params with the model's tree and N(0, init_std) values (norm scales 1), on device."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jaxlm.model import Transformer
+  shapes = jax.eval_shape(lambda: Transformer(model_config).init(
+      jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))
+  values = []
+  for path, s in leaves:
+    if "scale" in jax.tree_util.keystr(path):
+      values.append(jnp.ones(s.shape, s.dtype))
+    else:
+      values.append(jnp.asarray(rng.normal(0.0, model_config.init_std, s.shape)
+                                .astype(np.float32)))
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _decode(model_config, params, batch: int, prompt_tokens: int, new_tokens: int, *,
+            kv_cache: bool, chunk_size: int, max_steps: int | None = None):
+  """One greedy generation -> (prefill seconds, [(steps, seconds)] per chunk after it).
+
+  Stops after `max_steps` generated tokens when given (the buffer stays sized for
+  `new_tokens`, so every step costs what it would in the full generation)."""
+  from jaxlm import generate as gen
+  rng = np.random.default_rng(1)
+  rows = rng.integers(4, model_config.vocab_size, (batch, prompt_tokens)).tolist()
+  chunks = gen.decode_tokens(model_config, params, rows, max_new_tokens=new_tokens,
+                             chunk_size=chunk_size, eos_id=-1, pad_id=0, kv_cache=kv_cache)
+  start = time.perf_counter()
+  done = next(chunks).shape[1]
+  prefill = time.perf_counter() - start
+  timings = []
+  while max_steps is None or done < max_steps:
+    start = time.perf_counter()
+    try:
+      steps = next(chunks).shape[1]
+    except StopIteration:
+      break
+    timings.append((steps - done, time.perf_counter() - start))
+    done = steps
+  chunks.close()
+  return prefill, timings
+
+
+def _throughput(model_config, params, batch, prompt_tokens, new_tokens, repeats, uncached_steps,
+                label):
+  """Cached vs uncached, alternating; rows with medians."""
+  measured = {True: [], False: []}
+  settings = {True: dict(chunk_size=new_tokens),
+              False: dict(chunk_size=uncached_steps, max_steps=1 + uncached_steps)}
+  for kv_cache in (True, False):  # warm-up: compile both programs
+    _decode(model_config, params, batch, prompt_tokens, new_tokens, kv_cache=kv_cache,
+            **dict(settings[kv_cache], max_steps=2, chunk_size=1))
+  for _ in range(repeats):
+    for kv_cache in (True, False):
+      prefill, timings = _decode(model_config, params, batch, prompt_tokens, new_tokens,
+                                 kv_cache=kv_cache, **settings[kv_cache])
+      steps = sum(n for n, _ in timings)
+      per_step = sum(t for _, t in timings) / steps
+      measured[kv_cache].append((prefill, per_step, steps))
+  rows = []
+  for kv_cache in (True, False):
+    prefill = statistics.median(m[0] for m in measured[kv_cache])
+    per_step = statistics.median(m[1] for m in measured[kv_cache])
+    total = prefill + per_step * (new_tokens - 1)   # first token comes from the prefill
+    rows.append({"measurement": label, "batch": batch, "prompt_tokens": prompt_tokens,
+                 "new_tokens": new_tokens, "kv_cache": kv_cache,
+                 "prefill_ms": 1e3 * prefill, "ms_per_step": 1e3 * per_step,
+                 "tokens_per_second": batch * new_tokens / total,
+                 "measured_steps": measured[kv_cache][0][2], "repeats": repeats})
+  rows[0]["speedup"] = rows[0]["tokens_per_second"] / rows[1]["tokens_per_second"]
+  return rows
+
+
+def _growth(model_config, params, prompt_tokens, long_tokens, repeats, chunk=16):
+  """Cached time per token in the first and last full chunks of a long generation."""
+  _decode(model_config, params, 1, prompt_tokens, long_tokens, kv_cache=True, chunk_size=chunk,
+          max_steps=1 + chunk)  # warm-up
+  first, last, totals = [], [], []
+  for _ in range(repeats):
+    prefill, timings = _decode(model_config, params, 1, prompt_tokens, long_tokens,
+                               kv_cache=True, chunk_size=chunk)
+    full = [t / n for n, t in timings if n == chunk]
+    first.append(full[0])
+    last.append(full[-1])
+    totals.append(prefill + sum(t for _, t in timings))
+  # Chunks start after the prefill's token: steps 2..17 and the last 16 before the end.
+  end = 1 + chunk * ((long_tokens - 1) // chunk)
+  start_ms, end_ms = 1e3 * statistics.median(first), 1e3 * statistics.median(last)
+  return [
+      {"measurement": "time per token", "batch": 1, "prompt_tokens": prompt_tokens,
+       "new_tokens": long_tokens, "kv_cache": True, "tokens": f"{2}-{1 + chunk}",
+       "ms_per_step": start_ms, "repeats": repeats},
+      {"measurement": "time per token", "batch": 1, "prompt_tokens": prompt_tokens,
+       "new_tokens": long_tokens, "kv_cache": True, "tokens": f"{end - chunk + 1}-{end}",
+       "ms_per_step": end_ms, "growth": end_ms / start_ms - 1.0,
+       "tokens_per_second": long_tokens / statistics.median(totals), "repeats": repeats},
+  ]
+
+
+def run_generate_benchmark(config_path: str = "configs/gpt2_124m.py",
+                           batch_sizes: Sequence[int] = (1, 8), prompt_tokens: int = 16,
+                           new_tokens: int = 200, total_tokens: int = 512,
+                           long_tokens: int = 1000, repeats: int = 3, uncached_steps: int = 8,
+                           seed: int = 0, log=None) -> list[dict]:
+  """All measurements as rows (see the module doc). `log(message)` reports progress."""
+  log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+  model_config = load_model_config(config_path)
+  params = random_params(model_config, seed)
+  rows = []
+  for batch in batch_sizes:
+    log(f"throughput: batch {batch}, {prompt_tokens} + {new_tokens} tokens")
+    rows += _throughput(model_config, params, batch, prompt_tokens, new_tokens, repeats,
+                        uncached_steps, "throughput")
+  if total_tokens:
+    log(f"{total_tokens} total tokens, batch 1")
+    rows += _throughput(model_config, params, 1, prompt_tokens, total_tokens - prompt_tokens,
+                        repeats, uncached_steps, f"{total_tokens} total tokens")
+  if long_tokens:
+    log(f"time per token over {long_tokens} tokens")
+    rows += _growth(model_config, params, prompt_tokens, long_tokens, repeats)
+  return rows
+
+
+_COLUMNS = (("measurement", "{}"), ("batch", "{}"), ("kv_cache", "{}"),
+            ("prompt_tokens", "{}"), ("new_tokens", "{}"), ("tokens", "{}"),
+            ("prefill_ms", "{:.0f}"), ("ms_per_step", "{:.1f}"),
+            ("tokens_per_second", "{:.1f}"), ("speedup", "{:.1f}x"), ("growth", "{:+.0%}"),
+            ("measured_steps", "{}"), ("repeats", "{}"))
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """A Markdown table of the rows (columns that no row has are left out)."""
+  columns = [(name, fmt) for name, fmt in _COLUMNS if any(name in r for r in rows)]
+  lines = ["| " + " | ".join(name for name, _ in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for r in rows:
+    cells = [fmt.format(r[name]) if name in r else "" for name, fmt in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
