@@ -151,19 +151,22 @@ def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
 
 def eval_batches(tokens: np.ndarray, config: Config, eos_id: int, num_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[Batch]:
-  """The first `num_batches` global batches of non-overlapping validation windows, this
-  process's share; a short last batch is padded with zero-weight rows."""
+  """`num_batches` global batches of non-overlapping validation windows spread evenly over the
+  whole split (all windows if there are fewer), this process's share; a short last batch is
+  padded with zero-weight rows."""
   data = config.data
   source = WindowSource(tokens, data.seq_len, data.seq_len)
   global_size = config.train.global_batch_size
   local_size = process_batch_size(global_size, process_count)
   total = min(len(source), num_batches * global_size)
+  # Evenly spaced windows, so a partial evaluation samples every part of the held-out text.
+  chosen = np.unique(np.linspace(0, len(source) - 1, total).round().astype(np.int64))
   batches = []
   for start in range(0, total, global_size):
     rows = []
     for i in range(start + process_index, start + global_size, process_count):
       if i < total:
-        rows.append(window_example(source[i], eos_id))
+        rows.append(window_example(source[int(chosen[i])], eos_id))
       else:  # padding row: weight 0, never enters loss or byte counts
         row = window_example(source[0], eos_id)
         row["weights"] = np.zeros_like(row["weights"])

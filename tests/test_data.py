@@ -108,3 +108,12 @@ def test_too_short_corpus_is_refused():
   config = make_config()
   with pytest.raises(data.DataError, match="data.seq_len"):
     data.check_enough_tokens(TOKENS[:5], config.data, "train", 1)
+
+
+def test_partial_evaluation_samples_the_whole_split():
+  config = make_config()
+  source = data.WindowSource(TOKENS, 8, 8)
+  batches = data.eval_batches(TOKENS, config, eos_id=3, num_batches=2)
+  rows = [tuple(r) for b in batches for r in b["inputs"]]
+  assert len(set(rows)) == 8
+  assert rows[0] == tuple(source[0][:-1]) and rows[-1] == tuple(source[len(source) - 1][:-1])
