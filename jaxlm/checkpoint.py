@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.train import TrainState
@@ -141,8 +140,3 @@ def write_tokenizer(meta: dict[str, Any], path: str) -> None:
   with open(tmp, "wb") as f:
     f.write(base64.b64decode(meta["tokenizer_model_b64"]))
   os.replace(tmp, path)
-
-
-def numpy_state(state: TrainState) -> TrainState:
-  """Host copy of a state (tests compare these)."""
-  return jax.tree.map(np.asarray, jax.device_get(state))
