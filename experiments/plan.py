@@ -116,7 +116,6 @@ def plan(config: config_lib.Config, mesh) -> dict[str, Any]:
 
   Raises ConfigError for a batch that does not split over data x fsdp (before compiling).
   """
-  import jax
   from jaxlm import model as model_lib
   from jaxlm import train
 

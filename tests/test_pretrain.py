@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
@@ -222,7 +221,6 @@ def test_corpus_shorter_than_one_window_is_refused(tmp_path, data_dir):
   files = write_files(tmp_path / "docs", ["a b", "c d", "e f"])
   tokenizer_values = tiny_values(data_dir, data={"corpus": "pystdlib"})
   # Reuse the stdlib tokenizer so the tiny corpus does not need its own.
-  config_lib.validate(tokenizer_values)
   from jaxlm import tokenizer as tokenizer_lib
   _, path = tokenizer_lib.get_tokenizer(config_lib.validate(tokenizer_values).data, 512)
   values = tiny_values(data_dir, data={"corpus": "text_files", "files": files, "tokenizer": path})
