@@ -15,10 +15,10 @@ from jaxlm import config as config_lib
 
 # Errors that mean "the input is wrong": printed as one line, exit code 2, no traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
-  from jaxlm import checkpoint, corpora, data, generate, tokenizer, trainer
+  from jaxlm import checkpoint, convert, corpora, data, evaluate, generate, tokenizer, trainer
   return (config_lib.ConfigError, corpora.CorpusError, tokenizer.TokenizerError,
           data.DataError, trainer.RunError, checkpoint.CheckpointError,
-          generate.GenerationError)
+          generate.GenerationError, convert.ConvertError, evaluate.EvaluationError)
 
 
 def _flag_error(e: BaseException) -> None:

@@ -88,13 +88,15 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: TrainState, data_state: dict[str, Any],
-           config_dict: dict[str, Any], tokenizer_path: str) -> None:
-    """Starts an async save of `state` at `step` (returns before the write completes)."""
-    with open(tokenizer_path, "rb") as f:
-      tokenizer_b64 = base64.b64encode(f.read()).decode("ascii")
+           config_dict: dict[str, Any], tokenizer) -> None:
+    """Starts an async save of `state` at `step` (returns before the write completes).
+
+    `state` is a TrainState, or `{"params": params}` for a run made of imported weights (no
+    optimizer yet); `restore_params` reads either.
+    """
+    tokenizer_b64 = base64.b64encode(tokenizer.serialize()).decode("ascii")
     meta = {"step": int(step), "config": config_dict, "fingerprints": fingerprints(state),
-            "tokenizer_model_b64": tokenizer_b64,
-            "tokenizer_name": os.path.basename(tokenizer_path)}
+            "tokenizer_model_b64": tokenizer_b64, "tokenizer_name": tokenizer.file_name}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -124,19 +126,36 @@ class Checkpointer:
           f"{str(e).splitlines()[0][:300]}); use a workdir whose config matches, or delete "
           f"that step to fall back to an earlier one.") from e
     state, meta = restored["state"], restored["meta"]
-    expected, actual = meta.get("fingerprints", {}), fingerprints(state)
-    bad = sorted(name for name in actual if expected.get(name) != actual[name])
-    if bad:
-      raise CheckpointError(
-          f"checkpoint {where} is corrupted: {len(bad)} arrays differ from the fingerprints "
-          f"written with them (first: {bad[0]}); delete that step directory to resume from an "
-          f"earlier checkpoint.")
+    _verify(where, meta, state)
     return state, restored["data"], meta
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the params of a checkpoint (a TrainState's or an imported `{"params": ...}`), with
+    the shardings of `abstract_params`; the optimizer state is never read."""
+    where = os.path.join(self.directory, str(step))
+    target = {"params": abstract_params}
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(
+          f"the params of checkpoint {where} do not fit this model config "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); check the run's config.json.") \
+          from e
+    _verify(where, restored["meta"], restored["state"])
+    return restored["state"]["params"]
 
-def write_tokenizer(meta: dict[str, Any], path: str) -> None:
-  """Writes the tokenizer model stored in a checkpoint's meta to `path` (atomically)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(base64.b64decode(meta["tokenizer_model_b64"]))
-  os.replace(tmp, path)
+
+def _verify(where: str, meta: dict[str, Any], tree: Any) -> None:
+  """CheckpointError unless every restored array matches the fingerprint saved with it."""
+  expected, actual = meta.get("fingerprints", {}), fingerprints(tree)
+  bad = sorted(name for name in actual if expected.get(name) != actual[name])
+  if bad:
+    raise CheckpointError(
+        f"checkpoint {where} is corrupted: {len(bad)} arrays differ from the fingerprints "
+        f"written with them (first: {bad[0]}); delete that step directory to resume from an "
+        f"earlier checkpoint.")
+

@@ -356,22 +356,31 @@ def _listing_hash(root: str, files: Sequence[str], mtimes: bool) -> str:
   return digest.hexdigest()[:_HASH_CHARS]
 
 
-def _resolve_globs(patterns: str) -> list[str]:
-  """Absolute, sorted, de-duplicated files matched by comma-separated globs (`**` recursive)."""
+def _resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]:
+  """Absolute, sorted, de-duplicated files matched by comma-separated globs (`**` recursive);
+  `flag` is how the user passed them, for the error messages."""
   found: set[str] = set()
   globs = [p.strip() for p in patterns.split(",") if p.strip()]
   if not globs:
-    raise CorpusError("data.files is empty; set --config.data.files='/data/*.txt' (quote it so "
-                      "the shell does not expand it; comma-separate several globs).")
+    raise CorpusError(f"{flag} is empty; set {flag}='/data/*.txt' (quote it so the shell does "
+                      f"not expand it; comma-separate several globs).")
   for pattern in globs:
     matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
                if os.path.isfile(m)]
     if not matches:
-      raise CorpusError(f"data.files glob '{pattern}' matched no files; check the path, and "
-                        f"quote the glob (--config.data.files='{pattern}') so the shell passes "
-                        f"it unexpanded.")
+      raise CorpusError(f"{flag} glob '{pattern}' matched no files; check the path, and quote "
+                        f"the glob ({flag}='{pattern}') so the shell passes it unexpanded.")
     found.update(os.path.abspath(m) for m in matches)
   return sorted(found)
+
+
+def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_files"
+                   ) -> list[tuple[str, str]]:
+  """[(identity, text)] of the files matched by `patterns`, read directly (no TFDS): the same
+  document rules as the `text_files` corpus (.txt/.md a document per file, .jsonl one per line).
+  """
+  paths = _resolve_globs(patterns, flag)
+  return list(_iter_documents([(path, path) for path in paths], text_key))
 
 
 def _text_files_hash(paths: Sequence[str], text_key: str) -> str:

@@ -35,9 +35,9 @@ def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def token_cache_path(data: DataConfig, corpus_name: str, tokenizer_path: str, split: str) -> str:
-  with open(tokenizer_path, "rb") as f:
-    tokenizer_hash = hashlib.sha256(f.read()).hexdigest()[:12]
+def token_cache_path(data: DataConfig, corpus_name: str, tokenizer, split: str) -> str:
+  """Cache file of a split's tokens: keyed by the corpus and the tokenizer's exact content."""
+  tokenizer_hash = hashlib.sha256(tokenizer.serialize()).hexdigest()[:12]
   return os.path.join(data.data_dir, "tokens", f"{corpus_name}-{tokenizer_hash}-{split}.npy")
 
 
@@ -53,11 +53,11 @@ def encode_documents(documents: Sequence[str], tokenizer, chunk: int = 256) -> n
   return np.concatenate(pieces) if pieces else np.zeros([0], dtype)
 
 
-def load_tokens(data: DataConfig, split: str, tokenizer, tokenizer_path: str) -> np.ndarray:
+def load_tokens(data: DataConfig, split: str, tokenizer) -> np.ndarray:
   """The split's flat token array, encoded on first use and memory-mapped afterwards."""
   from jaxlm import corpora  # documents only when the cache is cold
 
-  path = token_cache_path(data, corpora.corpus_id(data), tokenizer_path, split)
+  path = token_cache_path(data, corpora.corpus_id(data), tokenizer, split)
   if not os.path.exists(path):
     tokens = encode_documents(corpora.load_split(data, split), tokenizer)
     check_ids(tokens, tokenizer.vocab_size, f"{split} split of corpus '{data.corpus}'")

@@ -44,3 +44,87 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   sums = jax.device_get(results)
   return summarize(sum(float(r["loss_sum"]) for r in sums),
                    sum(float(r["weight_sum"]) for r in sums), num_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: sliding windows, each token scored once
+# ---------------------------------------------------------------------------------------------
+
+class EvaluationError(ValueError):
+  """Evaluation cannot run as asked; the message names the flag and the fix."""
+
+
+def document_windows(ids: Sequence[int], seq_len: int, stride: int, eos_id: int,
+                     pad_id: int) -> list[Batch]:
+  """Rows of [seq_len] arrays that score every token of one document exactly once.
+
+  The document is read as x = [eos] + ids, so its first token is scored too (after the start of
+  text, as documents follow EOS in training). Window k covers inputs x[k*stride : k*stride +
+  seq_len] and predicts the next token at each place; only targets no earlier window scored get
+  weight 1, so with stride < seq_len every scored token after the first window sees at least
+  seq_len - stride tokens of context. Padding has weight 0 and segment id 0.
+  """
+  if not 0 < stride <= seq_len:
+    raise EvaluationError(f"stride={stride} must be in [1, seq_len={seq_len}].")
+  x = np.concatenate([[eos_id], np.asarray(ids, np.int64)]).astype(np.int32)
+  rows, begin, scored_until = [], 0, 0  # targets x[j] with j <= scored_until are scored
+  while scored_until < len(x) - 1:
+    end = min(begin + seq_len, len(x) - 1)  # inputs x[begin:end], targets x[begin+1:end+1]
+    length = end - begin
+    target_index = np.arange(begin + 1, end + 1)
+    row = {"inputs": np.full(seq_len, pad_id, np.int32),
+           "targets": np.full(seq_len, pad_id, np.int32),
+           "weights": np.zeros(seq_len, np.float32),
+           "segment_ids": np.zeros(seq_len, np.int32),
+           "positions": np.arange(seq_len, dtype=np.int32)}
+    row["inputs"][:length] = x[begin:end]
+    row["targets"][:length] = x[begin + 1:end + 1]
+    row["weights"][:length] = target_index > scored_until
+    row["segment_ids"][:length] = 1
+    rows.append(row)
+    scored_until, begin = end, begin + stride
+  return rows
+
+
+def stack_rows(rows: Sequence[Batch], batch_size: int) -> list[Batch]:
+  """Rows -> batches of exactly `batch_size` (the last one padded with weight-0 rows), so the
+  eval step compiles once."""
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    chunk = list(rows[start:start + batch_size])
+    filler = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    chunk += [filler] * (batch_size - len(chunk))
+    batches.append({k: np.stack([r[k] for r in chunk]) for k in rows[0]})
+  return batches
+
+
+def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str], *,
+                       seq_len: int, stride: int, batch_size: int, mesh) -> dict[str, float]:
+  """Loss, perplexity, bits per byte and token count of `documents` under `params`.
+
+  Each document is scored on its own (sliding windows, see `document_windows`); bits per byte
+  count the UTF-8 bytes of the scored text.
+  """
+  from jaxlm import config as config_lib
+  from jaxlm import train as train_lib
+  model = config.model
+  if seq_len < 1 or (model.positional == "learned" and seq_len > model.max_seq_len):
+    raise EvaluationError(f"--seq_len={seq_len} must be in [1, model.max_seq_len="
+                          f"{model.max_seq_len}] (the positions this model learned).")
+  if not 0 < stride <= seq_len:
+    raise EvaluationError(f"--stride={stride} must be in [1, --seq_len={seq_len}].")
+  if batch_size < 1:
+    raise EvaluationError(f"--batch_size={batch_size} must be positive.")
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = -(-batch_size // ways) * ways  # every data-parallel device gets whole rows
+  if not documents:
+    raise EvaluationError("no documents to evaluate: the files or split are empty.")
+  rows = [row for ids in tokenizer.encode_batch(list(documents))
+          for row in document_windows(ids, seq_len, stride, tokenizer.eos_id, tokenizer.pad_id)]
+  eval_config = config_lib.replace(
+      config, data={"seq_len": seq_len, "stride": stride},
+      train={"global_batch_size": batch_size, "microbatches": 1})
+  steps = train_lib.make_steps(eval_config, mesh)
+  result = evaluate(steps.eval, params, stack_rows(rows, batch_size), tokenizer.byte_lengths(),
+                    mesh)
+  return dict(result, documents=len(documents))

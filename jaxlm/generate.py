@@ -191,6 +191,18 @@ def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
                                    segment_ids=segment_ids)
 
 
+def forward_logits(config: ModelConfig, params: Any, tokens: np.ndarray) -> np.ndarray:
+  """Logits [batch, length, vocab] (float32, host) of one full forward pass over `tokens`
+  [batch, length] at positions 0..length-1, no cache: for scoring and parity checks."""
+  tokens = np.asarray(tokens, np.int32)
+  mesh = _mesh_of(params)
+  apply = jax.jit(lambda p, t: Transformer(config).apply({"params": p}, t))
+  if mesh is None:
+    return _to_host(apply(params, tokens))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(tokens.shape[0], mesh)):
+    return _to_host(apply(params, tokens))
+
+
 def _pick(state: DecodeState, new: jax.Array, logits: jax.Array, prompt_len: int,
           eos_id, pad_id) -> DecodeState:
   """Writes step `state.step`'s tokens [B] (pad for finished rows) and logits [B, vocab]."""
@@ -543,7 +555,7 @@ def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequenc
 # Loading a run directory
 # ---------------------------------------------------------------------------------------------
 
-def _generation_mesh(config) -> Mesh:
+def generation_mesh(config) -> Mesh:
   """The run's own mesh if it fits the devices here, else every device on the data axis."""
   from jaxlm import config as config_lib
   from jaxlm import sharding
@@ -600,33 +612,35 @@ def open_run(workdir: str, step: int | None = None) -> Run:
   elif step not in steps:
     raise RunLoadError(f"step {step} is not in {checkpoints_dir}; available steps: "
                        f"{', '.join(map(str, steps))}.")
-  tokenizer_path = os.path.join(path, "tokenizer.model")
-  if os.path.isfile(tokenizer_path):
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  tokenizer_paths = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")]
+  tokenizer_paths = [p for p in tokenizer_paths if os.path.isfile(p)]
+  if tokenizer_paths:
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_paths[0])
   else:  # the checkpoint carries its tokenizer too
     import base64
     meta = checkpointer.read_meta(step)
-    tokenizer = tokenizer_lib.SentencePieceTokenizer(
-        base64.b64decode(meta["tokenizer_model_b64"]), f"{checkpoints_dir}/{step}/meta")
+    tokenizer = tokenizer_lib.from_bytes(
+        base64.b64decode(meta["tokenizer_model_b64"]), meta.get("tokenizer_name", ""),
+        f"{checkpoints_dir}/{step}/meta")
   return Run(workdir, config, tokenizer, step, steps, checkpointer)
 
 
 def restore_params(run: Run, mesh: Mesh | None = None) -> Any:
-  """The params of `run.step`, restored against an abstract target with the shardings of
-  `mesh` (default: the run's mesh if it fits the devices here, else data parallel over all of
-  them), so a checkpoint moves to another device count. Checksums are verified."""
+  """The params of `run.step` (never the optimizer state), restored against an abstract target
+  with the shardings of `mesh` (default: the run's mesh if it fits the devices here, else data
+  parallel over all of them), so a checkpoint moves to another device count. Checksums are
+  verified."""
   from jaxlm import config as config_lib
   from jaxlm import train as train_lib
   config = run.config
-  mesh = _generation_mesh(config) if mesh is None else mesh
+  mesh = generation_mesh(config) if mesh is None else mesh
   # Only the state's shapes and shardings matter here; make the batch fit this mesh.
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   restore_config = config_lib.replace(
       config, train={"microbatches": 1,
                      "global_batch_size": math.lcm(ways, jax.process_count())})
   abstract = train_lib.make_steps(restore_config, mesh).abstract_state
-  state, _, _ = run.checkpointer.restore(run.step, abstract)
-  return state.params
+  return run.checkpointer.restore_params(run.step, abstract.params)
 
 
 def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None

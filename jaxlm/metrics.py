@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import files
+
 # Dense peak FLOP/s per device from vendors' data sheets: (bfloat16/float16, float32).
 ACCELERATOR_PEAK_FLOPS = {
     "TPU v4": (275e12, 275e12 / 2),
@@ -58,11 +60,7 @@ def peak_flops(dtype: str, cache_dir: str | None = None) -> float:
   if key not in cache:
     cache[key] = measure_matmul_flops(dtype=jnp.dtype(dtype))
     if path:
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      with open(tmp, "w") as f:
-        json.dump(cache, f)
-      os.replace(tmp, path)
+      files.write_json(path, cache)
   return cache[key] * jax.process_count()
 
 
@@ -114,10 +112,7 @@ def truncate_after(path: str, step: int) -> None:
   records = read_jsonl(path)
   kept = [r for r in records if r.get("step", 0) <= step]
   if len(kept) != len(records):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    files.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
 def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: int, path: str) -> None:

@@ -32,6 +32,10 @@ Parameter tree (unscanned; with `scan_layers=True`, `layers_0 .. layers_{n-1}` b
     (every Dense has a bias over its output axes when use_bias)
   final_norm/{scale,bias}
   lm_head                [embed, vocab]            ('embed', 'vocab')     tie_embeddings=False
+  classifier/kernel      [embed, num_classes]      ('embed', None)        num_classes > 0
+  classifier/bias        [num_classes]                                    (instead of lm_head)
+  .../{query,...}/lora_a [*kernel inputs, rank]    (input axes, None)     lora_rank > 0, on the
+  .../{query,...}/lora_b [rank, *kernel outputs]   (None, output axes)    lora_targets
 
 The LM head never has a bias (as in GPT-2 / nanoGPT).
 """
@@ -180,20 +184,45 @@ class Dense(nn.Module):
   init_scale: float = 1.0  # multiplies init_std; < 1 for the residual output projections
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     n_in = len(self.axes) - len(self.features)
+    in_shape = x.shape[x.ndim - n_in:]
     kernel = self.param("kernel", _normal(cfg.init_std * self.init_scale, self.axes),
-                        x.shape[x.ndim - n_in:] + tuple(self.features), jnp.float32)
+                        in_shape + tuple(self.features), jnp.float32)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+    if cfg.lora_rank and self.name in cfg.lora_targets:
+      y = y + self._lora(x, in_shape, contract, deterministic)
     if cfg.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[n_in:]),
                         tuple(self.features), jnp.float32)
       y = y + bias.astype(dtype)
     return y
+
+
+  def _lora(self, x: Array, in_shape: tuple[int, ...], contract, deterministic: bool) -> Array:
+    """LoRA (Hu et al. 2021): dropout(x) @ lora_a @ lora_b * alpha / rank.
+
+    lora_a [*in, rank] starts random (std 1/sqrt(fan_in)), lora_b [rank, *out] at zero, so
+    a fresh adapter changes nothing. The rank axis is not sharded; the others follow the
+    kernel's logical axes.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    n_in = len(in_shape)
+    fan_in = math.prod(in_shape)
+    lora_a = self.param("lora_a", _normal(1.0 / math.sqrt(fan_in), self.axes[:n_in] + (None,)),
+                        in_shape + (cfg.lora_rank,), jnp.float32)
+    lora_b = self.param("lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros, (None,) + tuple(self.axes[n_in:])),
+                        (cfg.lora_rank,) + tuple(self.features), jnp.float32)
+    h = nn.Dropout(cfg.lora_dropout)(x, deterministic=deterministic)
+    h = jax.lax.dot_general(h.astype(dtype), lora_a.astype(dtype), (contract, ((), ())))
+    h = jax.lax.dot_general(h, lora_b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return h * (cfg.lora_alpha / cfg.lora_rank)
 
 
 class Norm(nn.Module):
@@ -255,9 +284,9 @@ class CausalSelfAttention(nn.Module):
     cfg = self.config
     residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
     qkv = functools.partial(Dense, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg)
-    query = qkv(name="query")(x)  # [batch, length, heads, head_dim]
-    key = qkv(name="key")(x)
-    value = qkv(name="value")(x)
+    query = qkv(name="query")(x, deterministic)  # [batch, length, heads, head_dim]
+    key = qkv(name="key")(x, deterministic)
+    value = qkv(name="value")(x, deterministic)
     if cfg.positional == "rope":
       query = apply_rope(query, positions, cfg.rope_theta)
       key = apply_rope(key, positions, cfg.rope_theta)
@@ -296,7 +325,7 @@ class CausalSelfAttention(nn.Module):
                                          implementation=cfg.attention_impl)
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
     return Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, init_scale=residual_scale,
-                 name="out")(out)
+                 name="out")(out, deterministic)
 
   def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
     """The 'cache' variables; created as zeros for shape [batch, max_len, heads, head_dim]."""
@@ -336,22 +365,22 @@ class Mlp(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     dense_in = functools.partial(Dense, (cfg.mlp_dim,), ("embed", "mlp"), cfg)
     dense_out = functools.partial(Dense, (cfg.embed_dim,), ("mlp", "embed"), cfg,
                                   init_scale=1.0 / math.sqrt(2 * cfg.num_layers))
     if cfg.mlp == "gelu":
-      hidden = checkpoint_name(dense_in(name="fc")(x), "mlp_in")    # [batch, length, mlp]
+      hidden = checkpoint_name(dense_in(name="fc")(x, deterministic), "mlp_in")  # [b, l, mlp]
       hidden = nn.gelu(hidden, approximate=True)
       out_name = "proj"
     else:
-      gate = checkpoint_name(dense_in(name="gate")(x), "mlp_in")
-      up = checkpoint_name(dense_in(name="up")(x), "mlp_in")
+      gate = checkpoint_name(dense_in(name="gate")(x, deterministic), "mlp_in")
+      up = checkpoint_name(dense_in(name="up")(x, deterministic), "mlp_in")
       hidden = nn.silu(gate) * up
       out_name = "down"
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    return dense_out(name=out_name)(hidden)
+    return dense_out(name=out_name)(hidden, deterministic)
 
 
 class Block(nn.Module):
@@ -372,7 +401,7 @@ class Block(nn.Module):
                                                    decode)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     h = Norm(cfg, name="mlp_norm")(x)
-    h = Mlp(cfg, name="mlp")(h)
+    h = Mlp(cfg, name="mlp")(h, deterministic)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), None
 
@@ -443,6 +472,9 @@ class Transformer(nn.Module):
         x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, deterministic, decode)
 
     x = Norm(cfg, name="final_norm")(x)
+    if cfg.num_classes:  # classification: class logits at every position
+      logits = Dense((cfg.num_classes,), ("embed", None), cfg, name="classifier")(x)
+      return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", None))
     if cfg.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, token_embed.astype(dtype),
                           preferred_element_type=jnp.float32)
@@ -476,9 +508,25 @@ def param_count(config: ModelConfig) -> int:
   total = v * d + config.num_layers * (2 * norm + attention + mlp) + norm
   if config.positional == "learned":
     total += config.max_seq_len * d
-  if not config.tie_embeddings:
+  if config.num_classes:
+    total += d * config.num_classes + (config.num_classes if bias else 0)
+  elif not config.tie_embeddings:
     total += d * v
-  return total
+  return total + config.num_layers * lora_params_per_layer(config)
+
+
+def lora_params_per_layer(config: ModelConfig) -> int:
+  """LoRA adapter parameters in one block: rank * (fan_in + fan_out) per adapted Dense."""
+  if not config.lora_rank:
+    return 0
+  d, m = config.embed_dim, config.mlp_dim
+  shapes = {"query": (d, d), "key": (d, d), "value": (d, d), "out": (d, d)}
+  if config.mlp == "gelu":
+    shapes.update(fc=(d, m), proj=(m, d))
+  else:
+    shapes.update(gate=(d, m), up=(d, m), down=(m, d))
+  return sum(config.lora_rank * (shapes[t][0] + shapes[t][1]) for t in config.lora_targets
+             if t in shapes)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -491,7 +539,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """
   d, m = config.embed_dim, config.mlp_dim
   mlp = (2 if config.mlp == "gelu" else 3) * d * m
-  matmul_params = config.num_layers * (4 * d * d + mlp) + d * config.vocab_size
+  head = d * (config.num_classes or config.vocab_size)
+  matmul_params = (config.num_layers * (4 * d * d + mlp + lora_params_per_layer(config))
+                   + head)
   return 6.0 * matmul_params + 12.0 * config.num_layers * seq_len * d
 
 

@@ -1,7 +1,8 @@
-"""Tokenizers: a small common interface, and SentencePiece BPE trained on the corpus.
+"""Tokenizers: a small common interface, SentencePiece BPE trained on the corpus, and GPT-2's
+byte-level BPE loaded from `vocab.json` + `merges.txt`.
 
-Every tokenizer has the same fixed special ids (PAD_ID=0, UNK_ID=1, BOS_ID=2, EOS_ID=3) and
-round-trips arbitrary text exactly: `decode(encode(s)) == s` for tabs, runs of spaces, leading
+SentencePiece tokenizers jaxlm trains have fixed special ids (PAD_ID=0, UNK_ID=1, BOS_ID=2,
+EOS_ID=3) and round-trip arbitrary text exactly: `decode(encode(s)) == s` for tabs, runs of spaces, leading
 and trailing whitespace, blank lines, "\\r\\n", CJK, emoji and control characters. Ordinary text
 never encodes to BOS/EOS/PAD (a literal "<s>" is just characters).
 
@@ -15,25 +16,30 @@ To keep that a bijection, three characters are escaped with ESCAPE (U+E001) firs
 (U+2581 because SentencePiece itself uses it for spaces and would decode a literal one as " ").
 Decoding undoes exactly these; any other U+E001 is kept as is.
 
-A GPT-2 byte-level BPE loader can implement the same `Tokenizer` protocol later.
+GPT-2 byte-level BPE (`ByteLevelBPETokenizer`) runs on Hugging Face `tokenizers` (Rust): it is
+what `transformers` itself uses, so ids match it exactly, and it encodes megabytes per second
+where a pure-Python BPE manages tens of kilobytes. Its only special token is `<|endoftext|>`
+(end of text, also used as pad and bos, as in GPT-2); like `transformers`, a literal
+"<|endoftext|>" in the text encodes to that id. A run directory stores it as `tokenizer.json`
+(the `tokenizers` single-file format), a SentencePiece tokenizer as `tokenizer.model`.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import functools
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import tempfile
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
 
-from jaxlm import corpora
+from jaxlm import files
 from jaxlm.config import DataConfig
 
 
@@ -83,7 +89,8 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int
   eos_id: int
-  unk_id: int
+  unk_id: int      # -1 if the tokenizer has none (byte-level BPE needs none)
+  file_name: str   # its file in a run directory: "tokenizer.model" or "tokenizer.json"
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text` (no BOS/EOS added)."""
@@ -96,6 +103,9 @@ class Tokenizer(Protocol):
 
   def byte_lengths(self) -> np.ndarray:
     """[vocab_size] UTF-8 bytes each token stands for (for bits per byte)."""
+
+  def serialize(self) -> bytes:
+    """The tokenizer as one file's content (what `file_name` holds; `from_bytes` reads it)."""
 
 
 def escape(text: str) -> str:
@@ -115,6 +125,7 @@ def unescape(text: str) -> str:
 
 class SentencePieceTokenizer:
   """A SentencePiece model with jaxlm's newline/escape convention and fixed special ids."""
+  file_name = "tokenizer.model"
 
   def __init__(self, model_proto: bytes, model_path: str = ""):
     self.model_path = model_path
@@ -176,12 +187,154 @@ class SentencePieceTokenizer:
         lengths[i] = len(text.encode("utf-8"))
     return lengths
 
+  def serialize(self) -> bytes:
+    return self._model_proto
+
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self.model_path or '(in memory)'}, vocab={self.vocab_size})"
 
 
+# ----------------------------------------------------------------------------------------------
+# GPT-2 byte-level BPE.
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+@functools.cache
+def _gpt2_byte_table() -> dict[str, int]:
+  """`bytes_to_unicode` of OpenAI's encoder.py, inverted (printable bytes map to themselves,
+  the other 68 to U+0100 onwards)."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+               + list(range(ord("®"), ord("ÿ") + 1)))
+  table, extra = {}, 0
+  for byte in range(256):
+    if byte in printable:
+      table[chr(byte)] = byte
+    else:
+      table[chr(256 + extra)] = byte
+      extra += 1
+  return table
+
+
+class ByteLevelBPETokenizer:
+  """GPT-2's byte-level BPE on Hugging Face `tokenizers`; ids equal `transformers`' GPT-2
+  tokenizer. `<|endoftext|>` is eos, bos and pad; there is no unk (every byte has a token)."""
+  file_name = "tokenizer.json"
+
+  def __init__(self, tokenizer_json: str, source: str = ""):
+    from tokenizers import Tokenizer as HFTokenizer
+    self.source = source
+    try:
+      self._tokenizer = HFTokenizer.from_str(tokenizer_json)
+    except Exception as e:  # tokenizers raises bare Exceptions on malformed JSON
+      raise TokenizerError(f"tokenizer {source or '(in memory)'} is not a tokenizers JSON file "
+                           f"({str(e).splitlines()[0][:200]}); pass GPT-2's vocab.json + "
+                           f"merges.txt directory instead.") from None
+    spec = json.loads(tokenizer_json)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+      raise TokenizerError(f"tokenizer {source or '(in memory)'} is not a byte-level BPE "
+                           f"(model {model.get('type')}, pre-tokenizer {pre.get('type')}); jaxlm "
+                           f"reads GPT-2-style byte-level BPE only.")
+    eos = self._tokenizer.token_to_id(END_OF_TEXT)
+    if eos is None:
+      raise TokenizerError(f"tokenizer {source or '(in memory)'} has no {END_OF_TEXT} token, "
+                           f"which jaxlm needs between documents; add it to vocab.json.")
+    self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_id = self.bos_id = self.pad_id = int(eos)
+    self.unk_id = -1
+
+  @classmethod
+  def from_files(cls, vocab_path: str, merges_path: str) -> ByteLevelBPETokenizer:
+    """GPT-2's `vocab.json` + `merges.txt` (the Hugging Face / OpenAI layout)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    for path in (vocab_path, merges_path):
+      if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file {path} does not exist; a GPT-2 tokenizer needs "
+                             f"vocab.json and merges.txt side by side.")
+    try:
+      bpe = models.BPE.from_file(vocab_path, merges_path)
+    except Exception as e:
+      raise TokenizerError(f"cannot read GPT-2 tokenizer {vocab_path} + {merges_path} "
+                           f"({str(e).splitlines()[0][:200]}); they must be GPT-2's vocab.json "
+                           f"and merges.txt.") from None
+    tokenizer = HFTokenizer(bpe)
+    # GPT-2's settings (as in its tokenizer.json): no prefix space, the GPT-2 split regex.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if tokenizer.token_to_id(END_OF_TEXT) is not None:
+      tokenizer.add_special_tokens([END_OF_TEXT])  # matched in text, as transformers does
+    return cls(tokenizer.to_str(), os.path.dirname(os.path.abspath(vocab_path)))
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+      return []
+    return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) "
+                           f"of tokenizer {self.source or '(in memory)'}.")
+    return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab_size] bytes of each token (vocab.json spells bytes as GPT-2's printable
+    characters); special tokens 0."""
+    table = _gpt2_byte_table()
+    lengths = np.zeros(self.vocab_size, np.int32)
+    special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
+    for piece, token_id in self._tokenizer.get_vocab(with_added_tokens=True).items():
+      if piece in special:
+        continue
+      # One character per byte; an added plain-text token is its UTF-8 itself.
+      byte_level = all(c in table for c in piece)
+      lengths[token_id] = len(piece) if byte_level else len(piece.encode("utf-8"))
+    return lengths
+
+  def save_gpt2_files(self, directory: str) -> None:
+    """Writes `vocab.json` + `merges.txt` (what `transformers`' GPT-2 tokenizer loads)."""
+    os.makedirs(directory, exist_ok=True)
+    self._tokenizer.model.save(directory)
+
+  def serialize(self) -> bytes:
+    return self._tokenizer.to_str().encode("utf-8")
+
+  def __repr__(self) -> str:
+    return f"ByteLevelBPETokenizer({self.source or '(in memory)'}, vocab={self.vocab_size})"
+
+
+def from_bytes(content: bytes, file_name: str, source: str = "") -> Tokenizer:
+  """The tokenizer `serialize()` wrote to a file called `file_name`."""
+  if file_name.endswith(".json"):
+    return ByteLevelBPETokenizer(content.decode("utf-8"), source)
+  return SentencePieceTokenizer(content, source)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads a tokenizer file (SentencePiece `.model`); TokenizerError if missing or invalid."""
+  """Loads a tokenizer: a SentencePiece `.model`, a byte-level BPE `tokenizer.json`, or a
+  directory with GPT-2's `vocab.json` + `merges.txt`. TokenizerError if missing or invalid."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+      return ByteLevelBPETokenizer.from_files(vocab, merges)
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise TokenizerError(f"tokenizer directory {path} has neither vocab.json + merges.txt nor "
+                         f"tokenizer.json / tokenizer.model; point at a tokenizer file.")
+  if path.endswith(".json"):
+    if not os.path.isfile(path):
+      raise TokenizerError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
+                           f"tokenizer file, or leave it empty to train one.")
+    with open(path, encoding="utf-8") as f:
+      return ByteLevelBPETokenizer(f.read(), path)
   return SentencePieceTokenizer.load(path)
 
 
@@ -278,25 +431,8 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_path: s
       reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
       raise TokenizerError(f"SentencePiece training with model.vocab_size={vocab_size} failed: "
                            f"{reason} (set --config.model.vocab_size accordingly).") from None
-  _write_atomically(model_path, model.getvalue())
+  files.write_bytes(model_path, model.getvalue())
   return SentencePieceTokenizer(model.getvalue(), model_path)
-
-
-def _write_atomically(path: str, content: bytes) -> None:
-  """Writes to a temporary file beside `path`, then renames: a killed run leaves no half file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(content)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +452,7 @@ def get_tokenizer(data: DataConfig, vocab_size: int) -> tuple[Tokenizer, str]:
           f"tokenizer {data.tokenizer} has vocabulary {tokenizer.vocab_size} but "
           f"model.vocab_size={vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}.")
     return tokenizer, data.tokenizer
+  from jaxlm import corpora  # imports TFDS (slow): only when a tokenizer must be trained
   path = tokenizer_cache_path(data, vocab_size)
   if os.path.exists(path):
     return load_tokenizer(path), path
@@ -330,6 +467,7 @@ def get_tokenizer(data: DataConfig, vocab_size: int) -> tuple[Tokenizer, str]:
 
 def tokenizer_cache_path(data: DataConfig, vocab_size: int) -> str:
   """Where `get_tokenizer` caches the model trained for `data` and `vocab_size`."""
+  from jaxlm import corpora
   # corpus_id covers the documents and the split; the hash covers how we train on them.
   settings = dict(_TRAINER_SETTINGS, chunk_chars=_CHUNK_CHARS, format=_FORMAT_VERSION,
                   max_sentences=data.tokenizer_max_sentences, seed=0)

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
+from jaxlm import files
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding
@@ -70,6 +70,10 @@ def check_workdir(workdir: str) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise RunError(f"workdir {workdir} cannot be written ({existing} is not writable); "
                    f"choose a --workdir you can write to.")
+  if os.path.isfile(os.path.join(path, "source.json")):  # written by convert.import_gpt2
+    raise RunError(f"workdir {workdir} holds imported weights without optimizer state (see its "
+                   f"source.json), so pretraining cannot resume it; generate from, evaluate or "
+                   f"export it, or choose another --workdir. Nothing was changed.")
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
@@ -111,8 +115,8 @@ def prepare(config: Config, workdir: str) -> Prepared:
     raise config_lib.ConfigError(
         f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size="
         f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}.")
-  train_tokens = data_lib.load_tokens(config.data, "train", tokenizer, tokenizer_path)
-  eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer, tokenizer_path)
+  train_tokens = data_lib.load_tokens(config.data, "train", tokenizer)
+  eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer)
   data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)
   data_lib.check_enough_tokens(
       eval_tokens, dataclasses.replace(config.data, stride=config.data.seq_len), "validation", 1)
@@ -165,14 +169,6 @@ class StopFlag:
         signal.signal(s, h)
 
 
-def _write_json(path: str, value: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def _log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, file=sys.stderr, flush=True)
@@ -210,13 +206,12 @@ class _Loop:
     if not self.lead:
       return
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config_dict)
+    files.write_json(os.path.join(workdir, "config.json"), config_dict)
     if self.base_config is not None:
-      _write_json(os.path.join(workdir, "config_diff.json"),
+      files.write_json(os.path.join(workdir, "config_diff.json"),
                   config_lib.diff(dict(self.base_config), config_dict))
-    target = os.path.join(workdir, "tokenizer.model")
-    if os.path.abspath(self.run_info.tokenizer_path) != os.path.abspath(target):
-      shutil.copyfile(self.run_info.tokenizer_path, target)
+    tokenizer = self.run_info.tokenizer
+    files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
 
   def restore_or_init(self, checkpointer: ckpt.Checkpointer):
     steps, cfg = self.run_info.steps, self.config
@@ -327,7 +322,7 @@ class _Loop:
           self._sample(state, step, samples_path)
           paused = True
         if due(cfg.train.checkpoint_every) or last:
-          checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer_path)
+          checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer)
           saved_step = step
           paused = True
         if paused:
@@ -339,7 +334,7 @@ class _Loop:
 
     interrupted = step < cfg.train.num_steps
     if interrupted and step != saved_step:
-      checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer_path)
+      checkpointer.save(step, state, data_state, config_lib.to_dict(cfg), run.tokenizer)
     checkpointer.wait()
     writer.close()
     records = metrics_lib.read_jsonl(writer.path) if self.lead else []
@@ -347,7 +342,7 @@ class _Loop:
       metrics_lib.plot_losses(records, self.tokens_per_step, os.path.join(run.workdir, "loss.png"))
     summary = self._summary(records, step, interrupted, stop.reason, compile_seconds, num_params)
     if self.lead:
-      _write_json(os.path.join(run.workdir, "summary.json"), summary)
+      files.write_json(os.path.join(run.workdir, "summary.json"), summary)
     if interrupted:
       _log(f"stopped at step {step} ({stop.reason or 'stop_at_step'}); checkpoint saved; rerun "
            f"with --workdir={run.workdir} to resume.")

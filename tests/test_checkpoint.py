@@ -13,6 +13,14 @@ from jaxlm import sharding, train
 from tests.test_train import TINY, random_batch
 
 
+class _FakeTokenizer:
+  """Checkpoints store whatever bytes a tokenizer serializes to."""
+  file_name = "tokenizer.model"
+
+  def serialize(self) -> bytes:
+    return b"not really a model"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   config = config_lib.validate(TINY)
@@ -21,10 +29,9 @@ def trained(tmp_path_factory):
   state = steps.init(jax.random.PRNGKey(0))
   state, _ = steps.train(state, sharding.global_batch(random_batch(config), mesh))
   directory = tmp_path_factory.mktemp("ckpt")
-  tokenizer_file = directory / "tok.model"
-  tokenizer_file.write_bytes(b"not really a model")
   checkpointer = ckpt.Checkpointer(str(directory / "checkpoints"))
-  checkpointer.save(1, state, {"next_index": 1}, config_lib.to_dict(config), str(tokenizer_file))
+  checkpointer.save(1, state, {"next_index": 1}, config_lib.to_dict(config),
+                    _FakeTokenizer())
   checkpointer.wait()
   return config, jax.device_get(state), str(directory / "checkpoints")
 

@@ -14,7 +14,7 @@ def test_defaults_validate_and_hash():
 
 @pytest.mark.parametrize("overrides, field", [
     ({"model": {"num_heads": 5}}, "model.num_heads"),
-    ({"data": {"seq_len": 512}}, "data.seq_len"),
+    ({"model": {"positional": "learned"}, "data": {"seq_len": 512}}, "data.seq_len"),
     ({"train": {"global_batch_size": 10, "microbatches": 4}}, "train.global_batch_size"),
     ({"train": {"num_steps": 0}}, "train.num_steps"),
     ({"train": {"global_batch_size": -2}}, "train.global_batch_size"),

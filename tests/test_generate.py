@@ -301,8 +301,8 @@ def run_dir(tmp_path_factory):
   documents = [open(os.path.join(source, name)).read() for name in sorted(os.listdir(source))
                if name.endswith(".py")]
   tokenizer_path = str(workdir / "tokenizer.model")
-  tokenizer_lib.train_sentencepiece(documents, RUN_MODEL["vocab_size"], tokenizer_path,
-                                    max_sentences=2000)
+  tokenizer = tokenizer_lib.train_sentencepiece(documents, RUN_MODEL["vocab_size"],
+                                                tokenizer_path, max_sentences=2000)
   config = config_lib.validate({"model": RUN_MODEL, "train": {"global_batch_size": 8},
                                 "data": {"seq_len": 64, "stride": 64}})
   (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config)))
@@ -316,7 +316,7 @@ def run_dir(tmp_path_factory):
     state = train_lib.TrainState(step=jnp.int32(step), params=params,
                                  opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
     checkpointer.save(step, jax.device_put(state, steps.state_shardings), {},
-                      config_lib.to_dict(config), tokenizer_path)
+                      config_lib.to_dict(config), tokenizer)
   checkpointer.wait()
   return workdir, params
 

@@ -164,7 +164,8 @@ def write_files(directory, texts, suffix=".txt"):
 
 BAD_CLI_CASES = {
     "heads": (["--config.model.num_heads=3"], "model.num_heads=3"),
-    "seq_len": (["--config.data.seq_len=128"], "data.seq_len=128"),
+    "seq_len": (["--config.model.positional=learned", "--config.data.seq_len=128"],
+                "data.seq_len=128"),
     "microbatches": (["--config.train.microbatches=3"], "train.microbatches=3"),
     "unknown_key": (["--config.model.num_layerz=2"], "num_layerz"),
     "steps": (["--config.train.num_steps=0"], "train.num_steps=0"),

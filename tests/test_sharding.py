@@ -14,7 +14,8 @@ MESH_VALUES = {
     # rounding noise into lr-sized steps that differ between meshes; every other parameter
     # has a real gradient and must agree to 1e-5.
     "model": {"num_layers": 2, "num_heads": 8, "embed_dim": 64, "mlp_dim": 128,
-              "vocab_size": 128, "max_seq_len": 16, "use_bias": False},
+              "vocab_size": 128, "max_seq_len": 16, "use_bias": False,
+              "positional": "learned"},
     "data": {"seq_len": 16, "stride": 16},
     "train": {"global_batch_size": 16, "num_steps": 10},
     "optim": {"warmup_steps": 2, "learning_rate": 1e-2},

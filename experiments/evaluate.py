@@ -1,0 +1,86 @@
+r"""Evaluate a run on text: loss, perplexity and bits per byte, printed as one JSON line.
+
+  python -m experiments.evaluate --workdir=runs/x --text_files='/data/*.txt'
+  python -m experiments.evaluate --workdir=runs/x --split=validation     # the run's own corpus
+  python -m experiments.evaluate --workdir=runs/gpt2 --text_files=wiki.txt --seq_len=1024 \
+      --stride=512
+
+Each document (a .txt/.md file, or a line of a .jsonl file with a "text" field; or a document
+of the run's corpus split) is scored on its own with sliding windows of --seq_len tokens that
+advance by --stride: every token is scored exactly once, with at least seq_len - stride tokens
+of context after the first window. Bits per byte divide the summed loss by the UTF-8 bytes of
+the scored text, so models with different tokenizers compare. Standard output carries only the
+JSON line; progress goes to standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (pretrained or imported).")
+_TEXT_FILES = flags.DEFINE_string(
+    "text_files", None, "comma-separated globs of .txt/.md/.jsonl files to evaluate on.")
+_TEXT_KEY = flags.DEFINE_string("text_key", "text", "field holding the text in .jsonl files.")
+_SPLIT = flags.DEFINE_string("split", None,
+                             "evaluate on this split of the run's own corpus instead "
+                             "(train or validation).")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "window length (default: the run's seq_len).")
+_STRIDE = flags.DEFINE_integer("stride", None, "window advance (default: seq_len // 2).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per forward pass.")
+_MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
+                                      "evaluate only the first N documents (0: all).")
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+@common.exit_on_user_error
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.quiet_logs()
+  from jaxlm import corpora
+  from jaxlm import evaluate as evaluate_lib
+  from jaxlm import generate as generate_lib
+  EvaluationError = evaluate_lib.EvaluationError
+  if not _WORKDIR.value:
+    raise EvaluationError("--workdir is required: the run directory to evaluate.")
+  if bool(_TEXT_FILES.value) == bool(_SPLIT.value):
+    raise EvaluationError("pass exactly one of --text_files=GLOB or --split=validation.")
+  if _MAX_DOCUMENTS.value < 0:
+    raise EvaluationError(f"--max_documents={_MAX_DOCUMENTS.value} must be >= 0.")
+  start = time.perf_counter()
+  run = generate_lib.open_run(_WORKDIR.value, _STEP.value)
+  config = run.config
+  seq_len = _SEQ_LEN.value or config.data.seq_len
+  stride = _STRIDE.value or max(seq_len // 2, 1)
+  if _TEXT_FILES.value:
+    documents = [text for _, text in corpora.read_documents(_TEXT_FILES.value, _TEXT_KEY.value)]
+    source = _TEXT_FILES.value
+  else:
+    documents = list(corpora.load_split(config.data, _SPLIT.value))
+    source = f"{config.data.corpus}:{_SPLIT.value}"
+  if _MAX_DOCUMENTS.value:
+    documents = documents[:_MAX_DOCUMENTS.value]
+  mesh = generate_lib.generation_mesh(config)
+  params = generate_lib.restore_params(run, mesh)
+  _log(f"loaded {_WORKDIR.value} step {run.step}; scoring {len(documents)} documents "
+       f"(seq_len {seq_len}, stride {stride})")
+  result = evaluate_lib.evaluate_documents(
+      config, params, run.tokenizer, documents, seq_len=seq_len, stride=stride,
+      batch_size=_BATCH_SIZE.value, mesh=mesh)
+  result.update(step=run.step, seq_len=seq_len, stride=stride, source=source)
+  _log(f"done in {time.perf_counter() - start:.1f}s")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=common.parse_flags)
