@@ -15,10 +15,12 @@ from jaxlm import config as config_lib
 
 # Errors that mean "the input is wrong": printed as one line, exit code 2, no traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
-  from jaxlm import checkpoint, convert, corpora, data, evaluate, generate, tokenizer, trainer
+  from jaxlm import (checkpoint, convert, corpora, data, evaluate, finetune, generate, lora,
+                     tokenizer, trainer)
   return (config_lib.ConfigError, corpora.CorpusError, tokenizer.TokenizerError,
           data.DataError, trainer.RunError, checkpoint.CheckpointError,
-          generate.GenerationError, convert.ConvertError, evaluate.EvaluationError)
+          generate.GenerationError, convert.ConvertError, evaluate.EvaluationError,
+          finetune.FinetuneError, lora.LoraError)
 
 
 def _flag_error(e: BaseException) -> None:
@@ -43,6 +45,22 @@ def define_config_flag(default: str | None = "configs/default.py"):
         "config", default, "ml_collections config file; override fields with --config.K=V.")
   except _FLAG_ERRORS as e:
     _flag_error(e)
+
+
+def define_config_overrides_flag():
+  """A --config flag holding the schema's defaults, for scripts that start from a run's saved
+  config (fine-tuning): only the --config.K=V overrides matter (see `config_overrides`)."""
+  try:
+    return config_flags.DEFINE_config_dict(
+        "config", config_lib.default_config_dict(),
+        "override fields of the run's config with --config.K=V (e.g. --config.model.lora_rank=8).")
+  except _FLAG_ERRORS as e:
+    _flag_error(e)
+
+
+def config_overrides(flag_name: str = "config") -> dict[str, Any]:
+  """{'section.key': value} of the --config.K=V overrides given on the command line."""
+  return dict(config_flags.get_override_values(flags.FLAGS[flag_name]))
 
 
 def config_value(holder) -> Any:
@@ -106,6 +124,22 @@ def config_file_dict(flag_name: str = "config") -> dict[str, Any]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config().to_dict()
+
+
+def run_finetune(task: str, init: str | None, data: str | None, workdir: str | None,
+                 validation_data: str | None, test_data: str | None, progress: bool) -> None:
+  """The fine-tuning scripts' shared main: checks everything, trains, prints the summary."""
+  import json
+  from jaxlm import finetune
+  missing = [name for name, value in (("--init", init), ("--data", data),
+                                      ("--workdir", workdir)) if not value]
+  if missing:
+    raise finetune.FinetuneError(f"{', '.join(missing)} required: --init=RUN (the run to start "
+                                 f"from), --data=FILE, --workdir=NEW_RUN.")
+  prepared = finetune.prepare(init, workdir, task, data, config_overrides(),
+                              validation_data or "", test_data or "")
+  summary = finetune.finetune(prepared, workdir, show_progress=progress)
+  print(json.dumps(summary))
 
 
 def exit_on_user_error(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

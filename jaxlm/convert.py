@@ -128,6 +128,9 @@ def hf_config_dict(model: ModelConfig, eos_id: int) -> dict[str, Any]:
 def check_exportable(model: ModelConfig) -> None:
   """ConvertError unless GPT-2's architecture can express `model` exactly."""
   problems = []
+  if model.num_classes:
+    problems.append(f"model.num_classes={model.num_classes} (a classifier head; GPT-2 is a "
+                    f"language model)")
   if model.positional not in ("learned", "sinusoidal", "none"):
     problems.append(f"model.positional={model.positional!r} (GPT-2 has learned absolute "
                     f"positions; sinusoidal and none export as a fixed table)")
@@ -341,6 +344,9 @@ def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.nda
   """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""
   from jaxlm.model import sinusoidal_embedding, unstack_layers
   check_exportable(model)
+  if model.lora_rank:  # GPT-2 has no adapters: fold them into the kernels
+    from jaxlm import lora
+    model, params = lora.merge(model, params)
   if model.scan_layers:
     params = unstack_layers(params)
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)

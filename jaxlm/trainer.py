@@ -71,9 +71,10 @@ def check_workdir(workdir: str) -> None:
     raise RunError(f"workdir {workdir} cannot be written ({existing} is not writable); "
                    f"choose a --workdir you can write to.")
   if os.path.isfile(os.path.join(path, "source.json")):  # written by convert.import_gpt2
-    raise RunError(f"workdir {workdir} holds imported weights without optimizer state (see its "
-                   f"source.json), so pretraining cannot resume it; generate from, evaluate or "
-                   f"export it, or choose another --workdir. Nothing was changed.")
+    raise RunError(f"workdir {workdir} holds imported or fine-tuned weights without optimizer "
+                   f"state (see its source.json), so pretraining cannot resume it; generate "
+                   f"from, evaluate or export it, or choose another --workdir. Nothing was "
+                   f"changed.")
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
@@ -108,6 +109,11 @@ def prepare(config: Config, workdir: str) -> Prepared:
           f"workdir {workdir} holds a run with a different {', '.join(bad[:4])} "
           f"(saved config.json); resume it with its own config (--workdir alone) or pick a new "
           f"--workdir. Nothing was changed.")
+  if config.model.num_classes or config.model.lora_rank:
+    field = "num_classes" if config.model.num_classes else "lora_rank"
+    raise config_lib.ConfigError(
+        f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
+        f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)

@@ -1,0 +1,361 @@
+"""LoRA adapter utilities: add, split off, merge into the kernels, save and load.
+
+The model itself holds the adapters (`Dense._lora` in model.py): with `model.lora_rank > 0`
+every Dense named in `model.lora_targets` has, beside its kernel [*in, *out],
+
+  lora_a [*in, rank]   random (std 1/sqrt(fan_in))
+  lora_b [rank, *out]  zeros, so a fresh adapter changes nothing
+
+and adds `dropout(x) @ lora_a @ lora_b * lora_alpha / lora_rank`. Scanned layers put a leading
+[num_layers] axis on all three. This module only moves those leaves around: params are nested
+dicts of arrays (unboxed), and a param's path is its tuple of keys, e.g.
+('layers_0', 'attention', 'query', 'lora_a'), written 'layers_0/attention/query/lora_a' in
+adapter files.
+
+Adapter files are safetensors (never pickles) holding only lora_a/lora_b under their
+'/'-joined paths, with the rank, alpha, dropout and targets in the metadata (JSON strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlm import files
+from jaxlm import sharding
+from jaxlm.config import ModelConfig
+from jaxlm.model import Transformer, lora_params_per_layer
+
+Params = dict[str, Any]
+Path = tuple[str, ...]
+
+ADAPTER_NAMES = ("lora_a", "lora_b")
+# Written into every adapter file: load_adapters refuses safetensors files without it.
+FORMAT = "jaxlm-lora"
+
+
+class LoraError(ValueError):
+  """Bad adapter input; the message names the param or field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and partitions
+# ---------------------------------------------------------------------------------------------
+
+def is_adapter_path(path: tuple[str, ...] | str) -> bool:
+  """Whether a param path ('a/b/lora_a' or ('a', 'b', 'lora_a')) names a LoRA adapter."""
+  if isinstance(path, str):
+    path = tuple(path.split("/"))
+  if not path:
+    return False
+  # Also accept jax key paths (DictKey entries), as from jax.tree_util.tree_flatten_with_path.
+  last = getattr(path[-1], "key", path[-1])
+  return last in ADAPTER_NAMES
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
+  """{path: leaf} of a nested mapping; anything that is not a mapping is a leaf."""
+  flat: dict[Path, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[Path, Any]) -> Params:
+  tree: Params = {}
+  for path, leaf in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def _name(path: Path) -> str:
+  return "/".join(path)
+
+
+def partition(params: Mapping[str, Any], selected: Callable[[Path], bool]
+              ) -> tuple[Params, Params]:
+  """(selected, rest): nested dicts of the leaves whose path `selected` accepts, and the others.
+  The leaves are the same objects as in `params`; `combine` is the inverse."""
+  flat = _flatten(params)
+  return (_unflatten({p: v for p, v in flat.items() if selected(p)}),
+          _unflatten({p: v for p, v in flat.items() if not selected(p)}))
+
+
+def split(params: Mapping[str, Any]) -> tuple[Params, Params]:
+  """(adapters, base): nested dicts holding the lora_a/lora_b leaves and all other leaves."""
+  return partition(params, is_adapter_path)
+
+
+def combine(adapters: Mapping[str, Any], base: Mapping[str, Any]) -> Params:
+  """One params tree from the two halves of `split`."""
+  flat = _flatten(base)
+  for path, leaf in _flatten(adapters).items():
+    if path in flat:
+      raise LoraError(f"param {_name(path)} is in both adapters and base; pass the two halves "
+                      f"of lora.split.")
+    flat[path] = leaf
+  return _unflatten(flat)
+
+
+def count(params: Mapping[str, Any]) -> tuple[int, int]:
+  """(adapter parameters, all parameters) of a params tree (arrays, boxes or shapes)."""
+  flat = _flatten(nn.unbox(params))
+  sizes = {p: math.prod(leaf.shape) for p, leaf in flat.items()}
+  return sum(n for p, n in sizes.items() if is_adapter_path(p)), sum(sizes.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding adapters to base params
+# ---------------------------------------------------------------------------------------------
+
+def _init_boxed(config: ModelConfig, rng: jax.Array) -> Params:
+  # Param shapes do not depend on the sequence length; one token is the cheapest trace.
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(config).init({"params": rng}, tokens)["params"]
+
+
+def _check_kernels(config: ModelConfig, params: Mapping[str, Any],
+                   abstract: Mapping[str, Any]) -> None:
+  """Raises LoraError unless `params` holds, beside every adapter the config adds, the kernel
+  of the shape the config gives."""
+  have = _flatten(params)
+  want = _flatten(abstract)
+  for module in sorted({p[:-1] for p in want if is_adapter_path(p)}):
+    path = module + ("kernel",)
+    if path not in have:
+      raise LoraError(
+          f"params have no {_name(path)} for the adapters of {_name(module)}; pass the base "
+          f"params of a model like the config (model.scan_layers={config.scan_layers}, "
+          f"num_layers={config.num_layers}, mlp={config.mlp!r}).")
+    if tuple(have[path].shape) != tuple(want[path].shape):
+      raise LoraError(f"{_name(path)} has shape {tuple(have[path].shape)} but the config gives "
+                      f"{tuple(want[path].shape)}; use the model config of the base params.")
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_initializer(config: ModelConfig, mesh: Mesh | None):
+  """rng -> adapters of `Transformer(config).init`, jitted (cached: one compile per config)."""
+  def init_adapters(rng: jax.Array) -> Params:
+    return split(nn.unbox(_init_boxed(config, rng)))[0]
+
+  if mesh is None:
+    return jax.jit(init_adapters)
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
+  return jax.jit(init_adapters, out_shardings=sharding.state_shardings(split(boxed)[0], mesh))
+
+
+def add_adapters(config: ModelConfig, params: Mapping[str, Any], rng: jax.Array, *,
+                 mesh: Mesh | None = None) -> Params:
+  """`params` (a model without adapters) plus fresh lora_a/lora_b for `config`.
+
+  The adapters are those of `jax.jit(Transformer(config).init)({'params': rng}, ...)` (the same
+  draws; XLA's fusion choices may change the last bit): the init is jitted with only the
+  adapters as outputs, so XLA drops the base weights' initialisers and no second copy of them
+  is ever allocated. Base leaves are returned as they are (the same
+  arrays). With `mesh`, the adapters are created sharded by their logical axes on it (as
+  `train.make_steps` shards them); otherwise on the default device.
+  """
+  if not config.lora_rank:
+    raise LoraError("model.lora_rank=0: add_adapters needs a config with adapters; set "
+                    "lora_rank > 0 (e.g. 8).")
+  existing = [p for p in _flatten(params) if is_adapter_path(p)]
+  if existing:
+    raise LoraError(f"params already hold adapters (e.g. {_name(existing[0])}); pass base "
+                    f"params (lora.split(params)[1]) or use lora.apply_adapters to replace them.")
+  abstract = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
+  _check_kernels(config, params, nn.unbox(abstract))
+  init_adapters = _adapter_initializer(config, mesh)
+  if mesh is None:
+    adapters = init_adapters(rng)
+  else:
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      adapters = init_adapters(rng)
+  return combine(adapters, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging adapters into the kernels
+# ---------------------------------------------------------------------------------------------
+
+def _merged_kernel(name: str, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+                   scale: float) -> jax.Array:
+  """kernel [*lead, *in, *out] + lora_a [*lead, *in, rank] @ lora_b [*lead, rank, *out] * scale.
+
+  `lead` is () unscanned and (num_layers,) scanned. Returned in the kernel's dtype, on the
+  kernel's sharding.
+  """
+  rank = lora_a.shape[-1]
+  lead = lora_a.ndim + lora_b.ndim - 2 - kernel.ndim  # 1 when scanned
+  lead_shape = tuple(lora_a.shape[:max(lead, 0)])
+  if (lead < 0 or tuple(lora_b.shape[:lead + 1]) != lead_shape + (rank,)
+      or tuple(lora_a.shape[:-1]) + tuple(lora_b.shape[lead + 1:]) != tuple(kernel.shape)):
+    raise LoraError(f"{name}: lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} do "
+                    f"not fit kernel {tuple(kernel.shape)}; pass params of one model.")
+  fan_in = math.prod(lora_a.shape[lead:-1])
+  fan_out = math.prod(lora_b.shape[lead + 1:])
+  a = jnp.reshape(lora_a, lead_shape + (fan_in, rank)).astype(jnp.float32)
+  b = jnp.reshape(lora_b, lead_shape + (rank, fan_out)).astype(jnp.float32)
+  # HIGHEST: TPUs otherwise multiply float32 in bfloat16 passes, and the merged model is
+  # supposed to reproduce the adapted one, not approximate it.
+  delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [*lead, fan_in, fan_out]
+  merged = kernel.astype(jnp.float32) + jnp.reshape(delta, kernel.shape) * scale
+  merged = merged.astype(kernel.dtype)
+  if isinstance(kernel, jax.Array):
+    merged = jax.device_put(merged, kernel.sharding)
+  return merged
+
+
+def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, Params]:
+  """Folds every adapter into its kernel and drops the adapters.
+
+  kernel <- kernel + lora_a @ lora_b * lora_alpha / lora_rank (contracting the rank axis, per
+  layer when scanned). Returns the config with lora_rank=0 and the unboxed params of that
+  plain model, which computes the same logits as the adapted one (without LoRA dropout). A
+  config that adds no adapters (lora_rank=0, or targets this model lacks) with params without
+  adapters is a no-op.
+  """
+  flat = _flatten(nn.unbox(params))
+  modules = sorted({p[:-1] for p in flat if is_adapter_path(p)})
+  if not modules:
+    # lora_targets may name only Dense layers this mlp lacks (fc with swiglu): no adapters.
+    if lora_params_per_layer(config):
+      raise LoraError(f"model.lora_rank={config.lora_rank} but the params hold no lora_a/lora_b; "
+                      f"pass the adapted model's params (or its config with lora_rank=0).")
+    return dataclasses.replace(config, lora_rank=0), _unflatten(flat)
+  if not config.lora_rank:
+    raise LoraError(f"params hold adapters (e.g. {_name(modules[0])}/lora_a) but "
+                    f"model.lora_rank=0; pass the config they were trained with.")
+  scale = config.lora_alpha / config.lora_rank
+  for module in modules:
+    parts = [flat.get(module + (leaf,)) for leaf in ("kernel",) + ADAPTER_NAMES]
+    missing = [leaf for leaf, x in zip(("kernel",) + ADAPTER_NAMES, parts) if x is None]
+    if missing:
+      raise LoraError(f"{_name(module)} has no {missing[0]}; adapters need kernel, lora_a and "
+                      f"lora_b side by side.")
+    kernel, lora_a, lora_b = parts
+    if lora_a.shape[-1] != config.lora_rank:
+      raise LoraError(f"{_name(module)}/lora_a has rank {lora_a.shape[-1]} but model.lora_rank="
+                      f"{config.lora_rank}; pass the config the adapters were trained with.")
+    flat[module + ("kernel",)] = _merged_kernel(_name(module), kernel, lora_a, lora_b, scale)
+    del flat[module + ("lora_a",)], flat[module + ("lora_b",)]
+  return dataclasses.replace(config, lora_rank=0), _unflatten(flat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter files
+# ---------------------------------------------------------------------------------------------
+
+def _to_numpy(x: Any) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather first
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  # safetensors needs C-contiguous buffers.
+  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> None:
+  """Writes the adapters of `params` (only those) to a safetensors file, atomically.
+
+  Tensors are named by their '/'-joined paths; the metadata holds format, rank, alpha, dropout,
+  targets and scan_layers as JSON strings.
+  """
+  from safetensors.numpy import save
+  adapters = {_name(p): v for p, v in _flatten(nn.unbox(params)).items() if is_adapter_path(p)}
+  if not adapters:
+    raise LoraError("params hold no lora_a/lora_b to save; pass the params of a model with "
+                    "model.lora_rank > 0.")
+  # The metadata must describe the tensors: a loader builds its model from it. lora_a ends in
+  # the rank axis (lora_b's rank axis position depends on scanning).
+  for name, value in sorted(adapters.items()):
+    if name.endswith("lora_a") and value.shape[-1] != config.lora_rank:
+      raise LoraError(f"adapter {name} has rank {value.shape[-1]} but model.lora_rank="
+                      f"{config.lora_rank}; pass the config of these params.")
+  metadata = {"format": FORMAT, "rank": json.dumps(config.lora_rank),
+              "alpha": json.dumps(config.lora_alpha), "dropout": json.dumps(config.lora_dropout),
+              "targets": json.dumps(list(config.lora_targets)),
+              "scan_layers": json.dumps(config.scan_layers)}
+  tensors = {name: _to_numpy(value) for name, value in adapters.items()}
+  files.write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """({'/'-joined path: array}, metadata) from a file written by `save_adapters`.
+
+  metadata: rank (int), alpha (float), dropout (float), targets (tuple of str), scan_layers
+  (bool), format.
+  """
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(path, framework="numpy") as f:
+      raw = dict(f.metadata() or {})
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
+  except FileNotFoundError:
+    raise LoraError(f"adapter file {path} does not exist; pass the adapters.safetensors of a "
+                    f"LoRA run.") from None
+  except SafetensorError as e:
+    raise LoraError(f"adapter file {path} is not a safetensors file ({e}).") from None
+  if raw.get("format") != FORMAT:
+    raise LoraError(f"{path} has no '{FORMAT}' format metadata; pass a file written by "
+                    f"lora.save_adapters.")
+  try:
+    metadata = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+    metadata = {"format": FORMAT, "rank": int(metadata["rank"]),
+                "alpha": float(metadata["alpha"]), "dropout": float(metadata["dropout"]),
+                "targets": tuple(metadata["targets"]),
+                "scan_layers": bool(metadata.get("scan_layers", False))}
+  except (KeyError, TypeError, ValueError) as e:
+    raise LoraError(f"{path}: bad adapter metadata ({e!r}); pass a file written by "
+                    f"lora.save_adapters.") from None
+  others = sorted(name for name in tensors if not is_adapter_path(name))
+  if others:
+    raise LoraError(f"{path} holds {others[0]}, not an adapter; adapter files hold only "
+                    f"lora_a/lora_b.")
+  return tensors, metadata
+
+
+def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, np.ndarray]) -> Params:
+  """`params` with its lora_a/lora_b replaced by `adapters` ({'/'-joined path: array}).
+
+  `params` must already hold adapters of the same paths and shapes (from the model's init or
+  `add_adapters` with the file's rank and targets). New leaves take the dtype and sharding of
+  the leaves they replace; other leaves are returned as they are.
+  """
+  flat = _flatten(params)
+  current = {_name(p): p for p in flat if is_adapter_path(p)}
+  if not current:
+    raise LoraError("params hold no lora_a/lora_b to replace; create them first with "
+                    "lora.add_adapters(config, params, rng) using the file's rank and targets.")
+  missing = sorted(set(current) - set(adapters))
+  if missing:
+    raise LoraError(f"adapter {missing[0]} is missing from the loaded adapters ({len(missing)} "
+                    f"missing); use a model with the file's lora_targets and scan_layers.")
+  unexpected = sorted(set(adapters) - set(current))
+  if unexpected:
+    raise LoraError(f"unexpected adapter {unexpected[0]}: the model has no such param; use a "
+                    f"model with the file's lora_targets and scan_layers.")
+  for name in sorted(adapters):
+    old, new = flat[current[name]], adapters[name]
+    if tuple(new.shape) != tuple(old.shape):
+      raise LoraError(f"adapter {name} has shape {tuple(new.shape)} but the model expects "
+                      f"{tuple(old.shape)}; match model.lora_rank and the model dims to the "
+                      f"file.")
+    value = np.asarray(new, dtype=old.dtype)
+    flat[current[name]] = (jax.device_put(value, old.sharding) if isinstance(old, jax.Array)
+                           else jnp.asarray(value))
+  return _unflatten(flat)

@@ -1,0 +1,404 @@
+"""Fine-tuning: classification and instruction following, fully and with LoRA, on tasks the
+tests generate, starting from a small model pretrained here on the same kind of text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import finetune
+from jaxlm import generate as generate_lib
+from jaxlm import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADJECTIVES = ["red", "big", "small", "green", "old", "new", "quiet", "bright", "dark", "happy"]
+NOUNS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "road", "car", "book", "lamp",
+         "chair", "garden", "window", "door", "city"]
+VERBS = ["sees", "likes", "finds", "takes", "moves", "paints", "opens", "follows", "watches"]
+NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "twelve"]
+REVERSE_WORDS = ["cat", "dog", "bird", "fish", "tree", "house", "road", "car", "book", "lamp",
+                 "door", "city"]
+
+
+def sentence(rng: random.Random, with_number: bool) -> str:
+  """'the old cat sees the red door' (with a number word in one adjective slot if asked)."""
+  words = ["the", rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), "the",
+           rng.choice(ADJECTIVES), rng.choice(NOUNS)]
+  if rng.random() < 0.5:
+    words += ["near", "the", rng.choice(NOUNS)]
+  if with_number:
+    words[rng.choice([1, 5])] = rng.choice(NUMBERS)
+  return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  return pretrain_base(tmp_path_factory.mktemp("base"))
+
+
+def pretrain_base(root) -> str:
+  """A 2-layer model pretrained for 200 steps on sentences like the tasks' (with and without
+  number words); returns its workdir."""
+  rng = random.Random(0)
+  corpus = root / "corpus"
+  corpus.mkdir()
+  for i in range(60):
+    lines = [sentence(rng, rng.random() < 0.5) + "." for _ in range(60)]
+    (corpus / f"{i}.txt").write_text("\n".join(lines) + "\n")
+  values = {
+      "model": {"num_layers": 2, "num_heads": 4, "embed_dim": 128, "mlp_dim": 256,
+                "vocab_size": 320, "max_seq_len": 64},
+      "data": {"corpus": "text_files", "files": f"{corpus}/*.txt", "seq_len": 32, "stride": 32,
+               "data_dir": str(root / "cache"), "validation_fraction": 0.1},
+      "train": {"num_steps": 200, "global_batch_size": 16, "eval_every": 200, "eval_batches": 2,
+                "checkpoint_every": 200, "sample_every": 1000, "sample_max_new_tokens": 0},
+      "optim": {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 20},
+  }
+  workdir = root / "run"
+  summary = trainer.train(config_lib.validate(values), str(workdir), show_progress=False)
+  assert summary["eval_loss"] < 1.5  # it learned the sentences
+  return str(workdir)
+
+
+def classification_csv(path, count: int, seed: int) -> None:
+  rng = random.Random(seed)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["text", "label"])
+    for _ in range(count):
+      has_number = rng.random() < 0.5
+      writer.writerow([sentence(rng, has_number), "number" if has_number else "none"])
+
+
+def reversal_json(path, count: int, seed: int) -> None:
+  rng = random.Random(seed)
+  records = []
+  for _ in range(count):
+    words = rng.sample(REVERSE_WORDS, 3)
+    records.append({"instruction": "Reverse the words.", "input": " ".join(words),
+                    "output": " ".join(reversed(words))})
+  with open(path, "w") as f:
+    json.dump(records, f)
+
+
+def run_script(name: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", f"experiments.{name}", "--noprogress", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _final(metrics_path: str) -> dict:
+  with open(metrics_path) as f:
+    records = [json.loads(line) for line in f]
+  return [r for r in records if "test_accuracy" in r or "test_loss" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def classifiers(base_run, tmp_path_factory):
+  """Full fine-tuning and LoRA rank 8 on the number-word task: their summaries."""
+  root = tmp_path_factory.mktemp("cls")
+  data = root / "numbers.csv"
+  classification_csv(data, 1000, seed=1)
+  results = {}
+  for name, extra in [("full", ["--config.finetune.trainable=all",
+                                "--config.optim.learning_rate=1e-3"]),
+                      ("lora", ["--config.model.lora_rank=8",
+                                "--config.model.lora_targets=query,value",
+                                "--config.optim.learning_rate=3e-3"])]:
+    workdir = root / name
+    result = run_script("finetune_classifier", [
+        f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
+        "--config.finetune.epochs=4", "--config.train.global_batch_size=16", *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results[name] = (json.loads(result.stdout.strip().splitlines()[-1]), workdir)
+  return results
+
+
+@pytest.mark.slow
+def test_classifier_learns_the_number_word_task(classifiers):
+  summary, workdir = classifiers["full"]
+  assert summary["test_accuracy"] >= 0.95, summary
+  assert summary["trainable_params"] == summary["total_params"]
+  for name in ("config.json", "labels.json", "metrics.jsonl", "summary.json", "source.json",
+               "tokenizer.model"):
+    assert (workdir / name).is_file(), name
+  assert json.loads((workdir / "labels.json").read_text()) == ["none", "number"]
+  final = _final(str(workdir / "metrics.jsonl"))
+  assert {"train_accuracy", "validation_accuracy", "test_accuracy", "train_loss"} <= set(final)
+
+
+@pytest.mark.slow
+def test_lora_classifier_matches_full_finetuning_with_few_parameters(classifiers):
+  full, _ = classifiers["full"]
+  lora_summary, workdir = classifiers["lora"]
+  assert lora_summary["trainable_params"] < 0.05 * lora_summary["total_params"]
+  assert lora_summary["test_accuracy"] >= full["test_accuracy"] - 0.02, (lora_summary, full)
+  assert (workdir / "adapters.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_predict_labels_new_texts(classifiers, tmp_path):
+  _, workdir = classifiers["full"]
+  rng = random.Random(7)
+  texts = [sentence(rng, i % 2 == 0) for i in range(20)]
+  (tmp_path / "new.txt").write_text("\n".join(texts) + "\n")
+  result = subprocess.run([sys.executable, "-m", "experiments.finetune_classifier",
+                           f"--workdir={workdir}", f"--predict={tmp_path / 'new.txt'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r["text"] for r in rows] == texts
+  correct = sum(r["label"] == ("number" if i % 2 == 0 else "none") for i, r in enumerate(rows))
+  assert correct >= 19
+  assert abs(sum(rows[0]["probabilities"].values()) - 1.0) < 1e-4
+
+
+@pytest.mark.slow
+def test_instruction_tuning_learns_to_reverse_words(base_run, tmp_path):
+  data = tmp_path / "reverse.json"
+  reversal_json(data, 900, seed=2)
+  workdir = tmp_path / "instruct"
+  result = run_script("finetune_instruct", [
+      f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
+      "--config.finetune.template=chat", "--config.finetune.epochs=12",
+      "--config.finetune.max_new_tokens=12", "--config.train.global_batch_size=16",
+      "--config.optim.learning_rate=1e-3", "--config.optim.schedule=cosine",
+      "--config.optim.min_learning_rate=1e-5", "--config.optim.warmup_steps=20"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["test_exact_match"] >= 0.9, summary
+  report = json.loads((workdir / "test_responses.json").read_text())
+  assert len(report) == 180 and {"instruction", "input", "output", "response"} <= set(report[0])
+  final = _final(str(workdir / "metrics.jsonl"))
+  assert {"train_loss", "validation_loss", "test_loss", "test_perplexity"} <= set(final)
+  # The untuned model never answers the task.
+  config, params, tokenizer = generate_lib.load_run(base_run)
+  split = finetune.encode_instructions(
+      finetune.read_instructions(str(data), "chat")[-40:], tokenizer, 64)
+  untuned = finetune.respond(config, params, tokenizer, split, max_new_tokens=12)
+  assert sum(r["exact_match"] for r in untuned) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking, trainable selection and bad input (fast)
+# ---------------------------------------------------------------------------------------------
+
+class _WordTokenizer:
+  """One id per character: enough to test batching and masking."""
+  pad_id, eos_id, vocab_size = 0, 1, 130
+
+  def encode_batch(self, texts):
+    return [[2 + (ord(c) % 128) for c in t] for t in texts]
+
+
+def test_prompt_and_padding_never_enter_the_instruction_loss():
+  examples = [finetune.Example("a:1", "prompt one: ", response="abc"),
+              finetune.Example("a:2", "p: ", response="longer response")]
+  encoded = finetune.encode_instructions(examples, _WordTokenizer(), max_length=64)
+  batch = finetune.make_batch(encoded, [0, 1], 4, 64, 0, "instruct")
+  # Weighted targets are exactly the response characters and the final EOS.
+  for row, example in enumerate(examples):
+    weighted = batch["targets"][row][batch["weights"][row] > 0]
+    assert list(weighted) == _WordTokenizer().encode_batch([example.response])[0] + [1]
+  assert batch["weights"][2:].sum() == 0  # filler rows
+  logits = jax.random.normal(jax.random.PRNGKey(0), batch["inputs"].shape + (130,))
+  sums = finetune.lm_sums(logits, jax.tree.map(jnp.asarray, batch))
+  changed = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"],
+                                         (batch["targets"] + 7) % 130))
+  assert float(finetune.lm_sums(logits, jax.tree.map(jnp.asarray, changed))["loss_sum"]) == \
+      pytest.approx(float(sums["loss_sum"]), rel=1e-6)
+  assert float(sums["count"]) == 3 + 1 + 15 + 1
+
+
+def test_classifier_reads_the_last_real_token():
+  examples = [finetune.Example("f:2", "ab", "x"), finetune.Example("f:3", "abcde", "y")]
+  encoded = finetune.encode_classifier(examples, _WordTokenizer(), ["x", "y"], 32)
+  batch = finetune.make_batch(encoded, [0, 1], 2, 32, 0, "classifier")
+  assert list(batch["last_index"]) == [1, 4] and list(batch["labels"]) == [0, 1]
+  logits = np.zeros(batch["inputs"].shape + (2,), np.float32)
+  logits[0, 1] = [5.0, 0.0]   # row 0, last real token: says class 0 (right)
+  logits[1, 4] = [5.0, 0.0]   # row 1, last real token: says class 0 (wrong)
+  logits[1, 10] = [0.0, 9.0]  # padding after the text: must be ignored
+  sums = finetune.classifier_sums(jnp.asarray(logits), jax.tree.map(jnp.asarray, batch))
+  assert float(sums["correct"]) == 1.0 and float(sums["count"]) == 2.0
+
+
+@pytest.mark.parametrize("trainable,last_n,expected", [
+    ("head", 1, {"classifier"}),
+    ("last_n_blocks", 1, {"classifier", "final_norm", "layers_2"}),
+    ("last_n_blocks", 2, {"classifier", "final_norm", "layers_1", "layers_2"}),
+    ("all", 1, {"classifier", "final_norm", "layers_0", "layers_1", "layers_2", "token_embed"}),
+])
+def test_trainable_selection_and_optimizer_state(trainable, last_n, expected):
+  config = config_lib.validate({
+      "model": {"num_layers": 3, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
+                "vocab_size": 50, "num_classes": 3},
+      "finetune": {"task": "classifier", "trainable": trainable, "last_n_blocks": last_n}})
+  from jaxlm.model import Transformer
+  params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  params = jax.tree.map(lambda p: getattr(p, "value", p), params["params"],
+                        is_leaf=lambda p: hasattr(p, "value"))
+  trainable_tree, frozen = finetune.partition(params, config)
+  assert set(trainable_tree) == expected
+  assert finetune.count(trainable_tree) + finetune.count(frozen) == finetune.count(params)
+  assert finetune.combine(trainable_tree, frozen).keys() == params.keys()
+  steps = finetune.make_finetune_steps(
+      config, __import__("jaxlm.sharding", fromlist=["x"]).make_mesh(config.mesh,
+                                                                     jax.devices()[:1]), 10)
+  opt_state = steps.optimizer.init(trainable_tree)
+  # AdamW keeps two moments per trainable parameter and nothing for frozen ones.
+  moments = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0]
+  assert sum(x.size for x in moments) == 2 * finetune.count(trainable_tree)
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def test_bad_classifier_data_names_file_and_row(tmp_path):
+  good = _write(tmp_path / "good.csv", "text,label\na b,x\nc d,y\n")
+  cases = [
+      (_write(tmp_path / "cols.csv", "sentence,label\na,x\n"), "cols.csv has no column 'text'"),
+      (_write(tmp_path / "empty.csv", ""), "empty.csv is empty"),
+      (_write(tmp_path / "header.csv", "text,label\n"), "header.csv has a header but no"),
+      (_write(tmp_path / "nolabel.csv", "text,label\na,x\nb,\n"), "nolabel.csv:3"),
+  ]
+  for path, message in cases:
+    with pytest.raises(finetune.FinetuneError, match=message.replace(".", r"\.")):
+      finetune.read_labeled(path)
+  unknown = finetune.read_labeled(_write(tmp_path / "val.csv", "text,label\na,x\nb,z\n"))
+  with pytest.raises(finetune.FinetuneError, match=r"val\.csv:3: label 'z'"):
+    finetune.label_ids(unknown, ["x", "y"])
+  examples = finetune.read_labeled(good)
+  with pytest.raises(finetune.FinetuneError, match=r"good\.csv:2: the text is 3 tokens, longer"):
+    finetune.encode_classifier(examples, _WordTokenizer(), ["x", "y"], max_length=2)
+
+
+def test_bad_instruction_data_names_file_and_record(tmp_path):
+  cases = [
+      (_write(tmp_path / "a.json", '[{"instruction": "x"}]'), r"a\.json:record 0: field 'output'"),
+      (_write(tmp_path / "b.json", '{"instruction": "x"}'), r"b\.json must hold a JSON list"),
+      (_write(tmp_path / "c.jsonl", '{"instruction": "x", "output": "y"}\nnot json\n'),
+       r"c\.jsonl:2: not JSON"),
+      (_write(tmp_path / "d.json", "[]"), r"d\.json has no records"),
+  ]
+  for path, message in cases:
+    with pytest.raises(finetune.FinetuneError, match=message):
+      finetune.read_instructions(path, "alpaca")
+  long = finetune.read_instructions(
+      _write(tmp_path / "e.json", '[{"instruction": "x", "output": "' + "y" * 80 + '"}]'), "chat")
+  with pytest.raises(finetune.FinetuneError, match=r"e\.json:record 0: prompt \+ response"):
+    finetune.encode_instructions(long, _WordTokenizer(), max_length=64)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
+  data = _write(tmp_path / "d.csv", "text,label\na,x\n")
+  cases = [
+      (["--data=" + data, f"--workdir={tmp_path}/w"], "--init required"),
+      ([f"--init={tmp_path}/nope", "--data=" + data, f"--workdir={tmp_path}/w"],
+       "does not exist"),
+      ([f"--init={tmp_path}", "--data=" + data, f"--workdir={tmp_path}/w",
+        "--config.model.lora_rank=abc"], "lora_rank"),
+  ]
+  for args, message in cases:
+    result = run_script("finetune_classifier", args, timeout=120)
+    assert result.returncode == 2, result.stderr[-1000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
+  """Both scripts start from an imported GPT-2 run; a LoRA instruction run exports to GPT-2 with
+  its adapters merged, and transformers computes the same logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tokenizers import ByteLevelBPETokenizer
+  from jaxlm import convert
+  rng = random.Random(3)
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator([sentence(rng, i % 2 == 0) for i in range(400)], vocab_size=300,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+  bpe.save_model(str(hf_dir))
+  vocab = len(json.loads((hf_dir / "vocab.json").read_text()))
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2))
+  model.save_pretrained(str(hf_dir))
+  base = tmp_path / "gpt2"
+  convert.import_gpt2(str(hf_dir), str(base))
+
+  classification_csv(tmp_path / "numbers.csv", 120, seed=4)
+  result = run_script("finetune_classifier", [
+      f"--init={base}", f"--data={tmp_path / 'numbers.csv'}", f"--workdir={tmp_path / 'cls'}",
+      "--config.finetune.epochs=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  # The book's default: the last block, the final norm and the head train.
+  assert 0 < summary["trainable_params"] < summary["total_params"]
+
+  reversal_json(tmp_path / "reverse.json", 60, seed=5)
+  workdir = tmp_path / "instruct"
+  result = run_script("finetune_instruct", [
+      f"--init={base}", f"--data={tmp_path / 'reverse.json'}", f"--workdir={workdir}",
+      "--config.finetune.epochs=1", "--config.finetune.max_new_tokens=4",
+      "--config.finetune.template=chat",
+      "--config.model.lora_rank=4", "--config.optim.learning_rate=1e-2"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  config, params, _ = generate_lib.load_run(str(workdir))
+  assert config.model.lora_rank == 4
+  lora_b = params["layers_0"]["attention"]["query"]["lora_b"]
+  assert float(jnp.abs(lora_b).max()) > 0  # the adapters trained
+  result = subprocess.run([sys.executable, "-m", "experiments.export_gpt2",
+                           f"--workdir={workdir}", f"--hf_dir={tmp_path / 'out'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  exported = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+  tokens = np.asarray([[5, 17, 42, 8, 99, 3, 61]], np.int32)
+  with torch.no_grad():
+    reference = exported(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  ours = generate_lib.forward_logits(config.model, params, tokens)  # base + adapters, unmerged
+  assert np.max(np.abs(ours - reference)) < 1e-4
+
+
+def test_balance_and_split_are_seeded_and_complete():
+  examples = [finetune.Example(f"f:{i}", f"t{i}", "a" if i < 30 else "b") for i in range(40)]
+  balanced = finetune.balance(examples, seed=0)
+  assert sorted(e.label for e in balanced).count("a") == 10 == len(balanced) - 10
+  assert balanced == finetune.balance(examples, seed=0)
+  train, validation, test = finetune.split_examples(examples, 0.7, 0.1, seed=5)
+  assert (len(train), len(validation), len(test)) == (28, 4, 8)
+  assert sorted(e.where for e in train + validation + test) == sorted(e.where for e in examples)
+  assert finetune.class_names(["10", "9", "2"]) == ["2", "9", "10"]
+
+
+def test_lora_trains_only_adapters_and_the_head():
+  config = config_lib.validate({
+      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
+                "vocab_size": 50, "num_classes": 2, "lora_rank": 4,
+                "lora_targets": ("query", "value")},
+      "finetune": {"task": "classifier"}})
+  from jaxlm.model import Transformer
+  params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  params = jax.tree.map(lambda p: getattr(p, "value", p), params["params"],
+                        is_leaf=lambda p: hasattr(p, "value"))
+  trainable, frozen = finetune.partition(params, config)
+  names = {"/".join(p.key for p in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  assert names == {"classifier/kernel", "classifier/bias"} | {
+      f"layers_{i}/attention/{m}/lora_{x}" for i in (0, 1) for m in ("query", "value")
+      for x in "ab"}
+  assert finetune.resolved_trainable(config) == "lora"
