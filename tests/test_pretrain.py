@@ -86,6 +86,21 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   # stdout carries only the final summary line.
   assert result.stdout.strip().startswith("step=12")
 
+  # The run evaluates on its own held-out split (documents scored with sliding windows).
+  evaluation = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--split=validation",
+       "--max_documents=2", "--seq_len=32", "--stride=16", "--step=6"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+  scores = json.loads(evaluation.stdout)
+  assert scores["step"] == 6 and scores["documents"] == 2 and scores["tokens"] > 100
+  assert 0 < scores["bits_per_byte"] < 8
+  refused = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2
+  assert refused.stderr.strip() == ("error: pass exactly one of --text_files=GLOB or "
+                                    "--split=validation.")
+
   # Rerun with --workdir alone: it uses the saved config and finds nothing left to do...
   again = run_cli(["--workdir", str(workdir), "--progress=false"])
   assert again.returncode == 0, again.stderr[-2000:]
