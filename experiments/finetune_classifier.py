@@ -16,7 +16,7 @@ finetune.train_fraction / validation_fraction (0.7 / 0.1 / rest test, seeded by 
 --config.finetune.balance=true undersamples to the smallest class. The class logits are read
 at each text's last token. Loss and accuracy of every split are logged per epoch
 (metrics.jsonl: train_accuracy, validation_accuracy, test_accuracy, ...), and the checkpoint of
-the best validation accuracy is kept. --predict labels a file's texts (one per line, or a
+the best validation accuracy (ties: lowest validation loss) is kept. --predict labels a file's texts (one per line, or a
 CSV/TSV with a text column) and prints one JSON object per text.
 """
 

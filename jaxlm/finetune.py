@@ -588,7 +588,8 @@ def _log(message: str) -> None:
 
 def finetune(prepared: Prepared, workdir: str, show_progress: bool = True) -> dict[str, Any]:
   """Trains for `finetune.epochs`, evaluating every split after each epoch; keeps the
-  checkpoint of the best validation accuracy (classifier) or loss (instruct). Returns the
+  checkpoint of the best validation accuracy (classifier; ties go to the lower validation loss)
+  or loss (instruct). Returns the
   summary (also written to summary.json)."""
   from jaxlm import checkpoint as ckpt
   from jaxlm import metrics as metrics_lib
@@ -654,9 +655,13 @@ def finetune(prepared: Prepared, workdir: str, show_progress: bool = True) -> di
     message = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "epoch")
     (progress.write if progress is not None else _log)(f"epoch {epoch}: {message}")
     if "validation" in prepared.splits:
-      better = (results["validation_accuracy"] > best.get("validation_accuracy", -1.0)
-                if task == "classifier" else
-                results["validation_loss"] < best.get("validation_loss", math.inf))
+      # Classifiers rank by accuracy, ties (common once a small validation split saturates)
+      # broken by the lower loss; instruction tuning ranks by response loss alone.
+      def rank(r: dict) -> tuple[float, ...]:
+        if task == "classifier":
+          return (r.get("validation_accuracy", -1.0), -r.get("validation_loss", math.inf))
+        return (-r.get("validation_loss", math.inf),)
+      better = rank(results) > rank(best)
     else:  # no validation split: keep the last epoch
       better = True
     if better:
