@@ -16,11 +16,11 @@ from jaxlm import config as config_lib
 # Errors that mean "the input is wrong": printed as one line, exit code 2, no traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
   from jaxlm import (checkpoint, convert, corpora, data, evaluate, finetune, generate, lora,
-                     tokenizer, trainer)
+                     sweep, tokenizer, trainer)
   return (config_lib.ConfigError, corpora.CorpusError, tokenizer.TokenizerError,
           data.DataError, trainer.RunError, checkpoint.CheckpointError,
           generate.GenerationError, convert.ConvertError, evaluate.EvaluationError,
-          finetune.FinetuneError, lora.LoraError)
+          finetune.FinetuneError, lora.LoraError, sweep.SweepError)
 
 
 def _flag_error(e: BaseException) -> None:

@@ -342,7 +342,7 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
 
 def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
   """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""
-  from jaxlm.model import sinusoidal_embedding, unstack_layers
+  from jaxlm.model import sinusoidal_positions, unstack_layers
   check_exportable(model)
   if model.lora_rank:  # GPT-2 has no adapters: fold them into the kernels
     from jaxlm import lora
@@ -352,7 +352,7 @@ def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.nda
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
   if model.positional == "sinusoidal":  # a fixed table: exactly what the model adds
     positions = np.arange(model.max_seq_len)[None]
-    params["position_embed"] = np.asarray(sinusoidal_embedding(positions, model.embed_dim)[0])
+    params["position_embed"] = np.asarray(sinusoidal_positions(positions, model)[0])
   elif model.positional == "none":
     params["position_embed"] = np.zeros((model.max_seq_len, model.embed_dim), np.float32)
 

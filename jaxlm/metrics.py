@@ -115,14 +115,18 @@ def truncate_after(path: str, step: int) -> None:
     files.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
+def new_figure(size: tuple[float, float]):
+  """(figure, axes) drawn off screen. Matplotlib's object API, not pyplot: the global backend
+  and pyplot's figure list stay untouched, so a notebook's inline plots keep working."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=size)
+  return fig, fig.subplots()
+
+
 def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: int, path: str) -> None:
   """Train and validation loss against tokens seen, as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   records = list(records)
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = new_figure((7, 4.5))
   for key, label in (("train_loss", "train"), ("eval_loss", "validation")):
     points = [(r["step"] * tokens_per_step, r[key]) for r in records if key in r]
     if points:
@@ -134,4 +138,3 @@ def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: int, path
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -420,17 +420,18 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_path: s
     raise TokenizerError("no text to train the tokenizer on: the corpus' train split is empty.")
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
-  with open(os.devnull, "w") as quiet:  # SentencePiece logs thousands of lines to stderr
-    try:
-      spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-          logstream=quiet, **_TRAINER_SETTINGS)
-    except RuntimeError as e:
-      # SentencePiece says e.g. "INTERNAL: file.cc(744) [check] Vocabulary size too high (300).
-      # Please set it to a value <= 265." Keep the sentence that names the fix.
-      reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
-      raise TokenizerError(f"SentencePiece training with model.vocab_size={vocab_size} failed: "
-                           f"{reason} (set --config.model.vocab_size accordingly).") from None
+  try:
+    # SentencePiece logs thousands of lines to stderr; minloglevel=2 keeps only errors.
+    # (Its `logstream` argument needs sys.stderr.fileno(), which Jupyter/Colab do not have.)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        minloglevel=2, **_TRAINER_SETTINGS)
+  except RuntimeError as e:
+    # SentencePiece says e.g. "INTERNAL: file.cc(744) [check] Vocabulary size too high (300).
+    # Please set it to a value <= 265." Keep the sentence that names the fix.
+    reason = " ".join(str(e).split()).rsplit("] ", 1)[-1]
+    raise TokenizerError(f"SentencePiece training with model.vocab_size={vocab_size} failed: "
+                         f"{reason} (set --config.model.vocab_size accordingly).") from None
   files.write_bytes(model_path, model.getvalue())
   return SentencePieceTokenizer(model.getvalue(), model_path)
 

@@ -487,3 +487,15 @@ def test_flops_per_token_matches_xla_count():
   grad = jax.grad(lambda p: cross_entropy(Transformer(cfg).apply({"params": p}, tokens), tokens))
   xla_flops = jit(grad).lower(params).cost_analysis()["flops"] / tokens.size
   np.testing.assert_allclose(xla_flops, model_lib.flops_per_token(cfg, 64), rtol=0.03)
+
+
+def test_sinusoidal_positions_start_at_the_token_embeddings_scale():
+  # Unscaled sin/cos codes (RMS 0.71) would be ~35x the tokens' RMS (init_std 0.02) and drown
+  # them; the model adds them at the tokens' scale, as learned positions start.
+  config = ModelConfig(embed_dim=128, init_std=0.02, positional="sinusoidal")
+  codes = model_lib.sinusoidal_positions(jnp.arange(256)[None], config)  # [1, 256, 128]
+  rms = float(jnp.sqrt(jnp.mean(jnp.square(codes))))
+  assert abs(rms - 0.02) < 0.002, rms
+  params = Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  token_rms = float(jnp.sqrt(jnp.mean(jnp.square(nn.unbox(params)["token_embed"]))))
+  assert 0.5 < rms / token_rms < 2.0

@@ -1,0 +1,57 @@
+"""The Colab demos run top to bottom on CPU (a failing cell fails the test), and are kept in
+git without outputs."""
+
+import json
+import os
+import time
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(REPO, "experiments", "notebooks")
+NAMES = ["quickstart.ipynb", "from_scratch.ipynb"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One prepared corpus and tokenizer for both notebooks (what a user's cache holds)."""
+  return tmp_path_factory.mktemp("jaxlm_cache")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_stored_without_outputs_and_has_a_colab_badge(name):
+  with open(os.path.join(NOTEBOOKS, name)) as f:
+    notebook = json.load(f)
+  for cell in notebook["cells"]:
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and cell["execution_count"] is None
+  first = "".join(notebook["cells"][0]["source"])
+  assert f"colab.research.google.com/github/jaxlm/jaxlm/blob/main/experiments/notebooks/{name}" \
+      in first and "colab-badge.svg" in first
+  assert "jax.default_backend()" in "".join("".join(c["source"]) for c in notebook["cells"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path, data_dir, monkeypatch):
+  # The kernel is a child process: it inherits this environment. One CPU device (not the
+  # test suite's 8 simulated ones), jaxlm importable from the checkout, a fresh working dir.
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  monkeypatch.setenv("JAXLM_DATA_DIR", str(data_dir))
+  monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws plots
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  start = time.time()
+  client.execute()  # raises CellExecutionError naming the failing cell
+  seconds = time.time() - start
+  assert seconds < 300, f"{name} took {seconds:.0f} s; the budget is 5 minutes"
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
+  assert os.path.isdir(tmp_path / "runs" / "quickstart") == (name == "quickstart.ipynb")
