@@ -437,6 +437,16 @@ def _records(workdir: str, run: Run) -> list[dict[str, Any]]:
   return metrics.read_jsonl(os.path.join(run_dir(workdir, run), "metrics.jsonl"))
 
 
+def final_train_loss(records: Sequence[Mapping[str, Any]], num_steps: int) -> float | None:
+  """Mean train loss of the steps logged in the last 10% of training (at least the last one):
+  one step's loss is a single batch's, too noisy to compare runs by."""
+  logged = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+  if not logged:
+    return None
+  tail = [loss for step, loss in logged if step > 0.9 * num_steps] or [logged[-1][1]]
+  return float(np.mean(tail))
+
+
 def _overrides_text(overrides: Mapping[str, Any]) -> str:
   return ", ".join(f"`{k}={_value_text(v)}`" for k, v in overrides.items()) or "(base)"
 
@@ -452,7 +462,10 @@ def point_results(plan: Plan, workdir: str) -> list[dict[str, Any]]:
       status = statuses.get(run.name, {})
       if is_finished(workdir, run):
         finished.append(run)
-        summaries.append(_read_json(os.path.join(run_dir(workdir, run), "summary.json")))
+        summary = _read_json(os.path.join(run_dir(workdir, run), "summary.json"))
+        summary["final_train_loss"] = final_train_loss(_records(workdir, run),
+                                                       run.config["train"]["num_steps"])
+        summaries.append(summary)
         if status.get("seconds"):
           seconds.append(status["seconds"])
       else:
@@ -473,9 +486,9 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
   best = min(eval_losses, key=eval_losses.get) if eval_losses else None
   lines = [f"# Sweep `{plan.name}`", "",
            f"Sweep file `{os.path.relpath(plan.source)}`; {len(plan.points)} points × "
-           f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); losses are the final "
-           f"train loss (last logged step) and validation loss in nats per token, mean ± std "
-           f"over finished seeds; tokens/s is the median of each run's logged steps, averaged "
+           f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); losses are in nats "
+           f"per token, mean ± std over finished seeds: the final validation loss and the train "
+           f"loss of the steps logged in the last 10% of training; tokens/s is the median of each run's logged steps, averaged "
            f"over seeds; wall time per run includes start-up and compilation"
            + (f" (runs shared the machine, {parallel} at a time)" if parallel > 1 else "") + ".",
            "",
@@ -493,7 +506,7 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
     name = f"**{r['point']}**" if r["point"] == best and len(results) > 1 else r["point"]
     lines.append(
         f"| {name} | {params} | {len(r['finished'])}/{len(r['runs'])} "
-        f"| {_mean_std([x['train_loss'] for x in s], 3)} "
+        f"| {_mean_std([x['final_train_loss'] for x in s], 3)} "
         f"| {_mean_std([x['eval_loss'] for x in s], 3)} "
         f"| {_mean_std([x['eval_bits_per_byte'] for x in s], 3)} "
         f"| {speed} | {wall} | {_overrides_text(r['overrides'])} |")

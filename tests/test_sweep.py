@@ -65,7 +65,8 @@ def test_grid_is_every_combination_in_order(tmp_path):
       def get_sweep():
         return {"base": {"train": {"num_steps": 7}},
                 "overrides": {"model.num_layers": 1},
-                "grid": {"model.positional": ["learned", "rope"], "model.tie_embeddings": [True, False]},
+                "grid": {"model.positional": ["learned", "rope"],
+                         "model.tie_embeddings": [True, False]},
                 "seeds": [3, 5]}
       """)
   plan = sweep.load(path)
@@ -282,3 +283,12 @@ def test_sigterm_stops_the_sweep_and_a_rerun_resumes_from_checkpoints(tmp_path, 
              (workdir / "only" / f"seed_{seed}" / "metrics.jsonl").open()
              if "train_loss" in json.loads(line)]
     assert steps == list(range(2, 401, 2))  # every logged step exactly once
+
+
+def test_final_train_loss_averages_the_last_tenth_of_training():
+  records = [{"step": s, "train_loss": float(s)} for s in range(10, 101, 10)]
+  records.insert(3, {"step": 40, "eval_loss": 9.0})
+  assert sweep.final_train_loss(records, 100) == 100.0  # only step 100 is past 90
+  assert sweep.final_train_loss(records, 200) == 100.0  # unfinished: the last logged step
+  assert sweep.final_train_loss(records[:5], 100) == 40.0
+  assert sweep.final_train_loss([], 100) is None
