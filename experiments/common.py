@@ -91,6 +91,11 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "this process's index in the job.")
 
 
+def log(message: str) -> None:
+  """A progress line on stderr (stdout carries what the script produces)."""
+  print(message, file=sys.stderr, flush=True)
+
+
 def quiet_logs() -> None:
   """Orbax/TFDS log every save and read at INFO; show warnings only unless -v was given."""
   if not flags.FLAGS["verbosity"].present:

@@ -16,7 +16,6 @@ JSON line; progress goes to standard error.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags
@@ -36,10 +35,6 @@ _STRIDE = flags.DEFINE_integer("stride", None, "window advance (default: seq_len
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per forward pass.")
 _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
                                       "evaluate only the first N documents (0: all).")
-
-
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 @common.exit_on_user_error
@@ -72,13 +67,13 @@ def main(argv: list[str]) -> None:
     documents = documents[:_MAX_DOCUMENTS.value]
   mesh = generate_lib.generation_mesh(config)
   params = generate_lib.restore_params(run, mesh)
-  _log(f"loaded {_WORKDIR.value} step {run.step}; scoring {len(documents)} documents "
-       f"(seq_len {seq_len}, stride {stride})")
+  common.log(f"loaded {_WORKDIR.value} step {run.step}; scoring {len(documents)} documents "
+             f"(seq_len {seq_len}, stride {stride})")
   result = evaluate_lib.evaluate_documents(
       config, params, run.tokenizer, documents, seq_len=seq_len, stride=stride,
       batch_size=_BATCH_SIZE.value, mesh=mesh)
   result.update(step=run.step, seq_len=seq_len, stride=stride, source=source)
-  _log(f"done in {time.perf_counter() - start:.1f}s")
+  common.log(f"done in {time.perf_counter() - start:.1f}s")
   print(json.dumps(result))
 
 

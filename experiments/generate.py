@@ -97,10 +97,6 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
 class OrderedWriter:
   """Writes the samples of a batch to stdout in order: the current sample streams live, later
   ones are buffered until it is finished."""
@@ -165,8 +161,8 @@ def run(argv: list[str]) -> None:
   generate_lib.encode_prompts(config.model, tokenizer, rows, _MAX_NEW_TOKENS.value,
                               _TRUNCATE.value)
   params = generate_lib.restore_params(run_info)
-  _log(f"loaded {_WORKDIR.value} step {run_info.step} ({config.model.num_layers} layers, "
-       f"{config.model.embed_dim} dims) in {time.perf_counter() - start:.1f}s")
+  common.log(f"loaded {_WORKDIR.value} step {run_info.step} ({config.model.num_layers} layers, "
+             f"{config.model.embed_dim} dims) in {time.perf_counter() - start:.1f}s")
   stats: dict = {}
   completions: list = []
   pieces = generate_lib.stream(
@@ -182,15 +178,15 @@ def run(argv: list[str]) -> None:
     sys.stdout.flush()
   for i, c in enumerate(completions):
     if c.truncated:
-      _log(f"sample {i}: prompt truncated to its last {c.prompt_tokens} tokens")
+      common.log(f"sample {i}: prompt truncated to its last {c.prompt_tokens} tokens")
   reasons = {}
   for c in completions:
     reasons[c.finish_reason] = reasons.get(c.finish_reason, 0) + 1
-  _log(f"{stats['new_tokens']} new tokens for {stats['batch']} samples in "
-       f"{stats['seconds']:.2f}s (compile {stats['compile_seconds']:.2f}s, "
-       f"{stats['tokens_per_second']:.1f} tokens/s after compile, "
-       f"kv_cache={stats['kv_cache']}); stopped: "
-       + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+  common.log(f"{stats['new_tokens']} new tokens for {stats['batch']} samples in "
+             f"{stats['seconds']:.2f}s (compile {stats['compile_seconds']:.2f}s, "
+             f"{stats['tokens_per_second']:.1f} tokens/s after compile, "
+             f"kv_cache={stats['kv_cache']}); stopped: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
 
 
 def main(argv: list[str]) -> None:

@@ -62,10 +62,6 @@ def _train_one(workdir: str, name: str) -> None:
   print(" ".join(f"{k}={summary.get(k)}" for k in ("step", "train_loss", "eval_loss")))
 
 
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
 @common.exit_on_user_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -82,7 +78,7 @@ def main(argv: list[str]) -> None:
     def command(run: sweep_lib.Run) -> list[str]:
       return [sys.executable, "-m", "experiments.sweep", f"--workdir={workdir}",
               f"--run={run.name}"]
-    statuses = sweep_lib.execute(plan, workdir, command, parallel=_PARALLEL.value, log=_log)
+    statuses = sweep_lib.execute(plan, workdir, command, parallel=_PARALLEL.value, log=common.log)
   else:
     if not os.path.isdir(workdir):
       raise sweep_lib.SweepError(f"--workdir={workdir} does not exist: nothing to report on; "
@@ -91,11 +87,11 @@ def main(argv: list[str]) -> None:
   report, curves = sweep_lib.write_report(plan, workdir)
   with open(report) as f:
     print(f.read(), end="")
-  _log(f"wrote {report} and {curves}")
+  common.log(f"wrote {report} and {curves}")
   unfinished = [name for name, s in statuses.items() if s.get("status") != "finished"]
   if unfinished:
-    _log(f"{len(unfinished)} run(s) did not finish: {', '.join(unfinished)}; rerun with "
-         f"--workdir={workdir} to retry or resume them.")
+    common.log(f"{len(unfinished)} run(s) did not finish: {', '.join(unfinished)}; rerun with "
+               f"--workdir={workdir} to retry or resume them.")
     sys.exit(1)
 
 
