@@ -47,7 +47,7 @@ def base_run(tmp_path_factory):
 
 
 def pretrain_base(root) -> str:
-  """A 2-layer model pretrained for 200 steps on sentences like the tasks' (with and without
+  """A 2-layer model pretrained for 500 steps on sentences like the tasks' (with and without
   number words); returns its workdir."""
   rng = random.Random(0)
   corpus = root / "corpus"
@@ -60,8 +60,8 @@ def pretrain_base(root) -> str:
                 "vocab_size": 320, "max_seq_len": 64},
       "data": {"corpus": "text_files", "files": f"{corpus}/*.txt", "seq_len": 32, "stride": 32,
                "data_dir": str(root / "cache"), "validation_fraction": 0.1},
-      "train": {"num_steps": 200, "global_batch_size": 16, "eval_every": 200, "eval_batches": 2,
-                "checkpoint_every": 200, "sample_every": 1000, "sample_max_new_tokens": 0},
+      "train": {"num_steps": 500, "global_batch_size": 16, "eval_every": 500, "eval_batches": 2,
+                "checkpoint_every": 500, "sample_every": 1000, "sample_max_new_tokens": 0},
       "optim": {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 20},
   }
   workdir = root / "run"
@@ -111,13 +111,14 @@ def classifiers(base_run, tmp_path_factory):
   results = {}
   for name, extra in [("full", ["--config.finetune.trainable=all",
                                 "--config.optim.learning_rate=1e-3"]),
+                      # Adapters need a larger step than full fine-tuning (as usual for LoRA).
                       ("lora", ["--config.model.lora_rank=8",
                                 "--config.model.lora_targets=query,value",
-                                "--config.optim.learning_rate=3e-3"])]:
+                                "--config.optim.learning_rate=1e-2"])]:
     workdir = root / name
     result = run_script("finetune_classifier", [
         f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
-        "--config.finetune.epochs=4", "--config.train.global_batch_size=16", *extra])
+        "--config.finetune.epochs=8", "--config.train.global_batch_size=16", *extra])
     assert result.returncode == 0, result.stderr[-3000:]
     results[name] = (json.loads(result.stdout.strip().splitlines()[-1]), workdir)
   return results
