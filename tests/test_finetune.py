@@ -18,7 +18,6 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import finetune
 from jaxlm import generate as generate_lib
-from jaxlm import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADJECTIVES = ["red", "big", "small", "green", "old", "new", "quiet", "bright", "dark", "happy"]
@@ -65,7 +64,13 @@ def pretrain_base(root) -> str:
       "optim": {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 20},
   }
   workdir = root / "run"
-  summary = trainer.train(config_lib.validate(values), str(workdir), show_progress=False)
+  # Through the CLI, in its own process, like the fine-tuning runs below: the base model then
+  # does not depend on what earlier tests left in this process.
+  result = run_script("pretrain", [f"--workdir={workdir}"] + [
+      f"--config.{section}.{key}={value}" for section, fields in values.items()
+      for key, value in fields.items()])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
   assert summary["eval_loss"] < 1.5  # it learned the sentences
   return str(workdir)
 
@@ -111,10 +116,11 @@ def classifiers(base_run, tmp_path_factory):
   results = {}
   for name, extra in [("full", ["--config.finetune.trainable=all",
                                 "--config.optim.learning_rate=1e-3"]),
-                      # Adapters need a larger step than full fine-tuning (as usual for LoRA).
+                      # On query/key/value: with query/value alone the adapters found the
+                      # task only on some numeric paths (0.70-1.0 measured across runs).
                       ("lora", ["--config.model.lora_rank=8",
-                                "--config.model.lora_targets=query,value",
-                                "--config.optim.learning_rate=1e-2"])]:
+                                "--config.model.lora_targets=query,key,value",
+                                "--config.optim.learning_rate=3e-3"])]:
     workdir = root / name
     result = run_script("finetune_classifier", [
         f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
