@@ -111,8 +111,11 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
     state = nn.unbox(init_boxed(init_rng))
     return state.replace(rng=state_rng)
 
+  # An abstract key (not jax.random.PRNGKey(0), which is a concrete array): everything here
+  # stays abstract, so the step also compiles for devices this process cannot run on (a TPU
+  # topology planned on a CPU machine, see experiments/plan.py).
   with jax.set_mesh(mesh), sharding.axis_rules():
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    abstract_boxed = jax.eval_shape(init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
   state_shardings = sharding.state_shardings(abstract_boxed, mesh)
   abstract_state = jax.tree.map(
       lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
