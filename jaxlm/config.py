@@ -100,6 +100,9 @@ class TrainConfig:
   global_batch_size: int = 8
   microbatches: int = 1
   z_loss: float = 0.0
+  # Positions per chunk of the LM-head loss (jaxlm/loss.py): [batch, chunk, vocab] logits exist
+  # at a time instead of [batch, length, vocab]; 0 = the whole sequence at once.
+  loss_chunk_size: int = 256
   log_every: int = 10
   eval_every: int = 250
   eval_batches: int = 8
@@ -345,10 +348,10 @@ def check(config: Config) -> Config:
                       "--config.data.tfds_name=tiny_shakespeare.")
   _positive("data.seq_len", d.seq_len)
   _positive("data.stride", d.stride)
-  if m.positional == "learned" and d.seq_len > m.max_seq_len:
+  if d.seq_len > m.max_seq_len:
     raise ConfigError(
-        f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, the number "
-        f"of learned positions; lower data.seq_len or raise model.max_seq_len.")
+        f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, the "
+        f"context the model is built for; lower data.seq_len or raise model.max_seq_len.")
   if not 0.0 < d.validation_fraction < 1.0:
     raise ConfigError(f"data.validation_fraction={d.validation_fraction}: must be in (0, 1).")
   _positive("data.tokenizer_max_sentences", d.tokenizer_max_sentences)
@@ -363,7 +366,7 @@ def check(config: Config) -> Config:
   for name in ("log_every", "eval_batches", "keep_checkpoints"):
     _positive(f"train.{name}", getattr(t, name))
   for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
-               "z_loss", "sample_top_k", "max_nonfinite_steps"):
+               "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps"):
     _non_negative(f"train.{name}", getattr(t, name))
   _non_negative("train.sample_temperature", t.sample_temperature)
 
@@ -409,7 +412,7 @@ def _check_finetune(config: Config) -> None:
     raise ConfigError(f"finetune.last_n_blocks={f.last_n_blocks} must be in [1, "
                       f"model.num_layers={m.num_layers}].")
   _positive("finetune.epochs", f.epochs)
-  if f.max_length < 0 or (m.positional == "learned" and f.max_length > m.max_seq_len):
+  if f.max_length < 0 or f.max_length > m.max_seq_len:
     raise ConfigError(f"finetune.max_length={f.max_length} must be in [0, model.max_seq_len="
                       f"{m.max_seq_len}] (0: the whole context).")
   if not (0 < f.train_fraction < 1 and 0 <= f.validation_fraction < 1

@@ -108,9 +108,9 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
   from jaxlm import config as config_lib
   from jaxlm import train as train_lib
   model = config.model
-  if seq_len < 1 or (model.positional == "learned" and seq_len > model.max_seq_len):
+  if not 1 <= seq_len <= model.max_seq_len:
     raise EvaluationError(f"--seq_len={seq_len} must be in [1, model.max_seq_len="
-                          f"{model.max_seq_len}] (the positions this model learned).")
+                          f"{model.max_seq_len}] (the context this model is built for).")
   if not 0 < stride <= seq_len:
     raise EvaluationError(f"--stride={stride} must be in [1, --seq_len={seq_len}].")
   if batch_size < 1:

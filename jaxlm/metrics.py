@@ -13,23 +13,47 @@ import numpy as np
 
 from jaxlm import files
 
-# Dense peak FLOP/s per device from vendors' data sheets: (bfloat16/float16, float32).
-ACCELERATOR_PEAK_FLOPS = {
-    "TPU v4": (275e12, 275e12 / 2),
-    "TPU v5 lite": (197e12, 197e12 / 2),
-    "TPU v5e": (197e12, 197e12 / 2),
-    "TPU v5p": (459e12, 459e12 / 2),
-    "TPU v6 lite": (918e12, 918e12 / 2),
-    "NVIDIA A100-SXM4-40GB": (312e12, 19.5e12),
-    "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12),
-    "NVIDIA H100 80GB HBM3": (989e12, 67e12),
-}
+# Dense (no sparsity) peak FLOP/s per device from vendors' data sheets, as
+# (substring of jax's device_kind, bfloat16/float16 peak, float32 peak). The first match wins,
+# so longer names come before their prefixes ("H100 PCIe" before "H100", "L40S" before "L4").
+# float32 on NVIDIA tensor-core GPUs: XLA runs float32 matmuls as TF32 by default, so the TF32
+# peak is the honest denominator. TPUs have no float32 matmul unit (XLA splits float32 into
+# bfloat16 passes): half the bfloat16 peak is used. A device in none of these rows gets a
+# measured matmul probe (`measure_matmul_flops`) instead, never NaN.
+DEVICE_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("TPU v6 lite", 918e12, 459e12),    # v6e (Trillium)
+    ("TPU v6e", 918e12, 459e12),
+    ("TPU v5 lite", 197e12, 98.5e12),   # v5e
+    ("TPU v5e", 197e12, 98.5e12),
+    ("TPU v5p", 459e12, 229.5e12),
+    ("TPU v5", 459e12, 229.5e12),       # jax calls a v5p chip "TPU v5"
+    ("TPU v4", 275e12, 137.5e12),
+    ("B200", 2.25e15, 1.1e15),
+    ("H200", 989e12, 494.7e12),         # same compute as H100 SXM, more and faster HBM
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 417.5e12),
+    ("H100", 989e12, 494.7e12),         # SXM: "NVIDIA H100 80GB HBM3"
+    ("GH200", 989e12, 494.7e12),
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("V100", 125e12, 15.7e12),          # float16 tensor cores; no bfloat16
+)
 
 
-def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
-  """Best FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device: the
-  probe of what this host's XLA can reach (used as the CPU 'peak')."""
-  a = jnp.ones((size, size), dtype)
+def data_sheet_peak(device_kind: str, dtype: str) -> float | None:
+  """Peak FLOP/s of one device of `device_kind` for compute `dtype`, or None if unknown."""
+  for name, low_precision, full_precision in DEVICE_PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return full_precision if dtype == "float32" else low_precision
+  return None
+
+
+def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10,
+                         device: jax.Device | None = None) -> float:
+  """Best FLOP/s of a jitted [size, size] @ [size, size] matmul on `device` (default: the
+  first device): what this device's XLA can reach, the 'peak' where no data sheet is known."""
+  a = jax.device_put(jnp.ones((size, size), dtype), device or jax.devices()[0])
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = float("inf")
@@ -41,27 +65,34 @@ def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10)
 
 
 def peak_flops(dtype: str, cache_dir: str | None = None) -> float:
-  """Peak FLOP/s of all devices of this job.
+  """Peak FLOP/s of all devices of this job, for compute `dtype` (always finite and > 0).
 
-  Accelerators: the data-sheet number per device times the device count. CPU: a matmul probe,
-  measured once per host shape and cached in `cache_dir/peak_flops.json`, times the process
-  count (simulated CPU devices of one process share one host's cores).
+  Accelerators in `DEVICE_PEAK_FLOPS`: the data-sheet number per device times the device
+  count. Any other device (CPU, or an accelerator missing from the table): a matmul probe
+  (4096-square on accelerators, 1024 on CPU), measured once per device kind and cached in
+  `cache_dir/peak_flops.json`, times the number of devices (CPU: times the process count,
+  since simulated CPU devices of one process share one host's cores).
   """
   device = jax.devices()[0]
   if device.platform != "cpu":
-    low, high = ACCELERATOR_PEAK_FLOPS.get(device.device_kind, (float("nan"),) * 2)
-    return (high if dtype == "float32" else low) * jax.device_count()
-  key = f"cpu-{os.cpu_count()}-{dtype}-jax{jax.__version__}"
+    known = data_sheet_peak(device.device_kind, dtype)
+    if known is not None:
+      return known * jax.device_count()
+    key = f"{device.platform}-{device.device_kind}-{dtype}-jax{jax.__version__}"
+    size, multiplier = 4096, jax.device_count()
+  else:
+    key = f"cpu-{os.cpu_count()}-{dtype}-jax{jax.__version__}"
+    size, multiplier = 1024, jax.process_count()
   path = os.path.join(cache_dir, "peak_flops.json") if cache_dir else None
   cache = {}
   if path and os.path.exists(path):
     with open(path) as f:
       cache = json.load(f)
   if key not in cache:
-    cache[key] = measure_matmul_flops(dtype=jnp.dtype(dtype))
+    cache[key] = measure_matmul_flops(size, dtype=jnp.dtype(dtype), device=device)
     if path:
       files.write_json(path, cache)
-  return cache[key] * jax.process_count()
+  return cache[key] * multiplier
 
 
 class MetricWriter:

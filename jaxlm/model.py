@@ -156,6 +156,36 @@ def segment_mask(q_segment_ids: Array, k_segment_ids: Array) -> Array:
   return (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
 
 
+@jax.custom_vjp
+def masked_softmax(scores: Array, mask: Array) -> Array:
+  """softmax(where(mask, scores, most negative float)) over the last axis, float32.
+
+  scores [batch, heads, q_len, kv_len] float32; mask bool, broadcastable to it. The same
+  values as writing it out, but its VJP keeps only the probabilities (and the unbroadcast
+  mask) for the backward pass: autodiff of where + softmax keeps the masked scores, their exp
+  and the probabilities, three [batch, heads, q_len, kv_len] float32 arrays per layer (for GPT-2
+  at batch 8 x 1,024 that was 1.2 GB per layer of the step's 26.7 GB of temporaries on CPU).
+  """
+  # The most negative float, not -inf: a fully masked row (a padding query) then gives a
+  # uniform distribution instead of NaN.
+  return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def _masked_softmax_fwd(scores, mask):
+  probs = masked_softmax(scores, mask)
+  return probs, (probs, mask)
+
+
+def _masked_softmax_bwd(residuals, d_probs):
+  probs, mask = residuals
+  # d softmax: probs * (d_probs - <d_probs, probs>); masked scores were replaced by a constant.
+  d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  return jnp.where(mask, d_scores, 0.0), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
                         dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
   """Multi-head scaled dot-product attention, written out.
@@ -168,10 +198,7 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
   scale = 1.0 / math.sqrt(query.shape[-1])
   scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                       preferred_element_type=jnp.float32) * scale    # [batch, heads, q, kv]
-  # The most negative float, not -inf: a fully masked row (a padding query) then gives a
-  # uniform distribution instead of NaN.
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = masked_softmax(scores, mask)
   if dropout_rng is not None and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
@@ -447,13 +474,16 @@ class Transformer(nn.Module):
   deterministic: False enables dropout (needs the 'dropout' rng).
   decode: use and update the 'cache' collection (apply with mutable=['cache']); see
     CausalSelfAttention and `init_cache`.
+  return_hidden: return the final norm's output [batch, length, embed] (compute dtype)
+    instead of logits; the training loss applies the head itself (`lm_head` and
+    jaxlm/loss.py), chunk by chunk, so the full logits never exist.
   """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, return_hidden: bool = False) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     batch, length = tokens.shape
@@ -484,6 +514,8 @@ class Transformer(nn.Module):
         x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, deterministic, decode)
 
     x = Norm(cfg, name="final_norm")(x)
+    if return_hidden:
+      return x
     if cfg.num_classes:  # classification: class logits at every position
       logits = Dense((cfg.num_classes,), ("embed", None), cfg, name="classifier")(x)
       return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", None))
@@ -501,6 +533,16 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+def lm_head(params: PyTree, config: ModelConfig) -> tuple[Array, str]:
+  """The language-model head of `params` and its layout for jaxlm.loss: the token table
+  [vocab, embed] ('vd') when tied, else lm_head [embed, vocab] ('dv')."""
+  if config.num_classes:
+    raise ValueError("a classifier (model.num_classes > 0) has no language-model head.")
+  if config.tie_embeddings:
+    return params["token_embed"], "vd"
+  return params["lm_head"], "dv"
+
 
 def count_params(params: PyTree) -> int:
   """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""

@@ -19,8 +19,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding
-from jaxlm.config import Config
-from jaxlm.model import Transformer
+from jaxlm.config import Config, ConfigError
+from jaxlm import loss as loss_lib
+from jaxlm.model import Transformer, lm_head
 from jaxlm.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]
@@ -38,27 +39,30 @@ class TrainState:
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits [batch, length, vocab] float32, targets [batch, length] -> (nll, log Z), each
-  [batch, length] float32."""
+  [batch, length] float32. (For inspecting materialized logits; training uses `loss_sums`.)"""
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return log_z - target_logits, log_z
 
 
 def loss_sums(params: Any, batch: Batch, model: Transformer, z_loss: float,
-              dropout_rng: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              dropout_rng: jax.Array | None, chunk_size: int = 0
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """(weighted sum of nll + z_loss * log Z^2, (sum of nll, sum of weights)) over a batch.
 
-  Sums, not means, so microbatches add up to exactly the full-batch gradient.
+  Sums, not means, so microbatches add up to exactly the full-batch gradient. The model
+  returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size` positions
+  (0: all at once), so [batch, length, vocab] logits are never materialized.
   """
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+  hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                        segment_ids=batch["segment_ids"], deterministic=dropout_rng is None,
-                       rngs=rngs)
-  nll, log_z = token_losses(logits.astype(jnp.float32), batch["targets"])
+                       rngs=rngs, return_hidden=True)
+  head, layout = lm_head(params, model.config)
   weights = batch["weights"]
-  nll_sum = jnp.sum(nll * weights)
-  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights)
-  return objective, (nll_sum, jnp.sum(weights))
+  nll_sum, z_sum = loss_lib.cross_entropy_sums(hidden, head, batch["targets"], weights,
+                                               layout=layout, chunk_size=chunk_size)
+  return nll_sum + z_loss * z_sum, (nll_sum, jnp.sum(weights))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,79 @@ class Steps:
       return self.train_jit.lower(state, batch).compile()
 
 
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def abstract_batch(config: Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs [global_batch_size, seq_len] sharded like the real batches."""
+  shape = (config.train.global_batch_size, config.data.seq_len)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
+                                  sharding=batch_sharding) for k in BATCH_KEYS}
+
+
+class DoesNotFit(ConfigError):
+  """The compiled train step needs more memory than a device has."""
+
+
+def step_bytes(compiled: Any) -> int:
+  """Peak bytes per device of a compiled step: its arguments, the outputs that do not reuse a
+  donated input buffer, and XLA's temporaries."""
+  memory = compiled.memory_analysis()
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
+def _host_available_bytes() -> int | None:
+  """MemAvailable of this host (Linux), or None where unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def device_memory_bytes(mesh: Mesh) -> tuple[int, str] | None:
+  """(bytes one device of `mesh` can use, what they are) or None where unknown.
+
+  GPU/TPU: the allocator's limit (`memory_stats()['bytes_limit']`). CPU: the host's available
+  memory shared by this process's devices of the mesh.
+  """
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu":
+    available = _host_available_bytes()
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    if available is None:
+      return None
+    return available // max(local, 1), f"available host memory shared by {local} CPU devices"
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+
+
+def check_fits(needed: int, available: tuple[int, str] | None, config: Config) -> None:
+  """DoesNotFit (one line: the bytes needed and available and the knobs that cut them) when a
+  step needing `needed` bytes per device cannot run in `available`."""
+  if available is None or needed <= available[0]:
+    return
+  gib = lambda n: f"{n / 2**30:.2f} GiB"
+  knobs = [f"train.global_batch_size={config.train.global_batch_size} (or raise "
+           f"train.microbatches={config.train.microbatches})",
+           f"data.seq_len={config.data.seq_len}"]
+  if config.model.remat_policy != "full":
+    knobs.append(f"model.remat_policy={config.model.remat_policy} -> full")
+  if config.model.dtype == "float32":
+    knobs.append("model.dtype=bfloat16")
+  knobs.append("mesh.fsdp (shard the state over more devices)")
+  raise DoesNotFit(
+      f"the compiled train step needs {gib(needed)} per device but only {gib(available[0])} "
+      f"are available ({available[1]}); lower {', '.join(knobs)}. Nothing was written.")
+
+
 def make_model(config: Config) -> Transformer:
   return Transformer(config.model)
 
@@ -99,6 +176,7 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
   schedule = make_schedule(config.optim, config.train.num_steps)
   microbatches = config.train.microbatches
   z_loss = config.train.z_loss
+  chunk_size = config.train.loss_chunk_size
   use_dropout = config.model.dropout > 0
 
   def init_boxed(rng: jax.Array) -> TrainState:
@@ -132,7 +210,7 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
 
     def micro_grads(m: jax.Array, micro: Batch):
       rng = jax.random.fold_in(step_rng, m) if use_dropout else None
-      return grad_fn(state.params, micro, model, z_loss, rng)
+      return grad_fn(state.params, micro, model, z_loss, rng, chunk_size)
 
     if microbatches == 1:
       grads, (nll_sum, weight_sum) = micro_grads(jnp.int32(0), batch)
@@ -166,7 +244,7 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
     return new_state, metrics
 
   def eval_step(params: Any, batch: Batch) -> Metrics:
-    _, (nll_sum, weight_sum) = loss_sums(params, batch, model, 0.0, None)
+    _, (nll_sum, weight_sum) = loss_sums(params, batch, model, 0.0, None, chunk_size)
     return {"loss_sum": nll_sum, "weight_sum": weight_sum}
 
   def with_rules(fn):

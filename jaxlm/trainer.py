@@ -96,6 +96,8 @@ class Prepared:
   eval_tokens: np.ndarray
   mesh: Any
   steps: train_lib.Steps
+  train_step: Any          # the train step compiled ahead of time for this run's shapes
+  compile_seconds: float
 
 
 def prepare(config: Config, workdir: str) -> Prepared:
@@ -127,8 +129,15 @@ def prepare(config: Config, workdir: str) -> Prepared:
   data_lib.check_enough_tokens(
       eval_tokens, dataclasses.replace(config.data, stride=config.data.seq_len), "validation", 1)
   steps = train_lib.make_steps(config, mesh)
+  # Compiled here, from shapes alone, so that a step that cannot fit in memory is refused
+  # before the run directory is touched.
+  compile_start = time.perf_counter()
+  train_step = steps.compile_train(steps.abstract_state, train_lib.abstract_batch(config, mesh))
+  compile_seconds = time.perf_counter() - compile_start
+  train_lib.check_fits(train_lib.step_bytes(train_step), train_lib.device_memory_bytes(mesh),
+                       config)
   return Prepared(config, workdir, tokenizer, tokenizer_path, train_tokens, eval_tokens, mesh,
-                  steps)
+                  steps, train_step, compile_seconds)
 
 
 class StopFlag:
@@ -261,13 +270,11 @@ class _Loop:
         with open(summary_path) as f:
           return json.load(f)
 
-    # Compile ahead of time so the compile time is reported once and not counted as a step.
     data_state = iterator.get_state()
     first = sharding.global_batch(next(iterator), run.mesh)
-    compile_start = time.perf_counter()
-    train_step = run.steps.compile_train(state, first)
-    compile_seconds = time.perf_counter() - compile_start
-    _log(f"compiled the train step in {compile_seconds:.1f}s")
+    train_step, compile_seconds = run.train_step, run.compile_seconds
+    _log(f"compiled the train step in {compile_seconds:.1f}s "
+         f"({train_lib.step_bytes(train_step) / 2**30:.2f} GiB per device)")
     if self.lead and start == 0:
       writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
 

@@ -15,6 +15,7 @@ def test_defaults_validate_and_hash():
 @pytest.mark.parametrize("overrides, field", [
     ({"model": {"num_heads": 5}}, "model.num_heads"),
     ({"model": {"positional": "learned"}, "data": {"seq_len": 512}}, "data.seq_len"),
+    ({"train": {"loss_chunk_size": -1}}, "train.loss_chunk_size"),
     ({"train": {"global_batch_size": 10, "microbatches": 4}}, "train.global_batch_size"),
     ({"train": {"num_steps": 0}}, "train.num_steps"),
     ({"train": {"global_batch_size": -2}}, "train.global_batch_size"),
@@ -35,8 +36,13 @@ def test_bad_values_name_the_field(overrides, field):
   assert "\n" not in str(info.value)
 
 
-def test_learned_positions_limit_but_rope_does_not():
-  config_lib.validate({"data": {"seq_len": 512}, "model": {"positional": "rope"}})
+@pytest.mark.parametrize("positional", config_lib.POSITIONALS)
+def test_seq_len_beyond_the_context_is_refused_for_every_positional(positional):
+  """rope/sinusoidal/none have no position table, yet a window longer than max_seq_len is still
+  refused: generation, evaluation and memory plans size everything by max_seq_len (a rope run
+  with data.seq_len=100000 used to pass validation and die out of memory)."""
+  with pytest.raises(ConfigError, match=r"data\.seq_len=100000.*model\.max_seq_len=256"):
+    config_lib.validate({"data": {"seq_len": 100000}, "model": {"positional": positional}})
 
 
 def test_diff_lists_changed_leaves():

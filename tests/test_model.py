@@ -499,3 +499,22 @@ def test_sinusoidal_positions_start_at_the_token_embeddings_scale():
   params = Transformer(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
   token_rms = float(jnp.sqrt(jnp.mean(jnp.square(nn.unbox(params)["token_embed"]))))
   assert 0.5 < rms / token_rms < 2.0
+
+
+def test_masked_softmax_gradient_and_saved_residuals():
+  """masked_softmax equals where + softmax in value and gradient (a fully masked row included)
+  and keeps only the probabilities as a [batch, heads, q, kv] residual."""
+  rng = np.random.default_rng(0)
+  scores = jnp.asarray(rng.normal(size=(2, 3, 5, 5)), jnp.float32)
+  mask = model_lib.causal_mask(jnp.arange(5), jnp.arange(5)) & (
+      jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]) > 0)[:, None, :, None]
+  cotangent = jnp.asarray(rng.normal(size=scores.shape), jnp.float32)
+  written_out = lambda s: jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min))
+  ours = lambda s: model_lib.masked_softmax(s, mask)
+  value, vjp = jax.vjp(ours, scores)
+  value_ref, vjp_ref = jax.vjp(written_out, scores)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+  np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=1e-5, atol=1e-7)
+  big = [leaf for leaf in jax.tree.leaves(vjp)  # the VJP closure is a pytree of residuals
+         if hasattr(leaf, "shape") and leaf.shape == scores.shape]
+  assert len(big) == 1

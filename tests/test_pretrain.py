@@ -190,6 +190,15 @@ BAD_CLI_CASES = {
              "/nonexistent/*.txt"),
     "tfds_name": (["--config.data.corpus=tfds", "--config.data.tfds_name=no_such_dataset_xyz"],
                   "no_such_dataset_xyz"),
+    # rope: no position table, yet a window beyond the context is refused (it used to pass and
+    # die with RESOURCE_EXHAUSTED).
+    "rope_seq_len": (["--config.model.positional=rope", "--config.data.seq_len=100000"],
+                     "data.seq_len=100000"),
+    # Valid, but the compiled step needs far more than any host has (~0.5 TB of attention
+    # probabilities): refused by the preflight after compiling, before anything is written.
+    "memory": (["--config.model.max_seq_len=2048", "--config.data.seq_len=2048",
+                "--config.data.stride=2048", "--config.train.global_batch_size=8192"],
+               "GiB per device but only"),
 }
 
 

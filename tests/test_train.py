@@ -124,3 +124,27 @@ def test_schedules(schedule):
   if schedule == "wsd":
     assert float(lr(80)) == pytest.approx(1.0)
     assert float(lr(90)) == pytest.approx(0.55)
+
+
+def test_preflight_names_bytes_and_knobs_in_one_line():
+  config = tiny_config()
+  train.check_fits(100, (200, "test memory"), config)  # fits: nothing happens
+  train.check_fits(100, None, config)                   # unknown memory: nothing happens
+  with pytest.raises(train.DoesNotFit) as info:
+    train.check_fits(3 * 2**30, (2**30, "test memory"), config)
+  message = str(info.value)
+  assert "\n" not in message and "3.00 GiB" in message and "1.00 GiB" in message
+  for knob in ("train.global_batch_size", "train.microbatches", "data.seq_len",
+               "model.remat_policy", "model.dtype", "mesh.fsdp"):
+    assert knob in message, knob
+
+
+def test_compiled_step_bytes_and_cpu_memory_are_known():
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+  steps = train.make_steps(config, mesh)
+  compiled = steps.compile_train(steps.abstract_state, train.abstract_batch(config, mesh))
+  memory = compiled.memory_analysis()
+  assert train.step_bytes(compiled) >= memory.temp_size_in_bytes + memory.argument_size_in_bytes
+  available, what = train.device_memory_bytes(mesh)
+  assert available > 0 and "2 CPU devices" in what

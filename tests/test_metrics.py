@@ -1,0 +1,64 @@
+"""jaxlm.metrics: peak FLOP/s for MFU from data sheets or a measured probe, never NaN."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import pytest
+
+from jaxlm import metrics
+
+
+@dataclasses.dataclass
+class FakeDevice:
+  platform: str
+  device_kind: str
+
+
+@pytest.mark.parametrize("kind, dtype, expected", [
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+    ("NVIDIA B200", "bfloat16", 2.25e15),
+    ("NVIDIA L40S", "bfloat16", 362e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+])
+def test_data_sheet_peaks(kind, dtype, expected):
+  assert metrics.data_sheet_peak(kind, dtype) == expected
+
+
+def test_unknown_accelerator_gets_a_measured_probe_cached(monkeypatch, tmp_path):
+  devices = [FakeDevice("gpu", "NVIDIA Future 9000")] * 2
+  monkeypatch.setattr(jax, "devices", lambda *a: devices)
+  monkeypatch.setattr(jax, "device_count", lambda *a: len(devices))
+  probes = []
+
+  def probe(size, dtype, device):
+    probes.append((size, str(dtype), device.device_kind))
+    return 5e14
+
+  monkeypatch.setattr(metrics, "measure_matmul_flops", probe)
+  assert metrics.data_sheet_peak("NVIDIA Future 9000", "bfloat16") is None
+  for _ in range(2):  # measured once, then read from the cache file
+    assert metrics.peak_flops("bfloat16", str(tmp_path)) == 2 * 5e14
+  assert probes == [(4096, "bfloat16", "NVIDIA Future 9000")]
+  cache = json.loads((tmp_path / "peak_flops.json").read_text())
+  assert any("NVIDIA Future 9000" in key for key in cache)
+
+
+def test_known_accelerator_uses_the_data_sheet(monkeypatch):
+  monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice("gpu", "NVIDIA H200")] * 8)
+  monkeypatch.setattr(jax, "device_count", lambda *a: 8)
+  monkeypatch.setattr(metrics, "measure_matmul_flops", lambda *a, **k: pytest.fail("probed"))
+  assert metrics.peak_flops("bfloat16") == 8 * 989e12
+
+
+def test_cpu_probe_is_finite_and_positive(tmp_path):
+  peak = metrics.peak_flops("float32", str(tmp_path))
+  assert math.isfinite(peak) and peak > 0
