@@ -28,7 +28,7 @@ POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 LORA_TARGETS = ("query", "key", "value", "out", "fc", "proj", "gate", "up", "down")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
-ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,7 +51,9 @@ class ModelConfig:
   use_bias: bool = True
   tie_embeddings: bool = True
   dropout: float = 0.0
-  attention_impl: str = "reference"
+  # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), XLA's fused attention on TPU, the
+  # written-out reference on CPU (see jaxlm.model.resolve_attention_impl).
+  attention_impl: str = "auto"
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: str = "float32"
@@ -114,6 +116,9 @@ class TrainConfig:
   sample_temperature: float = 0.8
   sample_top_k: int = 40
   max_nonfinite_steps: int = 3
+  # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
+  # loads the compiled step instead of compiling it again.
+  compilation_cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,10 +337,10 @@ def check(config: Config) -> Config:
   _choice("model.dtype", m.dtype, DTYPES)
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1).")
-  if m.dropout > 0 and m.attention_impl != "reference":
+  if m.dropout > 0 and m.attention_impl not in ("reference", "auto"):
     raise ConfigError(
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
-        f"kernels have no attention dropout; use attention_impl='reference' or dropout=0.")
+        f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or dropout=0.")
   _positive("model.norm_eps", m.norm_eps)
   _positive("model.init_std", m.init_std)
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import sharding
 from jaxlm.config import Config, ConfigError
 from jaxlm import loss as loss_lib
-from jaxlm.model import Transformer, lm_head
+from jaxlm.model import Transformer, lm_head, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]
@@ -84,6 +84,18 @@ class Steps:
     """The compiled train step for arrays (or ShapeDtypeStructs) like `state` and `batch`."""
     with jax.set_mesh(self.mesh), sharding.axis_rules():
       return self.train_jit.lower(state, batch).compile()
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` for this process.
+
+  A rerun of the same step (same shapes, jax version and devices) then loads the executable
+  instead of compiling it: on a GPU most of a first compile is XLA's GEMM autotuning. Entries
+  are written atomically, so several processes (a sweep, a multi-host job on a shared
+  filesystem) can share one directory. Process-wide: the first directory set wins.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -171,6 +183,11 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
   """Builds init/train/eval for `config` on `mesh`; compilation happens on first call."""
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   sharding.check_model(config.model, mesh)
+  # 'auto' attention is resolved for the mesh's devices (which may be a TPU topology planned
+  # on a CPU host), not for the host's default backend.
+  platform = mesh.devices.flat[0].platform
+  config = dataclasses.replace(config, model=dataclasses.replace(
+      config.model, attention_impl=resolve_attention_impl(config.model, platform)))
   model = make_model(config)
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   schedule = make_schedule(config.optim, config.train.num_steps)

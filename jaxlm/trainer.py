@@ -31,7 +31,7 @@ from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import train as train_lib
 from jaxlm.config import Config
-from jaxlm.model import count_params, flops_per_token
+from jaxlm.model import count_params, flops_per_token, resolve_attention_impl
 
 
 class RunError(ValueError):
@@ -128,6 +128,8 @@ def prepare(config: Config, workdir: str) -> Prepared:
   data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)
   data_lib.check_enough_tokens(
       eval_tokens, dataclasses.replace(config.data, stride=config.data.seq_len), "validation", 1)
+  if config.train.compilation_cache:
+    train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
   steps = train_lib.make_steps(config, mesh)
   # Compiled here, from shapes alone, so that a step that cannot fit in memory is refused
   # before the run directory is touched.
@@ -261,7 +263,9 @@ class _Loop:
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = metrics_lib.peak_flops(cfg.model.dtype, cfg.data.data_dir)
     _log(f"{num_params:,} parameters; {flops / 1e6:.1f} MFLOPs per token; "
-         f"mesh {dict(run.mesh.shape)}; workdir {run.workdir}")
+         f"mesh {dict(run.mesh.shape)}; attention "
+         f"{resolve_attention_impl(cfg.model, run.mesh.devices.flat[0].platform)}; "
+         f"workdir {run.workdir}")
 
     if start >= cfg.train.num_steps:
       _log(f"already trained to step {start}; nothing to do.")

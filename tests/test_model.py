@@ -518,3 +518,17 @@ def test_masked_softmax_gradient_and_saved_residuals():
   big = [leaf for leaf in jax.tree.leaves(vjp)  # the VJP closure is a pytree of residuals
          if hasattr(leaf, "shape") and leaf.shape == scores.shape]
   assert len(big) == 1
+
+
+@pytest.mark.parametrize("platform, overrides, expected", [
+    ("gpu", {"dtype": "bfloat16"}, "cudnn"),
+    ("gpu", {"dtype": "float32"}, "xla"),          # cuDNN flash attention is bf16/fp16 only
+    ("gpu", {"dtype": "bfloat16", "embed_dim": 40, "num_heads": 4}, "xla"),  # head_dim 10
+    ("gpu", {"dtype": "bfloat16", "dropout": 0.1}, "reference"),
+    ("tpu", {"dtype": "bfloat16"}, "xla"),
+    ("cpu", {}, "reference"),
+    ("gpu", {"attention_impl": "reference", "dtype": "bfloat16"}, "reference"),
+])
+def test_auto_attention_picks_an_exact_kernel_per_platform(platform, overrides, expected):
+  config = config_lib.validate({"model": {"attention_impl": "auto", **overrides}}).model
+  assert model_lib.resolve_attention_impl(config, platform) == expected

@@ -71,6 +71,7 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
     assert (workdir / name).is_file(), name
   assert any((workdir / "tensorboard").iterdir())
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]
+  assert os.listdir(data_dir / "jax_cache")  # the persistent compilation cache is on
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train_keys = {"train_loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"}
   assert train_keys <= set(records[-3]) | set(records[-2]) | set(records[-1])
