@@ -55,6 +55,9 @@ class ModelConfig:
   # written-out reference on CPU (see jaxlm.model.resolve_attention_impl).
   attention_impl: str = "auto"
   scan_layers: bool = False
+  # Layers per iteration of the scanned loop (scan_layers=true): 1 keeps one compiled layer,
+  # num_layers unrolls it fully; in between trades compile time for speed.
+  scan_unroll: int = 1
   remat_policy: str = "none"
   dtype: str = "float32"
   norm_eps: float = 1e-5
@@ -341,6 +344,10 @@ def check(config: Config) -> Config:
     raise ConfigError(
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
         f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or dropout=0.")
+  _positive("model.scan_unroll", m.scan_unroll)
+  if m.scan_unroll > m.num_layers:
+    raise ConfigError(f"model.scan_unroll={m.scan_unroll} exceeds model.num_layers="
+                      f"{m.num_layers}; use 1..{m.num_layers}.")
   _positive("model.norm_eps", m.norm_eps)
   _positive("model.init_std", m.init_std)
 

@@ -483,6 +483,7 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=config.num_layers,
+                    unroll=config.scan_unroll,
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return block
 

@@ -190,8 +190,8 @@ def loss_fn(cfg, params, tokens, positions, segment_ids):
   return cross_entropy(logits, jnp.roll(tokens, -1, axis=1)), logits
 
 
-VARIANTS = [(False, policy) for policy in config_lib.REMAT_POLICIES] + [(True, "none"),
-                                                                       (True, "full")]
+VARIANTS = [(False, policy, 1) for policy in config_lib.REMAT_POLICIES] + [
+    (True, "none", 1), (True, "full", 1), (True, "none", BASE.num_layers)]  # (scan, remat, unroll)
 
 
 def test_scan_and_remat_match_plain_model():
@@ -208,8 +208,9 @@ def test_scan_and_remat_match_plain_model():
   @jit
   def all_variants(params):
     results = []
-    for scan, policy in VARIANTS:
-      variant = dataclasses.replace(cfg, scan_layers=scan, remat_policy=policy)
+    for scan, policy, unroll in VARIANTS:
+      variant = dataclasses.replace(cfg, scan_layers=scan, remat_policy=policy,
+                                    scan_unroll=unroll)
       variant_params = model_lib.stack_layers(params) if scan else params
       (loss, logits), grads = jax.value_and_grad(
           functools.partial(loss_fn, variant), has_aux=True)(
@@ -219,9 +220,10 @@ def test_scan_and_remat_match_plain_model():
 
   results = all_variants(params)
   loss, logits, grads = results[0]  # (False, 'none'): the plain model
-  assert VARIANTS[0] == (False, "none")
-  for (scan, policy), (other_loss, other_logits, other_grads) in zip(VARIANTS[1:], results[1:]):
-    msg = f"scan={scan} remat_policy={policy}: "
+  assert VARIANTS[0] == (False, "none", 1)
+  for (scan, policy, unroll), (other_loss, other_logits, other_grads) in zip(
+      VARIANTS[1:], results[1:]):
+    msg = f"scan={scan} remat_policy={policy} unroll={unroll}: "
     np.testing.assert_allclose(loss, other_loss, atol=1e-6, err_msg=msg)
     np.testing.assert_allclose(logits, other_logits, atol=1e-5, err_msg=msg)
     assert_trees_close(grads, other_grads, atol=1e-5, msg=msg)
