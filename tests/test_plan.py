@@ -116,6 +116,9 @@ def test_topology_compiles_with_the_tpu_compiler():
      8, 8, 16),
     # libtpu describes a v4 chip as two devices (one per TensorCore), each half its 32 GiB.
     (["--topology=v4:2x2x1", "--config.mesh.fsdp=8"], 8, 4, 16),
+    # data 2 x fsdp 8 on a 4x4 torus splits a physical axis (jax.make_mesh alone refuses).
+    (["--topology=v6e:4x4", "--config.mesh.data=2", "--config.mesh.fsdp=8",
+      "--config.train.global_batch_size=16"], 16, 16, 32),
 ])
 def test_topology_slices_and_split_chips(args, devices, chips, hbm_gib):
   pytest.importorskip("libtpu")
