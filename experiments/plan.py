@@ -4,13 +4,26 @@ r"""Plan a run: per-device memory and FLOPs of the real train step, compiled ahe
   python -m experiments.plan --config=configs/gpt2_1558m.py --num_devices=64 \
       --config.mesh.fsdp=64 --config.train.global_batch_size=64 \
       --config.model.scan_layers=true --json
+  python -m experiments.plan --config=configs/gpt2_124m.py --topology=v5e:2x4 \
+      --config.mesh.fsdp=8 --config.model.dtype=bfloat16     # TPU compiler, no TPU needed
 
 Nothing runs and no arrays are allocated: the train step of `jaxlm.train.make_steps` is lowered
 and compiled for abstract inputs (ShapeDtypeStructs with the run's shardings). With
 `--num_devices=N` it is compiled for N simulated CPU devices (XLA_FLAGS
 --xla_force_host_platform_device_count=N, set before jax is imported); without it, for this
-machine's devices. The numbers are the CPU compiler's: a TPU/GPU compiler fuses and lays out
+machine's devices. The numbers are then the CPU compiler's: a TPU/GPU compiler fuses and lays out
 differently, so expect temporaries (not parameters or optimizer state) to differ there.
+
+With `--topology=GENERATION:SHAPE` (v4:2x2x1, v5e:2x4, v5e:16x16, v5p:4x4x4, v6e:16x16; plus
+`--num_slices=S` for S such slices, mesh.data spanning them) the step is compiled by the real TPU
+compiler for that slice's chips, on this CPU-only machine: libtpu (`pip install -r
+requirements-tpu.txt`) describes the topology (`jax.experimental.topologies`) and compiles for
+it; JAX_PLATFORMS=cpu keeps it from looking for an attached TPU. The output adds each device's
+HBM (TPU_GENERATIONS below: the chip's HBM, halved on v4, whose chips libtpu describes as two
+devices, one per TensorCore) and whether the step fits in it. On TPU, XLA's argument bytes exceed
+parameters + optimizer state + batch: it pads arrays to the TPU's tiled layouts, and reports
+that; `fits` uses XLA's numbers. Part of the HBM is reserved by the runtime, so a plan within a
+few percent of HBM may still not fit.
 
 Per device:
   parameters, optimizer state  from each leaf's sharding: shard_shape(shape) x itemsize (every
@@ -23,6 +36,8 @@ Per device:
                                input buffer (the metrics; the new state is written in place)
   total                        = argument_size + (output_size - alias_size) + temp_size, where
                                argument_size = parameters + optimizer state + batch + step/rng
+                               (on TPU also the padding of tiled layouts)
+  HBM, fits (--topology only)  the device's HBM; fits = total <= HBM
 FLOPs per step per device: XLA's cost analysis of the compiled SPMD program (it is per device:
 the compiled module is one device's program), next to the analytic model FLOPs,
 `model.flops_per_token(cfg.model, seq_len) * tokens_per_step / num_devices`. XLA counts a while
@@ -44,21 +59,24 @@ from typing import Any
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def _flag_from_argv(argv: list[str], name: str) -> str | None:
+  """The value of --name=V (or --name V) on the raw command line; None if absent."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _num_devices_from_argv(argv: list[str]) -> int | None:
   """--num_devices=N (or --num_devices N) from the raw command line; None if absent or bad
   (absl reports a bad value later)."""
-  for i, arg in enumerate(argv):
-    value = None
-    if arg.startswith("--num_devices="):
-      value = arg.split("=", 1)[1]
-    elif arg == "--num_devices" and i + 1 < len(argv):
-      value = argv[i + 1]
-    if value is not None:
-      try:
-        return int(value)
-      except ValueError:
-        return None
-  return None
+  value = _flag_from_argv(argv, "num_devices")
+  try:
+    return None if value is None else int(value)
+  except ValueError:
+    return None
 
 
 def simulate_cpu_devices(num_devices: int) -> None:
@@ -75,10 +93,16 @@ if __name__ == "__main__":
   _N = _num_devices_from_argv(sys.argv)
   if _N is not None and _N > 0:
     simulate_cpu_devices(_N)
+  if _flag_from_argv(sys.argv, "topology"):
+    # This host only compiles: keep jax (and libtpu) from looking for a TPU attached to it.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -88,6 +112,121 @@ from experiments import common  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+class TpuGeneration(NamedTuple):
+  """What the planner needs to know about a TPU generation that libtpu does not say."""
+  hbm_gib: int  # HBM per chip
+  accelerator: str  # Cloud TPU accelerator type prefix (v5litepod-8 = 8 chips, v5p-8 = 4 chips)
+  accelerator_per_chip: int  # what the accelerator type's number counts per chip
+
+
+# The one table of TPU chips. libtpu takes these generation names as they are ("v5e:2x4").
+TPU_GENERATIONS: dict[str, TpuGeneration] = {
+    "v4": TpuGeneration(hbm_gib=32, accelerator="v4", accelerator_per_chip=2),
+    "v5e": TpuGeneration(hbm_gib=16, accelerator="v5litepod", accelerator_per_chip=1),
+    "v5p": TpuGeneration(hbm_gib=95, accelerator="v5p", accelerator_per_chip=2),
+    "v6e": TpuGeneration(hbm_gib=32, accelerator="v6e", accelerator_per_chip=1),
+}
+TOPOLOGY_EXAMPLES = "v4:2x2x1, v5e:2x4, v5e:16x16, v5p:4x4x4, v6e:16x16"
+_TOPOLOGY = re.compile(r"(?P<generation>v[0-9][a-z]?):(?P<shape>[0-9]+(x[0-9]+){1,2})")
+
+
+class Topology(NamedTuple):
+  """A TPU slice (or several) to compile for, on a machine without TPUs."""
+  name: str  # as given, e.g. "v5e:2x4"
+  num_slices: int
+  devices: list[Any]  # jax compile-only TPU devices, num_slices x chips x devices_per_chip
+  chips: int  # all slices together
+  devices_per_chip: int  # 2 for v4 (one per TensorCore), 1 for v5e/v5p/v6e
+  hbm_bytes: int  # per device: the chip's HBM / devices_per_chip
+
+
+def libtpu_installed() -> bool:
+  """Whether jax can load the TPU compiler (the `libtpu` package or TPU_LIBRARY_PATH)."""
+  return (bool(os.environ.get("TPU_LIBRARY_PATH"))
+          or importlib.util.find_spec("libtpu") is not None)
+
+
+def check_topology(name: str, num_slices: int = 1) -> TpuGeneration:
+  """Raises ConfigError for a --topology that is not GENERATION:SHAPE of a known generation, or
+  when libtpu is missing; returns the generation's table entry. Runs before jax is imported."""
+  match = _TOPOLOGY.fullmatch(name)
+  if not match or match["generation"] not in TPU_GENERATIONS:
+    raise config_lib.ConfigError(
+        f"--topology={name} is not a TPU topology; use GENERATION:SHAPE with GENERATION one of "
+        f"{', '.join(TPU_GENERATIONS)} and SHAPE chips per axis, e.g. {TOPOLOGY_EXAMPLES}.")
+  if num_slices < 1:
+    raise config_lib.ConfigError(f"--num_slices={num_slices}: use 1 or more.")
+  if not libtpu_installed():
+    raise config_lib.ConfigError(
+        f"--topology={name} needs the TPU compiler (libtpu), which is not installed; run "
+        f"pip install -r requirements-tpu.txt.")
+  return TPU_GENERATIONS[match["generation"]]
+
+
+def tpu_topology(name: str, num_slices: int = 1) -> Topology:
+  """Compile-only devices of the TPU topology `name` (e.g. "v5e:2x4"), via libtpu.
+
+  No TPU is needed: libtpu describes the slice and its compiler compiles for it. Raises
+  ConfigError (one line) for a name or shape libtpu refuses.
+  """
+  generation = check_topology(name, num_slices)
+  dims = [int(n) for n in name.split(":")[1].split("x")]
+  dims += [1] * (3 - len(dims))
+  slice_chips = math.prod(dims)
+  # Nothing is attached to this host: tell libtpu what to pretend instead of letting it query
+  # the GCE metadata server and print warnings, and let several planners load it at once (its
+  # lockfile guards real TPUs, and none are opened here).
+  os.environ.setdefault(
+      "TPU_ACCELERATOR_TYPE",
+      f"{generation.accelerator}-{slice_chips * generation.accelerator_per_chip}")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import jax
+  from jax.experimental import topologies
+  kwargs: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+  if slice_chips <= 4 and (dims[0] % 2 or dims[1] % 2):
+    # Smaller than libtpu's default host (2x2x1 chips), e.g. v5e:1x1: one host holds it all.
+    kwargs["chips_per_host_bounds"] = dims
+  try:
+    devices = list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+  except (jax.errors.JaxRuntimeError, RuntimeError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise config_lib.ConfigError(f"--topology={name}: libtpu refused it ({reason}); try e.g. "
+                                 f"{TOPOLOGY_EXAMPLES}.") from None
+  per_chip = len({d.core_on_chip for d in devices})
+  return Topology(name=name, num_slices=num_slices, devices=devices,
+                  chips=len(devices) // per_chip, devices_per_chip=per_chip,
+                  hbm_bytes=generation.hbm_gib * 2**30 // per_chip)
+
+
+def topology_mesh(config: config_lib.Config, topology: Topology):
+  """The (data, fsdp, tensor) mesh over a topology's devices.
+
+  Across slices only `data` is split (gradients all-reduce over the data-center network once a
+  step); fsdp and tensor stay inside a slice, on the chips' own interconnect. libtpu describes
+  v4 chips in split mode (a device per TensorCore), which `jax.make_mesh` refuses (it wants
+  megacore); those devices are laid out in id order instead (cores of a chip side by side).
+  """
+  from jax.experimental import mesh_utils
+  from jax.sharding import AxisType, Mesh
+  from jaxlm import sharding
+  if topology.num_slices == 1 and topology.devices_per_chip == 1:
+    return sharding.make_mesh(config.mesh, topology.devices)
+  shape = sharding.mesh_shape(config.mesh, len(topology.devices))
+  slices = topology.num_slices
+  if shape[0] % slices:
+    raise config_lib.ConfigError(
+        f"mesh data={shape[0]} does not split over --num_slices={slices}: only the data axis "
+        f"spans slices; make mesh.data a multiple of {slices}.")
+  if topology.devices_per_chip == 1:
+    devices = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices,) + shape[1:], (slices, 1, 1), topology.devices)
+  else:  # slice-major, then id: each slice holds whole rows of the data axis
+    ordered = sorted(topology.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
+    devices = np.array(ordered, dtype=object).reshape(shape)
+  return Mesh(devices, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
 def _shard_bytes(leaf: Any) -> int:
@@ -111,10 +250,12 @@ def abstract_batch(config: config_lib.Config, mesh) -> dict[str, Any]:
                                   sharding=batch_sharding) for k in BATCH_KEYS}
 
 
-def plan(config: config_lib.Config, mesh) -> dict[str, Any]:
+def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[str, Any]:
   """Compiles the train step for `mesh` without running it; per-device bytes and FLOPs.
 
-  Raises ConfigError for a batch that does not split over data x fsdp (before compiling).
+  `hbm_bytes`: one device's memory (a TPU chip's HBM / devices per chip), if known; the result
+  then says whether the step `fits` (total bytes <= hbm_bytes). Raises ConfigError for a batch
+  that does not split over data x fsdp (before compiling).
   """
   from jaxlm import model as model_lib
   from jaxlm import train
@@ -142,6 +283,7 @@ def plan(config: config_lib.Config, mesh) -> dict[str, Any]:
   return {
       "num_devices": num_devices,
       "platform": mesh.devices.flat[0].platform,
+      "device_kind": mesh.devices.flat[0].device_kind,
       "mesh": {name: int(size) for name, size in mesh.shape.items()},
       "global_batch_size": config.train.global_batch_size,
       "microbatches": config.train.microbatches,
@@ -162,6 +304,8 @@ def plan(config: config_lib.Config, mesh) -> dict[str, Any]:
       "alias_bytes": alias,
       "temp_bytes": temp,
       "total_bytes": argument + output - alias + temp,
+      "hbm_bytes": hbm_bytes,
+      "fits": None if hbm_bytes is None else argument + output - alias + temp <= hbm_bytes,
       # Per device, per step.
       "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
       "model_flops_per_device": model_flops,
@@ -198,9 +342,14 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
       ("outputs not aliased", r["output_bytes"] - r["alias_bytes"]),
       ("step, rng", r["other_state_bytes"]),
   ]
+  topology = r.get("topology")
+  where = f"{r['num_devices']} {r['platform']} devices"
+  if topology:
+    slices = f" x {topology['num_slices']} slices" if topology["num_slices"] > 1 else ""
+    where = (f"{r['num_devices']} {r['device_kind']} devices ({topology['name']}{slices}, "
+             f"{topology['chips']} chips, TPU compiler)")
   lines = [
-      f"plan {config_path} on {r['num_devices']} {r['platform']} devices (compiled in "
-      f"{r['compile_seconds']:.1f} s)",
+      f"plan {config_path} on {where} (compiled in {r['compile_seconds']:.1f} s)",
       f"mesh              {mesh}",
       f"batch             global {r['global_batch_size']} x seq_len {r['seq_len']} = "
       f"{r['tokens_per_step']:,} tokens/step; per device {r['per_device_batch']}{micro}",
@@ -209,6 +358,12 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
   ]
   lines += [f"  {name:<20}{_bytes(value):>12}" for name, value in rows]
   lines.append(f"  {'total':<20}{_bytes(r['total_bytes']):>12}")
+  if r.get("hbm_bytes"):
+    per = (f" (chip's / {topology['devices_per_chip']})"
+           if topology and topology["devices_per_chip"] > 1 else "")
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines.append(f"  {'HBM' + per:<20}{_bytes(r['hbm_bytes']):>12}  {verdict} "
+                 f"({r['total_bytes'] / r['hbm_bytes']:.0%} used)")
   xla, model = r["xla_flops_per_device"], r["model_flops_per_device"]
   ratio = f" ({xla / model:.2f}x model)" if xla and model else ""
   note = ("  (counts the scanned body once)"
@@ -222,11 +377,17 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
 
 
 def _define_flags() -> None:
-  global _CONFIG, _NUM_DEVICES, _JSON
+  global _CONFIG, _NUM_DEVICES, _TOPOLOGY_FLAG, _NUM_SLICES, _JSON
   _CONFIG = common.define_config_flag("configs/default.py")
   _NUM_DEVICES = flags.DEFINE_integer(
       "num_devices", None, "plan for this many simulated CPU devices (default: this machine's "
       "devices).", lower_bound=1)
+  _TOPOLOGY_FLAG = flags.DEFINE_string(
+      "topology", None, f"plan for a TPU slice with the TPU compiler, e.g. {TOPOLOGY_EXAMPLES} "
+      "(needs pip install -r requirements-tpu.txt; no TPU needed).")
+  _NUM_SLICES = flags.DEFINE_integer(
+      "num_slices", 1, "with --topology: this many such slices (multi-slice); mesh.data spans "
+      "them.", lower_bound=1)
   _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table.")
 
 
@@ -236,14 +397,31 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.quiet_logs()
   config = config_lib.validate(common.config_value(_CONFIG))
+  topology_name, num_slices = _TOPOLOGY_FLAG.value, _NUM_SLICES.value
+  if topology_name is not None:
+    if _NUM_DEVICES.value is not None:
+      raise config_lib.ConfigError(
+          f"--topology={topology_name} and --num_devices={_NUM_DEVICES.value} both choose the "
+          f"devices; pass one (--topology plans for TPU chips, --num_devices for CPU devices).")
+    check_topology(topology_name, num_slices)  # before jax is imported: fast errors
+  elif num_slices != 1:
+    raise config_lib.ConfigError(f"--num_slices={num_slices} needs --topology (e.g. "
+                                 f"--topology=v5e:16x16 --num_slices={num_slices}).")
   import jax
   from jaxlm import sharding
-  devices = jax.devices()
-  if _NUM_DEVICES.value is not None and len(devices) != _NUM_DEVICES.value:
-    raise RuntimeError(f"asked for {_NUM_DEVICES.value} devices, jax has {len(devices)}: "
-                       f"XLA_FLAGS was not applied before jax was imported.")
-  mesh = sharding.make_mesh(config.mesh, devices)
-  result = plan(config, mesh)
+  if topology_name is not None:
+    topology = tpu_topology(topology_name, num_slices)
+    mesh = topology_mesh(config, topology)
+    result = plan(config, mesh, hbm_bytes=topology.hbm_bytes)
+    result["topology"] = {"name": topology.name, "num_slices": topology.num_slices,
+                          "chips": topology.chips, "devices_per_chip": topology.devices_per_chip}
+  else:
+    devices = jax.devices()
+    if _NUM_DEVICES.value is not None and len(devices) != _NUM_DEVICES.value:
+      raise RuntimeError(f"asked for {_NUM_DEVICES.value} devices, jax has {len(devices)}: "
+                         f"XLA_FLAGS was not applied before jax was imported.")
+    result = plan(config, sharding.make_mesh(config.mesh, devices))
+    result["topology"] = None
   if _JSON.value:
     print(json.dumps(result))
   else:

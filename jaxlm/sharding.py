@@ -55,11 +55,21 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD, logical-rule style)."""
+  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD, logical-rule style).
+
+  On a TPU torus `jax.make_mesh` maps each mesh axis onto whole physical axes (except on v5e),
+  so e.g. data 4 x fsdp 64 on a v6e 16x16 slice has no layout; then a physical axis is split
+  (`allow_split_physical_axes`, what jax does for v5e by default).
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    from jax.experimental import mesh_utils
+    ordered = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(ordered, MESH_AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

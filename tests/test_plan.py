@@ -85,3 +85,76 @@ def test_bad_mesh_or_batch_is_one_line_exit_2(args, message):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_topology_compiles_with_the_tpu_compiler():
+  pytest.importorskip("libtpu")
+  result = run_cli("--topology=v5e:2x2", "--config.mesh.fsdp=4", "--config.model.dtype=bfloat16",
+                   "--json")
+  assert result.returncode == 0, result.stderr
+  plan = json.loads(result.stdout)
+  assert plan["platform"] == "tpu" and plan["device_kind"] == "TPU v5 lite"
+  assert plan["num_devices"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert plan["topology"] == {"name": "v5e:2x2", "num_slices": 1, "chips": 4,
+                              "devices_per_chip": 1}
+  assert plan["hbm_bytes"] == 16 * 2**30 and plan["fits"] is True
+  # Parameters stay float32 (bfloat16 is the compute dtype). fsdp=4 splits every leaf with an
+  # embed axis 4 ways; only the q/k/v bias (3 x 64) and the MLP bias (256) are whole on each chip.
+  params, whole = model_lib.param_count(config_lib.validate(TINY).model), 3 * 64 + 256
+  assert plan["param_bytes"] == 4 * ((params - whole) // 4 + whole)
+  assert plan["opt_state_bytes"] == pytest.approx(2 * plan["param_bytes"], abs=64)
+  # XLA's TPU arguments are the same shards padded to tiled layouts: at least our count.
+  assert plan["argument_bytes"] >= (plan["param_bytes"] + plan["opt_state_bytes"]
+                                    + plan["batch_bytes"] + plan["other_state_bytes"])
+  assert plan["total_bytes"] == (plan["argument_bytes"] + plan["temp_bytes"]
+                                 + plan["output_bytes"] - plan["alias_bytes"])
+
+
+@pytest.mark.parametrize("args, devices, chips, hbm_gib", [
+    # Two v5e slices: mesh.data spans them, fsdp stays inside one.
+    (["--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
+     8, 8, 16),
+    # libtpu describes a v4 chip as two devices (one per TensorCore), each half its 32 GiB.
+    (["--topology=v4:2x2x1", "--config.mesh.fsdp=8"], 8, 4, 16),
+    # data 2 x fsdp 8 on a 4x4 torus splits a physical axis (jax.make_mesh alone refuses).
+    (["--topology=v6e:4x4", "--config.mesh.data=2", "--config.mesh.fsdp=8",
+      "--config.train.global_batch_size=16"], 16, 16, 32),
+])
+def test_topology_slices_and_split_chips(args, devices, chips, hbm_gib):
+  pytest.importorskip("libtpu")
+  result = run_cli(*args, "--json")
+  assert result.returncode == 0, result.stderr
+  plan = json.loads(result.stdout)
+  assert plan["platform"] == "tpu" and plan["num_devices"] == devices
+  assert plan["topology"]["chips"] == chips and plan["hbm_bytes"] == hbm_gib * 2**30
+  assert plan["fits"] is True and plan["param_bytes"] > 0 and plan["temp_bytes"] >= 0
+
+
+@pytest.mark.parametrize("args, message, needs_libtpu", [
+    (["--topology=v5f:2x2"], "e.g. v4:2x2x1, v5e:2x4", False),
+    (["--topology=v5e-8"], "GENERATION:SHAPE", False),
+    (["--topology=v5e:2x2", "--num_devices=4"], "--num_devices=4 both choose the devices", False),
+    (["--num_slices=2"], "--num_slices=2 needs --topology", False),
+    (["--topology=v5e:2x2", "--config.mesh.data=3"], "mesh data=3", True),
+    (["--topology=v5e:3x3"], "libtpu refused it", True),
+])
+def test_bad_topology_is_one_line_exit_2(args, message, needs_libtpu):
+  if needs_libtpu:
+    pytest.importorskip("libtpu")
+  result = run_cli(*args)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_topology_without_libtpu_says_what_to_install():
+  # As if libtpu were not installed: `import libtpu` fails, find_spec finds nothing.
+  script = ("import runpy, sys; sys.modules['libtpu'] = None; "
+            "sys.argv = ['plan', '--topology=v5e:2x4']; "
+            "runpy.run_module('experiments.plan', run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "pip install -r requirements-tpu.txt" in lines[0], lines
