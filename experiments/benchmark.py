@@ -2,6 +2,15 @@ r"""Benchmarks: training throughput of jaxlm against a PyTorch reference, in one
 
   python -m experiments.benchmark train                       # small + default workloads
   python -m experiments.benchmark train --workload=small --steps=5 --repeats=7
+  python -m experiments.benchmark train --workload=gpt2_124m  # GPU/TPU: bf16, batch 16
+  python -m experiments.benchmark train --workload=gpt2_124m --batch_size=32
+
+On a GPU the workload runs in bfloat16 (float32 parameters) with attention_impl=auto (cuDNN),
+and the PyTorch peer is transformers.GPT2LMHeadModel with SDPA attention, torch.compile, bf16
+autocast and fused AdamW; peak memory is the JAX allocator's peak_bytes_in_use (jaxlm) and
+torch.cuda.max_memory_allocated (torch), and the compile column is jaxlm's AOT compile and
+torch's first step. For clean memory numbers run one setting per process (JAX's peak is a
+process-lifetime peak).
 
 `train` times full training steps (forward + backward + clip + AdamW update) after compilation:
 jaxlm's real `train.make_steps` step on 1 device in float32, and, when `torch` and
@@ -37,6 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
+# jaxlm and torch share one GPU in this process: JAX must not grab 75% of its memory up front
+# (its default), and its `peak_bytes_in_use` then counts only what jaxlm's step really holds.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import platform
 import statistics
 import time
@@ -47,9 +60,17 @@ from absl import app, flags
 from experiments import common
 
 MODES = ("train", "generate")
-WORKLOADS = ("small", "default")
+WORKLOADS = ("small", "default", "gpt2_124m")
+CPU_WORKLOADS = ("small", "default")  # what --workload=all means on a CPU
 
-_WORKLOAD = flags.DEFINE_enum("workload", "all", (*WORKLOADS, "all"), "which workload(s).")
+_WORKLOAD = flags.DEFINE_enum(
+    "workload", "all", (*WORKLOADS, "all"),
+    "which workload(s); all = small + default on CPU, gpt2_124m on GPU/TPU.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "override the workload's global batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ("float32", "bfloat16"),
+                           "compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU).")
+_TORCH_COMPILE = flags.DEFINE_bool(
+    "torch_compile", None, "torch.compile the PyTorch reference (default: on GPU only).")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per block (per implementation).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "rounds of alternating blocks; medians over them.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per implementation first.")
@@ -79,10 +100,18 @@ SMALL = {"model": {"num_layers": 6, "num_heads": 6, "embed_dim": 384, "mlp_dim":
          "train": {"global_batch_size": 16, "microbatches": 1}}
 
 
-def workload_config(name: str):
-  """A validated jaxlm Config for a named workload, on a 1-device mesh, float32."""
+def workload_config(name: str, dtype: str = "float32", batch_size: int | None = None):
+  """A validated jaxlm Config for a named workload, on a 1-device mesh.
+
+  gpt2_124m: GPT-2 small as nanoGPT benchmarks it (vocabulary padded to 50,304, context 1,024,
+  batch 16, learned positions, biases, tied embeddings, attention_impl auto).
+  """
   from jaxlm import config as config_lib
-  if name == "small":
+  if name == "gpt2_124m":
+    values = config_lib.gpt2_config_dict("124m").to_dict()
+    values["model"]["vocab_size"] = 50304
+    values["train"]["global_batch_size"] = 16
+  elif name == "small":
     values = config_lib.default_config_dict().to_dict()
     for section, updates in SMALL.items():
       values[section].update(updates)
@@ -97,7 +126,10 @@ def workload_config(name: str):
   else:
     raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}.")
   values["mesh"] = {"data": 1, "fsdp": 1, "tensor": 1}
-  values["model"]["dtype"] = "float32"
+  values["model"]["dtype"] = dtype
+  values["train"]["microbatches"] = 1
+  if batch_size is not None:
+    values["train"]["global_batch_size"] = batch_size
   return config_lib.validate(values)
 
 
@@ -206,22 +238,21 @@ class Runner:
 
 
 def jaxlm_runner(config, warmup: int) -> Runner:
+  """jaxlm's real train step on one device, compiled ahead of time (the compile is timed).
+
+  Memory: on GPU/TPU the device allocator's `peak_bytes_in_use` after the warm-up steps (a
+  process-lifetime peak: run one jaxlm setting per process to compare settings); on CPU XLA's
+  memory analysis of the compiled step (the CPU client keeps no allocator statistics).
+  """
   import jax
   from jaxlm import sharding, train
 
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   steps = train.make_steps(config, mesh)
-  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                for k, v in random_batch(config).items()}
-  batch_spec = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh)),
-      batch_spec)
-  compiled = steps.compile_train(steps.abstract_state, batch_spec)
-  analysis = compiled.memory_analysis()
-  xla_bytes = float("nan")
-  if analysis is not None:
-    xla_bytes = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes +
-                 analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  start = time.perf_counter()
+  compiled = steps.compile_train(steps.abstract_state, train.abstract_batch(config, mesh))
+  compile_seconds = time.perf_counter() - start
+  device = jax.devices()[0]
   with RssPeak() as rss:
     state = steps.init(jax.random.PRNGKey(config.seed))
     batch = sharding.global_batch(random_batch(config), mesh)
@@ -235,8 +266,13 @@ def jaxlm_runner(config, warmup: int) -> Runner:
       holder["state"] = state
 
     run(max(warmup, 1))
-  return Runner("jaxlm", run, xla_bytes, "XLA memory analysis (args+temp+out-alias)",
-                {"rss_bytes": rss.bytes})
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    memory, method = float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  else:
+    memory, method = float(train.step_bytes(compiled)), "XLA memory analysis (args+temp+out-alias)"
+  return Runner("jaxlm", run, memory, method,
+                {"rss_bytes": rss.bytes, "compile_seconds": compile_seconds})
 
 
 def torch_available() -> bool:
@@ -248,39 +284,55 @@ def torch_available() -> bool:
     return False
 
 
-def torch_runner(config, warmup: int, threads: int) -> Runner:
+def torch_runner(config, warmup: int, threads: int, compile_model: bool | None = None
+                 ) -> Runner:
+  """transformers.GPT2LMHeadModel on the same shapes: the strongest PyTorch setup the test
+  requirements allow. On a GPU: SDPA attention, `torch.compile`, bf16 autocast (when the
+  compute dtype is bfloat16), fused AdamW, memory from `torch.cuda.max_memory_allocated`. On
+  a CPU: eager attention, float32, peak-RSS growth. The first step (with torch.compile: the
+  compilation) is timed as `compile_seconds`."""
   import torch
   import transformers
 
   torch.set_num_threads(threads)
   torch.manual_seed(config.seed)
   m, o = config.model, config.optim
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  compile_model = cuda if compile_model is None else compile_model
+  autocast_dtype = torch.bfloat16 if m.dtype == "bfloat16" else None
   batch = random_batch(config)
-  inputs = torch.from_numpy(batch["inputs"]).long()
-  targets = torch.from_numpy(batch["targets"]).long()
+  inputs = torch.from_numpy(batch["inputs"]).long().to(device)
+  targets = torch.from_numpy(batch["targets"]).long().to(device)
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
   with RssPeak() as rss:
+    attention = "sdpa" if cuda else "eager"
     hf_config = transformers.GPT2Config(
         vocab_size=m.vocab_size, n_positions=m.max_seq_len, n_embd=m.embed_dim,
         n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
         activation_function="gelu_new", resid_pdrop=m.dropout, embd_pdrop=m.dropout,
         attn_pdrop=m.dropout, layer_norm_epsilon=m.norm_eps, tie_word_embeddings=True,
-        use_cache=False, attn_implementation="eager", bos_token_id=None, eos_token_id=None)
-    model = transformers.GPT2LMHeadModel(hf_config)
-    model.to(torch.float32).train()
-    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+        use_cache=False, attn_implementation=attention, bos_token_id=None, eos_token_id=None)
+    model = transformers.GPT2LMHeadModel(hf_config).to(device=device, dtype=torch.float32)
+    model.train()
+    assert model.config._attn_implementation == attention, model.config._attn_implementation
+    forward = torch.compile(model) if compile_model else model
     # The same decay split as jaxlm.optim.decay_mask: matrices decay, biases and norms do not.
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+        lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, fused=cuda)
 
     def step() -> None:
       optimizer.zero_grad(set_to_none=True)
-      logits = model(input_ids=inputs).logits                # [batch, length, vocab]
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               targets.reshape(-1))
+      with torch.autocast(device.type, dtype=autocast_dtype,
+                          enabled=autocast_dtype is not None):
+        logits = forward(input_ids=inputs).logits            # [batch, length, vocab]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
       loss.backward()
       if o.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -289,10 +341,22 @@ def torch_runner(config, warmup: int, threads: int) -> Runner:
     def run(n: int) -> None:
       for _ in range(n):
         step()
+      if cuda:
+        torch.cuda.synchronize()
 
-    run(max(warmup, 1))
-  return Runner("torch", run, rss.bytes, "peak RSS growth (VmHWM)",
-                {"threads": threads, "rss_bytes": rss.bytes})
+    start = time.perf_counter()
+    run(1)
+    compile_seconds = time.perf_counter() - start
+    run(max(warmup - 1, 0))
+  if cuda:
+    memory, method = float(torch.cuda.max_memory_allocated()), "torch max_memory_allocated"
+  else:
+    memory, method = rss.bytes, "peak RSS growth (VmHWM)"
+  return Runner("torch", run, memory, method,
+                {"threads": threads, "rss_bytes": rss.bytes, "compile_seconds": compile_seconds,
+                 "setup": f"{attention}{', torch.compile' if compile_model else ''}"
+                          f"{', bf16 autocast' if autocast_dtype else ''}"
+                          f"{', fused AdamW' if cuda else ''}"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +376,13 @@ class Row:
   block_tokens_per_second: list[float]
   other_load: float               # median share of the machine's CPU used by other processes
   block_other_load: list[float]   # that share per block
+  compile_seconds: float          # jaxlm: compiling the step; torch: the first step
+  setup: str                      # how the implementation ran (dtype, attention, compile)
 
 
 def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: int,
-                  use_torch: bool, torch_threads: int, peak: float) -> list[Row]:
+                  use_torch: bool, torch_threads: int, peak: float,
+                  torch_compile: bool | None = None) -> list[Row]:
   """Alternates blocks of `steps` steps of each implementation for `repeats` rounds."""
   from jaxlm.model import flops_per_token
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
@@ -323,7 +390,7 @@ def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: in
   runners = []
   _release_freed_memory()
   if use_torch:  # first, so jaxlm's freed buffers cannot hide torch's RSS growth
-    runners.append(torch_runner(config, warmup, torch_threads))
+    runners.append(torch_runner(config, warmup, torch_threads, torch_compile))
   runners.insert(0, jaxlm_runner(config, warmup))
   rates: dict[str, list[float]] = {r.name: [] for r in runners}
   loads: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -345,7 +412,9 @@ def measure_train(workload: str, config, *, steps: int, repeats: int, warmup: in
                     flops * medians[runner.name] / peak, runner.memory_bytes / MiB,
                     runner.memory_method, ratio, runner.extra["rss_bytes"] / MiB,
                     rates[runner.name], statistics.median(loads[runner.name]),
-                    loads[runner.name]))
+                    loads[runner.name], runner.extra["compile_seconds"],
+                    runner.extra.get("setup", f"{config.model.dtype}, attention "
+                                     f"{_attention(config)}")))
   return rows
 
 
@@ -372,32 +441,50 @@ def machine_lines() -> list[str]:
 
 
 def format_table(rows: list[Row]) -> str:
-  header = ("workload", "implementation", "tokens/s", "MFU", "jaxlm/torch", "peak MiB",
-            "peak MiB measured as", "RSS growth MiB")
+  header = ("workload", "implementation", "setup", "tokens/s", "MFU", "jaxlm/torch",
+            "peak MiB", "peak MiB measured as", "RSS growth MiB", "compile s")
   lines = [header]
   for r in rows:
-    lines.append((r.workload, r.implementation, f"{r.tokens_per_second:,.0f}",
+    lines.append((r.workload, r.implementation, r.setup, f"{r.tokens_per_second:,.0f}",
                   f"{r.mfu:.1%}", "" if r.ratio is None else f"{r.ratio:.2f}",
-                  f"{r.peak_memory_mib:,.0f}", r.memory_method, f"{r.rss_growth_mib:,.0f}"))
+                  f"{r.peak_memory_mib:,.0f}", r.memory_method, f"{r.rss_growth_mib:,.0f}",
+                  f"{r.compile_seconds:.1f}"))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
                    for line in lines)
 
 
+def default_dtype() -> str:
+  """float32 on CPU, bfloat16 on accelerators (the issue's GPU comparison)."""
+  import jax
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _attention(config) -> str:
+  import jax
+  from jaxlm.model import resolve_attention_impl
+  return resolve_attention_impl(config.model, jax.default_backend())
+
+
 def run_train(workloads: list[str], *, steps: int, repeats: int, warmup: int = 2,
               use_torch: bool = True, torch_threads: int = 2,
               peak_cache_dir: str | None = "~/.cache/jaxlm",
-              configs: dict[str, Any] | None = None) -> tuple[list[Row], float]:
-  """Rows of the train table for `workloads` (names, or keys of `configs`), and the peak."""
+              configs: dict[str, Any] | None = None, dtype: str | None = None,
+              batch_size: int | None = None, torch_compile: bool | None = None
+              ) -> tuple[list[Row], float]:
+  """Rows of the train table for `workloads` (names, or keys of `configs`), and the peak
+  FLOP/s of the compute dtype (data sheet on known accelerators, else a matmul probe)."""
   from jaxlm import metrics
   use_torch = use_torch and torch_available()
+  dtype = dtype or default_dtype()
   cache = os.path.expanduser(peak_cache_dir) if peak_cache_dir else None
-  peak = metrics.peak_flops("float32", cache)
+  peak = metrics.peak_flops(dtype, cache)
   rows = []
   for name in workloads:
-    config = (configs or {}).get(name) or workload_config(name)
+    config = (configs or {}).get(name) or workload_config(name, dtype, batch_size)
     rows.extend(measure_train(name, config, steps=steps, repeats=repeats, warmup=warmup,
-                              use_torch=use_torch, torch_threads=torch_threads, peak=peak))
+                              use_torch=use_torch, torch_threads=torch_threads, peak=peak,
+                              torch_compile=torch_compile))
   return rows, peak
 
 
@@ -415,14 +502,21 @@ def main(argv: list[str]) -> None:
       print(line)
     print(generate_benchmark.format_table(rows))
     return
-  workloads = list(WORKLOADS) if _WORKLOAD.value == "all" else [_WORKLOAD.value]
+  import jax
+  if _WORKLOAD.value != "all":
+    workloads = [_WORKLOAD.value]
+  else:
+    workloads = list(CPU_WORKLOADS) if jax.default_backend() == "cpu" else ["gpt2_124m"]
+  dtype = _DTYPE.value or default_dtype()
   rows, peak = run_train(workloads, steps=_STEPS.value, repeats=_REPEATS.value,
                          warmup=_WARMUP.value, use_torch=_TORCH.value,
-                         torch_threads=_TORCH_THREADS.value, peak_cache_dir=_PEAK_CACHE.value)
+                         torch_threads=_TORCH_THREADS.value, peak_cache_dir=_PEAK_CACHE.value,
+                         dtype=dtype, batch_size=_BATCH.value,
+                         torch_compile=_TORCH_COMPILE.value)
   for line in machine_lines():
     print(line)
-  print(f"peak (float32 matmul probe): {peak / 1e9:.1f} GFLOP/s; data: random token ids; "
-        f"{_STEPS.value} steps x {_REPEATS.value} alternating rounds, medians")
+  print(f"peak ({dtype}, jaxlm.metrics.peak_flops): {peak / 1e12:.3f} TFLOP/s; data: random "
+        f"token ids; {_STEPS.value} steps x {_REPEATS.value} alternating rounds, medians")
   print(format_table(rows))
   for r in rows:
     print(f"{r.workload}/{r.implementation} tokens/s per block (other processes' CPU share): "

@@ -111,8 +111,6 @@ from absl import app, flags  # noqa: E402
 from experiments import common  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
-
 
 class TpuGeneration(NamedTuple):
   """What the planner needs to know about a TPU generation that libtpu does not say."""
@@ -239,17 +237,6 @@ def _tree_bytes(tree: Any) -> int:
   return sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def abstract_batch(config: config_lib.Config, mesh) -> dict[str, Any]:
-  """ShapeDtypeStructs [global_batch_size, seq_len] sharded like the real batch."""
-  import jax
-  import jax.numpy as jnp
-  from jaxlm import sharding
-  shape = (config.train.global_batch_size, config.data.seq_len)
-  batch_sharding = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
-                                  sharding=batch_sharding) for k in BATCH_KEYS}
-
-
 def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[str, Any]:
   """Compiles the train step for `mesh` without running it; per-device bytes and FLOPs.
 
@@ -262,7 +249,7 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
 
   start = time.perf_counter()
   steps = train.make_steps(config, mesh)
-  state, batch = steps.abstract_state, abstract_batch(config, mesh)
+  state, batch = steps.abstract_state, train.abstract_batch(config, mesh)
   compiled = steps.compile_train(state, batch)
   compile_seconds = time.perf_counter() - start
 

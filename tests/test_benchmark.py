@@ -24,6 +24,13 @@ def test_workload_configs_are_valid_float32_single_device():
   for config in (small, default):
     assert config.model.dtype == "float32"
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 1, 1)
+  # The accelerator workload: GPT-2 124M as nanoGPT benchmarks it, bf16 when asked.
+  gpt2 = benchmark.workload_config("gpt2_124m", "bfloat16")
+  assert (gpt2.model.num_layers, gpt2.model.embed_dim, gpt2.model.vocab_size, gpt2.data.seq_len,
+          gpt2.train.global_batch_size, gpt2.model.dtype) == (12, 768, 50304, 1024, 16,
+                                                              "bfloat16")
+  assert benchmark.workload_config("gpt2_124m", batch_size=32).train.global_batch_size == 32
+  assert benchmark.default_dtype() == "float32"  # on this CPU
 
 
 @pytest.mark.parametrize("use_torch", [True, False])
@@ -42,11 +49,12 @@ def test_train_table_rows(tmp_path, use_torch):
     assert row.peak_memory_mib > 0 and row.memory_method
     assert 0 <= row.other_load <= 1 or math.isnan(row.other_load)
     assert len(row.block_other_load) == 2
+    assert row.compile_seconds > 0 and row.setup
   jaxlm = rows[0]
   assert (jaxlm.ratio is not None) == use_torch
   table = benchmark.format_table(rows)
   lines = table.splitlines()
-  assert lines[0].split()[:4] == ["workload", "implementation", "tokens/s", "MFU"]
+  assert lines[0].split()[:5] == ["workload", "implementation", "setup", "tokens/s", "MFU"]
   assert len(lines) == 1 + len(rows)
   assert all(line.startswith("tiny") for line in lines[1:])
 
