@@ -22,8 +22,10 @@ it; JAX_PLATFORMS=cpu keeps it from looking for an attached TPU. The output adds
 HBM (TPU_GENERATIONS below: the chip's HBM, halved on v4, whose chips libtpu describes as two
 devices, one per TensorCore) and whether the step fits in it. On TPU, XLA's argument bytes exceed
 parameters + optimizer state + batch: it pads arrays to the TPU's tiled layouts, and reports
-that; `fits` uses XLA's numbers. Part of the HBM is reserved by the runtime, so a plan within a
-few percent of HBM may still not fit.
+that; `fits` uses XLA's numbers. The TPU compiler itself refuses a step whose buffers exceed the
+HBM it can use (RESOURCE_EXHAUSTED; on v5e "available HBM (15.75G)" of the chip's 16 GiB): the
+plan then says `fits: false` and shows the compiler's message (`compile_error`), without the
+numbers only a compiled step has. So a plan within a few percent of HBM may still not fit.
 
 Per device:
   parameters, optimizer state  from each leaf's sharding: shard_shape(shape) x itemsize (every
@@ -241,33 +243,33 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
   """Compiles the train step for `mesh` without running it; per-device bytes and FLOPs.
 
   `hbm_bytes`: one device's memory (a TPU chip's HBM / devices per chip), if known; the result
-  then says whether the step `fits` (total bytes <= hbm_bytes). Raises ConfigError for a batch
-  that does not split over data x fsdp (before compiling).
+  then says whether the step `fits` (total bytes <= hbm_bytes). A compiler that refuses the step
+  for lack of memory (the TPU compiler does: RESOURCE_EXHAUSTED) gives `fits: False`, its message
+  as `compile_error`, and None for the numbers only a compiled step has. Raises ConfigError for a
+  batch that does not split over data x fsdp (before compiling).
   """
+  import jax
   from jaxlm import model as model_lib
   from jaxlm import train
 
   start = time.perf_counter()
   steps = train.make_steps(config, mesh)
   state, batch = steps.abstract_state, train.abstract_batch(config, mesh)
-  compiled = steps.compile_train(state, batch)
+  compiled, compile_error = None, None
+  try:
+    compiled = steps.compile_train(state, batch)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compile_error = " ".join(str(e).split())
   compile_seconds = time.perf_counter() - start
 
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
   num_devices = mesh.devices.size
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   seq_len = config.data.seq_len
   tokens_per_step = config.train.global_batch_size * seq_len
-  param_bytes = _tree_bytes(state.params)
-  opt_state_bytes = _tree_bytes(state.opt_state)
-  batch_bytes = _tree_bytes(batch)
-  argument = memory.argument_size_in_bytes
-  output, alias = memory.output_size_in_bytes, memory.alias_size_in_bytes
-  temp = memory.temp_size_in_bytes
   model_flops = model_lib.flops_per_token(config.model, seq_len) * tokens_per_step / num_devices
-  return {
+  result = {
       "num_devices": num_devices,
       "platform": mesh.devices.flat[0].platform,
       "device_kind": mesh.devices.flat[0].device_kind,
@@ -282,25 +284,41 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
       "remat_policy": config.model.remat_policy,
       "dtype": config.model.dtype,
       # Per device, in bytes.
-      "param_bytes": param_bytes,
-      "opt_state_bytes": opt_state_bytes,
-      "batch_bytes": batch_bytes,
+      "param_bytes": _tree_bytes(state.params),
+      "opt_state_bytes": _tree_bytes(state.opt_state),
+      "batch_bytes": _tree_bytes(batch),
       "other_state_bytes": _tree_bytes((state.step, state.rng)),
-      "argument_bytes": argument,
-      "output_bytes": output,
-      "alias_bytes": alias,
-      "temp_bytes": temp,
-      "total_bytes": argument + output - alias + temp,
+      "argument_bytes": None,
+      "output_bytes": None,
+      "alias_bytes": None,
+      "temp_bytes": None,
+      "total_bytes": None,
       "hbm_bytes": hbm_bytes,
-      "fits": None if hbm_bytes is None else argument + output - alias + temp <= hbm_bytes,
+      "fits": False if compile_error else None,
+      "compile_error": compile_error,
       # Per device, per step.
-      "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+      "xla_flops_per_device": None,
       "model_flops_per_device": model_flops,
       "compile_seconds": round(compile_seconds, 2),
   }
+  if compiled is not None:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
+    argument = memory.argument_size_in_bytes
+    output, alias = memory.output_size_in_bytes, memory.alias_size_in_bytes
+    temp = memory.temp_size_in_bytes
+    total = argument + output - alias + temp
+    result.update(argument_bytes=argument, output_bytes=output, alias_bytes=alias,
+                  temp_bytes=temp, total_bytes=total,
+                  fits=None if hbm_bytes is None else total <= hbm_bytes,
+                  xla_flops_per_device=float(cost.get("flops", 0.0)) if cost else None)
+  return result
 
 
-def _bytes(n: float) -> str:
+def _bytes(n: float | None) -> str:
+  if n is None:
+    return "n/a"
   for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= size:
       return f"{n / size:.2f} {unit}"
@@ -326,7 +344,8 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
       ("optimizer state", r["opt_state_bytes"]),
       ("batch", r["batch_bytes"]),
       ("temporaries (XLA)", r["temp_bytes"]),
-      ("outputs not aliased", r["output_bytes"] - r["alias_bytes"]),
+      ("outputs not aliased",
+       None if r["output_bytes"] is None else r["output_bytes"] - r["alias_bytes"]),
       ("step, rng", r["other_state_bytes"]),
   ]
   topology = r.get("topology")
@@ -348,13 +367,18 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
   if r.get("hbm_bytes"):
     per = (f" (chip's / {topology['devices_per_chip']})"
            if topology and topology["devices_per_chip"] > 1 else "")
-    verdict = "fits" if r["fits"] else "does NOT fit"
-    lines.append(f"  {'HBM' + per:<20}{_bytes(r['hbm_bytes']):>12}  {verdict} "
+    if r["total_bytes"] is None:
+      verdict = "does NOT fit"
+    else:
+      verdict = (f"{'fits' if r['fits'] else 'does NOT fit'} "
                  f"({r['total_bytes'] / r['hbm_bytes']:.0%} used)")
+    lines.append(f"  {'HBM' + per:<20}{_bytes(r['hbm_bytes']):>12}  {verdict}")
+  if r.get("compile_error"):
+    lines.append(f"  compiler: {r['compile_error']}")
   xla, model = r["xla_flops_per_device"], r["model_flops_per_device"]
   ratio = f" ({xla / model:.2f}x model)" if xla and model else ""
   note = ("  (counts the scanned body once)"
-          if r["scan_layers"] or r["microbatches"] > 1 else "")
+          if xla and (r["scan_layers"] or r["microbatches"] > 1) else "")
   lines += [
       "FLOPs per step per device",
       f"  {'XLA cost analysis':<20}{_flops(xla):>12}{ratio}{note}",

@@ -98,6 +98,7 @@ def test_topology_compiles_with_the_tpu_compiler():
   assert plan["topology"] == {"name": "v5e:2x2", "num_slices": 1, "chips": 4,
                               "devices_per_chip": 1}
   assert plan["hbm_bytes"] == 16 * 2**30 and plan["fits"] is True
+  assert plan["compile_error"] is None
   # Parameters stay float32 (bfloat16 is the compute dtype). fsdp=4 splits every leaf with an
   # embed axis 4 ways; only the q/k/v bias (3 x 64) and the MLP bias (256) are whole on each chip.
   params, whole = model_lib.param_count(config_lib.validate(TINY).model), 3 * 64 + 256
@@ -108,6 +109,20 @@ def test_topology_compiles_with_the_tpu_compiler():
                                     + plan["batch_bytes"] + plan["other_state_bytes"])
   assert plan["total_bytes"] == (plan["argument_bytes"] + plan["temp_bytes"]
                                  + plan["output_bytes"] - plan["alias_bytes"])
+
+
+def test_topology_reports_a_step_that_does_not_fit():
+  pytest.importorskip("libtpu")
+  # 4,096 rows x 32 tokens x a 65,536 vocabulary of float32 logits per chip: 32 GiB, on a 16 GiB
+  # v5e. The TPU compiler refuses to compile it; the plan says so instead of failing.
+  result = run_cli("--topology=v5e:2x2", "--config.mesh.fsdp=4", "--config.model.dtype=bfloat16",
+                   "--config.model.vocab_size=65536", "--config.train.global_batch_size=16384",
+                   "--json")
+  assert result.returncode == 0, result.stderr
+  plan = json.loads(result.stdout)
+  assert plan["fits"] is False and "RESOURCE_EXHAUSTED" in plan["compile_error"]
+  assert plan["temp_bytes"] is None and plan["total_bytes"] is None
+  assert plan["param_bytes"] > 0 and plan["hbm_bytes"] == 16 * 2**30
 
 
 @pytest.mark.parametrize("args, devices, chips, hbm_gib", [
