@@ -305,7 +305,7 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   check_new_directory(workdir, "workdir")
 
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1)) if mesh is None else mesh
-  abstract = train_lib.make_steps(config, mesh).abstract_state.params
+  abstract = train_lib.abstract_params(config.model, mesh)
 
   def put(path: str, array: np.ndarray) -> jax.Array:
     target = _get(abstract, path)

@@ -405,7 +405,8 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
   from jaxlm.model import unstack_layers
   if "layers" in base_params:  # a scanned base run: fine-tuning addresses blocks by index
     base_params = unstack_layers(base_params)
-  shardings = train_lib.make_steps(config, mesh).state_shardings.params  # abstract only
+  shardings = jax.tree.map(lambda leaf: leaf.sharding,
+                           train_lib.abstract_params(config.model, mesh))
   model = Transformer(config.model)
 
   def init(rng):

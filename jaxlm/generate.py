@@ -630,17 +630,10 @@ def restore_params(run: Run, mesh: Mesh | None = None) -> Any:
   with the shardings of `mesh` (default: the run's mesh if it fits the devices here, else data
   parallel over all of them), so a checkpoint moves to another device count. Checksums are
   verified."""
-  from jaxlm import config as config_lib
   from jaxlm import train as train_lib
-  config = run.config
-  mesh = generation_mesh(config) if mesh is None else mesh
-  # Only the state's shapes and shardings matter here; make the batch fit this mesh.
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  restore_config = config_lib.replace(
-      config, train={"microbatches": 1,
-                     "global_batch_size": math.lcm(ways, jax.process_count())})
-  abstract = train_lib.make_steps(restore_config, mesh).abstract_state
-  return run.checkpointer.restore_params(run.step, abstract.params)
+  mesh = generation_mesh(run.config) if mesh is None else mesh
+  return run.checkpointer.restore_params(run.step,
+                                         train_lib.abstract_params(run.config.model, mesh))
 
 
 def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None

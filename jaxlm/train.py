@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm import loss as loss_lib
 from jaxlm.model import Transformer, lm_head, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
@@ -169,6 +169,23 @@ def check_fits(needed: int, available: tuple[int, str] | None, config: Config) -
   raise DoesNotFit(
       f"the compiled train step needs {gib(needed)} per device but only {gib(available[0])} "
       f"are available ({available[1]}); lower {', '.join(knobs)}. Nothing was written.")
+
+
+def abstract_params(model_config: ModelConfig, mesh: Mesh) -> Any:
+  """The parameters of a model on `mesh` as ShapeDtypeStructs with their shardings, from the
+  model config alone (no batch, optimizer or train step): what restoring, importing and
+  fine-tuning need to place arrays. Nothing is allocated."""
+  sharding.check_model(model_config, mesh)
+  model = Transformer(model_config)
+
+  def init(rng: jax.Array) -> Any:
+    return model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  shardings = sharding.state_shardings(boxed, mesh)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
 
 
 def make_model(config: Config) -> Transformer:

@@ -148,3 +148,18 @@ def test_compiled_step_bytes_and_cpu_memory_are_known():
   assert train.step_bytes(compiled) >= memory.temp_size_in_bytes + memory.argument_size_in_bytes
   available, what = train.device_memory_bytes(mesh)
   assert available > 0 and "2 CPU devices" in what
+
+
+def test_abstract_params_from_the_model_alone_match_the_train_state():
+  """Restoring, importing and fine-tuning place params with `abstract_params` (no batch,
+  optimizer or step): the same shapes, dtypes and shardings as the train state's."""
+  config = tiny_config(model={"scan_layers": True, "num_classes": 3, "lora_rank": 2},
+                       mesh={"data": 1, "fsdp": 4})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+  ours = jax.tree_util.tree_flatten_with_path(train.abstract_params(config.model, mesh))[0]
+  state = jax.tree_util.tree_flatten_with_path(
+      train.make_steps(config, mesh).abstract_state.params)[0]
+  assert [path for path, _ in ours] == [path for path, _ in state]
+  for (path, a), (_, b) in zip(ours, state):
+    assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding), path
+  assert any(a.sharding.spec != jax.sharding.PartitionSpec() for _, a in ours)  # fsdp-sharded
