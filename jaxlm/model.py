@@ -4,7 +4,7 @@ Read top to bottom: numerics helpers (positions, norms), the attention core, the
 (Dense -> Norm -> CausalSelfAttention -> Mlp -> Block -> Transformer), then helpers that other
 modules need (parameter counts, FLOPs, layer stacking for `scan_layers`, KV cache).
 
-Conventions (see DESIGN.md):
+Conventions (see docs/architecture.md):
   * Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`):
     `vocab, embed, heads, kv, mlp` (+ `layers` when scanned). Compute runs in `config.dtype`;
     attention scores, softmax, norm statistics and logits are float32.
