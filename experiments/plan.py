@@ -387,8 +387,95 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
   return "\n".join(lines)
 
 
+# --search: rematerialization policies tried (least to most recomputation), and the FLOPs
+# factor used for a policy whose unscanned step the compiler refused (no cost analysis): full
+# remat recomputes the forward pass (6N -> 8N per token); the partial policies less.
+SEARCH_REMAT = ("none", "dots_with_no_batch_dims_saveable", "full")
+_REMAT_FLOPS_FACTOR = {"none": 1.0, "dots_with_no_batch_dims_saveable": 7 / 6, "full": 4 / 3}
+
+
+def search(config: config_lib.Config, mesh, memory_bytes: int | None,
+           peak_flops_per_device: float | None = None,
+           plans: dict[tuple[str, bool, int], dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Plans every (remat policy x scan_layers x microbatches) candidate and recommends the
+  fastest one that fits in `memory_bytes` per device.
+
+  Microbatches start at 1 and double (while they divide the per-device batch) until the step
+  fits. Speed is judged by the compiler's cost analysis: the FLOPs per device of the
+  unscanned, single-microbatch step with that remat policy (XLA counts a scanned or
+  microbatched loop body once, so those compiles cannot tell; scan and microbatches do not
+  change the FLOPs). Ties go to fewer microbatches (larger matmuls), then to unscanned layers
+  (measured 1.27x faster than scanned on an H200). `est_step_seconds` = FLOPs / peak, a
+  compute-bound lower bound, when the peak is known. `plans`: compiled plans by (remat, scan,
+  microbatches), reused and filled in (searching the same config against other memory sizes
+  compiles nothing twice).
+  """
+  plans = {} if plans is None else plans
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_device = config.train.global_batch_size // ways
+  candidates, flops_by_remat = [], {}
+  for remat in SEARCH_REMAT:
+    for scan in (False, True):
+      microbatches = 1
+      while True:
+        key = (remat, scan, microbatches)
+        if key not in plans:
+          candidate = config_lib.replace(config, model={"remat_policy": remat,
+                                                        "scan_layers": scan},
+                                         train={"microbatches": microbatches})
+          plans[key] = plan(candidate, mesh)
+        result = dict(plans[key], hbm_bytes=memory_bytes)
+        if result["total_bytes"] is not None and memory_bytes is not None:
+          result["fits"] = result["total_bytes"] <= memory_bytes
+        if not scan and microbatches == 1:
+          flops_by_remat[remat] = result["xla_flops_per_device"] or (
+              result["model_flops_per_device"] * _REMAT_FLOPS_FACTOR[remat])
+        candidates.append(result)
+        doubled = microbatches * 2
+        if result["fits"] is not False or doubled > per_device or per_device % doubled:
+          break
+        microbatches = doubled
+  for result in candidates:
+    result["search_flops_per_device"] = flops_by_remat[result["remat_policy"]]
+    result["est_step_seconds"] = (result["search_flops_per_device"] / peak_flops_per_device
+                                  if peak_flops_per_device else None)
+  fitting = [r for r in candidates if r["fits"] is not False]
+  best = min(fitting, key=lambda r: (r["search_flops_per_device"], r["microbatches"],
+                                     r["scan_layers"]), default=None)
+  recommended = None
+  if best is not None:
+    recommended = {"model.remat_policy": best["remat_policy"],
+                   "model.scan_layers": best["scan_layers"],
+                   "train.microbatches": best["microbatches"]}
+  return {"candidates": candidates, "recommended": recommended, "memory_bytes": memory_bytes}
+
+
+def format_search(result: dict[str, Any]) -> str:
+  header = ("remat_policy", "scan", "microbatches", "temporaries", "total", "fits",
+            "TFLOP/device (cost analysis)", "est. step s", "compile s")
+  rows = [header]
+  for r in result["candidates"]:
+    fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
+    seconds = r["est_step_seconds"]
+    rows.append((r["remat_policy"], str(r["scan_layers"]).lower(), str(r["microbatches"]),
+                 _bytes(r["temp_bytes"]) if r["temp_bytes"] is not None else "-",
+                 _bytes(r["total_bytes"]) if r["total_bytes"] is not None else "-", fits,
+                 f"{r['search_flops_per_device'] / 1e12:.3f}",
+                 "n/a" if seconds is None else f"{seconds:.3f}", f"{r['compile_seconds']:.1f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+  memory = result["memory_bytes"]
+  lines.append(f"memory per device: {_bytes(memory) if memory else 'unknown'}")
+  best = result["recommended"]
+  lines.append("recommended: " + (" ".join(f"--config.{k}={str(v).lower()}"
+                                           for k, v in best.items())
+                                  if best else "nothing fits; use more devices (mesh.fsdp), a "
+                                               "smaller batch or sequence, or bfloat16"))
+  return "\n".join(lines)
+
+
 def _define_flags() -> None:
-  global _CONFIG, _NUM_DEVICES, _TOPOLOGY_FLAG, _NUM_SLICES, _JSON
+  global _CONFIG, _NUM_DEVICES, _TOPOLOGY_FLAG, _NUM_SLICES, _JSON, _SEARCH, _MEMORY_GIB
   _CONFIG = common.define_config_flag("configs/default.py")
   _NUM_DEVICES = flags.DEFINE_integer(
       "num_devices", None, "plan for this many simulated CPU devices (default: this machine's "
@@ -400,6 +487,12 @@ def _define_flags() -> None:
       "num_slices", 1, "with --topology: this many such slices (multi-slice); mesh.data spans "
       "them.", lower_bound=1)
   _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table.")
+  _SEARCH = flags.DEFINE_bool(
+      "search", False, "try remat policies x scan_layers x microbatches and recommend the "
+      "fastest configuration that fits (by the compiler's cost analysis).")
+  _MEMORY_GIB = flags.DEFINE_float(
+      "memory_gib", None, "memory per device to plan against (default: the TPU chip's HBM with "
+      "--topology, else this host's available memory shared by its devices).", lower_bound=0)
 
 
 @common.exit_on_user_error
@@ -419,20 +512,35 @@ def main(argv: list[str]) -> None:
     raise config_lib.ConfigError(f"--num_slices={num_slices} needs --topology (e.g. "
                                  f"--topology=v5e:16x16 --num_slices={num_slices}).")
   import jax
-  from jaxlm import sharding
+  from jaxlm import metrics, sharding, train
+  topology_info = None
   if topology_name is not None:
     topology = tpu_topology(topology_name, num_slices)
     mesh = topology_mesh(config, topology)
-    result = plan(config, mesh, hbm_bytes=topology.hbm_bytes)
-    result["topology"] = {"name": topology.name, "num_slices": topology.num_slices,
-                          "chips": topology.chips, "devices_per_chip": topology.devices_per_chip}
+    memory = topology.hbm_bytes
+    topology_info = {"name": topology.name, "num_slices": topology.num_slices,
+                     "chips": topology.chips, "devices_per_chip": topology.devices_per_chip}
   else:
     devices = jax.devices()
     if _NUM_DEVICES.value is not None and len(devices) != _NUM_DEVICES.value:
       raise RuntimeError(f"asked for {_NUM_DEVICES.value} devices, jax has {len(devices)}: "
                          f"XLA_FLAGS was not applied before jax was imported.")
-    result = plan(config, sharding.make_mesh(config.mesh, devices))
-    result["topology"] = None
+    mesh = sharding.make_mesh(config.mesh, devices)
+    memory = None
+  if _MEMORY_GIB.value is not None:
+    memory = int(_MEMORY_GIB.value * 2**30)
+  if _SEARCH.value:
+    if memory is None:
+      known = train.device_memory_bytes(mesh)
+      memory = known[0] if known else None
+    device = mesh.devices.flat[0]
+    peak = (metrics.data_sheet_peak(device.device_kind, config.model.dtype)
+            if device.platform != "cpu" else None)
+    result = search(config, mesh, memory, peak)
+    print(json.dumps(result) if _JSON.value else format_search(result))
+    return
+  result = plan(config, mesh, hbm_bytes=memory)
+  result["topology"] = topology_info
   if _JSON.value:
     print(json.dumps(result))
   else:
