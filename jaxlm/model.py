@@ -205,14 +205,18 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
 
 
-def resolve_attention_impl(config: ModelConfig, platform: str | None = None) -> str:
+def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
+                           decoding: bool = False) -> str:
   """The implementation `attention_impl='auto'` stands for on `platform` (default: JAX's
   default backend); any other value is returned as it is.
 
   gpu: 'cudnn' (flash attention: never materializes the [batch, heads, q, kv] scores; measured
   1.66x the XLA path for GPT-2 124M on an H200) when the compute dtype is bfloat16/float16 and
-  head_dim is a multiple of 8 up to 128, which cuDNN requires; else 'xla'. tpu: 'xla'. cpu:
-  'reference'. With attention dropout always 'reference' (the fused kernels have none).
+  head_dim is a multiple of 8 up to 128, which cuDNN requires; else 'xla'. Decoding against a
+  KV cache (a few queries, an arbitrary mask over cache slots) takes 'xla' there: the flash
+  kernel pays off on long query blocks, and its mask support was never tried on a GPU here.
+  tpu: 'xla'. cpu: 'reference'. With attention dropout always 'reference' (the fused kernels
+  have none).
   """
   if config.attention_impl != "auto":
     return config.attention_impl
@@ -220,7 +224,7 @@ def resolve_attention_impl(config: ModelConfig, platform: str | None = None) -> 
   if config.dropout > 0:
     return "reference"
   if platform in ("gpu", "cuda", "rocm"):
-    cudnn_ok = (platform != "rocm" and config.dtype in ("bfloat16", "float16")
+    cudnn_ok = (platform != "rocm" and not decoding and config.dtype in ("bfloat16", "float16")
                 and config.head_dim % 8 == 0 and config.head_dim <= 128)
     return "cudnn" if cudnn_ok else "xla"
   return "xla" if platform == "tpu" else "reference"
@@ -372,7 +376,7 @@ class CausalSelfAttention(nn.Module):
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
 
-    impl = resolve_attention_impl(cfg)
+    impl = resolve_attention_impl(cfg, decoding=decoding)
     if impl == "reference":
       dropout_rng = None
       if not deterministic and cfg.dropout > 0.0:

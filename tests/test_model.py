@@ -522,6 +522,12 @@ def test_masked_softmax_gradient_and_saved_residuals():
   assert len(big) == 1
 
 
+def test_auto_attention_decodes_with_xla_on_gpu():
+  config = config_lib.validate({"model": {"dtype": "bfloat16"}}).model
+  assert model_lib.resolve_attention_impl(config, "gpu", decoding=True) == "xla"
+  assert model_lib.resolve_attention_impl(config, "cpu", decoding=True) == "reference"
+
+
 @pytest.mark.parametrize("platform, overrides, expected", [
     ("gpu", {"dtype": "bfloat16"}, "cudnn"),
     ("gpu", {"dtype": "float32"}, "xla"),          # cuDNN flash attention is bf16/fp16 only
