@@ -33,6 +33,7 @@ import optax
 
 from jaxlm import config as config_lib
 from jaxlm import files
+from jaxlm import loss as loss_lib
 from jaxlm import sharding
 from jaxlm.config import Config
 from jaxlm.model import Transformer
@@ -314,8 +315,7 @@ def classifier_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[s
 
 def lm_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Masked token cross-entropy: only weighted (response) targets count."""
-  from jaxlm.train import token_losses
-  nll, _ = token_losses(logits.astype(jnp.float32), batch["targets"])
+  nll, _ = loss_lib.token_losses(logits.astype(jnp.float32), batch["targets"])
   return {"loss_sum": jnp.sum(nll * batch["weights"]), "count": jnp.sum(batch["weights"])}
 
 

@@ -47,12 +47,19 @@ def _logits(hidden: jax.Array, head: jax.Array, layout: str) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
-def _forward_chunk(hidden, head, targets, weights, layout):
-  """Sums of weighted nll and weighted log Z^2 of one chunk, and its log Z [batch, chunk]."""
-  logits = _logits(hidden, head, layout)
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [batch, length, vocab] float32, targets [batch, length] -> (nll, log Z), each
+  [batch, length] float32: nll = log Z - the target's logit, log Z = logsumexp over the vocab.
+  (Also for scoring logits a caller already has; training never builds them whole.)"""
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll_sum = jnp.sum((log_z - target_logits) * weights)
+  return log_z - target_logits, log_z
+
+
+def _forward_chunk(hidden, head, targets, weights, layout):
+  """Sums of weighted nll and weighted log Z^2 of one chunk, and its log Z [batch, chunk]."""
+  nll, log_z = token_losses(_logits(hidden, head, layout), targets)
+  nll_sum = jnp.sum(nll * weights)
   z_sum = jnp.sum(jnp.square(log_z) * weights)
   return nll_sum, z_sum, log_z
 

@@ -37,14 +37,6 @@ class TrainState:
   rng: jax.Array
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """logits [batch, length, vocab] float32, targets [batch, length] -> (nll, log Z), each
-  [batch, length] float32. (For inspecting materialized logits; training uses `loss_sums`.)"""
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return log_z - target_logits, log_z
-
-
 def loss_sums(params: Any, batch: Batch, model: Transformer, z_loss: float,
               dropout_rng: jax.Array | None, chunk_size: int = 0
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
