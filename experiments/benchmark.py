@@ -116,13 +116,8 @@ def workload_config(name: str, dtype: str = "float32", batch_size: int | None = 
     for section, updates in SMALL.items():
       values[section].update(updates)
   elif name == "default":
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("_benchmark_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values = module.get_config().to_dict()
+    values = config_lib.load_file(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"))
   else:
     raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}.")
   values["mesh"] = {"data": 1, "fsdp": 1, "tensor": 1}

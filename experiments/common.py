@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import sys
 from typing import Any, Callable
@@ -12,15 +11,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
+from jaxlm.errors import UserError
 
-# Errors that mean "the input is wrong": printed as one line, exit code 2, no traceback.
-def user_errors() -> tuple[type[BaseException], ...]:
-  from jaxlm import (checkpoint, convert, corpora, data, evaluate, finetune, generate, lora,
-                     sweep, tokenizer, trainer)
-  return (config_lib.ConfigError, corpora.CorpusError, tokenizer.TokenizerError,
-          data.DataError, trainer.RunError, checkpoint.CheckpointError,
-          generate.GenerationError, convert.ConvertError, evaluate.EvaluationError,
-          finetune.FinetuneError, lora.LoraError, sweep.SweepError)
 
 
 def _flag_error(e: BaseException) -> None:
@@ -124,11 +116,7 @@ def maybe_initialize_distributed() -> None:
 
 def config_file_dict(flag_name: str = "config") -> dict[str, Any]:
   """The config file's own values (before --config.K=V overrides)."""
-  path = config_flags.get_config_filename(flags.FLAGS[flag_name])
-  spec = importlib.util.spec_from_file_location("_jaxlm_config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().to_dict()
+  return config_lib.load_file(config_flags.get_config_filename(flags.FLAGS[flag_name]))
 
 
 def run_finetune(task: str, init: str | None, data: str | None, workdir: str | None,
@@ -141,10 +129,13 @@ def run_finetune(task: str, init: str | None, data: str | None, workdir: str | N
   if missing:
     raise finetune.FinetuneError(f"{', '.join(missing)} required: --init=RUN (the run to start "
                                  f"from), --data=FILE, --workdir=NEW_RUN.")
+  maybe_initialize_distributed()
   prepared = finetune.prepare(init, workdir, task, data, config_overrides(),
                               validation_data or "", test_data or "")
-  summary = finetune.finetune(prepared, workdir, show_progress=progress)
-  print(json.dumps(summary))
+  summary = finetune.finetune(prepared, show_progress=progress)
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(summary))
 
 
 def exit_on_user_error(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
@@ -153,7 +144,7 @@ def exit_on_user_error(main: Callable[[list[str]], Any]) -> Callable[[list[str]]
   def wrapped(argv):
     try:
       return main(argv)
-    except user_errors() as e:
+    except UserError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   return wrapped

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   from jaxlm import corpora
   from jaxlm import evaluate as evaluate_lib
-  from jaxlm import generate as generate_lib
+  from jaxlm import run as run_lib
   EvaluationError = evaluate_lib.EvaluationError
   if not _WORKDIR.value:
     raise EvaluationError("--workdir is required: the run directory to evaluate.")
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
   if _MAX_DOCUMENTS.value < 0:
     raise EvaluationError(f"--max_documents={_MAX_DOCUMENTS.value} must be >= 0.")
   start = time.perf_counter()
-  run = generate_lib.open_run(_WORKDIR.value, _STEP.value)
+  run = run_lib.open_run(_WORKDIR.value, _STEP.value)
   config = run.config
   seq_len = _SEQ_LEN.value or config.data.seq_len
   stride = _STRIDE.value or max(seq_len // 2, 1)
@@ -65,8 +65,8 @@ def main(argv: list[str]) -> None:
     source = f"{config.data.corpus}:{_SPLIT.value}"
   if _MAX_DOCUMENTS.value:
     documents = documents[:_MAX_DOCUMENTS.value]
-  mesh = generate_lib.generation_mesh(config)
-  params = generate_lib.restore_params(run, mesh)
+  mesh = run_lib.default_mesh(config)
+  params = run_lib.restore_params(run, mesh)
   common.log(f"loaded {_WORKDIR.value} step {run.step}; scoring {len(documents)} documents "
              f"(seq_len {seq_len}, stride {stride})")
   result = evaluate_lib.evaluate_documents(

@@ -28,14 +28,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.quiet_logs()
   from jaxlm import convert
-  from jaxlm import generate as generate_lib
+  from jaxlm import run as run_lib
   if not _HF_DIR.value or not _WORKDIR.value:
     raise convert.ConvertError("pass both --workdir=RUN (the run to export) and --hf_dir=DIR "
                                "(the new directory to write).")
-  run = generate_lib.open_run(_WORKDIR.value, _STEP.value)
+  run = run_lib.open_run(_WORKDIR.value, _STEP.value)
   convert.check_exportable(run.config.model)  # before the (slow) restore
   convert.check_new_directory(_HF_DIR.value, "--hf_dir")
-  params = generate_lib.restore_params(run)
+  params = run_lib.restore_params(run)
   written = convert.export_gpt2(run.config.model, params, run.tokenizer, _HF_DIR.value)
   print(json.dumps({"hf_dir": _HF_DIR.value, "step": run.step, "files": written}))
 

@@ -40,6 +40,7 @@ _PREDICT = flags.DEFINE_string("predict", None, "label the texts of this file wi
                                "classifier instead of training.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
 _CONFIG = common.define_config_overrides_flag()
+common.define_distributed_flags()
 
 
 def read_texts(path: str, text_column: str) -> list[str]:

@@ -28,6 +28,7 @@ _TEST_DATA = flags.DEFINE_string("test_data", None, "test JSON/JSONL.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "new run directory.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
 _CONFIG = common.define_config_overrides_flag()
+common.define_distributed_flags()
 
 
 @common.exit_on_user_error

@@ -26,6 +26,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from jaxlm.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by experiments.pretrain.")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text.")
@@ -138,6 +139,7 @@ def run(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from jaxlm import generate as generate_lib
+  from jaxlm import run as run_lib
   GenerationError = generate_lib.GenerationError
   if not _WORKDIR.value:
     raise GenerationError("--workdir is required: the run directory to generate from.")
@@ -155,12 +157,12 @@ def run(argv: list[str]) -> None:
 
   stop = parse_stop(_STOP.value)
   start = time.perf_counter()
-  run_info = generate_lib.open_run(_WORKDIR.value, _STEP.value)
+  run_info = run_lib.open_run(_WORKDIR.value, _STEP.value)
   config, tokenizer = run_info.config, run_info.tokenizer
   # Refuse prompts that do not fit before the (slower) restore.
   generate_lib.encode_prompts(config.model, tokenizer, rows, _MAX_NEW_TOKENS.value,
                               _TRUNCATE.value)
-  params = generate_lib.restore_params(run_info)
+  params = run_lib.restore_params(run_info)
   common.log(f"loaded {_WORKDIR.value} step {run_info.step} ({config.model.num_layers} layers, "
              f"{config.model.embed_dim} dims) in {time.perf_counter() - start:.1f}s")
   stats: dict = {}
@@ -193,7 +195,7 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   try:
     run(argv)
-  except common.user_errors() as e:
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except BrokenPipeError:  # e.g. piped into `head`

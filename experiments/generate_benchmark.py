@@ -19,7 +19,6 @@ for 200 tokens of GPT-2 small on a 2-core CPU would take many minutes.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
@@ -30,10 +29,7 @@ import numpy as np
 
 def load_model_config(path: str):
   from jaxlm import config as config_lib
-  spec = importlib.util.spec_from_file_location("_benchmark_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return config_lib.validate(module.get_config()).model
+  return config_lib.validate(config_lib.load_file(path)).model
 
 
 def random_params(model_config, seed: int = 0) -> Any:

@@ -16,7 +16,7 @@ import datetime
 import os
 
 from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import config as config_lib
@@ -30,14 +30,10 @@ common.define_distributed_flags()
 
 def resolve_config(workdir: str) -> tuple[config_lib.Config, dict]:
   """(config to run, the config it derives from) for --config/--workdir as given."""
-  from jaxlm import trainer
-  saved = trainer.saved_config(workdir)
+  from jaxlm import run as run_lib
+  saved = run_lib.saved_config(workdir)
   if saved is not None and not flags.FLAGS["config"].present:
-    values = ConfigDict(saved)
-    for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
-      section, _, name = key.rpartition(".")
-      (values[section] if section else values)[name] = value
-    return config_lib.validate(values), saved
+    return config_lib.validate(config_lib.apply_overrides(saved, common.config_overrides())), saved
   return config_lib.validate(common.config_value(_CONFIG)), common.config_file_dict()
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     return
   plan = _plan(workdir)
   if not _REPORT_ONLY.value:
-    def command(run: sweep_lib.Run) -> list[str]:
+    def command(run: sweep_lib.Cell) -> list[str]:
       return [sys.executable, "-m", "experiments.sweep", f"--workdir={workdir}",
               f"--run={run.name}"]
     statuses = sweep_lib.execute(plan, workdir, command, parallel=_PARALLEL.value, log=common.log)

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxlm.errors import UserError
 from jaxlm.train import TrainState
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint cannot be used; the message names it and what to do."""
 
 
@@ -100,6 +101,10 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
+
+  def delete(self, step: int) -> None:
+    """Removes a committed step (call on every process)."""
+    self.manager.delete(step)
 
   def wait(self) -> None:
     """Blocks until pending saves are committed (before exit, or before trusting latest_step)."""

@@ -11,14 +11,18 @@ compiled or written.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import types
 from typing import Any, Mapping
 
 import ml_collections
 
+from jaxlm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A config value is invalid; the message names the field, the value and the fix."""
 
 
@@ -222,6 +226,61 @@ def gpt2_config_dict(size: str) -> ml_collections.ConfigDict:
 def to_dict(config: Config) -> dict[str, Any]:
   """Plain JSON-able dict (tuples become lists)."""
   return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def plain(value: Any) -> Any:
+  """ConfigDicts, dataclass configs and tuples as JSON-able dicts and lists."""
+  if isinstance(value, Config):
+    return to_dict(value)
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    value = value.to_dict()
+  return json.loads(json.dumps(value))
+
+
+def import_python_file(path: str, what: str = "config file") -> types.ModuleType:
+  """The module of a Python file given by path (config files, sweep files); ConfigError naming
+  `what` and the path when it is missing or fails to load."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{what} {path} does not exist; pass an existing .py file.")
+  name = "_jaxlm_file_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report where, not a traceback
+    raise ConfigError(f"{what} {path} cannot be loaded: {type(e).__name__}: {e}") from None
+  return module
+
+
+def load_file(path: str) -> dict[str, Any]:
+  """The plain values of `get_config()` in a config file (before validation)."""
+  module = import_python_file(path)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config(); see configs/default.py.")
+  return plain(module.get_config())
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
+                    where: str = "") -> dict[str, Any]:
+  """A copy of the nested `values` with every {"section.key": value} of `overrides` set.
+
+  The one implementation of --config.K=V for every script, sweep and notebook. A key the
+  values do not have is a ConfigError (prefixed by `where`); the values are checked later by
+  `validate`.
+  """
+  out = plain(values)
+  prefix = f"{where}: " if where else ""
+  for key, value in overrides.items():
+    *sections, leaf = key.split(".")
+    holder = out
+    for section in sections:
+      if not isinstance(holder.get(section), dict):
+        raise ConfigError(f"{prefix}unknown config key '{key}' (no section '{section}').")
+      holder = holder[section]
+    if leaf not in holder:
+      raise ConfigError(f"{prefix}unknown config key '{key}'.")
+    holder[leaf] = plain(value)
+  return out
 
 
 def _coerce(field: str, value: Any, default: Any) -> Any:

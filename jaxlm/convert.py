@@ -37,14 +37,22 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
 from jaxlm import files
+from jaxlm import lora
+from jaxlm import run as run_lib
+from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm import train as train_lib
 from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.model import count_params, sinusoidal_positions, unstack_layers
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
   """A checkpoint cannot be converted; the message names the file or setting and the fix."""
 
 
@@ -207,7 +215,6 @@ def safetensors_files(hf_dir: str) -> dict[str, str]:
   single = os.path.join(hf_dir, "model.safetensors")
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   if os.path.isfile(single):
-    from safetensors import safe_open
     with safe_open(single, framework="numpy") as f:
       return {name: single for name in f.keys()}
   if os.path.isfile(index):
@@ -236,7 +243,6 @@ def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.nda
   put(param_path, float32 array) -> the array to store, e.g. placed on devices with its
   sharding, so that the host holds one tensor at a time besides the result.
   """
-  from safetensors import safe_open
   locations = {_canonical(n): (n, path) for n, path in safetensors_files(hf_dir).items()
                if not n.endswith(_BUFFER_SUFFIXES)}
   entries = tensor_map(model)
@@ -285,9 +291,6 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   params only (no optimizer state yet). Everything is written to a temporary directory beside
   `workdir` and renamed at the end: a failure leaves no half-made run.
   """
-  from jaxlm import checkpoint as ckpt
-  from jaxlm import sharding
-  from jaxlm import train as train_lib
 
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -317,11 +320,9 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   params = load_gpt2_params(hf_dir, config.model, put)
   staging = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(workdir))
   try:
-    files.write_json(os.path.join(staging, "config.json"), config_lib.to_dict(config))
-    files.write_bytes(os.path.join(staging, tokenizer.file_name), tokenizer.serialize())
-    files.write_json(os.path.join(staging, "source.json"),
-                     {"imported_from": hf_dir, "format": "huggingface-gpt2"})
-    checkpointer = ckpt.Checkpointer(os.path.join(staging, "checkpoints"), async_save=False)
+    run_lib.write_files(staging, config, tokenizer,
+                        run_source={"imported_from": hf_dir, "format": "huggingface-gpt2"})
+    checkpointer = run_lib.checkpointer(staging, async_save=False)
     checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)
     checkpointer.wait()
     if os.path.isdir(workdir):
@@ -330,7 +331,6 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  from jaxlm.model import count_params
   return {"workdir": workdir, "num_params": count_params(params),
           "num_layers": config.model.num_layers, "embed_dim": config.model.embed_dim,
           "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.file_name}
@@ -342,10 +342,8 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
 
 def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
   """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""
-  from jaxlm.model import sinusoidal_positions, unstack_layers
   check_exportable(model)
   if model.lora_rank:  # GPT-2 has no adapters: fold them into the kernels
-    from jaxlm import lora
     model, params = lora.merge(model, params)
   if model.scan_layers:
     params = unstack_layers(params)
@@ -383,7 +381,6 @@ def export_gpt2(model: ModelConfig, params: dict[str, Any], tokenizer, hf_dir: s
   """Writes `config.json`, `model.safetensors` and the tokenizer (GPT-2's vocab.json +
   merges.txt; a SentencePiece tokenizer is copied as `tokenizer.model`) into the new directory
   `hf_dir`, atomically. Returns the file names written."""
-  from safetensors.numpy import save_file
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   check_exportable(model)
   check_new_directory(hf_dir, "--hf_dir")

@@ -42,9 +42,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from jaxlm.config import DataConfig
+from jaxlm.errors import UserError
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
   """A corpus cannot be found, read or split; the message names the field or file and the fix."""
 
 

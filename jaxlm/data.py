@@ -23,11 +23,12 @@ import grain
 import numpy as np
 
 from jaxlm.config import Config, DataConfig
+from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """The data cannot feed the model as configured; the message says what to change."""
 
 

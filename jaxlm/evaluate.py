@@ -11,9 +11,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import sharding
+from jaxlm import train as train_lib
 from jaxlm.data import Batch
+from jaxlm.errors import UserError
 
 
 def target_bytes(batch: Batch, byte_lengths: np.ndarray) -> float:
@@ -37,7 +40,6 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   results = [eval_step(params, sharding.global_batch(b, mesh)) for b in batches]
   local_bytes = np.float64(sum(target_bytes(b, byte_lengths) for b in batches))
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     num_bytes = float(np.sum(multihost_utils.process_allgather(local_bytes)))
   else:
     num_bytes = float(local_bytes)
@@ -50,7 +52,7 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
 # Documents: sliding windows, each token scored once
 # ---------------------------------------------------------------------------------------------
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
   """Evaluation cannot run as asked; the message names the flag and the fix."""
 
 
@@ -105,8 +107,6 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
   Each document is scored on its own (sliding windows, see `document_windows`); bits per byte
   count the UTF-8 bytes of the scored text.
   """
-  from jaxlm import config as config_lib
-  from jaxlm import train as train_lib
   model = config.model
   if not 1 <= seq_len <= model.max_seq_len:
     raise EvaluationError(f"--seq_len={seq_len} must be in [1, model.max_seq_len="
@@ -121,10 +121,7 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
     raise EvaluationError("no documents to evaluate: the files or split are empty.")
   rows = [row for ids in tokenizer.encode_batch(list(documents))
           for row in document_windows(ids, seq_len, stride, tokenizer.eos_id, tokenizer.pad_id)]
-  eval_config = config_lib.replace(
-      config, data={"seq_len": seq_len, "stride": stride},
-      train={"global_batch_size": batch_size, "microbatches": 1})
-  steps = train_lib.make_steps(eval_config, mesh)
-  result = evaluate(steps.eval, params, stack_rows(rows, batch_size), tokenizer.byte_lengths(),
+  eval_step = train_lib.make_eval_step(model, mesh, train_lib.lm_loss())
+  result = evaluate(eval_step, params, stack_rows(rows, batch_size), tokenizer.byte_lengths(),
                     mesh)
   return dict(result, documents=len(documents))

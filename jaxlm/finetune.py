@@ -22,28 +22,33 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm import config as config_lib
+from jaxlm import data as data_lib
 from jaxlm import files
-from jaxlm import loss as loss_lib
+from jaxlm import generate as generate_lib
+from jaxlm import lora
+from jaxlm import loop
+from jaxlm import params as params_lib
+from jaxlm import run as run_lib
 from jaxlm import sharding
-from jaxlm.config import Config
-from jaxlm.model import Transformer
-from jaxlm.optim import make_optimizer
+from jaxlm import train as train_lib
+from jaxlm.config import Config, ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.model import Transformer, count_params, flops_per_token, unstack_layers
 
-Batch = dict[str, np.ndarray]
+Batch = data_lib.Batch
 LENGTH_BUCKET = 16  # padded lengths are multiples of this: few compiled shapes
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
   """Fine-tuning input is unusable; the message names the file, row or flag and the fix."""
 
 
@@ -298,34 +303,8 @@ def batches(encoded: Encoded, batch_size: int, max_length: int, pad_id: int, tas
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
-
-def classifier_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """logits [batch, length, classes] -> summed loss, correct predictions and example count,
-  read at each row's last real token."""
-  last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
-  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))       # [batch, classes]
-  nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
-  weight = batch["row_weight"]
-  correct = (jnp.argmax(last, axis=-1) == batch["labels"]).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(nll * weight), "correct": jnp.sum(correct * weight),
-          "count": jnp.sum(weight)}
-
-
-def lm_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Masked token cross-entropy: only weighted (response) targets count."""
-  nll, _ = loss_lib.token_losses(logits.astype(jnp.float32), batch["targets"])
-  return {"loss_sum": jnp.sum(nll * batch["weights"]), "count": jnp.sum(batch["weights"])}
-
-
-# ---------------------------------------------------------------------------------------------
 # Params: what trains
 # ---------------------------------------------------------------------------------------------
-
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
 
 def resolved_trainable(config: Config) -> str:
   f = config.finetune
@@ -336,36 +315,23 @@ def resolved_trainable(config: Config) -> str:
   return "last_n_blocks" if f.task == "classifier" else "all"
 
 
-def is_trainable(names: tuple[str, ...], config: Config) -> bool:
-  """Whether the param at `names` (e.g. ('layers_3', 'mlp', 'fc', 'kernel')) trains."""
+def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
+  """Whether the param at a path (e.g. ('layers_3', 'mlp', 'fc', 'kernel')) trains."""
   mode, model = resolved_trainable(config), config.model
-  head = names[0] in ("classifier", "lm_head") or (
-      names[0] == "token_embed" and model.tie_embeddings and not model.num_classes)
-  if mode == "all":
-    return True
-  if mode == "lora":
-    return names[-1] in ("lora_a", "lora_b") or names[0] == "classifier"
-  if mode == "head":
-    return head
   first_trained = model.num_layers - config.finetune.last_n_blocks
-  in_last_blocks = names[0].startswith("layers_") and int(names[0][7:]) >= first_trained
-  return head or names[0] == "final_norm" or in_last_blocks
 
-
-def partition(params: Any, config: Config) -> tuple[dict, dict]:
-  """(trainable, frozen): two nested dicts that together hold every param once."""
-  from jaxlm import lora
-  return lora.partition(params, lambda path: is_trainable(tuple(path), config))
-
-
-def combine(first: Mapping, second: Mapping) -> dict:
-  """One params tree from the two halves of `partition` (see `jaxlm.lora.combine`)."""
-  from jaxlm import lora
-  return lora.combine(first, second)
-
-
-def count(tree: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  def trains(names: params_lib.Path) -> bool:
+    head = names[0] in ("classifier", "lm_head") or (
+        names[0] == "token_embed" and model.tie_embeddings and not model.num_classes)
+    if mode == "all":
+      return True
+    if mode == "lora":
+      return names[-1] in ("lora_a", "lora_b") or names[0] == "classifier"
+    if mode == "head":
+      return head
+    in_last_blocks = names[0].startswith("layers_") and int(names[0][7:]) >= first_trained
+    return head or names[0] == "final_norm" or in_last_blocks
+  return trains
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,32 +343,31 @@ def count(tree: Any) -> int:
 FINETUNE_DEFAULTS = {
     "optim": {"schedule": "constant", "learning_rate": 5e-5, "min_learning_rate": 5e-5,
               "warmup_steps": 0, "weight_decay": 0.1, "grad_clip": 1.0},
-    "train": {"global_batch_size": 8, "microbatches": 1, "log_every": 10, "z_loss": 0.0},
+    "train": {"global_batch_size": 8, "microbatches": 1, "log_every": 10, "z_loss": 0.0,
+              "eval_every": 0, "checkpoint_every": 0, "sample_every": 0,
+              "sample_max_new_tokens": 0},
 }
 
 
 def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Config:
   """The fine-tuning run's config: the init run's model, data (tokenizer) and mesh, the
-  fine-tuning defaults, then `overrides` ({'section.key': value}, e.g. from --config.K=V)."""
+  fine-tuning defaults, then `overrides` ({'section.key': value}, e.g. from --config.K=V).
+  `train.num_steps` is derived from the data (epochs x batches per epoch) in `prepare`."""
   values = config_lib.to_dict(init)
   for section, defaults in FINETUNE_DEFAULTS.items():
     values[section].update(defaults)
   values["finetune"] = dict(config_lib.to_dict(config_lib.Config())["finetune"], task=task)
   values["model"].update(scan_layers=False, num_classes=0, lora_rank=0)
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    if section not in values or name not in values[section]:
-      raise config_lib.ConfigError(f"unknown config key '{key}'.")
-    values[section][name] = value
-  return config_lib.validate(values)
+  return config_lib.validate(config_lib.apply_overrides(values, overrides))
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
   """The base run's params plus what fine-tuning adds (a classification head, LoRA adapters),
   initialised as the model initialises them, with the shardings of `config` on `mesh`."""
-  import flax.linen as nn
-  from jaxlm import train as train_lib
-  from jaxlm.model import unstack_layers
   if "layers" in base_params:  # a scanned base run: fine-tuning addresses blocks by index
     base_params = unstack_layers(base_params)
   shardings = jax.tree.map(lambda leaf: leaf.sharding,
@@ -431,66 +396,50 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Steps
+# Data order
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneSteps:
-  train: Callable  # (trainable, opt_state, frozen, batch, step, rng) -> (trainable, opt, metrics)
-  eval: Callable   # (trainable, frozen, batch) -> sums
-  optimizer: optax.GradientTransformation
+class EpochBatches:
+  """The training batches of every epoch: epoch e shuffles the split with seed
+  `seed * 1000 + e`. Its state is the number of batches consumed, so a resumed run continues
+  with the same batches without replaying any. Each process gets its rows of the global batch
+  (the padded length is the global batch's, the same on every process)."""
+
+  def __init__(self, split: Encoded, batch_size: int, max_length: int, pad_id: int, task: str,
+               seed: int):
+    self.split, self.batch_size, self.max_length = split, batch_size, max_length
+    self.pad_id, self.task, self.seed = pad_id, task, seed
+    self.per_epoch = -(-len(split.ids) // batch_size)
+    self.position = 0
+    self._order: tuple[int, list[int]] | None = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    epoch, index = divmod(self.position, self.per_epoch)
+    if self._order is None or self._order[0] != epoch:
+      order = list(range(len(self.split.ids)))
+      random.Random(self.seed * 1000 + epoch + 1).shuffle(order)
+      self._order = (epoch, order)
+    rows = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+    self.position += 1
+    batch = make_batch(self.split, rows, self.batch_size, self.max_length, self.pad_id,
+                       self.task)
+    return local_rows(batch)
+
+  def get_state(self) -> dict[str, int]:
+    return {"position": self.position}
+
+  def set_state(self, state: Mapping[str, int]) -> None:
+    self.position = int(state["position"])
 
 
-def make_finetune_steps(config: Config, mesh, num_steps: int) -> FinetuneSteps:
-  model = Transformer(config.model)
-  optimizer = make_optimizer(config.optim, num_steps)
-  sums_fn = classifier_sums if config.finetune.task == "classifier" else lm_sums
-  dropout = config.model.dropout > 0 or config.model.lora_dropout > 0
-
-  def forward(params, batch, rng):
-    rngs = {"dropout": rng} if rng is not None else {}
-    return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], deterministic=rng is None, rngs=rngs)
-
-  def objective(trainable, frozen, batch, rng):
-    sums = sums_fn(forward(combine(trainable, frozen), batch, rng), batch)
-    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
-
-  def train_step(trainable, opt_state, frozen, batch, step, rng):
-    step_rng = jax.random.fold_in(rng, step) if dropout else None
-    grads, sums = jax.grad(objective, has_aux=True)(trainable, frozen, batch, step_rng)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, sums
-
-  def eval_step(trainable, frozen, batch):
-    return objective(trainable, frozen, batch, None)[1]
-
-  def under_mesh(fn):
-    def wrapped(*args):
-      with jax.set_mesh(mesh), sharding.axis_rules():
-        return fn(*args)
-    return wrapped
-
-  return FinetuneSteps(train=under_mesh(jax.jit(train_step, donate_argnums=(0, 1))),
-                       eval=under_mesh(jax.jit(eval_step)), optimizer=optimizer)
-
-
-def evaluate_split(steps: FinetuneSteps, trainable, frozen, encoded: Encoded, config: Config,
-                   max_length: int, pad_id: int, mesh) -> dict[str, float]:
-  """loss (+ accuracy for the classifier, perplexity for instruct) of a whole split."""
-  task = config.finetune.task
-  totals: dict[str, float] = {}
-  for batch in batches(encoded, config.train.global_batch_size, max_length, pad_id, task):
-    sums = jax.device_get(steps.eval(trainable, frozen, sharding.global_batch(batch, mesh)))
-    for key, value in sums.items():
-      totals[key] = totals.get(key, 0.0) + float(value)
-  loss = totals["loss_sum"] / max(totals["count"], 1.0)
-  result = {"loss": loss}
-  if task == "classifier":
-    result["accuracy"] = totals["correct"] / max(totals["count"], 1.0)
-  else:
-    result["perplexity"] = math.exp(min(loss, 700.0))
-  return result
+def local_rows(batch: Batch) -> Batch:
+  """This process's block of rows of a global batch (all rows in a one-process run)."""
+  count, index = jax.process_count(), jax.process_index()
+  size = next(iter(batch.values())).shape[0] // count
+  return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,24 +447,25 @@ def evaluate_split(steps: FinetuneSteps, trainable, frozen, encoded: Encoded, co
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Prepared:
+class FinetuneInputs:
   """Everything a fine-tuning run needs, checked before anything is written."""
-  config: Config
+  config: Config                 # with train.num_steps = epochs x steps per epoch
+  workdir: str
   splits: dict[str, Encoded]
   classes: list[str]
-  tokenizer: Any
-  base_params: Any
+  init: run_lib.RunDirectory      # the run fine-tuning starts from (restored only if needed)
   mesh: Any
   max_length: int
-  init_workdir: str
+  steps_per_epoch: int
 
+  @property
+  def tokenizer(self) -> Any:
+    return self.init.tokenizer
 
-def check_workdir(workdir: str) -> None:
-  from jaxlm import trainer
-  trainer.check_workdir(workdir)
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    raise FinetuneError(f"--workdir={workdir} already exists and is not empty; fine-tuning "
-                        f"writes a new run, pick a new --workdir. Nothing was changed.")
+  @property
+  def source(self) -> dict[str, str]:
+    return {"fine_tuned_from": os.path.abspath(self.init.workdir),
+            "task": self.config.finetune.task}
 
 
 def load_splits(config: Config, data: str, validation_data: str, test_data: str, tokenizer,
@@ -557,147 +507,154 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
 
 
 def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Mapping[str, Any],
-            validation_data: str = "", test_data: str = "") -> Prepared:
-  """All checks that can fail on bad input, before anything is written or compiled."""
-  from jaxlm import generate as generate_lib
-  check_workdir(workdir)
-  run = generate_lib.open_run(init_workdir)
-  if run.config.model.num_classes:
+            validation_data: str = "", test_data: str = "") -> FinetuneInputs:
+  """All checks that can fail on bad input, before anything is written or compiled. A
+  `workdir` holding an unfinished fine-tuning run of the same init run and task resumes."""
+  run_lib.check_writable(workdir)
+  init = run_lib.open_run(init_workdir)
+  if init.config.model.num_classes:
     raise FinetuneError(f"--init={init_workdir} is a classifier run; fine-tune from a language "
                         f"model run (pretrained or imported).")
-  base = run.config
-  config = finetune_config(base, task, overrides)
+  config = finetune_config(init.config, task, overrides)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.train.global_batch_size, 1, mesh)
+  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   max_length = config.finetune.max_length or config.model.max_seq_len
-  splits, classes = load_splits(config, data, validation_data, test_data, run.tokenizer,
+  splits, classes = load_splits(config, data, validation_data, test_data, init.tokenizer,
                                 max_length)
-  if task == "classifier":
-    config = config_lib.replace(config, model={"num_classes": len(classes)})
+  steps_per_epoch = -(-len(splits["train"].ids) // config.train.global_batch_size)
+  config = config_lib.replace(config, train={"num_steps": steps_per_epoch * config.finetune.epochs},
+                              model={"num_classes": len(classes)})
   sharding.check_model(config.model, mesh)
-  base_params = generate_lib.restore_params(run, mesh)
-  if base.model.lora_rank:
-    from jaxlm import lora
-    _, base_params = lora.merge(base.model, base_params)
-  return Prepared(config, splits, classes, run.tokenizer, base_params, mesh, max_length,
-                  init_workdir)
+  _check_shapes(init.config.model, config.model, mesh)
+  prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
+                            steps_per_epoch)
+  run_lib.check_resumable(workdir, config, prepared.source)
+  return prepared
 
 
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
+def _check_shapes(base: ModelConfig, model: ModelConfig, mesh) -> None:
+  """FinetuneError unless every param the fine-tuning model shares with the base model has the
+  same shape (from shapes alone: nothing is restored here)."""
+  base_shapes = params_lib.flatten(train_lib.abstract_params(
+      dataclasses.replace(base, scan_layers=False, lora_rank=0), mesh))
+  for path, leaf in params_lib.flatten(train_lib.abstract_params(model, mesh)).items():
+    old = base_shapes.get(path)
+    if old is not None and old.shape != leaf.shape:
+      raise FinetuneError(f"param {'/'.join(path)} has shape {old.shape} in the init run but "
+                          f"{leaf.shape} in the fine-tuning model; keep model.* as in the init "
+                          f"run.")
 
 
-def finetune(prepared: Prepared, workdir: str, show_progress: bool = True) -> dict[str, Any]:
-  """Trains for `finetune.epochs`, evaluating every split after each epoch; keeps the
-  checkpoint of the best validation accuracy (classifier; ties go to the lower validation loss)
-  or loss (instruct). Returns the
-  summary (also written to summary.json)."""
-  from jaxlm import checkpoint as ckpt
-  from jaxlm import metrics as metrics_lib
+def base_params(prepared: FinetuneInputs) -> Any:
+  """The init run's params on the fine-tuning mesh (LoRA adapters of a LoRA init run merged)."""
+  init = prepared.init
+  params = run_lib.restore_params(init, prepared.mesh)
+  if init.config.model.lora_rank:
+    _, params = lora.merge(init.config.model, params)
+  return params
 
-  config, mesh, tokenizer = prepared.config, prepared.mesh, prepared.tokenizer
-  task, f = config.finetune.task, config.finetune
-  train_split = prepared.splits["train"]
-  batch_size = config.train.global_batch_size
-  steps_per_epoch = -(-len(train_split.ids) // batch_size)
-  num_steps = steps_per_epoch * f.epochs
-  config = config_lib.replace(config, train={"num_steps": num_steps})
-  params = initial_params(config, prepared.base_params, mesh, config.seed)
-  prepared.base_params = None  # the fine-tuning params hold them now
-  trainable, frozen = partition(params, config)
-  del params
-  steps = make_finetune_steps(config, mesh, num_steps)
-  opt_state = jax.jit(steps.optimizer.init)(trainable)
-  num_trainable, num_total = count(trainable), count(trainable) + count(frozen)
-  _log(f"fine-tuning {task} from {prepared.init_workdir}: {num_trainable:,} of {num_total:,} "
-       f"parameters train ({100 * num_trainable / num_total:.2f}%, "
-       f"trainable={resolved_trainable(config)}); "
-       + ", ".join(f"{k} {len(v.ids)}" for k, v in prepared.splits.items())
-       + f" examples; {f.epochs} epochs of {steps_per_epoch} steps")
 
-  os.makedirs(workdir, exist_ok=True)
-  config_dict = config_lib.to_dict(config)
-  files.write_json(os.path.join(workdir, "config.json"), config_dict)
-  files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
-  files.write_json(os.path.join(workdir, "source.json"),
-                   {"fine_tuned_from": os.path.abspath(prepared.init_workdir), "task": task})
-  if task == "classifier":
-    files.write_json(os.path.join(workdir, "labels.json"), prepared.classes)
-  writer = metrics_lib.MetricWriter(workdir)
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-  rng = jax.random.PRNGKey(config.seed)
-  best: dict[str, Any] = {}
-  progress = None
-  if show_progress:
-    from tqdm import tqdm
-    progress = tqdm(total=num_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-  step, start = 0, time.perf_counter()
-  for epoch in range(1, f.epochs + 1):
-    for batch in batches(train_split, batch_size, prepared.max_length, tokenizer.pad_id, task,
-                         shuffle_seed=config.seed * 1000 + epoch):
-      trainable, opt_state, sums = steps.train(trainable, opt_state, frozen,
-                                               sharding.global_batch(batch, mesh),
-                                               np.int32(step), rng)
-      step += 1
-      if step % config.train.log_every == 0 or step == num_steps:
-        sums = jax.device_get(sums)
-        loss = float(sums["loss_sum"]) / max(float(sums["count"]), 1.0)
-        writer.write(step, {"train_batch_loss": loss, "epoch": epoch})
-        if progress is not None:
-          progress.set_postfix(epoch=epoch, loss=f"{loss:.3f}", refresh=False)
-      if progress is not None:
-        progress.update(1)
-    results = {"epoch": epoch}
-    for name, split in prepared.splits.items():
-      values = evaluate_split(steps, trainable, frozen, split, config, prepared.max_length,
-                              tokenizer.pad_id, mesh)
-      results.update({f"{name}_{k}": v for k, v in values.items()})
-    writer.write(step, results)
-    message = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "epoch")
-    (progress.write if progress is not None else _log)(f"epoch {epoch}: {message}")
-    if "validation" in prepared.splits:
-      # Classifiers rank by accuracy, ties (common once a small validation split saturates)
-      # broken by the lower loss; instruction tuning ranks by response loss alone.
-      def rank(r: dict) -> tuple[float, ...]:
-        if task == "classifier":
-          return (r.get("validation_accuracy", -1.0), -r.get("validation_loss", math.inf))
-        return (-r.get("validation_loss", math.inf),)
-      better = rank(results) > rank(best)
-    else:  # no validation split: keep the last epoch
-      better = True
-    if better:
-      best = dict(results, step=step)
-      params = combine(trainable, frozen)
-      checkpointer.save(step, {"params": params}, {}, config_dict, tokenizer)
-      if config.model.lora_rank:
-        from jaxlm import lora
-        checkpointer.wait()
-        lora.save_adapters(os.path.join(workdir, "adapters.safetensors"), config.model, params)
-      del params
-  if progress is not None:
-    progress.close()
-  checkpointer.wait()
-  writer.close()
-  summary = {"task": task, "steps": num_steps, "seconds": round(time.perf_counter() - start, 1),
-             "trainable_params": num_trainable, "total_params": num_total,
-             "best_epoch": best.get("epoch"), "best_step": best.get("step"),
-             **{k: v for k, v in best.items() if k not in ("epoch", "step")}}
-  if task == "instruct" and "test" in prepared.splits:
-    from jaxlm import generate as generate_lib
-    restored = generate_lib.restore_params(generate_lib.open_run(workdir), mesh)
-    report = respond(config, restored, tokenizer, prepared.splits["test"],
-                     max_new_tokens=f.max_new_tokens)
-    files.write_json(os.path.join(workdir, "test_responses.json"), report)
-    summary["test_exact_match"] = float(np.mean([r["exact_match"] for r in report]))
-  files.write_json(os.path.join(workdir, "summary.json"), summary)
-  return summary
+def evaluate_splits(steps: train_lib.Steps, params: Any, prepared: FinetuneInputs
+                    ) -> dict[str, float]:
+  """loss (+ accuracy for the classifier, perplexity for instruct) of every split, as
+  {split}_loss, {split}_accuracy / {split}_perplexity."""
+  task, mesh = prepared.config.finetune.task, prepared.mesh
+  results: dict[str, float] = {}
+  for name, split in prepared.splits.items():
+    totals: dict[str, float] = {}
+    for batch in batches(split, prepared.config.train.global_batch_size, prepared.max_length,
+                         prepared.tokenizer.pad_id, task):
+      sums = jax.device_get(steps.eval(params, sharding.global_batch(local_rows(batch), mesh)))
+      for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
+    results[f"{name}_loss"] = loss
+    if task == "classifier":
+      results[f"{name}_accuracy"] = totals["correct"] / max(totals["weight_sum"], 1.0)
+    else:
+      results[f"{name}_perplexity"] = math.exp(min(loss, 700.0))
+  return results
+
+
+def make_task(prepared: FinetuneInputs) -> loop.Task:
+  """The fine-tuning task for the shared loop: evaluation of every split after each epoch
+  (or every `train.eval_every` steps), keeping the checkpoint of the best validation accuracy
+  (classifier; ties go to the lower validation loss) or loss (instruct)."""
+  config, mesh = prepared.config, prepared.mesh
+  task_name, f = config.finetune.task, config.finetune
+  steps = train_lib.make_steps(config, mesh, trainable=trainable_filter(config))
+  started = time.perf_counter()
+
+  def init_state() -> train_lib.TrainState:  # (a resumed run restores its own checkpoint)
+    params = initial_params(config, base_params(prepared), mesh, config.seed)
+    return steps.init_from(params, jax.random.PRNGKey(config.seed))
+
+  def evaluate(state) -> dict[str, float]:
+    epoch = int(state.step) / prepared.steps_per_epoch
+    return {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3),
+            **evaluate_splits(steps, state.params, prepared)}
+
+  def rank(results: Mapping[str, float]) -> tuple:
+    if "validation" not in prepared.splits:  # no validation split: keep the last evaluation
+      return (results["epoch"],)
+    if task_name == "classifier":  # ties (a small saturated split) go to the lower loss
+      return (results["validation_accuracy"], -results["validation_loss"])
+    return (-results["validation_loss"],)
+
+  trainable, frozen = steps.split(steps.abstract_state.params)
+  num_trainable, num_total = count_params(trainable), count_params(steps.abstract_state.params)
+
+  def finish(summary: dict, best: dict | None) -> dict:
+    out = dict(summary, task=task_name, steps=config.train.num_steps,
+               seconds=round(time.perf_counter() - started, 1),
+               trainable_params=num_trainable, total_params=num_total)
+    if best is not None:
+      out.update(best_epoch=best["results"]["epoch"], best_step=best["step"],
+                 **{k: v for k, v in best["results"].items() if k != "epoch"})
+    if not (config.model.lora_rank or (task_name == "instruct" and "test" in prepared.splits)):
+      return out
+    params = run_lib.restore_params(run_lib.open_run(prepared.workdir), mesh)  # the best
+    if config.model.lora_rank:
+      lora.save_adapters(os.path.join(prepared.workdir, "adapters.safetensors"), config.model,
+                         params)
+    if task_name == "instruct" and "test" in prepared.splits:
+      report = respond(config, params, prepared.tokenizer, prepared.splits["test"],
+                       max_new_tokens=f.max_new_tokens)
+      if jax.process_index() == 0:
+        files.write_json(os.path.join(prepared.workdir, "test_responses.json"), report)
+      out["test_exact_match"] = float(np.mean([r["exact_match"] for r in report]))
+    return out
+
+  description = (f"fine-tuning {task_name} from {prepared.init.workdir}: {num_trainable:,} of "
+                 f"{num_total:,} parameters train ({100 * num_trainable / num_total:.2f}%, "
+                 f"trainable={resolved_trainable(config)}); "
+                 + ", ".join(f"{k} {len(v.ids)}" for k, v in prepared.splits.items())
+                 + f" examples; {f.epochs} epochs of {prepared.steps_per_epoch} steps; ")
+  return loop.Task(
+      config=config, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
+      steps=steps, train_step=steps.train, compile_seconds=None,
+      data=lambda: EpochBatches(prepared.splits["train"], config.train.global_batch_size,
+                                prepared.max_length, prepared.tokenizer.pad_id, task_name,
+                                config.seed),
+      init_state=init_state, evaluate=evaluate,
+      eval_every=config.train.eval_every or prepared.steps_per_epoch,
+      flops_per_token=flops_per_token(config.model, prepared.max_length), rank=rank,
+      can_sample=task_name == "instruct", train_loss_key="train_batch_loss",
+      run_source=prepared.source, class_names=prepared.classes or None,
+      description=description, finish=finish)
+
+
+def finetune(prepared: FinetuneInputs, show_progress: bool = True,
+             stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains for `finetune.epochs` (or resumes), evaluating every split after each epoch; keeps
+  the best checkpoint (see `make_task`). Returns the summary (also written to summary.json)."""
+  return loop.fit(make_task(prepared), stop_at_step=stop_at_step, show_progress=show_progress)
 
 
 def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_tokens: int,
             batch_size: int = 16) -> list[dict[str, Any]]:
   """Greedy responses to the prompts of `split`: records with `response` and `exact_match`
   (the response equals the expected output after stripping surrounding whitespace)."""
-  from jaxlm import generate as generate_lib
   report = []
   for start in range(0, len(split.examples), batch_size):
     chunk = split.examples[start:start + batch_size]
@@ -713,17 +670,15 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
 
 def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
   """Labels and class probabilities of `texts` under a fine-tuned classifier run."""
-  from jaxlm import generate as generate_lib
-  run = generate_lib.open_run(workdir)
+  run = run_lib.open_run(workdir)
   config = run.config
   if not config.model.num_classes:
     raise FinetuneError(f"--workdir={workdir} is not a classifier run (no classification "
                         f"head); pass a run written by experiments.finetune_classifier.")
-  with open(os.path.join(workdir, "labels.json")) as f:
-    classes = json.load(f)
+  classes = run_lib.labels(workdir)
   max_length = config.finetune.max_length or config.model.max_seq_len
-  mesh = generate_lib.generation_mesh(config)
-  params = generate_lib.restore_params(run, mesh)
+  mesh = run_lib.default_mesh(config)
+  params = run_lib.restore_params(run, mesh)
   examples = [Example(f"text {i}", text, classes[0]) for i, text in enumerate(texts)]
   ids = run.tokenizer.encode_batch(list(texts))
   for example, row in zip(examples, ids):

@@ -32,14 +32,12 @@ one chunk of extra steps for that row, and the text is cut just before the stop 
 
 `stream()` yields text pieces as chunks finish (text that could still turn out to be the start
 of a stop string, or an incomplete UTF-8 character, is held back); `generate()` collects them.
-`load_run()` restores a run directory's params and tokenizer onto the current devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import threading
@@ -51,18 +49,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm import sharding
 from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
 from jaxlm.model import Transformer, init_cache
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
   """Generation arguments are invalid; the message names the argument and the fix."""
-
-
-class RunLoadError(GenerationError):
-  """A run directory cannot be loaded (missing, no checkpoint, unknown step)."""
 
 
 MIN_PROMPT_BUCKET = 16
@@ -337,7 +334,6 @@ def _mesh_of(params) -> Mesh | None:
 
 def _rules(batch: int, mesh: Mesh):
   """The training rules; batch stays replicated if it does not split over data x fsdp."""
-  from jaxlm import sharding
   rules = sharding.LOGICAL_RULES
   if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
     rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
@@ -346,7 +342,6 @@ def _rules(batch: int, mesh: Mesh):
 
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)
 
@@ -549,97 +544,3 @@ def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequenc
   return [c.text for c in generate(config, params, tokenizer, prompts,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, rng=rng, **kwargs)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a run directory
-# ---------------------------------------------------------------------------------------------
-
-def generation_mesh(config) -> Mesh:
-  """The run's own mesh if it fits the devices here, else every device on the data axis."""
-  from jaxlm import config as config_lib
-  from jaxlm import sharding
-  try:
-    return sharding.make_mesh(config.mesh)
-  except config_lib.ConfigError:
-    return sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
-
-
-@dataclasses.dataclass
-class Run:
-  """A run directory opened for reading: everything but the parameters (cheap to get)."""
-  workdir: str
-  config: Any                # jaxlm.config.Config
-  tokenizer: Any
-  step: int                  # the checkpoint step to restore
-  steps: list[int]           # all available steps
-  checkpointer: Any
-
-
-def open_run(workdir: str, step: int | None = None) -> Run:
-  """Reads config.json and the tokenizer, and picks the checkpoint (latest, or `step`),
-  without restoring anything. RunLoadError names the path (and the available steps)."""
-  from jaxlm import checkpoint as ckpt
-  from jaxlm import config as config_lib
-  from jaxlm import tokenizer as tokenizer_lib
-
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(path):
-    raise RunLoadError(f"workdir {workdir} does not exist; pass --workdir=RUN, a directory "
-                       f"written by python -m experiments.pretrain.")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise RunLoadError(f"workdir {workdir} has no config.json, so it is not a run directory; "
-                       f"pass a directory written by python -m experiments.pretrain.")
-  with open(config_path) as f:
-    config = config_lib.validate(json.load(f))
-  checkpoints_dir = os.path.join(path, "checkpoints")
-  checkpointer = None
-  if os.path.isdir(checkpoints_dir):
-    from absl import logging
-    level = logging.get_verbosity()
-    logging.set_verbosity(min(level, logging.ERROR))  # Orbax warns that read-only is read-only
-    try:
-      checkpointer = ckpt.Checkpointer(checkpoints_dir, read_only=True)
-    finally:
-      logging.set_verbosity(level)
-  steps = sorted(checkpointer.all_steps()) if checkpointer else []
-  if not steps:
-    raise RunLoadError(f"no checkpoint in {checkpoints_dir} (available steps: none); train "
-                       f"first: python -m experiments.pretrain --workdir={workdir}.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise RunLoadError(f"step {step} is not in {checkpoints_dir}; available steps: "
-                       f"{', '.join(map(str, steps))}.")
-  tokenizer_paths = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")]
-  tokenizer_paths = [p for p in tokenizer_paths if os.path.isfile(p)]
-  if tokenizer_paths:
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_paths[0])
-  else:  # the checkpoint carries its tokenizer too
-    import base64
-    meta = checkpointer.read_meta(step)
-    tokenizer = tokenizer_lib.from_bytes(
-        base64.b64decode(meta["tokenizer_model_b64"]), meta.get("tokenizer_name", ""),
-        f"{checkpoints_dir}/{step}/meta")
-  return Run(workdir, config, tokenizer, step, steps, checkpointer)
-
-
-def restore_params(run: Run, mesh: Mesh | None = None) -> Any:
-  """The params of `run.step` (never the optimizer state), restored against an abstract target
-  with the shardings of `mesh` (default: the run's mesh if it fits the devices here, else data
-  parallel over all of them), so a checkpoint moves to another device count. Checksums are
-  verified."""
-  from jaxlm import train as train_lib
-  mesh = generation_mesh(run.config) if mesh is None else mesh
-  return run.checkpointer.restore_params(run.step,
-                                         train_lib.abstract_params(run.config.model, mesh))
-
-
-def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None
-             ) -> tuple[Any, Any, Any]:
-  """(config, params, tokenizer) of a run directory written by the trainer: the latest
-  checkpoint, or `step`. Reads only (safe while the run is still training). See `open_run`
-  and `restore_params`."""
-  run = open_run(workdir, step)
-  return run.config, restore_params(run, mesh), run.tokenizer

@@ -22,28 +22,33 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
 
 from jaxlm import files
+from jaxlm import params as params_lib
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
 from jaxlm.model import Transformer, lora_params_per_layer
 
-Params = dict[str, Any]
-Path = tuple[str, ...]
+Params = params_lib.Params
+Path = params_lib.Path
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 # Written into every adapter file: load_adapters refuses safetensors files without it.
 FORMAT = "jaxlm-lora"
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
   """Bad adapter input; the message names the param or field and the fix."""
 
 
@@ -62,59 +67,19 @@ def is_adapter_path(path: tuple[str, ...] | str) -> bool:
   return last in ADAPTER_NAMES
 
 
-def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-  """{path: leaf} of a nested mapping; anything that is not a mapping is a leaf."""
-  flat: dict[Path, Any] = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (key,)))
-    else:
-      flat[prefix + (key,)] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[Path, Any]) -> Params:
-  tree: Params = {}
-  for path, leaf in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return tree
-
-
 def _name(path: Path) -> str:
   return "/".join(path)
 
 
-def partition(params: Mapping[str, Any], selected: Callable[[Path], bool]
-              ) -> tuple[Params, Params]:
-  """(selected, rest): nested dicts of the leaves whose path `selected` accepts, and the others.
-  The leaves are the same objects as in `params`; `combine` is the inverse."""
-  flat = _flatten(params)
-  return (_unflatten({p: v for p, v in flat.items() if selected(p)}),
-          _unflatten({p: v for p, v in flat.items() if not selected(p)}))
-
-
 def split(params: Mapping[str, Any]) -> tuple[Params, Params]:
-  """(adapters, base): nested dicts holding the lora_a/lora_b leaves and all other leaves."""
-  return partition(params, is_adapter_path)
-
-
-def combine(adapters: Mapping[str, Any], base: Mapping[str, Any]) -> Params:
-  """One params tree from the two halves of `split`."""
-  flat = _flatten(base)
-  for path, leaf in _flatten(adapters).items():
-    if path in flat:
-      raise LoraError(f"param {_name(path)} is in both adapters and base; pass the two halves "
-                      f"of lora.split.")
-    flat[path] = leaf
-  return _unflatten(flat)
+  """(adapters, base): nested dicts holding the lora_a/lora_b leaves and all other leaves;
+  `jaxlm.params.combine` joins them again."""
+  return params_lib.partition(params, is_adapter_path)
 
 
 def count(params: Mapping[str, Any]) -> tuple[int, int]:
   """(adapter parameters, all parameters) of a params tree (arrays, boxes or shapes)."""
-  flat = _flatten(nn.unbox(params))
+  flat = params_lib.flatten(nn.unbox(params))
   sizes = {p: math.prod(leaf.shape) for p, leaf in flat.items()}
   return sum(n for p, n in sizes.items() if is_adapter_path(p)), sum(sizes.values())
 
@@ -133,8 +98,8 @@ def _check_kernels(config: ModelConfig, params: Mapping[str, Any],
                    abstract: Mapping[str, Any]) -> None:
   """Raises LoraError unless `params` holds, beside every adapter the config adds, the kernel
   of the shape the config gives."""
-  have = _flatten(params)
-  want = _flatten(abstract)
+  have = params_lib.flatten(params)
+  want = params_lib.flatten(abstract)
   for module in sorted({p[:-1] for p in want if is_adapter_path(p)}):
     path = module + ("kernel",)
     if path not in have:
@@ -174,7 +139,7 @@ def add_adapters(config: ModelConfig, params: Mapping[str, Any], rng: jax.Array,
   if not config.lora_rank:
     raise LoraError("model.lora_rank=0: add_adapters needs a config with adapters; set "
                     "lora_rank > 0 (e.g. 8).")
-  existing = [p for p in _flatten(params) if is_adapter_path(p)]
+  existing = [p for p in params_lib.flatten(params) if is_adapter_path(p)]
   if existing:
     raise LoraError(f"params already hold adapters (e.g. {_name(existing[0])}); pass base "
                     f"params (lora.split(params)[1]) or use lora.apply_adapters to replace them.")
@@ -186,7 +151,7 @@ def add_adapters(config: ModelConfig, params: Mapping[str, Any], rng: jax.Array,
   else:
     with jax.set_mesh(mesh), sharding.axis_rules():
       adapters = init_adapters(rng)
-  return combine(adapters, params)
+  return params_lib.combine(adapters, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +195,14 @@ def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, 
   config that adds no adapters (lora_rank=0, or targets this model lacks) with params without
   adapters is a no-op.
   """
-  flat = _flatten(nn.unbox(params))
+  flat = params_lib.flatten(nn.unbox(params))
   modules = sorted({p[:-1] for p in flat if is_adapter_path(p)})
   if not modules:
     # lora_targets may name only Dense layers this mlp lacks (fc with swiglu): no adapters.
     if lora_params_per_layer(config):
       raise LoraError(f"model.lora_rank={config.lora_rank} but the params hold no lora_a/lora_b; "
                       f"pass the adapted model's params (or its config with lora_rank=0).")
-    return dataclasses.replace(config, lora_rank=0), _unflatten(flat)
+    return dataclasses.replace(config, lora_rank=0), params_lib.unflatten(flat)
   if not config.lora_rank:
     raise LoraError(f"params hold adapters (e.g. {_name(modules[0])}/lora_a) but "
                     f"model.lora_rank=0; pass the config they were trained with.")
@@ -254,7 +219,7 @@ def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, 
                       f"{config.lora_rank}; pass the config the adapters were trained with.")
     flat[module + ("kernel",)] = _merged_kernel(_name(module), kernel, lora_a, lora_b, scale)
     del flat[module + ("lora_a",)], flat[module + ("lora_b",)]
-  return dataclasses.replace(config, lora_rank=0), _unflatten(flat)
+  return dataclasses.replace(config, lora_rank=0), params_lib.unflatten(flat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,20 +228,20 @@ def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, 
 
 def _to_numpy(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather first
-    from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   # safetensors needs C-contiguous buffers.
   return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
 def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> None:
-  """Writes the adapters of `params` (only those) to a safetensors file, atomically.
+  """Writes the adapters of `params` (only those) to a safetensors file, atomically. In a
+  multi-process job every process calls it (the adapters are gathered) and process 0 writes.
 
   Tensors are named by their '/'-joined paths; the metadata holds format, rank, alpha, dropout,
   targets and scan_layers as JSON strings.
   """
-  from safetensors.numpy import save
-  adapters = {_name(p): v for p, v in _flatten(nn.unbox(params)).items() if is_adapter_path(p)}
+  adapters = {_name(p): v for p, v in params_lib.flatten(nn.unbox(params)).items()
+              if is_adapter_path(p)}
   if not adapters:
     raise LoraError("params hold no lora_a/lora_b to save; pass the params of a model with "
                     "model.lora_rank > 0.")
@@ -290,8 +255,9 @@ def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> 
               "alpha": json.dumps(config.lora_alpha), "dropout": json.dumps(config.lora_dropout),
               "targets": json.dumps(list(config.lora_targets)),
               "scan_layers": json.dumps(config.scan_layers)}
-  tensors = {name: _to_numpy(value) for name, value in adapters.items()}
-  files.write_bytes(path, save(tensors, metadata=metadata))
+  tensors = {name: _to_numpy(value) for name, value in adapters.items()}  # (every process)
+  if jax.process_index() == 0:
+    files.write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -300,7 +266,6 @@ def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   metadata: rank (int), alpha (float), dropout (float), targets (tuple of str), scan_layers
   (bool), format.
   """
-  from safetensors import SafetensorError, safe_open
   try:
     with safe_open(path, framework="numpy") as f:
       raw = dict(f.metadata() or {})
@@ -336,7 +301,7 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, np.ndarray]
   `add_adapters` with the file's rank and targets). New leaves take the dtype and sharding of
   the leaves they replace; other leaves are returned as they are.
   """
-  flat = _flatten(params)
+  flat = params_lib.flatten(params)
   current = {_name(p): p for p in flat if is_adapter_path(p)}
   if not current:
     raise LoraError("params hold no lora_a/lora_b to replace; create them first with "
@@ -358,4 +323,4 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, np.ndarray]
     value = np.asarray(new, dtype=old.dtype)
     flat[current[name]] = (jax.device_put(value, old.sharding) if isinstance(old, jax.Array)
                            else jnp.asarray(value))
-  return _unflatten(flat)
+  return params_lib.unflatten(flat)

@@ -154,15 +154,17 @@ def new_figure(size: tuple[float, float]):
   return fig, fig.subplots()
 
 
-def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: int, path: str) -> None:
-  """Train and validation loss against tokens seen, as a PNG."""
+def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: float, path: str,
+                train_key: str = "train_loss") -> None:
+  """Train (`train_key`) and validation loss against tokens seen, as a PNG."""
   records = list(records)
   fig, ax = new_figure((7, 4.5))
-  for key, label in (("train_loss", "train"), ("eval_loss", "validation")):
+  for key, label in ((train_key, "train"), ("eval_loss", "validation"),
+                     ("validation_loss", "validation")):
     points = [(r["step"] * tokens_per_step, r[key]) for r in records if key in r]
     if points:
       xs, ys = zip(*points)
-      ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, label=label)
+      ax.plot(xs, ys, marker=None if key == train_key else "o", label=label)
   ax.set_xlabel("tokens seen")
   ax.set_ylabel("loss (nats/token)")
   ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig
@@ -67,7 +68,6 @@ def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   except NotImplementedError:
-    from jax.experimental import mesh_utils
     ordered = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(ordered, MESH_AXES, axis_types=axis_types)
 

@@ -19,7 +19,6 @@ summarises them as `report.md` and `curves.png`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -33,16 +32,17 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import files
+from jaxlm.errors import UserError
 
 PLAN_FILE = "sweep.json"
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
   """The sweep file or sweep directory cannot be used as asked; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class Cell:
   """One (point, seed) cell: its overrides on top of the base and its resolved config."""
   point: str
   seed: int
@@ -62,7 +62,7 @@ class Plan:
   base: dict[str, Any]
   points: list[tuple[str, dict[str, Any]]]
   seeds: list[int]
-  runs: list[Run]
+  runs: list[Cell]
 
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "source": self.source, "base": self.base,
@@ -75,58 +75,22 @@ class Plan:
   def from_json(cls, value: Mapping[str, Any]) -> "Plan":
     return cls(value["name"], value["source"], value["base"],
                [(p["name"], p["overrides"]) for p in value["points"]], value["seeds"],
-               [Run(r["point"], r["seed"], r["overrides"], r["config"]) for r in value["runs"]])
+               [Cell(r["point"], r["seed"], r["overrides"], r["config"]) for r in value["runs"]])
 
 
 # -- loading ---------------------------------------------------------------------------------
-def _import_file(path: str, what: str):
-  if not os.path.isfile(path):
-    raise SweepError(f"{what} {path} does not exist; pass --sweep=configs/sweeps/NAME.py.")
-  spec = importlib.util.spec_from_file_location(
-      "_jaxlm_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # the user's file: report where, not a traceback
-    raise SweepError(f"{what} {path} cannot be loaded: {type(e).__name__}: {e}") from None
-  return module
-
-
-def _plain(value: Any) -> Any:
-  """ConfigDicts and tuples as JSON-able dicts and lists."""
-  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    value = value.to_dict()
-  return json.loads(json.dumps(value))
-
-
 def _base_config(base: Any, sweep_path: str) -> dict[str, Any]:
   if isinstance(base, str):
     path = base if os.path.isabs(base) else os.path.join(os.path.dirname(sweep_path), base)
-    module = _import_file(os.path.normpath(path), f"sweep {sweep_path}: base config file")
+    module = config_lib.import_python_file(os.path.normpath(path),
+                                           f"sweep {sweep_path}: base config file")
     if not hasattr(module, "get_config"):
       raise SweepError(f"sweep {sweep_path}: base config file {path} defines no get_config().")
-    return _plain(module.get_config())
+    return config_lib.plain(module.get_config())
   if isinstance(base, (Mapping, ml_collections.ConfigDict)):
-    return _plain(base)
+    return config_lib.plain(base)
   raise SweepError(f"sweep {sweep_path}: 'base' must be a config file path or a config dict, "
                    f"got {type(base).__name__}.")
-
-
-def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
-                    where: str) -> dict[str, Any]:
-  """A copy of the nested `values` with {dotted.key: value} set; unknown keys are errors."""
-  out = json.loads(json.dumps(values))
-  for key, value in overrides.items():
-    *sections, leaf = key.split(".")
-    holder = out
-    for section in sections:
-      if not isinstance(holder.get(section), dict):
-        raise SweepError(f"{where}: unknown config key '{key}' (no section '{section}').")
-      holder = holder[section]
-    if leaf not in holder:
-      raise SweepError(f"{where}: unknown config key '{key}'.")
-    holder[leaf] = _plain(value)
-  return out
 
 
 def _short(key: str) -> str:
@@ -186,7 +150,14 @@ _SPEC_KEYS = ("base", "overrides", "grid", "points", "seeds", "name")
 
 def load(path: str) -> Plan:
   """Reads and validates a sweep file: every run's config is checked here."""
-  module = _import_file(path, "sweep file")
+  try:
+    return _load(path)
+  except config_lib.ConfigError as e:
+    raise SweepError(str(e)) from None
+
+
+def _load(path: str) -> Plan:
+  module = config_lib.import_python_file(path, "sweep file")
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path} defines no get_sweep(); see configs/sweeps/*.py.")
   spec = module.get_sweep()
@@ -205,7 +176,7 @@ def load(path: str) -> Plan:
     base = config_lib.to_dict(config_lib.from_dict(_base_config(spec["base"], path)))
   except config_lib.ConfigError as e:
     raise SweepError(f"sweep {path}: base config: {e}") from None
-  base = apply_overrides(base, spec.get("overrides") or {}, f"sweep {path}: overrides")
+  base = config_lib.apply_overrides(base, spec.get("overrides") or {}, f"sweep {path}: overrides")
   seeds = list(spec.get("seeds", [0]))
   if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
       or len(set(seeds)) != len(seeds):
@@ -221,24 +192,25 @@ def load(path: str) -> Plan:
     where = f"sweep {path}: point '{name}'"
     if "seed" in overrides:
       raise SweepError(f"{where}: set seeds with the sweep's 'seeds' list, not per point.")
-    values = apply_overrides(base, overrides, where)
+    values = config_lib.apply_overrides(base, overrides, where)
     for seed in seeds:
       try:
         config = config_lib.to_dict(config_lib.validate({**values, "seed": seed}))
       except config_lib.ConfigError as e:
         raise SweepError(f"{where}: {e}") from None
-      runs.append(Run(name, seed, _plain(overrides), config))
+      runs.append(Cell(name, seed, config_lib.plain(overrides), config))
   name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
-  return Plan(name, os.path.abspath(path), base, [(n, _plain(o)) for n, o in points], seeds,
+  return Plan(name, os.path.abspath(path), base,
+              [(n, config_lib.plain(o)) for n, o in points], seeds,
               runs)
 
 
 # -- state of a sweep directory --------------------------------------------------------------
-def run_dir(workdir: str, run: Run) -> str:
+def run_dir(workdir: str, run: Cell) -> str:
   return os.path.join(workdir, run.point, f"seed_{run.seed}")
 
 
-def log_path(workdir: str, run: Run) -> str:
+def log_path(workdir: str, run: Cell) -> str:
   return os.path.join(workdir, run.point, f"seed_{run.seed}.log")
 
 
@@ -249,7 +221,7 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def is_finished(workdir: str, run: Run) -> bool:
+def is_finished(workdir: str, run: Cell) -> bool:
   summary = _read_json(os.path.join(run_dir(workdir, run), "summary.json"))
   return bool(summary and summary.get("finished")
               and summary.get("step") == run.config["train"]["num_steps"])
@@ -272,12 +244,12 @@ def _save_state(workdir: str, plan: Plan, statuses: Mapping[str, Any], parallel:
 
 def check_workdir(plan: Plan, workdir: str) -> None:
   """Refuses a sweep directory whose existing runs came from different configs."""
-  from jaxlm import trainer
-  trainer.check_workdir(workdir)
+  from jaxlm import run as run_lib  # (jax is imported only where a run is prepared)
+  run_lib.check_writable(workdir)
   for run in plan.runs:
-    saved = trainer.saved_config(run_dir(workdir, run))
+    saved = run_lib.saved_config(run_dir(workdir, run))
     if saved is not None:
-      bad = trainer.incompatible_keys(saved, run.config)
+      bad = run_lib.incompatible_keys(saved, run.config)
       if bad:
         raise SweepError(
             f"{run_dir(workdir, run)} holds a run with a different {', '.join(bad[:4])} than "
@@ -319,13 +291,13 @@ def _last_error(log_file: str) -> str:
 
 @dataclasses.dataclass
 class _Active:
-  run: Run
+  run: Cell
   process: subprocess.Popen
   started: float
   log: Any
 
 
-def execute(plan: Plan, workdir: str, command: Callable[[Run], Sequence[str]], *,
+def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], *,
             parallel: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs every unfinished run of `plan` as `command(run)` (a worker process that trains
   `run_dir(workdir, run)`), at most `parallel` at a time. Returns the statuses by run name.
@@ -432,7 +404,7 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def _records(workdir: str, run: Run) -> list[dict[str, Any]]:
+def _records(workdir: str, run: Cell) -> list[dict[str, Any]]:
   from jaxlm import metrics
   return metrics.read_jsonl(os.path.join(run_dir(workdir, run), "metrics.jsonl"))
 

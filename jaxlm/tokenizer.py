@@ -41,9 +41,10 @@ import sentencepiece as spm
 
 from jaxlm import files
 from jaxlm.config import DataConfig
+from jaxlm.errors import UserError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """A tokenizer cannot be found, loaded, trained or used; the message says how to fix it."""
 
 

@@ -21,10 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm import sharding
 from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm import loss as loss_lib
+from jaxlm import params as params_lib
 from jaxlm.model import Transformer, lm_head, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
 
-Batch = dict[str, jax.Array]
+DeviceBatch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
@@ -37,36 +38,74 @@ class TrainState:
   rng: jax.Array
 
 
-def loss_sums(params: Any, batch: Batch, model: Transformer, z_loss: float,
-              dropout_rng: jax.Array | None, chunk_size: int = 0
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """(weighted sum of nll + z_loss * log Z^2, (sum of nll, sum of weights)) over a batch.
+# A loss function: (model, params, batch, dropout rng or None) -> (objective, sums), where
+# `objective` is the sum to differentiate and `sums` holds at least "loss_sum" and "weight_sum"
+# (plus any other sums a task reports, e.g. "correct"). Sums, not means, so microbatches add up
+# to exactly the full-batch gradient; the step divides by the total weight.
+LossFn = Callable[[Transformer, Any, DeviceBatch, "jax.Array | None"], tuple[jax.Array, Metrics]]
 
-  Sums, not means, so microbatches add up to exactly the full-batch gradient. The model
-  returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size` positions
-  (0: all at once), so [batch, length, vocab] logits are never materialized.
+
+def _apply(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None, **kwargs):
+  rngs = {} if rng is None else {"dropout": rng}
+  return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                     segment_ids=batch["segment_ids"], deterministic=rng is None, rngs=rngs,
+                     **kwargs)
+
+
+def lm_loss(z_loss: float = 0.0, chunk_size: int = 0) -> LossFn:
+  """Next-token cross-entropy weighted per token by batch["weights"] (pretraining: 1 on real
+  tokens; instruction tuning: 1 on response tokens only), + z_loss * log Z^2.
+
+  The model returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size`
+  positions (0: all at once), so [batch, length, vocab] logits are never materialized.
   """
-  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], deterministic=dropout_rng is None,
-                       rngs=rngs, return_hidden=True)
-  head, layout = lm_head(params, model.config)
-  weights = batch["weights"]
-  nll_sum, z_sum = loss_lib.cross_entropy_sums(hidden, head, batch["targets"], weights,
-                                               layout=layout, chunk_size=chunk_size)
-  return nll_sum + z_loss * z_sum, (nll_sum, jnp.sum(weights))
+  def loss(model, params, batch, rng):
+    hidden = _apply(model, params, batch, rng, return_hidden=True)
+    head, layout = lm_head(params, model.config)
+    weights = batch["weights"]
+    nll_sum, z_sum = loss_lib.cross_entropy_sums(hidden, head, batch["targets"], weights,
+                                                 layout=layout, chunk_size=chunk_size)
+    return nll_sum + z_loss * z_sum, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
+  return loss
+
+
+def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None
+                    ) -> tuple[jax.Array, Metrics]:
+  """Cross-entropy of the class logits read at each row's last real token (batch["last_index"]
+  [batch]) against batch["labels"] [batch], rows weighted by batch["row_weight"] (0: padding).
+  sums: loss_sum, weight_sum, correct (weighted count of right predictions)."""
+  logits = _apply(model, params, batch, rng)                          # [batch, length, classes]
+  last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))            # [batch, classes]
+  nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
+  weight = batch["row_weight"]
+  correct = (jnp.argmax(last, axis=-1) == batch["labels"]).astype(jnp.float32)
+  loss_sum = jnp.sum(nll * weight)
+  return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weight),
+                    "correct": jnp.sum(correct * weight)}
+
+
+def loss_for(config: Config) -> LossFn:
+  """The loss a config trains with: the classifier's when model.num_classes, else the LM's."""
+  if config.model.num_classes:
+    return classifier_loss
+  return lm_loss(config.train.z_loss, config.train.loss_chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The jitted functions of a run and the shardings they use.
 
-  `init`, `train` and `eval` trace under the run's mesh and logical-axis rules;
-  `compile_train` compiles the train step ahead of time (for timing and memory analysis).
+  `init` (rng -> fresh TrainState), `init_from` (params, rng -> TrainState around given params,
+  e.g. a pretrained model being fine-tuned), `train` and `eval` trace under the run's mesh and
+  logical-axis rules; `compile_train` compiles the train step ahead of time (for timing and
+  memory analysis). `split` divides params into (trainable, frozen).
   """
   init: Callable[[jax.Array], TrainState]
-  train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-  eval: Callable[[Any, Batch], Metrics]
+  init_from: Callable[[Any, jax.Array], TrainState]
+  train: Callable[[TrainState, DeviceBatch], tuple[TrainState, Metrics]]
+  eval: Callable[[Any, DeviceBatch], Metrics]
+  split: Callable[[Any], tuple[Any, Any]]
   state_shardings: Any
   abstract_state: TrainState
   mesh: Mesh
@@ -180,16 +219,37 @@ def abstract_params(model_config: ModelConfig, mesh: Mesh) -> Any:
                       nn.unbox(boxed), shardings)
 
 
-def make_model(config: Config) -> Transformer:
-  return Transformer(config.model)
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, loss: LossFn
+                   ) -> Callable[[Any, DeviceBatch], Metrics]:
+  """(params, batch) -> the loss's sums (no dropout), jitted with the params' shardings from
+  the model config alone (`abstract_params`): no optimizer or train step is built."""
+  model = Transformer(model_config)
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding,
+                                 abstract_params(model_config, mesh))
+  step = jax.jit(lambda params, batch: loss(model, params, batch, None)[1],
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+  @functools.wraps(step)
+  def under_mesh(params: Any, batch: DeviceBatch) -> Metrics:
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      return step(params, batch)
+  return under_mesh
 
 
 def _dummy_tokens(config: Config) -> jax.Array:
   return jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
 
 
-def make_steps(config: Config, mesh: Mesh) -> Steps:
-  """Builds init/train/eval for `config` on `mesh`; compilation happens on first call."""
+def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
+               trainable: Callable[[params_lib.Path], bool] | None = None) -> Steps:
+  """Builds init/train/eval for `config` on `mesh`; compilation happens on first call.
+
+  loss: the task's loss (default `loss_for(config)`). trainable: which params train, by path
+  (default all). Frozen params get no gradient (the step differentiates only the trainable
+  half, so XLA never computes the rest) and no optimizer state. Microbatching
+  (`train.microbatches`), skipping non-finite steps and the shardings hold for every task.
+  """
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   sharding.check_model(config.model, mesh)
   # 'auto' attention is resolved for the mesh's devices (which may be a TPU topology planned
@@ -197,18 +257,25 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
   platform = mesh.devices.flat[0].platform
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, attention_impl=resolve_attention_impl(config.model, platform)))
-  model = make_model(config)
+  model = Transformer(config.model)
+  loss = loss_for(config) if loss is None else loss
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   schedule = make_schedule(config.optim, config.train.num_steps)
   microbatches = config.train.microbatches
-  z_loss = config.train.z_loss
-  chunk_size = config.train.loss_chunk_size
-  use_dropout = config.model.dropout > 0
+  use_dropout = config.model.dropout > 0 or (config.model.lora_rank > 0
+                                              and config.model.lora_dropout > 0)
+
+  def split(params: Any) -> tuple[Any, Any]:
+    if trainable is None:
+      return params, {}
+    return params_lib.partition(params, trainable)
+
+  def new_state(params: Any, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=optimizer.init(split(params)[0]), rng=rng)
 
   def init_boxed(rng: jax.Array) -> TrainState:
-    params = model.init({"params": rng}, _dummy_tokens(config))["params"]
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=rng)
+    return new_state(model.init({"params": rng}, _dummy_tokens(config))["params"], rng)
 
   def init(rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
@@ -230,48 +297,52 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
   # across devices), because every device's block of rows is a multiple of M long.
   micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: DeviceBatch) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.grad(loss_sums, has_aux=True)
+    trainable_params, frozen = split(state.params)
 
-    def micro_grads(m: jax.Array, micro: Batch):
+    def objective(trainable_params, micro, rng):
+      return loss(model, params_lib.combine(trainable_params, frozen), micro, rng)
+
+    def micro_grads(m: jax.Array, micro: DeviceBatch):
       rng = jax.random.fold_in(step_rng, m) if use_dropout else None
-      return grad_fn(state.params, micro, model, z_loss, rng, chunk_size)
+      return jax.grad(objective, has_aux=True)(trainable_params, micro, rng)
 
     if microbatches == 1:
-      grads, (nll_sum, weight_sum) = micro_grads(jnp.int32(0), batch)
+      grads, sums = micro_grads(jnp.int32(0), batch)
     else:
-      def split(x):  # [batch, ...] -> [microbatches, batch / microbatches, ...]
+      def split_rows(x):  # [batch, ...] -> [microbatches, batch / microbatches, ...]
         x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, micro_sharding)
 
+      micro_batches = jax.tree.map(split_rows, batch)
+
       def accumulate(carry, inputs):
-        m, micro = inputs
-        grads, (nll, weight) = micro_grads(m, micro)
-        return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
+        return jax.tree.map(jnp.add, carry, micro_grads(*inputs)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
-      (grads, nll_sum, weight_sum), _ = jax.lax.scan(
-          accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
-    denominator = jnp.maximum(weight_sum, 1.0)
+      shapes = jax.eval_shape(micro_grads, jnp.int32(0),
+                              jax.tree.map(lambda x: x[0], micro_batches))
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros,
+                                      (jnp.arange(microbatches), micro_batches))
+    denominator = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    loss = nll_sum / denominator
+    loss_value = sums["loss_sum"] / denominator
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable_params)
+    updated = optax.apply_updates(trainable_params, updates)
     # A non-finite step is skipped (params and optimizer state unchanged, step still advances
-    # so data and dropout move on); the trainer halts after too many in a row.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # so data and dropout move on); the loop halts after too many in a row.
+    finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
-    metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "nonfinite": (~finite).astype(jnp.int32), "train_tokens": weight_sum}
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params_lib.combine(keep(updated, trainable_params), frozen),
+        opt_state=keep(opt_state, state.opt_state))
+    metrics = {"train_loss": loss_value, "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step), "nonfinite": (~finite).astype(jnp.int32),
+               "train_tokens": sums["weight_sum"]}
     return new_state, metrics
-
-  def eval_step(params: Any, batch: Batch) -> Metrics:
-    _, (nll_sum, weight_sum) = loss_sums(params, batch, model, 0.0, None, chunk_size)
-    return {"loss_sum": nll_sum, "weight_sum": weight_sum}
 
   def with_rules(fn):
     @functools.wraps(fn)
@@ -280,14 +351,16 @@ def make_steps(config: Config, mesh: Mesh) -> Steps:
         return fn(*args)
     return wrapped
 
-  batch_shardings = {k: batch_sharding for k in
-                     ("inputs", "targets", "weights", "segment_ids", "positions")}
-  train_jit = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+  # One sharding for the whole batch dict: every key (whatever the task's) splits its rows.
+  train_jit = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  init_from = jax.jit(lambda params, rng: new_state(params, rng),
+                      in_shardings=(state_shardings.params, replicated),
+                      out_shardings=state_shardings, donate_argnums=0)
   return Steps(
       init=with_rules(jax.jit(init, in_shardings=replicated, out_shardings=state_shardings)),
+      init_from=with_rules(init_from),
       train=with_rules(train_jit),
-      eval=with_rules(jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
-                              out_shardings=replicated)),
-      state_shardings=state_shardings, abstract_state=abstract_state, mesh=mesh,
+      eval=make_eval_step(config.model, mesh, loss),
+      split=split, state_shardings=state_shardings, abstract_state=abstract_state, mesh=mesh,
       train_jit=train_jit)

@@ -7,3 +7,46 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import json  # noqa: E402  (after the device flags above)
+
+import pytest  # noqa: E402
+
+TINY_MODEL = {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+              "vocab_size": 512, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tmp_path_factory) -> str:
+  """A language-model run directory (config.json, tokenizer.model, checkpoints/0 holding
+  random N(0, 0.1) params, like an imported run) for tests that start from a run: built once
+  per session, in a few seconds (no training, one small compile)."""
+  import jax
+  import numpy as np
+
+  from jaxlm import config as config_lib
+  from jaxlm import run as run_lib
+  from jaxlm import sharding
+  from jaxlm import tokenizer as tokenizer_lib
+  from jaxlm import train as train_lib
+
+  workdir = tmp_path_factory.mktemp("tiny_lm_run")
+  source = os.path.dirname(json.__file__)
+  documents = [open(os.path.join(source, name)).read().encode("ascii", "ignore").decode()
+               for name in sorted(os.listdir(source)) if name.endswith(".py")]
+  tokenizer = tokenizer_lib.train_sentencepiece(
+      documents, TINY_MODEL["vocab_size"], str(tmp_path_factory.mktemp("tok") / "t.model"),
+      max_sentences=2000)
+  config = config_lib.validate({"model": TINY_MODEL, "data": {"seq_len": 64, "stride": 64},
+                                "train": {"global_batch_size": 8}})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: jax.device_put(rng.normal(0, 0.1, s.shape).astype(np.float32), s.sharding),
+      train_lib.abstract_params(config.model, mesh))
+  run_lib.write_files(str(workdir), config, tokenizer, run_source={"imported_from": "tests"})
+  checkpointer = run_lib.checkpointer(str(workdir), async_save=False)
+  checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)
+  checkpointer.wait()
+  return str(workdir)

@@ -21,7 +21,9 @@ import pytest
 from jaxlm import convert
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import generate as generate_lib
+from jaxlm import run as run_lib
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.model import Transformer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -122,7 +124,7 @@ def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def test_imported_logits_equal_transformers(gpt2):
   hf_dir, model, workdir = gpt2
-  config, params, tokenizer = generate_lib.load_run(str(workdir))
+  config, params, tokenizer = run_lib.load_run(str(workdir))
   tokens = _text_batch(tokenizer, config.model.max_seq_len)
   ours = generate_lib.forward_logits(config.model, params, tokens)
   reference = _torch_logits(model, tokens)
@@ -131,7 +133,7 @@ def test_imported_logits_equal_transformers(gpt2):
 
 def test_greedy_generation_equals_transformers(gpt2):
   hf_dir, model, workdir = gpt2
-  config, params, tokenizer = generate_lib.load_run(str(workdir))
+  config, params, tokenizer = run_lib.load_run(str(workdir))
   prompt = tokenizer.encode("def dumps(obj, *, skipkeys=False")
   *_, generated = generate_lib.decode_tokens(
       config.model, params, [prompt], max_new_tokens=30, chunk_size=32, eos_id=-1,
@@ -203,7 +205,7 @@ def test_tokenizer_ids_equal_transformers(gpt2):
   hf_dir, _, workdir = gpt2
   reference = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
   ours = tokenizer_lib.load_tokenizer(str(hf_dir))
-  from_run = generate_lib.open_run(str(workdir)).tokenizer  # tokenizer.json in the run dir
+  from_run = run_lib.open_run(str(workdir)).tokenizer  # tokenizer.json in the run dir
   texts = [TRICKY, "   leading", "trailing   ", "a\n\n\n\tb", "<|endoftext|>", "",
            "naïve café 🤷‍♀️ — “quotes” ½ ﬁ"] + _texts()[:3]
   for text in texts:
@@ -312,13 +314,12 @@ def test_export_without_biases_and_with_sinusoidal_positions(tmp_path):
   """A jaxlm model GPT-2 can express exactly (zero biases, a fixed position table) exports to
   the same logits."""
   from jaxlm import config as config_lib
-  from jaxlm import train as train_lib
   config = config_lib.validate({"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32,
                                           "mlp_dim": 64, "vocab_size": 300, "max_seq_len": 32,
                                           "positional": "sinusoidal", "use_bias": False,
                                           "tie_embeddings": False},
                                 "data": {"seq_len": 32, "stride": 32}})
-  params = train_lib.make_model(config).init(jax.random.PRNGKey(0),
+  params = Transformer(config.model).init(jax.random.PRNGKey(0),
                                              np.zeros((1, 8), np.int32))["params"]
   params = jax.tree.map(lambda p: getattr(p, "value", p), params,
                         is_leaf=lambda p: hasattr(p, "value"))
@@ -371,7 +372,7 @@ def test_pretrain_from_scratch_with_a_gpt2_tokenizer(small_gpt2, tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert (workdir / "tokenizer.json").is_file() and not (workdir / "tokenizer.model").exists()
-  run = generate_lib.open_run(str(workdir))
+  run = run_lib.open_run(str(workdir))
   assert isinstance(run.tokenizer, tokenizer_lib.ByteLevelBPETokenizer)
   assert run.tokenizer.encode("def f():") == tokenizer_lib.load_tokenizer(str(hf_dir)).encode(
       "def f():")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,11 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import finetune
 from jaxlm import generate as generate_lib
+from jaxlm import params as params_lib
+from jaxlm import run as run_lib
+from jaxlm import sharding
+from jaxlm import train as train_lib
+from jaxlm.model import Transformer, count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADJECTIVES = ["red", "big", "small", "green", "old", "new", "quiet", "bright", "dark", "happy"]
@@ -191,7 +198,7 @@ def test_instruction_tuning_learns_to_reverse_words(base_run, tmp_path):
   final = _final(str(workdir / "metrics.jsonl"))
   assert {"train_loss", "validation_loss", "test_loss", "test_perplexity"} <= set(final)
   # The untuned model never answers the task.
-  config, params, tokenizer = generate_lib.load_run(base_run)
+  config, params, tokenizer = run_lib.load_run(base_run)
   split = finetune.encode_instructions(
       finetune.read_instructions(str(data), "chat")[-40:], tokenizer, 64)
   untuned = finetune.respond(config, params, tokenizer, split, max_new_tokens=12)
@@ -220,13 +227,28 @@ def test_prompt_and_padding_never_enter_the_instruction_loss():
     weighted = batch["targets"][row][batch["weights"][row] > 0]
     assert list(weighted) == _WordTokenizer().encode_batch([example.response])[0] + [1]
   assert batch["weights"][2:].sum() == 0  # filler rows
-  logits = jax.random.normal(jax.random.PRNGKey(0), batch["inputs"].shape + (130,))
-  sums = finetune.lm_sums(logits, jax.tree.map(jnp.asarray, batch))
+  config = config_lib.validate({"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 16,
+                                          "mlp_dim": 32, "vocab_size": 130, "max_seq_len": 64},
+                                "data": {"seq_len": 64, "stride": 64}})
+  model = Transformer(config.model)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  loss = train_lib.lm_loss()
+  _, sums = loss(model, params, jax.tree.map(jnp.asarray, batch), None)
   changed = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"],
                                          (batch["targets"] + 7) % 130))
-  assert float(finetune.lm_sums(logits, jax.tree.map(jnp.asarray, changed))["loss_sum"]) == \
-      pytest.approx(float(sums["loss_sum"]), rel=1e-6)
-  assert float(sums["count"]) == 3 + 1 + 15 + 1
+  _, changed_sums = loss(model, params, jax.tree.map(jnp.asarray, changed), None)
+  assert float(changed_sums["loss_sum"]) == pytest.approx(float(sums["loss_sum"]), rel=1e-6)
+  assert float(sums["weight_sum"]) == 3 + 1 + 15 + 1
+
+
+class _FixedLogits:
+  """A stand-in model whose forward pass returns given logits [batch, length, classes]."""
+
+  def __init__(self, logits):
+    self.logits = logits
+
+  def apply(self, *args, **kwargs):
+    return self.logits
 
 
 def test_classifier_reads_the_last_real_token():
@@ -238,8 +260,9 @@ def test_classifier_reads_the_last_real_token():
   logits[0, 1] = [5.0, 0.0]   # row 0, last real token: says class 0 (right)
   logits[1, 4] = [5.0, 0.0]   # row 1, last real token: says class 0 (wrong)
   logits[1, 10] = [0.0, 9.0]  # padding after the text: must be ignored
-  sums = finetune.classifier_sums(jnp.asarray(logits), jax.tree.map(jnp.asarray, batch))
-  assert float(sums["correct"]) == 1.0 and float(sums["count"]) == 2.0
+  _, sums = train_lib.classifier_loss(_FixedLogits(jnp.asarray(logits)), None,
+                                      jax.tree.map(jnp.asarray, batch), None)
+  assert float(sums["correct"]) == 1.0 and float(sums["weight_sum"]) == 2.0
 
 
 @pytest.mark.parametrize("trainable,last_n,expected", [
@@ -251,23 +274,39 @@ def test_classifier_reads_the_last_real_token():
 def test_trainable_selection_and_optimizer_state(trainable, last_n, expected):
   config = config_lib.validate({
       "model": {"num_layers": 3, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
-                "vocab_size": 50, "num_classes": 3},
-      "finetune": {"task": "classifier", "trainable": trainable, "last_n_blocks": last_n}})
-  from jaxlm.model import Transformer
-  params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-  params = jax.tree.map(lambda p: getattr(p, "value", p), params["params"],
-                        is_leaf=lambda p: hasattr(p, "value"))
-  trainable_tree, frozen = finetune.partition(params, config)
+                "vocab_size": 130, "num_classes": 3},
+      "finetune": {"task": "classifier", "trainable": trainable, "last_n_blocks": last_n},
+      "optim": {"warmup_steps": 0}, "train": {"global_batch_size": 8}})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  steps = train_lib.make_steps(config, mesh, trainable=finetune.trainable_filter(config))
+  abstract = steps.abstract_state
+  trainable_tree, frozen = steps.split(abstract.params)
   assert set(trainable_tree) == expected
-  assert finetune.count(trainable_tree) + finetune.count(frozen) == finetune.count(params)
-  assert finetune.combine(trainable_tree, frozen).keys() == params.keys()
-  steps = finetune.make_finetune_steps(
-      config, __import__("jaxlm.sharding", fromlist=["x"]).make_mesh(config.mesh,
-                                                                     jax.devices()[:1]), 10)
-  opt_state = steps.optimizer.init(trainable_tree)
+  assert count_params(trainable_tree) + count_params(frozen) == count_params(abstract.params)
   # AdamW keeps two moments per trainable parameter and nothing for frozen ones.
-  moments = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0]
-  assert sum(x.size for x in moments) == 2 * finetune.count(trainable_tree)
+  moments = [x for x in jax.tree.leaves(abstract.opt_state) if len(x.shape) > 0]
+  assert sum(math.prod(x.shape) for x in moments) == 2 * count_params(trainable_tree)
+  if (trainable, last_n) != ("last_n_blocks", 1):
+    return  # (one real step is enough to show the step honours the selection)
+  # One step of the shared train step moves the trainable params only.
+  state = steps.init(jax.random.PRNGKey(0))
+  encoded = finetune.encode_classifier(
+      [finetune.Example(f"f:{i}", "abcdef"[:i + 1], "xyz"[i % 3]) for i in range(8)],
+      _WordTokenizer(), ["x", "y", "z"], 16)
+  batch = finetune.make_batch(encoded, list(range(8)), 8, 16, 0, "classifier")
+  before = jax.device_get(state.params)
+  state, metrics = steps.train(state, sharding.global_batch(batch, mesh))
+  after = jax.device_get(state.params)
+  assert np.isfinite(float(metrics["train_loss"]))
+  moved = {path[0].key for path, a in jax.tree_util.tree_flatten_with_path(after)[0]
+           if not np.array_equal(a, _leaf(before, path))}
+  assert moved == expected
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def _write(path, text):
@@ -368,7 +407,7 @@ def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
       "--config.finetune.template=chat",
       "--config.model.lora_rank=4", "--config.optim.learning_rate=1e-2"])
   assert result.returncode == 0, result.stderr[-3000:]
-  config, params, _ = generate_lib.load_run(str(workdir))
+  config, params, _ = run_lib.load_run(str(workdir))
   assert config.model.lora_rank == 4
   lora_b = params["layers_0"]["attention"]["query"]["lora_b"]
   assert float(jnp.abs(lora_b).max()) > 0  # the adapters trained
@@ -401,11 +440,9 @@ def test_lora_trains_only_adapters_and_the_head():
                 "vocab_size": 50, "num_classes": 2, "lora_rank": 4,
                 "lora_targets": ("query", "value")},
       "finetune": {"task": "classifier"}})
-  from jaxlm.model import Transformer
   params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-  params = jax.tree.map(lambda p: getattr(p, "value", p), params["params"],
-                        is_leaf=lambda p: hasattr(p, "value"))
-  trainable, frozen = finetune.partition(params, config)
+  trainable, frozen = params_lib.partition(nn.unbox(params["params"]),
+                                           finetune.trainable_filter(config))
   names = {"/".join(p.key for p in path) for path, _ in
            jax.tree_util.tree_flatten_with_path(trainable)[0]}
   assert names == {"classifier/kernel", "classifier/bias"} | {

@@ -20,6 +20,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import generate as gen
+from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
@@ -323,11 +324,11 @@ def run_dir(tmp_path_factory):
 
 def test_load_run_restores_params_and_names_the_steps(run_dir, tmp_path):
   workdir, saved = run_dir
-  config, params, tokenizer = gen.load_run(str(workdir))
+  config, params, tokenizer = run_lib.load_run(str(workdir))
   assert config.model.embed_dim == 32 and tokenizer.vocab_size == 512
   assert len(jax.tree.leaves(params)[0].sharding.device_set) == 8   # moved to 8 devices
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved)
-  _, first, _ = gen.load_run(str(workdir), step=1)
+  _, first, _ = run_lib.load_run(str(workdir), step=1)
   assert not np.array_equal(first["token_embed"], saved["token_embed"])
   cases = [(str(workdir), 7, r"step 7 is not in .*checkpoints; available steps: 1, 2\."),
            (str(tmp_path / "nope"), None, "nope does not exist"),
@@ -336,8 +337,8 @@ def test_load_run_restores_params_and_names_the_steps(run_dir, tmp_path):
   (tmp_path / "empty" / "config.json").write_text((workdir / "config.json").read_text())
   cases.append((str(tmp_path / "empty"), None, r"no checkpoint in .*empty/checkpoints"))
   for path, step, match in cases:
-    with pytest.raises(gen.RunLoadError, match=match) as info:
-      gen.load_run(path, step)
+    with pytest.raises(run_lib.RunError, match=match) as info:
+      run_lib.load_run(path, step)
     assert "\n" not in str(info.value)
   assert not (tmp_path / "empty" / "checkpoints").exists()  # reading never creates anything
 
@@ -368,7 +369,7 @@ def test_cli_streams_prompt_and_continuation_only(run_dir, tmp_path):
            for name, args in commands.items()}
   try:
     one_device = sharding.make_mesh(config_lib.MeshConfig(), jax.devices()[:1])
-    config, params, tokenizer = gen.load_run(str(workdir), mesh=one_device)
+    config, params, tokenizer = run_lib.load_run(str(workdir), mesh=one_device)
     expected = gen.generate(config.model, params, tokenizer, [prompt], max_new_tokens=20,
                             temperature=0.0)[0].text
     batch_prompts = ["import json\n"] * 2 + ["class A:"] * 2

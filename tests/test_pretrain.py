@@ -14,6 +14,7 @@ import time
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import run as run_lib
 from jaxlm import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +164,7 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):
   (workdir / "config.json").write_text(json.dumps(saved))
   before = (workdir / "config.json").read_text()
   other = config_lib.validate(tiny_values(data_dir, model={"num_layers": 3}))
-  with pytest.raises(trainer.RunError, match="model.num_layers"):
+  with pytest.raises(run_lib.RunError, match="model.num_layers"):
     trainer.train(other, str(workdir), show_progress=False)
   assert (workdir / "config.json").read_text() == before
   assert sorted(os.listdir(workdir)) == ["config.json"]

@@ -8,6 +8,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import optim, sharding, train
+from jaxlm.model import Transformer
 
 TINY = {"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
                   "vocab_size": 97, "max_seq_len": 16},
@@ -51,7 +52,7 @@ def test_loss_is_mean_token_cross_entropy():
   state = steps.init(jax.random.PRNGKey(0))
   batch = random_batch(config)
   batch["weights"][:, :5] = 0  # padding never enters the loss
-  logits = train.make_model(config).apply({"params": state.params}, batch["inputs"],
+  logits = Transformer(config.model).apply({"params": state.params}, batch["inputs"],
                                           positions=batch["positions"],
                                           segment_ids=batch["segment_ids"])
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -100,7 +101,7 @@ def test_nonfinite_step_is_skipped():
 def test_decay_mask_skips_biases_and_norms_even_when_scanned():
   for scan in (False, True):
     config = tiny_config(model={"scan_layers": scan})
-    params = train.make_model(config).init(jax.random.PRNGKey(0),
+    params = Transformer(config.model).init(jax.random.PRNGKey(0),
                                            jnp.zeros((1, 8), jnp.int32))["params"]
     mask = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
     names = {jax.tree_util.keystr(p): m for p, m in mask}

@@ -1,0 +1,351 @@
+"""The one training loop, shared by pretraining, classifier and instruction fine-tuning, LoRA
+and sweeps.
+
+A `Task` says what differs between them: the train step (built by `train.make_steps` with the
+task's loss and trainable params), where the first state comes from, the data iterator, how the
+model is judged at eval points, and which checkpoint to keep (periodic, or the best by an eval
+metric). `fit` does the rest, the same way for every task:
+
+  restore the latest checkpoint (state + data position + loop bookkeeping) or start fresh
+  -> steps, each overlapping the host's next batch; non-finite steps skipped and counted
+  -> every `train.log_every`: train loss, learning rate, gradient norm, tokens/s, MFU
+  -> every `eval_every` (and at the end): the task's evaluation; keep the best checkpoint
+  -> every `train.sample_every`: samples; every `train.checkpoint_every`: a checkpoint
+  -> SIGTERM / Ctrl-C / `stop_at_step`: save and exit cleanly; a rerun resumes exactly
+Only process 0 writes files (metrics.jsonl, TensorBoard, samples, summary, plots); every
+process joins the checkpoint saves (each writes its shards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from jaxlm import config as config_lib
+from jaxlm import files
+from jaxlm import generate as generate_lib
+from jaxlm import metrics as metrics_lib
+from jaxlm import run as run_lib
+from jaxlm import sharding
+from jaxlm import train as train_lib
+from jaxlm.config import Config
+from jaxlm.errors import UserError
+
+
+class TrainingDiverged(UserError):
+  """Too many non-finite steps in a row."""
+
+
+@dataclasses.dataclass
+class Task:
+  """One training run's task: everything the loop needs that differs between tasks."""
+  config: Config
+  workdir: str
+  mesh: Any
+  tokenizer: Any
+  steps: train_lib.Steps
+  train_step: Callable            # the AOT-compiled step, or steps.train (compiles per shape)
+  compile_seconds: float | None   # None: compiled on the first step (then measured there)
+  data: Callable[[], Any]         # a fresh train iterator (next, get_state, set_state)
+  init_state: Callable[[], train_lib.TrainState]
+  evaluate: Callable[[train_lib.TrainState], dict[str, float]]
+  eval_every: int                 # steps between evaluations (0: only at the end)
+  flops_per_token: float
+  # Checkpoint policy: None keeps the last `train.keep_checkpoints` periodic saves; a function
+  # of an evaluation's results keeps the best evaluation's checkpoint (largest rank) instead.
+  rank: Callable[[Mapping[str, float]], tuple] | None = None
+  can_sample: bool = True         # a language model (samples at train.sample_every)
+  train_loss_key: str = "train_loss"
+  base_config: Mapping[str, Any] | None = None
+  run_source: Mapping[str, Any] | None = None
+  class_names: Sequence[str] | None = None
+  description: str = ""
+  # Called once a run has finished: (summary so far, best evaluation or None) -> summary.
+  finish: Callable[[dict, dict | None], dict] | None = None
+
+
+class StopFlag:
+  """Set by SIGTERM (a preempted VM) or the first Ctrl-C; the loop saves and exits cleanly.
+
+  In a multi-process job no Python handler is installed: JAX's preemption service catches
+  SIGTERM on any process and `reached(step)` turns true on every process at the same step, so
+  all of them save that step (a Python handler would replace the service's).
+  """
+
+  def __init__(self):
+    self.reason: str | None = None
+    self.multiprocess = jax.process_count() > 1
+
+  def __bool__(self) -> bool:
+    return self.reason is not None
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop before running step `step + 1` (call at every step on every process)."""
+    if self.multiprocess and multihost_utils.reached_preemption_sync_point(step):
+      self.reason = "SIGTERM"
+    return bool(self)
+
+  @contextlib.contextmanager
+  def installed(self):
+    if self.multiprocess or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, _frame):
+      if self.reason is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting
+      self.reason = signal.Signals(signum).name
+
+    for s in previous:
+      signal.signal(s, handler)
+    try:
+      yield self
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+
+def log(message: str) -> None:
+  """A progress line on stderr, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _batch_tokens(batch: Mapping[str, Any]) -> int:
+  """Token slots of a global batch ([batch, length] inputs)."""
+  return int(np.prod(batch["inputs"].shape))
+
+
+class _Bookkeeping:
+  """What the loop must carry across a restart besides state and data: saved with every
+  checkpoint (in its JSON `data` item) so that a resumed run continues exactly."""
+
+  def __init__(self, saved: Mapping[str, Any] | None = None):
+    saved = saved or {}
+    self.best: dict[str, Any] | None = saved.get("best")   # {"step", "rank", "results"}
+    self.tokens_seen: int = int(saved.get("tokens_seen", 0))
+
+  def to_json(self) -> dict[str, Any]:
+    return {"best": self.best, "tokens_seen": self.tokens_seen}
+
+
+def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = True
+        ) -> dict[str, Any]:
+  """Trains (or resumes) `task` in its workdir to `train.num_steps`; returns the summary (also
+  written to summary.json). stop_at_step: behave as if preempted once this many steps are done
+  (tests compare resumed and uninterrupted runs with it)."""
+  cfg, workdir, mesh = task.config, task.workdir, task.mesh
+  lead = jax.process_index() == 0
+  done = run_lib.read_json(workdir, "summary.json")
+  if done is not None and done.get("finished") and done.get("step", 0) >= cfg.train.num_steps:
+    log(f"already trained to step {done['step']}; nothing to do.")
+    return done
+  run_lib.write_files(workdir, cfg, task.tokenizer, base_config=task.base_config,
+                      run_source=task.run_source, class_names=task.class_names)
+  keep = None if task.rank is not None else cfg.train.keep_checkpoints
+  checkpointer = run_lib.checkpointer(workdir, keep=keep)
+  iterator = task.data()
+  start = checkpointer.latest_step()
+  if start is None:
+    state, start, book = task.init_state(), 0, _Bookkeeping()
+  else:
+    state, data_state, _ = checkpointer.restore(start, task.steps.abstract_state)
+    if "iterator" not in data_state:  # written before the loop kept its bookkeeping there
+      data_state = {"iterator": data_state}
+    iterator.set_state(data_state["iterator"])
+    book = _Bookkeeping(data_state.get("loop"))
+    log(f"resumed from {checkpointer.directory}/{start}")
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
+  samples_path = os.path.join(workdir, "samples.jsonl")
+  if lead:  # a resumed run logs the steps after its checkpoint again
+    metrics_lib.truncate_after(writer.path, start)
+    metrics_lib.truncate_after(samples_path, start)
+  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+  peak = metrics_lib.peak_flops(cfg.model.dtype, cfg.data.data_dir)
+  log(f"{num_params:,} parameters; {task.flops_per_token / 1e6:.1f} MFLOPs per token; mesh "
+      f"{dict(mesh.shape)}; {task.description}workdir {workdir}")
+
+  num_steps = cfg.train.num_steps
+
+  compile_seconds = task.compile_seconds
+  if compile_seconds is not None:
+    compiled = task.train_step
+    log(f"compiled the train step in {compile_seconds:.1f}s "
+        f"({train_lib.step_bytes(compiled) / 2**30:.2f} GiB per device)")
+  if lead and start == 0 and compile_seconds is not None:
+    writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
+
+  def save(step: int, data_state) -> None:
+    checkpointer.save(step, state, {"iterator": data_state, "loop": book.to_json()},
+                      config_lib.to_dict(cfg), task.tokenizer)
+    if task.rank is not None:  # keep only the best and this one
+      checkpointer.wait()
+      keep_steps = {step, book.best["step"] if book.best else step}
+      for old in checkpointer.all_steps():
+        if old not in keep_steps:
+          checkpointer.delete(old)
+
+  stop = StopFlag()
+  progress = None
+  if show_progress and lead:
+    progress = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
+                    dynamic_ncols=True, smoothing=0.1)
+  step, pending, nonfinite_run, saved_step = start, None, 0, start
+  data_state = iterator.get_state()
+  batch = sharding.global_batch(next(iterator), mesh) if start < num_steps else None
+  window_start, window_step, window_tokens = time.perf_counter(), start, 0
+
+  def check_finite(pending, nonfinite_run: int) -> int:
+    done_step, values = pending
+    if not int(jax.device_get(values["nonfinite"])):
+      return 0
+    nonfinite_run += 1
+    log(f"step {done_step}: non-finite loss or gradient; update skipped "
+        f"({nonfinite_run} in a row)")
+    limit = cfg.train.max_nonfinite_steps
+    if nonfinite_run > limit:
+      raise TrainingDiverged(
+          f"training diverged: {nonfinite_run} non-finite steps in a row at step {done_step} "
+          f"(train.max_nonfinite_steps={limit}); lower optim.learning_rate or raise "
+          f"optim.warmup_steps, and resume from the last checkpoint.")
+    return nonfinite_run
+
+  with stop.installed():
+    while step < num_steps:
+      if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
+        break
+      tokens = _batch_tokens(batch)
+      if compile_seconds is None:  # first step of a lazily compiled task: time its compile
+        compile_start = time.perf_counter()
+        state, step_metrics = task.train_step(state, batch)
+        jax.block_until_ready(step_metrics)
+        compile_seconds = time.perf_counter() - compile_start  # (and one step's run)
+        window_start, window_step, window_tokens = time.perf_counter(), step + 1, -tokens
+      else:
+        state, step_metrics = task.train_step(state, batch)
+      step += 1
+      window_tokens += tokens
+      book.tokens_seen += tokens
+      if pending is not None:  # read step t-1 while step t runs
+        nonfinite_run = check_finite(pending, nonfinite_run)
+      pending = (step, step_metrics)
+      data_state = iterator.get_state()  # exactly `step` batches consumed
+      if step < num_steps:
+        batch = sharding.global_batch(next(iterator), mesh)  # overlaps the step
+
+      due = lambda every: every > 0 and step % every == 0
+      last = step == num_steps
+      if due(cfg.train.log_every) or last:
+        values = jax.device_get(pending[1])
+        nonfinite_run = check_finite(pending, nonfinite_run)
+        pending = None
+        now = time.perf_counter()
+        seconds = (now - window_start) / max(step - window_step, 1)
+        tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+        logged = {task.train_loss_key: float(values["train_loss"]),
+                  "learning_rate": float(values["learning_rate"]),
+                  "grad_norm": float(values["grad_norm"]),
+                  "tokens_per_second": tokens_per_second, "step_seconds": seconds,
+                  "mfu": task.flops_per_token * tokens_per_second / peak,
+                  "tokens_seen": book.tokens_seen}
+        writer.write(step, logged)
+        if progress is not None:
+          progress.update(step - progress.n)
+          progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
+                               tok_s=f"{tokens_per_second:,.0f}", mfu=f"{logged['mfu']:.0%}",
+                               refresh=False)
+        window_start, window_step, window_tokens = time.perf_counter(), step, 0
+      paused = False
+      save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
+      if due(task.eval_every) or last:
+        results = task.evaluate(state)
+        writer.write(step, results)
+        message = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                            if isinstance(v, float))
+        (progress.write if progress is not None else log)(f"step {step}: {message}")
+        if task.rank is not None:
+          rank = list(task.rank(results))
+          if book.best is None or rank > book.best["rank"]:
+            book.best = {"step": step, "rank": rank, "results": results}
+            save_now = True
+        paused = True
+      if task.can_sample and (due(cfg.train.sample_every)
+                              or (last and cfg.train.sample_max_new_tokens > 0)):
+        _sample(cfg, state, task.tokenizer, step, samples_path)
+        paused = True
+      if save_now:
+        save(step, data_state)
+        saved_step = step
+        paused = True
+      if paused:
+        window_start, window_step, window_tokens = time.perf_counter(), step, 0
+  if pending is not None:
+    check_finite(pending, nonfinite_run)
+  if progress is not None:
+    progress.close()
+
+  interrupted = step < num_steps
+  if interrupted and step != saved_step:
+    save(step, data_state)
+  checkpointer.wait()
+  if not interrupted and task.rank is not None and book.best is not None:
+    for old in checkpointer.all_steps():  # the best is then the run's latest checkpoint
+      if old != book.best["step"]:
+        checkpointer.delete(old)
+  writer.close()
+  records = metrics_lib.read_jsonl(writer.path) if lead else []
+  if lead:
+    tokens_per_step = book.tokens_seen / max(step, 1)
+    metrics_lib.plot_losses(records, tokens_per_step, os.path.join(workdir, "loss.png"),
+                            train_key=task.train_loss_key)
+  summary = _summary(records, step, interrupted, stop.reason, compile_seconds, num_params,
+                     task.train_loss_key)
+  if not interrupted and task.finish is not None:
+    summary = task.finish(summary, book.best)
+  if lead:
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
+  if interrupted:
+    log(f"stopped at step {step} ({stop.reason or 'stop_at_step'}); checkpoint saved; rerun "
+        f"with --workdir={workdir} to resume.")
+  return summary
+
+
+def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:
+  t = cfg.train
+  rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)
+  texts = generate_lib.generate_texts(
+      cfg.model, state.params, tokenizer, list(t.sample_prompts),
+      max_new_tokens=t.sample_max_new_tokens, temperature=t.sample_temperature,
+      top_k=t.sample_top_k, rng=rng)
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      for prompt, text in zip(t.sample_prompts, texts):
+        f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+
+
+def _summary(records, step, interrupted, reason, compile_seconds, num_params, train_key):
+  def last(key):
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+  speeds = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+  return {"step": step, "finished": not interrupted, "stop_reason": reason,
+          "num_params": num_params, "compile_seconds": compile_seconds,
+          "train_loss": last(train_key), "eval_loss": last("eval_loss"),
+          "eval_perplexity": last("eval_perplexity"),
+          "eval_bits_per_byte": last("eval_bits_per_byte"),
+          "median_tokens_per_second": float(np.median(speeds)) if speeds else None,
+          "median_mfu": float(np.median([r["mfu"] for r in records if "mfu" in r]))
+          if speeds else None}

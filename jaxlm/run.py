@@ -1,0 +1,239 @@
+"""Run directories: create, check, open and restore, for every kind of run, in one place.
+
+A run directory (pretrained, imported, fine-tuned, LoRA) holds
+
+  config.json        the resolved config (`jaxlm.config.to_dict`)
+  config_diff.json   (pretraining) what the CLI changed against the config file
+  tokenizer.model    the tokenizer (`tokenizer.json` for GPT-2's byte-level BPE)
+  source.json        (imported / fine-tuned) where the weights came from
+  labels.json        (classifier) the class names, in head order
+  checkpoints/N/     Orbax: state (a TrainState, or {"params": ...} for imported weights),
+                     data iterator state, meta (config, tokenizer, array fingerprints)
+  metrics.jsonl, summary.json, loss.png, samples.jsonl, tensorboard/   (written by the loop)
+
+Nothing outside this module reads or writes config.json, source.json, labels.json or the
+tokenizer file of a run; the loop writes the metrics files through `jaxlm.metrics`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+from absl import logging
+from jax.sharding import Mesh
+
+from jaxlm import checkpoint as ckpt
+from jaxlm import config as config_lib
+from jaxlm import files
+from jaxlm import sharding
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.config import Config
+from jaxlm.errors import UserError
+from jaxlm.train import abstract_params
+
+
+class RunError(UserError):
+  """A run directory cannot be used as asked; the message says why and what to do."""
+
+
+# Keys that may change when a run is resumed: how long and how it trains, not what it trains.
+RESUMABLE_SECTIONS = ("train", "optim", "mesh")
+
+
+def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Dotted keys whose change makes the saved checkpoints unusable for `new`."""
+  changed = config_lib.diff(saved, new)
+  bad = [k for k in changed if k.split(".")[0] not in RESUMABLE_SECTIONS and k != "data.data_dir"]
+  # Clipping on/off changes the optimizer state's structure.
+  if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
+    bad.append("optim.grad_clip")
+  return bad
+
+
+def check_writable(workdir: str) -> None:
+  """Refuses a workdir that is a file or lies under a directory we cannot write."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise RunError(f"workdir {workdir} is a file, not a directory; choose another --workdir.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise RunError(f"workdir {workdir} cannot be created: {existing} is a file; choose another "
+                   f"--workdir.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise RunError(f"workdir {workdir} cannot be written ({existing} is not writable); "
+                   f"choose a --workdir you can write to.")
+
+
+def read_json(workdir: str, name: str) -> Any:
+  """The JSON file `name` of a run directory, or None if it has none."""
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  return read_json(workdir, "config.json")
+
+
+def source(workdir: str) -> dict[str, Any] | None:
+  """source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ...}."""
+  return read_json(workdir, "source.json")
+
+
+def labels(workdir: str) -> list[str]:
+  value = read_json(workdir, "labels.json")
+  if not isinstance(value, list):
+    raise RunError(f"workdir {workdir} has no labels.json, so it is not a classifier run; pass a "
+                   f"run written by experiments.finetune_classifier.")
+  return value
+
+
+def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] | None) -> None:
+  """RunError unless `workdir` is new or holds a run of the same kind and model that `config`
+  can resume: pretraining (`run_source` None) or fine-tuning from the same run and task."""
+  check_writable(workdir)
+  saved_source = source(workdir)
+  if saved_source != (dict(run_source) if run_source is not None else None):
+    if saved_source is not None and "imported_from" in saved_source:
+      what = "imported weights (see its source.json)"
+    elif saved_source is not None:
+      what = (f"a {saved_source.get('task')} fine-tuning run of "
+              f"{saved_source.get('fine_tuned_from')}")
+    elif os.path.isfile(os.path.join(workdir, "config.json")):
+      what = "a pretraining run"
+    elif run_source is not None and os.path.isdir(workdir) and os.listdir(workdir):
+      what = "other files"
+    else:
+      return
+    raise RunError(f"workdir {workdir} holds {what}, which this command cannot resume; choose "
+                   f"a new --workdir (or generate from, evaluate or export that run). Nothing "
+                   f"was changed.")
+  previous = saved_config(workdir)
+  if previous is not None:
+    bad = incompatible_keys(previous, config_lib.to_dict(config))
+    if bad:
+      raise RunError(
+          f"workdir {workdir} holds a run with a different {', '.join(bad[:4])} "
+          f"(saved config.json); resume it with its own config (--workdir alone) or pick a new "
+          f"--workdir. Nothing was changed.")
+
+
+def check_new(workdir: str) -> None:
+  """RunError unless `workdir` does not exist or is an empty directory we can write."""
+  check_writable(workdir)
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise RunError(f"--workdir={workdir} already exists and is not empty; pick a new --workdir. "
+                   f"Nothing was changed.")
+
+
+def write_files(workdir: str, config: Config, tokenizer, *,
+                base_config: Mapping[str, Any] | None = None,
+                run_source: Mapping[str, Any] | None = None,
+                class_names: Sequence[str] | None = None) -> None:
+  """config.json (+ config_diff.json against `base_config`), the tokenizer, source.json and
+  labels.json. Process 0 writes; the others return (a shared filesystem has one copy)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = config_lib.to_dict(config)
+  files.write_json(os.path.join(workdir, "config.json"), config_dict)
+  if base_config is not None:
+    files.write_json(os.path.join(workdir, "config_diff.json"),
+                     config_lib.diff(dict(base_config), config_dict))
+  files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
+  if run_source is not None:
+    files.write_json(os.path.join(workdir, "source.json"), dict(run_source))
+  if class_names is not None:
+    files.write_json(os.path.join(workdir, "labels.json"), list(class_names))
+
+
+def checkpointer(workdir: str, keep: int = 2, async_save: bool = True) -> ckpt.Checkpointer:
+  """The writing Checkpointer of a run's `checkpoints/`."""
+  return ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep,
+                           async_save=async_save)
+
+
+@dataclasses.dataclass
+class RunDirectory:
+  """A run directory opened for reading: everything but the parameters (cheap to get)."""
+  workdir: str
+  config: Config
+  tokenizer: Any
+  step: int                  # the checkpoint step to restore
+  steps: list[int]           # all available steps
+  checkpointer: ckpt.Checkpointer
+
+
+def open_run(workdir: str, step: int | None = None) -> RunDirectory:
+  """Reads config.json and the tokenizer, and picks the checkpoint (latest, or `step`),
+  without restoring anything. RunError names the path (and the available steps)."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    raise RunError(f"workdir {workdir} does not exist; pass --workdir=RUN, a directory "
+                   f"written by python -m experiments.pretrain.")
+  values = saved_config(path)
+  if values is None:
+    raise RunError(f"workdir {workdir} has no config.json, so it is not a run directory; "
+                   f"pass a directory written by python -m experiments.pretrain.")
+  config = config_lib.validate(values)
+  checkpoints_dir = os.path.join(path, "checkpoints")
+  reader = None
+  if os.path.isdir(checkpoints_dir):
+    level = logging.get_verbosity()
+    logging.set_verbosity(min(level, logging.ERROR))  # Orbax warns that read-only is read-only
+    try:
+      reader = ckpt.Checkpointer(checkpoints_dir, read_only=True)
+    finally:
+      logging.set_verbosity(level)
+  steps = sorted(reader.all_steps()) if reader else []
+  if not steps:
+    raise RunError(f"no checkpoint in {checkpoints_dir} (available steps: none); train "
+                   f"first: python -m experiments.pretrain --workdir={workdir}.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise RunError(f"step {step} is not in {checkpoints_dir}; available steps: "
+                   f"{', '.join(map(str, steps))}.")
+  tokenizer_paths = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")]
+  tokenizer_paths = [p for p in tokenizer_paths if os.path.isfile(p)]
+  if tokenizer_paths:
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_paths[0])
+  else:  # the checkpoint carries its tokenizer too
+    meta = reader.read_meta(step)
+    tokenizer = tokenizer_lib.from_bytes(
+        base64.b64decode(meta["tokenizer_model_b64"]), meta.get("tokenizer_name", ""),
+        f"{checkpoints_dir}/{step}/meta")
+  return RunDirectory(workdir, config, tokenizer, step, steps, reader)
+
+
+def default_mesh(config: Config) -> Mesh:
+  """The run's mesh if it fits the devices here, else data parallel over all of them."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except config_lib.ConfigError:
+    return sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1))
+
+
+def restore_params(run: RunDirectory, mesh: Mesh | None = None) -> Any:
+  """The params of `run.step` (never the optimizer state), restored against an abstract target
+  with the shardings of `mesh` (default: `default_mesh`), so a checkpoint moves to another
+  device count. Checksums are verified."""
+  mesh = default_mesh(run.config) if mesh is None else mesh
+  return run.checkpointer.restore_params(run.step, abstract_params(run.config.model, mesh))
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None
+             ) -> tuple[Any, Any, Any]:
+  """(config, params, tokenizer) of a run directory: the latest checkpoint, or `step`.
+  Reads only (safe while the run is still training)."""
+  run = open_run(workdir, step)
+  return run.config, restore_params(run, mesh), run.tokenizer

@@ -1,0 +1,163 @@
+"""The shared training loop (jaxlm/loop.py) driven by fine-tuning: preemption and exact resume,
+microbatching, the best-checkpoint policy, and a fine-tuning job across two processes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import finetune
+from jaxlm import metrics as metrics_lib
+from jaxlm import run as run_lib
+from tests.test_multihost import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa", "lambda"]
+
+
+def keyword_csv(path, count: int = 60, seed: int = 0) -> str:
+  """text,label rows: label 'yes' iff the text holds the word 'seven'."""
+  rng = random.Random(seed)
+  lines = ["text,label"]
+  for i in range(count):
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
+    if i % 2:
+      words[rng.randrange(len(words))] = "seven"
+    lines.append(f"{' '.join(words)},{'yes' if i % 2 else 'no'}")
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+OVERRIDES = {"finetune.trainable": "all", "optim.learning_rate": 1e-3, "finetune.epochs": 2,
+             "train.log_every": 1}
+
+
+def prepared_run(tiny_lm_run, workdir, data, **overrides):
+  return finetune.prepare(tiny_lm_run, str(workdir), "classifier", data,
+                          dict(OVERRIDES, **overrides))
+
+
+def batch_losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["train_batch_loss"]
+          for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "train_batch_loss" in r}
+
+
+def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(tiny_lm_run,
+                                                                             tmp_path):
+  data = keyword_csv(tmp_path / "data.csv")
+  whole = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "whole", data),
+                            show_progress=False)
+  steps_per_epoch = 42 // 8 + 1  # 60 rows: 42 train (0.7), 6 validation, 12 test; batch 8
+  assert whole["finished"] and whole["steps"] == 2 * steps_per_epoch
+
+  # SIGTERM arrives while the 4th batch is read (mid first epoch): the loop finishes that
+  # step, saves it and returns unfinished.
+  prepared = prepared_run(tiny_lm_run, tmp_path / "cut", data)
+  task = finetune.make_task(prepared)
+  make_data = task.data
+
+  def data_with_sigterm():
+    iterator = make_data()
+
+    class Interrupting:
+      def __next__(self):
+        if iterator.position == 4:
+          os.kill(os.getpid(), signal.SIGTERM)
+        return next(iterator)
+      get_state, set_state = iterator.get_state, iterator.set_state
+    return Interrupting()
+
+  task.data = data_with_sigterm
+  from jaxlm import loop
+  cut = loop.fit(task, show_progress=False)
+  assert not cut["finished"] and cut["stop_reason"] == "SIGTERM" and cut["step"] == 4
+  assert run_lib.open_run(str(tmp_path / "cut")).steps == [4]
+
+  # Rerunning the same command resumes and logs exactly what the uninterrupted run logged.
+  resumed = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "cut", data),
+                              show_progress=False)
+  assert batch_losses(tmp_path / "cut") == batch_losses(tmp_path / "whole")
+  for key in ("best_step", "validation_accuracy", "validation_loss", "test_accuracy"):
+    assert resumed[key] == whole[key], key
+  # The best evaluation's checkpoint is the one left (the one generate/evaluate load).
+  assert run_lib.open_run(str(tmp_path / "cut")).steps == [whole["best_step"]]
+  # A finished run is not trained again.
+  again = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "cut", data),
+                            show_progress=False)
+  assert again == resumed
+
+
+def test_finetuning_microbatches_give_the_same_steps(tiny_lm_run, tmp_path):
+  data = keyword_csv(tmp_path / "data.csv", count=30)
+  one = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "one", data,
+                                       **{"finetune.epochs": 1}), show_progress=False)
+  two = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "two", data,
+                                       **{"finetune.epochs": 1, "train.microbatches": 2}),
+                          show_progress=False)
+  got, want = batch_losses(tmp_path / "two"), batch_losses(tmp_path / "one")
+  assert sorted(got) == sorted(want) == list(range(1, one["steps"] + 1))
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), step
+  assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+
+
+def test_finetune_config_takes_every_key_seed_included(tiny_lm_run):
+  init = run_lib.open_run(tiny_lm_run).config
+  config = finetune.finetune_config(init, "classifier", {"seed": 7, "train.microbatches": 2,
+                                                         "finetune.epochs": 3})
+  assert (config.seed, config.train.microbatches, config.finetune.epochs) == (7, 2, 3)
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'train.epochs'"):
+    finetune.finetune_config(init, "classifier", {"train.epochs": 3})
+
+
+def test_a_finetuning_workdir_of_another_kind_is_refused(tiny_lm_run, tmp_path):
+  data = keyword_csv(tmp_path / "data.csv", count=20)
+  with pytest.raises(run_lib.RunError, match="holds imported weights"):
+    prepared_run(tiny_lm_run, tiny_lm_run, data)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  with pytest.raises(run_lib.RunError, match="holds other files"):
+    prepared_run(tiny_lm_run, other, data)
+  assert os.listdir(other) == ["notes.txt"]
+
+
+def launch_classifier(init, data, workdir, num_processes, devices_per_process):
+  port = free_port()
+  processes = []
+  for index in range(num_processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    args = [sys.executable, "-m", "experiments.finetune_classifier", f"--init={init}",
+            f"--data={data}", f"--workdir={workdir}", "--progress=false", "--config.seed=3",
+            *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+    if num_processes > 1:
+      args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+               f"--process_id={index}"]
+    processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  results = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, results):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in results]
+
+
+@pytest.mark.slow
+def test_two_process_finetuning_equals_one_process(tiny_lm_run, tmp_path):
+  data = keyword_csv(tmp_path / "data.csv", count=40)
+  two = launch_classifier(tiny_lm_run, data, tmp_path / "two", 2, 4)
+  one = launch_classifier(tiny_lm_run, data, tmp_path / "one", 1, 8)
+  assert two[1] == ""  # only process 0 prints the summary (and writes the run's files)
+  summary_two, summary_one = json.loads(two[0]), json.loads(one[0])
+  got, want = batch_losses(tmp_path / "two"), batch_losses(tmp_path / "one")
+  assert sorted(got) == sorted(want) and len(want) == summary_one["steps"]
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), step
+  assert summary_two["test_loss"] == pytest.approx(summary_one["test_loss"], rel=1e-5)
+  assert run_lib.saved_config(str(tmp_path / "two"))["seed"] == 3
