@@ -154,9 +154,10 @@ class MeshConfig:
 class FinetuneConfig:
   """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py; jaxlm/finetune.py).
 
-  trainable: '' (the task's default: classifier -> last_n_blocks, as in the book; instruct ->
-  all; any task with model.lora_rank > 0 -> lora), 'head' (the output layer), 'last_n_blocks'
-  (+ the final norm and the head), 'all', or 'lora' (adapters, plus a classification head).
+  trainable: '' (the default: all weights, or 'lora' when model.lora_rank > 0; measured to
+  learn where the book's last block + head did not, see jaxlm/finetune.py), 'head' (the output
+  layer), 'last_n_blocks' (+ the final norm and the head: the book's choice, lighter on optimizer
+  memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
   task: str = ""  # set by the scripts: classifier | instruct

@@ -1,4 +1,4 @@
-"""LoRA adapter utilities: add, split off, merge into the kernels, save and load.
+"""LoRA adapter utilities: split off, merge into the kernels, save and load.
 
 The model itself holds the adapters (`Dense._lora` in model.py): with `model.lora_rank > 0`
 every Dense named in `model.lora_targets` has, beside its kernel [*in, *out],
@@ -12,14 +12,16 @@ dicts of arrays (unboxed), and a param's path is its tuple of keys, e.g.
 ('layers_0', 'attention', 'query', 'lora_a'), written 'layers_0/attention/query/lora_a' in
 adapter files.
 
-Adapter files are safetensors (never pickles) holding only lora_a/lora_b under their
-'/'-joined paths, with the rank, alpha, dropout and targets in the metadata (JSON strings).
+Fine-tuning creates the adapters (the model's own init) and trains only them (see
+`finetune.trainable_filter`). Adapter files (`adapters.safetensors` of a LoRA run) are
+safetensors (never pickles) holding only lora_a/lora_b under their '/'-joined paths, with the
+rank, alpha, dropout and targets in the metadata (JSON strings); `load_adapters` reads them
+back for other tools.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from typing import Any, Mapping
@@ -29,16 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from jaxlm import files
 from jaxlm import params as params_lib
-from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
-from jaxlm.model import Transformer, lora_params_per_layer
+from jaxlm.model import lora_params_per_layer
 
 Params = params_lib.Params
 Path = params_lib.Path
@@ -75,83 +75,6 @@ def split(params: Mapping[str, Any]) -> tuple[Params, Params]:
   """(adapters, base): nested dicts holding the lora_a/lora_b leaves and all other leaves;
   `jaxlm.params.combine` joins them again."""
   return params_lib.partition(params, is_adapter_path)
-
-
-def count(params: Mapping[str, Any]) -> tuple[int, int]:
-  """(adapter parameters, all parameters) of a params tree (arrays, boxes or shapes)."""
-  flat = params_lib.flatten(nn.unbox(params))
-  sizes = {p: math.prod(leaf.shape) for p, leaf in flat.items()}
-  return sum(n for p, n in sizes.items() if is_adapter_path(p)), sum(sizes.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Adding adapters to base params
-# ---------------------------------------------------------------------------------------------
-
-def _init_boxed(config: ModelConfig, rng: jax.Array) -> Params:
-  # Param shapes do not depend on the sequence length; one token is the cheapest trace.
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(config).init({"params": rng}, tokens)["params"]
-
-
-def _check_kernels(config: ModelConfig, params: Mapping[str, Any],
-                   abstract: Mapping[str, Any]) -> None:
-  """Raises LoraError unless `params` holds, beside every adapter the config adds, the kernel
-  of the shape the config gives."""
-  have = params_lib.flatten(params)
-  want = params_lib.flatten(abstract)
-  for module in sorted({p[:-1] for p in want if is_adapter_path(p)}):
-    path = module + ("kernel",)
-    if path not in have:
-      raise LoraError(
-          f"params have no {_name(path)} for the adapters of {_name(module)}; pass the base "
-          f"params of a model like the config (model.scan_layers={config.scan_layers}, "
-          f"num_layers={config.num_layers}, mlp={config.mlp!r}).")
-    if tuple(have[path].shape) != tuple(want[path].shape):
-      raise LoraError(f"{_name(path)} has shape {tuple(have[path].shape)} but the config gives "
-                      f"{tuple(want[path].shape)}; use the model config of the base params.")
-
-
-@functools.lru_cache(maxsize=16)
-def _adapter_initializer(config: ModelConfig, mesh: Mesh | None):
-  """rng -> adapters of `Transformer(config).init`, jitted (cached: one compile per config)."""
-  def init_adapters(rng: jax.Array) -> Params:
-    return split(nn.unbox(_init_boxed(config, rng)))[0]
-
-  if mesh is None:
-    return jax.jit(init_adapters)
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
-  return jax.jit(init_adapters, out_shardings=sharding.state_shardings(split(boxed)[0], mesh))
-
-
-def add_adapters(config: ModelConfig, params: Mapping[str, Any], rng: jax.Array, *,
-                 mesh: Mesh | None = None) -> Params:
-  """`params` (a model without adapters) plus fresh lora_a/lora_b for `config`.
-
-  The adapters are those of `jax.jit(Transformer(config).init)({'params': rng}, ...)` (the same
-  draws; XLA's fusion choices may change the last bit): the init is jitted with only the
-  adapters as outputs, so XLA drops the base weights' initialisers and no second copy of them
-  is ever allocated. Base leaves are returned as they are (the same
-  arrays). With `mesh`, the adapters are created sharded by their logical axes on it (as
-  `train.make_steps` shards them); otherwise on the default device.
-  """
-  if not config.lora_rank:
-    raise LoraError("model.lora_rank=0: add_adapters needs a config with adapters; set "
-                    "lora_rank > 0 (e.g. 8).")
-  existing = [p for p in params_lib.flatten(params) if is_adapter_path(p)]
-  if existing:
-    raise LoraError(f"params already hold adapters (e.g. {_name(existing[0])}); pass base "
-                    f"params (lora.split(params)[1]) or use lora.apply_adapters to replace them.")
-  abstract = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
-  _check_kernels(config, params, nn.unbox(abstract))
-  init_adapters = _adapter_initializer(config, mesh)
-  if mesh is None:
-    adapters = init_adapters(rng)
-  else:
-    with jax.set_mesh(mesh), sharding.axis_rules():
-      adapters = init_adapters(rng)
-  return params_lib.combine(adapters, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,35 +215,3 @@ def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     raise LoraError(f"{path} holds {others[0]}, not an adapter; adapter files hold only "
                     f"lora_a/lora_b.")
   return tensors, metadata
-
-
-def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, np.ndarray]) -> Params:
-  """`params` with its lora_a/lora_b replaced by `adapters` ({'/'-joined path: array}).
-
-  `params` must already hold adapters of the same paths and shapes (from the model's init or
-  `add_adapters` with the file's rank and targets). New leaves take the dtype and sharding of
-  the leaves they replace; other leaves are returned as they are.
-  """
-  flat = params_lib.flatten(params)
-  current = {_name(p): p for p in flat if is_adapter_path(p)}
-  if not current:
-    raise LoraError("params hold no lora_a/lora_b to replace; create them first with "
-                    "lora.add_adapters(config, params, rng) using the file's rank and targets.")
-  missing = sorted(set(current) - set(adapters))
-  if missing:
-    raise LoraError(f"adapter {missing[0]} is missing from the loaded adapters ({len(missing)} "
-                    f"missing); use a model with the file's lora_targets and scan_layers.")
-  unexpected = sorted(set(adapters) - set(current))
-  if unexpected:
-    raise LoraError(f"unexpected adapter {unexpected[0]}: the model has no such param; use a "
-                    f"model with the file's lora_targets and scan_layers.")
-  for name in sorted(adapters):
-    old, new = flat[current[name]], adapters[name]
-    if tuple(new.shape) != tuple(old.shape):
-      raise LoraError(f"adapter {name} has shape {tuple(new.shape)} but the model expects "
-                      f"{tuple(old.shape)}; match model.lora_rank and the model dims to the "
-                      f"file.")
-    value = np.asarray(new, dtype=old.dtype)
-    flat[current[name]] = (jax.device_put(value, old.sharding) if isinstance(old, jax.Array)
-                           else jnp.asarray(value))
-  return params_lib.unflatten(flat)

@@ -127,14 +127,6 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
           f"--workdir. Nothing was changed.")
 
 
-def check_new(workdir: str) -> None:
-  """RunError unless `workdir` does not exist or is an empty directory we can write."""
-  check_writable(workdir)
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    raise RunError(f"--workdir={workdir} already exists and is not empty; pick a new --workdir. "
-                   f"Nothing was changed.")
-
-
 def write_files(workdir: str, config: Config, tokenizer, *,
                 base_config: Mapping[str, Any] | None = None,
                 run_source: Mapping[str, Any] | None = None,
