@@ -345,7 +345,7 @@ def test_pretrain_refuses_an_imported_run(small_gpt2):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: workdir")
-  assert "imported or fine-tuned weights" in result.stderr
+  assert "holds imported weights" in result.stderr
   assert sorted(os.listdir(workdir)) == before
 
 

@@ -24,13 +24,19 @@ def free_port() -> int:
 
 def launch(workdir, values, num_processes, devices_per_process):
   """Starts the pretrain script as `num_processes` processes; returns the Popen objects."""
+  return launch_script("experiments.pretrain", [f"--workdir={workdir}", "--progress=false",
+                                                *overrides(values)],
+                       num_processes, devices_per_process)
+
+
+def launch_script(module, script_args, num_processes, devices_per_process):
+  """Starts `python -m module` as `num_processes` processes of one job on 127.0.0.1."""
   port = free_port()
   processes = []
   for index in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}",
-            "--progress=false", *overrides(values)]
+    args = [sys.executable, "-m", module, *script_args]
     if num_processes > 1:
       args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                f"--process_id={index}"]

@@ -65,7 +65,7 @@ def losses(workdir, key="train_loss"):
 def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   workdir = tmp_path / "run"
   result = run_cli(["--workdir", str(workdir), "--progress=false",
-                    *overrides(tiny_values(data_dir))])
+                    *overrides(tiny_values(data_dir)), "--config.seed=4"])
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("config.json", "config_diff.json", "tokenizer.model", "metrics.jsonl",
                "samples.jsonl", "loss.png", "summary.json"):
@@ -83,7 +83,7 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   samples = [json.loads(line) for line in open(workdir / "samples.jsonl")]
   assert {s["step"] for s in samples} == {6, 12} and all(s["prompt"] for s in samples)
   saved = json.load(open(workdir / "config.json"))
-  assert saved["model"]["num_layers"] == 2
+  assert saved["model"]["num_layers"] == 2 and saved["seed"] == 4
   assert json.load(open(workdir / "config_diff.json"))["model.num_layers"]["to"] == 2
   # stdout carries only the final summary line.
   assert result.stdout.strip().startswith("step=12")
