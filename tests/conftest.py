@@ -9,9 +9,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-import json  # noqa: E402  (after the device flags above)
+# pylint: disable=wrong-import-position  (the device flags above come first)
+import json  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from jaxlm.model import Transformer  # noqa: E402
+
+
+def random_params(model_config, seed: int = 1, boxed: bool = False):
+  """Params of `model_config` (adapters and heads included) with N(0, 0.2) values, norm scales
+  1 + N(0, 0.2), drawn with numpy: no XLA compile per initializer, and non-zero biases, scales
+  and lora_b exercise more of the model than a fresh init. boxed: keep the logical-axis boxes."""
+  shapes = jax.eval_shape(lambda: Transformer(model_config).init(
+      jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray((rng.normal(0.0, 0.2, s.shape)
+                                   + ("scale" in jax.tree_util.keystr(path))).astype(np.float32)),
+      shapes if boxed else nn.unbox(shapes))
 
 TINY_MODEL = {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
               "vocab_size": 512, "max_seq_len": 64}
@@ -22,9 +42,6 @@ def tiny_lm_run(tmp_path_factory) -> str:
   """A language-model run directory (config.json, tokenizer.model, checkpoints/0 holding
   random N(0, 0.1) params, like an imported run) for tests that start from a run: built once
   per session, in a few seconds (no training, one small compile)."""
-  import jax
-  import numpy as np
-
   from jaxlm import config as config_lib
   from jaxlm import run as run_lib
   from jaxlm import sharding

@@ -24,6 +24,7 @@ from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
+from tests.conftest import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,17 +70,6 @@ def fast_compiles():
                           donate_argnames=("state",))
   yield
   gen._start, gen._continue = saved
-
-
-def random_params(cfg, seed=1):
-  shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0),
-                                                         jnp.ones((1, 4), jnp.int32))["params"])
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))
-  values = [jnp.asarray((rng.normal(0.0, 0.2, s.shape) +
-                         ("scale" in jax.tree_util.keystr(path))).astype(np.float32))
-            for path, s in leaves]
-  return jax.tree_util.tree_unflatten(treedef, values)
 
 
 PARAMS = {}

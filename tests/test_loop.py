@@ -31,7 +31,21 @@ def keyword_csv(path, count: int = 60, seed: int = 0) -> str:
 
 
 OVERRIDES = {"finetune.trainable": "all", "optim.learning_rate": 1e-3, "finetune.epochs": 2,
-             "train.log_every": 1}
+             "train.log_every": 1, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def keyword_data(tmp_path_factory):
+  return keyword_csv(tmp_path_factory.mktemp("keyword") / "data.csv")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_lm_run, keyword_data, tmp_path_factory):
+  """(workdir, summary) of a fine-tuning run on `keyword_data` in this process, start to end:
+  the reference of the resumed and the two-process runs."""
+  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+  return workdir, finetune.finetune(prepared_run(tiny_lm_run, workdir, keyword_data),
+                                    show_progress=False)
 
 
 def prepared_run(tiny_lm_run, workdir, data, **overrides):
@@ -45,11 +59,10 @@ def batch_losses(workdir) -> dict[int, float]:
           if "train_batch_loss" in r}
 
 
-def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(tiny_lm_run,
-                                                                             tmp_path):
-  data = keyword_csv(tmp_path / "data.csv")
-  whole = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "whole", data),
-                            show_progress=False)
+def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(
+    tiny_lm_run, keyword_data, uninterrupted, tmp_path):
+  data = keyword_data
+  whole_dir, whole = uninterrupted
   steps_per_epoch = 42 // 8 + 1  # 60 rows: 42 train (0.7), 6 validation, 12 test; batch 8
   assert whole["finished"] and whole["steps"] == 2 * steps_per_epoch
 
@@ -79,7 +92,7 @@ def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(tiny_
   # Rerunning the same command resumes and logs exactly what the uninterrupted run logged.
   resumed = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "cut", data),
                               show_progress=False)
-  assert batch_losses(tmp_path / "cut") == batch_losses(tmp_path / "whole")
+  assert batch_losses(tmp_path / "cut") == batch_losses(whole_dir)
   for key in ("best_step", "validation_accuracy", "validation_loss", "test_accuracy"):
     assert resumed[key] == whole[key], key
   # The best evaluation's checkpoint is the one left (the one generate/evaluate load).
@@ -127,24 +140,21 @@ def test_a_finetuning_workdir_of_another_kind_is_refused(tiny_lm_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_finetuning_equals_one_process(tiny_lm_run, tmp_path):
-  data = keyword_csv(tmp_path / "data.csv", count=40)
-  args = [f"--init={tiny_lm_run}", f"--data={data}", f"--workdir={tmp_path / 'two'}",
-          "--progress=false", "--config.seed=3",
-          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+def test_two_process_finetuning_equals_one_process(tiny_lm_run, keyword_data, uninterrupted,
+                                                   tmp_path):
+  args = [f"--init={tiny_lm_run}", f"--data={keyword_data}", f"--workdir={tmp_path / 'two'}",
+          "--progress=false", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
   processes = launch_script("experiments.finetune_classifier", args, 2, 4)
   results = [p.communicate(timeout=600) for p in processes]
   for p, (_, err) in zip(processes, results):
     assert p.returncode == 0, err[-3000:]
   two = [out for out, _ in results]
-  # The reference: the same run in this process, on its 8 devices.
-  summary_one = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "one", data, seed=3),
-                                  show_progress=False)
+  one_dir, summary_one = uninterrupted  # the same run in this process, on its 8 devices
   summaries = [[json.loads(line) for line in out.splitlines() if line.startswith("{")]
                for out in two]  # (gloo prints its connection lines to stdout)
   assert [len(found) for found in summaries] == [1, 0]  # process 0 alone prints the summary
   summary_two = summaries[0][0]
-  got, want = batch_losses(tmp_path / "two"), batch_losses(tmp_path / "one")
+  got, want = batch_losses(tmp_path / "two"), batch_losses(one_dir)
   assert sorted(got) == sorted(want) and len(want) == summary_one["steps"]
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-5), step

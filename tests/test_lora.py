@@ -22,6 +22,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.lora import LoraError
 from jaxlm.model import Transformer, count_params, lora_params_per_layer, param_count
 from tests.test_train import random_batch
+from tests.conftest import random_params
 
 BASE = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=61,
                    max_seq_len=16, positional="learned")
@@ -51,16 +52,6 @@ def forward(cfg: ModelConfig, params, inputs, deterministic: bool = True, rng=No
 def abstract_params(cfg: ModelConfig):
   return jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(
       jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))
-
-
-def random_params(cfg: ModelConfig, seed: int = 1):
-  """Params of `cfg` (adapters included), N(0, 0.2), norm scales 1 + N(0, 0.2); numpy draws,
-  so no XLA compile per initializer. lora_b is nonzero: the adapters change the logits."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-                                  + ("scale" in jax.tree_util.keystr(path))),
-      abstract_params(cfg))
 
 
 def adapted(cfg: ModelConfig):

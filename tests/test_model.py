@@ -19,6 +19,7 @@ from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
+from tests.conftest import random_params as unboxed_random_params
 
 BASE = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=61,
                    max_seq_len=16, positional="learned")
@@ -27,6 +28,8 @@ BATCH, LENGTH = 2, 12
 # faster and does not change what is tested.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 ONES = jnp.ones((BATCH, LENGTH), jnp.int32)
+# Boxed: these tests read the params' logical axes too.
+random_params = functools.partial(unboxed_random_params, boxed=True)
 ARANGE = jnp.broadcast_to(jnp.arange(LENGTH, dtype=jnp.int32), (BATCH, LENGTH))
 
 
@@ -41,19 +44,6 @@ def random_tokens(seed: int = 0, shape=(BATCH, LENGTH), vocab: int = BASE.vocab_
 def random_normal(seed: int, shape, dtype=jnp.float32):
   # numpy, not jax.random: each new shape would compile another threefry program.
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-def random_params(cfg: ModelConfig, seed: int = 1):
-  """Boxed params with the model's structure and random values: N(0, 0.2) everywhere, norm
-  scales 1 + N(0, 0.2). Much cheaper than model.init (no XLA compile per initializer), and
-  non-zero biases / non-unit scales exercise more of the model than a fresh init."""
-  shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), ONES)["params"])
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  values = [jnp.asarray((rng.normal(0.0, 0.2, s.shape) +
-                         ("scale" in jax.tree_util.keystr(path))).astype(np.float32))
-            for path, s in leaves]
-  return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def cross_entropy(logits, targets):
