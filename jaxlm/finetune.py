@@ -391,15 +391,10 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
       base_params)[0]}
 
   def pick(path, new_leaf, target_sharding):
-    names = _path_names(path)
-    if names in base_flat:  # (a classifier has no lm_head, so a base lm_head is dropped)
-      old = base_flat[names]
-      if old.shape != new_leaf.shape:
-        raise FinetuneError(f"param {'/'.join(names)} has shape {old.shape} in the init run but "
-                            f"{new_leaf.shape} in the fine-tuning model; keep model.* as in the "
-                            f"init run.")
-      return jax.device_put(old, target_sharding)
-    return new_leaf
+    # Shared params keep the init run's values (their shapes were checked in `prepare`); a
+    # classifier has no lm_head, so a base lm_head is dropped.
+    old = base_flat.get(_path_names(path))
+    return new_leaf if old is None else jax.device_put(old, target_sharding)
   return jax.tree_util.tree_map_with_path(pick, fresh, shardings)
 
 
@@ -547,6 +542,10 @@ def _check_shapes(base: ModelConfig, model: ModelConfig, mesh) -> None:
       dataclasses.replace(base, scan_layers=False, lora_rank=0), mesh))
   for path, leaf in params_lib.flatten(train_lib.abstract_params(model, mesh)).items():
     old = base_shapes.get(path)
+    added = path[0] == "classifier" or lora.is_adapter_path(path)  # what fine-tuning adds
+    if old is None and not added:
+      raise FinetuneError(f"param {'/'.join(path)} is not in the init run's model; keep model.* "
+                          f"as in the init run (only num_classes and lora_* may change).")
     if old is not None and old.shape != leaf.shape:
       raise FinetuneError(f"param {'/'.join(path)} has shape {old.shape} in the init run but "
                           f"{leaf.shape} in the fine-tuning model; keep model.* as in the init "

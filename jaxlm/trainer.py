@@ -33,7 +33,6 @@ class PretrainInputs:
   config: Config
   workdir: str
   tokenizer: Any
-  tokenizer_path: str
   train_tokens: np.ndarray
   eval_tokens: np.ndarray
   mesh: Any
@@ -72,8 +71,8 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   compile_seconds = time.perf_counter() - compile_start
   train_lib.check_fits(train_lib.step_bytes(train_step), train_lib.device_memory_bytes(mesh),
                        config)
-  return PretrainInputs(config, workdir, tokenizer, tokenizer_path, train_tokens, eval_tokens,
-                        mesh, steps, train_step, compile_seconds)
+  return PretrainInputs(config, workdir, tokenizer, train_tokens, eval_tokens, mesh, steps,
+                        train_step, compile_seconds)
 
 
 def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None = None,

@@ -127,6 +127,16 @@ def test_finetune_config_takes_every_key_seed_included(tiny_lm_run):
     finetune.finetune_config(init, "classifier", {"train.epochs": 3})
 
 
+def test_a_model_unlike_the_init_run_is_refused_before_anything_is_written(tiny_lm_run,
+                                                                             tmp_path):
+  data = keyword_csv(tmp_path / "data.csv", count=20)
+  for key, value, message in [("model.num_layers", 3, "layers_2/.* is not in the init run"),
+                              ("model.mlp_dim", 32, "has shape")]:
+    with pytest.raises(finetune.FinetuneError, match=message):
+      prepared_run(tiny_lm_run, tmp_path / "w", data, **{key: value})
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_a_finetuning_workdir_of_another_kind_is_refused(tiny_lm_run, tmp_path):
   data = keyword_csv(tmp_path / "data.csv", count=20)
   with pytest.raises(run_lib.RunError, match="holds imported weights"):
