@@ -153,6 +153,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
   if done is not None and done.get("finished") and done.get("step", 0) >= cfg.train.num_steps:
     log(f"already trained to step {done['step']}; nothing to do.")
     return done
+  if jax.process_count() > 1:  # every process has read the workdir (its checks) before 0 writes
+    multihost_utils.sync_global_devices(f"jaxlm checks of {workdir} done")
   run_lib.write_files(workdir, cfg, task.tokenizer, base_config=task.base_config,
                       run_source=task.run_source, class_names=task.class_names)
   keep = None if task.rank is not None else cfg.train.keep_checkpoints

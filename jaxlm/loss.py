@@ -3,12 +3,15 @@
 The plain loss computes logits = hidden @ head as a float32 [batch, length, vocab] array, and
 autodiff keeps it (and its log-softmax and gradient, more arrays of the same size) alive for
 the backward pass: for GPT-2 (vocabulary 50,257) at batch 8 x 1,024 that is 1.6 GB per copy,
-more than the whole model. Here the positions are cut into chunks of `chunk_size`; each chunk's
-logits exist only inside one iteration of a loop, in the forward pass and again, recomputed,
-in the backward pass (a custom VJP): memory O(batch x chunk_size x vocab), at the price of
-one more [chunk, embed] x [embed, vocab] matmul per chunk.
+more than the whole model. Here the positions are cut into chunks of `chunk_size`, and each
+chunk's logits exist only inside one iteration of a loop that computes, in the forward pass,
+the loss AND its gradient: the loss is the last thing the step computes and its gradient is
+linear in the one incoming cotangent (a scalar), so the chunk's gradient of the head and of
+the hidden states can be formed while its logits are at hand and merely scaled in the backward
+pass (a custom VJP). Memory O(batch x chunk_size x vocab); three head matmuls per chunk, as
+plain autodiff needs (logits, d_hidden, d_head), instead of four when logits are recomputed.
 
-Numerics: the matmul runs in the compute dtype of `hidden` (bfloat16 on accelerators) with
+Numerics: the matmuls run in the compute dtype of `hidden` (bfloat16 on accelerators) with
 float32 accumulation; log-sum-exp, softmax and the loss are float32, as in the plain path.
 The gradient of the logits is computed in closed form, `weight * (softmax - onehot(target))`
 (+ the z-loss term), never through a gather or scatter.
@@ -56,91 +59,102 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logits, log_z
 
 
-def _forward_chunk(hidden, head, targets, weights, layout):
-  """Sums of weighted nll and weighted log Z^2 of one chunk, and its log Z [batch, chunk]."""
-  nll, log_z = token_losses(_logits(hidden, head, layout), targets)
+def _forward_chunk(hidden, head, targets, weights, layout, z_loss):
+  """The chunk's objective sum (weighted nll + z_loss * log Z^2), its weighted nll sum, and
+  its logits' log Z [batch, chunk] and probabilities [batch, chunk, vocab] float32."""
+  logits = _logits(hidden, head, layout)
+  nll, log_z = token_losses(logits, targets)
   nll_sum = jnp.sum(nll * weights)
-  z_sum = jnp.sum(jnp.square(log_z) * weights)
-  return nll_sum, z_sum, log_z
+  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights)
+  return objective, nll_sum, log_z, logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_sums(hidden, head, targets, weights, chunk: int, layout: str):
-  sums, _ = _chunked_forward(hidden, head, targets, weights, chunk, layout)
-  return sums
-
-
-def _chunked_forward(hidden, head, targets, weights, chunk, layout):
-  def body(carry, xs):
-    hidden_c, targets_c, weights_c = xs
-    nll_sum, z_sum, log_z = _forward_chunk(hidden_c, head, targets_c, weights_c, layout)
-    return (carry[0] + nll_sum, carry[1] + z_sum), log_z
-
-  zero = jnp.zeros([], jnp.float32)
-  sums, log_z = jax.lax.scan(body, (zero, zero), (_chunks(hidden, chunk),
-                                                  _chunks(targets, chunk),
-                                                  _chunks(weights, chunk)))
-  return sums, log_z  # log_z [num_chunks, batch, chunk]
-
-
-def _chunked_fwd(hidden, head, targets, weights, chunk, layout):
-  sums, log_z = _chunked_forward(hidden, head, targets, weights, chunk, layout)
-  return sums, (hidden, head, targets, weights, log_z)
-
-
-def _chunked_bwd(chunk, layout, residuals, cotangents):
-  hidden, head, targets, weights, log_z = residuals
-  d_nll, d_z = cotangents
+def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_grads):
+  """(objective, nll sum) over all chunks; with_grads: also d objective / d hidden
+  [batch, length, embed] (compute dtype) and / d head (float32, head's shape)."""
   vocab = head.shape[0] if layout == "vd" else head.shape[1]
   compute_head = head.astype(hidden.dtype)
 
-  def body(d_head, xs):
-    hidden_c, targets_c, weights_c, log_z_c = xs
-    logits = _logits(hidden_c, head, layout)                           # [batch, chunk, vocab]
-    probs = jnp.exp(logits - log_z_c[..., None])
+  def body(carry, xs):
+    hidden_c, targets_c, weights_c = xs
+    objective, nll_sum, log_z, logits = _forward_chunk(hidden_c, head, targets_c, weights_c,
+                                                       layout, z_loss)
+    sums = (carry[0] + objective, carry[1] + nll_sum)
+    if not with_grads:
+      return (*sums, carry[2]), None
+    probs = jnp.exp(logits - log_z[..., None])
     onehot = targets_c[..., None] == jnp.arange(vocab, dtype=targets_c.dtype)
     # d(nll)/d(logits) = softmax - onehot; d(log Z^2)/d(logits) = 2 log Z softmax.
-    d_logits = (d_nll * (probs - onehot) + (2.0 * d_z) * log_z_c[..., None] * probs)
+    d_logits = (probs - onehot) + (2.0 * z_loss) * log_z[..., None] * probs
     d_logits = (d_logits * weights_c[..., None]).astype(hidden.dtype)
     d_hidden = jnp.einsum(_GRAD_HIDDEN[layout], d_logits, compute_head,
                           preferred_element_type=jnp.float32).astype(hidden.dtype)
-    d_head = d_head + jnp.einsum(_GRAD_HEAD[layout], *(
+    d_head = carry[2] + jnp.einsum(_GRAD_HEAD[layout], *(
         (d_logits, hidden_c) if layout == "vd" else (hidden_c, d_logits)),
         preferred_element_type=jnp.float32)
-    return d_head, d_hidden
+    return (*sums, d_head), d_hidden
 
-  d_head, d_hidden = jax.lax.scan(
-      body, jnp.zeros(head.shape, jnp.float32),
-      (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk), log_z))
-  return (_unchunk(d_hidden), d_head.astype(head.dtype), None, jnp.zeros_like(weights))
+  zero = jnp.zeros([], jnp.float32)
+  d_head = jnp.zeros(head.shape if with_grads else (), jnp.float32)
+  (objective, nll_sum, d_head), d_hidden = jax.lax.scan(
+      body, (zero, zero, d_head),
+      (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+  if not with_grads:
+    return objective, nll_sum
+  return objective, nll_sum, _unchunk(d_hidden), d_head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_sums(hidden, head, targets, weights, chunk: int, layout: str, z_loss: float):
+  return _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_grads=False)
+
+
+def _chunked_fwd(hidden, head, targets, weights, chunk, layout, z_loss):
+  objective, nll_sum, d_hidden, d_head = _scan_chunks(hidden, head, targets, weights, chunk,
+                                                      layout, z_loss, with_grads=True)
+  return (objective, nll_sum), (d_hidden, d_head.astype(head.dtype), weights)
+
+
+def _chunked_bwd(chunk, layout, z_loss, residuals, cotangents):
+  # The nll sum leaves through stop_gradient (see cross_entropy_sums): only the objective's
+  # cotangent flows back.
+  d_hidden, d_head, weights = residuals
+  d_objective, _ = cotangents
+  return ((d_objective * d_hidden).astype(d_hidden.dtype),
+          (d_objective * d_head).astype(d_head.dtype), None, jnp.zeros_like(weights))
 
 
 _chunked_sums.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array,
-                       weights: jax.Array, *, layout: str, chunk_size: int = 0
-                       ) -> tuple[jax.Array, jax.Array]:
-  """(sum of weight * nll, sum of weight * log Z^2), both float32 scalars.
+                       weights: jax.Array, *, layout: str, chunk_size: int = 0,
+                       z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(objective, nll sum): float32 scalars, objective = sum of weight * (nll + z_loss * log Z^2)
+  (what training differentiates), nll sum = sum of weight * nll (reported; no gradient).
 
   hidden [batch, length, embed] in the compute dtype (the final norm's output); head [vocab,
   embed] (layout 'vd') or [embed, vocab] ('dv'); targets [batch, length] int; weights [batch,
   length] float. nll = log Z - logit of the target, log Z = logsumexp over the vocabulary.
 
-  chunk_size > 0: positions in chunks of that many, logits never whole (see the module doc);
-  a length that is not a multiple is padded with weight-0 positions. chunk_size 0 (or >=
-  length): one chunk, i.e. the plain computation with its autodiff gradient.
+  chunk_size > 0: positions in chunks of that many (at most the length), logits never whole
+  and the gradient formed in the forward pass (see the module doc); a length that is not a
+  multiple is padded with weight-0 positions. chunk_size 0: the plain computation with its
+  autodiff gradient (the reference the chunked path is tested against).
   """
   if layout not in _EQUATIONS:
     raise ValueError(f"layout={layout!r}: must be 'vd' or 'dv'.")
   length = hidden.shape[1]
-  if chunk_size <= 0 or chunk_size >= length:
-    nll_sum, z_sum, _ = _forward_chunk(hidden, head, targets, weights, layout)
-    return nll_sum, z_sum
+  if chunk_size <= 0:
+    objective, nll_sum, _, _ = _forward_chunk(hidden, head, targets, weights, layout, z_loss)
+    return objective, jax.lax.stop_gradient(nll_sum)
+  chunk_size = min(chunk_size, length)
   pad = -length % chunk_size
   if pad:
     widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)
     hidden = jnp.pad(hidden, widths(hidden))
     targets = jnp.pad(targets, widths(targets))
     weights = jnp.pad(weights, widths(weights))
-  return _chunked_sums(hidden, head, targets, weights.astype(jnp.float32), chunk_size, layout)
+  objective, nll_sum = _chunked_sums(hidden, head, targets, weights.astype(jnp.float32),
+                                     chunk_size, layout, float(z_loss))
+  return objective, jax.lax.stop_gradient(nll_sum)

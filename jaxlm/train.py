@@ -63,9 +63,10 @@ def lm_loss(z_loss: float = 0.0, chunk_size: int = 0) -> LossFn:
     hidden = _apply(model, params, batch, rng, return_hidden=True)
     head, layout = lm_head(params, model.config)
     weights = batch["weights"]
-    nll_sum, z_sum = loss_lib.cross_entropy_sums(hidden, head, batch["targets"], weights,
-                                                 layout=layout, chunk_size=chunk_size)
-    return nll_sum + z_loss * z_sum, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
+    objective, nll_sum = loss_lib.cross_entropy_sums(
+        hidden, head, batch["targets"], weights, layout=layout, chunk_size=chunk_size,
+        z_loss=z_loss)
+    return objective, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
   return loss
 
 

@@ -35,22 +35,42 @@ def test_chunked_equals_materialized_values_and_gradients(layout, chunk_size, le
   hidden, head, targets, weights = inputs(layout, length)
   z_loss = 1e-2
 
-  def objective(fn):
-    def f(hidden, head):
-      nll, z = fn(hidden, head)
-      return nll + z_loss * z, (nll, z)
-    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+  def chunked(hidden, head):
+    return loss_lib.cross_entropy_sums(hidden, head, targets, weights, layout=layout,
+                                       chunk_size=chunk_size, z_loss=z_loss)
 
-  chunked = objective(lambda h, w: loss_lib.cross_entropy_sums(
-      h, w, targets, weights, layout=layout, chunk_size=chunk_size))
-  plain = objective(lambda h, w: reference_sums(h, w, targets, weights, layout))
-  (value, (nll, z)), grads = jax.jit(chunked)(hidden, head)
-  (value_ref, (nll_ref, z_ref)), grads_ref = plain(hidden, head)
+  def plain(hidden, head):
+    nll, z = reference_sums(hidden, head, targets, weights, layout)
+    return nll + z_loss * z, (nll, z)
+
+  (value, nll), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(
+      hidden, head)
+  (value_ref, (nll_ref, _)), grads_ref = jax.value_and_grad(
+      plain, argnums=(0, 1), has_aux=True)(hidden, head)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
   np.testing.assert_allclose(nll, nll_ref, rtol=1e-5)
-  np.testing.assert_allclose(z, z_ref, rtol=1e-5)
   for got, want in zip(grads, grads_ref):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
+  # Without differentiation (evaluation) the chunked path computes the same sums.
+  np.testing.assert_allclose(jax.jit(chunked)(hidden, head), (value_ref, nll_ref), rtol=1e-5)
+
+
+def test_the_reported_nll_sum_carries_no_gradient():
+  hidden, head, targets, weights = inputs("vd")
+  for chunk_size in (0, 8):
+    grad = jax.grad(lambda h: loss_lib.cross_entropy_sums(
+        h, head, targets, weights, layout="vd", chunk_size=chunk_size)[1])(hidden)
+    assert float(jnp.abs(grad).sum()) == 0.0
+
+
+def test_the_chunked_gradient_needs_three_head_matmuls_not_four():
+  """The gradient is formed in the forward pass: the step has the plain path's three matmuls
+  (logits, d_hidden, d_head) and does not compute the logits a second time."""
+  hidden, head, targets, weights = inputs("vd", length=32)
+  grad = jax.grad(lambda h, w: loss_lib.cross_entropy_sums(
+      h, w, targets, weights, layout="vd", chunk_size=8)[0], argnums=(0, 1))
+  assert jax.jit(grad).lower(hidden, head).as_text().count("dot_general") == 3
 
 
 def test_bfloat16_hidden_keeps_float32_loss_and_head_gradient():
