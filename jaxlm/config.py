@@ -112,6 +112,10 @@ class TrainConfig:
   # Positions per chunk of the LM-head loss (jaxlm/loss.py): [batch, chunk, vocab] logits exist
   # at a time instead of [batch, length, vocab]; 0 = the whole sequence at once.
   loss_chunk_size: int = 256
+  # Attention stays inside each document packed into a window (segment ids). False: plain
+  # causal attention across document boundaries, as GPT-2 and nanoGPT train; on a GPU cuDNN's
+  # flash kernel then needs no mask tensor (+7% tokens/s for GPT-2 124M on an H200).
+  document_mask: bool = True
   log_every: int = 10
   eval_every: int = 250
   eval_batches: int = 8

@@ -45,22 +45,27 @@ class TrainState:
 LossFn = Callable[[Transformer, Any, DeviceBatch, "jax.Array | None"], tuple[jax.Array, Metrics]]
 
 
-def _apply(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None, **kwargs):
+def _apply(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None, *,
+           document_mask: bool = True, **kwargs):
+  """document_mask False: plain causal attention, ignoring batch["segment_ids"]."""
   rngs = {} if rng is None else {"dropout": rng}
   return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                     segment_ids=batch["segment_ids"], deterministic=rng is None, rngs=rngs,
-                     **kwargs)
+                     segment_ids=batch["segment_ids"] if document_mask else None,
+                     deterministic=rng is None, rngs=rngs, **kwargs)
 
 
-def lm_loss(z_loss: float = 0.0, chunk_size: int = 0) -> LossFn:
+def lm_loss(z_loss: float = 0.0, chunk_size: int = 0, document_mask: bool = True) -> LossFn:
   """Next-token cross-entropy weighted per token by batch["weights"] (pretraining: 1 on real
   tokens; instruction tuning: 1 on response tokens only), + z_loss * log Z^2.
 
   The model returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size`
   positions (0: all at once), so [batch, length, vocab] logits are never materialized.
+  document_mask False: tokens attend across the documents packed into a window (see
+  `train.document_mask`).
   """
   def loss(model, params, batch, rng):
-    hidden = _apply(model, params, batch, rng, return_hidden=True)
+    hidden = _apply(model, params, batch, rng, document_mask=document_mask,
+                    return_hidden=True)
     head, layout = lm_head(params, model.config)
     weights = batch["weights"]
     objective, nll_sum = loss_lib.cross_entropy_sums(
@@ -90,7 +95,7 @@ def loss_for(config: Config) -> LossFn:
   """The loss a config trains with: the classifier's when model.num_classes, else the LM's."""
   if config.model.num_classes:
     return classifier_loss
-  return lm_loss(config.train.z_loss, config.train.loss_chunk_size)
+  return lm_loss(config.train.z_loss, config.train.loss_chunk_size, config.train.document_mask)
 
 
 @dataclasses.dataclass(frozen=True)

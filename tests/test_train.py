@@ -62,6 +62,28 @@ def test_loss_is_mean_token_cross_entropy():
   assert float(result["weight_sum"]) == batch["weights"].sum()
 
 
+def test_document_mask_off_attends_across_packed_documents():
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  params = train.make_steps(config, mesh).init(jax.random.PRNGKey(0)).params
+  batch = random_batch(config)
+  batch["segment_ids"][:, 8:] = 2   # two documents per window
+  model = Transformer(config.model)
+
+  def loss_sum(document_mask, segment_ids):
+    b = dict(batch, segment_ids=segment_ids)
+    return float(train.lm_loss(document_mask=document_mask)(model, params, b, None)[1]
+                 ["loss_sum"])
+
+  one_document = np.ones_like(batch["segment_ids"])
+  masked, unmasked = loss_sum(True, batch["segment_ids"]), loss_sum(False, batch["segment_ids"])
+  assert masked != pytest.approx(unmasked, rel=1e-4)
+  assert unmasked == pytest.approx(loss_sum(True, one_document), rel=1e-6)
+  off = tiny_config(train={"document_mask": False})
+  assert float(train.loss_for(off)(model, params, batch, None)[1]["loss_sum"]) == \
+      pytest.approx(unmasked, rel=1e-6)
+
+
 def test_microbatches_equal_full_batch():
   state_full, losses_full = run_steps(tiny_config(), 3)
   state_micro, losses_micro = run_steps(tiny_config(train={"microbatches": 4}), 3)
