@@ -210,7 +210,9 @@ class OtherLoad:
   def __exit__(self, *exc):
     wall = time.perf_counter() - self.wall
     other = (_busy_seconds() - self.busy) - (_own_cpu() - self.own)
-    self.fraction = max(other, 0.0) / (wall * (os.cpu_count() or 1))
+    # A share of the machine (0..1); /proc/stat counts in clock ticks, so over a short block
+    # the rounding alone can push the raw ratio past 1.
+    self.fraction = min(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 1.0)
     return False
 
 

@@ -1,9 +1,14 @@
-r"""Evaluate a run on text: loss, perplexity and bits per byte, printed as one JSON line.
+r"""Evaluate a run: loss, perplexity and bits per byte on text, or zero-/few-shot tasks.
 
   python -m experiments.evaluate --workdir=runs/x --text_files='/data/*.txt'
   python -m experiments.evaluate --workdir=runs/x --split=validation     # the run's own corpus
   python -m experiments.evaluate --workdir=runs/gpt2 --text_files=wiki.txt --seq_len=1024 \
       --stride=512
+  python -m experiments.evaluate --workdir=runs/gpt2 \
+      --tasks=hellaswag:/data/hellaswag_val.jsonl,lambada:/data/lambada_test.txt --num_fewshot=0
+
+--tasks (see jaxlm/tasks.py for the names and file formats) prints one JSON line per task and
+merges the results into the run's eval_results.json (keyed "TASK_Kshot").
 
 Each document (a .txt/.md file, or a line of a .jsonl file with a "text" field; or a document
 of the run's corpus split) is scored on its own with sliding windows of --seq_len tokens that
@@ -35,6 +40,12 @@ _STRIDE = flags.DEFINE_integer("stride", None, "window advance (default: seq_len
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per forward pass.")
 _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
                                       "evaluate only the first N documents (0: all).")
+_TASKS = flags.DEFINE_string("tasks", None, "comma-separated NAME:PATH task files, e.g. "
+                             "hellaswag:/data/hellaswag_val.jsonl (see jaxlm/tasks.py).")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "solved examples before each task example.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "score only the first N examples of each task (0: all).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "progress bar on stderr while scoring tasks.")
+_SEED = flags.DEFINE_integer("seed", 0, "draws the few-shot examples.")
 
 
 @common.exit_on_user_error
@@ -48,10 +59,14 @@ def main(argv: list[str]) -> None:
   EvaluationError = evaluate_lib.EvaluationError
   if not _WORKDIR.value:
     raise EvaluationError("--workdir is required: the run directory to evaluate.")
-  if bool(_TEXT_FILES.value) == bool(_SPLIT.value):
-    raise EvaluationError("pass exactly one of --text_files=GLOB or --split=validation.")
+  if [bool(_TEXT_FILES.value), bool(_SPLIT.value), bool(_TASKS.value)].count(True) != 1:
+    raise EvaluationError("pass exactly one of --text_files=GLOB, --split=validation or "
+                          "--tasks=NAME:PATH,...")
   if _MAX_DOCUMENTS.value < 0:
     raise EvaluationError(f"--max_documents={_MAX_DOCUMENTS.value} must be >= 0.")
+  if _TASKS.value:
+    evaluate_tasks()
+    return
   start = time.perf_counter()
   run = run_lib.open_run(_WORKDIR.value, _STEP.value)
   config = run.config
@@ -75,6 +90,32 @@ def main(argv: list[str]) -> None:
   result.update(step=run.step, seq_len=seq_len, stride=stride, source=source)
   common.log(f"done in {time.perf_counter() - start:.1f}s")
   print(json.dumps(result))
+
+
+def evaluate_tasks() -> None:
+  """Scores each --tasks file; one JSON line each; merged into the run's eval_results.json."""
+  import jax
+  from jaxlm import run as run_lib
+  from jaxlm import tasks
+  # Every task file read and checked before the run's weights are loaded.
+  loaded = tasks.load_tasks(_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
+                            seed=_SEED.value)
+  run = run_lib.open_run(_WORKDIR.value, _STEP.value)
+  mesh = run_lib.default_mesh(run.config)
+  params = run_lib.restore_params(run, mesh)
+  scorer = tasks.make_scorer(run.config.model, mesh)
+  results = {}
+  for task in loaded:
+    start = time.perf_counter()
+    common.log(f"{task.name}: scoring {task.path} ({task.num_fewshot}-shot)")
+    result = tasks.score_task(task, run.config, params, run.tokenizer, mesh=mesh,
+                              batch_size=_BATCH_SIZE.value, scorer=scorer,
+                              progress=_PROGRESS.value)
+    result.update(step=run.step, seconds=round(time.perf_counter() - start, 2))
+    results[f"{task.name}_{task.num_fewshot}shot"] = result
+    if jax.process_index() == 0:
+      print(json.dumps(result), flush=True)
+  run_lib.write_eval_results(run.workdir, results)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 250
   eval_batches: int = 8
+  # Zero-shot tasks scored at every evaluation, "NAME:PATH,..." as experiments.evaluate's
+  # --tasks (jaxlm/tasks.py); the first eval_tasks_limit examples of each (0: all).
+  eval_tasks: str = ""
+  eval_tasks_limit: int = 0
   checkpoint_every: int = 250
   keep_checkpoints: int = 2
   sample_every: int = 250
@@ -442,7 +446,8 @@ def check(config: Config) -> Config:
   for name in ("log_every", "eval_batches", "keep_checkpoints"):
     _positive(f"train.{name}", getattr(t, name))
   for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
-               "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps"):
+               "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps",
+               "eval_tasks_limit"):
     _non_negative(f"train.{name}", getattr(t, name))
   _non_negative("train.sample_temperature", t.sample_temperature)
 

@@ -429,20 +429,13 @@ class EpochBatches:
     self.position += 1
     batch = make_batch(self.split, rows, self.batch_size, self.max_length, self.pad_id,
                        self.task)
-    return local_rows(batch)
+    return sharding.local_rows(batch)
 
   def get_state(self) -> dict[str, int]:
     return {"position": self.position}
 
   def set_state(self, state: Mapping[str, int]) -> None:
     self.position = int(state["position"])
-
-
-def local_rows(batch: Batch) -> Batch:
-  """This process's block of rows of a global batch (all rows in a one-process run)."""
-  count, index = jax.process_count(), jax.process_index()
-  size = next(iter(batch.values())).shape[0] // count
-  return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +564,8 @@ def evaluate_splits(steps: train_lib.Steps, params: Any, prepared: FinetuneInput
     totals: dict[str, float] = {}
     for batch in batches(split, prepared.config.train.global_batch_size, prepared.max_length,
                          prepared.tokenizer.pad_id, task):
-      sums = jax.device_get(steps.eval(params, sharding.global_batch(local_rows(batch), mesh)))
+      device_batch = sharding.global_batch(sharding.local_rows(batch), mesh)
+      sums = jax.device_get(steps.eval(params, device_batch))
       for key, value in sums.items():
         totals[key] = totals.get(key, 0.0) + float(value)
     loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)

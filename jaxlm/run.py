@@ -148,6 +148,16 @@ def write_files(workdir: str, config: Config, tokenizer, *,
     files.write_json(os.path.join(workdir, "labels.json"), list(class_names))
 
 
+def write_eval_results(workdir: str, results: Mapping[str, Any]) -> None:
+  """Merges `results` ({"TASK_Kshot": metrics}) into the run's eval_results.json, replacing
+  the entries of the same keys (process 0 writes, atomically)."""
+  if jax.process_index() != 0:
+    return
+  merged = dict(read_json(workdir, "eval_results.json") or {})
+  merged.update(results)
+  files.write_json(os.path.join(workdir, "eval_results.json"), merged)
+
+
 def checkpointer(workdir: str, keep: int = 2, async_save: bool = True) -> ckpt.Checkpointer:
   """The writing Checkpointer of a run's `checkpoints/`."""
   return ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep,

@@ -143,6 +143,14 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
           for name, value in local_batch.items()}
 
 
+def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's block of rows of a global batch (all rows in a one-process run), what
+  `global_batch` takes."""
+  count, index = jax.process_count(), jax.process_index()
+  size = next(iter(batch.values())).shape[0] // count
+  return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+
+
 def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
   """Context manager activating the rules for `nn.with_logical_constraint` in model code."""
   return nn.logical_axis_rules(rules)

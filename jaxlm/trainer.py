@@ -21,6 +21,7 @@ from jaxlm import evaluate as evaluate_lib
 from jaxlm import loop
 from jaxlm import run as run_lib
 from jaxlm import sharding
+from jaxlm import tasks as tasks_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import train as train_lib
 from jaxlm.config import Config
@@ -39,6 +40,7 @@ class PretrainInputs:
   steps: train_lib.Steps
   train_step: Any          # the train step compiled ahead of time for this run's shapes
   compile_seconds: float
+  eval_tasks: list[tasks_lib.LoadedTask]   # train.eval_tasks, read and checked
 
 
 def prepare(config: Config, workdir: str) -> PretrainInputs:
@@ -51,6 +53,8 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  eval_tasks = (tasks_lib.load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
+                                     seed=config.seed) if config.train.eval_tasks else [])
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise config_lib.ConfigError(
@@ -72,7 +76,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   train_lib.check_fits(train_lib.step_bytes(train_step), train_lib.device_memory_bytes(mesh),
                        config)
   return PretrainInputs(config, workdir, tokenizer, train_tokens, eval_tokens, mesh, steps,
-                        train_step, compile_seconds)
+                        train_step, compile_seconds, eval_tasks)
 
 
 def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None = None,
@@ -101,11 +105,17 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
                                      jax.process_count())
     return data_lib.train_iterator(dataset)
 
+  scorer = tasks_lib.make_scorer(cfg.model, mesh) if prepared.eval_tasks else None
+
   def evaluate(state) -> dict[str, float]:
     result = evaluate_lib.evaluate(prepared.steps.eval, state.params, eval_batches,
                                    byte_lengths, mesh)
+    task_results = [tasks_lib.score_task(t, cfg, state.params, prepared.tokenizer, mesh=mesh,
+                                         batch_size=cfg.train.global_batch_size, scorer=scorer)
+                    for t in prepared.eval_tasks]
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-            "eval_bits_per_byte": result["bits_per_byte"], "eval_tokens": result["tokens"]}
+            "eval_bits_per_byte": result["bits_per_byte"], "eval_tokens": result["tokens"],
+            **tasks_lib.in_training_metrics(task_results)}
 
   attention = resolve_attention_impl(cfg.model, mesh.devices.flat[0].platform)
   return loop.Task(

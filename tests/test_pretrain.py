@@ -192,6 +192,8 @@ BAD_CLI_CASES = {
              "/nonexistent/*.txt"),
     "tfds_name": (["--config.data.corpus=tfds", "--config.data.tfds_name=no_such_dataset_xyz"],
                   "no_such_dataset_xyz"),
+    "eval_tasks": (["--config.train.eval_tasks=hellaswag:/nonexistent/hellaswag.jsonl"],
+                   "/nonexistent/hellaswag.jsonl"),
     # rope: no position table, yet a window beyond the context is refused (it used to pass and
     # die with RESOURCE_EXHAUSTED).
     "rope_seq_len": (["--config.model.positional=rope", "--config.data.seq_len=100000"],

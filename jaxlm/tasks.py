@@ -1,0 +1,496 @@
+"""Zero- and few-shot tasks, scored the way lm-evaluation-harness scores them.
+
+Multiple choice (HellaSwag, PIQA, ARC, Winogrande, BoolQ, RTE, SST-2): each choice is a
+continuation of the task's context; the model's log-likelihood of every continuation decides.
+`acc` takes the choice of highest summed log-probability, `acc_norm` the highest
+log-probability per UTF-8 byte of the continuation. LAMBADA: `acc` is 1 when greedy decoding
+of the passage's last word reproduces it exactly, `perplexity` = exp(-mean log-likelihood of
+the last word). WikiText: rolling log-likelihood of each article (jaxlm.evaluate's sliding
+windows), reported as perplexity per word of the text, per byte, and bits per byte.
+
+Tokenization as the harness does it: the context loses its trailing whitespace to the
+continuation, the pair is encoded whole and the continuation is what follows the context's
+own tokens; an empty context is the end-of-text token. Sequences longer than the model's
+context keep their end. Requests are sorted by length and scored in fixed-size batches padded
+to length buckets, so each bucket compiles once.
+
+Few-shot: `num_fewshot` solved examples drawn (with `seed`, per example) from the same file,
+the example itself excluded, precede the context, separated by a blank line.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxlm import evaluate as evaluate_lib
+from jaxlm import sharding
+from jaxlm import train as train_lib
+from jaxlm.config import Config, ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.loss import token_losses
+from jaxlm.model import Transformer
+
+LENGTH_BUCKET = 64   # padded lengths are multiples of this (or the model's context)
+FEWSHOT_SEPARATOR = "\n\n"
+
+
+class TaskError(UserError):
+  """A task spec or task file is unusable; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One example: `contexts[i]` continued by `choices[i]`; `label` indexes the right one."""
+  contexts: tuple[str, ...]
+  choices: tuple[str, ...]
+  label: int
+
+  def solved(self) -> str:
+    """The example with its right answer, as a few-shot demonstration."""
+    return self.contexts[self.label] + self.choices[self.label]
+
+
+# ---------------------------------------------------------------------------------------------
+# Task files (the published formats)
+# ---------------------------------------------------------------------------------------------
+
+def _records(path: str) -> list[dict[str, Any]]:
+  """Rows of a .jsonl file (one JSON object per line) or a .tsv/.csv file with a header."""
+  try:
+    if path.endswith((".tsv", ".csv")):
+      with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
+                                   quoting=csv.QUOTE_NONE if path.endswith(".tsv")
+                                   else csv.QUOTE_MINIMAL))
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise TaskError(f"task file {path} cannot be read: {e}") from None
+
+
+def _field(record: dict[str, Any], path: str, row: int, *names: str) -> Any:
+  for name in names:
+    if name in record:
+      return record[name]
+  raise TaskError(f"task file {path}, row {row + 1}: no field {' or '.join(map(repr, names))}; "
+                  f"its fields are {sorted(record)}.")
+
+
+def _hellaswag_text(text: str) -> str:
+  """HellaSwag's WikiHow artefacts removed, as the harness does."""
+  text = text.strip().replace(" [title]", ". ")
+  text = re.sub(r"\[.*?\]", "", text)
+  return text.replace("  ", " ")
+
+
+def _choice_item(context: str, choices: Sequence[str], label: int, path: str, row: int) -> Item:
+  if not 0 <= label < len(choices):
+    raise TaskError(f"task file {path}, row {row + 1}: label {label} is not one of the "
+                    f"{len(choices)} choices.")
+  return Item((context,) * len(choices), tuple(choices), label)
+
+
+def read_hellaswag(path: str) -> list[Item]:
+  items = []
+  for row, r in enumerate(_records(path)):
+    ctx = (r["ctx_a"] + " " + r["ctx_b"].capitalize() if "ctx_a" in r and "ctx_b" in r
+           else _field(r, path, row, "ctx"))
+    context = _hellaswag_text(f"{r.get('activity_label', '')}: {ctx}".lstrip(": "))
+    endings = [" " + _hellaswag_text(e) for e in _field(r, path, row, "endings")]
+    items.append(_choice_item(context, endings, int(_field(r, path, row, "label")), path, row))
+  return items
+
+
+def read_piqa(path: str) -> list[Item]:
+  """PIQA jsonl (goal, sol1, sol2) with a "label" field or the published labels file beside
+  it (valid.jsonl + valid-labels.lst)."""
+  records = _records(path)
+  labels_path = re.sub(r"\.jsonl$", "-labels.lst", path)
+  labels = None
+  if records and "label" not in records[0] and os.path.isfile(labels_path):
+    with open(labels_path) as f:
+      labels = [int(line) for line in f if line.strip()]
+  items = []
+  for row, r in enumerate(records):
+    label = labels[row] if labels is not None else int(_field(r, path, row, "label"))
+    context = f"Question: {_field(r, path, row, 'goal')}\nAnswer:"
+    choices = [" " + _field(r, path, row, "sol1"), " " + _field(r, path, row, "sol2")]
+    items.append(_choice_item(context, choices, label, path, row))
+  return items
+
+
+def read_arc(path: str) -> list[Item]:
+  """AI2 ARC jsonl: question.stem, question.choices[{text, label}], answerKey."""
+  items = []
+  for row, r in enumerate(_records(path)):
+    question = _field(r, path, row, "question")
+    choices = question["choices"]
+    keys = [c["label"] for c in choices]
+    answer = _field(r, path, row, "answerKey")
+    if answer not in keys:
+      raise TaskError(f"task file {path}, row {row + 1}: answerKey {answer!r} is not one of "
+                      f"{keys}.")
+    items.append(_choice_item(f"Question: {question['stem']}\nAnswer:",
+                              [" " + c["text"] for c in choices], keys.index(answer), path, row))
+  return items
+
+
+def read_winogrande(path: str) -> list[Item]:
+  """Winogrande jsonl (sentence with one "_", option1, option2, answer "1"/"2"), scored by
+  partial evaluation: each option fills the blank in the context, and the likelihood of the
+  rest of the sentence decides."""
+  items = []
+  for row, r in enumerate(_records(path)):
+    sentence = _field(r, path, row, "sentence")
+    blank = sentence.find("_")
+    if blank < 0:
+      raise TaskError(f"task file {path}, row {row + 1}: the sentence has no '_' blank.")
+    options = [_field(r, path, row, "option1"), _field(r, path, row, "option2")]
+    rest = " " + sentence[blank + 1:].strip()
+    label = int(_field(r, path, row, "answer")) - 1
+    item = _choice_item("", [rest, rest], label, path, row)
+    items.append(dataclasses.replace(
+        item, contexts=tuple(sentence[:blank] + option for option in options)))
+  return items
+
+
+def _yes_no(value: Any, path: str, row: int) -> int:
+  """1 for true/yes/positive/1, 0 for false/no/negative/0."""
+  text = str(value).strip().lower()
+  if text in ("true", "yes", "positive", "1"):
+    return 1
+  if text in ("false", "no", "negative", "0"):
+    return 0
+  raise TaskError(f"task file {path}, row {row + 1}: label {value!r} is not a yes/no value.")
+
+
+def read_boolq(path: str) -> list[Item]:
+  """BoolQ jsonl (passage, question, label or answer true/false)."""
+  items = []
+  for row, r in enumerate(_records(path)):
+    context = (f"{_field(r, path, row, 'passage')}\nQuestion: "
+               f"{_field(r, path, row, 'question')}?\nAnswer:")
+    label = _yes_no(_field(r, path, row, "label", "answer"), path, row)
+    items.append(_choice_item(context, [" no", " yes"], label, path, row))
+  return items
+
+
+def read_rte(path: str) -> list[Item]:
+  """RTE: SuperGLUE jsonl (premise, hypothesis, label) or GLUE tsv (sentence1, sentence2,
+  label); the answer is " True" for entailment."""
+  items = []
+  for row, r in enumerate(_records(path)):
+    premise = _field(r, path, row, "premise", "sentence1")
+    hypothesis = _field(r, path, row, "hypothesis", "sentence2")
+    value = str(_field(r, path, row, "label")).strip().lower()
+    if value not in ("entailment", "0", "not_entailment", "1"):
+      raise TaskError(f"task file {path}, row {row + 1}: label {value!r} is neither "
+                      f"entailment (0) nor not_entailment (1).")
+    entails = value in ("entailment", "0")
+    items.append(_choice_item(f"{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+                              [" True", " False"], 0 if entails else 1, path, row))
+  return items
+
+
+def read_sst2(path: str) -> list[Item]:
+  """SST-2: GLUE tsv (sentence, label 0/1) or jsonl with the same fields."""
+  items = []
+  for row, r in enumerate(_records(path)):
+    sentence = _field(r, path, row, "sentence")
+    label = _yes_no(_field(r, path, row, "label"), path, row)
+    items.append(_choice_item(
+        f"{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+        [" negative", " positive"], label, path, row))
+  return items
+
+
+def read_lambada(path: str) -> list[Item]:
+  """LAMBADA: one passage per line (.txt) or a "text" field per line (.jsonl); the target is
+  the passage's last word."""
+  if path.endswith(".jsonl"):
+    passages = [_field(r, path, row, "text") for row, r in enumerate(_records(path))]
+  else:
+    try:
+      with open(path, encoding="utf-8") as f:
+        passages = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise TaskError(f"task file {path} cannot be read: {e}") from None
+  items = []
+  for row, passage in enumerate(passages):
+    context, _, word = passage.strip().rpartition(" ")
+    if not context:
+      raise TaskError(f"task file {path}, row {row + 1}: a passage needs words before its "
+                      f"last word.")
+    items.append(Item((context,), (" " + word,), 0))
+  return items
+
+
+WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def read_wikitext(path: str) -> list[str]:
+  """WikiText raw files (wiki.test.raw ...) as articles, split at their top-level headings;
+  any other text file is one document."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except (OSError, UnicodeDecodeError) as e:
+    raise TaskError(f"task file {path} cannot be read: {e}") from None
+  articles: list[list[str]] = []
+  for line in lines:
+    if WIKITEXT_HEADING.match(line) or not articles:
+      articles.append([])
+    articles[-1].append(line)
+  return [text for text in ("\n".join(a).strip() for a in articles) if text]
+
+
+CHOICE_TASKS: dict[str, Callable[[str], list[Item]]] = {
+    "hellaswag": read_hellaswag, "piqa": read_piqa, "arc_easy": read_arc,
+    "arc_challenge": read_arc, "winogrande": read_winogrande, "boolq": read_boolq,
+    "rte": read_rte, "sst2": read_sst2}
+TASK_NAMES = (*CHOICE_TASKS, "lambada", "wikitext")
+
+
+def parse_specs(text: str) -> list[tuple[str, str]]:
+  """"name:path,name:path" -> [(name, path)]; TaskError for an unknown name or missing file."""
+  specs = []
+  for spec in (s.strip() for s in text.split(",") if s.strip()):
+    name, sep, path = spec.partition(":")
+    if not sep or not path:
+      raise TaskError(f"task {spec!r}: write NAME:PATH, e.g. hellaswag:/data/hellaswag_val.jsonl.")
+    if name not in TASK_NAMES:
+      raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
+    if not os.path.isfile(os.path.expanduser(path)):
+      raise TaskError(f"task file {path} (task {name}) does not exist; pass the path of the "
+                      f"task's published file.")
+    specs.append((name, os.path.expanduser(path)))
+  if not specs:
+    raise TaskError("no tasks given; pass NAME:PATH[,NAME:PATH...].")
+  return specs
+
+
+def with_fewshot(items: Sequence[Item], num_fewshot: int, seed: int, limit: int = 0
+                 ) -> list[Item]:
+  """The first `limit` items (0: all), each with `num_fewshot` other solved items of the file
+  before each of its contexts."""
+  scored = list(items[:limit or None])
+  if num_fewshot <= 0:
+    return scored
+  if num_fewshot >= len(items):
+    raise TaskError(f"--num_fewshot={num_fewshot} needs more than {num_fewshot} examples in the "
+                    f"task file; it has {len(items)}.")
+  out = []
+  for index, item in enumerate(scored):
+    others = np.random.default_rng([seed, index]).choice(len(items) - 1, num_fewshot,
+                                                         replace=False)
+    shots = [items[i if i < index else i + 1].solved() for i in others]
+    prefix = FEWSHOT_SEPARATOR.join(shots) + FEWSHOT_SEPARATOR
+    out.append(dataclasses.replace(item, contexts=tuple(prefix + c for c in item.contexts)))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(context ids, continuation ids) as the harness forms them."""
+  spaces = len(context) - len(context.rstrip())
+  if spaces:
+    context, continuation = context[:-spaces], context[-spaces:] + continuation
+  if not context:
+    return [tokenizer.eos_id], tokenizer.encode(continuation)
+  whole = tokenizer.encode(context + continuation)
+  context_ids = tokenizer.encode(context)
+  return whole[:len(context_ids)], whole[len(context_ids):]
+
+
+def _row(context_ids: Sequence[int], continuation_ids: Sequence[int], length: int,
+         max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One [length] row: inputs/targets of the pair's last max_length + 1 tokens, weight 1 on
+  the continuation's targets."""
+  x = (list(context_ids) + list(continuation_ids))[-(max_length + 1):]
+  n = len(x) - 1
+  row = {"inputs": np.full(length, pad_id, np.int32), "targets": np.full(length, pad_id, np.int32),
+         "weights": np.zeros(length, np.float32), "segment_ids": np.zeros(length, np.int32),
+         "positions": np.arange(length, dtype=np.int32)}
+  row["inputs"][:n], row["targets"][:n] = x[:-1], x[1:]
+  row["weights"][n - min(len(continuation_ids), n):n] = 1.0
+  row["segment_ids"][:n] = 1
+  return row
+
+
+def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], tuple[Any, Any]]:
+  """(params, batch) -> (log-likelihood [batch], greedy [batch]): the summed log-probability
+  of each row's weighted targets, and whether each of them is the argmax."""
+  model = Transformer(model_config)
+  params_sharding = jax.tree.map(lambda leaf: leaf.sharding,
+                                 train_lib.abstract_params(model_config, mesh))
+  replicated = sharding.replicated(mesh)
+
+  def score(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"]).astype(jnp.float32)
+    nll, _ = token_losses(logits, batch["targets"])                  # [batch, length]
+    weights = batch["weights"]
+    greedy = jnp.all((jnp.argmax(logits, -1) == batch["targets"]) | (weights == 0), axis=-1)
+    return -jnp.sum(nll * weights, axis=-1), greedy
+
+  jitted = jax.jit(score, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated))
+
+  def run(params, batch):
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      return jitted(params, batch)
+  return run
+
+
+def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,
+                   mesh, batch_size: int, scorer=None, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Log-likelihood [len(pairs)] of each continuation given its context, and whether greedy
+  decoding reproduces it [len(pairs)] (bool)."""
+  max_length = config.model.max_seq_len
+  encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+  lengths = [min(len(c) + len(x) - 1, max_length) for c, x in encoded]
+  order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]  # every data-parallel device gets whole rows
+  batch_size = -(-batch_size // ways) * ways
+  scorer = scorer or make_scorer(config.model, mesh)
+  ll, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
+  show = progress and jax.process_index() == 0
+  for start in tqdm(range(0, len(order), batch_size), disable=not show, unit="batch",
+                    file=sys.stderr, desc="scoring"):
+    chosen = order[start:start + batch_size]
+    length = min(-(-lengths[chosen[0]] // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
+    rows = [_row(*encoded[i], length, max_length, tokenizer.pad_id) for i in chosen]
+    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    row_ll, row_greedy = jax.device_get(
+        scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
+    ll[chosen], greedy[chosen] = row_ll[:len(chosen)], row_greedy[:len(chosen)]
+  return ll, greedy
+
+
+def _stderr(values: np.ndarray) -> float:
+  """Standard error of a mean, as the harness reports it (sample standard deviation)."""
+  return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
+                batch_size: int = 8, scorer=None,
+                progress: bool = False) -> dict[str, float]:
+  """acc, acc_norm (per continuation byte) and their standard errors over `items`."""
+  pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
+  ll, _ = loglikelihoods(config, params, tokenizer, pairs, mesh=mesh, batch_size=batch_size,
+                         scorer=scorer, progress=progress)
+  correct, correct_norm, start = [], [], 0
+  for item in items:
+    scores = ll[start:start + len(item.choices)]
+    num_bytes = np.array([max(len(x.encode("utf-8")), 1) for x in item.choices])
+    correct.append(float(np.argmax(scores) == item.label))
+    correct_norm.append(float(np.argmax(scores / num_bytes) == item.label))
+    start += len(item.choices)
+  correct, correct_norm = np.array(correct), np.array(correct_norm)
+  return {"acc": float(correct.mean()), "acc_stderr": _stderr(correct),
+          "acc_norm": float(correct_norm.mean()), "acc_norm_stderr": _stderr(correct_norm),
+          "examples": len(items)}
+
+
+def score_last_word(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
+                    batch_size: int = 8, scorer=None,
+                    progress: bool = False) -> dict[str, float]:
+  """LAMBADA: acc (greedy reproduces the last word) and perplexity of the last word."""
+  ll, greedy = loglikelihoods(config, params, tokenizer,
+                              [(item.contexts[0], item.choices[0]) for item in items],
+                              mesh=mesh, batch_size=batch_size, scorer=scorer,
+                              progress=progress)
+  correct = greedy.astype(np.float64)
+  return {"acc": float(correct.mean()), "acc_stderr": _stderr(correct),
+          "perplexity": math.exp(min(-float(ll.mean()), 700.0)), "examples": len(items)}
+
+
+def score_documents(config: Config, params: Any, tokenizer, documents: Sequence[str], *, mesh,
+                    batch_size: int = 8, seq_len: int | None = None,
+                    stride: int | None = None) -> dict[str, float]:
+  """WikiText-style: word and byte perplexity and bits per byte of whole documents (each token
+  scored once; windows of seq_len advancing by stride, default the model's context, i.e. the
+  harness's disjoint rolling windows)."""
+  seq_len = seq_len or config.model.max_seq_len
+  result = evaluate_lib.evaluate_documents(config, params, tokenizer, documents,
+                                           seq_len=seq_len, stride=stride or seq_len,
+                                           batch_size=batch_size, mesh=mesh)
+  nll = result["loss"] * result["tokens"]
+  words = sum(len(re.split(r"\s+", doc)) for doc in documents)
+  return {"word_perplexity": math.exp(min(nll / max(words, 1), 700.0)),
+          "byte_perplexity": 2.0 ** result["bits_per_byte"],
+          "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
+          "documents": len(documents)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedTask:
+  """A task read from its file, ready to score: `items` (multiple choice, LAMBADA) or
+  `documents` (WikiText)."""
+  name: str
+  path: str
+  num_fewshot: int
+  items: list[Item] | None = None
+  documents: list[str] | None = None
+
+
+def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
+              seed: int = 0) -> LoadedTask:
+  """Reads a task file (the first `limit` examples, 0: all; few-shot prompts built): every
+  error a task file can cause is raised here, before any scoring."""
+  if limit < 0 or num_fewshot < 0:
+    raise TaskError(f"limit={limit} and num_fewshot={num_fewshot} must be >= 0.")
+  if name == "wikitext":
+    documents = read_wikitext(path)[:limit or None]
+    if not documents:
+      raise TaskError(f"task file {path} (wikitext) holds no text.")
+    return LoadedTask(name, path, num_fewshot, documents=documents)
+  items = (CHOICE_TASKS[name] if name in CHOICE_TASKS else read_lambada)(path)
+  if not items:
+    raise TaskError(f"task file {path} ({name}) holds no examples.")
+  return LoadedTask(name, path, num_fewshot, items=with_fewshot(items, num_fewshot, seed, limit))
+
+
+def load_tasks(specs: str, *, num_fewshot: int = 0, limit: int = 0, seed: int = 0
+               ) -> list[LoadedTask]:
+  """Every task of a "NAME:PATH,..." spec, read and checked."""
+  return [load_task(name, path, num_fewshot=num_fewshot, limit=limit, seed=seed)
+          for name, path in parse_specs(specs)]
+
+
+def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh,
+               batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, Any]:
+  """The metrics of `score_items` / `score_last_word` / `score_documents` for the task, plus
+  task, file and num_fewshot."""
+  if task.documents is not None:
+    result = score_documents(config, params, tokenizer, task.documents, mesh=mesh,
+                             batch_size=batch_size)
+  else:
+    score = score_items if task.name in CHOICE_TASKS else score_last_word
+    result = score(config, params, tokenizer, task.items, mesh=mesh, batch_size=batch_size,
+                   scorer=scorer, progress=progress)
+  return {"task": task.name, "file": task.path, "num_fewshot": task.num_fewshot, **result}
+
+
+def in_training_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Task results as flat eval metrics for metrics.jsonl / TensorBoard:
+  eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte}."""
+  keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte")
+  return {f"eval_{r['task']}_{k}": float(r[k]) for r in results for k in keys if k in r}

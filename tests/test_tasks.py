@@ -1,0 +1,249 @@
+"""jaxlm.tasks: the published task formats, harness-style scoring, the --tasks CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+from jaxlm import sharding, tasks, trainer
+from jaxlm.model import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(path, lines):
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def jsonl(path, records):
+  return write(path, [json.dumps(r) for r in records])
+
+
+# -- task files -------------------------------------------------------------------------------
+
+def test_hellaswag_is_read_as_the_harness_preprocesses_it(tmp_path):
+  path = jsonl(tmp_path / "hs.jsonl", [{
+      "activity_label": "Baking cookies", "ctx_a": "A woman [title] mixes flour.",
+      "ctx_b": "she", "ctx": "ignored when ctx_a/ctx_b exist",
+      "endings": ["adds  eggs.", "[header] runs away."], "label": 0}])
+  [item] = tasks.read_hellaswag(path)
+  assert item.contexts == ("Baking cookies: A woman. mixes flour. She",) * 2
+  # (the bracket tag leaves its space, then the target delimiter adds one: as in the harness)
+  assert item.choices == (" adds eggs.", "  runs away.") and item.label == 0
+
+
+def test_multiple_choice_formats(tmp_path):
+  piqa = jsonl(tmp_path / "valid.jsonl", [{"goal": "Open a jar", "sol1": "twist", "sol2": "eat"}])
+  write(tmp_path / "valid-labels.lst", ["0"])
+  [item] = tasks.read_piqa(piqa)
+  assert item.contexts[0] == "Question: Open a jar\nAnswer:" and item.choices == (" twist",
+                                                                                  " eat")
+  arc = jsonl(tmp_path / "arc.jsonl", [{"question": {"stem": "2+2?", "choices": [
+      {"text": "3", "label": "A"}, {"text": "4", "label": "B"}]}, "answerKey": "B"}])
+  assert tasks.read_arc(arc)[0].label == 1
+  wino = jsonl(tmp_path / "wino.jsonl", [{"sentence": "The cup fell off the table because _ was "
+                                                      "slippery.", "option1": "the cup",
+                                          "option2": "the table", "answer": "2"}])
+  [item] = tasks.read_winogrande(wino)
+  assert item.contexts == ("The cup fell off the table because the cup",
+                           "The cup fell off the table because the table")
+  assert item.choices == (" was slippery.",) * 2 and item.label == 1
+  boolq = jsonl(tmp_path / "boolq.jsonl", [{"passage": "P", "question": "is it", "label": True}])
+  assert tasks.read_boolq(boolq)[0].label == 1
+  rte = jsonl(tmp_path / "rte.jsonl", [{"premise": "A", "hypothesis": "B",
+                                        "label": "not_entailment"}])
+  assert tasks.read_rte(rte)[0].label == 1 and tasks.read_rte(rte)[0].choices == (" True",
+                                                                                  " False")
+  sst2 = write(tmp_path / "dev.tsv", ["sentence\tlabel", "a fine film\t1", "dull\t0"])
+  assert [i.label for i in tasks.read_sst2(sst2)] == [1, 0]
+
+
+def test_lambada_and_wikitext(tmp_path):
+  lambada = write(tmp_path / "lambada.txt", ["he opened the door and saw his dog"])
+  [item] = tasks.read_lambada(lambada)
+  assert item.contexts == ("he opened the door and saw his",) and item.choices == (" dog",)
+  wiki = write(tmp_path / "wiki.test.raw", ["", " = Valkyria = ", "", " text one . ",
+                                            " = = Plot = = ", " more . ", " = Tower = ", " two "])
+  articles = tasks.read_wikitext(wiki)
+  assert len(articles) == 2 and articles[0].startswith("= Valkyria =") and "Plot" in articles[0]
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"goal": "g", "sol1": "a", "sol2": "b", "label": 5}], "label 5 is not one of the 2"),
+    ([{"goal": "g", "sol1": "a", "label": 0}], "row 1: no field 'sol2'"),
+])
+def test_bad_task_files_are_named_with_the_row(tmp_path, records, message):
+  with pytest.raises(tasks.TaskError, match=message):
+    tasks.read_piqa(jsonl(tmp_path / "p.jsonl", records))
+
+
+def test_task_specs_are_checked(tmp_path):
+  path = write(tmp_path / "l.txt", ["a b"])
+  assert tasks.parse_specs(f"lambada:{path}") == [("lambada", path)]
+  for spec, message in [("mmlu:x", "unknown task 'mmlu'"), ("lambada", "write NAME:PATH"),
+                        (f"lambada:{tmp_path}/none.txt", "does not exist"), ("", "no tasks")]:
+    with pytest.raises(tasks.TaskError, match=message):
+      tasks.parse_specs(spec)
+
+
+def test_fewshot_examples_exclude_the_example_and_follow_the_seed():
+  items = [tasks.Item((f"q{i}:",), (f" a{i}", " x"), 0) for i in range(6)]
+  shots = tasks.with_fewshot(items, 3, seed=1, limit=4)
+  assert len(shots) == 4
+  for index, item in enumerate(shots):
+    demos = item.contexts[0].split("\n\n")
+    assert len(demos) == 4 and demos[-1] == f"q{index}:"
+    assert f"q{index}: a{index}" not in demos[:3] and len(set(demos[:3])) == 3
+  assert tasks.with_fewshot(items, 3, seed=1) [:4] == shots
+  assert tasks.with_fewshot(items, 3, seed=2) != tasks.with_fewshot(items, 3, seed=1)
+  with pytest.raises(tasks.TaskError, match="needs more than 6"):
+    tasks.with_fewshot(items, 6, seed=1)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+def direct_loglikelihood(model_config, params, context_ids, continuation_ids):
+  """Log-probability of the continuation from one unpadded forward pass."""
+  x = (list(context_ids) + list(continuation_ids))[-(model_config.max_seq_len + 1):]
+  logits = Transformer(model_config).apply({"params": params}, jnp.asarray([x[:-1]]))[0]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  n = min(len(continuation_ids), len(x) - 1)
+  targets = np.asarray(x[1:])[-n:]
+  picked = np.asarray(log_probs)[-n:][np.arange(n), targets]
+  greedy = bool(np.all(np.asarray(jnp.argmax(logits, -1))[-n:] == targets))
+  return float(picked.sum()), greedy
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 1}, {"data": 4, "fsdp": 2}])
+def test_loglikelihoods_equal_a_direct_forward_pass(tiny_lm_run, mesh_shape):
+  run = run_lib.open_run(tiny_lm_run)
+  config = config_lib.replace(run.config, mesh=dict({"fsdp": 1, "tensor": 1}, **mesh_shape))
+  devices = jax.devices()[:mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  params = run_lib.restore_params(run, mesh)
+  pairs = [("def main(", "):\n  return 0"), ("", "import os"), ("x = ", " 1"),
+           ("import json\n" * 30, "import sys")]  # the last exceeds the 64-token context
+  ll, greedy = tasks.loglikelihoods(config, params, run.tokenizer, pairs, mesh=mesh,
+                                    batch_size=3)
+  host_params = jax.device_get(params)
+  for (context, continuation), got, got_greedy in zip(pairs, ll, greedy):
+    want, want_greedy = direct_loglikelihood(
+        config.model, host_params, *tasks.encode_pair(run.tokenizer, context, continuation))
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4) and got_greedy == want_greedy
+
+
+def test_greedy_flag_marks_a_continuation_the_model_would_write(tiny_lm_run):
+  run = run_lib.open_run(tiny_lm_run)
+  mesh = sharding.make_mesh(run.config.mesh, jax.devices()[:1])
+  params = run_lib.restore_params(run, mesh)
+  model = Transformer(run.config.model)
+  context = run.tokenizer.encode("for item in items:")
+  greedy_ids = list(context)
+  for _ in range(2):
+    logits = model.apply({"params": params}, jnp.asarray([greedy_ids]))
+    greedy_ids.append(int(jnp.argmax(logits[0, -1])))
+  other = [greedy_ids[-2], (greedy_ids[-1] + 1) % run.config.model.vocab_size]
+  scorer = tasks.make_scorer(run.config.model, mesh)
+  rows = [tasks._row(context, continuation, 64, 64, run.tokenizer.pad_id)
+          for continuation in (greedy_ids[-2:], other)]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  ll, greedy = jax.device_get(scorer(params, sharding.global_batch(batch, mesh)))
+  assert list(greedy) == [True, False] and ll[0] > ll[1]
+
+
+def test_acc_and_acc_norm(monkeypatch):
+  items = [tasks.Item(("q",) * 2, (" ab", " abcdefgh"), 1), tasks.Item(("q",) * 2, (" a", " b"), 0)]
+  # log-likelihoods: item 0 favours the short choice in sum, the long one per byte.
+  monkeypatch.setattr(tasks, "loglikelihoods",
+                      lambda *a, **k: (np.array([-3.0, -4.0, -1.0, -2.0]), None))
+  result = tasks.score_items(None, None, None, items, mesh=None)
+  assert result["acc"] == 0.5 and result["acc_norm"] == 1.0 and result["examples"] == 2
+  assert result["acc_stderr"] == pytest.approx(0.5)
+
+
+def test_wikitext_word_perplexity_follows_the_total_loss(tiny_lm_run, tmp_path):
+  run = run_lib.open_run(tiny_lm_run)
+  mesh = sharding.make_mesh(run.config.mesh, jax.devices()[:1])
+  params = run_lib.restore_params(run, mesh)
+  documents = ["the quick brown fox jumps", "over the lazy dog again and again"]
+  result = tasks.score_documents(run.config, params, run.tokenizer, documents, mesh=mesh)
+  from jaxlm import evaluate
+  plain = evaluate.evaluate_documents(run.config, params, run.tokenizer, documents, seq_len=64,
+                                      stride=64, batch_size=8, mesh=mesh)
+  assert result["word_perplexity"] == pytest.approx(math.exp(plain["loss"] * plain["tokens"] / 12))
+  assert result["byte_perplexity"] == pytest.approx(2 ** plain["bits_per_byte"])
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+def run_evaluate(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_scores_tasks_and_merges_eval_results(tiny_lm_run, tmp_path):
+  hellaswag = jsonl(tmp_path / "hs.jsonl", [
+      {"activity_label": "Code", "ctx_a": "def f(x):", "ctx_b": "return",
+       "endings": [f"x + {i}" for i in range(4)], "label": i % 4} for i in range(10)])
+  lambada = write(tmp_path / "lambada.txt", [f"import os and import sys{i}" for i in range(5)])
+  wiki = write(tmp_path / "wiki.raw", [" = A = ", " some text here . ", " = B = ", " more "])
+  result = run_evaluate(f"--workdir={tiny_lm_run}", "--progress=false", "--num_fewshot=1",
+                        f"--tasks=hellaswag:{hellaswag},lambada:{lambada},wikitext:{wiki}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [r["task"] for r in lines] == ["hellaswag", "lambada", "wikitext"]
+  assert lines[0]["examples"] == 10 and 0 <= lines[0]["acc"] <= 1 and "acc_norm" in lines[0]
+  assert lines[1]["examples"] == 5 and lines[1]["perplexity"] > 1
+  assert lines[2]["documents"] == 2 and lines[2]["word_perplexity"] > 1
+  saved = run_lib.read_json(tiny_lm_run, "eval_results.json")
+  assert saved["hellaswag_1shot"] == lines[0] and saved["wikitext_1shot"] == lines[2]
+  again = run_evaluate(f"--workdir={tiny_lm_run}", "--progress=false", "--limit=3",
+                       f"--tasks=hellaswag:{hellaswag}")
+  assert json.loads(again.stdout)["examples"] == 3
+  saved = run_lib.read_json(tiny_lm_run, "eval_results.json")
+  assert saved["hellaswag_0shot"]["examples"] == 3 and "lambada_1shot" in saved
+  os.remove(os.path.join(tiny_lm_run, "eval_results.json"))  # (the run is shared)
+
+
+def test_cli_refuses_an_unknown_task_before_loading_anything(tiny_lm_run, tmp_path):
+  result = run_evaluate(f"--workdir={tiny_lm_run}", f"--tasks=mmlu:{tmp_path}/x.jsonl")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: unknown task 'mmlu'")
+  assert not os.path.exists(os.path.join(tiny_lm_run, "eval_results.json"))
+
+
+def test_tasks_are_scored_at_every_evaluation_of_a_pretraining_run(tmp_path):
+  import email
+  lambada = write(tmp_path / "lambada.txt", [f"from email import message number{i}"
+                                             for i in range(6)])
+  sst2 = write(tmp_path / "sst2.tsv", ["sentence\tlabel", "good code\t1", "bad code\t0"])
+  values = {"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+                      "vocab_size": 512, "max_seq_len": 32},
+            "data": {"corpus": "text_files", "seq_len": 32, "stride": 32,
+                     "files": os.path.join(os.path.dirname(email.__file__), "*.py"),
+                     "data_dir": str(tmp_path / "cache"), "tokenizer_max_sentences": 5000},
+            "train": {"num_steps": 4, "global_batch_size": 8, "log_every": 1, "eval_every": 2,
+                      "eval_batches": 1, "checkpoint_every": 4, "sample_every": 0,
+                      "sample_max_new_tokens": 0, "eval_tasks": f"lambada:{lambada},sst2:{sst2}",
+                      "eval_tasks_limit": 4}}
+  bad = dict(values, train=dict(values["train"], eval_tasks=f"lambada:{tmp_path}/none.txt"))
+  with pytest.raises(tasks.TaskError, match="none.txt"):
+    trainer.train(config_lib.validate(bad), str(tmp_path / "bad"), show_progress=False)
+  assert not os.path.exists(tmp_path / "bad")
+  trainer.train(config_lib.validate(values), str(tmp_path / "run"), show_progress=False)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    evals = [r for r in map(json.loads, f) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  for record in evals:
+    assert 0 <= record["eval_lambada_acc"] <= 1 and record["eval_lambada_perplexity"] > 1
+    assert 0 <= record["eval_sst2_acc"] <= 1 and "eval_sst2_acc_norm" in record
