@@ -1,9 +1,12 @@
-r"""Benchmarks: training throughput of jaxlm against a PyTorch reference, in one process.
+r"""Benchmarks: training throughput of jaxlm against a PyTorch reference, in one process;
+generation (experiments/generate_benchmark.py); task scoring (experiments/tasks_benchmark.py).
 
   python -m experiments.benchmark train                       # small + default workloads
   python -m experiments.benchmark train --workload=small --steps=5 --repeats=7
   python -m experiments.benchmark train --workload=gpt2_124m  # GPU/TPU: bf16, batch 16
   python -m experiments.benchmark train --workload=gpt2_124m --batch_size=32
+  python -m experiments.benchmark generate
+  python -m experiments.benchmark tasks
 
 On a GPU the workload runs in bfloat16 (float32 parameters) with attention_impl=auto (cuDNN),
 and the PyTorch peer is transformers.GPT2LMHeadModel with SDPA attention, torch.compile, bf16
@@ -45,6 +48,7 @@ XNNPACK, concurrency scheduler off) made the step faster; see the README's perfo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 # jaxlm and torch share one GPU in this process: JAX must not grab 75% of its memory up front
@@ -59,7 +63,7 @@ from absl import app, flags
 
 from experiments import common
 
-MODES = ("train", "generate")
+MODES = ("train", "generate", "tasks")
 WORKLOADS = ("small", "default", "gpt2_124m")
 CPU_WORKLOADS = ("small", "default")  # what --workload=all means on a CPU
 
@@ -82,6 +86,11 @@ _GENERATE_REPEATS = flags.DEFINE_integer(
     "generate_repeats", 3, "generate mode: alternating cached/uncached rounds; medians.")
 _UNCACHED_STEPS = flags.DEFINE_integer(
     "uncached_steps", 8, "generate mode: timed steps of the (constant-cost) uncached path.")
+_TASKS_CONFIG = flags.DEFINE_string("tasks_config", "configs/default.py",
+                                    "tasks mode: model config (random weights).")
+_TASKS_PAIRS = flags.DEFINE_integer("tasks_pairs", 512, "tasks mode: context/continuation pairs.")
+_TASKS_REPEATS = flags.DEFINE_integer("tasks_repeats", 3, "tasks mode: alternating rounds.")
+_TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows per batch.")
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -498,6 +507,14 @@ def main(argv: list[str]) -> None:
     for line in machine_lines():
       print(line)
     print(generate_benchmark.format_table(rows))
+    return
+  if argv[1] == "tasks":
+    from experiments import tasks_benchmark
+    result = tasks_benchmark.run_tasks_benchmark(_TASKS_CONFIG.value, _TASKS_PAIRS.value,
+                                                 _TASKS_REPEATS.value, _TASKS_BATCH.value)
+    for line in machine_lines():
+      print(line)
+    print(json.dumps(result))
     return
   import jax
   if _WORKLOAD.value != "all":

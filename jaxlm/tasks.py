@@ -314,7 +314,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return [tokenizer.eos_id], tokenizer.encode(continuation)
   whole = tokenizer.encode(context + continuation)
   context_ids = tokenizer.encode(context)
-  return whole[:len(context_ids)], whole[len(context_ids):]
+  return context_ids, whole[len(context_ids):]
 
 
 def _row(context_ids: Sequence[int], continuation_ids: Sequence[int], length: int,
@@ -357,27 +357,37 @@ def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], tuple[
   return run
 
 
-def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,
-                   mesh, batch_size: int, scorer=None, progress: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """Log-likelihood [len(pairs)] of each continuation given its context, and whether greedy
-  decoding reproduces it [len(pairs)] (bool)."""
+def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]], *, mesh,
+                    batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+  """The scoring batches of `pairs`: (indices of the pairs in it, global batch [batch_size,
+  bucket length]), longest first; rows past the pairs are weight-0 padding."""
   max_length = config.model.max_seq_len
   encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
   lengths = [min(len(c) + len(x) - 1, max_length) for c, x in encoded]
   order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
   ways = mesh.shape["data"] * mesh.shape["fsdp"]  # every data-parallel device gets whole rows
   batch_size = -(-batch_size // ways) * ways
-  scorer = scorer or make_scorer(config.model, mesh)
-  ll, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
-  show = progress and jax.process_index() == 0
-  for start in tqdm(range(0, len(order), batch_size), disable=not show, unit="batch",
-                    file=sys.stderr, desc="scoring"):
+  out = []
+  for start in range(0, len(order), batch_size):
     chosen = order[start:start + batch_size]
     length = min(-(-lengths[chosen[0]] // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
     rows = [_row(*encoded[i], length, max_length, tokenizer.pad_id) for i in chosen]
     rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    out.append((chosen, {k: np.stack([r[k] for r in rows]) for k in rows[0]}))
+  return out
+
+
+def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,
+                   mesh, batch_size: int, scorer=None, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Log-likelihood [len(pairs)] of each continuation given its context, and whether greedy
+  decoding reproduces it [len(pairs)] (bool)."""
+  scorer = scorer or make_scorer(config.model, mesh)
+  ll, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
+  show = progress and jax.process_index() == 0
+  for chosen, batch in tqdm(request_batches(config, tokenizer, pairs, mesh=mesh,
+                                            batch_size=batch_size),
+                            disable=not show, unit="batch", file=sys.stderr, desc="scoring"):
     row_ll, row_greedy = jax.device_get(
         scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
     ll[chosen], greedy[chosen] = row_ll[:len(chosen)], row_greedy[:len(chosen)]

@@ -76,3 +76,18 @@ def test_generate_table_rows():
   assert any("growth" in r for r in rows)
   table = generate_benchmark.format_table(rows)
   assert table.count("\n") == len(rows) + 1
+
+
+def test_tasks_mode_scores_and_runs_the_plain_forward_on_the_same_batches(tmp_path):
+  from experiments import tasks_benchmark
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(
+      "def get_config():\n"
+      "  return {'model': {'num_layers': 1, 'num_heads': 2, 'embed_dim': 32, 'mlp_dim': 64,\n"
+      "                    'vocab_size': 600, 'max_seq_len': 64},\n"
+      "          'data': {'seq_len': 64, 'stride': 64}}\n")
+  result = tasks_benchmark.run_tasks_benchmark(str(config_file), num_pairs=24, repeats=1,
+                                               batch_size=8)
+  assert result["pairs"] == 24 and result["batches"] == 3
+  assert result["padded_tokens"] >= 24 * 16
+  assert result["scoring_tokens_per_second"] > 0 and result["forward_tokens_per_second"] > 0

@@ -178,8 +178,8 @@ def test_topology_without_libtpu_says_what_to_install():
 def test_search_recommends_the_fastest_candidate_that_fits():
   # Long enough sequences that activations, not the state, dominate: remat then saves memory.
   config = config_lib.validate({
-      "model": dict(TINY["model"], num_layers=3, max_seq_len=256),
-      "data": {"seq_len": 256, "stride": 256}, "train": {"global_batch_size": 4},
+      "model": dict(TINY["model"], num_layers=2, max_seq_len=128),
+      "data": {"seq_len": 128, "stride": 128}, "train": {"global_batch_size": 4},
       "mesh": {"data": 2}})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
   key = lambda r: (r["remat_policy"], r["scan_layers"], r["microbatches"])

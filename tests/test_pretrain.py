@@ -100,8 +100,8 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   refused = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2
-  assert refused.stderr.strip() == ("error: pass exactly one of --text_files=GLOB or "
-                                    "--split=validation.")
+  assert refused.stderr.strip() == ("error: pass exactly one of --text_files=GLOB, "
+                                    "--split=validation or --tasks=NAME:PATH,...")
 
   # Rerun with --workdir alone: it uses the saved config and finds nothing left to do...
   again = run_cli(["--workdir", str(workdir), "--progress=false"])
