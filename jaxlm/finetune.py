@@ -39,6 +39,7 @@ from jaxlm import loop
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding
+from jaxlm import tasks as tasks_lib
 from jaxlm import train as train_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.errors import UserError
@@ -453,6 +454,7 @@ class FinetuneInputs:
   mesh: Any
   max_length: int
   steps_per_epoch: int
+  eval_tasks: list[tasks_lib.LoadedTask] = dataclasses.field(default_factory=list)
 
   @property
   def tokenizer(self) -> Any:
@@ -512,6 +514,12 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
     raise FinetuneError(f"--init={init_workdir} is a classifier run; fine-tune from a language "
                         f"model run (pretrained or imported).")
   config = finetune_config(init.config, task, overrides)
+  if config.train.eval_tasks and task == "classifier":
+    raise FinetuneError("train.eval_tasks scores the language-model head, which classifier "
+                        "fine-tuning replaces; drop train.eval_tasks (or fine-tune with "
+                        "finetune_instruct).")
+  eval_tasks = (tasks_lib.load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
+                                     seed=config.seed) if config.train.eval_tasks else [])
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   max_length = config.finetune.max_length or config.model.max_seq_len
@@ -523,7 +531,7 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   sharding.check_model(config.model, mesh)
   _check_shapes(init.config.model, config.model, mesh)
   prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
-                            steps_per_epoch)
+                            steps_per_epoch, eval_tasks)
   run_lib.check_resumable(workdir, config, prepared.source)
   return prepared
 
@@ -590,10 +598,16 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
     params = initial_params(config, base_params(prepared), mesh, config.seed)
     return steps.init_from(params, jax.random.PRNGKey(config.seed))
 
+  scorer = tasks_lib.make_scorer(config.model, mesh) if prepared.eval_tasks else None
+
   def evaluate(state) -> dict[str, float]:
     epoch = int(state.step) / prepared.steps_per_epoch
+    task_results = [tasks_lib.score_task(t, config, state.params, prepared.tokenizer, mesh=mesh,
+                                         batch_size=config.train.global_batch_size, scorer=scorer)
+                    for t in prepared.eval_tasks]
     return {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3),
-            **evaluate_splits(steps, state.params, prepared)}
+            **evaluate_splits(steps, state.params, prepared),
+            **tasks_lib.in_training_metrics(task_results)}
 
   def rank(results: Mapping[str, float]) -> tuple:
     if "validation" not in prepared.splits:  # no validation split: keep the last evaluation

@@ -146,19 +146,32 @@ def truncate_after(path: str, step: int) -> None:
     files.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
-def new_figure(size: tuple[float, float]):
-  """(figure, axes) drawn off screen. Matplotlib's object API, not pyplot: the global backend
-  and pyplot's figure list stay untouched, so a notebook's inline plots keep working."""
+def new_figure(size: tuple[float, float], panels: int = 1):
+  """(figure, axes) drawn off screen (`panels` > 1: an array of axes side by side).
+  Matplotlib's object API, not pyplot: the global backend and pyplot's figure list stay
+  untouched, so a notebook's inline plots keep working."""
   from matplotlib.figure import Figure
   fig = Figure(figsize=size)
-  return fig, fig.subplots()
+  return fig, fig.subplots(1, panels)
 
 
 def plot_losses(records: Iterable[Mapping[str, Any]], tokens_per_step: float, path: str,
                 train_key: str = "train_loss") -> None:
-  """Train (`train_key`) and validation loss against tokens seen, as a PNG."""
+  """Train (`train_key`) and validation loss against tokens seen, as a PNG; with a second
+  panel of the task accuracies (eval_TASK_acc, train.eval_tasks) when the run scored any."""
   records = list(records)
-  fig, ax = new_figure((7, 4.5))
+  accuracy_keys = sorted({k for r in records for k in r
+                          if k.startswith("eval_") and k.endswith(("_acc", "_acc_norm"))})
+  fig, axes = new_figure((12, 4.5) if accuracy_keys else (7, 4.5), 2 if accuracy_keys else 1)
+  ax = axes[0] if accuracy_keys else axes
+  if accuracy_keys:
+    for key in accuracy_keys:
+      xs, ys = zip(*[(r["step"] * tokens_per_step, r[key]) for r in records if key in r])
+      axes[1].plot(xs, ys, marker="o", label=key[len("eval_"):])
+    axes[1].set_xlabel("tokens seen")
+    axes[1].set_ylabel("task accuracy")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend()
   for key, label in ((train_key, "train"), ("eval_loss", "validation"),
                      ("validation_loss", "validation")):
     points = [(r["step"] * tokens_per_step, r[key]) for r in records if key in r]

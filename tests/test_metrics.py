@@ -62,3 +62,20 @@ def test_known_accelerator_uses_the_data_sheet(monkeypatch):
 def test_cpu_probe_is_finite_and_positive(tmp_path):
   peak = metrics.peak_flops("float32", str(tmp_path))
   assert math.isfinite(peak) and peak > 0
+
+
+def test_loss_plot_adds_a_task_accuracy_panel_when_tasks_were_scored(tmp_path):
+  import struct
+
+  def png_width(path):
+    with open(path, "rb") as f:
+      return struct.unpack(">I", f.read(24)[16:20])[0]
+
+  records = [{"step": s, "train_loss": 5.0 - s / 10} for s in range(1, 11)]
+  metrics.plot_losses(records, 64, str(tmp_path / "plain.png"))
+  records += [{"step": 5, "eval_loss": 4.6, "eval_lambada_acc": 0.1, "eval_hellaswag_acc": 0.25,
+               "eval_hellaswag_acc_norm": 0.3},
+              {"step": 10, "eval_loss": 4.1, "eval_lambada_acc": 0.2, "eval_hellaswag_acc": 0.3,
+               "eval_hellaswag_acc_norm": 0.35}]
+  metrics.plot_losses(records, 64, str(tmp_path / "tasks.png"))
+  assert png_width(tmp_path / "tasks.png") > 1.5 * png_width(tmp_path / "plain.png")

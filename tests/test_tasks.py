@@ -247,3 +247,22 @@ def test_tasks_are_scored_at_every_evaluation_of_a_pretraining_run(tmp_path):
   for record in evals:
     assert 0 <= record["eval_lambada_acc"] <= 1 and record["eval_lambada_perplexity"] > 1
     assert 0 <= record["eval_sst2_acc"] <= 1 and "eval_sst2_acc_norm" in record
+
+
+def test_fine_tuning_runs_score_tasks_too_and_classifiers_refuse_them(tiny_lm_run, tmp_path):
+  from jaxlm import finetune
+  lambada = write(tmp_path / "lambada.txt", [f"import os and import sys{i}" for i in range(4)])
+  instructions = tmp_path / "instruct.json"
+  instructions.write_text(json.dumps([{"instruction": "Repeat", "input": f"word{i}",
+                                       "output": f"word{i}"} for i in range(24)]))
+  overrides = {"finetune.epochs": 1, "train.global_batch_size": 8,
+               "train.eval_tasks": f"lambada:{lambada}", "finetune.max_new_tokens": 2,
+               "finetune.template": "chat"}
+  labels = write(tmp_path / "labels.csv", ["text,label", "a,x", "b,y"] * 1)
+  with pytest.raises(finetune.FinetuneError, match="train.eval_tasks scores the language-model"):
+    finetune.prepare(tiny_lm_run, str(tmp_path / "cls"), "classifier", labels, overrides)
+  assert not os.path.exists(tmp_path / "cls")
+  prepared = finetune.prepare(tiny_lm_run, str(tmp_path / "instruct"), "instruct",
+                              str(instructions), overrides)
+  summary = finetune.finetune(prepared, show_progress=False)
+  assert 0 <= summary["eval_lambada_acc"] <= 1 and summary["eval_lambada_perplexity"] > 1
