@@ -518,8 +518,7 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
     raise FinetuneError("train.eval_tasks scores the language-model head, which classifier "
                         "fine-tuning replaces; drop train.eval_tasks (or fine-tune with "
                         "finetune_instruct).")
-  eval_tasks = (tasks_lib.load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
-                                     seed=config.seed) if config.train.eval_tasks else [])
+  eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
   max_length = config.finetune.max_length or config.model.max_seq_len
@@ -598,16 +597,13 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
     params = initial_params(config, base_params(prepared), mesh, config.seed)
     return steps.init_from(params, jax.random.PRNGKey(config.seed))
 
-  scorer = tasks_lib.make_scorer(config.model, mesh) if prepared.eval_tasks else None
+  evaluate_tasks = tasks_lib.in_training_evaluator(config, prepared.tokenizer,
+                                                   prepared.eval_tasks, mesh)
 
   def evaluate(state) -> dict[str, float]:
     epoch = int(state.step) / prepared.steps_per_epoch
-    task_results = [tasks_lib.score_task(t, config, state.params, prepared.tokenizer, mesh=mesh,
-                                         batch_size=config.train.global_batch_size, scorer=scorer)
-                    for t in prepared.eval_tasks]
     return {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3),
-            **evaluate_splits(steps, state.params, prepared),
-            **tasks_lib.in_training_metrics(task_results)}
+            **evaluate_splits(steps, state.params, prepared), **evaluate_tasks(state.params)}
 
   def rank(results: Mapping[str, float]) -> tuple:
     if "validation" not in prepared.splits:  # no validation split: keep the last evaluation

@@ -60,8 +60,8 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 
 def _forward_chunk(hidden, head, targets, weights, layout, z_loss):
-  """The chunk's objective sum (weighted nll + z_loss * log Z^2), its weighted nll sum, and
-  its logits' log Z [batch, chunk] and probabilities [batch, chunk, vocab] float32."""
+  """The chunk's objective sum (weighted nll + z_loss * log Z^2), its weighted nll sum, its
+  log Z [batch, chunk] and its logits [batch, chunk, vocab] float32."""
   logits = _logits(hidden, head, layout)
   nll, log_z = token_losses(logits, targets)
   nll_sum = jnp.sum(nll * weights)

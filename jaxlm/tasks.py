@@ -27,7 +27,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -332,29 +332,24 @@ def _row(context_ids: Sequence[int], continuation_ids: Sequence[int], length: in
   return row
 
 
-def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], tuple[Any, Any]]:
-  """(params, batch) -> (log-likelihood [batch], greedy [batch]): the summed log-probability
-  of each row's weighted targets, and whether each of them is the argmax."""
-  model = Transformer(model_config)
-  params_sharding = jax.tree.map(lambda leaf: leaf.sharding,
-                                 train_lib.abstract_params(model_config, mesh))
-  replicated = sharding.replicated(mesh)
+def continuation_scores(model: Transformer, params: Any, batch: dict, rng: Any = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss-function-shaped (see train.LossFn): per row, the summed log-probability of its
+  weighted targets ("loglikelihood" [batch]) and whether each of them is the argmax
+  ("greedy" [batch])."""
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"]).astype(jnp.float32)
+  nll, _ = token_losses(logits, batch["targets"])                      # [batch, length]
+  weights = batch["weights"]
+  loglikelihood = -jnp.sum(nll * weights, axis=-1)
+  greedy = jnp.all((jnp.argmax(logits, -1) == batch["targets"]) | (weights == 0), axis=-1)
+  return -jnp.sum(loglikelihood), {"loglikelihood": loglikelihood, "greedy": greedy}
 
-  def score(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"]).astype(jnp.float32)
-    nll, _ = token_losses(logits, batch["targets"])                  # [batch, length]
-    weights = batch["weights"]
-    greedy = jnp.all((jnp.argmax(logits, -1) == batch["targets"]) | (weights == 0), axis=-1)
-    return -jnp.sum(nll * weights, axis=-1), greedy
 
-  jitted = jax.jit(score, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated))
-
-  def run(params, batch):
-    with jax.set_mesh(mesh), sharding.axis_rules():
-      return jitted(params, batch)
-  return run
+def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], dict[str, Any]]:
+  """(params, global batch) -> `continuation_scores`' per-row arrays, replicated: the eval
+  step of `train.make_eval_step` with this scorer as its loss."""
+  return train_lib.make_eval_step(model_config, mesh, continuation_scores)
 
 
 def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]], *, mesh,
@@ -372,8 +367,7 @@ def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]],
     chosen = order[start:start + batch_size]
     length = min(-(-lengths[chosen[0]] // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
     rows = [_row(*encoded[i], length, max_length, tokenizer.pad_id) for i in chosen]
-    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
-    out.append((chosen, {k: np.stack([r[k] for r in rows]) for k in rows[0]}))
+    out.append((chosen, evaluate_lib.stack_rows(rows, batch_size)[0]))
   return out
 
 
@@ -388,9 +382,10 @@ def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple
   for chosen, batch in tqdm(request_batches(config, tokenizer, pairs, mesh=mesh,
                                             batch_size=batch_size),
                             disable=not show, unit="batch", file=sys.stderr, desc="scoring"):
-    row_ll, row_greedy = jax.device_get(
+    scores = jax.device_get(
         scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
-    ll[chosen], greedy[chosen] = row_ll[:len(chosen)], row_greedy[:len(chosen)]
+    ll[chosen] = scores["loglikelihood"][:len(chosen)]
+    greedy[chosen] = scores["greedy"][:len(chosen)]
   return ll, greedy
 
 
@@ -499,8 +494,26 @@ def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh
   return {"task": task.name, "file": task.path, "num_fewshot": task.num_fewshot, **result}
 
 
-def in_training_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """Task results as flat eval metrics for metrics.jsonl / TensorBoard:
-  eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte}."""
+def load_eval_tasks(config: Config) -> list[LoadedTask]:
+  """The zero-shot tasks of `train.eval_tasks` (first `train.eval_tasks_limit` examples),
+  read and checked: what a training run calls before it writes anything."""
+  if not config.train.eval_tasks:
+    return []
+  return load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
+                    seed=config.seed)
+
+
+def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask], mesh
+                          ) -> Callable[[Any], dict[str, float]]:
+  """params -> the tasks' results as flat eval metrics for metrics.jsonl / TensorBoard:
+  eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte} (empty without
+  tasks). The scorer compiles once per length bucket, on first use."""
+  scorer = make_scorer(config.model, mesh) if loaded else None
   keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte")
-  return {f"eval_{r['task']}_{k}": float(r[k]) for r in results for k in keys if k in r}
+
+  def evaluate(params: Any) -> dict[str, float]:
+    results = [score_task(task, config, params, tokenizer, mesh=mesh,
+                          batch_size=config.train.global_batch_size, scorer=scorer)
+               for task in loaded]
+    return {f"eval_{r['task']}_{k}": float(r[k]) for r in results for k in keys if k in r}
+  return evaluate

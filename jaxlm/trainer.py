@@ -53,8 +53,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
-  eval_tasks = (tasks_lib.load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
-                                     seed=config.seed) if config.train.eval_tasks else [])
+  eval_tasks = tasks_lib.load_eval_tasks(config)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise config_lib.ConfigError(
@@ -105,17 +104,15 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
                                      jax.process_count())
     return data_lib.train_iterator(dataset)
 
-  scorer = tasks_lib.make_scorer(cfg.model, mesh) if prepared.eval_tasks else None
+  evaluate_tasks = tasks_lib.in_training_evaluator(cfg, prepared.tokenizer, prepared.eval_tasks,
+                                                   mesh)
 
   def evaluate(state) -> dict[str, float]:
     result = evaluate_lib.evaluate(prepared.steps.eval, state.params, eval_batches,
                                    byte_lengths, mesh)
-    task_results = [tasks_lib.score_task(t, cfg, state.params, prepared.tokenizer, mesh=mesh,
-                                         batch_size=cfg.train.global_batch_size, scorer=scorer)
-                    for t in prepared.eval_tasks]
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
             "eval_bits_per_byte": result["bits_per_byte"], "eval_tokens": result["tokens"],
-            **tasks_lib.in_training_metrics(task_results)}
+            **evaluate_tasks(state.params)}
 
   attention = resolve_attention_impl(cfg.model, mesh.devices.flat[0].platform)
   return loop.Task(

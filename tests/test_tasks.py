@@ -156,7 +156,8 @@ def test_greedy_flag_marks_a_continuation_the_model_would_write(tiny_lm_run):
   rows = [tasks._row(context, continuation, 64, 64, run.tokenizer.pad_id)
           for continuation in (greedy_ids[-2:], other)]
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  ll, greedy = jax.device_get(scorer(params, sharding.global_batch(batch, mesh)))
+  scores = jax.device_get(scorer(params, sharding.global_batch(batch, mesh)))
+  ll, greedy = scores["loglikelihood"], scores["greedy"]
   assert list(greedy) == [True, False] and ll[0] > ll[1]
 
 
