@@ -3,10 +3,11 @@
 Multiple choice (HellaSwag, PIQA, ARC, Winogrande, BoolQ, RTE, SST-2): each choice is a
 continuation of the task's context; the model's log-likelihood of every continuation decides.
 `acc` takes the choice of highest summed log-probability, `acc_norm` the highest
-log-probability per UTF-8 byte of the continuation. LAMBADA: `acc` is 1 when greedy decoding
+log-probability per character of the choice (the harness's definition: the choice's text
+without the space that joins it to the context; per byte for ASCII). LAMBADA: `acc` is 1 when greedy decoding
 of the passage's last word reproduces it exactly, `perplexity` = exp(-mean log-likelihood of
-the last word). WikiText: rolling log-likelihood of each article (jaxlm.evaluate's sliding
-windows), reported as perplexity per word of the text, per byte, and bits per byte.
+the last word). WikiText: rolling log-likelihood of each article (disjoint windows of the
+model's context, as the harness's `loglikelihood_rolling`), reported as perplexity per word of the text, per byte, and bits per byte.
 
 Tokenization as the harness does it: the context loses its trailing whitespace to the
 continuation, the pair is encoded whole and the continuation is what follows the context's
@@ -27,7 +28,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -371,22 +372,53 @@ def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]],
   return out
 
 
+def _score_batches(config: Config, params: Any, batches, *, mesh, scorer, progress: bool
+                   ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+  """(key, per-row scores) of each (key, global batch) of `batches`, host-side."""
+  scorer = scorer or make_scorer(config.model, mesh)
+  show = progress and jax.process_index() == 0
+  for key, batch in tqdm(batches, disable=not show, unit="batch", file=sys.stderr,
+                         desc="scoring"):
+    yield key, jax.device_get(
+        scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
+
+
 def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,
                    mesh, batch_size: int, scorer=None, progress: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Log-likelihood [len(pairs)] of each continuation given its context, and whether greedy
   decoding reproduces it [len(pairs)] (bool)."""
-  scorer = scorer or make_scorer(config.model, mesh)
   ll, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
-  show = progress and jax.process_index() == 0
-  for chosen, batch in tqdm(request_batches(config, tokenizer, pairs, mesh=mesh,
-                                            batch_size=batch_size),
-                            disable=not show, unit="batch", file=sys.stderr, desc="scoring"):
-    scores = jax.device_get(
-        scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
+  batches = request_batches(config, tokenizer, pairs, mesh=mesh, batch_size=batch_size)
+  for chosen, scores in _score_batches(config, params, batches, mesh=mesh, scorer=scorer,
+                                       progress=progress):
     ll[chosen] = scores["loglikelihood"][:len(chosen)]
     greedy[chosen] = scores["greedy"][:len(chosen)]
   return ll, greedy
+
+
+def document_loglikelihoods(config: Config, params: Any, tokenizer, documents: Sequence[str], *,
+                            mesh, batch_size: int, scorer=None, progress: bool = False
+                            ) -> tuple[np.ndarray, int]:
+  """Rolling log-likelihood [len(documents)] of each whole document (after end-of-text; disjoint
+  windows of the model's context, each carrying one token over: the harness's
+  `loglikelihood_rolling`), and the number of tokens scored."""
+  length = config.model.max_seq_len
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]  # every data-parallel device gets whole rows
+  batch_size = -(-batch_size // ways) * ways
+  owners, rows = [], []
+  for index, ids in enumerate(tokenizer.encode_batch(list(documents))):
+    windows = evaluate_lib.document_windows(ids, length, length, tokenizer.eos_id,
+                                            tokenizer.pad_id)
+    owners += [index] * len(windows)
+    rows += windows
+  batches = [(np.array(owners[start:start + batch_size]), batch) for start, batch in
+             zip(range(0, len(rows), batch_size), evaluate_lib.stack_rows(rows, batch_size))]
+  ll = np.zeros(len(documents))
+  for owner, scores in _score_batches(config, params, batches, mesh=mesh, scorer=scorer,
+                                      progress=progress):
+    np.add.at(ll, owner, scores["loglikelihood"][:len(owner)])
+  return ll, int(sum(row["weights"].sum() for row in rows))
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -397,16 +429,17 @@ def _stderr(values: np.ndarray) -> float:
 def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
                 batch_size: int = 8, scorer=None,
                 progress: bool = False) -> dict[str, float]:
-  """acc, acc_norm (per continuation byte) and their standard errors over `items`."""
+  """acc, acc_norm (per character of the choice) and their standard errors over `items`."""
   pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
   ll, _ = loglikelihoods(config, params, tokenizer, pairs, mesh=mesh, batch_size=batch_size,
                          scorer=scorer, progress=progress)
   correct, correct_norm, start = [], [], 0
   for item in items:
     scores = ll[start:start + len(item.choices)]
-    num_bytes = np.array([max(len(x.encode("utf-8")), 1) for x in item.choices])
+    # The harness's acc_norm: per character of the choice, without the " " joining it on.
+    lengths = np.array([max(len(x) - x.startswith(" "), 1) for x in item.choices])
     correct.append(float(np.argmax(scores) == item.label))
-    correct_norm.append(float(np.argmax(scores / num_bytes) == item.label))
+    correct_norm.append(float(np.argmax(scores / lengths) == item.label))
     start += len(item.choices)
   correct, correct_norm = np.array(correct), np.array(correct_norm)
   return {"acc": float(correct.mean()), "acc_stderr": _stderr(correct),
@@ -428,20 +461,18 @@ def score_last_word(config: Config, params: Any, tokenizer, items: Sequence[Item
 
 
 def score_documents(config: Config, params: Any, tokenizer, documents: Sequence[str], *, mesh,
-                    batch_size: int = 8, seq_len: int | None = None,
-                    stride: int | None = None) -> dict[str, float]:
-  """WikiText-style: word and byte perplexity and bits per byte of whole documents (each token
-  scored once; windows of seq_len advancing by stride, default the model's context, i.e. the
-  harness's disjoint rolling windows)."""
-  seq_len = seq_len or config.model.max_seq_len
-  result = evaluate_lib.evaluate_documents(config, params, tokenizer, documents,
-                                           seq_len=seq_len, stride=stride or seq_len,
-                                           batch_size=batch_size, mesh=mesh)
-  nll = result["loss"] * result["tokens"]
+                    batch_size: int = 8, scorer=None, progress: bool = False
+                    ) -> dict[str, float]:
+  """WikiText-style: word and byte perplexity and bits per byte of whole documents (the
+  rolling log-likelihood of `document_loglikelihoods`), as the harness computes them."""
+  ll, tokens = document_loglikelihoods(config, params, tokenizer, documents, mesh=mesh,
+                                       batch_size=batch_size, scorer=scorer, progress=progress)
+  nll = -float(ll.sum())
   words = sum(len(re.split(r"\s+", doc)) for doc in documents)
+  num_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
   return {"word_perplexity": math.exp(min(nll / max(words, 1), 700.0)),
-          "byte_perplexity": 2.0 ** result["bits_per_byte"],
-          "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
+          "byte_perplexity": math.exp(min(nll / max(num_bytes, 1), 700.0)),
+          "bits_per_byte": nll / max(num_bytes, 1) / math.log(2), "tokens": tokens,
           "documents": len(documents)}
 
 
@@ -485,12 +516,12 @@ def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh
   """The metrics of `score_items` / `score_last_word` / `score_documents` for the task, plus
   task, file and num_fewshot."""
   if task.documents is not None:
-    result = score_documents(config, params, tokenizer, task.documents, mesh=mesh,
-                             batch_size=batch_size)
+    score, examples = score_documents, task.documents
   else:
     score = score_items if task.name in CHOICE_TASKS else score_last_word
-    result = score(config, params, tokenizer, task.items, mesh=mesh, batch_size=batch_size,
-                   scorer=scorer, progress=progress)
+    examples = task.items
+  result = score(config, params, tokenizer, examples, mesh=mesh, batch_size=batch_size,
+                 scorer=scorer, progress=progress)
   return {"task": task.name, "file": task.path, "num_fewshot": task.num_fewshot, **result}
 
 
