@@ -164,3 +164,27 @@ def test_bad_model_args_are_one_line_errors(tiny_lm_run, tmp_path):
 def test_registered_under_the_name_jaxlm():
   from lm_eval.api.registry import get_model
   assert get_model("jaxlm") is harness.JaxLM
+
+
+@pytest.mark.slow
+def test_the_launcher_runs_lm_evals_command_line(tiny_lm_run, tmp_path):
+  path = arc_file(tmp_path / "arc.jsonl", 6)
+  tasks_dir = tmp_path / "tasks"
+  tasks_dir.mkdir()
+  (tasks_dir / "arc.yaml").write_text(ARC_TASK.format(path=path, cache=tmp_path / "hf"))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.harness", "--model", "jaxlm",
+       "--model_args", f"workdir={tiny_lm_run}", "--tasks", "jaxlm_arc_local",
+       "--include_path", str(tasks_dir), "--batch_size", "4",
+       "--output_path", str(tmp_path / "out")],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "jaxlm_arc_local" in result.stdout and "acc_norm" in result.stdout
+  written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files
+             if f.startswith("results")]
+  assert len(written) == 1
+  results = json.load(open(written[0]))["results"]["jaxlm_arc_local"]
+  model = harness.JaxLM(workdir=tiny_lm_run)
+  ours = tasks.score_items(model.config, model.params, model.tokenizer, tasks.read_arc(path),
+                           mesh=model.mesh)
+  assert results["acc,none"] == ours["acc"] and results["acc_norm,none"] == ours["acc_norm"]
