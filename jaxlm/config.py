@@ -38,6 +38,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DTYPES = ("float32", "bfloat16", "float16")
 CORPORA = ("pystdlib", "text_files", "tfds")
 SCHEDULES = ("cosine", "constant", "wsd")
+SPIKE_ACTIONS = ("none", "log", "skip", "halt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,18 @@ class TrainConfig:
   sample_temperature: float = 0.8
   sample_top_k: int = 40
   max_nonfinite_steps: int = 3
+  # Loss spikes on finite steps (README "When training goes wrong"): a step whose loss exceeds
+  # spike_loss_ratio x, or whose gradient norm exceeds spike_grad_ratio x, their running means
+  # (exponential, span spike_window accepted steps; armed after spike_window steps) is a spike.
+  # spike_action: none (no detection) | log | skip (update not applied, data moves on) | halt
+  # (update not applied, the run stops with an error). More than max_spike_steps spikes in a
+  # row stop the run: the loss has moved for good, which is not a spike. Off by default: near
+  # zero loss (late fine-tuning) a ratio fires on noise; opt in where losses are O(1).
+  spike_action: str = "none"
+  spike_window: int = 100
+  spike_loss_ratio: float = 2.0
+  spike_grad_ratio: float = 10.0
+  max_spike_steps: int = 10
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
@@ -450,6 +463,13 @@ def check(config: Config) -> Config:
                "eval_tasks_limit"):
     _non_negative(f"train.{name}", getattr(t, name))
   _non_negative("train.sample_temperature", t.sample_temperature)
+  _choice("train.spike_action", t.spike_action, SPIKE_ACTIONS)
+  _positive("train.spike_window", t.spike_window)
+  _non_negative("train.max_spike_steps", t.max_spike_steps)
+  for name in ("spike_loss_ratio", "spike_grad_ratio"):
+    if not getattr(t, name) > 1.0:
+      raise ConfigError(f"train.{name}={getattr(t, name)}: must be > 1 (a multiple of the "
+                        f"running mean that counts as a spike; e.g. 2.0).")
 
   _choice("optim.schedule", o.schedule, SCHEDULES)
   _positive("optim.learning_rate", o.learning_rate)

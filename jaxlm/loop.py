@@ -45,7 +45,7 @@ from jaxlm.errors import UserError
 
 
 class TrainingDiverged(UserError):
-  """Too many non-finite steps in a row."""
+  """Too many non-finite or spiking steps in a row, or a spike under spike_action=halt."""
 
 
 @dataclasses.dataclass
@@ -205,25 +205,35 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
   if show_progress and lead:
     progress = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
                     dynamic_ncols=True, smoothing=0.1)
-  step, pending, nonfinite_run, saved_step = start, None, 0, start
+  step, pending, saved_step = start, None, start
+  in_a_row = {"nonfinite": 0, "spike": 0}
   data_state = iterator.get_state()
+  positions = {start + 1: data_state}  # step -> data position of its batch (recent steps)
   batch = sharding.global_batch(next(iterator), mesh) if start < num_steps else None
   window_start, window_step, window_tokens = time.perf_counter(), start, 0
 
-  def check_finite(pending, nonfinite_run: int) -> int:
+  def check_step(pending) -> None:
+    """Counts and reports a finished step's non-finite loss or spike; raises TrainingDiverged
+    past the limits (or at a spike under spike_action=halt)."""
     done_step, values = pending
-    if not int(jax.device_get(values["nonfinite"])):
-      return 0
-    nonfinite_run += 1
-    log(f"step {done_step}: non-finite loss or gradient; update skipped "
-        f"({nonfinite_run} in a row)")
-    limit = cfg.train.max_nonfinite_steps
-    if nonfinite_run > limit:
-      raise TrainingDiverged(
-          f"training diverged: {nonfinite_run} non-finite steps in a row at step {done_step} "
-          f"(train.max_nonfinite_steps={limit}); lower optim.learning_rate or raise "
-          f"optim.warmup_steps, and resume from the last checkpoint.")
-    return nonfinite_run
+    values = jax.device_get({k: values[k] for k in ("nonfinite", "spike", "train_loss",
+                                                    "grad_norm", "loss_mean",
+                                                    "grad_norm_mean")})
+    in_a_row["nonfinite"] = in_a_row["nonfinite"] + 1 if values["nonfinite"] else 0
+    if values["nonfinite"]:
+      log(f"step {done_step}: non-finite loss or gradient; update skipped "
+          f"({in_a_row['nonfinite']} in a row)")
+      limit = cfg.train.max_nonfinite_steps
+      if in_a_row["nonfinite"] > limit:
+        raise TrainingDiverged(
+            f"training diverged: {in_a_row['nonfinite']} non-finite steps in a row at step "
+            f"{done_step} (train.max_nonfinite_steps={limit}); lower optim.learning_rate or "
+            f"raise optim.warmup_steps, and resume from the last checkpoint.")
+    in_a_row["spike"] = in_a_row["spike"] + 1 if values["spike"] else 0
+    if values["spike"]:
+      _report_spike(cfg, writer, done_step, values, positions.get(done_step),
+                    in_a_row["spike"], saved_step)
+
 
   with stop.installed():
     while step < num_steps:
@@ -242,17 +252,19 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
       window_tokens += tokens
       book.tokens_seen += tokens
       if pending is not None:  # read step t-1 while step t runs
-        nonfinite_run = check_finite(pending, nonfinite_run)
+        check_step(pending)
       pending = (step, step_metrics)
       data_state = iterator.get_state()  # exactly `step` batches consumed
       if step < num_steps:
+        positions = {s: p for s, p in positions.items() if s >= step - 1}
+        positions[step + 1] = data_state
         batch = sharding.global_batch(next(iterator), mesh)  # overlaps the step
 
       due = lambda every: every > 0 and step % every == 0
       last = step == num_steps
       if due(cfg.train.log_every) or last:
         values = jax.device_get(pending[1])
-        nonfinite_run = check_finite(pending, nonfinite_run)
+        check_step(pending)
         pending = None
         now = time.perf_counter()
         seconds = (now - window_start) / max(step - window_step, 1)
@@ -289,13 +301,16 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
         _sample(cfg, state, task.tokenizer, step, samples_path)
         paused = True
       if save_now:
+        if pending is not None:  # its report belongs before the checkpoint (exact resume)
+          check_step(pending)
+          pending = None
         save(step, data_state)
         saved_step = step
         paused = True
       if paused:
         window_start, window_step, window_tokens = time.perf_counter(), step, 0
   if pending is not None:
-    check_finite(pending, nonfinite_run)
+    check_step(pending)
   if progress is not None:
     progress.close()
 
@@ -323,6 +338,35 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
     log(f"stopped at step {step} ({stop.reason or 'stop_at_step'}); checkpoint saved; rerun "
         f"with --workdir={workdir} to resume.")
   return summary
+
+
+def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], position: Any,
+                  in_a_row: int, saved_step: int) -> None:
+  """Logs a spike (stderr, metrics.jsonl, TensorBoard) with the data position of its batch;
+  raises TrainingDiverged under spike_action=halt or after max_spike_steps skips in a row."""
+  t = cfg.train
+  loss_ratio = float(values["train_loss"]) / max(float(values["loss_mean"]), 1e-30)
+  grad_ratio = float(values["grad_norm"]) / max(float(values["grad_norm_mean"]), 1e-30)
+  writer.write(step, {"spike": 1, "spike_loss": values["train_loss"],
+                      "spike_loss_ratio": loss_ratio, "spike_grad_norm": values["grad_norm"],
+                      "spike_grad_norm_ratio": grad_ratio, "spike_action": t.spike_action,
+                      "spike_batch_position": position})
+  applied = "update applied" if t.spike_action == "log" else "update not applied"
+  log(f"step {step}: loss spike ({t.spike_action}): loss {float(values['train_loss']):.4g} = "
+      f"{loss_ratio:.2f}x its running mean, gradient norm {float(values['grad_norm']):.4g} = "
+      f"{grad_ratio:.2f}x; {applied}; the batch's data position: {json.dumps(position)}")
+  if t.spike_action == "halt":
+    raise TrainingDiverged(
+        f"loss spike at step {step} (train.spike_action=halt): loss {loss_ratio:.2f}x, gradient "
+        f"norm {grad_ratio:.2f}x their running means; the last checkpoint is step {saved_step}: "
+        f"rerun to resume from it, with train.spike_action=skip or a lower "
+        f"optim.learning_rate.")
+  if t.spike_action == "skip" and in_a_row > t.max_spike_steps:
+    raise TrainingDiverged(
+        f"{in_a_row} spikes in a row at step {step} (train.max_spike_steps="
+        f"{t.max_spike_steps}): the loss has moved for good, which skipping cannot fix; lower "
+        f"optim.learning_rate, or raise train.spike_loss_ratio / train.spike_grad_ratio, and "
+        f"resume from the last checkpoint (step {saved_step}).")
 
 
 def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:

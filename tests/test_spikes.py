@@ -1,0 +1,166 @@
+"""Loss spikes: detected on finite steps, logged with their batch's data position, and skipped,
+halted on or only logged, by train.spike_action; a run poisoned with bad batches recovers with
+`skip` and visibly does not without it."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import loop
+from jaxlm import sharding
+from jaxlm import train as train_lib
+from jaxlm import trainer
+from tests.test_pretrain import losses, tiny_values
+
+POISON_STEPS = (16, 17, 18)   # the batches of these steps are replaced by poison
+POISON_TOKEN = 3 + 0xC8       # a byte-fallback token: never seen in ASCII Python source
+
+
+# -- the step ---------------------------------------------------------------------------------
+
+def step_config(action: str, **train):
+  return config_lib.validate({
+      "model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+                "vocab_size": 64, "max_seq_len": 16},
+      "data": {"seq_len": 16, "stride": 16},
+      "train": {"global_batch_size": 4, "spike_action": action, "spike_window": 4,
+                "spike_loss_ratio": 1.5, **train},
+      "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"}})
+
+
+def pattern_batch(target: int) -> dict[str, np.ndarray]:
+  inputs = np.tile(np.arange(16, dtype=np.int32) % 8 + 4, (4, 1))
+  return {"inputs": inputs, "targets": np.where(target < 0, (inputs + 1) % 64, target)
+          .astype(np.int32), "weights": np.ones((4, 16), np.float32),
+          "segment_ids": np.ones((4, 16), np.int32),
+          "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))}
+
+
+@pytest.mark.parametrize("action", ["log", "skip"])  # halt is skip in the step (see below)
+def test_the_step_flags_a_spike_and_applies_it_only_when_told(action):
+  config = step_config(action)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  steps = train_lib.make_steps(config, mesh)
+  state = steps.init(jax.random.PRNGKey(0))
+  clean = sharding.global_batch(pattern_batch(-1), mesh)
+  flags = []
+  for _ in range(16):  # a learnable pattern: the loss falls, nothing is a spike
+    state, metrics = steps.train(state, clean)
+    flags.append(int(metrics["spike"]))
+  assert flags == [0] * 16
+  before = jax.device_get(state)
+  state, metrics = steps.train(state, sharding.global_batch(pattern_batch(60), mesh))
+  after = jax.device_get(state)
+  ratio = float(metrics["train_loss"]) / float(metrics["loss_mean"])
+  assert ratio > 2 * 1.5  # the poison is far past the threshold, not near it
+  assert int(metrics["spike"]) == 1
+  assert int(after.step) == int(before.step) + 1
+  unchanged = jax.tree.leaves(jax.tree.map(np.array_equal, before.params, after.params))
+  if action == "skip":  # not applied: params, optimizer state and means kept
+    assert all(unchanged)
+    np.testing.assert_array_equal(after.spike_stats, before.spike_stats)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before.opt_state,
+                                            after.opt_state)))
+  else:
+    assert not all(unchanged)
+    assert after.spike_stats[2] == before.spike_stats[2] + 1
+
+
+def test_spike_settings_are_checked():
+  for field, value, match in [("spike_action", "rollback", "train.spike_action"),
+                              ("spike_loss_ratio", 1.0, "must be > 1"),
+                              ("spike_window", 0, "train.spike_window")]:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      step_config("skip", **{field: value})
+
+
+# -- the loop, on a poisoned pretraining run ---------------------------------------------------
+
+class Poisoned:
+  """A train iterator whose batches at POISON_STEPS have every target replaced by one token
+  the model has never seen: a stand-in for a corrupt shard."""
+
+  def __init__(self, iterator):
+    self.iterator, self.position = iterator, 0
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    self.position += 1
+    if self.position in POISON_STEPS:
+      batch["targets"] = np.full_like(batch["targets"], POISON_TOKEN)
+    return batch
+
+  def get_state(self):
+    return {"inner": self.iterator.get_state(), "position": self.position}
+
+  def set_state(self, state):
+    self.iterator.set_state(state["inner"])
+    self.position = state["position"]
+
+
+def poisoned_run(data_dir, workdir, action: str | None, stop_at_step=None, **train):
+  values = tiny_values(data_dir, train={
+      "num_steps": 30, "log_every": 1, "eval_every": 30, "checkpoint_every": 10,
+      "sample_every": 0, "sample_max_new_tokens": 0, "spike_window": 8,
+      "spike_action": action or "none", **train},
+      optim={"learning_rate": 3e-3, "warmup_steps": 2, "schedule": "constant"})
+  task = trainer.task(trainer.prepare(config_lib.validate(values), str(workdir)))
+  if action is not None:
+    make_data = task.data
+    task.data = lambda: Poisoned(make_data())
+  return loop.fit(task, stop_at_step=stop_at_step, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def spike_data(tmp_path_factory):
+  """One prepared corpus and tokenizer for the runs below."""
+  return tmp_path_factory.mktemp("spike_data")
+
+
+@pytest.fixture(scope="module")
+def clean_and_poisoned(spike_data, tmp_path_factory):
+  root = tmp_path_factory.mktemp("spikes")
+  for name, action in [("clean", None), ("log", "log"), ("skip", "skip")]:
+    poisoned_run(spike_data, root / name, action)
+  return {name: root / name for name in ("clean", "log", "skip")}
+
+
+@pytest.mark.slow
+def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean_and_poisoned):
+  clean, applied, skipped = (losses(clean_and_poisoned[n]) for n in ("clean", "log", "skip"))
+  after = range(POISON_STEPS[-1] + 1, 31)
+  gap = lambda run: float(np.mean([run[s] - clean[s] for s in after]))
+  print(f"mean train-loss gap after the poison: applied {gap(applied):.3f}, "
+        f"skipped {gap(skipped):.3f}")
+  assert gap(applied) > 0.5          # the poison went into the weights: the loss jumped
+  assert abs(gap(skipped)) < 0.1     # skipped: only 3 batches of learning are missing
+  # Each poisoned batch was detected, under both actions, and logged with its data position.
+  for name in ("log", "skip"):
+    records = [json.loads(line) for line in open(clean_and_poisoned[name] / "metrics.jsonl")]
+    spikes = [r for r in records if r.get("spike")]
+    assert [r["step"] for r in spikes] == list(POISON_STEPS), name
+    assert [r["spike_batch_position"]["position"] for r in spikes] == [15, 16, 17]
+    assert all(r["spike_loss_ratio"] > 2 and r["spike_action"] == name for r in spikes)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_skips_the_same_spikes(clean_and_poisoned, spike_data, tmp_path):
+  cut = poisoned_run(spike_data, tmp_path / "cut", "skip", stop_at_step=17)
+  assert not cut["finished"]
+  poisoned_run(spike_data, tmp_path / "cut", "skip")
+  assert losses(tmp_path / "cut") == losses(clean_and_poisoned["skip"])
+
+
+@pytest.mark.slow
+def test_halt_stops_at_the_first_spike_and_skips_have_a_limit(spike_data, tmp_path):
+  with pytest.raises(loop.TrainingDiverged, match=r"loss spike at step 16 .*spike_action=halt"
+                     r".*last checkpoint is step 10"):
+    poisoned_run(spike_data, tmp_path / "halt", "halt")
+  with pytest.raises(loop.TrainingDiverged, match=r"3 spikes in a row at step 18 "
+                     r"\(train.max_spike_steps=2\)"):
+    poisoned_run(spike_data, tmp_path / "limit", "skip", max_spike_steps=2)
