@@ -121,9 +121,14 @@ class Checkpointer:
     to another mesh or device count.
     """
     where = os.path.join(self.directory, str(step))
+    # Checkpoints written before TrainState had spike_stats hold the other four fields: they
+    # are restored as such and start the spike statistics afresh.
+    legacy = "spike_stats" not in self.read_meta(step).get("fingerprints", {"spike_stats": 0})
+    target = ({f: getattr(abstract_state, f) for f in ("step", "params", "opt_state", "rng")}
+              if legacy else abstract_state)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types; one clear line for the user
       raise CheckpointError(
@@ -132,6 +137,10 @@ class Checkpointer:
           f"that step to fall back to an earlier one.") from e
     state, meta = restored["state"], restored["meta"]
     _verify(where, meta, state)
+    if legacy:
+      stats = abstract_state.spike_stats
+      state = TrainState(**state, spike_stats=jax.device_put(
+          jnp.zeros(stats.shape, stats.dtype), stats.sharding))
     return state, restored["data"], meta
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:

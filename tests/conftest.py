@@ -82,7 +82,8 @@ LONGEST_FIRST = ["test_finetune",    # 371
                  "test_multihost",   # 126
                  "test_plan",        # 106
                  "test_loop",        # 106
-                 "test_tasks"]       # 90
+                 "test_tasks",       # 90
+                 "test_spikes"]      # 66 (alone)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -88,3 +88,24 @@ def test_flipped_bytes_are_refused(trained, tmp_path):
   steps = train.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   with pytest.raises(ckpt.CheckpointError, match="checkpoint .*1"):
     ckpt.Checkpointer(str(copy)).restore(1, steps.abstract_state)
+
+
+def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
+  """Runs saved before TrainState carried the spike statistics (the four other fields only)
+  restore with the statistics started afresh."""
+  config, state, _ = trained
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  steps = train.make_steps(config, mesh)
+  old = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+         "rng": state.rng}
+  checkpointer = ckpt.Checkpointer(str(tmp_path / "checkpoints"))
+  checkpointer.save(1, old, {"next_index": 1}, config_lib.to_dict(config), _FakeTokenizer())
+  checkpointer.wait()
+  assert "spike_stats" in ckpt.fingerprints(state)  # what a current checkpoint holds
+  restored, _, _ = ckpt.Checkpointer(str(tmp_path / "checkpoints")).restore(
+      1, steps.abstract_state)
+  assert isinstance(restored, train.TrainState)
+  np.testing.assert_array_equal(restored.spike_stats, np.zeros(3, np.float32))
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  steps.train(restored, sharding.global_batch(random_batch(config), mesh))  # it trains on

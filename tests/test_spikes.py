@@ -17,7 +17,7 @@ from jaxlm import train as train_lib
 from jaxlm import trainer
 from tests.test_pretrain import losses, tiny_values
 
-POISON_STEPS = (16, 17, 18)   # the batches of these steps are replaced by poison
+POISON_STEPS = tuple(range(16, 24))   # the batches of these steps are replaced by poison
 POISON_TOKEN = 3 + 0xC8       # a byte-fallback token: never seen in ASCII Python source
 
 
@@ -103,14 +103,16 @@ class Poisoned:
     self.position = state["position"]
 
 
-def poisoned_run(data_dir, workdir, action: str | None, stop_at_step=None, **train):
+def poisoned_run(data_dir, workdir, action: str, stop_at_step=None, poison=True, **train):
   values = tiny_values(data_dir, train={
       "num_steps": 30, "log_every": 1, "eval_every": 30, "checkpoint_every": 10,
       "sample_every": 0, "sample_max_new_tokens": 0, "spike_window": 8,
-      "spike_action": action or "none", **train},
+      # A loss 30% above its running mean: this tiny model's clean steps stay within 10%.
+      "spike_loss_ratio": 1.3,
+      "spike_action": action, **train},
       optim={"learning_rate": 3e-3, "warmup_steps": 2, "schedule": "constant"})
   task = trainer.task(trainer.prepare(config_lib.validate(values), str(workdir)))
-  if action is not None:
+  if poison:
     make_data = task.data
     task.data = lambda: Poisoned(make_data())
   return loop.fit(task, stop_at_step=stop_at_step, show_progress=False)
@@ -125,27 +127,33 @@ def spike_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_and_poisoned(spike_data, tmp_path_factory):
   root = tmp_path_factory.mktemp("spikes")
-  for name, action in [("clean", None), ("log", "log"), ("skip", "skip")]:
-    poisoned_run(spike_data, root / name, action)
+  for name, action in [("clean", "log"), ("log", "log"), ("skip", "skip")]:
+    poisoned_run(spike_data, root / name, action, poison=name != "clean")
   return {name: root / name for name in ("clean", "log", "skip")}
 
 
 @pytest.mark.slow
 def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean_and_poisoned):
   clean, applied, skipped = (losses(clean_and_poisoned[n]) for n in ("clean", "log", "skip"))
-  after = range(POISON_STEPS[-1] + 1, 31)
+  after = range(POISON_STEPS[-1] + 1, POISON_STEPS[-1] + 4)  # the 3 clean steps after it
   gap = lambda run: float(np.mean([run[s] - clean[s] for s in after]))
-  print(f"mean train-loss gap after the poison: applied {gap(applied):.3f}, "
-        f"skipped {gap(skipped):.3f}")
-  assert gap(applied) > 0.5          # the poison went into the weights: the loss jumped
-  assert abs(gap(skipped)) < 0.1     # skipped: only 3 batches of learning are missing
-  # Each poisoned batch was detected, under both actions, and logged with its data position.
+  # Measured: applied 0.73 nats above the clean run, skipped 0.09 (it lacks 8 batches of
+  # learning, not more).
+  assert gap(applied) > 0.4, gap(applied)        # the poison went into the weights
+  assert abs(gap(skipped)) < 0.25, gap(skipped)  # skipped: the run carried on as if clean
+  # Logged with the data position of each batch: under skip every poisoned step (the running
+  # means stay clean); under log the first ones, before the applied poison moves the means.
   for name in ("log", "skip"):
     records = [json.loads(line) for line in open(clean_and_poisoned[name] / "metrics.jsonl")]
     spikes = [r for r in records if r.get("spike")]
-    assert [r["step"] for r in spikes] == list(POISON_STEPS), name
-    assert [r["spike_batch_position"]["position"] for r in spikes] == [15, 16, 17]
-    assert all(r["spike_loss_ratio"] > 2 and r["spike_action"] == name for r in spikes)
+    steps = [r["step"] for r in spikes]
+    assert steps[0] == POISON_STEPS[0] and set(steps) <= set(POISON_STEPS), (name, steps)
+    assert name == "log" or steps == list(POISON_STEPS), steps
+    assert [r["spike_batch_position"]["position"] for r in spikes] == [s - 1 for s in steps]
+    assert all(r["spike_loss_ratio"] > 1.3 and r["spike_action"] == name for r in spikes)
+  # The clean run, watched at the same threshold (spike_action=log), had no false alarm.
+  assert not [r for r in map(json.loads, open(clean_and_poisoned["clean"] / "metrics.jsonl"))
+              if r.get("spike")]
 
 
 @pytest.mark.slow

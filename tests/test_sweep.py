@@ -155,7 +155,7 @@ TINY = """
               "data": {{"corpus": "text_files", "files": "{files}", "seq_len": 32, "stride": 32,
                         "data_dir": "{cache}", "validation_fraction": 0.2}},
               "train": {{"num_steps": {steps}, "global_batch_size": 8, "log_every": 2,
-                         "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4,
+                         "eval_every": {every}, "eval_batches": 2, "checkpoint_every": {every},
                          "sample_every": 0, "sample_max_new_tokens": 0,
                          "max_nonfinite_steps": 0}},
               "optim": {{"warmup_steps": 0}},
@@ -176,9 +176,10 @@ def corpus(tmp_path_factory):
   return root
 
 
-def tiny_sweep(tmp_path, corpus, points, steps=8, name="tiny.py"):
+def tiny_sweep(tmp_path, corpus, points, steps=8, name="tiny.py", every=4):
+  """every: steps between evaluations and between checkpoints."""
   return write_sweep(tmp_path, TINY.format(files=f"{corpus}/*.txt", cache=tmp_path / "cache",
-                                           steps=steps, points=points), name)
+                                           steps=steps, points=points, every=every), name)
 
 
 def report_rows(workdir) -> dict[str, list[str]]:
@@ -248,8 +249,10 @@ def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path,
 
 @pytest.mark.slow
 def test_sigterm_stops_the_sweep_and_a_rerun_resumes_from_checkpoints(tmp_path, corpus):
+  # 400 steps: long enough that SIGTERM lands mid-run; evaluations and checkpoints every 40
+  # (the SIGTERM save needs none of them).
   path = tiny_sweep(tmp_path, corpus, repr([{"name": "only", "model.positional": "rope"}]),
-                    steps=400)
+                    steps=400, every=40)
   workdir = tmp_path / "sweep"
   process = run_sweep([f"--sweep={path}", f"--workdir={workdir}"])
   metrics = workdir / "only" / "seed_0" / "metrics.jsonl"
