@@ -22,15 +22,17 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["import", "def", "return", "class", "self", "value", "print", "list", "open", "file"]
 
-# The harness's own ARC recipe, pointed at a local AI2-format jsonl file.
-ARC_TASK = """task: jaxlm_arc_local
-dataset_path: json
+# A local jsonl file as an lm-eval dataset (Hugging Face datasets' json loader, offline).
+LOCAL_JSONL = """dataset_path: json
 dataset_kwargs:
   data_files:
     test: {path}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""
+
+# The harness's own ARC recipe, pointed at a local AI2-format jsonl file.
+ARC_TASK = "task: jaxlm_arc_local\n" + LOCAL_JSONL + """output_type: multiple_choice
 doc_to_text: "Question: {{{{question.stem}}}}\\nAnswer:"
 doc_to_choice: "{{{{question.choices | map(attribute='text') | list}}}}"
 doc_to_target: "{{{{(question.choices | map(attribute='label') | list).index(answerKey)}}}}"
@@ -40,14 +42,7 @@ metric_list:
 """
 
 # The harness's WikiText recipe (rolling log-likelihood), on local text documents.
-ROLLING_TASK = """task: jaxlm_rolling_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
+ROLLING_TASK = "task: jaxlm_rolling_local\n" + LOCAL_JSONL + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
@@ -70,6 +65,20 @@ def arc_file(path, count: int, seed: int = 0) -> str:
   return str(path)
 
 
+def task_dir(tmp_path, template: str, path) -> str:
+  """A folder holding one lm-eval task YAML over the local file `path` (for --include_path)."""
+  folder = tmp_path / "tasks"
+  folder.mkdir()
+  (folder / "task.yaml").write_text(template.format(path=path, cache=tmp_path / "hf"))
+  return str(folder)
+
+
+def local_evaluate(model, task: str, folder: str, **kwargs) -> dict:
+  return lm_eval.simple_evaluate(
+      model=model, tasks=[task],
+      task_manager=TaskManager(include_path=folder, include_defaults=False), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_lm_run):
   return harness.JaxLM(workdir=tiny_lm_run, batch_size=8)
@@ -78,12 +87,8 @@ def model(tiny_lm_run):
 @pytest.mark.slow
 def test_lm_eval_scores_a_multiple_choice_task_as_jaxlm_does(model, tmp_path):
   path = arc_file(tmp_path / "arc.jsonl", 24)
-  tasks_dir = tmp_path / "tasks"
-  tasks_dir.mkdir()
-  (tasks_dir / "arc.yaml").write_text(ARC_TASK.format(path=path, cache=tmp_path / "hf"))
-  results = lm_eval.simple_evaluate(
-      model=model, tasks=["jaxlm_arc_local"], log_samples=True,
-      task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+  results = local_evaluate(model, "jaxlm_arc_local", task_dir(tmp_path, ARC_TASK, path),
+                           log_samples=True)
   harness_metrics = results["results"]["jaxlm_arc_local"]
   samples = sorted(results["samples"]["jaxlm_arc_local"], key=lambda s: s["doc_id"])
 
@@ -108,12 +113,8 @@ def test_lm_eval_rolling_perplexity_equals_jaxlm_wikitext_scoring(model, tmp_pat
                "a"]
   path = tmp_path / "docs.jsonl"
   path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-  tasks_dir = tmp_path / "tasks"
-  tasks_dir.mkdir()
-  (tasks_dir / "rolling.yaml").write_text(ROLLING_TASK.format(path=path, cache=tmp_path / "hf"))
-  results = lm_eval.simple_evaluate(
-      model=model, tasks=["jaxlm_rolling_local"],
-      task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+  results = local_evaluate(model, "jaxlm_rolling_local",
+                           task_dir(tmp_path, ROLLING_TASK, path))
   theirs = results["results"]["jaxlm_rolling_local"]
   ours = tasks.score_documents(model.config, model.params, model.tokenizer, documents,
                                mesh=model.mesh)
@@ -169,13 +170,11 @@ def test_registered_under_the_name_jaxlm():
 @pytest.mark.slow
 def test_the_launcher_runs_lm_evals_command_line(tiny_lm_run, tmp_path):
   path = arc_file(tmp_path / "arc.jsonl", 6)
-  tasks_dir = tmp_path / "tasks"
-  tasks_dir.mkdir()
-  (tasks_dir / "arc.yaml").write_text(ARC_TASK.format(path=path, cache=tmp_path / "hf"))
+  folder = task_dir(tmp_path, ARC_TASK, path)
   result = subprocess.run(
       [sys.executable, "-m", "experiments.harness", "--model", "jaxlm",
        "--model_args", f"workdir={tiny_lm_run}", "--tasks", "jaxlm_arc_local",
-       "--include_path", str(tasks_dir), "--batch_size", "4",
+       "--include_path", folder, "--batch_size", "4",
        "--output_path", str(tmp_path / "out")],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
