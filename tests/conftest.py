@@ -3,15 +3,8 @@
 import os
 import sys
 
-# One compute thread per XLA process: the suite runs 2 test processes on 2 cores and many
-# tests start subprocesses (CLIs, sweeps, multi-process jobs, notebook kernels), so XLA's
-# default thread pool per process oversubscribed the cores (half the CPU time went to the
-# kernel). Measured on the multihost + sweep tests: 217 s -> 176 s with the flag in the test
-# processes alone. Subprocesses that set their own XLA_FLAGS include ONE_THREAD.
-ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-if ONE_THREAD not in os.environ.get("XLA_FLAGS", ""):  # (tests import this module again)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {ONE_THREAD}"
-                             " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -18,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import ONE_THREAD
-
 from jaxlm import config as config_lib
 from jaxlm import generate as gen
 from jaxlm import run as run_lib
@@ -339,7 +337,7 @@ def test_cli_streams_prompt_and_continuation_only(run_dir, tmp_path):
   """Subprocesses; the expected text comes from the library in this process."""
   workdir, _ = run_dir
   # One device; backend optimization level 0 compiles faster and computes the same numbers.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{ONE_THREAD} --xla_backend_optimization_level=0")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   prompt = "def load(s, *, cls=None"
   greedy = ["--workdir", str(workdir), "--prompt", prompt, "--max_new_tokens=20",
             "--temperature=0"]

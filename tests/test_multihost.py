@@ -11,8 +11,6 @@ import time
 
 import pytest
 
-from tests.conftest import ONE_THREAD
-
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
 from tests.test_pretrain import REPO, losses, overrides, tiny_values
@@ -37,7 +35,7 @@ def launch_script(module, script_args, num_processes, devices_per_process):
   processes = []
   for index in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{ONE_THREAD} --xla_force_host_platform_device_count={devices_per_process}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     args = [sys.executable, "-m", module, *script_args]
     if num_processes > 1:
       args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",

@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-from tests.conftest import ONE_THREAD
-
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
@@ -50,7 +48,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path, data_dir, monkeypatc
   # The kernel is a child process: it inherits this environment. One CPU device (not the
   # test suite's 8 simulated ones), jaxlm importable from the checkout, a fresh working dir.
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", ONE_THREAD)
+  monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.setenv("JAXLM_DATA_DIR", str(data_dir))
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws plots

@@ -13,8 +13,6 @@ import time
 
 import pytest
 
-from tests.conftest import ONE_THREAD
-
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import trainer
@@ -48,7 +46,7 @@ def overrides(values):
 
 
 def run_cli(args, timeout=600, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_THREAD)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
@@ -137,7 +135,7 @@ def test_sigterm_saves_and_the_rerun_continues(tmp_path, data_dir):
   workdir = tmp_path / "run"
   values = tiny_values(data_dir, train={"num_steps": 100000, "checkpoint_every": 100000,
                                         "eval_every": 100000, "sample_every": 0})
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_THREAD)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   process = subprocess.Popen(
       [sys.executable, "-m", "experiments.pretrain", "--workdir", str(workdir),
        "--progress=false", *overrides(values)], cwd=REPO, env=env,

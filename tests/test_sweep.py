@@ -14,8 +14,6 @@ import time
 
 import pytest
 
-from tests.conftest import ONE_THREAD
-
 from jaxlm import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +27,7 @@ def write_sweep(tmp_path, body: str, name: str = "s.py") -> str:
 
 
 def run_sweep(args, timeout=900, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_THREAD)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
