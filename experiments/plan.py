@@ -287,7 +287,7 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
       "param_bytes": _tree_bytes(state.params),
       "opt_state_bytes": _tree_bytes(state.opt_state),
       "batch_bytes": _tree_bytes(batch),
-      "other_state_bytes": _tree_bytes((state.step, state.rng)),
+      "other_state_bytes": _tree_bytes((state.step, state.rng, state.spike_stats)),
       "argument_bytes": None,
       "output_bytes": None,
       "alias_bytes": None,
@@ -346,7 +346,7 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
       ("temporaries (XLA)", r["temp_bytes"]),
       ("outputs not aliased",
        None if r["output_bytes"] is None else r["output_bytes"] - r["alias_bytes"]),
-      ("step, rng", r["other_state_bytes"]),
+      ("step, rng, spike stats", r["other_state_bytes"]),
   ]
   topology = r.get("topology")
   where = f"{r['num_devices']} {r['platform']} devices"

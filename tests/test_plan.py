@@ -45,7 +45,8 @@ def test_fsdp_shards_parameters_and_optimizer_state(plans):
   params = model_lib.param_count(config_lib.validate(TINY).model)
   assert replicated["param_bytes"] == 4 * params  # float32, whole on every device
   for p in (replicated, sharded):
-    # XLA's own argument size is exactly the shards we count: state + step/rng + batch rows.
+    # XLA's own argument size is exactly the shards we count: state + step/rng/spike stats +
+    # batch rows.
     assert p["argument_bytes"] == (state(p) + p["other_state_bytes"] + p["batch_bytes"])
     assert p["batch_bytes"] == 5 * 4 * 32  # 5 arrays x 1 row x 32 tokens x 4 bytes
     assert p["per_device_batch"] == 1 and p["temp_bytes"] > 0
