@@ -215,10 +215,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
   def check_step(pending) -> None:
     """Counts and reports a finished step's non-finite loss or spike; raises TrainingDiverged
     past the limits (or at a spike under spike_action=halt)."""
-    done_step, values = pending
-    values = jax.device_get({k: values[k] for k in ("nonfinite", "spike", "train_loss",
-                                                    "grad_norm", "loss_mean",
-                                                    "grad_norm_mean")})
+    done_step, step_metrics = pending
+    values = jax.device_get({k: step_metrics[k] for k in ("nonfinite", "spike")})
     in_a_row["nonfinite"] = in_a_row["nonfinite"] + 1 if values["nonfinite"] else 0
     if values["nonfinite"]:
       log(f"step {done_step}: non-finite loss or gradient; update skipped "
@@ -230,7 +228,9 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
             f"{done_step} (train.max_nonfinite_steps={limit}); lower optim.learning_rate or "
             f"raise optim.warmup_steps, and resume from the last checkpoint.")
     in_a_row["spike"] = in_a_row["spike"] + 1 if values["spike"] else 0
-    if values["spike"]:
+    if values["spike"]:  # its values fetched only then: two scalars per step otherwise
+      values = jax.device_get({k: step_metrics[k] for k in ("train_loss", "grad_norm",
+                                                             "loss_mean", "grad_norm_mean")})
       _report_spike(cfg, writer, done_step, values, positions.get(done_step),
                     in_a_row["spike"], saved_step)
 
