@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Iterable, Mapping
 
@@ -95,6 +96,21 @@ def peak_flops(dtype: str, cache_dir: str | None = None) -> float:
   return cache[key] * multiplier
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
+  whenever it is installed (to accept torch tensors; we log Python floats), which cost every
+  training process 2.8 s of startup here. torch stays importable afterwards."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -106,8 +122,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tensorboard = None
     if enabled:
-      from tensorboardX import SummaryWriter
-      self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:

@@ -53,11 +53,11 @@ def wait(processes, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def values(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("multihost_cache")
-  values = tiny_values(data_dir, train={"num_steps": 10, "global_batch_size": 8, "log_every": 1,
-                                        "eval_every": 5, "checkpoint_every": 5,
-                                        "sample_every": 0, "sample_max_new_tokens": 4},
+def values(shared_data_dir):
+  values = tiny_values(shared_data_dir,
+                       train={"num_steps": 10, "global_batch_size": 8, "log_every": 1,
+                              "eval_every": 5, "checkpoint_every": 5, "sample_every": 0,
+                              "sample_max_new_tokens": 4},
                        mesh={"data": -1})
   # Train the tokenizer once here rather than racing in two processes.
   tokenizer_lib.get_tokenizer(config_lib.validate(values).data, values["model"]["vocab_size"])

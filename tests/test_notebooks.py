@@ -18,15 +18,15 @@ NAMES = ["quickstart.ipynb", "from_scratch.ipynb"]
 # each found exactly once, so a change to the notebook cannot silently skip this.
 SHORTER = {
     "quickstart.ipynb": [("num_steps=150, global_batch_size=16, eval_every=50, checkpoint_every=50",
-                          "num_steps=60, global_batch_size=16, eval_every=20, checkpoint_every=20")],
-    "from_scratch.ipynb": [("num_steps=300 if backend", "num_steps=100 if backend")],
+                          "num_steps=30, global_batch_size=16, eval_every=10, checkpoint_every=10")],
+    "from_scratch.ipynb": [("num_steps=300 if backend", "num_steps=50 if backend")],
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """One prepared corpus and tokenizer for both notebooks (what a user's cache holds)."""
-  return tmp_path_factory.mktemp("jaxlm_cache")
+@pytest.fixture
+def data_dir(shared_data_dir):
+  """The test run's prepared corpora and tokenizers (what a user's cache holds)."""
+  return shared_data_dir
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,15 +1,14 @@
 """End to end: the pretrain script and trainer on the embedded corpus and on users' files.
 
-Covers the run directory contract, resume == uninterrupted, preemption by SIGTERM, refusing
-incompatible workdirs, and every bad input the issue lists (one line, nothing written).
+Covers the run directory contract, resume == uninterrupted, refusing incompatible workdirs,
+and every bad input the issue lists (one line, nothing written). The script's SIGTERM save
+and resume: tests/test_multihost.py (two processes) and tests/test_sweep.py (one).
 """
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -51,9 +50,9 @@ def run_cli(args, timeout=600, **kwargs):
                         env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("jaxlm_cache")
+@pytest.fixture
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 def losses(workdir, key="train_loss"):
@@ -128,33 +127,6 @@ def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   assert second["finished"]
   assert losses(resumed) == losses(straight)  # bitwise: same floats in the JSON
   assert losses(resumed, "eval_loss") == losses(straight, "eval_loss")
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_the_rerun_continues(tmp_path, data_dir):
-  workdir = tmp_path / "run"
-  values = tiny_values(data_dir, train={"num_steps": 100000, "checkpoint_every": 100000,
-                                        "eval_every": 100000, "sample_every": 0})
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  process = subprocess.Popen(
-      [sys.executable, "-m", "experiments.pretrain", "--workdir", str(workdir),
-       "--progress=false", *overrides(values)], cwd=REPO, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and len(losses(workdir) if (workdir / "metrics.jsonl").exists()
-                                       else {}) < 3:
-    time.sleep(0.5)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
-  steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and steps[0] >= 3
-  assert "SIGTERM" in stderr
-  rerun = run_cli(["--workdir", str(workdir), "--progress=false",
-                   f"--config.train.num_steps={steps[0] + 2}"])
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert f"resumed from {workdir / 'checkpoints'}/{steps[0]}" in rerun.stderr
-  assert max(losses(workdir)) == steps[0] + 2
 
 
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):

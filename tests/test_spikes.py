@@ -119,16 +119,10 @@ def poisoned_run(data_dir, workdir, action: str, stop_at_step=None, poison=True,
 
 
 @pytest.fixture(scope="module")
-def spike_data(tmp_path_factory):
-  """One prepared corpus and tokenizer for the runs below."""
-  return tmp_path_factory.mktemp("spike_data")
-
-
-@pytest.fixture(scope="module")
-def clean_and_poisoned(spike_data, tmp_path_factory):
+def clean_and_poisoned(shared_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("spikes")
   for name, action in [("clean", "log"), ("log", "log"), ("skip", "skip")]:
-    poisoned_run(spike_data, root / name, action, poison=name != "clean")
+    poisoned_run(shared_data_dir, root / name, action, poison=name != "clean")
   return {name: root / name for name in ("clean", "log", "skip")}
 
 
@@ -157,18 +151,18 @@ def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean
 
 
 @pytest.mark.slow
-def test_a_resumed_run_skips_the_same_spikes(clean_and_poisoned, spike_data, tmp_path):
-  cut = poisoned_run(spike_data, tmp_path / "cut", "skip", stop_at_step=17)
+def test_a_resumed_run_skips_the_same_spikes(clean_and_poisoned, shared_data_dir, tmp_path):
+  cut = poisoned_run(shared_data_dir, tmp_path / "cut", "skip", stop_at_step=17)
   assert not cut["finished"]
-  poisoned_run(spike_data, tmp_path / "cut", "skip")
+  poisoned_run(shared_data_dir, tmp_path / "cut", "skip")
   assert losses(tmp_path / "cut") == losses(clean_and_poisoned["skip"])
 
 
 @pytest.mark.slow
-def test_halt_stops_at_the_first_spike_and_skips_have_a_limit(spike_data, tmp_path):
+def test_halt_stops_at_the_first_spike_and_skips_have_a_limit(shared_data_dir, tmp_path):
   with pytest.raises(loop.TrainingDiverged, match=r"loss spike at step 16 .*spike_action=halt"
                      r".*last checkpoint is step 10"):
-    poisoned_run(spike_data, tmp_path / "halt", "halt")
+    poisoned_run(shared_data_dir, tmp_path / "halt", "halt")
   with pytest.raises(loop.TrainingDiverged, match=r"3 spikes in a row at step 18 "
                      r"\(train.max_spike_steps=2\)"):
-    poisoned_run(spike_data, tmp_path / "limit", "skip", max_spike_steps=2)
+    poisoned_run(shared_data_dir, tmp_path / "limit", "skip", max_spike_steps=2)
