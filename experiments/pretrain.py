@@ -5,7 +5,8 @@ r"""Pretrain a GPT from scratch (or resume a run).
       --config.model.num_layers=2 --workdir=runs/x
   python -m experiments.pretrain --workdir=runs/x                  # resume with its saved config
 
-Rerunning with the same --workdir resumes from its latest checkpoint. Without --config, an
+Rerunning with the same --workdir resumes from its newest checkpoint that restores (a damaged
+one is skipped with a warning), or from --restore_step=N. Without --config, an
 existing run's saved config.json is used (--config.K=V overrides still apply, e.g. a larger
 train.num_steps to train further).
 """
@@ -25,6 +26,9 @@ _CONFIG = common.define_config_flag("configs/default.py")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "run directory (default: runs/<config name>-<time>); reusing one resumes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
+_RESTORE_STEP = flags.DEFINE_integer(
+    "restore_step", None, "resume from this checkpoint step instead of the newest valid one "
+    "(the later ones are moved to checkpoints_discarded/).", lower_bound=0)
 common.define_distributed_flags()
 
 
@@ -50,7 +54,8 @@ def main(argv: list[str]) -> None:
     workdir = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   config, base = resolve_config(workdir)
   from jaxlm import trainer
-  summary = trainer.train(config, workdir, base_config=base, show_progress=_PROGRESS.value)
+  summary = trainer.train(config, workdir, base_config=base, restore_step=_RESTORE_STEP.value,
+                          show_progress=_PROGRESS.value)
   import jax
   if jax.process_index() == 0:
     keys = ("step", "train_loss", "eval_loss", "eval_bits_per_byte", "median_tokens_per_second")

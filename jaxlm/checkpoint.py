@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxlm.errors import UserError
 from jaxlm.train import TrainState
@@ -121,12 +122,12 @@ class Checkpointer:
     to another mesh or device count.
     """
     where = os.path.join(self.directory, str(step))
-    # Checkpoints written before TrainState had spike_stats hold the other four fields: they
-    # are restored as such and start the spike statistics afresh.
-    legacy = "spike_stats" not in self.read_meta(step).get("fingerprints", {"spike_stats": 0})
-    target = ({f: getattr(abstract_state, f) for f in ("step", "params", "opt_state", "rng")}
-              if legacy else abstract_state)
     try:
+      # Checkpoints written before TrainState had spike_stats hold the other four fields: they
+      # are restored as such and start the spike statistics afresh.
+      legacy = "spike_stats" not in self.read_meta(step).get("fingerprints", {"spike_stats": 0})
+      target = ({f: getattr(abstract_state, f) for f in ("step", "params", "opt_state", "rng")}
+                if legacy else abstract_state)
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
@@ -142,6 +143,63 @@ class Checkpointer:
       state = TrainState(**state, spike_stats=jax.device_put(
           jnp.zeros(stats.shape, stats.dtype), stats.sharding))
     return state, restored["data"], meta
+
+  def restore_for_resume(self, abstract_state: TrainState, restore_step: int | None = None,
+                         warn: Callable[[str], None] = print
+                         ) -> tuple[int, TrainState, dict[str, Any]] | None:
+    """(step, state, data iterator state) to resume from, or None when there is no checkpoint.
+
+    The newest checkpoint that restores and verifies wins: a damaged one (flipped bytes,
+    truncated or missing files: a kill during a write, a bad disk) is skipped with a warning
+    naming it, and the run falls back to the one before. `restore_step` picks a step instead
+    (no fallback). Newer steps than the one restored are moved to `checkpoints_discarded/`
+    next to `checkpoints/` (kept, not deleted), so the resumed run can save those steps again.
+    Raises CheckpointError when no checkpoint can be restored.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if restore_step is not None and restore_step not in steps:
+      raise CheckpointError(
+          f"--restore_step={restore_step}: {self.directory} has no such checkpoint (available "
+          f"steps: {', '.join(map(str, sorted(steps))) or 'none'}).")
+    failures = []
+    for step in steps if restore_step is None else [restore_step]:
+      try:
+        state, data_state, _ = self.restore(step, abstract_state)
+      except CheckpointError as error:
+        if restore_step is not None:
+          raise
+        warn(f"warning: skipping checkpoint {step}: {error}")
+        failures.append(str(error))
+        continue
+      newer = [s for s in steps if s > step]
+      if newer:
+        self._discard(newer)
+        warn(f"moved the checkpoints after step {step} ({', '.join(map(str, newer))}) to "
+             f"{self.discarded_directory}")
+      return step, state, data_state
+    if failures:
+      raise CheckpointError(
+          f"none of the {len(failures)} checkpoints in {self.directory} can be restored "
+          f"(newest: {failures[0]}); move them away to train from scratch.")
+    return None
+
+  @property
+  def discarded_directory(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "checkpoints_discarded")
+
+  def _discard(self, steps: list[int]) -> None:
+    """Moves committed steps out of the manager's directory (process 0; all processes wait)."""
+    if jax.process_index() == 0:
+      os.makedirs(self.discarded_directory, exist_ok=True)
+      for step in steps:
+        target = os.path.join(self.discarded_directory, str(step))
+        suffix = 1
+        while os.path.exists(target):  # discarded before: keep both
+          target, suffix = os.path.join(self.discarded_directory, f"{step}.{suffix}"), suffix + 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxlm discarded checkpoints {steps}")
+    self.manager.reload()
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the params of a checkpoint (a TrainState's or an imported `{"params": ...}`), with

@@ -142,15 +142,17 @@ class _Bookkeeping:
     return {"best": self.best, "tokens_seen": self.tokens_seen}
 
 
-def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = True
-        ) -> dict[str, Any]:
+def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None = None,
+        show_progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) `task` in its workdir to `train.num_steps`; returns the summary (also
-  written to summary.json). stop_at_step: behave as if preempted once this many steps are done
-  (tests compare resumed and uninterrupted runs with it)."""
+  written to summary.json). Resumes from the newest checkpoint that restores (a damaged one is
+  skipped with a warning), or from `restore_step`. stop_at_step: behave as if preempted once
+  this many steps are done (tests compare resumed and uninterrupted runs with it)."""
   cfg, workdir, mesh = task.config, task.workdir, task.mesh
   lead = jax.process_index() == 0
   done = run_lib.read_json(workdir, "summary.json")
-  if done is not None and done.get("finished") and done.get("step", 0) >= cfg.train.num_steps:
+  if (restore_step is None and done is not None and done.get("finished")
+      and done.get("step", 0) >= cfg.train.num_steps):
     log(f"already trained to step {done['step']}; nothing to do.")
     return done
   if jax.process_count() > 1:  # every process has read the workdir (its checks) before 0 writes
@@ -160,11 +162,11 @@ def fit(task: Task, *, stop_at_step: int | None = None, show_progress: bool = Tr
   keep = None if task.rank is not None else cfg.train.keep_checkpoints
   checkpointer = run_lib.checkpointer(workdir, keep=keep)
   iterator = task.data()
-  start = checkpointer.latest_step()
-  if start is None:
+  resumed = checkpointer.restore_for_resume(task.steps.abstract_state, restore_step, log)
+  if resumed is None:
     state, start, book = task.init_state(), 0, _Bookkeeping()
   else:
-    state, data_state, _ = checkpointer.restore(start, task.steps.abstract_state)
+    start, state, data_state = resumed
     if "iterator" not in data_state:  # written before the loop kept its bookkeeping there
       data_state = {"iterator": data_state}
     iterator.set_state(data_state["iterator"])

@@ -79,16 +79,18 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
 
 
 def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None = None,
-          stop_at_step: int | None = None, show_progress: bool = True) -> dict[str, Any]:
+          stop_at_step: int | None = None, restore_step: int | None = None,
+          show_progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` to `config.train.num_steps`.
 
   base_config: the config the run was derived from (e.g. the config file before CLI overrides),
     written as `config_diff.json`. stop_at_step: behave as if preempted once this many steps are
-    done (tests use it to compare resumed and uninterrupted runs).
+    done (tests use it to compare resumed and uninterrupted runs). restore_step: resume from
+    this checkpoint instead of the newest valid one (later ones are moved aside, not deleted).
   Returns the final summary (also written to `summary.json`).
   """
   return loop.fit(task(prepare(config, workdir), base_config), stop_at_step=stop_at_step,
-                  show_progress=show_progress)
+                  restore_step=restore_step, show_progress=show_progress)
 
 
 def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) -> loop.Task:

@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip, restore onto another mesh, corruption detected."""
+"""Checkpoints: exact round trip, restore onto another mesh, corruption detected, and resuming
+from the newest checkpoint that restores (or a chosen one)."""
 
 import glob
 import os
@@ -109,3 +110,73 @@ def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   steps.train(restored, sharding.global_batch(random_batch(config), mesh))  # it trains on
+
+
+# -- resuming from the newest checkpoint that restores -----------------------------------------
+
+def damage(step_dir, how: str) -> None:
+  """Damages a checkpoint step directory as a crash or a bad disk would."""
+  if how == "no_meta":
+    import shutil
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+    return
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 4096]
+  target = max(files, key=os.path.getsize)
+  if how == "truncated":
+    os.truncate(target, os.path.getsize(target) // 3)
+    return
+  with open(target, "r+b") as f:  # flipped: one byte in the middle of the largest array file
+    f.seek(os.path.getsize(target) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0x55]))
+
+
+@pytest.fixture
+def two_steps(trained, tmp_path):
+  """A checkpoints/ directory with steps 1 and 2 (data states 1 and 2), and the abstract state."""
+  config, state, _ = trained
+  checkpointer = ckpt.Checkpointer(str(tmp_path / "checkpoints"))
+  for step in (1, 2):
+    checkpointer.save(step, state, {"next_index": step}, config_lib.to_dict(config),
+                      _FakeTokenizer())
+  checkpointer.wait()
+  steps = train.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  return tmp_path / "checkpoints", steps.abstract_state
+
+
+# (tensorstore's reads of a truncated file end as unraisable warnings after the error)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["flipped", "truncated", "no_meta"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(two_steps, how):
+  directory, abstract = two_steps
+  damage(str(directory / "2"), how)
+  warnings = []
+  checkpointer = ckpt.Checkpointer(str(directory))
+  step, _, data_state = checkpointer.restore_for_resume(abstract, warn=warnings.append)
+  assert (step, data_state) == (1, {"next_index": 1})
+  assert warnings[0].startswith(f"warning: skipping checkpoint 2: checkpoint {directory / '2'}")
+  # The damaged step is kept aside, and the run can save that step again.
+  assert checkpointer.all_steps() == [1]
+  assert (directory.parent / "checkpoints_discarded" / "2").is_dir()
+  assert "checkpoints_discarded" in warnings[-1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_restorable_checkpoint_is_one_error_and_restore_step_picks_one(two_steps):
+  directory, abstract = two_steps
+  checkpointer = ckpt.Checkpointer(str(directory))
+  with pytest.raises(ckpt.CheckpointError, match=r"--restore_step=5: .* \(available steps: 1, "
+                     r"2\)"):
+    checkpointer.restore_for_resume(abstract, restore_step=5)
+  step, _, data_state = checkpointer.restore_for_resume(abstract, restore_step=1,
+                                                        warn=lambda _: None)
+  assert (step, data_state) == (1, {"next_index": 1})
+  assert checkpointer.all_steps() == [1]  # step 2 (valid) moved aside, not deleted
+  assert (directory.parent / "checkpoints_discarded" / "2").is_dir()
+  damage(str(directory / "1"), "truncated")
+  with pytest.raises(ckpt.CheckpointError) as error:
+    checkpointer.restore_for_resume(abstract, warn=lambda _: None)
+  assert "none of the 1 checkpoints" in str(error.value) and "\n" not in str(error.value)
+  assert checkpointer.all_steps() == [1]  # nothing moved when nothing restores

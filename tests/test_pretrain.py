@@ -7,6 +7,7 @@ and resume: tests/test_multihost.py (two processes) and tests/test_sweep.py (one
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,15 +107,19 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   again = run_cli(["--workdir", str(workdir), "--progress=false"])
   assert again.returncode == 0, again.stderr[-2000:]
   assert "already trained to step 12" in again.stderr
-  # ...and a longer num_steps continues from step 12 with the saved config.
+  # ...and a longer num_steps continues with the saved config, here from a chosen checkpoint:
+  # step 12 is moved aside and steps 7-14 are trained and logged (on the longer schedule).
   longer = run_cli(["--workdir", str(workdir), "--progress=false",
-                    "--config.train.num_steps=14"])
+                    "--config.train.num_steps=14", "--restore_step=6"])
   assert longer.returncode == 0, longer.stderr[-2000:]
-  assert max(losses(workdir)) == 14
+  assert f"resumed from {workdir / 'checkpoints'}/6" in longer.stderr
+  assert sorted(os.listdir(workdir / "checkpoints_discarded")) == ["12"]
+  assert sorted(losses(workdir)) == list(range(1, 15))
   assert json.load(open(workdir / "config.json"))["train"]["num_steps"] == 14
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   config = config_lib.validate(tiny_values(data_dir, model={"dropout": 0.1}))
   straight = tmp_path / "straight"
@@ -127,6 +132,17 @@ def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   assert second["finished"]
   assert losses(resumed) == losses(straight)  # bitwise: same floats in the JSON
   assert losses(resumed, "eval_loss") == losses(straight, "eval_loss")
+
+  # A crash that damaged the newest checkpoint (a truncated array file): the rerun warns, falls
+  # back to step 6 and from there logs the uninterrupted losses again.
+  from tests.test_checkpoint import damage
+  damaged = tmp_path / "damaged"
+  shutil.copytree(straight, damaged)
+  damage(str(damaged / "checkpoints" / "12"), "truncated")
+  (damaged / "summary.json").unlink()  # it died before finishing
+  trainer.train(config, str(damaged), show_progress=False)
+  assert losses(damaged) == losses(straight)
+  assert sorted(os.listdir(damaged / "checkpoints_discarded")) == ["12"]
 
 
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):
