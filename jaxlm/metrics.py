@@ -147,17 +147,30 @@ def _plain(value: Any) -> Any:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSONL file. A last line without its newline that does not parse is
+  dropped: the write a crash (kill -9) cut short; the resumed run logs that step again."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    *complete, last = f.read().split("\n")
+  records = [json.loads(line) for line in complete if line.strip()]
+  if last.strip():
+    try:
+      records.append(json.loads(last))
+    except json.JSONDecodeError:
+      pass
+  return records
 
 
 def truncate_after(path: str, step: int) -> None:
-  """Drops records with step > `step` (a resumed run logs those steps again)."""
+  """Drops records with step > `step` (a resumed run logs those steps again), and a last line
+  cut short by a crash, so that the next record starts on a line of its own."""
   records = read_jsonl(path)
   kept = [r for r in records if r.get("step", 0) <= step]
-  if len(kept) != len(records):
+  with open(path, "rb") if os.path.exists(path) else open(os.devnull, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1)) != b"\n"
+  if len(kept) != len(records) or torn:
     files.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 

@@ -79,3 +79,16 @@ def test_loss_plot_adds_a_task_accuracy_panel_when_tasks_were_scored(tmp_path):
                "eval_hellaswag_acc_norm": 0.35}]
   metrics.plot_losses(records, 64, str(tmp_path / "tasks.png"))
   assert png_width(tmp_path / "tasks.png") > 1.5 * png_width(tmp_path / "plain.png")
+
+
+def test_a_line_cut_by_a_crash_is_dropped_and_the_resume_logs_it_again(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": 2.4}\n{"step": 3, "tr')
+  assert [r["step"] for r in metrics.read_jsonl(str(path))] == [1, 2]
+  metrics.truncate_after(str(path), 2)  # what a resume from step 2 does
+  assert path.read_text() == '{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": 2.4}\n'
+  path.write_text('{"step": 1}\n{"step": 2}')  # complete, only its newline missing
+  assert [r["step"] for r in metrics.read_jsonl(str(path))] == [1, 2]
+  path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage inside the file is an error
+  with pytest.raises(json.JSONDecodeError):
+    metrics.read_jsonl(str(path))
