@@ -162,15 +162,21 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def _ends_with_newline(path: str) -> bool:
+  """True for an empty or missing file, or one whose last write completed its line."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return True
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def truncate_after(path: str, step: int) -> None:
   """Drops records with step > `step` (a resumed run logs those steps again), and a last line
   cut short by a crash, so that the next record starts on a line of its own."""
   records = read_jsonl(path)
   kept = [r for r in records if r.get("step", 0) <= step]
-  with open(path, "rb") if os.path.exists(path) else open(os.devnull, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1)) != b"\n"
-  if len(kept) != len(records) or torn:
+  if len(kept) != len(records) or not _ends_with_newline(path):
     files.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
