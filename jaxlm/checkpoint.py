@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -145,7 +146,7 @@ class Checkpointer:
     return state, restored["data"], meta
 
   def restore_for_resume(self, abstract_state: TrainState, restore_step: int | None = None,
-                         warn: Callable[[str], None] = print
+                         warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
                          ) -> tuple[int, TrainState, dict[str, Any]] | None:
     """(step, state, data iterator state) to resume from, or None when there is no checkpoint.
 
