@@ -63,12 +63,9 @@ def unfinished_writes(workdir: str) -> set[str]:
 
 
 def logged_step(workdir: str) -> int:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    steps = [json.loads(line).get("step", 0) for line in f if line.endswith("\n")]
-  return max(steps, default=0)
+  """The last step in metrics.jsonl (0 before any)."""
+  records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return max((r.get("step", 0) for r in records), default=0)
 
 
 def losses(workdir: str) -> dict[int, float]:
