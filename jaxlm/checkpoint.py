@@ -11,6 +11,7 @@ computed on device, restore recomputes them and refuses a mismatch.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import sys
 from typing import Any, Callable
@@ -124,11 +125,13 @@ class Checkpointer:
     """
     where = os.path.join(self.directory, str(step))
     try:
-      # Checkpoints written before TrainState had spike_stats hold the other four fields: they
-      # are restored as such and start the spike statistics afresh.
-      legacy = "spike_stats" not in self.read_meta(step).get("fingerprints", {"spike_stats": 0})
-      target = ({f: getattr(abstract_state, f) for f in ("step", "params", "opt_state", "rng")}
-                if legacy else abstract_state)
+      # A checkpoint written before TrainState gained a field (spike_stats, rollback_lr_until)
+      # lacks it: the fields it has are restored and the others start afresh (zeros).
+      saved = {name.split("/")[0] for name in self.read_meta(step).get("fingerprints", {})}
+      fields = [f.name for f in dataclasses.fields(TrainState)]
+      missing = [f for f in fields if saved and f not in saved]
+      target = ({f: getattr(abstract_state, f) for f in fields if f not in missing}
+                if missing else abstract_state)
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
@@ -139,10 +142,11 @@ class Checkpointer:
           f"that step to fall back to an earlier one.") from e
     state, meta = restored["state"], restored["meta"]
     _verify(where, meta, state)
-    if legacy:
-      stats = abstract_state.spike_stats
-      state = TrainState(**state, spike_stats=jax.device_put(
-          jnp.zeros(stats.shape, stats.dtype), stats.sharding))
+    if missing:
+      fresh = {f: jax.device_put(jnp.zeros(getattr(abstract_state, f).shape,
+                                           getattr(abstract_state, f).dtype),
+                                 getattr(abstract_state, f).sharding) for f in missing}
+      state = TrainState(**state, **fresh)
     return state, restored["data"], meta
 
   def restore_for_resume(self, abstract_state: TrainState, restore_step: int | None = None,
@@ -174,7 +178,7 @@ class Checkpointer:
         continue
       newer = [s for s in steps if s > step]
       if newer:
-        self._discard(newer)
+        self.discard(newer)
         warn(f"moved the checkpoints after step {step} ({', '.join(map(str, newer))}) to "
              f"{self.discarded_directory}")
       return step, state, data_state
@@ -188,7 +192,7 @@ class Checkpointer:
   def discarded_directory(self) -> str:
     return os.path.join(os.path.dirname(self.directory), "checkpoints_discarded")
 
-  def _discard(self, steps: list[int]) -> None:
+  def discard(self, steps: list[int]) -> None:
     """Moves committed steps out of the manager's directory (process 0; all processes wait)."""
     if jax.process_index() == 0:
       os.makedirs(self.discarded_directory, exist_ok=True)

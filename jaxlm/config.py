@@ -38,7 +38,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DTYPES = ("float32", "bfloat16", "float16")
 CORPORA = ("pystdlib", "text_files", "tfds")
 SCHEDULES = ("cosine", "constant", "wsd")
-SPIKE_ACTIONS = ("none", "log", "skip", "halt")
+SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +136,21 @@ class TrainConfig:
   # spike_loss_ratio x, or whose gradient norm exceeds spike_grad_ratio x, their running means
   # (exponential, span spike_window accepted steps; armed after spike_window steps) is a spike.
   # spike_action: none (no detection) | log | skip (update not applied, data moves on) | halt
-  # (update not applied, the run stops with an error). More than max_spike_steps spikes in a
-  # row stop the run: the loss has moved for good, which is not a spike. Off by default: near
+  # (update not applied, the run stops with an error) | rollback (jaxlm/loop.py: back to the
+  # newest checkpoint before the spike, the data moved past the spike's batch and
+  # rollback_skip_batches more, the learning rate x rollback_lr_factor for rollback_lr_steps
+  # steps; more than max_rollbacks rollbacks stop the run). More than max_spike_steps skips in
+  # a row stop the run: the loss has moved for good, which is not a spike. Off by default: near
   # zero loss (late fine-tuning) a ratio fires on noise; opt in where losses are O(1).
   spike_action: str = "none"
   spike_window: int = 100
   spike_loss_ratio: float = 2.0
   spike_grad_ratio: float = 10.0
   max_spike_steps: int = 10
+  rollback_skip_batches: int = 0
+  rollback_lr_factor: float = 1.0
+  rollback_lr_steps: int = 0
+  max_rollbacks: int = 3
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
@@ -460,12 +467,15 @@ def check(config: Config) -> Config:
     _positive(f"train.{name}", getattr(t, name))
   for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
                "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps",
-               "eval_tasks_limit"):
+               "eval_tasks_limit", "max_spike_steps", "rollback_skip_batches",
+               "rollback_lr_steps", "max_rollbacks"):
     _non_negative(f"train.{name}", getattr(t, name))
   _non_negative("train.sample_temperature", t.sample_temperature)
   _choice("train.spike_action", t.spike_action, SPIKE_ACTIONS)
   _positive("train.spike_window", t.spike_window)
-  _non_negative("train.max_spike_steps", t.max_spike_steps)
+  if not 0.0 < t.rollback_lr_factor <= 1.0:
+    raise ConfigError(f"train.rollback_lr_factor={t.rollback_lr_factor}: must be in (0, 1] (the "
+                      f"learning rate's multiplier after a rollback; e.g. 0.5).")
   for name in ("spike_loss_ratio", "spike_grad_ratio"):
     if not getattr(t, name) > 1.0:
       raise ConfigError(f"train.{name}={getattr(t, name)}: must be > 1 (a multiple of the "

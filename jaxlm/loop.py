@@ -7,7 +7,8 @@ model is judged at eval points, and which checkpoint to keep (periodic, or the b
 metric). `fit` does the rest, the same way for every task:
 
   restore the latest checkpoint (state + data position + loop bookkeeping) or start fresh
-  -> steps, each overlapping the host's next batch; non-finite steps skipped and counted
+  -> steps, each overlapping the host's next batch; non-finite steps skipped and counted;
+     loss spikes logged, skipped, halted on or rolled back (train.spike_action)
   -> every `train.log_every`: train loss, learning rate, gradient norm, tokens/s, MFU
   -> every `eval_every` (and at the end): the task's evaluation; keep the best checkpoint
   -> every `train.sample_every`: samples; every `train.checkpoint_every`: a checkpoint
@@ -133,13 +134,26 @@ class _Bookkeeping:
   """What the loop must carry across a restart besides state and data: saved with every
   checkpoint (in its JSON `data` item) so that a resumed run continues exactly."""
 
-  def __init__(self, saved: Mapping[str, Any] | None = None):
+  def __init__(self, saved: Mapping[str, Any] | None = None, step: int = 0):
     saved = saved or {}
     self.best: dict[str, Any] | None = saved.get("best")   # {"step", "rank", "results"}
     self.tokens_seen: int = int(saved.get("tokens_seen", 0))
+    self.rollbacks: int = int(saved.get("rollbacks", 0))   # spike rollbacks so far
+    # Batches drawn from the train data: `step` plus those a rollback skipped.
+    self.batches: int = int(saved.get("batches", step))
 
   def to_json(self) -> dict[str, Any]:
-    return {"best": self.best, "tokens_seen": self.tokens_seen}
+    return {"best": self.best, "tokens_seen": self.tokens_seen, "rollbacks": self.rollbacks,
+            "batches": self.batches}
+
+
+class _Rollback(Exception):
+  """Raised out of a step's check under spike_action=rollback; `fit` rolls back and goes on."""
+
+  def __init__(self, step: int, record: dict[str, Any], data_after: Any, batches_after: int):
+    super().__init__(step)
+    self.step, self.record = step, record
+    self.data_after, self.batches_after = data_after, batches_after  # after the spike's batch
 
 
 def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None = None,
@@ -167,10 +181,9 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     state, start, book = task.init_state(), 0, _Bookkeeping()
   else:
     start, state, data_state = resumed
-    if "iterator" not in data_state:  # written before the loop kept its bookkeeping there
-      data_state = {"iterator": data_state}
+    data_state = _loop_data(data_state)
     iterator.set_state(data_state["iterator"])
-    book = _Bookkeeping(data_state.get("loop"))
+    book = _Bookkeeping(data_state.get("loop"), start)
     log(f"resumed from {checkpointer.directory}/{start}")
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   samples_path = os.path.join(workdir, "samples.jsonl")
@@ -216,7 +229,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
 
   def check_step(pending) -> None:
     """Counts and reports a finished step's non-finite loss or spike; raises TrainingDiverged
-    past the limits (or at a spike under spike_action=halt)."""
+    past the limits (or at a spike under spike_action=halt), _Rollback under rollback."""
     done_step, step_metrics = pending
     values = jax.device_get({k: step_metrics[k] for k in ("nonfinite", "spike")})
     in_a_row["nonfinite"] = in_a_row["nonfinite"] + 1 if values["nonfinite"] else 0
@@ -233,86 +246,156 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     if values["spike"]:  # its values fetched only then: two scalars per step otherwise
       values = jax.device_get({k: step_metrics[k] for k in ("train_loss", "grad_norm",
                                                              "loss_mean", "grad_norm_mean")})
-      _report_spike(cfg, writer, done_step, values, positions.get(done_step),
-                    in_a_row["spike"], saved_step)
+      record = _report_spike(cfg, writer, done_step, values, positions.get(done_step),
+                             in_a_row["spike"], saved_step)
+      if cfg.train.spike_action == "rollback":
+        after = positions.get(done_step + 1, data_state)  # (data_state: done_step is the last)
+        raise _Rollback(done_step, record, after, book.batches - (step - done_step))
 
+  def roll_back(spike: _Rollback):
+    """The state, data and bookkeeping of the newest checkpoint (or of the start), the data
+    moved past the spike's batch and train.rollback_skip_batches more, the
+    learning rate lowered for train.rollback_lr_steps steps; metrics after it dropped."""
+    t = cfg.train
+    if book.rollbacks >= t.max_rollbacks:
+      raise TrainingDiverged(
+          f"loss spike at step {spike.step} after {book.rollbacks} rollbacks "
+          f"(train.max_rollbacks={t.max_rollbacks}): rolling back does not cure it; lower "
+          f"optim.learning_rate or raise train.rollback_skip_batches, and resume from the last "
+          f"checkpoint (step {saved_step}).")
+    checkpointer.wait()
+    # Every checkpoint precedes the spike. A periodic one is preferred over a preemption's save,
+    # so that a run preempted in between rolls back to the step an uninterrupted run does.
+    saved = checkpointer.all_steps()
+    periodic = [s for s in saved if t.checkpoint_every and s % t.checkpoint_every == 0]
+    to_step = max(periodic or saved or [0])
+    if any(s > to_step for s in saved):  # a preemption's save on the abandoned path: set aside
+      checkpointer.discard([s for s in saved if s > to_step])
+    if to_step:
+      restored, restored_data, _ = checkpointer.restore(to_step, task.steps.abstract_state)
+      restored_book = _Bookkeeping(_loop_data(restored_data).get("loop"), to_step)
+    else:
+      restored, restored_book = task.init_state(), _Bookkeeping()
+    restored_book.rollbacks = book.rollbacks + 1
+    iterator.set_state(spike.data_after)
+    for _ in range(t.rollback_skip_batches):
+      next(iterator)
+    resume_at = spike.batches_after + t.rollback_skip_batches
+    skipped, restored_book.batches = resume_at - restored_book.batches, resume_at
+    if t.rollback_lr_steps:
+      until = jax.make_array_from_callback(  # (a global array: every process calls this)
+          (), task.steps.state_shardings.rollback_lr_until,
+          lambda _: np.int32(to_step + t.rollback_lr_steps))
+      restored = restored.replace(rollback_lr_until=until)
+    if lead:
+      metrics_lib.truncate_after(writer.path, to_step)
+      metrics_lib.truncate_after(samples_path, to_step)
+    writer.write(to_step, {**spike.record, "spike_step": spike.step, "rollback": 1,
+                           "rollback_to_step": to_step, "rollback_skipped_batches": skipped,
+                           "rollbacks": restored_book.rollbacks})
+    log(f"rolled back to step {to_step} ({'checkpoint' if to_step else 'the start'}; rollback "
+        f"{restored_book.rollbacks} of at most {t.max_rollbacks}); skipped {skipped} batches: "
+        f"the data goes on after the spike's batch"
+        + (f" and {t.rollback_skip_batches} more" if t.rollback_skip_batches else "")
+        + (f"; learning rate x{t.rollback_lr_factor} until step {to_step + t.rollback_lr_steps}"
+           if t.rollback_lr_steps and t.rollback_lr_factor != 1.0 else ""))
+    if progress is not None:
+      progress.reset(total=num_steps)
+      progress.update(to_step)
+    return restored, to_step, restored_book
 
   with stop.installed():
-    while step < num_steps:
-      if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
-        break
-      tokens = _batch_tokens(batch)
-      if compile_seconds is None:  # first step of a lazily compiled task: time its compile
-        compile_start = time.perf_counter()
-        state, step_metrics = task.train_step(state, batch)
-        jax.block_until_ready(step_metrics)
-        compile_seconds = time.perf_counter() - compile_start  # (and one step's run)
-        window_start, window_step, window_tokens = time.perf_counter(), step + 1, -tokens
-      else:
-        state, step_metrics = task.train_step(state, batch)
-      step += 1
-      window_tokens += tokens
-      book.tokens_seen += tokens
-      if pending is not None:  # read step t-1 while step t runs
-        check_step(pending)
-      pending = (step, step_metrics)
-      data_state = iterator.get_state()  # exactly `step` batches consumed
-      if step < num_steps:
-        positions = {s: p for s, p in positions.items() if s >= step - 1}
-        positions[step + 1] = data_state
-        batch = sharding.global_batch(next(iterator), mesh)  # overlaps the step
+    while True:
+      try:
+        while step < num_steps:
+          if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
+            break
+          tokens = _batch_tokens(batch)
+          if compile_seconds is None:  # first step of a lazily compiled task: time its compile
+            compile_start = time.perf_counter()
+            state, step_metrics = task.train_step(state, batch)
+            jax.block_until_ready(step_metrics)
+            compile_seconds = time.perf_counter() - compile_start  # (and one step's run)
+            window_start, window_step, window_tokens = time.perf_counter(), step + 1, -tokens
+          else:
+            state, step_metrics = task.train_step(state, batch)
+          step += 1
+          window_tokens += tokens
+          book.tokens_seen += tokens
+          book.batches += 1
+          if pending is not None:  # read step t-1 while step t runs
+            check_step(pending)
+          pending = (step, step_metrics)
+          data_state = iterator.get_state()  # exactly `step` batches consumed
+          if step < num_steps:
+            positions = {s: p for s, p in positions.items() if s >= step - 1}
+            positions[step + 1] = data_state
+            batch = sharding.global_batch(next(iterator), mesh)  # overlaps the step
 
-      due = lambda every: every > 0 and step % every == 0
-      last = step == num_steps
-      if due(cfg.train.log_every) or last:
-        values = jax.device_get(pending[1])
-        check_step(pending)
-        pending = None
-        now = time.perf_counter()
-        seconds = (now - window_start) / max(step - window_step, 1)
-        tokens_per_second = window_tokens / max(now - window_start, 1e-9)
-        logged = {task.train_loss_key: float(values["train_loss"]),
-                  "learning_rate": float(values["learning_rate"]),
-                  "grad_norm": float(values["grad_norm"]),
-                  "tokens_per_second": tokens_per_second, "step_seconds": seconds,
-                  "mfu": task.flops_per_token * tokens_per_second / peak,
-                  "tokens_seen": book.tokens_seen}
-        writer.write(step, logged)
-        if progress is not None:
-          progress.update(step - progress.n)
-          progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
-                               tok_s=f"{tokens_per_second:,.0f}", mfu=f"{logged['mfu']:.0%}",
-                               refresh=False)
-        window_start, window_step, window_tokens = time.perf_counter(), step, 0
-      paused = False
-      save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
-      if due(task.eval_every) or last:
-        results = task.evaluate(state)
-        writer.write(step, results)
-        message = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
-                            if isinstance(v, float))
-        (progress.write if progress is not None else log)(f"step {step}: {message}")
-        if task.rank is not None:
-          rank = list(task.rank(results))
-          if book.best is None or rank > book.best["rank"]:
-            book.best = {"step": step, "rank": rank, "results": results}
-            save_now = True
-        paused = True
-      if task.can_sample and (due(cfg.train.sample_every)
-                              or (last and cfg.train.sample_max_new_tokens > 0)):
-        _sample(cfg, state, task.tokenizer, step, samples_path)
-        paused = True
-      if save_now:
-        if pending is not None:  # its report belongs before the checkpoint (exact resume)
+          due = lambda every: every > 0 and step % every == 0
+          last = step == num_steps
+          if due(cfg.train.log_every) or last:
+            values = jax.device_get(pending[1])
+            check_step(pending)
+            pending = None
+            now = time.perf_counter()
+            seconds = (now - window_start) / max(step - window_step, 1)
+            tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+            logged = {task.train_loss_key: float(values["train_loss"]),
+                      "learning_rate": float(values["learning_rate"]),
+                      "grad_norm": float(values["grad_norm"]),
+                      "tokens_per_second": tokens_per_second, "step_seconds": seconds,
+                      "mfu": task.flops_per_token * tokens_per_second / peak,
+                      "tokens_seen": book.tokens_seen}
+            writer.write(step, logged)
+            if progress is not None:
+              progress.update(step - progress.n)
+              progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
+                                   tok_s=f"{tokens_per_second:,.0f}",
+                                   mfu=f"{logged['mfu']:.0%}", refresh=False)
+            window_start, window_step, window_tokens = time.perf_counter(), step, 0
+          paused = False
+          save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
+          if (due(task.eval_every) or last) and pending is not None:
+            check_step(pending)  # a spike is rolled back before it is evaluated or saved
+            pending = None
+          if due(task.eval_every) or last:
+            results = task.evaluate(state)
+            writer.write(step, results)
+            message = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                if isinstance(v, float))
+            (progress.write if progress is not None else log)(f"step {step}: {message}")
+            if task.rank is not None:
+              rank = list(task.rank(results))
+              if book.best is None or rank > book.best["rank"]:
+                book.best = {"step": step, "rank": rank, "results": results}
+                save_now = True
+            paused = True
+          if task.can_sample and (due(cfg.train.sample_every)
+                                  or (last and cfg.train.sample_max_new_tokens > 0)):
+            _sample(cfg, state, task.tokenizer, step, samples_path)
+            paused = True
+          if save_now:
+            if pending is not None:  # its report belongs before the checkpoint (exact resume)
+              check_step(pending)
+              pending = None
+            save(step, data_state)
+            saved_step = step
+            paused = True
+          if paused:
+            window_start, window_step, window_tokens = time.perf_counter(), step, 0
+        if pending is not None:
           check_step(pending)
           pending = None
-        save(step, data_state)
-        saved_step = step
-        paused = True
-      if paused:
+        break
+      except _Rollback as spike:
+        state, step, book = roll_back(spike)
+        pending, saved_step = None, step
+        in_a_row = {"nonfinite": 0, "spike": 0}
+        data_state = iterator.get_state()
+        positions = {step + 1: data_state}
+        batch = sharding.global_batch(next(iterator), mesh)
         window_start, window_step, window_tokens = time.perf_counter(), step, 0
-  if pending is not None:
-    check_step(pending)
   if progress is not None:
     progress.close()
 
@@ -342,18 +425,26 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   return summary
 
 
+def _loop_data(saved: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A checkpoint's `data` item as {"iterator": ..., "loop": ...} (checkpoints written before
+  the loop kept its bookkeeping there hold the iterator state alone)."""
+  return saved if "iterator" in saved else {"iterator": saved}
+
+
 def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], position: Any,
-                  in_a_row: int, saved_step: int) -> None:
-  """Logs a spike (stderr, metrics.jsonl, TensorBoard) with the data position of its batch;
-  raises TrainingDiverged under spike_action=halt or after max_spike_steps skips in a row."""
+                  in_a_row: int, saved_step: int) -> dict[str, Any]:
+  """Logs a spike (stderr, metrics.jsonl, TensorBoard) with the data position of its batch and
+  returns its record; raises TrainingDiverged under spike_action=halt or after max_spike_steps
+  skips in a row."""
   t = cfg.train
   loss_ratio = float(values["train_loss"]) / max(float(values["loss_mean"]), 1e-30)
   grad_ratio = float(values["grad_norm"]) / max(float(values["grad_norm_mean"]), 1e-30)
-  writer.write(step, {"spike": 1, "spike_loss": values["train_loss"],
-                      "spike_loss_ratio": loss_ratio, "spike_grad_norm": values["grad_norm"],
-                      "spike_grad_norm_ratio": grad_ratio, "spike_action": t.spike_action,
-                      "spike_batch_position": position})
-  applied = "update applied" if t.spike_action == "log" else "update not applied"
+  record = {"spike": 1, "spike_loss": values["train_loss"], "spike_loss_ratio": loss_ratio,
+            "spike_grad_norm": values["grad_norm"], "spike_grad_norm_ratio": grad_ratio,
+            "spike_action": t.spike_action, "spike_batch_position": position}
+  writer.write(step, record)
+  applied = {"log": "update applied", "rollback": "update not applied; rolling back"}.get(
+      t.spike_action, "update not applied")
   log(f"step {step}: loss spike ({t.spike_action}): loss {float(values['train_loss']):.4g} = "
       f"{loss_ratio:.2f}x its running mean, gradient norm {float(values['grad_norm']):.4g} = "
       f"{grad_ratio:.2f}x; {applied}; the batch's data position: {json.dumps(position)}")
@@ -369,6 +460,7 @@ def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], pos
         f"{t.max_spike_steps}): the loss has moved for good, which skipping cannot fix; lower "
         f"optim.learning_rate, or raise train.spike_loss_ratio / train.spike_grad_ratio, and "
         f"resume from the last checkpoint (step {saved_step}).")
+  return record
 
 
 def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:

@@ -33,14 +33,18 @@ Metrics = dict[str, jax.Array]
 class TrainState:
   """Everything a step changes. `rng` is a raw uint32[2] key; step t uses fold_in(rng, t).
   `spike_stats` float32[3]: running means of the loss and gradient norm over accepted steps,
-  and how many steps were accepted (see `spike_update`); checkpointed with the rest, so a
-  resumed run decides spikes exactly as an uninterrupted one."""
+  and how many steps were accepted (see `spike_update`). `rollback_lr_until` int32[]: steps
+  before it run at train.rollback_lr_factor x the learning rate (set by a rollback, see
+  `jaxlm.loop`). Both are checkpointed with the rest, so a resumed run decides spikes and
+  learning rates exactly as an uninterrupted one."""
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   spike_stats: jax.Array = dataclasses.field(
       default_factory=lambda: jnp.zeros([3], jnp.float32))
+  rollback_lr_until: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.zeros([], jnp.int32))
 
 
 def spike_update(config: Config, stats: jax.Array, loss: jax.Array, grad_norm: jax.Array,
@@ -49,15 +53,15 @@ def spike_update(config: Config, stats: jax.Array, loss: jax.Array, grad_norm: j
 
   stats = [loss mean, grad-norm mean, accepted steps]: a plain mean over the first steps, then
   exponential with span train.spike_window (weight 2 / (window + 1)); a spike needs
-  spike_window accepted steps before it. Under the `skip` and `halt` actions a spike is not
-  applied and does not enter the means.
+  spike_window accepted steps before it. Under every action but `log` a spike is not applied
+  and does not enter the means.
   """
   t = config.train
   loss_mean, grad_mean, seen = stats[0], stats[1], stats[2]
   armed = (seen >= t.spike_window) & (t.spike_action != "none")
   spike = armed & finite & ((loss > t.spike_loss_ratio * loss_mean)
                             | (grad_norm > t.spike_grad_ratio * grad_mean))
-  apply = finite & ~(spike & (t.spike_action in ("skip", "halt")))
+  apply = finite & ~(spike & (t.spike_action != "log"))
   weight = jnp.maximum(2.0 / (t.spike_window + 1), 1.0 / (seen + 1))
   accepted = apply  # under `log` a spike is applied, so the means follow it
   updated = jnp.stack([loss_mean + weight * (loss - loss_mean),
@@ -305,8 +309,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
 
   def new_state(params: Any, rng: jax.Array) -> TrainState:
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=optimizer.init(split(params)[0]), rng=rng,
-                      spike_stats=jnp.zeros([3], jnp.float32))
+                      opt_state=optimizer.init(split(params)[0]), rng=rng)
 
   def init_boxed(rng: jax.Array) -> TrainState:
     return new_state(model.init({"params": rng}, _dummy_tokens(config))["params"], rng)
@@ -364,10 +367,16 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     loss_value = sums["loss_sum"] / denominator
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable_params)
+    learning_rate = schedule(state.step)
+    if config.train.rollback_lr_factor != 1.0:  # after a rollback (see TrainState)
+      factor = jnp.where(state.step < state.rollback_lr_until,
+                         jnp.float32(config.train.rollback_lr_factor), jnp.float32(1.0))
+      updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+      learning_rate = learning_rate * factor
     updated = optax.apply_updates(trainable_params, updates)
-    # A non-finite step, or a spike under spike_action skip/halt, is not applied (params and
+    # A non-finite step, or a spike under any spike_action but log, is not applied (params and
     # optimizer state unchanged, step still advances so data and dropout move on); the loop
-    # stops after too many in a row.
+    # stops after too many in a row, or rolls back.
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
     spike, apply, spike_stats = spike_update(config, state.spike_stats, loss_value, grad_norm,
                                              finite)
@@ -377,7 +386,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
         params=params_lib.combine(keep(updated, trainable_params), frozen),
         opt_state=keep(opt_state, state.opt_state), spike_stats=spike_stats)
     metrics = {"train_loss": loss_value, "grad_norm": grad_norm,
-               "learning_rate": schedule(state.step), "nonfinite": (~finite).astype(jnp.int32),
+               "learning_rate": learning_rate, "nonfinite": (~finite).astype(jnp.int32),
                "train_tokens": sums["weight_sum"], "spike": spike.astype(jnp.int32),
                "loss_mean": state.spike_stats[0], "grad_norm_mean": state.spike_stats[1]}
     return new_state, metrics

@@ -92,8 +92,8 @@ def test_flipped_bytes_are_refused(trained, tmp_path):
 
 
 def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
-  """Runs saved before TrainState carried the spike statistics (the four other fields only)
-  restore with the statistics started afresh."""
+  """Runs saved before TrainState carried the spike statistics and the rollback's learning-rate
+  window (the four other fields only) restore with those started afresh."""
   config, state, _ = trained
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   steps = train.make_steps(config, mesh)
@@ -107,6 +107,7 @@ def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
       1, steps.abstract_state)
   assert isinstance(restored, train.TrainState)
   np.testing.assert_array_equal(restored.spike_stats, np.zeros(3, np.float32))
+  assert int(restored.rollback_lr_until) == 0
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   steps.train(restored, sharding.global_batch(random_batch(config), mesh))  # it trains on
