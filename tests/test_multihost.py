@@ -66,6 +66,13 @@ def values(shared_data_dir):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_and_their_checkpoint_moves(tmp_path, values):
+  """Also a spike rollback decided by both processes together: a learning rate of 1.0 makes
+  step 2's loss ~5x step 1's (far from the threshold 2x, in both runs alike), the run rolls
+  back to its start, and goes on at 1e-3 x that rate."""
+  values = dict(values, optim=dict(values["optim"], learning_rate=1.0, schedule="constant",
+                                   warmup_steps=0),
+                train=dict(values["train"], spike_action="rollback", spike_window=1,
+                           rollback_lr_factor=1e-3, rollback_lr_steps=100))
   two = tmp_path / "two"
   wait(launch(two, values, num_processes=2, devices_per_process=4))
   one = tmp_path / "one"
@@ -75,6 +82,9 @@ def test_two_processes_equal_one_and_their_checkpoint_moves(tmp_path, values):
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-5), step
   assert losses(two, "eval_loss")[10] == pytest.approx(losses(one, "eval_loss")[10], rel=1e-5)
+  for run in (one, two):
+    [rollback] = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("rollback")]
+    assert (rollback["step"], rollback["spike_step"]) == (0, 2)
 
   # The checkpoint written by two processes (2 x 4 devices) restores in one process on one
   # device: every array is read back from its shards and resharded.
