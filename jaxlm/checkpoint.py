@@ -84,6 +84,7 @@ class Checkpointer:
           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
+    self._saving: int | None = None  # the step of an async save not yet known to have worked
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -98,20 +99,56 @@ class Checkpointer:
     `state` is a TrainState, or `{"params": params}` for a run made of imported weights (no
     optimizer yet); `restore_params` reads either.
     """
+    self.wait()  # a failure of the previous save surfaces here, naming its step
     tokenizer_b64 = base64.b64encode(tokenizer.serialize()).decode("ascii")
     meta = {"step": int(step), "config": config_dict, "fingerprints": fingerprints(state),
             "tokenizer_model_b64": tokenizer_b64, "tokenizer_name": tokenizer.file_name}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # e.g. no space left, permission denied
+      raise self._save_error(step, e) from e
+    self._saving = step
+
+  def save_failed(self) -> CheckpointError | None:
+    """The error of an async save that has finished and failed (once), else None. Cheap: a
+    training loop may call it every step to stop soon after a save fails."""
+    if self._saving is None or self.manager.is_saving_in_progress():
+      return None
+    try:
+      self.wait()  # finished: returns at once, or raises its error
+    except CheckpointError as error:
+      return error
+    return None
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
+    committed = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()
+                       and int(n) != step) if os.path.isdir(self.directory) else []
+    resume = f"checkpoint {committed[-1]}" if committed else "the start (no checkpoint was saved)"
+    what = "a checkpoint" if step is None else f"checkpoint {step}"
+    cause = " ".join(str(error).split())
+    if len(cause) > 300:  # Orbax/TensorStore put the OS error (no space, ...) at the end
+      cause = cause[:100] + " ... " + cause[-200:]
+    return CheckpointError(
+        f"saving {what} in {self.directory} failed ({type(error).__name__}: {cause}); free disk "
+        f"space or make the directory writable, then rerun with the same --workdir: it resumes "
+        f"from {resume}.")
 
   def delete(self, step: int) -> None:
     """Removes a committed step (call on every process)."""
     self.manager.delete(step)
 
   def wait(self) -> None:
-    """Blocks until pending saves are committed (before exit, or before trusting latest_step)."""
-    self.manager.wait_until_finished()
+    """Blocks until pending saves are committed (before exit, or before trusting latest_step);
+    CheckpointError if one failed."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:
+      raise self._save_error(self._saving, e) from e
+    finally:
+      self._saving = None
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

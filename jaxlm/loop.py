@@ -310,6 +310,11 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
         while step < num_steps:
           if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
             break
+          failed = checkpointer.save_failed() if jax.process_count() == 1 else None
+          if failed is not None:  # (several processes: it surfaces at the next save)
+            if pending is not None:
+              jax.block_until_ready(pending[1])  # the step in flight finishes, then the stop
+            raise failed
           tokens = _batch_tokens(batch)
           if compile_seconds is None:  # first step of a lazily compiled task: time its compile
             compile_start = time.perf_counter()

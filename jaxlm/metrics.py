@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import files
+from jaxlm.errors import UserError
 
 # Dense (no sparsity) peak FLOP/s per device from vendors' data sheets, as
 # (substring of jax's device_kind, bfloat16/float16 peak, float32 peak). The first match wins,
@@ -111,6 +112,10 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+class WriteError(UserError):
+  """A run file could not be written (no space left, no permission)."""
+
+
 class MetricWriter:
   """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -128,8 +133,13 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk or a read-only workdir: one line, not a traceback
+      raise WriteError(f"writing {self.path} failed ({e.strerror or e}); free disk space or make "
+                       f"the workdir writable, then rerun with the same --workdir: it resumes "
+                       f"from its last checkpoint.") from e
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)):
         self.tensorboard.add_scalar(name, value, step)
