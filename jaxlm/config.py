@@ -151,6 +151,10 @@ class TrainConfig:
   rollback_lr_factor: float = 1.0
   rollback_lr_steps: int = 0
   max_rollbacks: int = 3
+  # Per-layer statistics (jaxlm/diagnostics.py: RMS of params, gradients and updates per layer,
+  # attention-logit maxima, the largest logit) every layer_stats_every steps and at every spike;
+  # 0: off (the step then computes none of them).
+  layer_stats_every: int = 0
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
@@ -468,7 +472,7 @@ def check(config: Config) -> Config:
   for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
                "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps",
                "eval_tasks_limit", "max_spike_steps", "rollback_skip_batches",
-               "rollback_lr_steps", "max_rollbacks"):
+               "rollback_lr_steps", "max_rollbacks", "layer_stats_every"):
     _non_negative(f"train.{name}", getattr(t, name))
   _non_negative("train.sample_temperature", t.sample_temperature)
   _choice("train.spike_action", t.spike_action, SPIKE_ACTIONS)

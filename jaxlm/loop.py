@@ -247,7 +247,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
       values = jax.device_get({k: step_metrics[k] for k in ("train_loss", "grad_norm",
                                                              "loss_mean", "grad_norm_mean")})
       record = _report_spike(cfg, writer, done_step, values, positions.get(done_step),
-                             in_a_row["spike"], saved_step)
+                             in_a_row["spike"], saved_step,
+                             jax.device_get(step_metrics.get("layer_stats", {})))
       if cfg.train.spike_action == "rollback":
         after = positions.get(done_step + 1, data_state)  # (data_state: done_step is the last)
         raise _Rollback(done_step, record, after, book.batches - (step - done_step))
@@ -339,6 +340,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
 
           due = lambda every: every > 0 and step % every == 0
           last = step == num_steps
+          if due(cfg.train.layer_stats_every):
+            writer.write(step, jax.device_get(pending[1]["layer_stats"]))
           if due(cfg.train.log_every) or last:
             values = jax.device_get(pending[1])
             check_step(pending)
@@ -437,16 +440,17 @@ def _loop_data(saved: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], position: Any,
-                  in_a_row: int, saved_step: int) -> dict[str, Any]:
+                  in_a_row: int, saved_step: int, layer_stats: Mapping[str, Any]
+                  ) -> dict[str, Any]:
   """Logs a spike (stderr, metrics.jsonl, TensorBoard) with the data position of its batch and
-  returns its record; raises TrainingDiverged under spike_action=halt or after max_spike_steps
-  skips in a row."""
+  the step's per-layer statistics (if train.layer_stats_every) and returns its record; raises
+  TrainingDiverged under spike_action=halt or after max_spike_steps skips in a row."""
   t = cfg.train
   loss_ratio = float(values["train_loss"]) / max(float(values["loss_mean"]), 1e-30)
   grad_ratio = float(values["grad_norm"]) / max(float(values["grad_norm_mean"]), 1e-30)
   record = {"spike": 1, "spike_loss": values["train_loss"], "spike_loss_ratio": loss_ratio,
             "spike_grad_norm": values["grad_norm"], "spike_grad_norm_ratio": grad_ratio,
-            "spike_action": t.spike_action, "spike_batch_position": position}
+            "spike_action": t.spike_action, "spike_batch_position": position, **layer_stats}
   writer.write(step, record)
   applied = {"log": "update applied", "rollback": "update not applied; rolling back"}.get(
       t.spike_action, "update not applied")

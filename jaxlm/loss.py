@@ -144,17 +144,37 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array,
   """
   if layout not in _EQUATIONS:
     raise ValueError(f"layout={layout!r}: must be 'vd' or 'dv'.")
-  length = hidden.shape[1]
   if chunk_size <= 0:
     objective, nll_sum, _, _ = _forward_chunk(hidden, head, targets, weights, layout, z_loss)
     return objective, jax.lax.stop_gradient(nll_sum)
-  chunk_size = min(chunk_size, length)
-  pad = -length % chunk_size
-  if pad:
-    widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)
-    hidden = jnp.pad(hidden, widths(hidden))
-    targets = jnp.pad(targets, widths(targets))
-    weights = jnp.pad(weights, widths(weights))
+  chunk_size, (hidden, targets, weights) = _padded(chunk_size, hidden, targets, weights)
   objective, nll_sum = _chunked_sums(hidden, head, targets, weights.astype(jnp.float32),
                                      chunk_size, layout, float(z_loss))
   return objective, jax.lax.stop_gradient(nll_sum)
+
+
+def _padded(chunk_size: int, *arrays: jax.Array) -> tuple[int, list[jax.Array]]:
+  """(chunk size at most the length, [batch, length, ...] arrays padded with zeros to a
+  multiple of it): zero weights keep the padding out of every sum and maximum."""
+  length = arrays[0].shape[1]
+  chunk_size = min(chunk_size, length)
+  pad = -length % chunk_size
+  widths = lambda x: ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)
+  return chunk_size, [jnp.pad(x, widths(x)) if pad else x for x in arrays]
+
+
+def max_logit(hidden: jax.Array, head: jax.Array, weights: jax.Array, *, layout: str,
+              chunk_size: int = 0) -> jax.Array:
+  """The largest logit at positions of weight > 0: float32 scalar, chunk by chunk as the loss
+  (hidden, head, weights as in `cross_entropy_sums`). A diagnostic: no gradient."""
+  hidden = jax.lax.stop_gradient(hidden)
+  chunk_size, (hidden, weights) = _padded(chunk_size or hidden.shape[1], hidden, weights)
+
+  def body(carry, xs):
+    hidden_c, weights_c = xs
+    logits = jnp.where(weights_c[..., None] > 0, _logits(hidden_c, head, layout), -jnp.inf)
+    return jnp.maximum(carry, jnp.max(logits)), None
+
+  largest, _ = jax.lax.scan(body, jnp.float32(-jnp.inf),
+                            (_chunks(hidden, chunk_size), _chunks(weights, chunk_size)))
+  return largest

@@ -205,6 +205,30 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
 
 
+def attention_logit_max(query: Array, key: Array, mask: Array, query_chunk: int = 128
+                        ) -> Array:
+  """The largest attention logit q.k / sqrt(head_dim) that a query may see: float32 scalar.
+
+  query [batch, q_len, heads, head_dim], key [batch, kv_len, heads, head_dim], mask bool
+  broadcastable to [batch, heads, q_len, kv_len]. Queries go in chunks of `query_chunk` (when
+  it divides q_len), so [batch, heads, chunk, kv_len] scores exist at a time, whatever the
+  attention kernel. A diagnostic (train.layer_stats_every): no gradient.
+  """
+  query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
+  q_len = query.shape[1]
+  chunk = query_chunk if q_len % query_chunk == 0 else q_len
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, key.shape[1]))
+  scale = 1.0 / math.sqrt(query.shape[-1])
+
+  def chunk_max(start: Array) -> Array:
+    q = jax.lax.dynamic_slice_in_dim(query, start, chunk, axis=1)
+    m = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, key, preferred_element_type=jnp.float32)
+    return jnp.max(jnp.where(m, scores * scale, -jnp.inf))
+
+  return jnp.max(jax.lax.map(chunk_max, jnp.arange(0, q_len, chunk)))
+
+
 def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
                            decoding: bool = False) -> str:
   """The implementation `attention_impl='auto'` stands for on `platform` (default: JAX's
@@ -389,6 +413,8 @@ class CausalSelfAttention(nn.Module):
     else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
       out = jax.nn.dot_product_attention(query, key, value, mask=segments, is_causal=True,
                                          implementation=impl)
+    if self.is_mutable_collection("intermediates") and not decoding:  # train.layer_stats_every
+      self.sow("intermediates", "attention_logit_max", attention_logit_max(query, key, mask))
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
     return Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, init_scale=residual_scale,
                  name="out")(out, deterministic)
@@ -483,7 +509,7 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
                      policy=CHECKPOINT_POLICIES[config.remat_policy], static_argnums=(4, 5))
   if config.scan_layers:
     block = nn.scan(block,
-                    variable_axes={"params": 0, "cache": 0},
+                    variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=config.num_layers,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import diagnostics
 from jaxlm import sharding
 from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm import loss as loss_lib
@@ -299,6 +300,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   schedule = make_schedule(config.optim, config.train.num_steps)
   microbatches = config.train.microbatches
+  stats_every = config.train.layer_stats_every
   use_dropout = config.model.dropout > 0 or (config.model.lora_rank > 0
                                               and config.model.lora_dropout > 0)
 
@@ -389,6 +391,13 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
                "learning_rate": learning_rate, "nonfinite": (~finite).astype(jnp.int32),
                "train_tokens": sums["weight_sum"], "spike": spike.astype(jnp.int32),
                "loss_mean": state.spike_stats[0], "grad_norm_mean": state.spike_stats[1]}
+    if stats_every:  # per-layer statistics, computed only at the steps that report them
+      first = batch if microbatches == 1 else jax.tree.map(lambda x: x[0], micro_batches)
+      diagnose = lambda: diagnostics.layer_stats(model, config, state.params, first, grads,
+                                                 updates)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(diagnose))
+      metrics["layer_stats"] = jax.lax.cond(((state.step + 1) % stats_every == 0) | spike,
+                                            diagnose, lambda: zeros)
     return new_state, metrics
 
   def with_rules(fn):

@@ -124,8 +124,8 @@ def poisoned_run(data_dir, workdir, action: str, stop_at_step=None, poison=True,
 # Back to checkpoint 10, on after the spike's batch and 8 more (past all the poison), at half
 # the learning rate for 5 steps.
 ROLLBACK = {"rollback_skip_batches": 8, "rollback_lr_factor": 0.5, "rollback_lr_steps": 5}
-RUNS = {"clean": ("log", {}), "log": ("log", {}), "skip": ("skip", {}),
-        "rollback": ("rollback", ROLLBACK)}
+RUNS = {"clean": ("log", {}), "log": ("log", {}),
+        "skip": ("skip", {"layer_stats_every": 10}), "rollback": ("rollback", ROLLBACK)}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,18 @@ def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean
     assert name == "log" or steps == list(POISON_STEPS), steps
     assert [r["spike_batch_position"]["position"] for r in spikes] == [s - 1 for s in steps]
     assert all(r["spike_loss_ratio"] > 1.3 and r["spike_action"] == name for r in spikes)
+  # Per-layer statistics (train.layer_stats_every=10 in the skip run) at steps 10, 20, 30 and
+  # at every spike show where it hit: the gradient of the (tied) embeddings and of the final
+  # norm. Measured: 12x and 5.6x step 10's; the blocks' 5-7x.
+  records = [json.loads(line) for line in open(clean_and_poisoned["skip"] / "metrics.jsonl")]
+  with_stats = [r for r in records if "grad_rms/token_embed" in r]
+  assert [r["step"] for r in with_stats if not r.get("spike")] == [10, 20, 30]
+  assert [r["step"] for r in with_stats if r.get("spike")] == list(POISON_STEPS)
+  before = with_stats[0]
+  for spike in (r for r in with_stats if r.get("spike")):
+    assert spike["grad_rms/token_embed"] > 5 * before["grad_rms/token_embed"]
+    assert spike["grad_rms/final_norm"] > 2.5 * before["grad_rms/final_norm"]
+    assert {"attention_logit_max/layer_1", "max_logit", "update_rms/layer_0"} <= set(spike)
   # The clean run, watched at the same threshold (spike_action=log), had no false alarm.
   assert not [r for r in map(json.loads, open(clean_and_poisoned["clean"] / "metrics.jsonl"))
               if r.get("spike")]
