@@ -119,8 +119,16 @@ def config_file_dict(flag_name: str = "config") -> dict[str, Any]:
   return config_lib.load_file(config_flags.get_config_filename(flags.FLAGS[flag_name]))
 
 
+def define_restore_step_flag() -> flags.FlagHolder:
+  """--restore_step: resume from a chosen checkpoint (pretraining and fine-tuning scripts)."""
+  return flags.DEFINE_integer(
+      "restore_step", None, "resume from this checkpoint step instead of the newest valid one "
+      "(the later ones are moved to checkpoints_discarded/).", lower_bound=0)
+
+
 def run_finetune(task: str, init: str | None, data: str | None, workdir: str | None,
-                 validation_data: str | None, test_data: str | None, progress: bool) -> None:
+                 validation_data: str | None, test_data: str | None, progress: bool,
+                 restore_step: int | None = None) -> None:
   """The fine-tuning scripts' shared main: checks everything, trains, prints the summary."""
   import json
   from jaxlm import finetune
@@ -132,7 +140,7 @@ def run_finetune(task: str, init: str | None, data: str | None, workdir: str | N
   maybe_initialize_distributed()
   prepared = finetune.prepare(init, workdir, task, data, config_overrides(),
                               validation_data or "", test_data or "")
-  summary = finetune.finetune(prepared, show_progress=progress)
+  summary = finetune.finetune(prepared, show_progress=progress, restore_step=restore_step)
   import jax
   if jax.process_index() == 0:
     print(json.dumps(summary))

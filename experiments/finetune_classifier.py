@@ -39,6 +39,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "new run directory (or, with --p
 _PREDICT = flags.DEFINE_string("predict", None, "label the texts of this file with --workdir's "
                                "classifier instead of training.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
+_RESTORE_STEP = common.define_restore_step_flag()
 _CONFIG = common.define_config_overrides_flag()
 common.define_distributed_flags()
 
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> None:
       print(json.dumps(result, ensure_ascii=False))
     return
   common.run_finetune("classifier", _INIT.value, _DATA.value, _WORKDIR.value,
-                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value)
+                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value,
+                      _RESTORE_STEP.value)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ _VALIDATION_DATA = flags.DEFINE_string("validation_data", None, "validation JSON
 _TEST_DATA = flags.DEFINE_string("test_data", None, "test JSON/JSONL.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "new run directory.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
+_RESTORE_STEP = common.define_restore_step_flag()
 _CONFIG = common.define_config_overrides_flag()
 common.define_distributed_flags()
 
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.quiet_logs()
   common.run_finetune("instruct", _INIT.value, _DATA.value, _WORKDIR.value,
-                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value)
+                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value,
+                      _RESTORE_STEP.value)
 
 
 if __name__ == "__main__":

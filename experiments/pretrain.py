@@ -26,9 +26,7 @@ _CONFIG = common.define_config_flag("configs/default.py")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "run directory (default: runs/<config name>-<time>); reusing one resumes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
-_RESTORE_STEP = flags.DEFINE_integer(
-    "restore_step", None, "resume from this checkpoint step instead of the newest valid one "
-    "(the later ones are moved to checkpoints_discarded/).", lower_bound=0)
+_RESTORE_STEP = common.define_restore_step_flag()
 common.define_distributed_flags()
 
 

@@ -656,10 +656,13 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
 
 
 def finetune(prepared: FinetuneInputs, show_progress: bool = True,
-             stop_at_step: int | None = None) -> dict[str, Any]:
-  """Trains for `finetune.epochs` (or resumes), evaluating every split after each epoch; keeps
-  the best checkpoint (see `make_task`). Returns the summary (also written to summary.json)."""
-  return loop.fit(make_task(prepared), stop_at_step=stop_at_step, show_progress=show_progress)
+             stop_at_step: int | None = None, restore_step: int | None = None
+             ) -> dict[str, Any]:
+  """Trains for `finetune.epochs` (or resumes: from the newest valid checkpoint, or from
+  `restore_step`), evaluating every split after each epoch; keeps the best checkpoint (see
+  `make_task`). Returns the summary (also written to summary.json)."""
+  return loop.fit(make_task(prepared), stop_at_step=stop_at_step, restore_step=restore_step,
+                  show_progress=show_progress)
 
 
 def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_tokens: int,

@@ -10,6 +10,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import finetune
+from jaxlm import loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
 from tests.test_multihost import launch_script
@@ -84,14 +85,14 @@ def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(
     return Interrupting()
 
   task.data = data_with_sigterm
-  from jaxlm import loop
   cut = loop.fit(task, show_progress=False)
   assert not cut["finished"] and cut["stop_reason"] == "SIGTERM" and cut["step"] == 4
   assert run_lib.open_run(str(tmp_path / "cut")).steps == [4]
 
-  # Rerunning the same command resumes and logs exactly what the uninterrupted run logged.
+  # Rerunning the same command resumes and logs exactly what the uninterrupted run logged
+  # (--restore_step=4 of the fine-tuning scripts: here the newest checkpoint as well).
   resumed = finetune.finetune(prepared_run(tiny_lm_run, tmp_path / "cut", data),
-                              show_progress=False)
+                              show_progress=False, restore_step=4)
   assert batch_losses(tmp_path / "cut") == batch_losses(whole_dir)
   for key in ("best_step", "validation_accuracy", "validation_loss", "test_accuracy"):
     assert resumed[key] == whole[key], key
