@@ -59,12 +59,9 @@ class LoraError(UserError):
 def is_adapter_path(path: tuple[str, ...] | str) -> bool:
   """Whether a param path ('a/b/lora_a' or ('a', 'b', 'lora_a')) names a LoRA adapter."""
   if isinstance(path, str):
-    path = tuple(path.split("/"))
-  if not path:
-    return False
+    return path.rpartition("/")[2] in ADAPTER_NAMES
   # Also accept jax key paths (DictKey entries), as from jax.tree_util.tree_flatten_with_path.
-  last = getattr(path[-1], "key", path[-1])
-  return last in ADAPTER_NAMES
+  return bool(path) and getattr(path[-1], "key", path[-1]) in ADAPTER_NAMES
 
 
 def _name(path: Path) -> str:
