@@ -210,13 +210,6 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
 # ----------------------------------------------------------------------------------------------
 # Reading documents from files.
 
-def _read_text_file(path: str) -> str:
-  # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation). Undecodable
-  # bytes become U+FFFD rather than failing the whole corpus on one stray Latin-1 byte.
-  with open(path, "rb") as f:
-    return f.read().decode("utf-8", errors="replace")
-
-
 def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
   with open(path, "rb") as f:
@@ -250,7 +243,10 @@ def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator
         if text.strip():
           yield f"{identity}:{number}", text
     else:
-      text = _read_text_file(path)
+      # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation).
+      # Undecodable bytes become U+FFFD rather than failing the corpus on one stray Latin-1 byte.
+      with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
       if text.strip():
         yield identity, text
 
