@@ -63,9 +63,7 @@ _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-# ---------------------------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------------------------
+# -- Configs ------------------------------------------------------------------------------------
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   """`config.json` of a Hugging Face GPT-2 directory, checked to be a GPT-2 jaxlm can run."""
@@ -145,9 +143,7 @@ def check_exportable(model: ModelConfig) -> None:
     raise ConvertError(f"this model cannot be written as GPT-2: {'; '.join(problems)}.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tensor mapping
-# ---------------------------------------------------------------------------------------------
+# -- Tensor mapping -----------------------------------------------------------------------------
 
 def _get(tree: dict[str, Any], path: str) -> Any:
   for name in path.split("/"):
@@ -194,9 +190,7 @@ def tensor_map(model: ModelConfig) -> list[tuple[str, list[str], Callable, Calla
   return entries
 
 
-# ---------------------------------------------------------------------------------------------
-# Import
-# ---------------------------------------------------------------------------------------------
+# -- Import -------------------------------------------------------------------------------------
 
 def safetensors_files(hf_dir: str) -> dict[str, str]:
   """{tensor name: safetensors file} of a directory; ConvertError if there is none."""
@@ -317,9 +311,7 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
           "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.file_name}
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------
+# -- Export -------------------------------------------------------------------------------------
 
 def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
   """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""

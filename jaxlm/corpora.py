@@ -58,8 +58,7 @@ _FILE_FORMAT = "array_record"
 _HASH_CHARS = 12
 
 
-# ----------------------------------------------------------------------------------------------
-# Public API.
+# -- Public API ---------------------------------------------------------------------------------
 
 def load_split(data: DataConfig, split: str) -> Sequence[str]:
   """Documents of one split ("train" or "validation") as a random-access sequence of str.
@@ -158,8 +157,7 @@ def file_lock(path: str) -> Iterator[bool]:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
-# ----------------------------------------------------------------------------------------------
-# Deterministic held-out split by document identity.
+# -- Deterministic held-out split by document identity ------------------------------------------
 
 def _unit_hash(identity: str) -> float:
   """Maps a document identity to [0, 1), identically on every machine and run (sha256)."""
@@ -207,8 +205,7 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
                     force_train=highest[1] if validation == count else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading documents from files.
+# -- Reading documents from files ---------------------------------------------------------------
 
 def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
@@ -251,8 +248,7 @@ def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator
         yield identity, text
 
 
-# ----------------------------------------------------------------------------------------------
-# TFDS builders for local files (pystdlib, text_files).
+# -- TFDS builders for local files (pystdlib, text_files) ---------------------------------------
 
 @dataclasses.dataclass(eq=False)
 class FilesConfig(tfds.core.BuilderConfig):
@@ -422,8 +418,7 @@ def _quiet_custom_config_warning() -> Iterator[None]:
     absl_logger.removeFilter(drop)
 
 
-# ----------------------------------------------------------------------------------------------
-# Preparation and TFDS-by-name.
+# -- Preparation and TFDS-by-name ---------------------------------------------------------------
 
 def _tfds_dir(data: DataConfig) -> str:
   return os.path.join(os.path.expanduser(data.data_dir), "tfds")

@@ -46,9 +46,7 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
                    sum(float(r["weight_sum"]) for r in sums), num_bytes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Documents: sliding windows, each token scored once
-# ---------------------------------------------------------------------------------------------
+# -- Documents: sliding windows, each token scored once -----------------------------------------
 
 class EvaluationError(UserError):
   """Evaluation cannot run as asked; the message names the flag and the fix."""

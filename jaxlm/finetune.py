@@ -53,9 +53,7 @@ class FinetuneError(UserError):
   """Fine-tuning input is unusable; the message names the file, row or flag and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: classification
-# ---------------------------------------------------------------------------------------------
+# -- Data: classification -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -142,9 +140,7 @@ def split_examples(examples: Sequence[Example], train_fraction: float,
           pick(order[n_train + n_validation:]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: instructions
-# ---------------------------------------------------------------------------------------------
+# -- Data: instructions -------------------------------------------------------------------------
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.")
@@ -204,9 +200,7 @@ def read_instructions(path: str, template: str, flag: str = "--data") -> list[Ex
   return examples
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokens and batches
-# ---------------------------------------------------------------------------------------------
+# -- Tokens and batches -------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Encoded:
@@ -278,9 +272,7 @@ def batches(encoded: Encoded, batch_size: int, max_length: int, pad_id: int, tas
     yield make_batch(encoded, indices, batch_size, max_length, pad_id, task)
 
 
-# ---------------------------------------------------------------------------------------------
-# Params: what trains
-# ---------------------------------------------------------------------------------------------
+# -- Params: what trains ------------------------------------------------------------------------
 
 def resolved_trainable(config: Config) -> str:
   return "lora" if config.model.lora_rank else (config.finetune.trainable or "all")
@@ -305,9 +297,7 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
   return trains
 
 
-# ---------------------------------------------------------------------------------------------
-# Config and initial params
-# ---------------------------------------------------------------------------------------------
+# -- Config and initial params ------------------------------------------------------------------
 
 # Fine-tuning defaults. Measured (experiments/finetune_study.py, README "Fine-tuning"): on a
 # keyword classification task the book's GPT-2 recipe (last block + head, AdamW 5e-5) reached
@@ -362,9 +352,7 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
       for path, leaf in params_lib.flatten(fresh).items()})
 
 
-# ---------------------------------------------------------------------------------------------
-# Data order
-# ---------------------------------------------------------------------------------------------
+# -- Data order ---------------------------------------------------------------------------------
 
 class EpochBatches:
   """The training batches of every epoch: epoch e shuffles the split with seed
@@ -402,9 +390,7 @@ class EpochBatches:
     self.position = int(state["position"])
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# -- The run ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class FinetuneInputs:

@@ -66,9 +66,7 @@ MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_MULTIPLE = 64
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
+# -- Arguments ----------------------------------------------------------------------------------
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
   """Raises GenerationError naming the first bad sampling argument."""
@@ -96,9 +94,7 @@ def _sampling_arrays(temperature, top_k, top_p, min_p) -> dict[str, np.ndarray]:
           "top_p": np.float32(top_p), "min_p": np.float32(min_p)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling (pure jnp; every argument may be traced)
-# ---------------------------------------------------------------------------------------------
+# -- Sampling (pure jnp; every argument may be traced) ------------------------------------------
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
   """logits [batch, vocab] -> float32 logits / temperature with removed tokens at -inf.
@@ -147,9 +143,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k=0, top_
   return jax.lax.cond(jnp.asarray(temperature) == 0, greedy, sample, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The compiled part
-# ---------------------------------------------------------------------------------------------
+# -- The compiled part --------------------------------------------------------------------------
 
 @flax.struct.dataclass
 class DecodeState:
@@ -284,9 +278,7 @@ def _compile_clock() -> float:
   return _compile_seconds[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Host side: batches, stop strings, streaming
-# ---------------------------------------------------------------------------------------------
+# -- Host side: batches, stop strings, streaming ------------------------------------------------
 
 @dataclasses.dataclass
 class Piece:

@@ -65,9 +65,7 @@ class Item:
     return self.contexts[self.label] + self.choices[self.label]
 
 
-# ---------------------------------------------------------------------------------------------
-# Task files (the published formats)
-# ---------------------------------------------------------------------------------------------
+# -- Task files (the published formats) ---------------------------------------------------------
 
 def _records(path: str) -> list[dict[str, Any]]:
   """Rows of a .jsonl file (one JSON object per line) or a .tsv/.csv file with a header."""
@@ -299,9 +297,7 @@ def with_fewshot(items: Sequence[Item], num_fewshot: int, seed: int, limit: int 
   return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------
+# -- Scoring ------------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) as the harness forms them."""

@@ -189,8 +189,7 @@ class SentencePieceTokenizer:
     return f"SentencePieceTokenizer({self.model_path or '(in memory)'}, vocab={self.vocab_size})"
 
 
-# ----------------------------------------------------------------------------------------------
-# GPT-2 byte-level BPE.
+# -- GPT-2 byte-level BPE -----------------------------------------------------------------------
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -320,8 +319,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     return from_bytes(f.read(), path, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training.
+# -- Training -----------------------------------------------------------------------------------
 
 def _line_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> Iterator[str]:
   """Splits escaped text into chunks of whole lines (each keeps its NEWLINE) of <= max_chars.
@@ -418,8 +416,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_path: s
   return SentencePieceTokenizer(model.getvalue(), model_path)
 
 
-# ----------------------------------------------------------------------------------------------
-# The tokenizer of a run.
+# -- The tokenizer of a run ---------------------------------------------------------------------
 
 def get_tokenizer(data: DataConfig, vocab_size: int) -> tuple[Tokenizer, str]:
   """The tokenizer for `data` and its file path.
