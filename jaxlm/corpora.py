@@ -106,9 +106,7 @@ class Documents(collections.abc.Sequence):
   """
 
   def __init__(self, source: Sequence[dict], text_key: str, name: str):
-    self._source = source
-    self._text_key = text_key
-    self._name = name
+    self._source, self._text_key, self._name = source, text_key, name
 
   def __len__(self) -> int:
     return len(self._source)

@@ -20,13 +20,6 @@ from jaxlm.data import Batch
 from jaxlm.errors import UserError
 
 
-def summarize(loss_sum: float, weight_sum: float, num_bytes: float) -> dict[str, float]:
-  loss = loss_sum / max(weight_sum, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-          "tokens": int(weight_sum)}
-
-
 def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Sequence[Batch],
              byte_lengths: np.ndarray, mesh) -> dict[str, float]:
   """Runs the jitted `eval_step` over this process's share of each global batch.
@@ -42,8 +35,11 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   else:
     num_bytes = float(local_bytes)
   sums = jax.device_get(results)
-  return summarize(sum(float(r["loss_sum"]) for r in sums),
-                   sum(float(r["weight_sum"]) for r in sums), num_bytes)
+  loss_sum = sum(float(r["loss_sum"]) for r in sums)
+  weight_sum = sum(float(r["weight_sum"]) for r in sums)
+  loss = loss_sum / max(weight_sum, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0), "tokens": int(weight_sum)}
 
 
 # -- Documents: sliding windows, each token scored once -----------------------------------------

@@ -116,8 +116,7 @@ def expand_points(spec: Mapping[str, Any], where: str) -> list[tuple[str, dict[s
     for key, values in grid.items():
       if not isinstance(values, (list, tuple)) or not values:
         raise SweepError(f"{where}: grid['{key}'] must be a non-empty list of values.")
-    keys = list(grid)
-    combos = [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points = [(point_name(c), c) for c in combos]
   else:
     entries = spec["points"]
