@@ -28,11 +28,12 @@ parameters, and are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -235,18 +236,15 @@ def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.nda
                        f"GPT2LMHeadModel checkpoint.")
   flat: dict[params_lib.Path, Any] = {}
   handles: dict[str, Any] = {}
-  try:
+  with contextlib.ExitStack() as stack:  # each file stays open until every tensor is read
     for hf_name, paths, to_jaxlm, _ in entries:
       name, path = locations[hf_name]
       if path not in handles:
-        handles[path] = safe_open(path, framework="numpy").__enter__()
+        handles[path] = stack.enter_context(safe_open(path, framework="numpy"))
       tensor = handles[path].get_tensor(name).astype(np.float32)
       for jax_path, array in zip(paths, to_jaxlm(tensor)):
         flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
       del tensor
-  finally:
-    for handle in handles.values():
-      handle.__exit__(None, None, None)
   return params_lib.unflatten(flat)
 
 
@@ -260,6 +258,21 @@ def check_new_directory(path: str, what: str) -> None:
   os.makedirs(parent, exist_ok=True)
   if not os.access(parent, os.W_OK):
     raise ConvertError(f"cannot write {what} {path}: {parent} is not writable.")
+
+
+@contextlib.contextmanager
+def _staged(target: str, prefix: str) -> Iterator[str]:
+  """A new directory beside `target` (absent or empty) to write into: renamed to `target` when
+  the block succeeds, deleted when it fails, so a failure leaves nothing half-written."""
+  staging = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(target))
+  try:
+    yield staging
+    if os.path.isdir(target):
+      os.rmdir(target)  # empty (checked before anything was written)
+    os.replace(staging, target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
 
 
 def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
@@ -293,19 +306,12 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
     return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
 
   params = load_gpt2_params(hf_dir, config.model, put)
-  staging = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(workdir))
-  try:
+  with _staged(workdir, ".import-") as staging:
     run_lib.write_files(staging, config, tokenizer,
                         run_source={"imported_from": hf_dir, "format": "huggingface-gpt2"})
     checkpointer = run_lib.checkpointer(staging, async_save=False)
     checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)
     checkpointer.wait()
-    if os.path.isdir(workdir):
-      os.rmdir(workdir)  # empty (checked above)
-    os.replace(staging, workdir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return {"workdir": workdir, "num_params": count_params(params),
           "num_layers": config.model.num_layers, "embed_dim": config.model.embed_dim,
           "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.file_name}
@@ -358,19 +364,11 @@ def export_gpt2(model: ModelConfig, params: dict[str, Any], tokenizer, hf_dir: s
   check_exportable(model)
   check_new_directory(hf_dir, "--hf_dir")
   tensors = gpt2_tensors(model, params)
-  staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(hf_dir))
-  try:
-    files.write_json(os.path.join(staging, "config.json"),
-                     hf_config_dict(model, tokenizer.eos_id))
+  with _staged(hf_dir, ".export-") as staging:
+    files.write_json(os.path.join(staging, "config.json"), hf_config_dict(model, tokenizer.eos_id))
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
     if isinstance(tokenizer, tokenizer_lib.ByteLevelBPETokenizer):
       tokenizer.save_gpt2_files(staging)
     else:
       files.write_bytes(os.path.join(staging, tokenizer.file_name), tokenizer.serialize())
-    if os.path.isdir(hf_dir):
-      os.rmdir(hf_dir)
-    os.replace(staging, hf_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return sorted(os.listdir(hf_dir))
