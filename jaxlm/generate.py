@@ -162,8 +162,7 @@ def _constrain_cache(cache: Any, names: Any) -> Any:
 
 
 def _cache_names(config: ModelConfig, batch: int, length: int) -> Any:
-  boxed = jax.eval_shape(lambda: init_cache(config, batch, length))
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(jax.eval_shape(lambda: init_cache(config, batch, length)))
 
 
 def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):

@@ -67,18 +67,20 @@ class Item:
 
 # -- Task files (the published formats) ---------------------------------------------------------
 
-def _records(path: str) -> list[dict[str, Any]]:
+def _rows(path: str) -> list[_Row]:
   """Rows of a .jsonl file (one JSON object per line) or a .tsv/.csv file with a header."""
   try:
     if path.endswith((".tsv", ".csv")):
       with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
-                                   quoting=csv.QUOTE_NONE if path.endswith(".tsv")
-                                   else csv.QUOTE_MINIMAL))
-    with open(path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+        records = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
+                                      quoting=csv.QUOTE_NONE if path.endswith(".tsv")
+                                      else csv.QUOTE_MINIMAL))
+    else:
+      with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise TaskError(f"task file {path} cannot be read: {e}") from None
+  return [_Row(record, path, index) for index, record in enumerate(records)]
 
 
 def _read_text(path: str) -> str:
@@ -121,10 +123,6 @@ class _Row:
     if text in ("false", "no", "negative", "0"):
       return 0
     raise self.error(f"label {value!r} is not a yes/no value.")
-
-
-def _rows(path: str) -> list[_Row]:
-  return [_Row(record, path, index) for index, record in enumerate(_records(path))]
 
 
 def _hellaswag_text(text: str) -> str:
