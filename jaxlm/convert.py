@@ -28,11 +28,12 @@ parameters, and are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -43,6 +44,7 @@ from safetensors.numpy import save_file
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import lora
+from jaxlm import params as params_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
@@ -62,9 +64,7 @@ _PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-# ---------------------------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------------------------
+# -- Configs ------------------------------------------------------------------------------------
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   """`config.json` of a Hugging Face GPT-2 directory, checked to be a GPT-2 jaxlm can run."""
@@ -97,23 +97,17 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
   return hf
 
 
-def model_config_dict(hf: dict[str, Any]) -> dict[str, Any]:
-  """The jaxlm `model` section equal to a GPT-2 `config.json`."""
-  embed = hf["n_embd"]
-  return dict(num_layers=hf["n_layer"], num_heads=hf["n_head"], embed_dim=embed,
-              mlp_dim=hf.get("n_inner") or 4 * embed, vocab_size=hf["vocab_size"],
-              max_seq_len=hf["n_positions"], positional="learned", norm="layernorm",
-              mlp="gelu", use_bias=True,
-              tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-              norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-              init_std=float(hf.get("initializer_range", 0.02)))
-
-
 def run_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A full jaxlm config for imported GPT-2 weights: the model from `config.json`, windows as
-  long as the context (at most 1024), the rest jaxlm's defaults."""
+  """A full jaxlm config for imported GPT-2 weights: the model equal to `config.json`, windows
+  as long as the context (at most 1024), the rest jaxlm's defaults."""
   config = config_lib.default_config_dict()
-  config.model.update(model_config_dict(hf))
+  config.model.update(
+      num_layers=hf["n_layer"], num_heads=hf["n_head"], embed_dim=hf["n_embd"],
+      mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"], vocab_size=hf["vocab_size"],
+      max_seq_len=hf["n_positions"], positional="learned", norm="layernorm", mlp="gelu",
+      use_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      init_std=float(hf.get("initializer_range", 0.02)))
   seq_len = min(hf["n_positions"], 1024)
   config.data.update(seq_len=seq_len, stride=seq_len)
   return config
@@ -150,16 +144,7 @@ def check_exportable(model: ModelConfig) -> None:
     raise ConvertError(f"this model cannot be written as GPT-2: {'; '.join(problems)}.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tensor mapping
-# ---------------------------------------------------------------------------------------------
-
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-  *parents, leaf = path.split("/")
-  for name in parents:
-    tree = tree.setdefault(name, {})
-  tree[leaf] = value
-
+# -- Tensor mapping -----------------------------------------------------------------------------
 
 def _get(tree: dict[str, Any], path: str) -> Any:
   for name in path.split("/"):
@@ -206,9 +191,7 @@ def tensor_map(model: ModelConfig) -> list[tuple[str, list[str], Callable, Calla
   return entries
 
 
-# ---------------------------------------------------------------------------------------------
-# Import
-# ---------------------------------------------------------------------------------------------
+# -- Import -------------------------------------------------------------------------------------
 
 def safetensors_files(hf_dir: str) -> dict[str, str]:
   """{tensor name: safetensors file} of a directory; ConvertError if there is none."""
@@ -232,10 +215,6 @@ def safetensors_files(hf_dir: str) -> dict[str, str]:
                      f"download the GPT-2 files listed in the README into it.")
 
 
-def _canonical(name: str) -> str:
-  return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
 def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.ndarray], Any]
                      ) -> dict[str, Any]:
   """jaxlm params (unscanned tree) from the safetensors of `hf_dir`, read one tensor at a time.
@@ -243,8 +222,8 @@ def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.nda
   put(param_path, float32 array) -> the array to store, e.g. placed on devices with its
   sharding, so that the host holds one tensor at a time besides the result.
   """
-  locations = {_canonical(n): (n, path) for n, path in safetensors_files(hf_dir).items()
-               if not n.endswith(_BUFFER_SUFFIXES)}
+  locations = {n.removeprefix("transformer."): (n, path)
+               for n, path in safetensors_files(hf_dir).items() if not n.endswith(_BUFFER_SUFFIXES)}
   entries = tensor_map(model)
   expected = {hf for hf, *_ in entries}
   missing = sorted(expected - set(locations))
@@ -255,21 +234,18 @@ def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.nda
   if extra:
     raise ConvertError(f"{hf_dir} has tensor {extra[0]} that GPT-2 does not; it is not a plain "
                        f"GPT2LMHeadModel checkpoint.")
-  params: dict[str, Any] = {}
+  flat: dict[params_lib.Path, Any] = {}
   handles: dict[str, Any] = {}
-  try:
+  with contextlib.ExitStack() as stack:  # each file stays open until every tensor is read
     for hf_name, paths, to_jaxlm, _ in entries:
       name, path = locations[hf_name]
       if path not in handles:
-        handles[path] = safe_open(path, framework="numpy").__enter__()
+        handles[path] = stack.enter_context(safe_open(path, framework="numpy"))
       tensor = handles[path].get_tensor(name).astype(np.float32)
       for jax_path, array in zip(paths, to_jaxlm(tensor)):
-        _set(params, jax_path, put(jax_path, np.ascontiguousarray(array)))
+        flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
       del tensor
-  finally:
-    for handle in handles.values():
-      handle.__exit__(None, None, None)
-  return params
+  return params_lib.unflatten(flat)
 
 
 def check_new_directory(path: str, what: str) -> None:
@@ -284,6 +260,21 @@ def check_new_directory(path: str, what: str) -> None:
     raise ConvertError(f"cannot write {what} {path}: {parent} is not writable.")
 
 
+@contextlib.contextmanager
+def _staged(target: str, prefix: str) -> Iterator[str]:
+  """A new directory beside `target` (absent or empty) to write into: renamed to `target` when
+  the block succeeds, deleted when it fails, so a failure leaves nothing half-written."""
+  staging = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(target))
+  try:
+    yield staging
+    if os.path.isdir(target):
+      os.rmdir(target)  # empty (checked before anything was written)
+    os.replace(staging, target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
 def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   """Makes a run directory from a Hugging Face GPT-2 directory; returns a summary.
 
@@ -291,15 +282,12 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   params only (no optimizer state yet). Everything is written to a temporary directory beside
   `workdir` and renamed at the end: a failure leaves no half-made run.
   """
-
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not a directory; pass a Hugging Face GPT-2 "
                        f"directory (config.json, model.safetensors, vocab.json, merges.txt).")
-  hf = read_hf_config(hf_dir)
-  config_dict = run_config(hf)
-  config = config_lib.validate(config_dict)
+  config = config_lib.validate(run_config(read_hf_config(hf_dir)))
   tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConvertError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} tokens but "
@@ -318,27 +306,18 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
     return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
 
   params = load_gpt2_params(hf_dir, config.model, put)
-  staging = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(workdir))
-  try:
+  with _staged(workdir, ".import-") as staging:
     run_lib.write_files(staging, config, tokenizer,
                         run_source={"imported_from": hf_dir, "format": "huggingface-gpt2"})
     checkpointer = run_lib.checkpointer(staging, async_save=False)
     checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)
     checkpointer.wait()
-    if os.path.isdir(workdir):
-      os.rmdir(workdir)  # empty (checked above)
-    os.replace(staging, workdir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return {"workdir": workdir, "num_params": count_params(params),
           "num_layers": config.model.num_layers, "embed_dim": config.model.embed_dim,
           "vocab_size": config.model.vocab_size, "tokenizer": tokenizer.file_name}
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------
+# -- Export -------------------------------------------------------------------------------------
 
 def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
   """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""
@@ -385,19 +364,11 @@ def export_gpt2(model: ModelConfig, params: dict[str, Any], tokenizer, hf_dir: s
   check_exportable(model)
   check_new_directory(hf_dir, "--hf_dir")
   tensors = gpt2_tensors(model, params)
-  staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(hf_dir))
-  try:
-    files.write_json(os.path.join(staging, "config.json"),
-                     hf_config_dict(model, tokenizer.eos_id))
+  with _staged(hf_dir, ".export-") as staging:
+    files.write_json(os.path.join(staging, "config.json"), hf_config_dict(model, tokenizer.eos_id))
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
     if isinstance(tokenizer, tokenizer_lib.ByteLevelBPETokenizer):
       tokenizer.save_gpt2_files(staging)
     else:
       files.write_bytes(os.path.join(staging, tokenizer.file_name), tokenizer.serialize())
-    if os.path.isdir(hf_dir):
-      os.rmdir(hf_dir)
-    os.replace(staging, hf_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return sorted(os.listdir(hf_dir))

@@ -58,8 +58,7 @@ _FILE_FORMAT = "array_record"
 _HASH_CHARS = 12
 
 
-# ----------------------------------------------------------------------------------------------
-# Public API.
+# -- Public API ---------------------------------------------------------------------------------
 
 def load_split(data: DataConfig, split: str) -> Sequence[str]:
   """Documents of one split ("train" or "validation") as a random-access sequence of str.
@@ -72,8 +71,7 @@ def load_split(data: DataConfig, split: str) -> Sequence[str]:
     raise CorpusError(f"split={split!r}: must be one of {', '.join(SPLITS)}.")
   if data.corpus == "tfds":
     return _load_tfds_split(data, split)
-  make_builder = _files_builder_factory(data)
-  builder = _prepared(make_builder, data)
+  builder = _prepared(_files_builder_factory(data), data)
   return Documents(builder.as_data_source(split=split), "text", f"{builder.name}/{split}")
 
 
@@ -85,14 +83,6 @@ def corpus_id(data: DataConfig) -> str:
     "text_files-<hash of paths, sizes, mtimes and text_key>-val0.05"
     "tfds-tiny_shakespeare-1.0.0" (+ "-<text_key>" and "-splits<hash>" when not the defaults)
   """
-  if data.corpus == "pystdlib":
-    root, files = _stdlib_files()
-    listing = _listing_hash(root, files, mtimes=False)
-    return (f"pystdlib-{platform.python_version()}-{listing}-"
-            f"{_fraction_tag(data.validation_fraction)}")
-  if data.corpus == "text_files":
-    content = _text_files_hash(_resolve_globs(data.files), data.text_key)
-    return f"text_files-{content}-{_fraction_tag(data.validation_fraction)}"
   if data.corpus == "tfds":
     name = "tfds-" + re.sub(r"[^\w.]+", "-", _tfds_builder(data).info.full_name)
     if data.text_key != "text":
@@ -102,7 +92,9 @@ def corpus_id(data: DataConfig) -> str:
       splits = json.dumps([data.train_split, data.validation_split]).encode()
       name += f"-splits{hashlib.sha256(splits).hexdigest()[:8]}"
     return name
-  raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
+  _, content = _local_files(data)
+  prefix = f"pystdlib-{platform.python_version()}" if data.corpus == "pystdlib" else "text_files"
+  return f"{prefix}-{content}-{_fraction_tag(data.validation_fraction)}"
 
 
 class Documents(collections.abc.Sequence):
@@ -114,9 +106,7 @@ class Documents(collections.abc.Sequence):
   """
 
   def __init__(self, source: Sequence[dict], text_key: str, name: str):
-    self._source = source
-    self._text_key = text_key
-    self._name = name
+    self._source, self._text_key, self._name = source, text_key, name
 
   def __len__(self) -> int:
     return len(self._source)
@@ -124,32 +114,19 @@ class Documents(collections.abc.Sequence):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return [self[i] for i in range(*index.indices(len(self)))]
-    return self._text(self._source[self._check_index(index)])
-
-  def __iter__(self) -> Iterator[str]:
-    for index in range(len(self)):
-      yield self[index]
+    # range() counts a negative index from the end and raises IndexError when out of range
+    # (which also ends Sequence's iteration).
+    return self._text(self._source[range(len(self))[index]])
 
   def __repr__(self) -> str:
     return f"Documents({self._name}, {len(self)} documents)"
 
-  def _check_index(self, index: int) -> int:
-    size = len(self)
-    index = int(index)
-    if index < 0:
-      index += size
-    if not 0 <= index < size:
-      raise IndexError(f"document index {index} out of range for {size} documents")
-    return index
-
   def _text(self, example: dict) -> str:
     value = example[self._text_key]
-    # TFDS Text features come back as bytes from array_record (str from some mocks/decoders).
-    if isinstance(value, bytes):
-      return value.decode("utf-8", errors="replace")
     if hasattr(value, "item"):  # a 0-d numpy array of bytes/str
-      return self._text({self._text_key: value.item()})
-    return str(value)
+      value = value.item()
+    # TFDS Text features come back as bytes from array_record (str from some mocks/decoders).
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @contextlib.contextmanager
@@ -178,8 +155,7 @@ def file_lock(path: str) -> Iterator[bool]:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
-# ----------------------------------------------------------------------------------------------
-# Deterministic held-out split by document identity.
+# -- Deterministic held-out split by document identity ------------------------------------------
 
 def _unit_hash(identity: str) -> float:
   """Maps a document identity to [0, 1), identically on every machine and run (sha256)."""
@@ -209,14 +185,12 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
   closest to the other side moves over (still deterministic, still whole documents).
   """
   count = validation = 0
-  lowest: tuple[float, str] | None = None
-  highest: tuple[float, str] | None = None
+  lowest = highest = None  # (hash, identity) of the documents nearest to 0 and to 1
   for identity in identities:
-    u = _unit_hash(identity)
+    hashed = (_unit_hash(identity), identity)
     count += 1
-    validation += u < fraction
-    lowest = min(lowest, (u, identity)) if lowest else (u, identity)
-    highest = max(highest, (u, identity)) if highest else (u, identity)
+    validation += hashed[0] < fraction
+    lowest, highest = min(lowest or hashed, hashed), max(highest or hashed, hashed)
   if count == 0:
     raise CorpusError(f"corpus {corpus} has no non-empty documents; point data.files at files "
                       f"with text in them.")
@@ -229,15 +203,7 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
                     force_train=highest[1] if validation == count else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading documents from files.
-
-def _read_text_file(path: str) -> str:
-  # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation). Undecodable
-  # bytes become U+FFFD rather than failing the whole corpus on one stray Latin-1 byte.
-  with open(path, "rb") as f:
-    return f.read().decode("utf-8", errors="replace")
-
+# -- Reading documents from files ---------------------------------------------------------------
 
 def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
@@ -272,13 +238,15 @@ def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator
         if text.strip():
           yield f"{identity}:{number}", text
     else:
-      text = _read_text_file(path)
+      # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation).
+      # Undecodable bytes become U+FFFD rather than failing the corpus on one stray Latin-1 byte.
+      with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
       if text.strip():
         yield identity, text
 
 
-# ----------------------------------------------------------------------------------------------
-# TFDS builders for local files (pystdlib, text_files).
+# -- TFDS builders for local files (pystdlib, text_files) ---------------------------------------
 
 @dataclasses.dataclass(eq=False)
 class FilesConfig(tfds.core.BuilderConfig):
@@ -384,31 +352,34 @@ def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_fi
   return list(_iter_documents([(path, path) for path in paths], text_key))
 
 
-def _text_files_hash(paths: Sequence[str], text_key: str) -> str:
-  return hashlib.sha256(
-      (_listing_hash("/", paths, mtimes=True) + "\0" + text_key).encode()).hexdigest()[:_HASH_CHARS]
-
-
 def _fraction_tag(fraction: float) -> str:
   return f"val{fraction:.6g}"
 
 
-def _files_builder_factory(data: DataConfig) -> Callable[[], tfds.core.DatasetBuilder]:
-  """A function that builds the (unprepared or prepared) builder for pystdlib / text_files."""
+def _local_files(data: DataConfig) -> tuple[tuple[tuple[str, str], ...], str]:
+  """((identity, absolute path) of every file, hash of their content) of pystdlib/text_files."""
   if data.corpus == "pystdlib":
     root, relpaths = _stdlib_files()
-    files = tuple((rel, os.path.join(root, rel)) for rel in relpaths)
-    content = _listing_hash(root, relpaths, mtimes=False)
-    name = f"py{platform.python_version()}-{content}-{_fraction_tag(data.validation_fraction)}"
-    cls: type[_FilesBuilder] = PyStdlib
-  elif data.corpus == "text_files":
+    return (tuple((rel, os.path.join(root, rel)) for rel in relpaths),
+            _listing_hash(root, relpaths, mtimes=False))
+  if data.corpus == "text_files":
     paths = _resolve_globs(data.files)
-    files = tuple((path, path) for path in paths)
-    _check_fits_in_memory(paths, data.validation_fraction)
-    name = f"{_text_files_hash(paths, data.text_key)}-{_fraction_tag(data.validation_fraction)}"
-    cls = TextFiles
+    content = _listing_hash("/", paths, mtimes=True) + "\0" + data.text_key
+    return (tuple((path, path) for path in paths),
+            hashlib.sha256(content.encode()).hexdigest()[:_HASH_CHARS])
+  raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
+
+
+def _files_builder_factory(data: DataConfig) -> Callable[[], tfds.core.DatasetBuilder]:
+  """A function that builds the (unprepared or prepared) builder for pystdlib / text_files."""
+  files, content = _local_files(data)
+  fraction = _fraction_tag(data.validation_fraction)
+  cls: type[_FilesBuilder] = PyStdlib if data.corpus == "pystdlib" else TextFiles
+  if cls is PyStdlib:
+    name = f"py{platform.python_version()}-{content}-{fraction}"
   else:
-    raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
+    _check_fits_in_memory([path for _, path in files], data.validation_fraction)
+    name = f"{content}-{fraction}"
   config = FilesConfig(name=name, files=files, text_key=data.text_key,
                        validation_fraction=data.validation_fraction,
                        description=f"{cls.name} corpus, {len(files)} files")
@@ -445,8 +416,7 @@ def _quiet_custom_config_warning() -> Iterator[None]:
     absl_logger.removeFilter(drop)
 
 
-# ----------------------------------------------------------------------------------------------
-# Preparation and TFDS-by-name.
+# -- Preparation and TFDS-by-name ---------------------------------------------------------------
 
 def _tfds_dir(data: DataConfig) -> str:
   return os.path.join(os.path.expanduser(data.data_dir), "tfds")

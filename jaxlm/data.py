@@ -32,10 +32,6 @@ class DataError(UserError):
   """The data cannot feed the model as configured; the message says what to change."""
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
-  return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
 def token_cache_path(data: DataConfig, corpus_name: str, tokenizer, split: str) -> str:
   """Cache file of a split's tokens: keyed by the corpus and the tokenizer's exact content."""
   tokenizer_hash = hashlib.sha256(tokenizer.serialize()).hexdigest()[:12]
@@ -44,7 +40,7 @@ def token_cache_path(data: DataConfig, corpus_name: str, tokenizer, split: str) 
 
 def encode_documents(documents: Sequence[str], tokenizer, chunk: int = 256) -> np.ndarray:
   """[num_tokens] ids of all documents, each followed by EOS."""
-  dtype = _token_dtype(tokenizer.vocab_size)
+  dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
   pieces = []
   for start in range(0, len(documents), chunk):
     texts = [documents[i] for i in range(start, min(start + chunk, len(documents)))]
@@ -121,6 +117,53 @@ def window_example(window: np.ndarray, eos_id: int) -> Batch:
           "segment_ids": segment_ids, "positions": index - start_index}
 
 
+def padded_row(inputs: Sequence[int], length: int, pad_id: int) -> Batch:
+  """One [length] row: `inputs` right-padded with pad_id, segment_ids 1 on them (0 on padding,
+  which real tokens never attend to) and positions 0..length-1."""
+  row = {"inputs": np.full(length, pad_id, np.int32), "segment_ids": np.zeros(length, np.int32),
+         "positions": np.arange(length, dtype=np.int32)}
+  row["inputs"][:len(inputs)] = inputs
+  row["segment_ids"][:len(inputs)] = 1
+  return row
+
+
+def lm_row(tokens: Sequence[int], length: int, pad_id: int, scored: int) -> Batch:
+  """One [length] row predicting `tokens`: inputs tokens[:-1], targets tokens[1:], weight 1 on
+  the last `scored` targets and 0 on the others and on the padding."""
+  n = len(tokens) - 1
+  row = padded_row(tokens[:-1], length, pad_id)
+  row["targets"] = np.full(length, pad_id, np.int32)
+  row["targets"][:n] = tokens[1:]
+  row["weights"] = np.zeros(length, np.float32)
+  row["weights"][n - min(scored, n):n] = 1.0
+  return row
+
+
+def stack_rows(rows: Sequence[Batch], batch_size: int) -> list[Batch]:
+  """Rows -> batches of exactly `batch_size` (the last one padded with all-zero rows: weight 0,
+  segment id 0), so a step compiles once per row length."""
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    chunk = list(rows[start:start + batch_size])
+    filler = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    chunk += [filler] * (batch_size - len(chunk))
+    batches.append({k: np.stack([r[k] for r in chunk]) for k in rows[0]})
+  return batches
+
+
+def bucketed_length(longest: int, bucket: int, max_length: int) -> int:
+  """`longest` rounded up to a multiple of `bucket`, at most `max_length`: few padded lengths,
+  so few compiled shapes."""
+  return min(-(-longest // bucket) * bucket, max_length)
+
+
+def round_to_devices(batch_size: int, mesh) -> int:
+  """`batch_size` rounded up to a multiple of the data-parallel devices (data x fsdp), so every
+  device gets whole rows."""
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-batch_size // ways) * ways
+
+
 def process_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise DataError(f"train.global_batch_size={global_batch_size} is not divisible by the "
@@ -162,16 +205,12 @@ def eval_batches(tokens: np.ndarray, config: Config, eos_id: int, num_batches: i
   total = min(len(source), num_batches * global_size)
   # Evenly spaced windows, so a partial evaluation samples every part of the held-out text.
   chosen = np.unique(np.linspace(0, len(source) - 1, total).round().astype(np.int64))
+  padding = window_example(source[0], eos_id)  # weight 0: never enters loss or byte counts
+  padding["weights"] = np.zeros_like(padding["weights"])
   batches = []
   for start in range(0, total, global_size):
-    rows = []
-    for i in range(start + process_index, start + global_size, process_count):
-      if i < total:
-        rows.append(window_example(source[int(chosen[i])], eos_id))
-      else:  # padding row: weight 0, never enters loss or byte counts
-        row = window_example(source[0], eos_id)
-        row["weights"] = np.zeros_like(row["weights"])
-        rows.append(row)
-    assert len(rows) == local_size
-    batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    rows = [window_example(source[int(chosen[i])], eos_id)
+            for i in range(start + process_index, min(start + global_size, total), process_count)]
+    rows += [padding] * (local_size - len(rows))
+    batches.append({k: np.stack([r[k] for r in rows]) for k in padding})
   return batches

@@ -13,22 +13,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm import data as data_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.data import Batch
 from jaxlm.errors import UserError
-
-
-def target_bytes(batch: Batch, byte_lengths: np.ndarray) -> float:
-  """UTF-8 bytes represented by the weighted targets of a batch."""
-  return float(np.sum(byte_lengths[batch["targets"]] * batch["weights"]))
-
-
-def summarize(loss_sum: float, weight_sum: float, num_bytes: float) -> dict[str, float]:
-  loss = loss_sum / max(weight_sum, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-          "tokens": int(weight_sum)}
 
 
 def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Sequence[Batch],
@@ -38,19 +27,22 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   Byte counts are summed over all processes' rows, like the loss.
   """
   results = [eval_step(params, sharding.global_batch(b, mesh)) for b in batches]
-  local_bytes = np.float64(sum(target_bytes(b, byte_lengths) for b in batches))
+  # The UTF-8 bytes that the weighted targets stand for.
+  local_bytes = np.float64(sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"]))
+                               for b in batches))
   if jax.process_count() > 1:
     num_bytes = float(np.sum(multihost_utils.process_allgather(local_bytes)))
   else:
     num_bytes = float(local_bytes)
   sums = jax.device_get(results)
-  return summarize(sum(float(r["loss_sum"]) for r in sums),
-                   sum(float(r["weight_sum"]) for r in sums), num_bytes)
+  loss_sum = sum(float(r["loss_sum"]) for r in sums)
+  weight_sum = sum(float(r["weight_sum"]) for r in sums)
+  loss = loss_sum / max(weight_sum, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0), "tokens": int(weight_sum)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Documents: sliding windows, each token scored once
-# ---------------------------------------------------------------------------------------------
+# -- Documents: sliding windows, each token scored once -----------------------------------------
 
 class EvaluationError(UserError):
   """Evaluation cannot run as asked; the message names the flag and the fix."""
@@ -72,32 +64,9 @@ def document_windows(ids: Sequence[int], seq_len: int, stride: int, eos_id: int,
   rows, begin, scored_until = [], 0, 0  # targets x[j] with j <= scored_until are scored
   while scored_until < len(x) - 1:
     end = min(begin + seq_len, len(x) - 1)  # inputs x[begin:end], targets x[begin+1:end+1]
-    length = end - begin
-    target_index = np.arange(begin + 1, end + 1)
-    row = {"inputs": np.full(seq_len, pad_id, np.int32),
-           "targets": np.full(seq_len, pad_id, np.int32),
-           "weights": np.zeros(seq_len, np.float32),
-           "segment_ids": np.zeros(seq_len, np.int32),
-           "positions": np.arange(seq_len, dtype=np.int32)}
-    row["inputs"][:length] = x[begin:end]
-    row["targets"][:length] = x[begin + 1:end + 1]
-    row["weights"][:length] = target_index > scored_until
-    row["segment_ids"][:length] = 1
-    rows.append(row)
+    rows.append(data_lib.lm_row(x[begin:end + 1], seq_len, pad_id, end - scored_until))
     scored_until, begin = end, begin + stride
   return rows
-
-
-def stack_rows(rows: Sequence[Batch], batch_size: int) -> list[Batch]:
-  """Rows -> batches of exactly `batch_size` (the last one padded with weight-0 rows), so the
-  eval step compiles once."""
-  batches = []
-  for start in range(0, len(rows), batch_size):
-    chunk = list(rows[start:start + batch_size])
-    filler = {k: np.zeros_like(v) for k, v in rows[0].items()}
-    chunk += [filler] * (batch_size - len(chunk))
-    batches.append({k: np.stack([r[k] for r in chunk]) for k in rows[0]})
-  return batches
 
 
 def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str], *,
@@ -115,13 +84,12 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
     raise EvaluationError(f"--stride={stride} must be in [1, --seq_len={seq_len}].")
   if batch_size < 1:
     raise EvaluationError(f"--batch_size={batch_size} must be positive.")
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = -(-batch_size // ways) * ways  # every data-parallel device gets whole rows
+  batch_size = data_lib.round_to_devices(batch_size, mesh)
   if not documents:
     raise EvaluationError("no documents to evaluate: the files or split are empty.")
   rows = [row for ids in tokenizer.encode_batch(list(documents))
           for row in document_windows(ids, seq_len, stride, tokenizer.eos_id, tokenizer.pad_id)]
   eval_step = train_lib.make_eval_step(model, mesh, train_lib.lm_loss())
-  result = evaluate(eval_step, params, stack_rows(rows, batch_size), tokenizer.byte_lengths(),
-                    mesh)
+  result = evaluate(eval_step, params, data_lib.stack_rows(rows, batch_size),
+                    tokenizer.byte_lengths(), mesh)
   return dict(result, documents=len(documents))

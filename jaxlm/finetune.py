@@ -53,9 +53,7 @@ class FinetuneError(UserError):
   """Fine-tuning input is unusable; the message names the file, row or flag and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: classification
-# ---------------------------------------------------------------------------------------------
+# -- Data: classification -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -142,9 +140,7 @@ def split_examples(examples: Sequence[Example], train_fraction: float,
           pick(order[n_train + n_validation:]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: instructions
-# ---------------------------------------------------------------------------------------------
+# -- Data: instructions -------------------------------------------------------------------------
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.")
@@ -204,9 +200,7 @@ def read_instructions(path: str, template: str, flag: str = "--data") -> list[Ex
   return examples
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokens and batches
-# ---------------------------------------------------------------------------------------------
+# -- Tokens and batches -------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Encoded:
@@ -246,10 +240,6 @@ def encode_instructions(examples: Sequence[Example], tokenizer, max_length: int)
   return Encoded(list(examples), ids, prompt_lengths, None)
 
 
-def padded_length(longest: int, max_length: int) -> int:
-  return min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
-
-
 def make_batch(encoded: Encoded, indices: Sequence[int], batch_size: int, max_length: int,
                pad_id: int, task: str) -> Batch:
   """[batch_size, length] arrays for `indices` (rows beyond them are weight-0 padding).
@@ -258,62 +248,34 @@ def make_batch(encoded: Encoded, indices: Sequence[int], batch_size: int, max_le
   [batch]. instruct: inputs, targets, weights (1 on response tokens and the final EOS only),
   segment_ids, positions. Padding goes to the right with segment id 0.
   """
-  if task == "classifier":
-    longest = max(len(encoded.ids[i]) for i in indices)
-  else:
-    longest = max(len(encoded.ids[i]) - 1 for i in indices)
-  length = padded_length(longest, max_length)
-  inputs = np.full((batch_size, length), pad_id, np.int32)
-  segment_ids = np.zeros((batch_size, length), np.int32)
-  batch: Batch = {"inputs": inputs, "segment_ids": segment_ids,
-                  "positions": np.broadcast_to(np.arange(length, dtype=np.int32),
-                                               (batch_size, length)).copy()}
-  if task == "classifier":
-    last_index = np.zeros(batch_size, np.int32)
-    labels = np.zeros(batch_size, np.int32)
-    row_weight = np.zeros(batch_size, np.float32)
-    for row, i in enumerate(indices):
-      ids = encoded.ids[i]
-      inputs[row, :len(ids)] = ids
-      segment_ids[row, :len(ids)] = 1
-      last_index[row], labels[row], row_weight[row] = len(ids) - 1, encoded.labels[i], 1.0
-    batch.update(last_index=last_index, labels=labels, row_weight=row_weight)
-  else:
-    targets = np.full((batch_size, length), pad_id, np.int32)
-    weights = np.zeros((batch_size, length), np.float32)
-    for row, i in enumerate(indices):
-      ids = encoded.ids[i]
-      n = len(ids) - 1
-      inputs[row, :n], targets[row, :n] = ids[:-1], ids[1:]
-      segment_ids[row, :n] = 1
-      # Target t predicts token t + 1: the response starts at token prompt_length.
-      weights[row, encoded.prompt_lengths[i] - 1:n] = 1.0
-    batch.update(targets=targets, weights=weights)
-  return batch
+  classifier = task == "classifier"
+  # (instruct inputs are the sequence minus its last token)
+  longest = max(len(encoded.ids[i]) for i in indices) - (0 if classifier else 1)
+  length = data_lib.bucketed_length(longest, LENGTH_BUCKET, max_length)
+  rows = []
+  for i in indices:
+    ids = encoded.ids[i]
+    if classifier:
+      rows.append(dict(data_lib.padded_row(ids, length, pad_id),
+                       last_index=np.int32(len(ids) - 1), labels=np.int32(encoded.labels[i]),
+                       row_weight=np.float32(1.0)))
+    else:  # weight 1 on the targets ids[prompt_length:]: the response and the EOS
+      rows.append(data_lib.lm_row(ids, length, pad_id, len(ids) - encoded.prompt_lengths[i]))
+  return data_lib.stack_rows(rows, batch_size)[0]
 
 
-def batches(encoded: Encoded, batch_size: int, max_length: int, pad_id: int, task: str,
-            shuffle_seed: int | None = None) -> Iterator[Batch]:
-  """All examples of a split in batches of `batch_size` (shuffled if a seed is given)."""
-  order = list(range(len(encoded.ids)))
-  if shuffle_seed is not None:
-    random.Random(shuffle_seed).shuffle(order)
-  for start in range(0, len(order), batch_size):
-    yield make_batch(encoded, order[start:start + batch_size], batch_size, max_length, pad_id,
-                     task)
+def batches(encoded: Encoded, batch_size: int, max_length: int, pad_id: int, task: str
+            ) -> Iterator[Batch]:
+  """All examples of a split, in order, in batches of `batch_size`."""
+  for start in range(0, len(encoded.ids), batch_size):
+    indices = range(start, min(start + batch_size, len(encoded.ids)))
+    yield make_batch(encoded, indices, batch_size, max_length, pad_id, task)
 
 
-# ---------------------------------------------------------------------------------------------
-# Params: what trains
-# ---------------------------------------------------------------------------------------------
+# -- Params: what trains ------------------------------------------------------------------------
 
 def resolved_trainable(config: Config) -> str:
-  f = config.finetune
-  if config.model.lora_rank:
-    return "lora"
-  if f.trainable:
-    return f.trainable
-  return "all"
+  return "lora" if config.model.lora_rank else (config.finetune.trainable or "all")
 
 
 def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
@@ -335,9 +297,7 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
   return trains
 
 
-# ---------------------------------------------------------------------------------------------
-# Config and initial params
-# ---------------------------------------------------------------------------------------------
+# -- Config and initial params ------------------------------------------------------------------
 
 # Fine-tuning defaults. Measured (experiments/finetune_study.py, README "Fine-tuning"): on a
 # keyword classification task the book's GPT-2 recipe (last block + head, AdamW 5e-5) reached
@@ -370,10 +330,6 @@ def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Co
   return config_lib.validate(config_lib.apply_overrides(values, overrides))
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
   """The base run's params plus what fine-tuning adds (a classification head, LoRA adapters),
   initialised as the model initialises them, with the shardings of `config` on `mesh`."""
@@ -388,20 +344,15 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
     return nn.unbox(model.init({"params": rng}, tokens)["params"])
   with jax.set_mesh(mesh), sharding.axis_rules():
     fresh = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-  base_flat = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
-      base_params)[0]}
-
-  def pick(path, new_leaf, target_sharding):
-    # Shared params keep the init run's values (their shapes were checked in `prepare`); a
-    # classifier has no lm_head, so a base lm_head is dropped.
-    old = base_flat.get(_path_names(path))
-    return new_leaf if old is None else jax.device_put(old, target_sharding)
-  return jax.tree_util.tree_map_with_path(pick, fresh, shardings)
+  # Shared params keep the init run's values (their shapes were checked in `prepare`); a
+  # classifier has no lm_head, so a base lm_head is dropped.
+  base, targets = params_lib.flatten(base_params), params_lib.flatten(shardings)
+  return params_lib.unflatten({
+      path: jax.device_put(base[path], targets[path]) if path in base else leaf
+      for path, leaf in params_lib.flatten(fresh).items()})
 
 
-# ---------------------------------------------------------------------------------------------
-# Data order
-# ---------------------------------------------------------------------------------------------
+# -- Data order ---------------------------------------------------------------------------------
 
 class EpochBatches:
   """The training batches of every epoch: epoch e shuffles the split with seed
@@ -439,9 +390,7 @@ class EpochBatches:
     self.position = int(state["position"])
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# -- The run ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class FinetuneInputs:
@@ -484,9 +433,8 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
     parts = {"train": examples, "validation": read(validation_data, "--validation_data"),
              "test": read(test_data, "--test_data")}
   else:
-    train, validation, test = split_examples(examples, f.train_fraction, f.validation_fraction,
-                                             config.seed)
-    parts = {"train": train, "validation": validation, "test": test}
+    parts = dict(zip(("train", "validation", "test"), split_examples(
+        examples, f.train_fraction, f.validation_fraction, config.seed)))
   if not parts["train"]:
     raise FinetuneError(f"{data}: no training examples after splitting; add examples or raise "
                         f"finetune.train_fraction.")
@@ -568,13 +516,11 @@ def evaluate_splits(steps: train_lib.Steps, params: Any, prepared: FinetuneInput
   task, mesh = prepared.config.finetune.task, prepared.mesh
   results: dict[str, float] = {}
   for name, split in prepared.splits.items():
-    totals: dict[str, float] = {}
-    for batch in batches(split, prepared.config.train.global_batch_size, prepared.max_length,
-                         prepared.tokenizer.pad_id, task):
-      device_batch = sharding.global_batch(sharding.local_rows(batch), mesh)
-      sums = jax.device_get(steps.eval(params, device_batch))
-      for key, value in sums.items():
-        totals[key] = totals.get(key, 0.0) + float(value)
+    sums = jax.device_get([
+        steps.eval(params, sharding.global_batch(sharding.local_rows(batch), mesh))
+        for batch in batches(split, prepared.config.train.global_batch_size,
+                             prepared.max_length, prepared.tokenizer.pad_id, task)])
+    totals = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
     loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
     results[f"{name}_loss"] = loss
     if task == "classifier":
@@ -612,8 +558,8 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
       return (results["validation_accuracy"], -results["validation_loss"])
     return (-results["validation_loss"],)
 
-  trainable, frozen = steps.split(steps.abstract_state.params)
-  num_trainable, num_total = count_params(trainable), count_params(steps.abstract_state.params)
+  num_trainable = count_params(steps.split(steps.abstract_state.params)[0])
+  num_total = count_params(steps.abstract_state.params)
 
   def finish(summary: dict, best: dict | None) -> dict:
     out = dict(summary, task=task_name, steps=config.train.num_steps,
@@ -669,17 +615,11 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
             batch_size: int = 16) -> list[dict[str, Any]]:
   """Greedy responses to the prompts of `split`: records with `response` and `exact_match`
   (the response equals the expected output after stripping surrounding whitespace)."""
-  report = []
-  for start in range(0, len(split.examples), batch_size):
-    chunk = split.examples[start:start + batch_size]
-    completions = generate_lib.generate(config.model, params, tokenizer,
-                                        [e.text for e in chunk], max_new_tokens=max_new_tokens,
-                                        temperature=0.0, truncate=True)
-    for example, completion in zip(chunk, completions):
-      response = completion.text
-      report.append(dict(example.record or {}, response=response,
-                         exact_match=response.strip() == example.response.strip()))
-  return report
+  completions = generate_lib.generate(
+      config.model, params, tokenizer, [e.text for e in split.examples],
+      max_new_tokens=max_new_tokens, temperature=0.0, truncate=True, batch_size=batch_size)
+  return [dict(e.record or {}, response=c.text, exact_match=c.text.strip() == e.response.strip())
+          for e, c in zip(split.examples, completions)]
 
 
 def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -693,35 +633,28 @@ def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
   max_length = config.finetune.max_length or config.model.max_seq_len
   mesh = run_lib.default_mesh(config)
   params = run_lib.restore_params(run, mesh)
-  examples = [Example(f"text {i}", text, classes[0]) for i, text in enumerate(texts)]
-  ids = run.tokenizer.encode_batch(list(texts))
-  for example, row in zip(examples, ids):
-    if len(row) > max_length:  # predictions keep the end, where the classifier reads
-      row[:] = row[-max_length:]
-    if not row:
-      row.append(run.tokenizer.eos_id)
-  encoded = Encoded(examples, [list(r) for r in ids], [0] * len(ids),
-                    np.zeros(len(ids), np.int32))
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = -(-8 // ways) * ways
-  model = Transformer(config.model)
-
-  @jax.jit
-  def class_probs(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
-    return jax.nn.softmax(last, axis=-1)
-
+  # A long text keeps its end, where the classifier reads; an empty one is a document boundary.
+  ids = [row[-max_length:] or [run.tokenizer.eos_id]
+         for row in run.tokenizer.encode_batch(list(texts))]
+  encoded = Encoded([], ids, [0] * len(ids), np.zeros(len(ids), np.int32))
+  batch_size = data_lib.round_to_devices(8, mesh)
+  class_probs = train_lib.make_eval_step(config.model, mesh, _class_probabilities)
   out = []
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    for start, batch in zip(range(0, len(texts), batch_size),
-                            batches(encoded, batch_size, max_length, run.tokenizer.pad_id,
-                                    "classifier")):
-      probs = np.asarray(jax.device_get(class_probs(params, sharding.global_batch(batch, mesh))))
-      for row in range(min(batch_size, len(texts) - start)):
-        best = int(np.argmax(probs[row]))
-        out.append({"text": texts[start + row], "label": classes[best],
-                    "probabilities": {c: round(float(p), 6) for c, p in zip(classes,
-                                                                             probs[row])}})
+  for start, batch in zip(range(0, len(texts), batch_size),
+                          batches(encoded, batch_size, max_length, run.tokenizer.pad_id,
+                                  "classifier")):
+    probs = jax.device_get(class_probs(params, sharding.global_batch(batch, mesh)))
+    for text, row in zip(texts[start:start + batch_size], probs["probabilities"]):
+      out.append({"text": text, "label": classes[int(np.argmax(row))],
+                  "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}})
   return out
+
+
+def _class_probabilities(model: Transformer, params: Any, batch: dict, rng: Any = None
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss-function-shaped (see train.LossFn): the softmax of the class logits at each row's
+  last real token, "probabilities" [batch, classes]."""
+  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"])
+  last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+  return jnp.zeros(()), {"probabilities": jax.nn.softmax(last, axis=-1)}

@@ -66,9 +66,7 @@ MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_MULTIPLE = 64
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
+# -- Arguments ----------------------------------------------------------------------------------
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
   """Raises GenerationError naming the first bad sampling argument."""
@@ -90,19 +88,13 @@ def prompt_bucket(longest: int) -> int:
   return max(MIN_PROMPT_BUCKET, 1 << max(longest - 1, 0).bit_length())
 
 
-def new_token_slots(max_new_tokens: int) -> int:
-  return -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
-
-
 def _sampling_arrays(temperature, top_k, top_p, min_p) -> dict[str, np.ndarray]:
   """Traced (not static) sampling values: changing them never recompiles."""
   return {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
           "top_p": np.float32(top_p), "min_p": np.float32(min_p)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling (pure jnp; every argument may be traced)
-# ---------------------------------------------------------------------------------------------
+# -- Sampling (pure jnp; every argument may be traced) ------------------------------------------
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
   """logits [batch, vocab] -> float32 logits / temperature with removed tokens at -inf.
@@ -151,9 +143,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k=0, top_
   return jax.lax.cond(jnp.asarray(temperature) == 0, greedy, sample, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The compiled part
-# ---------------------------------------------------------------------------------------------
+# -- The compiled part --------------------------------------------------------------------------
 
 @flax.struct.dataclass
 class DecodeState:
@@ -172,8 +162,7 @@ def _constrain_cache(cache: Any, names: Any) -> Any:
 
 
 def _cache_names(config: ModelConfig, batch: int, length: int) -> Any:
-  boxed = jax.eval_shape(lambda: init_cache(config, batch, length))
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(jax.eval_shape(lambda: init_cache(config, batch, length)))
 
 
 def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
@@ -192,28 +181,24 @@ def forward_logits(config: ModelConfig, params: Any, tokens: np.ndarray) -> np.n
   """Logits [batch, length, vocab] (float32, host) of one full forward pass over `tokens`
   [batch, length] at positions 0..length-1, no cache: for scoring and parity checks."""
   tokens = np.asarray(tokens, np.int32)
-  mesh = _mesh_of(params)
   apply = jax.jit(lambda p, t: Transformer(config).apply({"params": p}, t))
-  if mesh is None:
-    return _to_host(apply(params, tokens))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(tokens.shape[0], mesh)):
-    return _to_host(apply(params, tokens))
+  return _to_host(_under_mesh(_mesh_of(params), tokens.shape[0], apply, params, tokens))
 
 
-def _pick(state: DecodeState, new: jax.Array, logits: jax.Array, prompt_len: int,
-          eos_id, pad_id) -> DecodeState:
-  """Writes step `state.step`'s tokens [B] (pad for finished rows) and logits [B, vocab]."""
-  new = jnp.where(state.done, pad_id, new)
+def _sample_step(state: DecodeState, logits: jax.Array, prompt_len: int, sampling
+                 ) -> DecodeState:
+  """Samples step `state.step`'s tokens from its logits [B, vocab] (row r with the key
+  fold_in(row key, step)) and writes them (pad for finished rows) and the logits."""
+  keys = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
+  new = sample_logits(logits, keys, sampling["temperature"], sampling["top_k"],
+                      sampling["top_p"], sampling["min_p"])
+  new = jnp.where(state.done, sampling["pad_id"], new)
   tokens = jax.lax.dynamic_update_slice(state.tokens, new[:, None], (0, prompt_len + state.step))
   saved = state.logits
   if saved is not None:
     saved = jax.lax.dynamic_update_slice(saved, logits[:, None], (0, state.step, 0))
-  return state.replace(tokens=tokens, done=state.done | (new == eos_id), step=state.step + 1,
-                       logits=saved)
-
-
-def _step_keys(state: DecodeState) -> jax.Array:
-  return jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
+  return state.replace(tokens=tokens, done=state.done | (new == sampling["eos_id"]),
+                       step=state.step + 1, logits=saved)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "new_slots", "kv_cache", "with_logits"))
@@ -241,9 +226,7 @@ def _start(params, prompt, lengths, rng, sampling, *, config: ModelConfig, new_s
       tokens=tokens, lengths=lengths, done=jnp.zeros([batch], bool), step=jnp.int32(0),
       keys=keys, cache=cache,
       logits=jnp.zeros((batch, new_slots, last.shape[-1]), jnp.float32) if with_logits else None)
-  new = sample_logits(last, _step_keys(state), sampling["temperature"], sampling["top_k"],
-                      sampling["top_p"], sampling["min_p"])
-  return _pick(state, new, last, prompt_len, sampling["eos_id"], sampling["pad_id"])
+  return _sample_step(state, last, prompt_len, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len", "kv_cache"),
@@ -269,18 +252,10 @@ def _continue(params, state: DecodeState, stop_at, stop_rows, sampling, *, confi
     else:
       logits = _full_forward(config, params, state.tokens, state.lengths, prompt_len)
       last = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
-    new = sample_logits(last, _step_keys(state), sampling["temperature"], sampling["top_k"],
-                        sampling["top_p"], sampling["min_p"])
-    return _pick(state, new, last, prompt_len, sampling["eos_id"], sampling["pad_id"])
+    return _sample_step(state, last, prompt_len, sampling)
 
   state = state.replace(done=state.done | stop_rows)
   return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~jnp.all(s.done), body, state)
-
-
-def compiled_count() -> int:
-  """How many programs `_start` and `_continue` have compiled in this process (tests check
-  that new prompt lengths, sampling values and chunk sizes do not add any)."""
-  return _start._cache_size() + _continue._cache_size()
 
 
 _compile_seconds = [0.0]
@@ -302,9 +277,7 @@ def _compile_clock() -> float:
   return _compile_seconds[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Host side: batches, stop strings, streaming
-# ---------------------------------------------------------------------------------------------
+# -- Host side: batches, stop strings, streaming ------------------------------------------------
 
 @dataclasses.dataclass
 class Piece:
@@ -338,6 +311,14 @@ def _rules(batch: int, mesh: Mesh):
   if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
     rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
   return rules
+
+
+def _under_mesh(mesh: Mesh | None, batch: int, fn, *args, **kwargs):
+  """fn(*args, **kwargs), under `mesh` and the logical-axis rules for `batch` rows if any."""
+  if mesh is None:
+    return fn(*args, **kwargs)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(batch, mesh)):
+    return fn(*args, **kwargs)
 
 
 def _to_host(x) -> np.ndarray:
@@ -411,12 +392,15 @@ def stream(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], 
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise GenerationError(f"chunk_size={chunk_size}: must be an integer >= 1.")
   rows, truncated = encode_prompts(config, tokenizer, prompts, max_new_tokens, truncate)
-  return _stream(config, params, tokenizer, list(prompts), rows, truncated,
-                 max_new_tokens=max_new_tokens,
-                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-                 rng=jax.random.PRNGKey(seed) if rng is None else rng, stop=stop,
-                 kv_cache=kv_cache, chunk_size=chunk_size, mesh=mesh, stats=stats,
-                 completions=completions, with_logits=with_logits)
+  stats = {} if stats is None else stats
+  stats.update(batch=len(rows), prompt_tokens=sum(len(r) for r in rows), kv_cache=kv_cache)
+  chunks = decode_tokens(config, params, rows, max_new_tokens=max_new_tokens,
+                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         seed=seed, rng=rng, kv_cache=kv_cache, mesh=mesh,
+                         with_logits=with_logits, info=stats)
+  return _stream(tokenizer, list(prompts), rows, truncated, chunks, max_new_tokens, stop, stats,
+                 completions)
 
 
 def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]], *,
@@ -436,7 +420,7 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   """
   batch = len(rows)
   prompt_len = prompt_bucket(max(len(r) for r in rows))
-  new_slots = new_token_slots(max_new_tokens)
+  new_slots = -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
   prompt = np.full((batch, prompt_len), pad_id, np.int32)
   for i, ids in enumerate(rows):
     prompt[i, prompt_len - len(ids):] = ids
@@ -447,15 +431,8 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   mesh = mesh if mesh is not None else _mesh_of(params)
   info = {} if info is None else info
   info.update(prompt_bucket=prompt_len, cache_length=prompt_len + new_slots)
-
-  def under_mesh(fn, *args, **kwargs):
-    if mesh is None:
-      return fn(*args, **kwargs)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(batch, mesh)):
-      return fn(*args, **kwargs)
-
-  state = under_mesh(_start, params, prompt, lengths, rng, sampling, config=config,
-                     new_slots=new_slots, kv_cache=kv_cache, with_logits=with_logits)
+  state = _under_mesh(mesh, batch, _start, params, prompt, lengths, rng, sampling, config=config,
+                      new_slots=new_slots, kv_cache=kv_cache, with_logits=with_logits)
   while True:
     tokens, done, step = map(_to_host, (state.tokens, state.done, state.step))
     step = int(step)
@@ -463,23 +440,18 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
     stop_rows = np.zeros(batch, bool) if stop_rows is None else np.asarray(stop_rows, bool)
     if step >= max_new_tokens or np.all(done | stop_rows):
       break
-    state = under_mesh(_continue, params, state, np.int32(min(step + chunk_size, max_new_tokens)),
-                       stop_rows, sampling, config=config, prompt_len=prompt_len,
-                       kv_cache=kv_cache)
+    state = _under_mesh(mesh, batch, _continue, params, state,
+                        np.int32(min(step + chunk_size, max_new_tokens)), stop_rows, sampling,
+                        config=config, prompt_len=prompt_len, kv_cache=kv_cache)
   if with_logits:
     info["logits"] = _to_host(state.logits)[:, :max_new_tokens]
 
 
-def _stream(config, params, tokenizer, prompts, rows, truncated, *, max_new_tokens, sampling,
-            rng, stop, kv_cache, chunk_size, mesh, stats, completions, with_logits):
+def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, stats,
+            completions) -> Iterator[Piece]:
+  """The text pieces of `chunks` (a `decode_tokens` generator, not yet started)."""
   batch = len(rows)
-  stats = {} if stats is None else stats
-  stats.update(batch=batch, prompt_tokens=sum(len(r) for r in rows), kv_cache=kv_cache)
   compile_start, wall_start = _compile_clock(), time.perf_counter()
-  chunks = decode_tokens(config, params, rows, max_new_tokens=max_new_tokens,
-                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                         rng=rng, kv_cache=kv_cache, mesh=mesh, with_logits=with_logits,
-                         info=stats, **sampling)
   new = next(chunks)
   stats["first_token_seconds"] = time.perf_counter() - wall_start
 
@@ -524,23 +496,28 @@ def _stream(config, params, tokenizer, prompts, rows, truncated, *, max_new_toke
 
 def generate(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
              max_new_tokens: int, stop: Sequence[str] = (), chunk_size: int | None = None,
-             **kwargs) -> list[Completion]:
-  """The batch API: one Completion per prompt (same arguments as `stream`). Without stop
-  strings the whole generation is one jitted call; with them, chunks of 16 steps."""
+             batch_size: int = 0, **kwargs) -> list[Completion]:
+  """The batch API: one Completion per prompt (same arguments as `stream`), `batch_size`
+  prompts at a time (0: all in one batch). Without stop strings the whole generation is one
+  jitted call; with them, chunks of 16 steps."""
   if chunk_size is None:
     whole = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1
     chunk_size = 16 if stop else whole
+  prompts = list(prompts)
+  step = batch_size or max(len(prompts), 1)
   completions: list[Completion] = []
-  for _ in stream(config, params, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
-                  chunk_size=chunk_size, completions=completions, **kwargs):
-    pass
+  for start in range(0, max(len(prompts), 1), step):  # (no prompts: `stream` says so)
+    batch: list[Completion] = []
+    for _ in stream(config, params, tokenizer, prompts[start:start + step],
+                    max_new_tokens=max_new_tokens, stop=stop, chunk_size=chunk_size,
+                    completions=batch, **kwargs):
+      pass
+    completions += batch
   return completions
 
 
-def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
-                   max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, rng: jax.Array | None = None, **kwargs) -> list[str]:
-  """Continuations (text after each prompt, up to EOS) for a batch of prompts."""
-  return [c.text for c in generate(config, params, tokenizer, prompts,
-                                   max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, rng=rng, **kwargs)]
+def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str],
+                   **kwargs) -> list[str]:
+  """Continuations (text after each prompt, up to EOS) for a batch of prompts (the arguments
+  of `stream`)."""
+  return [c.text for c in generate(config, params, tokenizer, prompts, **kwargs)]

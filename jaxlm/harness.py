@@ -79,8 +79,6 @@ class JaxLM(LM):
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     """(log P(continuation | context), whether greedy decoding reproduces it) per request;
     request.args = (context, continuation)."""
-    if not requests:
-      return []
     ll, greedy = tasks.loglikelihoods(
         self.config, self.params, self.tokenizer, [tuple(r.args[:2]) for r in requests],
         mesh=self.mesh, batch_size=self.batch_size, scorer=self.scorer,
@@ -90,8 +88,6 @@ class JaxLM(LM):
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """log P(text) of each request's whole text (request.args = (text,)), every token scored
     once after end-of-text."""
-    if not requests:
-      return []
     ll, _ = tasks.document_loglikelihoods(
         self.config, self.params, self.tokenizer, [r.args[0] for r in requests],
         mesh=self.mesh, batch_size=self.batch_size, scorer=self.scorer,
@@ -107,14 +103,12 @@ class JaxLM(LM):
       groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
     texts = [""] * len(requests)
     for indices in groups.values():
-      options = self._sampling(requests[indices[0]].args[1])
-      for start in range(0, len(indices), self.batch_size):
-        chosen = indices[start:start + self.batch_size]
-        completions = generate_lib.generate(
-            self.config.model, self.params, self.tokenizer,
-            [requests[i].args[0] for i in chosen], truncate=True, mesh=self.mesh, **options)
-        for i, completion in zip(chosen, completions):
-          texts[i] = completion.text
+      completions = generate_lib.generate(
+          self.config.model, self.params, self.tokenizer, [requests[i].args[0] for i in indices],
+          truncate=True, mesh=self.mesh, batch_size=self.batch_size,
+          **self._sampling(requests[indices[0]].args[1]))
+      for i, completion in zip(indices, completions):
+        texts[i] = completion.text
     return texts
 
   def _sampling(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -52,19 +52,14 @@ class LoraError(UserError):
   """Bad adapter input; the message names the param or field and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Paths and partitions
-# ---------------------------------------------------------------------------------------------
+# -- Paths and partitions -----------------------------------------------------------------------
 
 def is_adapter_path(path: tuple[str, ...] | str) -> bool:
   """Whether a param path ('a/b/lora_a' or ('a', 'b', 'lora_a')) names a LoRA adapter."""
   if isinstance(path, str):
-    path = tuple(path.split("/"))
-  if not path:
-    return False
+    return path.rpartition("/")[2] in ADAPTER_NAMES
   # Also accept jax key paths (DictKey entries), as from jax.tree_util.tree_flatten_with_path.
-  last = getattr(path[-1], "key", path[-1])
-  return last in ADAPTER_NAMES
+  return bool(path) and getattr(path[-1], "key", path[-1]) in ADAPTER_NAMES
 
 
 def _name(path: Path) -> str:
@@ -77,9 +72,7 @@ def split(params: Mapping[str, Any]) -> tuple[Params, Params]:
   return params_lib.partition(params, is_adapter_path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Merging adapters into the kernels
-# ---------------------------------------------------------------------------------------------
+# -- Merging adapters into the kernels ----------------------------------------------------------
 
 def _merged_kernel(name: str, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
                    scale: float) -> jax.Array:
@@ -145,9 +138,7 @@ def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, 
   return dataclasses.replace(config, lora_rank=0), params_lib.unflatten(flat)
 
 
-# ---------------------------------------------------------------------------------------------
-# Adapter files
-# ---------------------------------------------------------------------------------------------
+# -- Adapter files ------------------------------------------------------------------------------
 
 def _to_numpy(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather first

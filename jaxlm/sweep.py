@@ -67,15 +67,13 @@ class Plan:
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "source": self.source, "base": self.base,
             "points": [{"name": n, "overrides": o} for n, o in self.points],
-            "seeds": self.seeds,
-            "runs": [{"point": r.point, "seed": r.seed, "overrides": dict(r.overrides),
-                      "config": dict(r.config)} for r in self.runs]}
+            "seeds": self.seeds, "runs": [dataclasses.asdict(r) for r in self.runs]}
 
   @classmethod
   def from_json(cls, value: Mapping[str, Any]) -> "Plan":
     return cls(value["name"], value["source"], value["base"],
                [(p["name"], p["overrides"]) for p in value["points"]], value["seeds"],
-               [Cell(r["point"], r["seed"], r["overrides"], r["config"]) for r in value["runs"]])
+               [Cell(**r) for r in value["runs"]])
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -93,10 +91,6 @@ def _base_config(base: Any, sweep_path: str) -> dict[str, Any]:
                    f"got {type(base).__name__}.")
 
 
-def _short(key: str) -> str:
-  return key.rpartition(".")[2]
-
-
 def _value_text(value: Any) -> str:
   if isinstance(value, bool):
     return "true" if value else "false"
@@ -107,7 +101,7 @@ def _value_text(value: Any) -> str:
 
 def point_name(overrides: Mapping[str, Any]) -> str:
   """'positional-rope' for {'model.positional': 'rope'}; keys joined by '_'."""
-  return "_".join(f"{_short(k)}-{_value_text(v)}" for k, v in overrides.items())
+  return "_".join(f"{k.rpartition('.')[2]}-{_value_text(v)}" for k, v in overrides.items())
 
 
 def expand_points(spec: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
@@ -122,8 +116,7 @@ def expand_points(spec: Mapping[str, Any], where: str) -> list[tuple[str, dict[s
     for key, values in grid.items():
       if not isinstance(values, (list, tuple)) or not values:
         raise SweepError(f"{where}: grid['{key}'] must be a non-empty list of values.")
-    keys = list(grid)
-    combos = [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points = [(point_name(c), c) for c in combos]
   else:
     entries = spec["points"]
@@ -201,8 +194,7 @@ def _load(path: str) -> Plan:
       runs.append(Cell(name, seed, config_lib.plain(overrides), config))
   name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
   return Plan(name, os.path.abspath(path), base,
-              [(n, config_lib.plain(o)) for n, o in points], seeds,
-              runs)
+              [(n, config_lib.plain(o)) for n, o in points], seeds, runs)
 
 
 # -- state of a sweep directory --------------------------------------------------------------
@@ -283,10 +275,8 @@ def _last_error(log_file: str) -> str:
     return "no log"
   with open(log_file, errors="replace") as f:
     lines = [line.strip() for line in f if line.strip()]
-  for line in reversed(lines):
-    if line.startswith("error:"):
-      return line
-  return lines[-1] if lines else "no output"
+  errors = [line for line in lines if line.startswith("error:")]
+  return (errors or lines or ["no output"])[-1]
 
 
 @dataclasses.dataclass
@@ -373,13 +363,10 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
           status.update(status="interrupted", error=None)
           log(f"interrupted {active.run.name}; its checkpoint resumes on the next run")
         else:
-          status.update(status="failed",
-                        error=_last_error(log_path(workdir, active.run)))
+          status.update(status="failed", error=_last_error(log_path(workdir, active.run)))
           log(f"FAILED {active.run.name} (exit {code}): {status['error']} "
               f"(log: {log_path(workdir, active.run)})")
         _save_state(workdir, plan, statuses, parallel)
-    for run in pending:
-      statuses[run.name]["status"] = "pending"
   finally:
     for sig, handler in handlers.items():
       signal.signal(sig, handler)
@@ -419,8 +406,8 @@ def final_train_loss(records: Sequence[Mapping[str, Any]], num_steps: int) -> fl
   return float(np.mean(tail))
 
 
-def _overrides_text(overrides: Mapping[str, Any]) -> str:
-  return ", ".join(f"`{k}={_value_text(v)}`" for k, v in overrides.items()) or "(base)"
+def _overrides_text(overrides: Mapping[str, Any], empty: str) -> str:
+  return ", ".join(f"`{k}={_value_text(v)}`" for k, v in overrides.items()) or empty
 
 
 def point_results(plan: Plan, workdir: str) -> list[dict[str, Any]]:
@@ -460,13 +447,13 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
            f"Sweep file `{os.path.relpath(plan.source)}`; {len(plan.points)} points × "
            f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); losses are in nats "
            f"per token, mean ± std over finished seeds: the final validation loss and the train "
-           f"loss of the steps logged in the last 10% of training; tokens/s is the median of each run's logged steps, averaged "
-           f"over seeds; wall time per run includes start-up and compilation"
+           f"loss of the steps logged in the last 10% of training; tokens/s is the median of "
+           f"each run's logged steps, averaged over seeds; wall time per run includes start-up "
+           f"and compilation"
            + (f" (runs shared the machine, {parallel} at a time)" if parallel > 1 else "") + ".",
            "",
            "Base config (differences from the schema defaults): "
-           + (", ".join(f"`{k}={_value_text(v['to'])}`" for k, v in base_diff.items())
-              or "none") + ".", "",
+           + _overrides_text({k: v["to"] for k, v in base_diff.items()}, "none") + ".", "",
            "| point | params | seeds | train loss | validation loss | validation bits/byte "
            "| tokens/s | wall time | config diff |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -481,7 +468,7 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
         f"| {_mean_std([x['final_train_loss'] for x in s], 3)} "
         f"| {_mean_std([x['eval_loss'] for x in s], 3)} "
         f"| {_mean_std([x['eval_bits_per_byte'] for x in s], 3)} "
-        f"| {speed} | {wall} | {_overrides_text(r['overrides'])} |")
+        f"| {speed} | {wall} | {_overrides_text(r['overrides'], '(base)')} |")
   problems = [p for r in results for p in r["problems"]]
   if problems:
     lines += ["", "## Runs that did not finish", ""]

@@ -4,10 +4,11 @@ Multiple choice (HellaSwag, PIQA, ARC, Winogrande, BoolQ, RTE, SST-2): each choi
 continuation of the task's context; the model's log-likelihood of every continuation decides.
 `acc` takes the choice of highest summed log-probability, `acc_norm` the highest
 log-probability per character of the choice (the harness's definition: the choice's text
-without the space that joins it to the context; per byte for ASCII). LAMBADA: `acc` is 1 when greedy decoding
-of the passage's last word reproduces it exactly, `perplexity` = exp(-mean log-likelihood of
-the last word). WikiText: rolling log-likelihood of each article (disjoint windows of the
-model's context, as the harness's `loglikelihood_rolling`), reported as perplexity per word of the text, per byte, and bits per byte.
+without the space that joins it to the context; per byte for ASCII). LAMBADA: `acc` is 1 when
+greedy decoding of the passage's last word reproduces it exactly, `perplexity` = exp(-mean
+log-likelihood of the last word). WikiText: rolling log-likelihood of each article (disjoint
+windows of the model's context, as the harness's `loglikelihood_rolling`), reported as
+perplexity per word of the text, per byte, and bits per byte.
 
 Tokenization as the harness does it: the context loses its trailing whitespace to the
 continuation, the pair is encoded whole and the continuation is what follows the context's
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
@@ -63,30 +65,64 @@ class Item:
     return self.contexts[self.label] + self.choices[self.label]
 
 
-# ---------------------------------------------------------------------------------------------
-# Task files (the published formats)
-# ---------------------------------------------------------------------------------------------
+# -- Task files (the published formats) ---------------------------------------------------------
 
-def _records(path: str) -> list[dict[str, Any]]:
+def _rows(path: str) -> list[_Row]:
   """Rows of a .jsonl file (one JSON object per line) or a .tsv/.csv file with a header."""
   try:
     if path.endswith((".tsv", ".csv")):
       with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
-                                   quoting=csv.QUOTE_NONE if path.endswith(".tsv")
-                                   else csv.QUOTE_MINIMAL))
-    with open(path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+        records = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
+                                      quoting=csv.QUOTE_NONE if path.endswith(".tsv")
+                                      else csv.QUOTE_MINIMAL))
+    else:
+      with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise TaskError(f"task file {path} cannot be read: {e}") from None
+  return [_Row(record, path, index) for index, record in enumerate(records)]
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
     raise TaskError(f"task file {path} cannot be read: {e}") from None
 
 
-def _field(record: dict[str, Any], path: str, row: int, *names: str) -> Any:
-  for name in names:
-    if name in record:
-      return record[name]
-  raise TaskError(f"task file {path}, row {row + 1}: no field {' or '.join(map(repr, names))}; "
-                  f"its fields are {sorted(record)}.")
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """One record of a task file (`index` from 0), for the readers: its errors name the file and
+  the row."""
+  fields: dict[str, Any]
+  path: str
+  index: int
+
+  def error(self, message: str) -> TaskError:
+    return TaskError(f"task file {self.path}, row {self.index + 1}: {message}")
+
+  def field(self, *names: str) -> Any:
+    """The first of `names` the record has."""
+    for name in names:
+      if name in self.fields:
+        return self.fields[name]
+    raise self.error(f"no field {' or '.join(map(repr, names))}; its fields are "
+                     f"{sorted(self.fields)}.")
+
+  def choice(self, context: str, choices: Sequence[str], label: int) -> Item:
+    if not 0 <= label < len(choices):
+      raise self.error(f"label {label} is not one of the {len(choices)} choices.")
+    return Item((context,) * len(choices), tuple(choices), label)
+
+  def yes_no(self, value: Any) -> int:
+    """1 for true/yes/positive/1, 0 for false/no/negative/0."""
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "positive", "1"):
+      return 1
+    if text in ("false", "no", "negative", "0"):
+      return 0
+    raise self.error(f"label {value!r} is not a yes/no value.")
 
 
 def _hellaswag_text(text: str) -> str:
@@ -96,55 +132,44 @@ def _hellaswag_text(text: str) -> str:
   return text.replace("  ", " ")
 
 
-def _choice_item(context: str, choices: Sequence[str], label: int, path: str, row: int) -> Item:
-  if not 0 <= label < len(choices):
-    raise TaskError(f"task file {path}, row {row + 1}: label {label} is not one of the "
-                    f"{len(choices)} choices.")
-  return Item((context,) * len(choices), tuple(choices), label)
-
-
 def read_hellaswag(path: str) -> list[Item]:
   items = []
-  for row, r in enumerate(_records(path)):
-    ctx = (r["ctx_a"] + " " + r["ctx_b"].capitalize() if "ctx_a" in r and "ctx_b" in r
-           else _field(r, path, row, "ctx"))
-    context = _hellaswag_text(f"{r.get('activity_label', '')}: {ctx}".lstrip(": "))
-    endings = [" " + _hellaswag_text(e) for e in _field(r, path, row, "endings")]
-    items.append(_choice_item(context, endings, int(_field(r, path, row, "label")), path, row))
+  for r in _rows(path):
+    ctx = (r.fields["ctx_a"] + " " + r.fields["ctx_b"].capitalize()
+           if "ctx_a" in r.fields and "ctx_b" in r.fields else r.field("ctx"))
+    context = _hellaswag_text(f"{r.fields.get('activity_label', '')}: {ctx}".lstrip(": "))
+    endings = [" " + _hellaswag_text(e) for e in r.field("endings")]
+    items.append(r.choice(context, endings, int(r.field("label"))))
   return items
 
 
 def read_piqa(path: str) -> list[Item]:
   """PIQA jsonl (goal, sol1, sol2) with a "label" field or the published labels file beside
   it (valid.jsonl + valid-labels.lst)."""
-  records = _records(path)
+  rows = _rows(path)
   labels_path = re.sub(r"\.jsonl$", "-labels.lst", path)
   labels = None
-  if records and "label" not in records[0] and os.path.isfile(labels_path):
+  if rows and "label" not in rows[0].fields and os.path.isfile(labels_path):
     with open(labels_path) as f:
       labels = [int(line) for line in f if line.strip()]
   items = []
-  for row, r in enumerate(records):
-    label = labels[row] if labels is not None else int(_field(r, path, row, "label"))
-    context = f"Question: {_field(r, path, row, 'goal')}\nAnswer:"
-    choices = [" " + _field(r, path, row, "sol1"), " " + _field(r, path, row, "sol2")]
-    items.append(_choice_item(context, choices, label, path, row))
+  for r in rows:
+    label = labels[r.index] if labels is not None else int(r.field("label"))
+    items.append(r.choice(f"Question: {r.field('goal')}\nAnswer:",
+                          [" " + r.field("sol1"), " " + r.field("sol2")], label))
   return items
 
 
 def read_arc(path: str) -> list[Item]:
   """AI2 ARC jsonl: question.stem, question.choices[{text, label}], answerKey."""
   items = []
-  for row, r in enumerate(_records(path)):
-    question = _field(r, path, row, "question")
-    choices = question["choices"]
-    keys = [c["label"] for c in choices]
-    answer = _field(r, path, row, "answerKey")
+  for r in _rows(path):
+    question, answer = r.field("question"), r.field("answerKey")
+    keys = [c["label"] for c in question["choices"]]
     if answer not in keys:
-      raise TaskError(f"task file {path}, row {row + 1}: answerKey {answer!r} is not one of "
-                      f"{keys}.")
-    items.append(_choice_item(f"Question: {question['stem']}\nAnswer:",
-                              [" " + c["text"] for c in choices], keys.index(answer), path, row))
+      raise r.error(f"answerKey {answer!r} is not one of {keys}.")
+    items.append(r.choice(f"Question: {question['stem']}\nAnswer:",
+                          [" " + c["text"] for c in question["choices"]], keys.index(answer)))
   return items
 
 
@@ -153,81 +178,54 @@ def read_winogrande(path: str) -> list[Item]:
   partial evaluation: each option fills the blank in the context, and the likelihood of the
   rest of the sentence decides."""
   items = []
-  for row, r in enumerate(_records(path)):
-    sentence = _field(r, path, row, "sentence")
+  for r in _rows(path):
+    sentence = r.field("sentence")
     blank = sentence.find("_")
     if blank < 0:
-      raise TaskError(f"task file {path}, row {row + 1}: the sentence has no '_' blank.")
-    options = [_field(r, path, row, "option1"), _field(r, path, row, "option2")]
+      raise r.error("the sentence has no '_' blank.")
+    options = [r.field("option1"), r.field("option2")]
     rest = " " + sentence[blank + 1:].strip()
-    label = int(_field(r, path, row, "answer")) - 1
-    item = _choice_item("", [rest, rest], label, path, row)
+    item = r.choice("", [rest, rest], int(r.field("answer")) - 1)
     items.append(dataclasses.replace(
         item, contexts=tuple(sentence[:blank] + option for option in options)))
   return items
 
 
-def _yes_no(value: Any, path: str, row: int) -> int:
-  """1 for true/yes/positive/1, 0 for false/no/negative/0."""
-  text = str(value).strip().lower()
-  if text in ("true", "yes", "positive", "1"):
-    return 1
-  if text in ("false", "no", "negative", "0"):
-    return 0
-  raise TaskError(f"task file {path}, row {row + 1}: label {value!r} is not a yes/no value.")
-
-
 def read_boolq(path: str) -> list[Item]:
   """BoolQ jsonl (passage, question, label or answer true/false)."""
-  items = []
-  for row, r in enumerate(_records(path)):
-    context = (f"{_field(r, path, row, 'passage')}\nQuestion: "
-               f"{_field(r, path, row, 'question')}?\nAnswer:")
-    label = _yes_no(_field(r, path, row, "label", "answer"), path, row)
-    items.append(_choice_item(context, [" no", " yes"], label, path, row))
-  return items
+  return [r.choice(f"{r.field('passage')}\nQuestion: {r.field('question')}?\nAnswer:",
+                   [" no", " yes"], r.yes_no(r.field("label", "answer")))
+          for r in _rows(path)]
 
 
 def read_rte(path: str) -> list[Item]:
   """RTE: SuperGLUE jsonl (premise, hypothesis, label) or GLUE tsv (sentence1, sentence2,
   label); the answer is " True" for entailment."""
   items = []
-  for row, r in enumerate(_records(path)):
-    premise = _field(r, path, row, "premise", "sentence1")
-    hypothesis = _field(r, path, row, "hypothesis", "sentence2")
-    value = str(_field(r, path, row, "label")).strip().lower()
+  for r in _rows(path):
+    premise, hypothesis = r.field("premise", "sentence1"), r.field("hypothesis", "sentence2")
+    value = str(r.field("label")).strip().lower()
     if value not in ("entailment", "0", "not_entailment", "1"):
-      raise TaskError(f"task file {path}, row {row + 1}: label {value!r} is neither "
-                      f"entailment (0) nor not_entailment (1).")
-    entails = value in ("entailment", "0")
-    items.append(_choice_item(f"{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
-                              [" True", " False"], 0 if entails else 1, path, row))
+      raise r.error(f"label {value!r} is neither entailment (0) nor not_entailment (1).")
+    items.append(r.choice(f"{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+                          [" True", " False"], 0 if value in ("entailment", "0") else 1))
   return items
 
 
 def read_sst2(path: str) -> list[Item]:
   """SST-2: GLUE tsv (sentence, label 0/1) or jsonl with the same fields."""
-  items = []
-  for row, r in enumerate(_records(path)):
-    sentence = _field(r, path, row, "sentence")
-    label = _yes_no(_field(r, path, row, "label"), path, row)
-    items.append(_choice_item(
-        f"{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
-        [" negative", " positive"], label, path, row))
-  return items
+  return [r.choice(f"{r.field('sentence')}\nQuestion: Is this sentence positive or negative?"
+                   "\nAnswer:", [" negative", " positive"], r.yes_no(r.field("label")))
+          for r in _rows(path)]
 
 
 def read_lambada(path: str) -> list[Item]:
   """LAMBADA: one passage per line (.txt) or a "text" field per line (.jsonl); the target is
   the passage's last word."""
   if path.endswith(".jsonl"):
-    passages = [_field(r, path, row, "text") for row, r in enumerate(_records(path))]
+    passages = [r.field("text") for r in _rows(path)]
   else:
-    try:
-      with open(path, encoding="utf-8") as f:
-        passages = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-      raise TaskError(f"task file {path} cannot be read: {e}") from None
+    passages = [line.strip() for line in _read_text(path).split("\n") if line.strip()]
   items = []
   for row, passage in enumerate(passages):
     context, _, word = passage.strip().rpartition(" ")
@@ -244,13 +242,8 @@ WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 def read_wikitext(path: str) -> list[str]:
   """WikiText raw files (wiki.test.raw ...) as articles, split at their top-level headings;
   any other text file is one document."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().split("\n")
-  except (OSError, UnicodeDecodeError) as e:
-    raise TaskError(f"task file {path} cannot be read: {e}") from None
   articles: list[list[str]] = []
-  for line in lines:
+  for line in _read_text(path).split("\n"):
     if WIKITEXT_HEADING.match(line) or not articles:
       articles.append([])
     articles[-1].append(line)
@@ -302,9 +295,7 @@ def with_fewshot(items: Sequence[Item], num_fewshot: int, seed: int, limit: int 
   return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------
+# -- Scoring ------------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) as the harness forms them."""
@@ -316,21 +307,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
   whole = tokenizer.encode(context + continuation)
   context_ids = tokenizer.encode(context)
   return context_ids, whole[len(context_ids):]
-
-
-def _row(context_ids: Sequence[int], continuation_ids: Sequence[int], length: int,
-         max_length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """One [length] row: inputs/targets of the pair's last max_length + 1 tokens, weight 1 on
-  the continuation's targets."""
-  x = (list(context_ids) + list(continuation_ids))[-(max_length + 1):]
-  n = len(x) - 1
-  row = {"inputs": np.full(length, pad_id, np.int32), "targets": np.full(length, pad_id, np.int32),
-         "weights": np.zeros(length, np.float32), "segment_ids": np.zeros(length, np.int32),
-         "positions": np.arange(length, dtype=np.int32)}
-  row["inputs"][:n], row["targets"][:n] = x[:-1], x[1:]
-  row["weights"][n - min(len(continuation_ids), n):n] = 1.0
-  row["segment_ids"][:n] = 1
-  return row
 
 
 def continuation_scores(model: Transformer, params: Any, batch: dict, rng: Any = None
@@ -361,14 +337,15 @@ def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]],
   encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
   lengths = [min(len(c) + len(x) - 1, max_length) for c, x in encoded]
   order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]  # every data-parallel device gets whole rows
-  batch_size = -(-batch_size // ways) * ways
+  batch_size = data_lib.round_to_devices(batch_size, mesh)
   out = []
   for start in range(0, len(order), batch_size):
     chosen = order[start:start + batch_size]
-    length = min(-(-lengths[chosen[0]] // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
-    rows = [_row(*encoded[i], length, max_length, tokenizer.pad_id) for i in chosen]
-    out.append((chosen, evaluate_lib.stack_rows(rows, batch_size)[0]))
+    length = data_lib.bucketed_length(lengths[chosen[0]], LENGTH_BUCKET, max_length)
+    # The pair's last max_length + 1 tokens, weight 1 on the continuation's targets.
+    rows = [data_lib.lm_row((c + x)[-(max_length + 1):], length, tokenizer.pad_id, len(x))
+            for c, x in (encoded[i] for i in chosen)]
+    out.append((chosen, data_lib.stack_rows(rows, batch_size)[0]))
   return out
 
 
@@ -404,8 +381,7 @@ def document_loglikelihoods(config: Config, params: Any, tokenizer, documents: S
   windows of the model's context, each carrying one token over: the harness's
   `loglikelihood_rolling`), and the number of tokens scored."""
   length = config.model.max_seq_len
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]  # every data-parallel device gets whole rows
-  batch_size = -(-batch_size // ways) * ways
+  batch_size = data_lib.round_to_devices(batch_size, mesh)
   owners, rows = [], []
   for index, ids in enumerate(tokenizer.encode_batch(list(documents))):
     windows = evaluate_lib.document_windows(ids, length, length, tokenizer.eos_id,
@@ -413,7 +389,7 @@ def document_loglikelihoods(config: Config, params: Any, tokenizer, documents: S
     owners += [index] * len(windows)
     rows += windows
   batches = [(np.array(owners[start:start + batch_size]), batch) for start, batch in
-             zip(range(0, len(rows), batch_size), evaluate_lib.stack_rows(rows, batch_size))]
+             zip(range(0, len(rows), batch_size), data_lib.stack_rows(rows, batch_size))]
   ll = np.zeros(len(documents))
   for owner, scores in _score_batches(config, params, batches, mesh=mesh, scorer=scorer,
                                       progress=progress):
@@ -427,20 +403,17 @@ def _stderr(values: np.ndarray) -> float:
 
 
 def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
-                batch_size: int = 8, scorer=None,
-                progress: bool = False) -> dict[str, float]:
+                batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, float]:
   """acc, acc_norm (per character of the choice) and their standard errors over `items`."""
   pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
   ll, _ = loglikelihoods(config, params, tokenizer, pairs, mesh=mesh, batch_size=batch_size,
                          scorer=scorer, progress=progress)
-  correct, correct_norm, start = [], [], 0
-  for item in items:
-    scores = ll[start:start + len(item.choices)]
+  correct, correct_norm = [], []
+  for item, scores in zip(items, np.split(ll, np.cumsum([len(i.choices) for i in items])[:-1])):
     # The harness's acc_norm: per character of the choice, without the " " joining it on.
     lengths = np.array([max(len(x) - x.startswith(" "), 1) for x in item.choices])
     correct.append(float(np.argmax(scores) == item.label))
     correct_norm.append(float(np.argmax(scores / lengths) == item.label))
-    start += len(item.choices)
   correct, correct_norm = np.array(correct), np.array(correct_norm)
   return {"acc": float(correct.mean()), "acc_stderr": _stderr(correct),
           "acc_norm": float(correct_norm.mean()), "acc_norm_stderr": _stderr(correct_norm),
@@ -448,8 +421,7 @@ def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *
 
 
 def score_last_word(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
-                    batch_size: int = 8, scorer=None,
-                    progress: bool = False) -> dict[str, float]:
+                    batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, float]:
   """LAMBADA: acc (greedy reproduces the last word) and perplexity of the last word."""
   ll, greedy = loglikelihoods(config, params, tokenizer,
                               [(item.contexts[0], item.choices[0]) for item in items],

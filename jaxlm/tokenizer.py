@@ -2,16 +2,16 @@
 byte-level BPE loaded from `vocab.json` + `merges.txt`.
 
 SentencePiece tokenizers jaxlm trains have fixed special ids (PAD_ID=0, UNK_ID=1, BOS_ID=2,
-EOS_ID=3) and round-trip arbitrary text exactly: `decode(encode(s)) == s` for tabs, runs of spaces, leading
-and trailing whitespace, blank lines, "\\r\\n", CJK, emoji and control characters. Ordinary text
-never encodes to BOS/EOS/PAD (a literal "<s>" is just characters).
+EOS_ID=3) and round-trip arbitrary text exactly: `decode(encode(s)) == s` for tabs, runs of
+spaces, leading and trailing whitespace, blank lines, "\\r\\n", CJK, emoji and control
+characters. Ordinary text never encodes to BOS/EOS/PAD (a literal "<s>" is just characters).
 
 SentencePiece settings (chosen by measurement on the default corpus): BPE with the identity
-normalizer, no whitespace collapsing, no dummy prefix, pieces that may span spaces and lines, byte fallback for
-rare characters. SentencePiece is built around one sentence per line, so newlines are replaced
-by the private-use character NEWLINE (U+E000) before training and encoding and restored on
-decode; pieces can then join a line end with the next line's indentation.
-To keep that a bijection, three characters are escaped with ESCAPE (U+E001) first:
+normalizer, no whitespace collapsing, no dummy prefix, pieces that may span spaces and lines,
+byte fallback for rare characters. SentencePiece is built around one sentence per line, so
+newlines are replaced by the private-use character NEWLINE (U+E000) before training and encoding
+and restored on decode; pieces can then join a line end with the next line's indentation. To
+keep that a bijection, three characters are escaped with ESCAPE (U+E001) first:
     U+E001 -> U+E001 'e'    U+E000 -> U+E001 'n'    U+2581 ('▁') -> U+E001 's'
 (U+2581 because SentencePiece itself uses it for spaces and would decode a literal one as " ").
 Decoding undoes exactly these; any other U+E001 is kept as is.
@@ -124,6 +124,16 @@ def unescape(text: str) -> str:
   return _UNESCAPE_RE.sub(lambda m: _UNESCAPE[m.group(0)], text)
 
 
+def _checked_ids(ids: Sequence[int], vocab_size: int, source: str) -> list[int]:
+  """`ids` (a list or numpy array) as ints; TokenizerError for an id outside the vocabulary."""
+  ids = [int(i) for i in ids]
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size}) of "
+                         f"tokenizer {source or '(in memory)'}.")
+  return ids
+
+
 class SentencePieceTokenizer:
   """A SentencePiece model with jaxlm's newline/escape convention and fixed special ids."""
   file_name = "tokenizer.model"
@@ -131,7 +141,11 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes, model_path: str = ""):
     self.model_path = model_path
     self._model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, OSError) as e:  # sentencepiece's parse errors
+      raise TokenizerError(f"tokenizer {model_path or '(in memory)'} is not a SentencePiece model "
+                           f"({str(e).splitlines()[0]}); point data.tokenizer at a .model file.")
     self.vocab_size: int = self._sp.get_piece_size()
     self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
     found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
@@ -140,21 +154,6 @@ class SentencePieceTokenizer:
           f"tokenizer {model_path or '(in memory)'} has special ids pad/unk/bos/eos={found}, but "
           f"jaxlm needs {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain it with train_sentencepiece "
           f"(or leave data.tokenizer empty to train one).")
-
-  @classmethod
-  def load(cls, path: str) -> SentencePieceTokenizer:
-    """Loads a `.model` file; TokenizerError if it is missing or not a SentencePiece model."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-      raise TokenizerError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
-                           f"SentencePiece .model file, or leave it empty to train one.")
-    with open(path, "rb") as f:
-      proto = f.read()
-    try:
-      return cls(proto, path)
-    except (RuntimeError, OSError) as e:  # sentencepiece's parse errors
-      raise TokenizerError(f"tokenizer file {path} is not a SentencePiece model "
-                           f"({str(e).splitlines()[0]}); point data.tokenizer at a .model file.")
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(escape(text))
@@ -165,12 +164,7 @@ class SentencePieceTokenizer:
     return self._sp.encode([escape(t) for t in texts], num_threads=os.cpu_count() or 1)
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids]  # also accepts numpy arrays
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) "
-                           f"of tokenizer {self.model_path or '(in memory)'}.")
-    return unescape(self._sp.decode(ids))
+    return unescape(self._sp.decode(_checked_ids(ids, self.vocab_size, self.model_path)))
 
   def id_to_piece(self, token_id: int) -> str:
     """The vocabulary entry of `token_id`, as SentencePiece stores it (for inspection)."""
@@ -195,26 +189,18 @@ class SentencePieceTokenizer:
     return f"SentencePieceTokenizer({self.model_path or '(in memory)'}, vocab={self.vocab_size})"
 
 
-# ----------------------------------------------------------------------------------------------
-# GPT-2 byte-level BPE.
+# -- GPT-2 byte-level BPE -----------------------------------------------------------------------
 
 END_OF_TEXT = "<|endoftext|>"
 
 
 @functools.cache
-def _gpt2_byte_table() -> dict[str, int]:
-  """`bytes_to_unicode` of OpenAI's encoder.py, inverted (printable bytes map to themselves,
-  the other 68 to U+0100 onwards)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
-  table, extra = {}, 0
-  for byte in range(256):
-    if byte in printable:
-      table[chr(byte)] = byte
-    else:
-      table[chr(256 + extra)] = byte
-      extra += 1
-  return table
+def _gpt2_byte_chars() -> frozenset[str]:
+  """The 256 characters GPT-2's vocab.json spells bytes with (`bytes_to_unicode` of OpenAI's
+  encoder.py: the 188 printable bytes stand for themselves, the other 68 are U+0100 onwards)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  return frozenset(map(chr, printable)) | {chr(256 + i) for i in range(256 - len(printable))}
 
 
 class ByteLevelBPETokenizer:
@@ -277,24 +263,20 @@ class ByteLevelBPETokenizer:
     return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) "
-                           f"of tokenizer {self.source or '(in memory)'}.")
-    return self._tokenizer.decode(ids, skip_special_tokens=True)
+    return self._tokenizer.decode(_checked_ids(ids, self.vocab_size, self.source),
+                                  skip_special_tokens=True)
 
   def byte_lengths(self) -> np.ndarray:
     """[vocab_size] bytes of each token (vocab.json spells bytes as GPT-2's printable
     characters); special tokens 0."""
-    table = _gpt2_byte_table()
+    byte_chars = _gpt2_byte_chars()
     lengths = np.zeros(self.vocab_size, np.int32)
     special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
     for piece, token_id in self._tokenizer.get_vocab(with_added_tokens=True).items():
       if piece in special:
         continue
       # One character per byte; an added plain-text token is its UTF-8 itself.
-      byte_level = all(c in table for c in piece)
+      byte_level = all(c in byte_chars for c in piece)
       lengths[token_id] = len(piece) if byte_level else len(piece.encode("utf-8"))
     return lengths
 
@@ -330,17 +312,14 @@ def load_tokenizer(path: str) -> Tokenizer:
         return load_tokenizer(os.path.join(path, name))
     raise TokenizerError(f"tokenizer directory {path} has neither vocab.json + merges.txt nor "
                          f"tokenizer.json / tokenizer.model; point at a tokenizer file.")
-  if path.endswith(".json"):
-    if not os.path.isfile(path):
-      raise TokenizerError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
-                           f"tokenizer file, or leave it empty to train one.")
-    with open(path, encoding="utf-8") as f:
-      return ByteLevelBPETokenizer(f.read(), path)
-  return SentencePieceTokenizer.load(path)
+  if not os.path.isfile(path):
+    raise TokenizerError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
+                         f"tokenizer file, or leave it empty to train one.")
+  with open(path, "rb") as f:
+    return from_bytes(f.read(), path, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training.
+# -- Training -----------------------------------------------------------------------------------
 
 def _line_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> Iterator[str]:
   """Splits escaped text into chunks of whole lines (each keeps its NEWLINE) of <= max_chars.
@@ -437,8 +416,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_path: s
   return SentencePieceTokenizer(model.getvalue(), model_path)
 
 
-# ----------------------------------------------------------------------------------------------
-# The tokenizer of a run.
+# -- The tokenizer of a run ---------------------------------------------------------------------
 
 def get_tokenizer(data: DataConfig, vocab_size: int) -> tuple[Tokenizer, str]:
   """The tokenizer for `data` and its file path.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import data as data_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding, tasks, trainer
 from jaxlm.model import Transformer
@@ -153,7 +154,7 @@ def test_greedy_flag_marks_a_continuation_the_model_would_write(tiny_lm_run):
     greedy_ids.append(int(jnp.argmax(logits[0, -1])))
   other = [greedy_ids[-2], (greedy_ids[-1] + 1) % run.config.model.vocab_size]
   scorer = tasks.make_scorer(run.config.model, mesh)
-  rows = [tasks._row(context, continuation, 64, 64, run.tokenizer.pad_id)
+  rows = [data_lib.lm_row(context + continuation, 64, run.tokenizer.pad_id, len(continuation))
           for continuation in (greedy_ids[-2:], other)]
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   scores = jax.device_get(scorer(params, sharding.global_batch(batch, mesh)))
