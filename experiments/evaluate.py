@@ -8,7 +8,9 @@ r"""Evaluate a run: loss, perplexity and bits per byte on text, or zero-/few-sho
       --tasks=hellaswag:/data/hellaswag_val.jsonl,lambada:/data/lambada_test.txt --num_fewshot=0
 
 --tasks (see jaxlm/tasks.py for the names and file formats) prints one JSON line per task and
-merges the results into the run's eval_results.json (keyed "TASK_Kshot").
+merges the results into the run's eval_results.json (keyed "TASK_Kshot"). NAME:tfds reads the
+task's TFDS dataset prepared in the run's data.data_dir/tfds (or --data_dir's), e.g.
+--tasks=hellaswag:tfds,arc_easy:tfds:ai2_arc/ARC-Easy:test.
 
 Each document (a .txt/.md file, or a line of a .jsonl file with a "text" field; or a document
 of the run's corpus split) is scored on its own with sliding windows of --seq_len tokens that
@@ -41,7 +43,10 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per forward pass.")
 _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
                                       "evaluate only the first N documents (0: all).")
 _TASKS = flags.DEFINE_string("tasks", None, "comma-separated NAME:PATH task files, e.g. "
-                             "hellaswag:/data/hellaswag_val.jsonl (see jaxlm/tasks.py).")
+                             "hellaswag:/data/hellaswag_val.jsonl, or NAME:tfds[:DATASET[:SPLIT]] "
+                             "for a prepared TFDS dataset (see jaxlm/tasks.py).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "where TFDS task datasets are prepared (in its "
+                                "tfds/ folder; default: the run's data.data_dir).")
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "solved examples before each task example.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "score only the first N examples of each task (0: all).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "progress bar on stderr while scoring tasks.")
@@ -97,10 +102,12 @@ def evaluate_tasks() -> None:
   import jax
   from jaxlm import run as run_lib
   from jaxlm import tasks
-  # Every task file read and checked before the run's weights are loaded.
-  loaded = tasks.load_tasks(_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
-                            seed=_SEED.value)
+  # Every task file read and checked before the run's weights are loaded (TFDS task datasets
+  # come from the run's data.data_dir).
   run = run_lib.open_run(_WORKDIR.value, _STEP.value)
+  loaded = tasks.load_tasks(_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
+                            seed=_SEED.value,
+                            data_dir=_DATA_DIR.value or run.config.data.data_dir)
   mesh = run_lib.default_mesh(run.config)
   params = run_lib.restore_params(run, mesh)
   scorer = tasks.make_scorer(run.config.model, mesh)

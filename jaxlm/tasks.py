@@ -6,9 +6,12 @@ continuation of the task's context; the model's log-likelihood of every continua
 log-probability per character of the choice (the harness's definition: the choice's text
 without the space that joins it to the context; per byte for ASCII). LAMBADA: `acc` is 1 when
 greedy decoding of the passage's last word reproduces it exactly, `perplexity` = exp(-mean
-log-likelihood of the last word). WikiText: rolling log-likelihood of each article (disjoint
-windows of the model's context, as the harness's `loglikelihood_rolling`), reported as
-perplexity per word of the text, per byte, and bits per byte.
+log-likelihood of the last word). WikiText: rolling log-likelihood of each detokenized article
+(disjoint windows of the model's context, as the harness's `loglikelihood_rolling`), reported
+as perplexity per word of the original text, per byte, and bits per byte.
+
+Examples come from the published files or from TFDS datasets prepared in data.data_dir/tfds
+(`NAME:tfds[:DATASET[:SPLIT]]`, read without TensorFlow; the readers take both layouts).
 
 Tokenization as the harness does it: the context loses its trailing whitespace to the
 continuation, the pair is encoded whole and the continuation is what follows the context's
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from jaxlm import data as data_lib
@@ -68,7 +73,10 @@ class Item:
 # -- Task files (the published formats) ---------------------------------------------------------
 
 def _rows(path: str) -> list[_Row]:
-  """Rows of a .jsonl file (one JSON object per line) or a .tsv/.csv file with a header."""
+  """Rows of a .jsonl file (one JSON object per line), a .tsv/.csv file with a header, or a
+  TFDS dataset (a `tfds_source` path)."""
+  if path.startswith("tfds:"):
+    return [_Row(record, path, index) for index, record in enumerate(_tfds_records(path))]
   try:
     if path.endswith((".tsv", ".csv")):
       with open(path, newline="", encoding="utf-8") as f:
@@ -81,6 +89,61 @@ def _rows(path: str) -> list[_Row]:
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise TaskError(f"task file {path} cannot be read: {e}") from None
   return [_Row(record, path, index) for index, record in enumerate(records)]
+
+
+# TFDS datasets prepared in data.data_dir/tfds (`tfds build NAME --file_format=array_record`),
+# read without TensorFlow: task -> (the catalog's dataset name, the split scored by default).
+TFDS_DEFAULTS = {
+    "hellaswag": ("hellaswag", "validation"), "piqa": ("piqa", "validation"),
+    "arc_easy": ("ai2_arc/ARC-Easy", "test"), "arc_challenge": ("ai2_arc/ARC-Challenge", "test"),
+    "winogrande": ("winogrande/winogrande_xl", "validation"),
+    "boolq": ("super_glue/boolq", "validation"), "rte": ("super_glue/rte", "validation"),
+    "sst2": ("glue/sst2", "validation"), "lambada": ("lambada", "test")}
+
+
+def tfds_source(name: str, spec: str, data_dir: str | None) -> str:
+  """The path string of a task's TFDS dataset, "tfds:DATASET:SPLIT@DIR", from the `spec` after
+  "NAME:" ("tfds", "tfds:DATASET" or "tfds:DATASET:SPLIT"; defaults: TFDS_DEFAULTS)."""
+  _, dataset, split = (spec.split(":", 2) + ["", ""])[:3]
+  default_dataset, default_split = TFDS_DEFAULTS.get(name, ("", "test"))  # wikitext: no default
+  dataset, split = dataset or default_dataset, split or default_split
+  if not dataset:
+    raise TaskError(f"task {name}:{spec}: name the TFDS dataset, {name}:tfds:DATASET[:SPLIT] "
+                    f"(a dataset with a 'text' feature, one document per example).")
+  if not data_dir:
+    raise TaskError(f"task {name}:{spec} reads TFDS datasets from data.data_dir; set it.")
+  directory = os.path.join(os.path.expanduser(data_dir), "tfds")
+  if not os.path.isdir(os.path.join(directory, dataset)):
+    raise TaskError(
+        f"task {name}:{spec}: TFDS dataset '{dataset}' is not prepared in {directory}; prepare "
+        f"it on a machine with network (`tfds build {dataset} --data_dir={directory} "
+        f"--file_format=array_record`) and copy it there, or pass the task's published file.")
+  return f"tfds:{dataset}:{split}@{directory}"
+
+
+def _plain(value: Any) -> Any:
+  """A decoded TFDS value as the JSON-like value a task file holds (bytes -> str, arrays and
+  sequences -> lists, numpy scalars -> Python)."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, dict):
+    return {key: _plain(v) for key, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_plain(v) for v in value]
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def _tfds_records(path: str) -> list[dict[str, Any]]:
+  """The examples of the TFDS dataset of a `tfds_source` path, as records."""
+  location, _, directory = path[len("tfds:"):].rpartition("@")
+  dataset, _, split = location.rpartition(":")
+  try:
+    source = tfds.data_source(dataset, split=split, data_dir=directory)
+    return [_plain(source[i]) for i in range(len(source))]
+  except Exception as e:  # TFDS raises many types: one line naming the dataset and the fix
+    raise TaskError(f"TFDS dataset {dataset} (split {split}) in {directory} cannot be read "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); prepare it with "
+                    f"`tfds build {dataset} --file_format=array_record`.") from None
 
 
 def _read_text(path: str) -> str:
@@ -136,7 +199,7 @@ def read_hellaswag(path: str) -> list[Item]:
   items = []
   for r in _rows(path):
     ctx = (r.fields["ctx_a"] + " " + r.fields["ctx_b"].capitalize()
-           if "ctx_a" in r.fields and "ctx_b" in r.fields else r.field("ctx"))
+           if "ctx_a" in r.fields and "ctx_b" in r.fields else r.field("ctx", "context"))
     context = _hellaswag_text(f"{r.fields.get('activity_label', '')}: {ctx}".lstrip(": "))
     endings = [" " + _hellaswag_text(e) for e in r.field("endings")]
     items.append(r.choice(context, endings, int(r.field("label"))))
@@ -161,20 +224,27 @@ def read_piqa(path: str) -> list[Item]:
 
 
 def read_arc(path: str) -> list[Item]:
-  """AI2 ARC jsonl: question.stem, question.choices[{text, label}], answerKey."""
+  """AI2 ARC jsonl: question.stem, question.choices[{text, label}], answerKey; or TFDS's
+  layout: question (the stem), choices {text: [...], label: [...]}, answerKey."""
   items = []
   for r in _rows(path):
     question, answer = r.field("question"), r.field("answerKey")
-    keys = [c["label"] for c in question["choices"]]
+    if isinstance(question, str):
+      stem, texts, keys = question, r.field("choices")["text"], r.field("choices")["label"]
+    else:
+      stem = question["stem"]
+      texts, keys = [c["text"] for c in question["choices"]], [c["label"] for c in
+                                                               question["choices"]]
     if answer not in keys:
       raise r.error(f"answerKey {answer!r} is not one of {keys}.")
-    items.append(r.choice(f"Question: {question['stem']}\nAnswer:",
-                          [" " + c["text"] for c in question["choices"]], keys.index(answer)))
+    items.append(r.choice(f"Question: {stem}\nAnswer:", [" " + t for t in texts],
+                          keys.index(answer)))
   return items
 
 
 def read_winogrande(path: str) -> list[Item]:
-  """Winogrande jsonl (sentence with one "_", option1, option2, answer "1"/"2"), scored by
+  """Winogrande jsonl (sentence with one "_", option1, option2, answer "1"/"2"; TFDS: label
+  0/1), scored by
   partial evaluation: each option fills the blank in the context, and the likelihood of the
   rest of the sentence decides."""
   items = []
@@ -185,7 +255,8 @@ def read_winogrande(path: str) -> list[Item]:
       raise r.error("the sentence has no '_' blank.")
     options = [r.field("option1"), r.field("option2")]
     rest = " " + sentence[blank + 1:].strip()
-    item = r.choice("", [rest, rest], int(r.field("answer")) - 1)
+    label = int(r.field("answer")) - 1 if "answer" in r.fields else int(r.field("label"))
+    item = r.choice("", [rest, rest], label)
     items.append(dataclasses.replace(
         item, contexts=tuple(sentence[:blank] + option for option in options)))
   return items
@@ -220,10 +291,10 @@ def read_sst2(path: str) -> list[Item]:
 
 
 def read_lambada(path: str) -> list[Item]:
-  """LAMBADA: one passage per line (.txt) or a "text" field per line (.jsonl); the target is
-  the passage's last word."""
-  if path.endswith(".jsonl"):
-    passages = [r.field("text") for r in _rows(path)]
+  """LAMBADA: one passage per line (.txt) or a "text" field per line (.jsonl; TFDS:
+  "passage"); the target is the passage's last word."""
+  if path.endswith(".jsonl") or path.startswith("tfds:"):
+    passages = [r.field("text", "passage") for r in _rows(path)]
   else:
     passages = [line.strip() for line in _read_text(path).split("\n") if line.strip()]
   items = []
@@ -241,13 +312,38 @@ WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
 
 def read_wikitext(path: str) -> list[str]:
   """WikiText raw files (wiki.test.raw ...) as articles, split at their top-level headings;
-  any other text file is one document."""
+  any other text file is one document; a TFDS dataset: the "text" (or "page") of each
+  example."""
+  if path.startswith("tfds:"):
+    return [text for text in (r.field("text", "page") for r in _rows(path)) if text.strip()]
   articles: list[list[str]] = []
   for line in _read_text(path).split("\n"):
     if WIKITEXT_HEADING.match(line) or not articles:
       articles.append([])
     articles[-1].append(line)
   return [text for text in ("\n".join(a).strip() for a in articles) if text]
+
+
+# WikiText's tokenization undone, rule by rule in this order, as lm-evaluation-harness's
+# wikitext task does before scoring (words and bytes are still counted on the original text).
+_WIKITEXT_RULES: tuple[tuple[str | re.Pattern, str], ...] = (
+    ("s '", "s'"),                                                      # plural possessives
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),                     # inside numbers
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),                        # inside brackets
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"), (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'), (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),                # heading markers
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "),
+    (" 's", "'s"))
+
+
+def wikitext_detokenize(text: str) -> str:
+  """WikiText's tokenized text (" @-@ ", " , ", "( x )" ...) written as plain text."""
+  for pattern, replacement in _WIKITEXT_RULES:
+    text = (pattern.sub(replacement, text) if isinstance(pattern, re.Pattern)
+            else text.replace(pattern, replacement))
+  return text
 
 
 CHOICE_TASKS: dict[str, Callable[[str], list[Item]]] = {
@@ -257,8 +353,9 @@ CHOICE_TASKS: dict[str, Callable[[str], list[Item]]] = {
 TASK_NAMES = (*CHOICE_TASKS, "lambada", "wikitext")
 
 
-def parse_specs(text: str) -> list[tuple[str, str]]:
-  """"name:path,name:path" -> [(name, path)]; TaskError for an unknown name or missing file."""
+def parse_specs(text: str, data_dir: str | None = None) -> list[tuple[str, str]]:
+  """"name:path,name:tfds[:DATASET[:SPLIT]],..." -> [(name, path)], a TFDS dataset prepared
+  in `data_dir`/tfds as a `tfds_source` path; TaskError for an unknown name or missing file."""
   specs = []
   for spec in (s.strip() for s in text.split(",") if s.strip()):
     name, sep, path = spec.partition(":")
@@ -266,6 +363,9 @@ def parse_specs(text: str) -> list[tuple[str, str]]:
       raise TaskError(f"task {spec!r}: write NAME:PATH, e.g. hellaswag:/data/hellaswag_val.jsonl.")
     if name not in TASK_NAMES:
       raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
+    if path == "tfds" or path.startswith("tfds:"):
+      specs.append((name, tfds_source(name, path, data_dir)))
+      continue
     if not os.path.isfile(os.path.expanduser(path)):
       raise TaskError(f"task file {path} (task {name}) does not exist; pass the path of the "
                       f"task's published file.")
@@ -433,11 +533,14 @@ def score_last_word(config: Config, params: Any, tokenizer, items: Sequence[Item
 
 
 def score_documents(config: Config, params: Any, tokenizer, documents: Sequence[str], *, mesh,
-                    batch_size: int = 8, scorer=None, progress: bool = False
-                    ) -> dict[str, float]:
+                    batch_size: int = 8, scorer=None, progress: bool = False,
+                    detokenize: bool = False) -> dict[str, float]:
   """WikiText-style: word and byte perplexity and bits per byte of whole documents (the
-  rolling log-likelihood of `document_loglikelihoods`), as the harness computes them."""
-  ll, tokens = document_loglikelihoods(config, params, tokenizer, documents, mesh=mesh,
+  rolling log-likelihood of `document_loglikelihoods`), as the harness computes them.
+  detokenize: score `wikitext_detokenize` of each document (the wikitext task), while words
+  and bytes are counted on the documents as given."""
+  scored = [wikitext_detokenize(doc) for doc in documents] if detokenize else documents
+  ll, tokens = document_loglikelihoods(config, params, tokenizer, scored, mesh=mesh,
                                        batch_size=batch_size, scorer=scorer, progress=progress)
   nll = -float(ll.sum())
   words = sum(len(re.split(r"\s+", doc)) for doc in documents)
@@ -476,11 +579,11 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
   return LoadedTask(name, path, num_fewshot, items=with_fewshot(items, num_fewshot, seed, limit))
 
 
-def load_tasks(specs: str, *, num_fewshot: int = 0, limit: int = 0, seed: int = 0
-               ) -> list[LoadedTask]:
-  """Every task of a "NAME:PATH,..." spec, read and checked."""
+def load_tasks(specs: str, *, num_fewshot: int = 0, limit: int = 0, seed: int = 0,
+               data_dir: str | None = None) -> list[LoadedTask]:
+  """Every task of a "NAME:PATH,..." spec (`parse_specs`), read and checked."""
   return [load_task(name, path, num_fewshot=num_fewshot, limit=limit, seed=seed)
-          for name, path in parse_specs(specs)]
+          for name, path in parse_specs(specs, data_dir)]
 
 
 def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh,
@@ -488,7 +591,7 @@ def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh
   """The metrics of `score_items` / `score_last_word` / `score_documents` for the task, plus
   task, file and num_fewshot."""
   if task.documents is not None:
-    score, examples = score_documents, task.documents
+    score, examples = functools.partial(score_documents, detokenize=True), task.documents
   else:
     score = score_items if task.name in CHOICE_TASKS else score_last_word
     examples = task.items
@@ -503,7 +606,7 @@ def load_eval_tasks(config: Config) -> list[LoadedTask]:
   if not config.train.eval_tasks:
     return []
   return load_tasks(config.train.eval_tasks, limit=config.train.eval_tasks_limit,
-                    seed=config.seed)
+                    seed=config.seed, data_dir=config.data.data_dir)
 
 
 def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask], mesh

@@ -78,6 +78,105 @@ def test_lambada_and_wikitext(tmp_path):
   assert len(articles) == 2 and articles[0].startswith("= Valkyria =") and "Plot" in articles[0]
 
 
+def prepare_tfds(data_dir, dataset: str, split: str, features: dict, examples: list) -> None:
+  """A TFDS dataset named `dataset` ("name" or "name/config") with the catalog's features,
+  prepared as array_record in data_dir/tfds, as `tfds build` leaves it (no network here)."""
+  import tensorflow_datasets as tfds
+  dataset_name, _, config = dataset.partition("/")
+
+  class Prepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = dataset_name
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config)] if config else []
+    code_path = None  # (see jaxlm/corpora.py)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples()}
+
+    def _generate_examples(self):
+      yield from enumerate(examples)
+
+  Prepared(config=config or None, data_dir=str(data_dir / "tfds"),
+          file_format="array_record").download_and_prepare()
+
+
+def test_tasks_read_from_prepared_tfds_datasets_equal_their_published_files(tmp_path):
+  """The catalog's features (tensorflow_datasets' hellaswag, ai2_arc, winogrande, super_glue,
+  lambada builders) of the same examples give the same items as the published files."""
+  import tensorflow_datasets as tfds
+  text, label = tfds.features.Text(), tfds.features.ClassLabel
+  arc_keys = ["A", "B", "C", "D", "E"]
+  prepare_tfds(tmp_path, "hellaswag", "validation", {
+      "context": text, "endings": tfds.features.Sequence(text), "activity_label": text,
+      "label": np.int32, "split_type": text, "source_id": text}, [
+          {"context": "A man [title] sits.", "endings": ["stands.", "[step] sleeps."],
+           "activity_label": "Sitting", "label": 1, "split_type": "indomain",
+           "source_id": "x"}])
+  prepare_tfds(tmp_path, "ai2_arc/ARC-Easy", "test", {
+      "id": text, "question": text,
+      "choices": tfds.features.Sequence({"text": text, "label": label(names=arc_keys)}),
+      "answerKey": label(names=arc_keys)}, [
+          {"id": "1", "question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]},
+           "answerKey": "B"}])
+  prepare_tfds(tmp_path, "winogrande/winogrande_xl", "validation", {
+      "sentence": text, "option1": text, "option2": text, "label": label(names=["1", "2"])}, [
+          {"sentence": "It fell because _ was wet.", "option1": "it", "option2": "the floor",
+           "label": "2"}])
+  prepare_tfds(tmp_path, "super_glue/boolq", "validation", {
+      "question": text, "passage": text, "idx": np.int32,
+      "label": label(names=["False", "True"])}, [
+          {"question": "is it", "passage": "P", "idx": 0, "label": "True"}])
+  prepare_tfds(tmp_path, "lambada", "test", {"passage": text},
+               [{"passage": "he opened the door and saw his dog"}])
+  prepare_tfds(tmp_path, "my_wiki", "test", {"text": text},
+               [{"text": " = A = \n a . "}, {"text": " = B = \n b . "}])
+  published = {
+      "hellaswag": jsonl(tmp_path / "hs.jsonl", [{
+          "ctx": "A man [title] sits.", "endings": ["stands.", "[step] sleeps."],
+          "activity_label": "Sitting", "label": 1}]),
+      "arc_easy": jsonl(tmp_path / "arc.jsonl", [{"question": {"stem": "2+2?", "choices": [
+          {"text": "3", "label": "A"}, {"text": "4", "label": "B"}]}, "answerKey": "B"}]),
+      "winogrande": jsonl(tmp_path / "wino.jsonl", [{
+          "sentence": "It fell because _ was wet.", "option1": "it", "option2": "the floor",
+          "answer": "2"}]),
+      "boolq": jsonl(tmp_path / "boolq.jsonl", [{"passage": "P", "question": "is it",
+                                                  "label": True}]),
+      "lambada": write(tmp_path / "lambada.txt", ["he opened the door and saw his dog"])}
+  specs = ",".join(f"{name}:tfds" for name in published) + ",wikitext:tfds:my_wiki"
+  from_tfds = tasks.load_tasks(specs, data_dir=str(tmp_path))
+  assert [t.path for t in from_tfds][:2] == [
+      f"tfds:hellaswag:validation@{tmp_path / 'tfds'}", f"tfds:ai2_arc/ARC-Easy:test@"
+      f"{tmp_path / 'tfds'}"]
+  for task in from_tfds[:-1]:
+    assert task.items == tasks.load_task(task.name, published[task.name]).items, task.name
+  # (TFDS stores a split's examples in its own shuffled order, as for the catalog datasets.)
+  assert sorted(from_tfds[-1].documents) == [" = A = \n a . ", " = B = \n b . "]
+  # Not prepared, or no data_dir: one line saying how to prepare it.
+  with pytest.raises(tasks.TaskError, match=r"TFDS dataset 'piqa' is not prepared in .*tfds; "
+                     r"prepare it .*`tfds build piqa --data_dir="):
+    tasks.parse_specs("piqa:tfds", str(tmp_path))
+  with pytest.raises(tasks.TaskError, match="name the TFDS dataset"):
+    tasks.parse_specs("wikitext:tfds", str(tmp_path))
+  with pytest.raises(tasks.TaskError, match="no split 'train'|cannot be read"):
+    tasks.load_tasks("lambada:tfds:lambada:train", data_dir=str(tmp_path))
+
+
+def test_wikitext_is_detokenized_as_the_harness_does_it():
+  pytest.importorskip("lm_eval")
+  from lm_eval.tasks.wikitext import preprocess_wikitext  # the reference, in the test extra
+  page = (" = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles ( "
+          "Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , is a role @-@ "
+          "playing game . The game 's 1 @,@ 000 units at 3 @.@ 5 ° C , \" quoted \" and [ "
+          "bracketed ] , the players ' guns ; N items ! really ? { braces } ' single ' \n \n "
+          " = = Gameplay = = \n = = = Sub = = = \n = = = = Sub sub = = = = \n")
+  assert tasks.wikitext_detokenize(page) == preprocess_wikitext.wikitext_detokenizer(
+      {"page": page})
+  assert "role-playing" in tasks.wikitext_detokenize(page)
+
+
 @pytest.mark.parametrize("records, message", [
     ([{"goal": "g", "sol1": "a", "sol2": "b", "label": 5}], "label 5 is not one of the 2"),
     ([{"goal": "g", "sol1": "a", "label": 0}], "row 1: no field 'sol2'"),
@@ -188,6 +287,16 @@ def test_wikitext_word_perplexity_follows_the_total_loss(tiny_lm_run, tmp_path):
       plain["loss"] * plain["tokens"] / 12, rel=1e-5)
   assert result["bits_per_byte"] == pytest.approx(plain["bits_per_byte"], rel=1e-5)
   assert math.log2(result["byte_perplexity"]) == pytest.approx(plain["bits_per_byte"], rel=1e-5)
+  # The wikitext task scores the detokenized text; words and bytes stay the original's.
+  raw = ["the quick , brown fox @-@ jumps", "over the lazy dog ( again ) and again"]
+  detokenized = tasks.score_documents(run.config, params, run.tokenizer, raw, mesh=mesh,
+                                      detokenize=True)
+  plain = tasks.score_documents(run.config, params, run.tokenizer,
+                                [tasks.wikitext_detokenize(d) for d in raw], mesh=mesh)
+  words = lambda docs: sum(len(d.split()) for d in docs)
+  assert math.log(detokenized["word_perplexity"]) * words(raw) == pytest.approx(
+      math.log(plain["word_perplexity"]) * words([tasks.wikitext_detokenize(d) for d in raw]),
+      rel=1e-5)
 
 
 # -- the CLI ----------------------------------------------------------------------------------
