@@ -11,7 +11,8 @@ The first two are TFDS `GeneratorBasedBuilder`s written as array_record under
 `data.data_dir/tfds` and read back with `builder.as_data_source` (what `tfds.data_source` calls),
 so documents are random access (`len`, `docs[i] -> str`) and grain can shard and shuffle them.
 Both hold out a deterministic share of whole documents as "validation": the sha256 of a
-document's identity (its path, or path:line) decides, never Python's salted `hash()`.
+document's identity (its path relative to the corpus' folder, or path:line) decides, never
+Python's salted `hash()`.
 
 Preparation is idempotent and crash-safe: TFDS writes into `incomplete.XXXXXX_<version>/` and
 renames it into place only when complete, and `file_lock` makes concurrent preparers wait for
@@ -365,7 +366,10 @@ def _local_files(data: DataConfig) -> tuple[tuple[tuple[str, str], ...], str]:
   if data.corpus == "text_files":
     paths = _resolve_globs(data.files)
     content = _listing_hash("/", paths, mtimes=True) + "\0" + data.text_key
-    return (tuple((path, path) for path in paths),
+    # Identities relative to the files' common folder: the same files elsewhere (another
+    # machine, another temporary folder) split the same way.
+    root = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
+    return (tuple((os.path.relpath(path, root), path) for path in paths),
             hashlib.sha256(content.encode()).hexdigest()[:_HASH_CHARS])
   raise CorpusError(f"data.corpus={data.corpus!r}: must be one of pystdlib, text_files, tfds.")
 

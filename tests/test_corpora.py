@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import platform
 import re
 import subprocess
@@ -153,7 +154,13 @@ def test_text_files_reads_text_markdown_and_jsonl(tmp_path):
   assert len(train) and len(validation)
   for path in _paths(validation):
     assert _unit(path) < 0.5 or len(validation) == 1
-  assert f"{src}/d.jsonl:3" in _paths(train) + _paths(validation)
+  assert "d.jsonl:3" in _paths(train) + _paths(validation)  # relative to the files' folder
+  # The same files in another folder split the same way (a copied corpus, a fresh temp dir).
+  moved = tmp_path / "elsewhere" / "corpus"
+  shutil.copytree(src, moved)
+  data = _text_files_data(tmp_path / "elsewhere", ",".join(
+      p.replace(str(src), str(moved)) for p in data.files.split(",")))
+  assert _digests(corpora.load_split(data, "validation")) == _digests(validation)
 
 
 def test_text_files_changed_file_is_prepared_again(tmp_path):
