@@ -5,7 +5,6 @@ recovers with `skip` and `rollback` and visibly does not without them."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -194,14 +193,13 @@ def test_rollback_recovers_and_logs_what_it_did(clean_and_poisoned):
 @pytest.mark.slow
 def test_a_resumed_run_rolls_back_as_an_uninterrupted_one(clean_and_poisoned, shared_data_dir,
                                                           tmp_path):
-  """Stopped before the spike (its saved checkpoint 13 is newer than the periodic one the
-  rollback returns to) and again after the rollback: the same losses, step for step."""
-  for stop in (13, 25, None):
+  """Stopped after the rollback (step 25 of the path after it) and resumed: the same losses,
+  step for step, as the uninterrupted run with the same rollback."""
+  for stop in (25, None):
     summary = poisoned_run(shared_data_dir, tmp_path / "cut", "rollback", stop_at_step=stop,
                            **ROLLBACK)
     assert summary["finished"] == (stop is None)
   assert losses(tmp_path / "cut") == losses(clean_and_poisoned["rollback"])
-  assert sorted(os.listdir(tmp_path / "cut" / "checkpoints_discarded")) == ["13"]
 
 
 @pytest.mark.slow
