@@ -123,8 +123,7 @@ class Checkpointer:
     return None
 
   def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
-    committed = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()
-                       and int(n) != step) if os.path.isdir(self.directory) else []
+    committed = sorted(s for s in self.all_steps() if s != step)
     resume = f"checkpoint {committed[-1]}" if committed else "the start (no checkpoint was saved)"
     what = "a checkpoint" if step is None else f"checkpoint {step}"
     cause = " ".join(str(error).split())

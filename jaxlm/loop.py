@@ -342,8 +342,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
           last = step == num_steps
           if due(cfg.train.layer_stats_every):
             writer.write(step, jax.device_get(pending[1]["layer_stats"]))
-          if due(cfg.train.log_every) or last:
-            values = jax.device_get(pending[1])
+          if due(cfg.train.log_every) or last:  # (layer statistics: fetched only when due)
+            values = jax.device_get({k: v for k, v in pending[1].items() if k != "layer_stats"})
             check_step(pending)
             pending = None
             now = time.perf_counter()
