@@ -339,6 +339,11 @@ def _coerce(field: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
       raise ConfigError(f"{field}={value!r}: expected a string.")
     return value
+  if isinstance(default, tuple) and default and not isinstance(default[0], str):
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+      raise ConfigError(f"{field}={value!r}: expected a list of numbers.")
+    return tuple(float(v) for v in value)
   if isinstance(default, tuple):
     if isinstance(value, str):
       value = (value,)
@@ -348,7 +353,9 @@ def _coerce(field: str, value: Any, default: Any) -> Any:
   return value
 
 
-def _section_from_mapping(name: str, cls: type, values: Mapping[str, Any]):
+def section_from_mapping(name: str, cls: type, values: Mapping[str, Any]):
+  """`cls` (a dataclass of defaults) from `values`, each coerced to its default's type;
+  ConfigError naming '<name>.<key>' for an unknown key or a value of the wrong type."""
   known = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in values.items():
@@ -370,7 +377,7 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
     elif key in _SECTIONS:
       if not isinstance(value, Mapping):
         raise ConfigError(f"config key '{key}' must be a section (a dict), got {value!r}.")
-      sections[key] = _section_from_mapping(key, _SECTIONS[key], value)
+      sections[key] = section_from_mapping(key, _SECTIONS[key], value)
     else:
       raise ConfigError(
           f"unknown config key '{key}'; top-level keys are: seed, {', '.join(_SECTIONS)}.")

@@ -206,26 +206,31 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
 
 # -- Reading documents from files ---------------------------------------------------------------
 
+def parse_jsonl_line(path: str, number: int, line: bytes, text_key: str,
+                     key_flag: str = "--config.data.text_key") -> str:
+  """The text of one .jsonl line; CorpusError naming `path:number` and the fix otherwise."""
+  try:
+    record = json.loads(line)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    raise CorpusError(f"{path}:{number}: not valid JSON ({e}); each line of a .jsonl file "
+                      f"must be one JSON object.") from None
+  if not isinstance(record, dict) or text_key not in record:
+    fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+    raise CorpusError(f"{path}:{number}: no field '{text_key}' (found: {fields}); set "
+                      f"{key_flag} to the field that holds the text.")
+  text = record[text_key]
+  if not isinstance(text, str):
+    raise CorpusError(f"{path}:{number}: field '{text_key}' is a {type(text).__name__}, not "
+                      f"a string; set {key_flag} to a text field.")
+  return text
+
+
 def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
   with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise CorpusError(f"{path}:{number}: not valid JSON ({e}); each line of a .jsonl file "
-                          f"must be one JSON object.") from None
-      if not isinstance(record, dict) or text_key not in record:
-        fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-        raise CorpusError(f"{path}:{number}: no field '{text_key}' (found: {fields}); set "
-                          f"--config.data.text_key to the field that holds the text.")
-      text = record[text_key]
-      if not isinstance(text, str):
-        raise CorpusError(f"{path}:{number}: field '{text_key}' is a {type(text).__name__}, not "
-                          f"a string; set --config.data.text_key to a text field.")
-      yield number, text
+      if line.strip():
+        yield number, parse_jsonl_line(path, number, line, text_key)
 
 
 def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator[tuple[str, str]]:
@@ -302,7 +307,7 @@ class TextFiles(_FilesBuilder, skip_registration=True):
   name = "text_files"
 
 
-def _stdlib_files() -> tuple[str, list[str]]:
+def stdlib_files() -> tuple[str, list[str]]:
   """(stdlib root, sorted relative paths of its *.py files outside excluded directories)."""
   root = sysconfig.get_paths()["stdlib"]
   files = []
@@ -326,7 +331,7 @@ def _listing_hash(root: str, files: Sequence[str], mtimes: bool) -> str:
   return digest.hexdigest()[:_HASH_CHARS]
 
 
-def _resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]:
+def resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]:
   """Absolute, sorted, de-duplicated files matched by comma-separated globs (`**` recursive);
   `flag` is how the user passed them, for the error messages."""
   found: set[str] = set()
@@ -349,7 +354,7 @@ def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_fi
   """[(identity, text)] of the files matched by `patterns`, read directly (no TFDS): the same
   document rules as the `text_files` corpus (.txt/.md a document per file, .jsonl one per line).
   """
-  paths = _resolve_globs(patterns, flag)
+  paths = resolve_globs(patterns, flag)
   return list(_iter_documents([(path, path) for path in paths], text_key))
 
 
@@ -360,11 +365,11 @@ def _fraction_tag(fraction: float) -> str:
 def _local_files(data: DataConfig) -> tuple[tuple[tuple[str, str], ...], str]:
   """((identity, absolute path) of every file, hash of their content) of pystdlib/text_files."""
   if data.corpus == "pystdlib":
-    root, relpaths = _stdlib_files()
+    root, relpaths = stdlib_files()
     return (tuple((rel, os.path.join(root, rel)) for rel in relpaths),
             _listing_hash(root, relpaths, mtimes=False))
   if data.corpus == "text_files":
-    paths = _resolve_globs(data.files)
+    paths = resolve_globs(data.files)
     content = _listing_hash("/", paths, mtimes=True) + "\0" + data.text_key
     # Identities relative to the files' common folder: the same files elsewhere (another
     # machine, another temporary folder) split the same way.

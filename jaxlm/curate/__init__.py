@@ -1,0 +1,10 @@
+"""Corpus curation: raw documents -> a clean training corpus (see docs/architecture.md).
+
+  settings   the curation config (configs/curation/default.py + overrides), checked
+  rules      per-document stages: normalization, language, decontamination, quality
+  dedup      exact and MinHash-LSH near-duplicate clusters
+  inputs     input files, shards, the per-document records both engines start from
+  report     stats.json, report.md, the output shards and manifest.json
+  local      the one-machine engine (process pool, resumable, atomic output)
+  beam       the same pipeline on Apache Beam (DirectRunner, Dataflow, Flink, Spark)
+"""
