@@ -16,6 +16,8 @@ import json
 import re
 import unicodedata
 
+from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
 from jaxlm import corpora
 from jaxlm.curate.settings import CurationConfig, DecontaminateConfig, QualityConfig
 
@@ -198,7 +200,6 @@ class DocumentRules:
     self._identifier = None
     if config.language.enabled:
       # py3langid ships its model (numpy arrays, no download, no pickle).
-      from py3langid.langid import MODEL_FILE, LanguageIdentifier  # pylint: disable=import-outside-toplevel
       self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     self._grams = (evaluation_ngrams(config.decontaminate) if config.decontaminate.files
                    else frozenset())
