@@ -10,6 +10,7 @@ corpus.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -96,25 +97,33 @@ def _write_output(record_files: list[str], drops: dict[dedup.DocKey, str],
                   config: settings.CurationConfig, directory: str) -> tuple[report.Stats,
                                                                             list[dict[str, Any]]]:
   """The kept documents into the output shards (in key order: the record files are), and the
-  stats of every document's fate. The kept text is held in memory until written: the output
-  must fit in memory (the per-document work, which does not need to, is what runs in shards)."""
+  stats of every document's fate. Streamed: only the keys, hashes and signatures of the
+  de-duplication (~0.6 KB per document) are ever all in memory."""
   num_shards = config.output.num_shards
   stats = report.Stats()
-  contents: list[list[bytes]] = [[] for _ in range(num_shards)]
-  for path in record_files:
-    for record in _records(path):
-      key = tuple(record["key"])
-      if record["rule"] is None and key in drops:
-        record["rule"] = drops[key]
-      stats.add(record)
-      if record["rule"] is None:
-        contents[report.shard_of(key, num_shards)].append(report.shard_line(key, record["text"]))
-  shards = []
-  for index, lines in enumerate(contents):
-    name, content = report.shard_name(index, num_shards), b"".join(lines)
-    files_lib.write_bytes(os.path.join(directory, name), content)
-    shards.append(report.shard_entry(name, content))
-  return stats, shards
+  names = [report.shard_name(i, num_shards) for i in range(num_shards)]
+  handles = [open(os.path.join(directory, name), "wb") for name in names]
+  digests = [hashlib.sha256() for _ in names]
+  counts = [[0, 0] for _ in names]  # documents, bytes
+  try:
+    for path in record_files:
+      for record in _records(path):
+        key = tuple(record["key"])
+        if record["rule"] is None and key in drops:
+          record["rule"] = drops[key]
+        stats.add(record)
+        if record["rule"] is None:
+          shard = report.shard_of(key, num_shards)
+          line = report.shard_line(key, record["text"])
+          handles[shard].write(line)
+          digests[shard].update(line)
+          counts[shard][0] += 1
+          counts[shard][1] += len(line)
+  finally:
+    for handle in handles:
+      handle.close()
+  return stats, [{"file": name, "documents": count, "bytes": size, "sha256": digest.hexdigest()}
+                 for name, (count, size), digest in zip(names, counts, digests)]
 
 
 def curate(input_glob: str, output: str, config: settings.CurationConfig, workers: int = 0,

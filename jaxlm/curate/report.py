@@ -99,7 +99,7 @@ def shard_line(key: dedup.DocKey, text: str) -> bytes:
 
 
 def shard_entry(name: str, content: bytes) -> dict[str, Any]:
-  """The manifest's entry of one shard file."""
+  """The manifest's entry of one shard file (what local._write_output counts as it streams)."""
   return {"file": name, "documents": content.count(b"\n"), "bytes": len(content),
           "sha256": hashlib.sha256(content).hexdigest()}
 

@@ -55,7 +55,7 @@ class QualityConfig:
   max_non_alpha_word_fraction: float = 0.2  # words without an alphabetic character
   max_bullet_line_fraction: float = 0.9
   max_ellipsis_line_fraction: float = 0.3
-  min_punctuation_line_fraction: float = 0.12  # lines ending in . ! ? " ' (C4's line rule)
+  min_punctuation_line_fraction: float = 0.12  # lines ending in . ! ? " ' (C4's rule, per doc)
   max_duplicate_line_fraction: float = 0.3
   max_duplicate_line_char_fraction: float = 0.2
   max_top_ngram_fraction: tuple[float, ...] = (0.20, 0.18, 0.16)  # n = 2, 3, 4
