@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable
 
 from jaxlm import files
-from jaxlm.curate import dedup
+from jaxlm.curate import dedup, rules
 
 EXAMPLES_PER_RULE = 3
 # The order stages run in: the report's funnel lists drops in this order.
@@ -62,8 +62,9 @@ class Stats:
     return self
 
   def to_json(self, clusters: dict[str, dict[str, int]]) -> dict[str, Any]:
-    def order(rule: str) -> tuple[int, str]:
-      return STAGES.index(rule.split(":")[0]), rule
+    def order(rule: str) -> tuple[int, int]:
+      stage, _, check = rule.partition(":")
+      return STAGES.index(stage), rules.QUALITY_CHECKS.index(check) if check else 0
     return {
         "input": {"documents": self.documents, "bytes": self.bytes},
         "kept": {"documents": self.kept_documents, "bytes": self.kept_bytes,

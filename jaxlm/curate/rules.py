@@ -25,6 +25,10 @@ WORD = re.compile(r"\w+")
 _BULLETS = ("•", "●", "○", "▪", "■", "◦", "‣", "- ", "* ", "· ")
 _ELLIPSES = ("...", "…")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’")
+# quality_failure's checks in the order it runs them (the report lists drops in this order).
+QUALITY_CHECKS = ("min_words", "max_words", "mean_word_length", "symbol_ratio",
+                  "non_alpha_words", "bullet_lines", "ellipsis_lines", "punctuation_lines",
+                  "duplicate_lines", "duplicate_line_chars", "top_ngram", "duplicate_ngrams")
 
 
 @dataclasses.dataclass(frozen=True)
