@@ -86,9 +86,6 @@ class Checkpointer:
                                          item_names=("state", "data", "meta"))
     self._saving: int | None = None  # the step of an async save not yet known to have worked
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
@@ -139,7 +136,7 @@ class Checkpointer:
     self.manager.delete(step)
 
   def wait(self) -> None:
-    """Blocks until pending saves are committed (before exit, or before trusting latest_step);
+    """Blocks until pending saves are committed (before exit, or before trusting all_steps);
     CheckpointError if one failed."""
     try:
       self.manager.wait_until_finished()

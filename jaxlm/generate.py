@@ -88,12 +88,6 @@ def prompt_bucket(longest: int) -> int:
   return max(MIN_PROMPT_BUCKET, 1 << max(longest - 1, 0).bit_length())
 
 
-def _sampling_arrays(temperature, top_k, top_p, min_p) -> dict[str, np.ndarray]:
-  """Traced (not static) sampling values: changing them never recompiles."""
-  return {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
-          "top_p": np.float32(top_p), "min_p": np.float32(min_p)}
-
-
 # -- Sampling (pure jnp; every argument may be traced) ------------------------------------------
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
@@ -425,8 +419,10 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   for i, ids in enumerate(rows):
     prompt[i, prompt_len - len(ids):] = ids
   lengths = np.array([len(r) for r in rows], np.int32)
-  sampling = dict(_sampling_arrays(temperature, top_k, top_p, min_p), eos_id=np.int32(eos_id),
-                  pad_id=np.int32(pad_id))
+  # Traced (not static) sampling values: changing them never recompiles.
+  sampling = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
+              "top_p": np.float32(top_p), "min_p": np.float32(min_p), "eos_id": np.int32(eos_id),
+              "pad_id": np.int32(pad_id)}
   rng = jax.random.PRNGKey(seed) if rng is None else rng
   mesh = mesh if mesh is not None else _mesh_of(params)
   info = {} if info is None else info

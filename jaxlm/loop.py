@@ -125,11 +125,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _batch_tokens(batch: Mapping[str, Any]) -> int:
-  """Token slots of a global batch ([batch, length] inputs)."""
-  return int(np.prod(batch["inputs"].shape))
-
-
 class _Bookkeeping:
   """What the loop must carry across a restart besides state and data: saved with every
   checkpoint (in its JSON `data` item) so that a resumed run continues exactly."""
@@ -316,7 +311,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             if pending is not None:
               jax.block_until_ready(pending[1])  # the step in flight finishes, then the stop
             raise failed
-          tokens = _batch_tokens(batch)
+          tokens = int(np.prod(batch["inputs"].shape))  # token slots of the global batch
           if compile_seconds is None:  # first step of a lazily compiled task: time its compile
             compile_start = time.perf_counter()
             state, step_metrics = task.train_step(state, batch)

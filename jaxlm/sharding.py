@@ -113,18 +113,12 @@ def check_model(model: ModelConfig, mesh: Mesh) -> None:
       raise ConfigError(f"{field}={size} is not divisible by mesh.{axis}={ways}{hint}.")
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """Tree of logical PartitionSpecs (or Partitioned boxes) -> tree of NamedShardings."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for a (possibly boxed) abstract state from `jax.eval_shape`.
 
   Leaves without logical names (step, RNG key, optimizer counters) are replicated.
   """
-  return logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_state), mesh, LOGICAL_RULES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
