@@ -216,8 +216,7 @@ class Config:
   finetune: FinetuneConfig = FinetuneConfig()
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "optim": OptimConfig, "mesh": MeshConfig, "finetune": FinetuneConfig}
+_SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
 FINETUNE_TASKS = ("", "classifier", "instruct")
 TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
 TEMPLATES = ("alpaca", "chat")
