@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig
@@ -143,6 +143,14 @@ def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   count, index = jax.process_count(), jax.process_index()
   size = next(iter(batch.values())).shape[0] // count
   return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+  """An array (in a multi-process job, gathered from every process: all of them call this) as
+  one numpy array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
