@@ -36,16 +36,13 @@ def _fingerprint_leaf(x: jax.Array) -> jax.Array:
   the reduction order, and because the multipliers are odd (invertible mod 2**32), changing any
   single element always changes the first hash.
   """
+  unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}.get(x.dtype.itemsize)
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
-  elif x.dtype.itemsize == 4:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  elif x.dtype.itemsize == 2:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-  elif x.dtype.itemsize == 1:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-  else:
+  elif unsigned is None:
     raise CheckpointError(f"cannot fingerprint dtype {x.dtype}")
+  else:
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
   bits = bits.reshape(-1)
   index = jnp.arange(bits.size, dtype=jnp.uint32)
   h1 = jnp.sum(bits * (index * jnp.uint32(2654435761) | jnp.uint32(1)), dtype=jnp.uint32)
@@ -85,9 +82,6 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
     self._saving: int | None = None  # the step of an async save not yet known to have worked
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -139,7 +133,7 @@ class Checkpointer:
     self.manager.delete(step)
 
   def wait(self) -> None:
-    """Blocks until pending saves are committed (before exit, or before trusting latest_step);
+    """Blocks until pending saves are committed (before exit, or before trusting all_steps);
     CheckpointError if one failed."""
     try:
       self.manager.wait_until_finished()

@@ -75,8 +75,7 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
-  lora_targets: tuple[str, ...] = ("query", "key", "value", "out", "fc", "proj", "gate", "up",
-                                   "down")
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   @property
   def head_dim(self) -> int:
@@ -217,8 +216,7 @@ class Config:
   finetune: FinetuneConfig = FinetuneConfig()
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "optim": OptimConfig, "mesh": MeshConfig, "finetune": FinetuneConfig}
+_SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
 FINETUNE_TASKS = ("", "classifier", "instruct")
 TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
 TEMPLATES = ("alpaca", "chat")
@@ -384,26 +382,59 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
   return Config(**sections)
 
 
-def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ConfigError(f"{field}={value!r}: must be one of {', '.join(choices)}.")
+# Checks of one field each, by dotted name: > 0, >= 0, one of a few choices, inside an interval
+# (written as the message writes it). `check` runs them first, then the cross-field checks.
+_POSITIVE = (
+    "model.num_layers", "model.num_heads", "model.embed_dim", "model.mlp_dim",
+    "model.vocab_size", "model.max_seq_len", "model.scan_unroll", "model.norm_eps",
+    "model.init_std", "data.seq_len", "data.stride", "data.tokenizer_max_sentences",
+    "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
+    "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
+    "optim.eps", "finetune.epochs", "finetune.max_new_tokens")
+_NON_NEGATIVE = (
+    "train.eval_every", "train.checkpoint_every", "train.sample_every",
+    "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
+    "train.max_nonfinite_steps", "train.eval_tasks_limit", "train.max_spike_steps",
+    "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
+    "train.layer_stats_every", "train.sample_temperature", "optim.min_learning_rate",
+    "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
+_CHOICES = {
+    "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
+    "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
+    "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
+    "optim.schedule": SCHEDULES, "finetune.task": FINETUNE_TASKS,
+    "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
+_INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
+              "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",
+              "optim.b1": "[0, 1)", "optim.b2": "[0, 1)"}
 
 
-def _positive(field: str, value: float) -> None:
-  if not value > 0:
-    raise ConfigError(f"{field}={value!r}: must be positive.")
+def _check_fields(config: Config) -> None:
+  """ConfigError for the first field that fails its check in the tables above."""
+  def value(field: str) -> Any:
+    section, name = field.split(".")
+    return getattr(getattr(config, section), name)
 
-
-def _non_negative(field: str, value: float) -> None:
-  if value < 0:
-    raise ConfigError(f"{field}={value!r}: must be >= 0.")
+  for field in _POSITIVE:
+    if not value(field) > 0:
+      raise ConfigError(f"{field}={value(field)!r}: must be positive.")
+  for field in _NON_NEGATIVE:
+    if value(field) < 0:
+      raise ConfigError(f"{field}={value(field)!r}: must be >= 0.")
+  for field, choices in _CHOICES.items():
+    if value(field) not in choices:
+      raise ConfigError(f"{field}={value(field)!r}: must be one of {', '.join(choices)}.")
+  for field, interval in _INTERVALS.items():
+    x, (low, high) = value(field), map(float, interval[1:-1].split(","))
+    if not ((x > low if interval[0] == "(" else x >= low)
+            and (x < high if interval[-1] == ")" else x <= high)):
+      raise ConfigError(f"{field}={x}: must be in {interval}.")
 
 
 def check(config: Config) -> Config:
   """Checks ranges and cross-field constraints; returns the config unchanged."""
-  m, d, t, o = config.model, config.data, config.train, config.optim
-  for name in ("num_layers", "num_heads", "embed_dim", "mlp_dim", "vocab_size", "max_seq_len"):
-    _positive(f"model.{name}", getattr(m, name))
+  _check_fields(config)
+  m, d, t, o, f = config.model, config.data, config.train, config.optim, config.finetune
   if m.embed_dim % m.num_heads:
     raise ConfigError(
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
@@ -416,8 +447,6 @@ def check(config: Config) -> Config:
     raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA).")
   if m.lora_rank and m.lora_alpha <= 0:
     raise ConfigError(f"model.lora_alpha={m.lora_alpha} must be positive.")
-  if not 0.0 <= m.lora_dropout < 1.0:
-    raise ConfigError(f"model.lora_dropout={m.lora_dropout} must be in [0, 1).")
   unknown = [t for t in m.lora_targets if t not in LORA_TARGETS]
   if unknown or (m.lora_rank and not m.lora_targets):
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r}: choose among "
@@ -427,63 +456,32 @@ def check(config: Config) -> Config:
   if m.lora_rank and not present & set(m.lora_targets):
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r} names no layer of this "
                       f"model (mlp={m.mlp!r} has {', '.join(sorted(present))}).")
-  _check_finetune(config)
   if m.positional == "rope" and m.head_dim % 2:
     raise ConfigError(f"model.positional='rope' needs an even head dim; embed_dim/num_heads="
                       f"{m.head_dim}. Change model.num_heads or model.embed_dim.")
-  _choice("model.positional", m.positional, POSITIONALS)
-  _choice("model.norm", m.norm, NORMS)
-  _choice("model.mlp", m.mlp, MLPS)
-  _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
-  _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
-  _choice("model.dtype", m.dtype, DTYPES)
-  if not 0.0 <= m.dropout < 1.0:
-    raise ConfigError(f"model.dropout={m.dropout}: must be in [0, 1).")
   if m.dropout > 0 and m.attention_impl not in ("reference", "auto"):
     raise ConfigError(
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
         f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or dropout=0.")
-  _positive("model.scan_unroll", m.scan_unroll)
   if m.scan_unroll > m.num_layers:
     raise ConfigError(f"model.scan_unroll={m.scan_unroll} exceeds model.num_layers="
                       f"{m.num_layers}; use 1..{m.num_layers}.")
-  _positive("model.norm_eps", m.norm_eps)
-  _positive("model.init_std", m.init_std)
 
-  _choice("data.corpus", d.corpus, CORPORA)
   if d.corpus == "text_files" and not d.files:
     raise ConfigError("data.corpus='text_files' needs data.files, e.g. "
                       "--config.data.files='/data/*.txt' (comma-separate several globs).")
   if d.corpus == "tfds" and not d.tfds_name:
     raise ConfigError("data.corpus='tfds' needs data.tfds_name, e.g. "
                       "--config.data.tfds_name=tiny_shakespeare.")
-  _positive("data.seq_len", d.seq_len)
-  _positive("data.stride", d.stride)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, the "
         f"context the model is built for; lower data.seq_len or raise model.max_seq_len.")
-  if not 0.0 < d.validation_fraction < 1.0:
-    raise ConfigError(f"data.validation_fraction={d.validation_fraction}: must be in (0, 1).")
-  _positive("data.tokenizer_max_sentences", d.tokenizer_max_sentences)
 
-  _positive("train.num_steps", t.num_steps)
-  _positive("train.global_batch_size", t.global_batch_size)
-  _positive("train.microbatches", t.microbatches)
   if t.global_batch_size % t.microbatches:
     raise ConfigError(
         f"train.global_batch_size={t.global_batch_size} is not divisible by "
         f"train.microbatches={t.microbatches}; pick microbatches that divide the batch.")
-  for name in ("log_every", "eval_batches", "keep_checkpoints"):
-    _positive(f"train.{name}", getattr(t, name))
-  for name in ("eval_every", "checkpoint_every", "sample_every", "sample_max_new_tokens",
-               "z_loss", "loss_chunk_size", "sample_top_k", "max_nonfinite_steps",
-               "eval_tasks_limit", "max_spike_steps", "rollback_skip_batches",
-               "rollback_lr_steps", "max_rollbacks", "layer_stats_every"):
-    _non_negative(f"train.{name}", getattr(t, name))
-  _non_negative("train.sample_temperature", t.sample_temperature)
-  _choice("train.spike_action", t.spike_action, SPIKE_ACTIONS)
-  _positive("train.spike_window", t.spike_window)
   if not 0.0 < t.rollback_lr_factor <= 1.0:
     raise ConfigError(f"train.rollback_lr_factor={t.rollback_lr_factor}: must be in (0, 1] (the "
                       f"learning rate's multiplier after a rollback; e.g. 0.5).")
@@ -491,38 +489,17 @@ def check(config: Config) -> Config:
     if not getattr(t, name) > 1.0:
       raise ConfigError(f"train.{name}={getattr(t, name)}: must be > 1 (a multiple of the "
                         f"running mean that counts as a spike; e.g. 2.0).")
-
-  _choice("optim.schedule", o.schedule, SCHEDULES)
-  _positive("optim.learning_rate", o.learning_rate)
-  _non_negative("optim.min_learning_rate", o.min_learning_rate)
   if o.min_learning_rate > o.learning_rate:
     raise ConfigError(f"optim.min_learning_rate={o.min_learning_rate} exceeds "
                       f"optim.learning_rate={o.learning_rate}; lower it.")
-  _non_negative("optim.warmup_steps", o.warmup_steps)
-  if not 0.0 <= o.decay_fraction <= 1.0:
-    raise ConfigError(f"optim.decay_fraction={o.decay_fraction}: must be in [0, 1].")
-  _non_negative("optim.weight_decay", o.weight_decay)
-  for name in ("b1", "b2"):
-    if not 0.0 <= getattr(o, name) < 1.0:
-      raise ConfigError(f"optim.{name}={getattr(o, name)}: must be in [0, 1).")
-  _positive("optim.eps", o.eps)
-  _non_negative("optim.grad_clip", o.grad_clip)
 
-  mesh = config.mesh
-  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+  sizes = dataclasses.asdict(config.mesh)
   for name, size in sizes.items():
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{name}={size}: must be a positive size or -1 (all remaining).")
   if sum(1 for s in sizes.values() if s == -1) > 1:
     raise ConfigError(f"mesh {sizes}: at most one axis may be -1.")
-  return config
 
-
-def _check_finetune(config: Config) -> None:
-  f, m = config.finetune, config.model
-  _choice("finetune.task", f.task, FINETUNE_TASKS)
-  _choice("finetune.trainable", f.trainable, TRAINABLE)
-  _choice("finetune.template", f.template, TEMPLATES)
   if m.lora_rank and f.trainable not in ("", "lora"):
     raise ConfigError(f"finetune.trainable={f.trainable!r} conflicts with model.lora_rank="
                       f"{m.lora_rank}: LoRA trains only the adapters (and a classification "
@@ -533,7 +510,6 @@ def _check_finetune(config: Config) -> None:
   if not 1 <= f.last_n_blocks <= m.num_layers:
     raise ConfigError(f"finetune.last_n_blocks={f.last_n_blocks} must be in [1, "
                       f"model.num_layers={m.num_layers}].")
-  _positive("finetune.epochs", f.epochs)
   if f.max_length < 0 or f.max_length > m.max_seq_len:
     raise ConfigError(f"finetune.max_length={f.max_length} must be in [0, model.max_seq_len="
                       f"{m.max_seq_len}] (0: the whole context).")
@@ -542,7 +518,7 @@ def _check_finetune(config: Config) -> None:
     raise ConfigError(f"finetune.train_fraction={f.train_fraction} and validation_fraction="
                       f"{f.validation_fraction} must be in (0, 1) and sum to at most 1 (the rest "
                       f"is the test split).")
-  _positive("finetune.max_new_tokens", f.max_new_tokens)
+  return config
 
 
 def validate(values: Mapping[str, Any] | ml_collections.ConfigDict | Config) -> Config:

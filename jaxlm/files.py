@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic file writes (a killed process leaves the old file or the new one, never half of one),
+and JSON reads."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def write_bytes(path: str, content: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None if there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_json(path: str, value: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -438,18 +439,14 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
   if not parts["train"]:
     raise FinetuneError(f"{data}: no training examples after splitting; add examples or raise "
                         f"finetune.train_fraction.")
-  classes: list[str] = []
-  if f.task == "classifier":
-    classes = class_names([e.label for e in parts["train"]])
-    if len(classes) < 2:
-      raise FinetuneError(f"{data}: the training examples have a single label "
-                          f"'{classes[0]}'; a classifier needs at least two.")
-    splits = {name: encode_classifier(part, tokenizer, classes, max_length)
-              for name, part in parts.items() if part}
-  else:
-    splits = {name: encode_instructions(part, tokenizer, max_length)
-              for name, part in parts.items() if part}
-  return splits, classes
+  classes = class_names([e.label for e in parts["train"]]) if f.task == "classifier" else []
+  if f.task == "classifier" and len(classes) < 2:
+    raise FinetuneError(f"{data}: the training examples have a single label "
+                        f"'{classes[0]}'; a classifier needs at least two.")
+  encode = (functools.partial(encode_classifier, classes=classes) if f.task == "classifier"
+            else encode_instructions)
+  return {name: encode(part, tokenizer, max_length=max_length)
+          for name, part in parts.items() if part}, classes
 
 
 def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Mapping[str, Any],

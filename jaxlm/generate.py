@@ -49,7 +49,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import sharding
@@ -86,12 +85,6 @@ def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 
 def prompt_bucket(longest: int) -> int:
   """Prompt slots for a batch whose longest prompt has `longest` tokens (a power of 2, >= 16)."""
   return max(MIN_PROMPT_BUCKET, 1 << max(longest - 1, 0).bit_length())
-
-
-def _sampling_arrays(temperature, top_k, top_p, min_p) -> dict[str, np.ndarray]:
-  """Traced (not static) sampling values: changing them never recompiles."""
-  return {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
-          "top_p": np.float32(top_p), "min_p": np.float32(min_p)}
 
 
 # -- Sampling (pure jnp; every argument may be traced) ------------------------------------------
@@ -182,7 +175,7 @@ def forward_logits(config: ModelConfig, params: Any, tokens: np.ndarray) -> np.n
   [batch, length] at positions 0..length-1, no cache: for scoring and parity checks."""
   tokens = np.asarray(tokens, np.int32)
   apply = jax.jit(lambda p, t: Transformer(config).apply({"params": p}, t))
-  return _to_host(_under_mesh(_mesh_of(params), tokens.shape[0], apply, params, tokens))
+  return sharding.to_host(_under_mesh(_mesh_of(params), tokens.shape[0], apply, params, tokens))
 
 
 def _sample_step(state: DecodeState, logits: jax.Array, prompt_len: int, sampling
@@ -321,12 +314,6 @@ def _under_mesh(mesh: Mesh | None, batch: int, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
 def encode_prompts(config: ModelConfig, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                    truncate: bool = False) -> tuple[list[list[int]], list[bool]]:
   """Token ids per prompt (an empty prompt becomes [EOS], a document boundary) and whether each
@@ -425,8 +412,10 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   for i, ids in enumerate(rows):
     prompt[i, prompt_len - len(ids):] = ids
   lengths = np.array([len(r) for r in rows], np.int32)
-  sampling = dict(_sampling_arrays(temperature, top_k, top_p, min_p), eos_id=np.int32(eos_id),
-                  pad_id=np.int32(pad_id))
+  # Traced (not static) sampling values: changing them never recompiles.
+  sampling = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
+              "top_p": np.float32(top_p), "min_p": np.float32(min_p), "eos_id": np.int32(eos_id),
+              "pad_id": np.int32(pad_id)}
   rng = jax.random.PRNGKey(seed) if rng is None else rng
   mesh = mesh if mesh is not None else _mesh_of(params)
   info = {} if info is None else info
@@ -434,7 +423,7 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   state = _under_mesh(mesh, batch, _start, params, prompt, lengths, rng, sampling, config=config,
                       new_slots=new_slots, kv_cache=kv_cache, with_logits=with_logits)
   while True:
-    tokens, done, step = map(_to_host, (state.tokens, state.done, state.step))
+    tokens, done, step = map(sharding.to_host, (state.tokens, state.done, state.step))
     step = int(step)
     stop_rows = yield tokens[:, prompt_len:prompt_len + step]
     stop_rows = np.zeros(batch, bool) if stop_rows is None else np.asarray(stop_rows, bool)
@@ -444,7 +433,7 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
                         np.int32(min(step + chunk_size, max_new_tokens)), stop_rows, sampling,
                         config=config, prompt_len=prompt_len, kv_cache=kv_cache)
   if with_logits:
-    info["logits"] = _to_host(state.logits)[:, :max_new_tokens]
+    info["logits"] = sharding.to_host(state.logits)[:, :max_new_tokens]
 
 
 def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, stats,

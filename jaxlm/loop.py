@@ -125,11 +125,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _batch_tokens(batch: Mapping[str, Any]) -> int:
-  """Token slots of a global batch ([batch, length] inputs)."""
-  return int(np.prod(batch["inputs"].shape))
-
-
 class _Bookkeeping:
   """What the loop must carry across a restart besides state and data: saved with every
   checkpoint (in its JSON `data` item) so that a resumed run continues exactly."""
@@ -220,17 +215,16 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   if show_progress and lead:
     progress = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
                     dynamic_ncols=True, smoothing=0.1)
-  step, pending, saved_step = start, None, start
-  in_a_row = {"nonfinite": 0, "spike": 0}
-  data_state = iterator.get_state()
-  positions = {start + 1: data_state}  # step -> data position of its batch (recent steps)
-  batch = sharding.global_batch(next(iterator), mesh) if start < num_steps else None
-  window_start, window_step, window_tokens = time.perf_counter(), start, 0
+  step, saved_step = start, start
 
-  def check_step(pending) -> None:
-    """Counts and reports a finished step's non-finite loss or spike; raises TrainingDiverged
-    past the limits (or at a spike under spike_action=halt), _Rollback under rollback."""
-    done_step, step_metrics = pending
+  def check_pending() -> None:
+    """Counts and reports the non-finite loss or spike of the finished step in `pending` (if
+    any), which it clears; raises TrainingDiverged past the limits (or at a spike under
+    spike_action=halt), _Rollback under rollback."""
+    nonlocal pending
+    if pending is None:
+      return
+    (done_step, step_metrics), pending = pending, None
     values = jax.device_get({k: step_metrics[k] for k in ("nonfinite", "spike")})
     in_a_row["nonfinite"] = in_a_row["nonfinite"] + 1 if values["nonfinite"] else 0
     if values["nonfinite"]:
@@ -306,7 +300,12 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     return restored, to_step, restored_book
 
   with stop.installed():
-    while True:
+    while True:  # once, and again after each rollback
+      pending, in_a_row = None, {"nonfinite": 0, "spike": 0}
+      data_state = iterator.get_state()
+      positions = {step + 1: data_state}  # step -> data position of its batch (recent steps)
+      batch = sharding.global_batch(next(iterator), mesh) if step < num_steps else None
+      window_start, window_step, window_tokens = time.perf_counter(), step, 0
       try:
         while step < num_steps:
           if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
@@ -316,7 +315,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             if pending is not None:
               jax.block_until_ready(pending[1])  # the step in flight finishes, then the stop
             raise failed
-          tokens = _batch_tokens(batch)
+          tokens = int(np.prod(batch["inputs"].shape))  # token slots of the global batch
           if compile_seconds is None:  # first step of a lazily compiled task: time its compile
             compile_start = time.perf_counter()
             state, step_metrics = task.train_step(state, batch)
@@ -329,8 +328,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
           window_tokens += tokens
           book.tokens_seen += tokens
           book.batches += 1
-          if pending is not None:  # read step t-1 while step t runs
-            check_step(pending)
+          check_pending()  # read step t-1 while step t runs
           pending = (step, step_metrics)
           data_state = iterator.get_state()  # exactly `step` batches consumed
           if step < num_steps:
@@ -344,8 +342,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             writer.write(step, jax.device_get(pending[1]["layer_stats"]))
           if due(cfg.train.log_every) or last:  # (layer statistics: fetched only when due)
             values = jax.device_get({k: v for k, v in pending[1].items() if k != "layer_stats"})
-            check_step(pending)
-            pending = None
+            check_pending()
             now = time.perf_counter()
             seconds = (now - window_start) / max(step - window_step, 1)
             tokens_per_second = window_tokens / max(now - window_start, 1e-9)
@@ -364,10 +361,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             window_start, window_step, window_tokens = time.perf_counter(), step, 0
           paused = False
           save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
-          if (due(task.eval_every) or last) and pending is not None:
-            check_step(pending)  # a spike is rolled back before it is evaluated or saved
-            pending = None
           if due(task.eval_every) or last:
+            check_pending()  # a spike is rolled back before it is evaluated or saved
             results = task.evaluate(state)
             writer.write(step, results)
             message = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
@@ -384,26 +379,17 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             _sample(cfg, state, task.tokenizer, step, samples_path)
             paused = True
           if save_now:
-            if pending is not None:  # its report belongs before the checkpoint (exact resume)
-              check_step(pending)
-              pending = None
+            check_pending()  # its report belongs before the checkpoint (exact resume)
             save(step, data_state)
             saved_step = step
             paused = True
           if paused:
             window_start, window_step, window_tokens = time.perf_counter(), step, 0
-        if pending is not None:
-          check_step(pending)
-          pending = None
+        check_pending()
         break
       except _Rollback as spike:
         state, step, book = roll_back(spike)
-        pending, saved_step = None, step
-        in_a_row = {"nonfinite": 0, "spike": 0}
-        data_state = iterator.get_state()
-        positions = {step + 1: data_state}
-        batch = sharding.global_batch(next(iterator), mesh)
-        window_start, window_step, window_tokens = time.perf_counter(), step, 0
+        saved_step = step
   if progress is not None:
     progress.close()
 

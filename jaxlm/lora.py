@@ -30,12 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from jaxlm import files
 from jaxlm import params as params_lib
+from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import lora_params_per_layer
@@ -140,13 +140,6 @@ def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, 
 
 # -- Adapter files ------------------------------------------------------------------------------
 
-def _to_numpy(x: Any) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather first
-    x = multihost_utils.process_allgather(x, tiled=True)
-  # safetensors needs C-contiguous buffers.
-  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
-
-
 def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> None:
   """Writes the adapters of `params` (only those) to a safetensors file, atomically. In a
   multi-process job every process calls it (the adapters are gathered) and process 0 writes.
@@ -169,7 +162,9 @@ def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> 
               "alpha": json.dumps(config.lora_alpha), "dropout": json.dumps(config.lora_dropout),
               "targets": json.dumps(list(config.lora_targets)),
               "scan_layers": json.dumps(config.scan_layers)}
-  tensors = {name: _to_numpy(value) for name, value in adapters.items()}  # (every process)
+  # Gathered on every process; safetensors needs C-contiguous buffers.
+  tensors = {name: np.ascontiguousarray(sharding.to_host(value))
+             for name, value in adapters.items()}
   if jax.process_index() == 0:
     files.write_bytes(path, save(tensors, metadata=metadata))
 

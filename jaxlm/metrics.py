@@ -86,10 +86,7 @@ def peak_flops(dtype: str, cache_dir: str | None = None) -> float:
     key = f"cpu-{os.cpu_count()}-{dtype}-jax{jax.__version__}"
     size, multiplier = 1024, jax.process_count()
   path = os.path.join(cache_dir, "peak_flops.json") if cache_dir else None
-  cache = {}
-  if path and os.path.exists(path):
-    with open(path) as f:
-      cache = json.load(f)
+  cache = (files.read_json(path) if path else None) or {}
   if key not in cache:
     cache[key] = measure_matmul_flops(size, dtype=jnp.dtype(dtype), device=device)
     if path:

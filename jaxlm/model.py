@@ -90,23 +90,10 @@ def _normal(std: float, axes: tuple[str | None, ...]):
 # Positions
 # ---------------------------------------------------------------------------------------------
 
-def sinusoidal_embedding(positions: Array, dim: int) -> Array:
-  """Fixed sin/cos position codes (Vaswani et al.), float32.
-
-  positions [batch, length] -> [batch, length, dim]: first half sin, second half cos, with
-  frequencies 1 / 10000^(2i/dim). An odd `dim` gets a zero last channel.
-  """
-  half = dim // 2
-  inv_freq = 10000.0 ** (-np.arange(half, dtype=np.float32) / half)  # [half]
-  angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
-  codes = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  if dim % 2:
-    codes = jnp.pad(codes, ((0, 0), (0, 0), (0, 1)))
-  return codes
-
-
 def sinusoidal_positions(positions: Array, config: ModelConfig) -> Array:
-  """What `positional='sinusoidal'` adds to the token embeddings: [batch, length, embed].
+  """What `positional='sinusoidal'` adds to the token embeddings: fixed sin/cos codes (Vaswani
+  et al.), positions [batch, length] -> [batch, length, embed] float32: first half sin, second
+  half cos, with frequencies 1 / 10000^(2i/embed). An odd embed gets a zero last channel.
 
   The codes are scaled to the token embeddings' initial RMS (init_std; a sin/cos code has RMS
   1/sqrt(2)), as learned positions start. Unscaled codes (RMS 0.7) would be ~35x larger than
@@ -114,7 +101,13 @@ def sinusoidal_positions(positions: Array, config: ModelConfig) -> Array:
   stays at ~7.1 nats/token for 300 steps while rope/none reach ~5.3. (Vaswani et al. balance the
   two the other way, multiplying embeddings initialised at std d^-1/2 by sqrt(d).)
   """
-  return sinusoidal_embedding(positions, config.embed_dim) * (config.init_std * math.sqrt(2.0))
+  half = config.embed_dim // 2
+  inv_freq = 10000.0 ** (-np.arange(half, dtype=np.float32) / half)  # [half]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
+  codes = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if config.embed_dim % 2:
+    codes = jnp.pad(codes, ((0, 0), (0, 0), (0, 1)))
+  return codes * (config.init_std * math.sqrt(2.0))
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
@@ -605,15 +598,10 @@ def count_params(params: PyTree) -> int:
 
 def param_count(config: ModelConfig) -> int:
   """Parameter count from the config alone (equals count_params of the initialized model)."""
-  d, m, v = config.embed_dim, config.mlp_dim, config.vocab_size
-  bias = config.use_bias
+  d, v, bias = config.embed_dim, config.vocab_size, config.use_bias
   norm = d + (d if config.norm == "layernorm" and bias else 0)
-  attention = 4 * d * d + (4 * d if bias else 0)  # q, k, v, out (+ biases)
-  if config.mlp == "gelu":
-    mlp = 2 * d * m + (m + d if bias else 0)
-  else:
-    mlp = 3 * d * m + (2 * m + d if bias else 0)
-  total = v * d + config.num_layers * (2 * norm + attention + mlp) + norm
+  dense = sum(i * o + (o if bias else 0) for i, o in _dense_shapes(config).values())
+  total = v * d + config.num_layers * (2 * norm + dense) + norm
   if config.positional == "learned":
     total += config.max_seq_len * d
   if config.num_classes:
@@ -623,18 +611,18 @@ def param_count(config: ModelConfig) -> int:
   return total + config.num_layers * lora_params_per_layer(config)
 
 
+def _dense_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+  """(fan_in, fan_out) of every Dense layer of one block, by name."""
+  d, m = config.embed_dim, config.mlp_dim
+  mlp = ({"fc": (d, m), "proj": (m, d)} if config.mlp == "gelu"
+         else {"gate": (d, m), "up": (d, m), "down": (m, d)})
+  return {"query": (d, d), "key": (d, d), "value": (d, d), "out": (d, d), **mlp}
+
+
 def lora_params_per_layer(config: ModelConfig) -> int:
   """LoRA adapter parameters in one block: rank * (fan_in + fan_out) per adapted Dense."""
-  if not config.lora_rank:
-    return 0
-  d, m = config.embed_dim, config.mlp_dim
-  shapes = {"query": (d, d), "key": (d, d), "value": (d, d), "out": (d, d)}
-  if config.mlp == "gelu":
-    shapes.update(fc=(d, m), proj=(m, d))
-  else:
-    shapes.update(gate=(d, m), up=(d, m), down=(m, d))
-  return sum(config.lora_rank * (shapes[t][0] + shapes[t][1]) for t in config.lora_targets
-             if t in shapes)
+  shapes = _dense_shapes(config)
+  return sum(config.lora_rank * sum(shapes[t]) for t in config.lora_targets if t in shapes)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -645,17 +633,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   the embedding lookups, position tables, biases or norms. The second term is the
   attention-score and weighted-sum matmuls over the full (unmasked) seq_len x seq_len square.
   """
-  d, m = config.embed_dim, config.mlp_dim
-  mlp = (2 if config.mlp == "gelu" else 3) * d * m
-  head = d * (config.num_classes or config.vocab_size)
-  matmul_params = (config.num_layers * (4 * d * d + mlp + lora_params_per_layer(config))
-                   + head)
+  d = config.embed_dim
+  dense = sum(i * o for i, o in _dense_shapes(config).values())
+  matmul_params = (config.num_layers * (dense + lora_params_per_layer(config))
+                   + d * (config.num_classes or config.vocab_size))
   return 6.0 * matmul_params + 12.0 * config.num_layers * seq_len * d
-
-
-def _layer_keys(tree: Mapping[str, Any]) -> list[str]:
-  keys = [k for k in tree if k.startswith("layers_")]
-  return sorted(keys, key=lambda k: int(k.split("_")[1]))
 
 
 def _is_box(x: Any) -> bool:
@@ -671,7 +653,7 @@ def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
   {'layers_0': t0, ..., 'layers_{n-1}': t_{n-1}, ...} -> {'layers': stack of t_i on a new
   leading axis, ...}. Boxed leaves (nn.LogicallyPartitioned) get the 'layers' axis name.
   """
-  keys = _layer_keys(tree)
+  keys = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
   if not keys:
     raise ValueError("stack_layers: no 'layers_<i>' entries; is the tree already stacked?")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -73,11 +72,7 @@ def check_writable(workdir: str) -> None:
 
 def read_json(workdir: str, name: str) -> Any:
   """The JSON file `name` of a run directory, or None if it has none."""
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(workdir, name))
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig
@@ -113,18 +113,12 @@ def check_model(model: ModelConfig, mesh: Mesh) -> None:
       raise ConfigError(f"{field}={size} is not divisible by mesh.{axis}={ways}{hint}.")
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """Tree of logical PartitionSpecs (or Partitioned boxes) -> tree of NamedShardings."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for a (possibly boxed) abstract state from `jax.eval_shape`.
 
   Leaves without logical names (step, RNG key, optimizer counters) are replicated.
   """
-  return logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_state), mesh, LOGICAL_RULES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -149,6 +143,14 @@ def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   count, index = jax.process_count(), jax.process_index()
   size = next(iter(batch.values())).shape[0] // count
   return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+  """An array (in a multi-process job, gathered from every process: all of them call this) as
+  one numpy array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):

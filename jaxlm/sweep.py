@@ -206,22 +206,15 @@ def log_path(workdir: str, run: Cell) -> str:
   return os.path.join(workdir, run.point, f"seed_{run.seed}.log")
 
 
-def _read_json(path: str) -> Any:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def is_finished(workdir: str, run: Cell) -> bool:
-  summary = _read_json(os.path.join(run_dir(workdir, run), "summary.json"))
+  summary = files.read_json(os.path.join(run_dir(workdir, run), "summary.json"))
   return bool(summary and summary.get("finished")
               and summary.get("step") == run.config["train"]["num_steps"])
 
 
 def load_state(workdir: str) -> dict[str, Any]:
   """sweep.json: the plan and each run's status ({'status', 'error', 'seconds'})."""
-  return _read_json(os.path.join(workdir, PLAN_FILE)) or {}
+  return files.read_json(os.path.join(workdir, PLAN_FILE)) or {}
 
 
 def saved_plan(workdir: str) -> Plan | None:
@@ -421,7 +414,7 @@ def point_results(plan: Plan, workdir: str) -> list[dict[str, Any]]:
       status = statuses.get(run.name, {})
       if is_finished(workdir, run):
         finished.append(run)
-        summary = _read_json(os.path.join(run_dir(workdir, run), "summary.json"))
+        summary = files.read_json(os.path.join(run_dir(workdir, run), "summary.json"))
         summary["final_train_loss"] = final_train_loss(_records(workdir, run),
                                                        run.config["train"]["num_steps"])
         summaries.append(summary)

@@ -64,10 +64,10 @@ def spike_update(config: Config, stats: jax.Array, loss: jax.Array, grad_norm: j
                             | (grad_norm > t.spike_grad_ratio * grad_mean))
   apply = finite & ~(spike & (t.spike_action != "log"))
   weight = jnp.maximum(2.0 / (t.spike_window + 1), 1.0 / (seen + 1))
-  accepted = apply  # under `log` a spike is applied, so the means follow it
   updated = jnp.stack([loss_mean + weight * (loss - loss_mean),
                        grad_mean + weight * (grad_norm - grad_mean), seen + 1])
-  return spike, apply, jnp.where(accepted, updated, stats)
+  # The applied steps enter the means (under `log` a spike is applied, so the means follow it).
+  return spike, apply, jnp.where(apply, updated, stats)
 
 
 # A loss function: (model, params, batch, dropout rng or None) -> (objective, sums), where
@@ -275,10 +275,6 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, loss: LossFn
   return under_mesh
 
 
-def _dummy_tokens(config: Config) -> jax.Array:
-  return jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
-
-
 def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
                trainable: Callable[[params_lib.Path], bool] | None = None) -> Steps:
   """Builds init/train/eval for `config` on `mesh`; compilation happens on first call.
@@ -314,7 +310,8 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
                       opt_state=optimizer.init(split(params)[0]), rng=rng)
 
   def init_boxed(rng: jax.Array) -> TrainState:
-    return new_state(model.init({"params": rng}, _dummy_tokens(config))["params"], rng)
+    tokens = jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
+    return new_state(model.init({"params": rng}, tokens)["params"], rng)
 
   def init(rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
