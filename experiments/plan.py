@@ -202,7 +202,7 @@ def tpu_topology(name: str, num_slices: int = 1) -> Topology:
 
 
 def topology_mesh(config: config_lib.Config, topology: Topology):
-  """The (data, fsdp, tensor) mesh over a topology's devices.
+  """The (stage, data, fsdp, tensor) mesh over a topology's devices.
 
   Across slices only `data` is split (gradients all-reduce over the data-center network once a
   step); fsdp and tensor stay inside a slice, on the chips' own interconnect. libtpu describes
@@ -216,13 +216,14 @@ def topology_mesh(config: config_lib.Config, topology: Topology):
     return sharding.make_mesh(config.mesh, topology.devices)
   shape = sharding.mesh_shape(config.mesh, len(topology.devices))
   slices = topology.num_slices
-  if shape[0] % slices:
+  data = shape[1]
+  if data % slices:
     raise config_lib.ConfigError(
-        f"mesh data={shape[0]} does not split over --num_slices={slices}: only the data axis "
+        f"mesh data={data} does not split over --num_slices={slices}: only the data axis "
         f"spans slices; make mesh.data a multiple of {slices}.")
   if topology.devices_per_chip == 1:
     devices = mesh_utils.create_hybrid_device_mesh(
-        (shape[0] // slices,) + shape[1:], (slices, 1, 1), topology.devices)
+        (shape[0], data // slices) + shape[2:], (1, slices, 1, 1), topology.devices)
   else:  # slice-major, then id: each slice holds whole rows of the data axis
     ordered = sorted(topology.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
     devices = np.array(ordered, dtype=object).reshape(shape)
@@ -250,7 +251,7 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
   """
   import jax
   from jaxlm import model as model_lib
-  from jaxlm import train
+  from jaxlm import pipeline, train
 
   start = time.perf_counter()
   steps = train.make_steps(config, mesh)
@@ -276,6 +277,11 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
       "mesh": {name: int(size) for name, size in mesh.shape.items()},
       "global_batch_size": config.train.global_batch_size,
       "microbatches": config.train.microbatches,
+      # Pipeline stages: each device holds its stage's layers; GPipe idles this share of a step.
+      "pipeline_stages": int(mesh.shape["stage"]),
+      "pipeline_microbatches": config.train.pipeline_microbatches,
+      "bubble_fraction": pipeline.bubble_fraction(mesh.shape["stage"],
+                                                  config.train.pipeline_microbatches),
       "seq_len": seq_len,
       "per_device_batch": config.train.global_batch_size // ways,
       "tokens_per_step": tokens_per_step,
@@ -358,6 +364,9 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
   lines = [
       f"plan {config_path} on {where} (compiled in {r['compile_seconds']:.1f} s)",
       f"mesh              {mesh}",
+      *([f"pipeline          {r['pipeline_stages']} stages x {r['pipeline_microbatches']} "
+         f"microbatches: bubble {r['bubble_fraction']:.0%} of each step (GPipe); memory below "
+         f"is one stage's device"] if r.get("pipeline_stages", 1) > 1 else []),
       f"batch             global {r['global_batch_size']} x seq_len {r['seq_len']} = "
       f"{r['tokens_per_step']:,} tokens/step; per device {r['per_device_batch']}{micro}",
       f"parameters        {r['num_params']:,}",

@@ -157,6 +157,10 @@ class TrainConfig:
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
+  # Pipeline parallelism (mesh.stage > 1, jaxlm/pipeline.py): each step's batch (per gradient
+  # accumulation microbatch) flows through the stages in this many microbatches. The GPipe
+  # bubble is (stage - 1) / (pipeline_microbatches + stage - 1) of the step.
+  pipeline_microbatches: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +183,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  stage: int = 1  # pipeline stages: consecutive layer groups on their own devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,6 +394,7 @@ _POSITIVE = (
     "model.vocab_size", "model.max_seq_len", "model.scan_unroll", "model.norm_eps",
     "model.init_std", "data.seq_len", "data.stride", "data.tokenizer_max_sentences",
     "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
+    "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
     "optim.eps", "finetune.epochs", "finetune.max_new_tokens")
 _NON_NEGATIVE = (
@@ -429,6 +435,27 @@ def _check_fields(config: Config) -> None:
     if not ((x > low if interval[0] == "(" else x >= low)
             and (x < high if interval[-1] == ")" else x <= high)):
       raise ConfigError(f"{field}={x}: must be in {interval}.")
+
+
+def _check_pipeline(config: Config) -> None:
+  """mesh.stage > 1: the layers split evenly, stacked, and the batch into microbatches."""
+  m, t, stages = config.model, config.train, config.mesh.stage
+  if m.num_layers % stages:
+    raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by mesh.stage={stages}; "
+                      f"each stage holds an equal share of consecutive layers: choose a stage "
+                      f"count among {[s for s in range(1, m.num_layers + 1) if not m.num_layers % s]}.")
+  if not m.scan_layers:
+    raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=true (the pipeline splits "
+                      f"the stacked layer parameters across stages).")
+  per_step = t.global_batch_size // t.microbatches
+  if per_step % t.pipeline_microbatches:
+    raise ConfigError(f"train.pipeline_microbatches={t.pipeline_microbatches} must divide the "
+                      f"batch of each step ({per_step} = global_batch_size / microbatches); "
+                      f"choose a divisor of {per_step}.")
+  if t.layer_stats_every:
+    raise ConfigError(f"train.layer_stats_every={t.layer_stats_every} with mesh.stage={stages}: "
+                      f"per-layer statistics are not computed through the pipeline yet; set "
+                      f"train.layer_stats_every=0 or mesh.stage=1.")
 
 
 def check(config: Config) -> Config:
@@ -499,6 +526,8 @@ def check(config: Config) -> Config:
       raise ConfigError(f"mesh.{name}={size}: must be a positive size or -1 (all remaining).")
   if sum(1 for s in sizes.values() if s == -1) > 1:
     raise ConfigError(f"mesh {sizes}: at most one axis may be -1.")
+  if config.mesh.stage > 1:
+    _check_pipeline(config)
 
   if m.lora_rank and f.trainable not in ("", "lora"):
     raise ConfigError(f"finetune.trainable={f.trainable!r} conflicts with model.lora_rank="

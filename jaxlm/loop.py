@@ -38,6 +38,7 @@ from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import pipeline
 from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
@@ -187,8 +188,12 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     metrics_lib.truncate_after(samples_path, start)
   num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
   peak = metrics_lib.peak_flops(cfg.model.dtype, cfg.data.data_dir)
+  stages = mesh.shape["stage"]
+  pipelined = (f"; pipeline: {stages} stages x {cfg.train.pipeline_microbatches} microbatches, "
+               f"bubble {pipeline.bubble_fraction(stages, cfg.train.pipeline_microbatches):.0%} "
+               f"of each step" if stages > 1 else "")
   log(f"{num_params:,} parameters; {task.flops_per_token / 1e6:.1f} MFLOPs per token; mesh "
-      f"{dict(mesh.shape)}; {task.description}workdir {workdir}")
+      f"{dict(mesh.shape)}{pipelined}; {task.description}workdir {workdir}")
 
   num_steps = cfg.train.num_steps
 

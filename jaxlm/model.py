@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlm import pipeline
 from jaxlm.config import ModelConfig
 
 Array = jax.Array
@@ -491,8 +492,9 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ACTIVATION_AXES), None
 
 
-def _block_class(config: ModelConfig) -> type[nn.Module]:
-  """Block, wrapped in nn.remat and/or nn.scan as the config asks."""
+def _block_class(config: ModelConfig, length: int | None = None) -> type[nn.Module]:
+  """Block, wrapped in nn.remat and/or nn.scan as the config asks; `length`: the layers the
+  scan runs (default all; a pipeline stage runs its share)."""
   block = Block
   if config.remat_policy != "none":
     # Arguments 4, 5 (counting self) are the Python bools deterministic and decode. Inside a
@@ -505,8 +507,8 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
                     variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=config.num_layers,
-                    unroll=config.scan_unroll,
+                    length=length or config.num_layers,
+                    unroll=min(config.scan_unroll, length or config.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return block
 
@@ -524,8 +526,14 @@ class Transformer(nn.Module):
   return_hidden: return the final norm's output [batch, length, embed] (compute dtype)
     instead of logits; the training loss applies the head itself (`lm_head` and
     jaxlm/loss.py), chunk by chunk, so the full logits never exist.
+
+  pipeline_stages > 1 (the train step sets it from mesh.stage): the scanned layers run as a
+  pipeline over that many stages in `pipeline_microbatches` microbatches (jaxlm/pipeline.py);
+  the parameters are the same tree as without it. init and decoding run unpipelined.
   """
   config: ModelConfig
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
@@ -554,7 +562,9 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     block = _block_class(cfg)
-    if cfg.scan_layers:
+    if self.pipeline_stages > 1 and not decode and not self.is_initializing():
+      x = self._pipelined_layers(x, positions, segment_ids, deterministic)
+    elif cfg.scan_layers:
       x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode)
     else:
       for i in range(cfg.num_layers):
@@ -575,6 +585,24 @@ class Transformer(nn.Module):
       logits = jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype),
                           preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _pipelined_layers(self, x: Array, positions: Array, segment_ids: Array | None,
+                        deterministic: bool) -> Array:
+    """The scanned layers' params [num_layers, ...] applied through jaxlm.pipeline.run."""
+    cfg, stages = self.config, self.pipeline_stages
+    # parent=None: a free-standing module applied as a function on each stage's slice
+    stage_block = _block_class(cfg, length=cfg.num_layers // stages)(cfg, parent=None)
+    has_segments = segment_ids is not None
+
+    def stage_apply(params, h, stage_positions, stage_segments, rng):
+      out, _ = stage_block.apply(
+          {"params": params}, h, stage_positions, stage_segments if has_segments else None,
+          deterministic, False, rngs=None if deterministic else {"dropout": rng})
+      return out
+    rng = jax.random.key(0) if deterministic else self.make_rng("dropout")
+    segments = segment_ids if has_segments else jnp.zeros(positions.shape, jnp.int32)
+    return pipeline.run(stage_apply, nn.unbox(self.variables["params"]["layers"]), x, positions,
+                        segments, rng, stages, self.pipeline_microbatches)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Device mesh, logical-axis rules, and shardings for params, train state and batches.
 
 Model code names axes logically (`batch, length, embed, heads, kv, mlp, vocab, layers`); this
-module maps them onto the mesh axes `data, fsdp, tensor` with one small table. Changing the mesh
-in the config is all it takes to go from one CPU to data parallel, FSDP or tensor parallel.
+module maps them onto the mesh axes `stage, data, fsdp, tensor` with one small table. Changing
+the mesh in the config is all it takes to go from one CPU to data parallel, FSDP, tensor
+parallel or pipeline stages (`layers` -> `stage`: jaxlm/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost first: stages exchange only activations once per microbatch, so they may sit on
+# slower links (across hosts or slices); tensor parallelism, the chattiest, is innermost.
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. A mesh axis is used at most once per array: for activations
 # ('batch', 'length', 'embed') `batch` takes fsdp first, so `embed` stays replicated there, while
@@ -31,13 +34,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
-    ("layers", None),
+    ("layers", "stage"),  # stacked layers: consecutive groups per pipeline stage
 )
 
 
-def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-  """Resolves a -1 axis and checks that the mesh uses exactly `num_devices` devices."""
-  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+  """(stage, data, fsdp, tensor): resolves a -1 axis and checks that the mesh uses exactly
+  `num_devices` devices."""
+  sizes = {"stage": mesh.stage, "data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
   known = math.prod(s for s in sizes.values() if s != -1)
   for name, size in sizes.items():
     if size == -1:
@@ -49,14 +53,15 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   product = math.prod(sizes.values())
   if product != num_devices:
     raise ConfigError(
-        f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
+        f"mesh stage={sizes['stage']} x data={sizes['data']} x fsdp={sizes['fsdp']} x "
+        f"tensor={sizes['tensor']} = "
         f"{product} devices, but {num_devices} are available; make the product equal "
         f"{num_devices} (or set one axis to -1).")
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  return sizes["stage"], sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD, logical-rule style).
+  """A (stage, data, fsdp, tensor) mesh with Auto axis types (GSPMD, logical-rule style).
 
   On a TPU torus `jax.make_mesh` maps each mesh axis onto whole physical axes (except on v5e),
   so e.g. data 4 x fsdp 64 on a v6e 16x16 slice has no layout; then a physical axis is split
@@ -77,10 +82,19 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh) -> None:
-  """Raises ConfigError unless each microbatch splits evenly over data x fsdp and processes."""
+def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh,
+                pipeline_microbatches: int = 1) -> None:
+  """Raises ConfigError unless each microbatch (and, with pipeline stages, each pipeline
+  microbatch) splits evenly over data x fsdp and processes."""
   ways = data_parallel_size(mesh)
   micro = global_batch_size // microbatches
+  if mesh.shape.get("stage", 1) > 1 and (micro // pipeline_microbatches) % ways:
+    raise ConfigError(
+        f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} / "
+        f"train.pipeline_microbatches={pipeline_microbatches} = "
+        f"{micro // pipeline_microbatches} rows per pipeline microbatch, not divisible by mesh "
+        f"data x fsdp = {ways}; use a batch multiple of "
+        f"{ways * microbatches * pipeline_microbatches} or fewer pipeline microbatches.")
   if micro % ways:
     raise ConfigError(
         f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} = "

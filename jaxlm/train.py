@@ -284,14 +284,17 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   half, so XLA never computes the rest) and no optimizer state. Microbatching
   (`train.microbatches`), skipping non-finite steps and the shardings hold for every task.
   """
-  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh,
+                       config.train.pipeline_microbatches)
   sharding.check_model(config.model, mesh)
   # 'auto' attention is resolved for the mesh's devices (which may be a TPU topology planned
   # on a CPU host), not for the host's default backend.
   platform = mesh.devices.flat[0].platform
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, attention_impl=resolve_attention_impl(config.model, platform)))
-  model = Transformer(config.model)
+  # Pipeline stages come from the mesh (mesh.stage); the eval step and decoding run unpipelined.
+  model = Transformer(config.model, pipeline_stages=mesh.shape["stage"],
+                      pipeline_microbatches=config.train.pipeline_microbatches)
   loss = loss_for(config) if loss is None else loss
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   schedule = make_schedule(config.optim, config.train.num_steps)

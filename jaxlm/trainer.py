@@ -52,7 +52,8 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh,
+                       config.train.pipeline_microbatches)
   eval_tasks = tasks_lib.load_eval_tasks(config)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   if tokenizer.vocab_size != config.model.vocab_size:

@@ -63,7 +63,7 @@ def test_cli_simulates_the_devices_and_prints_json():
   assert result.returncode == 0, result.stderr
   plan = json.loads(result.stdout)
   assert plan["num_devices"] == 4 and plan["platform"] == "cpu"
-  assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and plan["per_device_batch"] == 2
+  assert plan["mesh"] == {"stage": 1, "data": 1, "fsdp": 4, "tensor": 1} and plan["per_device_batch"] == 2
   for key in ("param_bytes", "opt_state_bytes", "temp_bytes", "total_bytes",
               "xla_flops_per_device", "model_flops_per_device"):
     assert plan[key] > 0, key
@@ -77,7 +77,7 @@ def test_table_names_every_number(plans):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num_devices=4", "--config.mesh.data=3"], "mesh data=3"),
+    (["--num_devices=4", "--config.mesh.data=3"], "stage=1 x data=3"),
     (["--num_devices=8", "--config.mesh.fsdp=8", "--config.train.global_batch_size=4"],
      "train.global_batch_size=4"),
 ])
@@ -95,7 +95,7 @@ def test_topology_compiles_with_the_tpu_compiler():
   assert result.returncode == 0, result.stderr
   plan = json.loads(result.stdout)
   assert plan["platform"] == "tpu" and plan["device_kind"] == "TPU v5 lite"
-  assert plan["num_devices"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert plan["num_devices"] == 4 and plan["mesh"] == {"stage": 1, "data": 1, "fsdp": 4, "tensor": 1}
   assert plan["topology"] == {"name": "v5e:2x2", "num_slices": 1, "chips": 4,
                               "devices_per_chip": 1}
   assert plan["hbm_bytes"] == 16 * 2**30 and plan["fits"] is True
@@ -151,7 +151,7 @@ def test_topology_slices_and_split_chips(args, devices, chips, hbm_gib):
     (["--topology=v5e-8"], "GENERATION:SHAPE", False),
     (["--topology=v5e:2x2", "--num_devices=4"], "--num_devices=4 both choose the devices", False),
     (["--num_slices=2"], "--num_slices=2 needs --topology", False),
-    (["--topology=v5e:2x2", "--config.mesh.data=3"], "mesh data=3", True),
+    (["--topology=v5e:2x2", "--config.mesh.data=3"], "stage=1 x data=3", True),
     (["--topology=v5e:3x3"], "libtpu refused it", True),
 ])
 def test_bad_topology_is_one_line_exit_2(args, message, needs_libtpu):
