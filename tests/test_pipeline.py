@@ -8,6 +8,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import pipeline, sharding, train
+from jaxlm import run as run_lib
 from jaxlm.config import ConfigError
 
 TINY = {"model": {"num_layers": 4, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
@@ -54,11 +55,18 @@ def one_device():
   return run_steps(tiny_config(), 3, jax.devices()[:1])
 
 
+@pytest.fixture(scope="module")
+def two_stages():
+  """3 steps on stage 2 x data 4 (shared by the equality and checkpoint tests)."""
+  return run_steps(tiny_config({"stage": 2, "data": 4}), 3, jax.devices()[:8])
+
+
 @pytest.mark.parametrize("mesh", [{"stage": 2, "data": 4}, {"stage": 4, "data": 2},
                                   {"stage": 2, "fsdp": 2, "tensor": 2}])
-def test_pipelined_training_equals_one_device(one_device, mesh):
+def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
   reference_state, reference_losses = one_device
-  state, losses = run_steps(tiny_config(mesh), 3, jax.devices()[:8])
+  state, losses = (two_stages if mesh == {"stage": 2, "data": 4}
+                   else run_steps(tiny_config(mesh), 3, jax.devices()[:8]))
   np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)  # Adam normalizes ~1e-7 gradient noise
@@ -103,12 +111,11 @@ def test_bad_pipeline_settings_are_one_line_errors(overrides, message):
     config_lib.validate(values)
 
 
-def test_a_checkpoint_moves_between_stage_counts(tiny_lm_run, tmp_path):
+def test_a_checkpoint_moves_between_stage_counts(two_stages, tiny_lm_run, tmp_path):
   """Written from a stage=2 x data=4 run, restored on one device and on stage=4 x data=2: the
   same values (the parameter tree does not depend on the stage count)."""
-  from jaxlm import run as run_lib
   config = tiny_config({"stage": 2, "data": 4})
-  state, _ = run_steps(config, 1, jax.devices()[:8])
+  state, _ = two_stages
   tokenizer = run_lib.open_run(tiny_lm_run).tokenizer
   workdir = str(tmp_path / "run")
   run_lib.write_files(workdir, config, tokenizer)
@@ -124,8 +131,9 @@ def test_a_checkpoint_moves_between_stage_counts(tiny_lm_run, tmp_path):
   assert restored["layers"]["mlp"]["fc"]["kernel"].sharding.spec[0] == "stage"
 
 
-def test_dropout_trains_through_the_pipeline():
+def test_dropout_trains_through_the_pipeline(one_device):
+  """Dropout draws a key per microbatch inside the pipeline: finite losses that differ from
+  the same run without dropout (same init and batches)."""
   config = tiny_config({"stage": 2, "data": 1}, model={"dropout": 0.1})
-  _, losses = run_steps(config, 2, jax.devices()[:2])
-  deterministic = run_steps(tiny_config({"stage": 2, "data": 1}), 2, jax.devices()[:2])[1]
-  assert all(np.isfinite(losses)) and losses != deterministic
+  _, losses = run_steps(config, 3, jax.devices()[:2])
+  assert all(np.isfinite(losses)) and not np.allclose(losses, one_device[1], rtol=1e-3)
