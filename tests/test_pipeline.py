@@ -133,7 +133,7 @@ def test_a_checkpoint_moves_between_stage_counts(two_stages, tiny_lm_run, tmp_pa
 
 def test_dropout_trains_through_the_pipeline(one_device):
   """Dropout draws a key per microbatch inside the pipeline: finite losses that differ from
-  the same run without dropout (same init and batches)."""
+  the same run without dropout (same init and batches; without dropout they agree to 1e-5)."""
   config = tiny_config({"stage": 2, "data": 1}, model={"dropout": 0.1})
   _, losses = run_steps(config, 3, jax.devices()[:2])
-  assert all(np.isfinite(losses)) and not np.allclose(losses, one_device[1], rtol=1e-3)
+  assert all(np.isfinite(losses)) and not np.allclose(losses, one_device[1], rtol=1e-5)
