@@ -88,6 +88,12 @@ def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh,
   microbatch) splits evenly over data x fsdp and processes."""
   ways = data_parallel_size(mesh)
   micro = global_batch_size // microbatches
+  if mesh.shape.get("stage", 1) > 1 and jax.process_count() > 1:
+    # Each process reads its own rows; stages across processes would need every process of a
+    # data-parallel replica to read the same rows (not implemented).
+    raise ConfigError(f"mesh.stage={mesh.shape['stage']} with {jax.process_count()} processes: "
+                      f"pipeline stages run within one process for now; use mesh.stage=1 "
+                      f"(fsdp/data across processes) or one process.")
   if mesh.shape.get("stage", 1) > 1 and (micro // pipeline_microbatches) % ways:
     raise ConfigError(
         f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} / "

@@ -137,3 +137,14 @@ def test_dropout_trains_through_the_pipeline(one_device):
   config = tiny_config({"stage": 2, "data": 1}, model={"dropout": 0.1})
   _, losses = run_steps(config, 3, jax.devices()[:2])
   assert all(np.isfinite(losses)) and not np.allclose(losses, one_device[1], rtol=1e-5)
+
+
+def test_pipeline_errors_found_with_the_mesh(monkeypatch):
+  config = tiny_config({"stage": 2, "data": 4}, train={"pipeline_microbatches": 8})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  with pytest.raises(ConfigError, match=r"2 rows per pipeline microbatch, not divisible by mesh "
+                                        r"data x fsdp = 4"):
+    train.make_steps(config, mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="mesh.stage=2 with 2 processes"):
+    sharding.check_batch(16, 1, mesh, 4)
