@@ -29,7 +29,6 @@ import collections.abc
 import contextlib
 import dataclasses
 import difflib
-import glob
 import hashlib
 import json
 import logging
@@ -43,11 +42,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from jaxlm.config import DataConfig
-from jaxlm.errors import UserError
-
-
-class CorpusError(UserError):
-  """A corpus cannot be found, read or split; the message names the field or file and the fix."""
+from jaxlm.textfiles import CorpusError, parse_jsonl_line, resolve_globs  # noqa: F401 (API)
 
 
 SPLITS = ("train", "validation")
@@ -206,25 +201,6 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
 
 # -- Reading documents from files ---------------------------------------------------------------
 
-def parse_jsonl_line(path: str, number: int, line: bytes, text_key: str,
-                     key_flag: str = "--config.data.text_key") -> str:
-  """The text of one .jsonl line; CorpusError naming `path:number` and the fix otherwise."""
-  try:
-    record = json.loads(line)
-  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-    raise CorpusError(f"{path}:{number}: not valid JSON ({e}); each line of a .jsonl file "
-                      f"must be one JSON object.") from None
-  if not isinstance(record, dict) or text_key not in record:
-    fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-    raise CorpusError(f"{path}:{number}: no field '{text_key}' (found: {fields}); set "
-                      f"{key_flag} to the field that holds the text.")
-  text = record[text_key]
-  if not isinstance(text, str):
-    raise CorpusError(f"{path}:{number}: field '{text_key}' is a {type(text).__name__}, not "
-                      f"a string; set {key_flag} to a text field.")
-  return text
-
-
 def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
   with open(path, "rb") as f:
@@ -329,24 +305,6 @@ def _listing_hash(root: str, files: Sequence[str], mtimes: bool) -> str:
     stat = os.stat(os.path.join(root, name))
     digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns if mtimes else 0]).encode())
   return digest.hexdigest()[:_HASH_CHARS]
-
-
-def resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]:
-  """Absolute, sorted, de-duplicated files matched by comma-separated globs (`**` recursive);
-  `flag` is how the user passed them, for the error messages."""
-  found: set[str] = set()
-  globs = [p.strip() for p in patterns.split(",") if p.strip()]
-  if not globs:
-    raise CorpusError(f"{flag} is empty; set {flag}='/data/*.txt' (quote it so the shell does "
-                      f"not expand it; comma-separate several globs).")
-  for pattern in globs:
-    matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
-               if os.path.isfile(m)]
-    if not matches:
-      raise CorpusError(f"{flag} glob '{pattern}' matched no files; check the path, and quote "
-                        f"the glob ({flag}='{pattern}') so the shell passes it unexpanded.")
-    found.update(os.path.abspath(m) for m in matches)
-  return sorted(found)
 
 
 def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_files"

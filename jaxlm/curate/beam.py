@@ -194,7 +194,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig,
     raise CurationError(f"--output {output} already exists; choose a new folder or delete it.")
   files, sizes = _list_files(input_glob)
   if config.decontaminate.files:  # the workers read them; fail here, before the pipeline
-    inputs.corpora.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+    inputs.textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
   shards = inputs.plan_shards(files, sizes, config.input.shard_mb)
   log(f"{len(files)} files in {len(shards)} shards; running on Beam.")
   staging = output.rstrip("/") + ".partial"

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any, BinaryIO, Callable, Iterator
 
-from jaxlm import corpora
+from jaxlm import textfiles
 from jaxlm.curate import dedup, settings
 from jaxlm.curate.rules import DocumentRules
 from jaxlm.curate.settings import CurationConfig
@@ -22,7 +22,7 @@ File = tuple[str, str]  # (path relative to the inputs' common folder, absolute 
 def list_files(patterns: str) -> list[File]:
   """The files of the comma-separated globs, sorted, with their relative names (identities
   relative to the common folder, as text_files names documents)."""
-  return relative_names(corpora.resolve_globs(patterns, "--input"))
+  return relative_names(textfiles.resolve_globs(patterns, "--input"))
 
 
 def relative_names(paths: list[str]) -> list[File]:
@@ -63,7 +63,7 @@ def documents(file: File, config: CurationConfig, opener: Callable[[str], Binary
       content = f.read()
   except OSError as e:
     if not drop:
-      raise corpora.CorpusError(f"{path}: cannot be read ({e.strerror}); fix its permissions or "
+      raise textfiles.CorpusError(f"{path}: cannot be read ({e.strerror}); fix its permissions or "
                                 f"set --config.input.on_bad_input=drop to skip it.") from None
     yield (rel, 0), None, 0, f"unreadable: {e.strerror}"
     return
@@ -76,10 +76,10 @@ def documents(file: File, config: CurationConfig, opener: Callable[[str], Binary
     if not line.strip():
       continue
     try:
-      text = corpora.parse_jsonl_line(path, number, line, config.input.text_key, key_flag)
-    except corpora.CorpusError as e:
+      text = textfiles.parse_jsonl_line(path, number, line, config.input.text_key, key_flag)
+    except textfiles.CorpusError as e:
       if not drop:
-        raise corpora.CorpusError(f"{e} (or set --config.input.on_bad_input=drop to count such "
+        raise textfiles.CorpusError(f"{e} (or set --config.input.on_bad_input=drop to count such "
                                   f"lines as dropped)") from None
       yield (rel, number), None, len(line), str(e)
       continue

@@ -133,7 +133,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig, worker
   check_output(output)
   files = inputs.list_files(input_glob)
   if config.decontaminate.files:  # resolve the evaluation globs before any work
-    inputs.corpora.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+    inputs.textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
   staging = output.rstrip("/") + ".partial"
   records_dir = os.path.join(staging, "records")
   try:

@@ -18,7 +18,7 @@ import unicodedata
 
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-from jaxlm import corpora
+from jaxlm import textfiles
 from jaxlm.curate.settings import CurationConfig, DecontaminateConfig, QualityConfig
 
 WORD = re.compile(r"\w+")
@@ -163,11 +163,11 @@ def evaluation_texts(path: str) -> list[str]:
 def evaluation_ngrams(config: DecontaminateConfig) -> frozenset[str]:
   """Every word n-gram (lower-cased \\w+ words, joined by spaces) of the evaluation files."""
   grams: set[str] = set()
-  for path in corpora.resolve_globs(config.files, "--config.decontaminate.files"):
+  for path in textfiles.resolve_globs(config.files, "--config.decontaminate.files"):
     try:
       texts = evaluation_texts(path)
     except (OSError, ValueError) as e:
-      raise corpora.CorpusError(f"decontamination file {path} cannot be read ({e}); fix it or "
+      raise textfiles.CorpusError(f"decontamination file {path} cannot be read ({e}); fix it or "
                                 f"leave it out of --config.decontaminate.files.") from None
     for text in texts:
       words = WORD.findall(text.lower())
