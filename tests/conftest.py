@@ -7,9 +7,11 @@ _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 # This process: 8 simulated devices, and LLVM at -O0 without XLA's expensive passes. The test
 # processes compile hundreds of small programs and run each a few times: -O0 (XLA's HLO passes
 # still run) cuts their compile time by a third.
-os.environ["XLA_FLAGS"] = (_USER_XLA_FLAGS + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+# Also for subprocesses that compile much and run little (sweeps of 8-step runs, the planner).
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0"
+                          " --xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (_USER_XLA_FLAGS + " --xla_force_host_platform_device_count=8 "
+                           + FAST_COMPILE_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

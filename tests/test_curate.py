@@ -253,6 +253,25 @@ def test_bad_input_is_one_line_naming_file_and_line_or_counted_when_asked(tmp_pa
   assert "a.jsonl:2" in stats["examples"]["bad_input"][0]["id"]
 
 
+def test_an_unreadable_file_is_one_line_or_counted(tmp_path, monkeypatch):
+  (tmp_path / "a.txt").write_text(PROSE)
+  (tmp_path / "b.txt").write_text(PROSE2 + " " + PROSE)
+
+  def refuse(path):
+    if path.endswith("b.txt"):  # root reads everything: simulate what chmod 000 does to a user
+      raise PermissionError(13, "Permission denied", path)
+    return open(path, "rb")
+  monkeypatch.setattr(inputs, "open_local", refuse)
+  monkeypatch.setattr(inputs.shard_records, "__defaults__", (refuse,))
+  output = str(tmp_path / "out")
+  with pytest.raises(corpora.CorpusError, match=r"b\.txt: cannot be read \(Permission denied\);"
+                                                r" .*on_bad_input=drop"):
+    local.curate(str(tmp_path / "*.txt"), output, settings.load(), workers=1, log=lambda _: None)
+  stats = local.curate(str(tmp_path / "*.txt"), output, config_with(input={"on_bad_input": "drop"}),
+                       workers=1, log=lambda _: None)
+  assert stats["dropped"]["bad_input"]["documents"] == 1 and stats["kept"]["documents"] == 1
+
+
 def test_cli_refuses_bad_config_and_existing_output_before_writing(tmp_path):
   (tmp_path / "doc.txt").write_text(PROSE)
 

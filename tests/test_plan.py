@@ -12,6 +12,7 @@ from experiments import plan as plan_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 64, "mlp_dim": 256,
@@ -28,8 +29,10 @@ def tiny_plan(**mesh):
 
 
 def run_cli(*args):
+  # The planner only compiles: compile fast (tests/conftest.py); it sets the device count.
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   return subprocess.run([sys.executable, "-m", "experiments.plan", *TINY_FLAGS, *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from jaxlm import sweep
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = {"positional": 4, "norm_mlp": 2, "tying": 2, "depth_width": 4}
@@ -27,7 +28,8 @@ def write_sweep(tmp_path, body: str, name: str = "s.py") -> str:
 
 
 def run_sweep(args, timeout=900, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # The runs are 8 steps: compile time dominates, so compile fast (tests/conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
