@@ -5,6 +5,7 @@ import filecmp
 import itertools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -175,26 +176,35 @@ def _same_output(a: str, b: str) -> None:
       assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
 
 
-def test_curation_end_to_end_is_deterministic_and_beam_gives_the_same_bytes(messy, tmp_path):
-  root, truth = messy
-  glob = os.path.join(root, "train", "*")
-  config = config_with(input={"shard_mb": 0.05})  # several shards
-  stats = local.curate(glob, str(tmp_path / "one"), config, workers=1, log=lambda _: None)
-  local.curate(glob, str(tmp_path / "two"), config, workers=2, log=lambda _: None)
-  _same_output(str(tmp_path / "one"), str(tmp_path / "two"))
-  beam.curate(glob, str(tmp_path / "beam"), config,
-              ["--runner=DirectRunner", "--direct_num_workers=1"], log=lambda _: None)
-  _same_output(str(tmp_path / "one"), str(tmp_path / "beam"))
-  assert not os.path.exists(str(tmp_path / "one.partial"))
+SHARDED = settings.load(overrides={"input.shard_mb": 0.05})  # several input shards
 
-  kept = dict(corpora.read_documents(str(tmp_path / "one" / "*.jsonl")))  # as text_files reads
-  ids = [json.loads(line)["id"] for name in sorted(os.listdir(tmp_path / "one"))
-         if name.endswith(".jsonl") for line in open(tmp_path / "one" / name)]
+
+@pytest.fixture(scope="module")
+def curated(messy, tmp_path_factory):
+  """The messy corpus curated by the local engine in one process (several input shards)."""
+  root, _ = messy
+  output = str(tmp_path_factory.mktemp("curated") / "one")
+  stats = local.curate(os.path.join(root, "train", "*"), output, SHARDED, workers=1,
+                       log=lambda _: None)
+  return output, stats
+
+
+def test_curation_end_to_end_is_deterministic_whatever_the_workers(messy, curated, tmp_path):
+  (root, truth), (one, stats) = messy, curated
+  local.curate(os.path.join(root, "train", "*"), str(tmp_path / "two"), SHARDED, workers=2,
+               log=lambda _: None)
+  _same_output(one, str(tmp_path / "two"))
+  assert not os.path.exists(one + ".partial")
+  one = pathlib.Path(one)
+
+  kept = dict(corpora.read_documents(str(one / "*.jsonl")))  # as text_files reads
+  ids = [json.loads(line)["id"] for name in sorted(os.listdir(one))
+         if name.endswith(".jsonl") for line in open(one / name)]
   assert len(kept) == stats["kept"]["documents"] == len(ids) == len(set(ids))
   kinds = {truth[i]["kind"] for i in ids}
   assert not kinds & {"language", "junk_short", "junk_symbols", "junk_bullets", "junk_repeated"}
-  texts = [json.loads(line)["text"] for name in sorted(os.listdir(tmp_path / "one"))
-           if name.endswith(".jsonl") for line in open(tmp_path / "one" / name)]
+  texts = [json.loads(line)["text"] for name in sorted(os.listdir(one))
+           if name.endswith(".jsonl") for line in open(one / name)]
   assert len({dedup.exact_hash(text) for text in texts}) == len(texts)  # no exact copies left
   families = [truth[i]["family"] for i in ids if "family" in truth[i]]
   assert len(families) - len(set(families)) <= 0.05 * len(set(families))  # near: recall >= .95
@@ -202,16 +212,25 @@ def test_curation_end_to_end_is_deterministic_and_beam_gives_the_same_bytes(mess
   assert stats["dropped"]["near_duplicate"]["documents"] > 0
   assert stats["input"]["documents"] == len(truth) == stats["kept"]["documents"] + sum(
       d["documents"] for d in stats["dropped"].values())
-  report = open(tmp_path / "one" / "report.md").read()
+  report = open(one / "report.md").read()
   assert "| language |" in report and "Near-duplicate clusters by size" in report
-  manifest = json.load(open(tmp_path / "one" / "manifest.json"))
+  manifest = json.load(open(one / "manifest.json"))
   assert manifest["documents"] == len(ids) and len(manifest["shards"]) == 4
 
 
-def test_interrupted_run_resumes_without_redoing_finished_shards(messy, tmp_path, monkeypatch):
+def test_beam_gives_the_local_engines_bytes(messy, curated, tmp_path):
+  pytest.importorskip("apache_beam", reason="the Beam engine: pip install -r requirements-beam.txt")
+  root, _ = messy
+  beam.curate(os.path.join(root, "train", "*"), str(tmp_path / "beam"), SHARDED,
+              ["--runner=DirectRunner", "--direct_num_workers=1"], log=lambda _: None)
+  _same_output(curated[0], str(tmp_path / "beam"))
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(messy, curated, tmp_path,
+                                                                monkeypatch):
   root, _ = messy
   glob, output = os.path.join(root, "train", "*"), str(tmp_path / "out")
-  config = config_with(input={"shard_mb": 0.05})
+  config = SHARDED
   done = []
   original = local._process_shard
 
@@ -228,8 +247,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(messy, tmp_path
   messages = []
   local.curate(glob, output, config, workers=1, log=messages.append)
   assert "2 already done" in messages[0]
-  local.curate(glob, str(tmp_path / "fresh"), config, workers=1, log=lambda _: None)
-  _same_output(output, str(tmp_path / "fresh"))
+  _same_output(output, curated[0])  # what the uninterrupted run wrote
 
 
 def test_bad_input_is_one_line_naming_file_and_line_or_counted_when_asked(tmp_path):

@@ -10,6 +10,7 @@ from jaxlm import config as config_lib
 from jaxlm import pipeline, sharding, train
 from jaxlm import run as run_lib
 from jaxlm.config import ConfigError
+from tests.test_train import run_steps as train_steps
 
 TINY = {"model": {"num_layers": 4, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
                   "vocab_size": 96, "max_seq_len": 16, "scan_layers": True},
@@ -39,15 +40,8 @@ def random_batch(config, seed):
           "positions": np.broadcast_to(positions.astype(np.int32), shape).copy()}
 
 
-def run_steps(config, num_steps, devices, state=None):
-  mesh = sharding.make_mesh(config.mesh, devices)
-  steps = train.make_steps(config, mesh)
-  state = steps.init(jax.random.PRNGKey(0)) if state is None else state
-  losses = []
-  for i in range(num_steps):
-    state, metrics = steps.train(state, sharding.global_batch(random_batch(config, i), mesh))
-    losses.append(float(metrics["train_loss"]))
-  return state, losses
+def run_steps(config, num_steps, devices):
+  return train_steps(config, num_steps, devices, batch=random_batch)
 
 
 @pytest.fixture(scope="module")

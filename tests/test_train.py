@@ -34,13 +34,15 @@ def random_batch(config, seed=0):
           "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
 
 
-def run_steps(config, num_steps, devices=None):
+def run_steps(config, num_steps, devices=None, batch=random_batch):
+  """(final state, train losses) of `num_steps` steps on batch(config, step) from the seed's
+  init; also used by tests/test_pipeline.py."""
   mesh = sharding.make_mesh(config.mesh, devices or jax.devices()[:1])
   steps = train.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(config.seed))
   losses = []
   for i in range(num_steps):
-    state, metrics = steps.train(state, sharding.global_batch(random_batch(config, i), mesh))
+    state, metrics = steps.train(state, sharding.global_batch(batch(config, i), mesh))
     losses.append(float(metrics["train_loss"]))
   return state, losses
 
