@@ -526,6 +526,9 @@ def check(config: Config) -> Config:
       raise ConfigError(f"mesh.{name}={size}: must be a positive size or -1 (all remaining).")
   if sum(1 for s in sizes.values() if s == -1) > 1:
     raise ConfigError(f"mesh {sizes}: at most one axis may be -1.")
+  if config.mesh.stage == -1:
+    raise ConfigError("mesh.stage=-1: give the number of pipeline stages explicitly (it must "
+                      "divide model.num_layers); -1 is for data, fsdp or tensor.")
   if config.mesh.stage > 1:
     _check_pipeline(config)
 

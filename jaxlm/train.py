@@ -292,6 +292,10 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   platform = mesh.devices.flat[0].platform
   config = dataclasses.replace(config, model=dataclasses.replace(
       config.model, attention_impl=resolve_attention_impl(config.model, platform)))
+  if mesh.shape["stage"] != config.mesh.stage:  # the config's checks cover its own stage count
+    raise ConfigError(
+        f"the mesh has {mesh.shape['stage']} pipeline stages but mesh.stage={config.mesh.stage}; "
+        f"build the mesh from the config (sharding.make_mesh(config.mesh)).")
   # Pipeline stages come from the mesh (mesh.stage); the eval step and decoding run unpipelined.
   model = Transformer(config.model, pipeline_stages=mesh.shape["stage"],
                       pipeline_microbatches=config.train.pipeline_microbatches)

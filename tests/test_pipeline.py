@@ -93,6 +93,7 @@ def test_bubble_fraction():
     ({"mesh": {"stage": 2, "data": 1}, "train": {"pipeline_microbatches": 3}},
      "train.pipeline_microbatches=3 must divide"),
     ({"mesh": {"stage": 0, "data": 1}}, "mesh.stage=0"),
+    ({"mesh": {"stage": -1, "data": 1}}, "mesh.stage=-1: give the number of pipeline stages"),
 ])
 def test_bad_pipeline_settings_are_one_line_errors(overrides, message):
   values = {k: dict(v) for k, v in TINY.items()}
@@ -128,6 +129,8 @@ def test_pipeline_errors_found_with_the_mesh(monkeypatch):
   with pytest.raises(ConfigError, match=r"2 rows per pipeline microbatch, not divisible by mesh "
                                         r"data x fsdp = 4"):
     train.make_steps(config, mesh)
+  with pytest.raises(ConfigError, match="the mesh has 2 pipeline stages but mesh.stage=1"):
+    train.make_steps(tiny_config(), mesh)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ConfigError, match="mesh.stage=2 with 2 processes"):
     sharding.check_batch(16, 1, mesh, 4)
