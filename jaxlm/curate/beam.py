@@ -21,6 +21,7 @@ import os
 import posixpath
 from typing import Any, Iterable, Sequence
 
+from jaxlm import textfiles
 from jaxlm.curate import dedup, inputs, report, settings
 from jaxlm.curate.local import CurationError, check_output
 from jaxlm.curate.rules import DocumentRules
@@ -194,7 +195,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig,
     raise CurationError(f"--output {output} already exists; choose a new folder or delete it.")
   files, sizes = _list_files(input_glob)
   if config.decontaminate.files:  # the workers read them; fail here, before the pipeline
-    inputs.textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+    textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
   shards = inputs.plan_shards(files, sizes, config.input.shard_mb)
   log(f"{len(files)} files in {len(shards)} shards; running on Beam.")
   staging = output.rstrip("/") + ".partial"

@@ -19,6 +19,7 @@ import sys
 from typing import Any, Iterator
 
 from jaxlm import files as files_lib
+from jaxlm import textfiles
 from jaxlm.curate import dedup, inputs, report, settings
 from jaxlm.curate.rules import DocumentRules
 from jaxlm.errors import UserError
@@ -133,7 +134,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig, worker
   check_output(output)
   files = inputs.list_files(input_glob)
   if config.decontaminate.files:  # resolve the evaluation globs before any work
-    inputs.textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+    textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
   staging = output.rstrip("/") + ".partial"
   records_dir = os.path.join(staging, "records")
   try:
