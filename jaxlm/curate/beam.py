@@ -88,7 +88,7 @@ def _write_shard(item: tuple[int, Iterable[tuple[dedup.DocKey, str]]], directory
   content = b"".join(report.shard_line(key, text) for key, text in sorted(documents))
   name = report.shard_name(index, num_shards)
   _write(posixpath.join(directory, name), content)
-  return report.shard_entry(name, content)
+  return report.content_entry(name, content)
 
 
 def _stats_combine_fn(beam):
@@ -213,7 +213,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig,
     name = report.shard_name(index, config.output.num_shards)
     if name not in shard_entries:
       _write(posixpath.join(staging, name), b"")
-      shard_entries[name] = report.shard_entry(name, b"")
+      shard_entries[name] = report.content_entry(name, b"")
   report.write_metadata(staging, output, summary["stats"], sorted(
       shard_entries.values(), key=lambda e: e["file"]), settings.to_dict(config), input_glob,
                         write=_write)

@@ -47,7 +47,8 @@ def plan_shards(files: list[File], sizes: list[int], shard_mb: float) -> list[li
 
 def shard_fingerprint(shard: list[File], config: CurationConfig) -> str:
   """Changes when the shard's files (name, size, mtime) or the config change."""
-  listing = [(rel, os.stat(path).st_size, os.stat(path).st_mtime_ns) for rel, path in shard]
+  stats = [(rel, os.stat(path)) for rel, path in shard]
+  listing = [(rel, stat.st_size, stat.st_mtime_ns) for rel, stat in stats]
   content = json.dumps([listing, settings.to_dict(config)], sort_keys=True)
   return hashlib.sha256(content.encode()).hexdigest()[:16]
 

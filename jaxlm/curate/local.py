@@ -123,7 +123,7 @@ def _write_output(record_files: list[str], drops: dict[dedup.DocKey, str],
   finally:
     for handle in handles:
       handle.close()
-  return stats, [{"file": name, "documents": count, "bytes": size, "sha256": digest.hexdigest()}
+  return stats, [report.shard_entry(name, count, size, digest.hexdigest())
                  for name, (count, size), digest in zip(names, counts, digests)]
 
 

@@ -99,10 +99,15 @@ def shard_line(key: dedup.DocKey, text: str) -> bytes:
           + "\n").encode("utf-8")
 
 
-def shard_entry(name: str, content: bytes) -> dict[str, Any]:
-  """The manifest's entry of one shard file (what local._write_output counts as it streams)."""
-  return {"file": name, "documents": content.count(b"\n"), "bytes": len(content),
-          "sha256": hashlib.sha256(content).hexdigest()}
+def shard_entry(name: str, documents: int, size: int, sha256: str) -> dict[str, Any]:
+  """The manifest's entry of one shard file (both engines)."""
+  return {"file": name, "documents": documents, "bytes": size, "sha256": sha256}
+
+
+def content_entry(name: str, content: bytes) -> dict[str, Any]:
+  """shard_entry of a shard held in memory (one line per document)."""
+  return shard_entry(name, content.count(b"\n"), len(content),
+                     hashlib.sha256(content).hexdigest())
 
 
 def _percent(part: int, whole: int) -> str:
