@@ -164,27 +164,28 @@ def round_to_devices(batch_size: int, mesh) -> int:
   return -(-batch_size // ways) * ways
 
 
-def process_batch_size(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size % process_count:
+def group_batch_size(global_batch_size: int, groups: int) -> int:
+  if global_batch_size % groups:
     raise DataError(f"train.global_batch_size={global_batch_size} is not divisible by the "
-                    f"{process_count} processes.")
-  return global_batch_size // process_count
+                    f"{groups} groups of processes that read different rows.")
+  return global_batch_size // groups
 
 
 def train_dataset(tokens: np.ndarray, config: Config, eos_id: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Infinite dataset of this process's share of each global batch.
+                  group: int = 0, groups: int = 1) -> grain.MapDataset:
+  """Infinite dataset of one process group's share of each global batch
+  (`sharding.batch_group`: a group is a process, or the processes holding the same rows).
 
-  Global batch b is the shuffled windows [b*G, (b+1)*G); process p takes every
-  `process_count`-th of them, so the processes together cover exactly the global batch and
-  each reads only its own windows.
+  Global batch b is the shuffled windows [b*G, (b+1)*G); group g takes every `groups`-th of
+  them, so the groups together cover exactly the global batch and each reads only its own
+  windows.
   """
   data = config.data
   ds = grain.MapDataset.source(WindowSource(tokens, data.seq_len, data.stride))
   ds = ds.shuffle(seed=config.seed).repeat()  # reshuffled (deterministically) every epoch
-  ds = ds[process_index::process_count]
+  ds = ds[group::groups]
   ds = ds.map(lambda window: window_example(window, eos_id))
-  return ds.batch(process_batch_size(config.train.global_batch_size, process_count),
+  return ds.batch(group_batch_size(config.train.global_batch_size, groups),
                   drop_remainder=True)
 
 
@@ -194,14 +195,14 @@ def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
 
 
 def eval_batches(tokens: np.ndarray, config: Config, eos_id: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+                 group: int = 0, groups: int = 1) -> list[Batch]:
   """`num_batches` global batches of non-overlapping validation windows spread evenly over the
-  whole split (all windows if there are fewer), this process's share; a short last batch is
-  padded with zero-weight rows."""
+  whole split (all windows if there are fewer), one process group's share (as in
+  `train_dataset`); a short last batch is padded with zero-weight rows."""
   data = config.data
   source = WindowSource(tokens, data.seq_len, data.seq_len)
   global_size = config.train.global_batch_size
-  local_size = process_batch_size(global_size, process_count)
+  local_size = group_batch_size(global_size, groups)
   total = min(len(source), num_batches * global_size)
   # Evenly spaced windows, so a partial evaluation samples every part of the held-out text.
   chosen = np.unique(np.linspace(0, len(source) - 1, total).round().astype(np.int64))
@@ -210,7 +211,7 @@ def eval_batches(tokens: np.ndarray, config: Config, eos_id: int, num_batches: i
   batches = []
   for start in range(0, total, global_size):
     rows = [window_example(source[int(chosen[i])], eos_id)
-            for i in range(start + process_index, min(start + global_size, total), process_count)]
+            for i in range(start + group, min(start + global_size, total), groups)]
     rows += [padding] * (local_size - len(rows))
     batches.append({k: np.stack([r[k] for r in rows]) for k in padding})
   return batches

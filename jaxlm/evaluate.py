@@ -24,14 +24,16 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
              byte_lengths: np.ndarray, mesh) -> dict[str, float]:
   """Runs the jitted `eval_step` over this process's share of each global batch.
 
-  Byte counts are summed over all processes' rows, like the loss.
+  Byte counts are summed over all rows of the global batches, like the loss.
   """
   results = [eval_step(params, sharding.global_batch(b, mesh)) for b in batches]
   # The UTF-8 bytes that the weighted targets stand for.
   local_bytes = np.float64(sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"]))
                                for b in batches))
-  if jax.process_count() > 1:
-    num_bytes = float(np.sum(multihost_utils.process_allgather(local_bytes)))
+  if jax.process_count() > 1:  # each group of processes reading the same rows counts them once
+    _, groups = sharding.batch_group(mesh)
+    num_bytes = float(np.sum(multihost_utils.process_allgather(local_bytes))) * groups / \
+        jax.process_count()
   else:
     num_bytes = float(local_bytes)
   sums = jax.device_get(results)

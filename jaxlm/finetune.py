@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from jaxlm import config as config_lib
@@ -358,13 +359,13 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
 class EpochBatches:
   """The training batches of every epoch: epoch e shuffles the split with seed
   `seed * 1000 + e`. Its state is the number of batches consumed, so a resumed run continues
-  with the same batches without replaying any. Each process gets its rows of the global batch
-  (the padded length is the global batch's, the same on every process)."""
+  with the same batches without replaying any. Each process gets its group's rows of the global
+  batch on `mesh` (the padded length is the global batch's, the same on every process)."""
 
   def __init__(self, split: Encoded, batch_size: int, max_length: int, pad_id: int, task: str,
-               seed: int):
+               seed: int, mesh: Mesh):
     self.split, self.batch_size, self.max_length = split, batch_size, max_length
-    self.pad_id, self.task, self.seed = pad_id, task, seed
+    self.pad_id, self.task, self.seed, self.mesh = pad_id, task, seed, mesh
     self.per_epoch = -(-len(split.ids) // batch_size)
     self.position = 0
     self._order: tuple[int, list[int]] | None = None
@@ -382,7 +383,7 @@ class EpochBatches:
     self.position += 1
     batch = make_batch(self.split, rows, self.batch_size, self.max_length, self.pad_id,
                        self.task)
-    return sharding.local_rows(batch)
+    return sharding.local_rows(batch, self.mesh)
 
   def get_state(self) -> dict[str, int]:
     return {"position": self.position}
@@ -465,7 +466,7 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
                         "finetune_instruct).")
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh)
+  sharding.check_batch(config.train, mesh)
   max_length = config.finetune.max_length or config.model.max_seq_len
   splits, classes = load_splits(config, data, validation_data, test_data, init.tokenizer,
                                 max_length)
@@ -514,7 +515,7 @@ def evaluate_splits(steps: train_lib.Steps, params: Any, prepared: FinetuneInput
   results: dict[str, float] = {}
   for name, split in prepared.splits.items():
     sums = jax.device_get([
-        steps.eval(params, sharding.global_batch(sharding.local_rows(batch), mesh))
+        steps.eval(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh))
         for batch in batches(split, prepared.config.train.global_batch_size,
                              prepared.max_length, prepared.tokenizer.pad_id, task)])
     totals = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
@@ -589,7 +590,7 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
       steps=steps, train_step=steps.train, compile_seconds=None,
       data=lambda: EpochBatches(prepared.splits["train"], config.train.global_batch_size,
                                 prepared.max_length, prepared.tokenizer.pad_id, task_name,
-                                config.seed),
+                                config.seed, mesh),
       init_state=init_state, evaluate=evaluate,
       eval_every=config.train.eval_every or prepared.steps_per_epoch,
       flops_per_token=flops_per_token(config.model, prepared.max_length), rank=rank,

@@ -8,6 +8,7 @@ parallel or pipeline stages (`layers` -> `stage`: jaxlm/pipeline.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig, TrainConfig
 
 # Outermost first: stages exchange only activations once per microbatch, so they may sit on
 # slower links (across hosts or slices); tensor parallelism, the chattiest, is innermost.
@@ -82,34 +83,59 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch(global_batch_size: int, microbatches: int, mesh: Mesh,
-                pipeline_microbatches: int = 1) -> None:
+def batch_group(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process feeds block `index` of `count` equal blocks of every global
+  batch's rows (data x fsdp split them). Processes whose devices hold the same rows (pipeline
+  stages or tensor parallelism across processes) form one group and read the same rows; with
+  data parallelism across processes alone, each process is its own group."""
+  return _batch_groups(mesh)[jax.process_index()]
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_groups(mesh: Mesh) -> dict[int, tuple[int, int]]:
+  shards = batch_sharding(mesh).devices_indices_map((data_parallel_size(mesh),))
+  return row_groups([(device.process_index, index[0].start or 0)
+                     for device, index in shards.items()], dict(mesh.shape))
+
+
+def row_groups(holders: Sequence[tuple[int, int]], mesh_shape: Mapping[str, int]
+               ) -> dict[int, tuple[int, int]]:
+  """process -> (group, groups) from (process, data x fsdp block) for every device: processes
+  holding the same blocks form a group; groups are numbered in block order."""
+  blocks: dict[int, set[int]] = {}
+  for process, block in holders:
+    blocks.setdefault(process, set()).add(block)
+  groups = sorted({tuple(sorted(b)) for b in blocks.values()})
+  if len({len(g) for g in groups}) != 1 or len(set().union(*groups)) != sum(map(len, groups)):
+    raise ConfigError(f"mesh {dict(mesh_shape)}: the processes hold overlapping or unequal "
+                      f"shares of the batch rows; give each process whole data x fsdp blocks "
+                      f"(e.g. equal device counts per process, the default device order).")
+  return {process: (groups.index(tuple(sorted(b))), len(groups)) for process, b in blocks.items()}
+
+
+def check_batch(train: TrainConfig, mesh: Mesh) -> None:
   """Raises ConfigError unless each microbatch (and, with pipeline stages, each pipeline
-  microbatch) splits evenly over data x fsdp and processes."""
+  microbatch) splits evenly over data x fsdp and the processes' row groups."""
   ways = data_parallel_size(mesh)
-  micro = global_batch_size // microbatches
-  if mesh.shape.get("stage", 1) > 1 and jax.process_count() > 1:
-    # Each process reads its own rows; stages across processes would need every process of a
-    # data-parallel replica to read the same rows (not implemented).
-    raise ConfigError(f"mesh.stage={mesh.shape['stage']} with {jax.process_count()} processes: "
-                      f"pipeline stages run within one process for now; use mesh.stage=1 "
-                      f"(fsdp/data across processes) or one process.")
-  if mesh.shape.get("stage", 1) > 1 and (micro // pipeline_microbatches) % ways:
+  size, micro = train.global_batch_size, train.global_batch_size // train.microbatches
+  pipelined = micro // train.pipeline_microbatches
+  if mesh.shape.get("stage", 1) > 1 and pipelined % ways:
     raise ConfigError(
-        f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} / "
-        f"train.pipeline_microbatches={pipeline_microbatches} = "
-        f"{micro // pipeline_microbatches} rows per pipeline microbatch, not divisible by mesh "
-        f"data x fsdp = {ways}; use a batch multiple of "
-        f"{ways * microbatches * pipeline_microbatches} or fewer pipeline microbatches.")
+        f"train.global_batch_size={size} / train.microbatches={train.microbatches} / "
+        f"train.pipeline_microbatches={train.pipeline_microbatches} = {pipelined} rows per "
+        f"pipeline microbatch, not divisible by mesh data x fsdp = {ways}; use a batch multiple "
+        f"of {ways * train.microbatches * train.pipeline_microbatches} or fewer pipeline "
+        f"microbatches.")
   if micro % ways:
     raise ConfigError(
-        f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} = "
-        f"{micro} per microbatch, not divisible by mesh data x fsdp = {ways}; use a multiple of "
-        f"{ways * microbatches}.")
-  if global_batch_size % jax.process_count():
+        f"train.global_batch_size={size} / train.microbatches={train.microbatches} = {micro} per "
+        f"microbatch, not divisible by mesh data x fsdp = {ways}; use a multiple of "
+        f"{ways * train.microbatches}.")
+  _, groups = batch_group(mesh)
+  if size % groups:
     raise ConfigError(
-        f"train.global_batch_size={global_batch_size} is not divisible by the "
-        f"{jax.process_count()} processes; use a multiple of {jax.process_count()}.")
+        f"train.global_batch_size={size} is not divisible by the {groups} groups of processes "
+        f"that read different rows; use a multiple of {groups}.")
 
 
 def check_model(model: ModelConfig, mesh: Mesh) -> None:
@@ -151,16 +177,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's rows of a batch into global arrays sharded over data x fsdp."""
+  """Assembles the processes' blocks of rows of a batch (`local_rows`) into global arrays
+  sharded over data x fsdp."""
   sharding = batch_sharding(mesh)
-  return {name: jax.make_array_from_process_local_data(sharding, value)
+  _, groups = batch_group(mesh)
+  return {name: jax.make_array_from_process_local_data(
+              sharding, value, (value.shape[0] * groups,) + value.shape[1:])
           for name, value in local_batch.items()}
 
 
-def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def local_rows(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
   """This process's block of rows of a global batch (all rows in a one-process run), what
   `global_batch` takes."""
-  count, index = jax.process_count(), jax.process_index()
+  index, count = batch_group(mesh)
   size = next(iter(batch.values())).shape[0] // count
   return {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
 

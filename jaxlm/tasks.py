@@ -459,7 +459,7 @@ def _score_batches(config: Config, params: Any, batches, *, mesh, scorer, progre
   for key, batch in tqdm(batches, disable=not show, unit="batch", file=sys.stderr,
                          desc="scoring"):
     yield key, jax.device_get(
-        scorer(params, sharding.global_batch(sharding.local_rows(batch), mesh)))
+        scorer(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh)))
 
 
 def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,

@@ -284,8 +284,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   half, so XLA never computes the rest) and no optimizer state. Microbatching
   (`train.microbatches`), skipping non-finite steps and the shardings hold for every task.
   """
-  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh,
-                       config.train.pipeline_microbatches)
+  sharding.check_batch(config.train, mesh)
   sharding.check_model(config.model, mesh)
   # 'auto' attention is resolved for the mesh's devices (which may be a TPU topology planned
   # on a CPU host), not for the host's default backend.

@@ -52,8 +52,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.train.global_batch_size, config.train.microbatches, mesh,
-                       config.train.pipeline_microbatches)
+  sharding.check_batch(config.train, mesh)
   eval_tasks = tasks_lib.load_eval_tasks(config)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   if tokenizer.vocab_size != config.model.vocab_size:
@@ -98,13 +97,13 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
   """The pretraining task of a prepared run."""
   cfg, mesh = prepared.config, prepared.mesh
   eos_id = prepared.tokenizer.eos_id
+  group = sharding.batch_group(mesh)
   eval_batches = data_lib.eval_batches(prepared.eval_tokens, cfg, eos_id, cfg.train.eval_batches,
-                                       jax.process_index(), jax.process_count())
+                                       *group)
   byte_lengths = prepared.tokenizer.byte_lengths()
 
   def data():
-    dataset = data_lib.train_dataset(prepared.train_tokens, cfg, eos_id, jax.process_index(),
-                                     jax.process_count())
+    dataset = data_lib.train_dataset(prepared.train_tokens, cfg, eos_id, *group)
     return data_lib.train_iterator(dataset)
 
   evaluate_tasks = tasks_lib.in_training_evaluator(cfg, prepared.tokenizer, prepared.eval_tasks,

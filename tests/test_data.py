@@ -68,7 +68,7 @@ def test_every_window_once_per_epoch_then_reshuffled():
 def test_processes_split_each_global_batch():
   config = make_config()
   whole = take(data.train_dataset(TOKENS, config, eos_id=3), 3)
-  halves = [take(data.train_dataset(TOKENS, config, 3, process_index=p, process_count=2), 3)
+  halves = [take(data.train_dataset(TOKENS, config, 3, group=p, groups=2), 3)
             for p in range(2)]
   for step in range(3):
     assert halves[0][step]["inputs"].shape[0] == 2

@@ -13,6 +13,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 from tests.test_pretrain import REPO, losses, overrides, tiny_values
 
 
@@ -30,12 +31,14 @@ def launch(workdir, values, num_processes, devices_per_process):
 
 
 def launch_script(module, script_args, num_processes, devices_per_process):
-  """Starts `python -m module` as `num_processes` processes of one job on 127.0.0.1."""
+  """Starts `python -m module` as `num_processes` processes of one job on 127.0.0.1 (compiling
+  at -O0: the jobs run a few steps)."""
   port = free_port()
   processes = []
   for index in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+                         f"{FAST_COMPILE_XLA_FLAGS}")
     args = [sys.executable, "-m", module, *script_args]
     if num_processes > 1:
       args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
@@ -65,38 +68,46 @@ def values(shared_data_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_their_checkpoint_moves(tmp_path, values):
-  """Also a spike rollback decided by both processes together: a learning rate of 1.0 makes
-  step 2's loss ~5x step 1's (far from the threshold 2x, in both runs alike), the run rolls
-  back to its start, and goes on at 1e-3 x that rate."""
+def test_pipeline_stages_across_four_processes_equal_one_and_their_checkpoint_moves(tmp_path,
+                                                                                    values):
+  """4 processes x 2 devices as stage 2 x fsdp 2 x tensor 2: each process holds half of one
+  stage (the pipeline's activations, FSDP's gathers and the gradients cross processes), and
+  processes 0 and 2 (stage 0 and 1) read the same rows, as do 1 and 3. Equal to one process on
+  8 devices (data 8), through a spike rollback decided by all processes together: a learning
+  rate of 1.0 makes step 2's loss ~5x step 1's (far from the threshold 2x, in both runs
+  alike), the run rolls back to its start, and goes on at 1e-3 x that rate."""
   values = dict(values, optim=dict(values["optim"], learning_rate=1.0, schedule="constant",
                                    warmup_steps=0),
+                model=dict(values["model"], scan_layers=True),
                 train=dict(values["train"], spike_action="rollback", spike_window=1,
                            rollback_lr_factor=1e-3, rollback_lr_steps=100))
-  two = tmp_path / "two"
-  wait(launch(two, values, num_processes=2, devices_per_process=4))
+  staged = tmp_path / "staged"
+  stderr = wait(launch(staged, dict(values, mesh={"stage": 2, "data": 1, "fsdp": 2, "tensor": 2}),
+                       num_processes=4, devices_per_process=2))[0]
+  assert "pipeline: 2 stages x 4 microbatches" in stderr
   one = tmp_path / "one"
   wait(launch(one, values, num_processes=1, devices_per_process=8))
-  got, want = losses(two), losses(one)
+  got, want = losses(staged), losses(one)
   assert sorted(got) == list(range(1, 11))
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-5), step
-  assert losses(two, "eval_loss")[10] == pytest.approx(losses(one, "eval_loss")[10], rel=1e-5)
-  for run in (one, two):
+  for key in ("eval_loss", "eval_bits_per_byte"):  # bytes counted once per group of processes
+    assert losses(staged, key)[10] == pytest.approx(losses(one, key)[10], rel=1e-5), key
+  for run in (one, staged):
     [rollback] = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("rollback")]
     assert (rollback["step"], rollback["spike_step"]) == (0, 2)
 
-  # The checkpoint written by two processes (2 x 4 devices) restores in one process on one
-  # device: every array is read back from its shards and resharded.
-  longer = dict(values, train=dict(values["train"], num_steps=12))
-  for devices in (1,):
-    copy = tmp_path / f"restored{devices}"
-    shutil.copytree(two, copy)
-    stderr = wait(launch(copy, longer, num_processes=1, devices_per_process=devices))[0]
-    assert f"resumed from {copy / 'checkpoints'}/10" in stderr
-    resumed = losses(copy)
-    assert sorted(resumed) == list(range(1, 13))
-    assert resumed[12] < resumed[1]
+  # The checkpoint written by four processes (the layers sharded over stages) restores in one
+  # process on one device: every array is read back from its shards and resharded.
+  copy = tmp_path / "restored"
+  shutil.copytree(staged, copy)
+  longer = dict(values, train=dict(values["train"], num_steps=12),
+                mesh={"stage": 1, "data": -1, "fsdp": 1, "tensor": 1})  # (the run's is stored)
+  stderr = wait(launch(copy, longer, num_processes=1, devices_per_process=1))[0]
+  assert f"resumed from {copy / 'checkpoints'}/10" in stderr
+  resumed = losses(copy)
+  assert sorted(resumed) == list(range(1, 13))
+  assert resumed[12] < resumed[1]
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def test_a_checkpoint_moves_between_stage_counts(two_stages, tiny_lm_run, tmp_pa
   assert restored["layers"]["mlp"]["fc"]["kernel"].sharding.spec[0] == "stage"
 
 
-def test_pipeline_errors_found_with_the_mesh(monkeypatch):
+def test_pipeline_errors_found_with_the_mesh():
   config = tiny_config({"stage": 2, "data": 4}, train={"pipeline_microbatches": 8})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
   with pytest.raises(ConfigError, match=r"2 rows per pipeline microbatch, not divisible by mesh "
@@ -131,9 +131,19 @@ def test_pipeline_errors_found_with_the_mesh(monkeypatch):
     train.make_steps(config, mesh)
   with pytest.raises(ConfigError, match="the mesh has 2 pipeline stages but mesh.stage=1"):
     train.make_steps(tiny_config(), mesh)
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ConfigError, match="mesh.stage=2 with 2 processes"):
-    sharding.check_batch(16, 1, mesh, 4)
+  with pytest.raises(ConfigError, match="2 rows per pipeline microbatch"):
+    sharding.check_batch(config.train, mesh)
+
+
+def test_processes_holding_the_same_rows_read_the_same_rows():
+  """4 processes x 2 devices as stage 2 x data 4: processes 0 and 2 (stage 0 and 1) hold data
+  blocks 0-1, processes 1 and 3 blocks 2-3: two groups of two."""
+  holders = [(device // 2, (device % 4)) for device in range(8)]
+  assert sharding.row_groups(holders, {}) == {0: (0, 2), 1: (1, 2), 2: (0, 2), 3: (1, 2)}
+  # Data parallelism across processes alone: every process is its own group.
+  assert sharding.row_groups([(d // 4, d) for d in range(8)], {}) == {0: (0, 2), 1: (1, 2)}
+  with pytest.raises(ConfigError, match="overlapping or unequal shares of the batch rows"):
+    sharding.row_groups([(0, 0), (0, 1), (1, 1), (1, 2)], {"data": 3})
 
 
 def test_dropout_runs_through_the_pipeline(one_device):
