@@ -80,7 +80,8 @@ def test_pipeline_stages_across_four_processes_equal_one_and_their_checkpoint_mo
                                    warmup_steps=0),
                 model=dict(values["model"], scan_layers=True),
                 train=dict(values["train"], spike_action="rollback", spike_window=1,
-                           rollback_lr_factor=1e-3, rollback_lr_steps=100))
+                           rollback_lr_factor=1e-3, rollback_lr_steps=100,
+                           sample_every=10, sample_temperature=0.0))  # greedy samples at 10
   staged = tmp_path / "staged"
   stderr = wait(launch(staged, dict(values, mesh={"stage": 2, "data": 1, "fsdp": 2, "tensor": 2}),
                        num_processes=4, devices_per_process=2))[0]
@@ -93,6 +94,12 @@ def test_pipeline_stages_across_four_processes_equal_one_and_their_checkpoint_mo
     assert got[step] == pytest.approx(want[step], rel=1e-5), step
   for key in ("eval_loss", "eval_bits_per_byte"):  # bytes counted once per group of processes
     assert losses(staged, key)[10] == pytest.approx(losses(one, key)[10], rel=1e-5), key
+  # Decoding runs unpipelined on the stage-sharded params (every process takes part): the same
+  # greedy continuations.
+  samples = [[json.loads(line)["text"] for line in open(run / "samples.jsonl")]
+             for run in (staged, one)]
+  assert samples[0] == samples[1]
+  assert len(samples[0]) == len(config_lib.TrainConfig.sample_prompts)
   for run in (one, staged):
     [rollback] = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("rollback")]
     assert (rollback["step"], rollback["spike_step"]) == (0, 2)

@@ -46,7 +46,7 @@ def overrides(values):
 
 
 def run_cli(args, timeout=600, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # (conftest: one device, -O0)
   return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
