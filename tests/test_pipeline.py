@@ -58,14 +58,16 @@ def two_stages():
 @pytest.mark.parametrize("mesh", [{"stage": 2, "data": 4}, {"stage": 4, "data": 2},
                                   {"stage": 2, "fsdp": 2, "tensor": 2}])
 def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
-  """The last mesh also accumulates gradients over 2 microbatches (each in 2 pipeline
-  microbatches) with full remat: the same losses still."""
+  """Each remat policy on one mesh (none; dots_with_no_batch_dims_saveable on stage 4; full on
+  the last, which also accumulates gradients over 2 microbatches, each in 2 pipeline
+  microbatches): the same losses still."""
   reference_state, reference_losses = one_device
   if mesh == {"stage": 2, "data": 4}:
     state, losses = two_stages
   else:
     extra = ({"train": {"microbatches": 2, "pipeline_microbatches": 2},
-              "model": {"remat_policy": "full"}} if "tensor" in mesh else {})
+              "model": {"remat_policy": "full"}} if "tensor" in mesh
+             else {"model": {"remat_policy": "dots_with_no_batch_dims_saveable"}})
     state, losses = run_steps(tiny_config(mesh, **extra), 3, jax.devices()[:8])
   np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):
