@@ -64,6 +64,17 @@ def shared_data_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(shared_data_dir):
+  """The test processes (both xdist workers) share the persistent compilation cache of the
+  scripts' shared data dir, and cache every program, however fast it compiled: the tests build
+  the same small steps again and again from new functions, which jit's in-memory cache misses.
+  Set before this process compiles anything (JAX decides once per process whether to use it)."""
+  jax.config.update("jax_compilation_cache_dir", str(shared_data_dir / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 TINY_MODEL = {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
               "vocab_size": 512, "max_seq_len": 64}
 
