@@ -69,7 +69,7 @@ def compilation_cache(shared_data_dir):
   """The test processes (both xdist workers) share the persistent compilation cache of the
   scripts' shared data dir, and cache every program, however fast it compiled: the tests build
   the same small steps again and again from new functions, which jit's in-memory cache misses.
-  Set before this process compiles anything (JAX decides once per process whether to use it)."""
+  (Set at the session start, before the tests compile.)"""
   jax.config.update("jax_compilation_cache_dir", str(shared_data_dir / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
