@@ -13,7 +13,8 @@ FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (_USER_XLA_FLAGS + " --xla_force_host_platform_device_count=8 "
                            + FAST_COMPILE_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, REPO)
 
 
 # pylint: disable=wrong-import-position  (the device flags above come first)

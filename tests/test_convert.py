@@ -24,11 +24,11 @@ from jaxlm import generate as generate_lib
 from jaxlm import run as run_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.model import Transformer
+from tests.conftest import REPO
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
 # Multilingual text, emoji, whitespace runs, control characters and the end-of-text marker.
 TRICKY = ("Grüße aus Zürich! Ça va? 東京は晴れ、서울은 비. Привет, мир. مرحبا 🤖🎉👍🏽\n\n"

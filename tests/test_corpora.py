@@ -17,8 +17,7 @@ import tensorflow_datasets as tfds
 
 from jaxlm import corpora
 from jaxlm.config import DataConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def _unit(identity: str) -> float:

@@ -17,7 +17,8 @@ from jaxlm import config as config_lib
 from jaxlm import loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import trainer
-from tests.test_pretrain import REPO, losses, overrides, tiny_values
+from tests.conftest import REPO
+from tests.test_pretrain import losses, overrides, tiny_values
 
 
 @pytest.mark.slow

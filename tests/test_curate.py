@@ -15,8 +15,8 @@ from experiments import messy_corpus
 from jaxlm import corpora
 from jaxlm.config import ConfigError
 from jaxlm.curate import beam, dedup, inputs, local, rules, settings, throughput
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSE = ("The library opens at nine in the morning and closes at six in the evening. Visitors "
          "may borrow up to five books at a time, and each loan lasts three weeks. Children "
          "under twelve need a card signed by a parent. The reading room on the second floor is "

@@ -25,9 +25,8 @@ from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.model import Transformer, count_params
-from tests.conftest import USER_XLA_FLAGS
+from tests.conftest import REPO, USER_XLA_FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADJECTIVES = ["red", "big", "small", "green", "old", "new", "quiet", "bright", "dark", "happy"]
 NOUNS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "road", "car", "book", "lamp",
          "chair", "garden", "window", "door", "city"]

@@ -24,9 +24,8 @@ from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
-from tests.conftest import random_params
+from tests.conftest import REPO, random_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GPT2 = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=64,
                    max_seq_len=80, positional="learned", norm="layernorm", mlp="gelu",

@@ -18,8 +18,8 @@ from jaxlm import harness  # noqa: E402
 from jaxlm import tasks  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["import", "def", "return", "class", "self", "value", "print", "list", "open", "file"]
 
 # A local jsonl file as an lm-eval dataset (Hugging Face datasets' json loader, offline).

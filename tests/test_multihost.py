@@ -13,8 +13,8 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
-from tests.conftest import FAST_COMPILE_XLA_FLAGS
-from tests.test_pretrain import REPO, losses, overrides, tiny_values
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.test_pretrain import losses, overrides, tiny_values
 
 
 def free_port() -> int:

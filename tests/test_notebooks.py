@@ -6,11 +6,11 @@ import os
 import time
 
 import pytest
+from tests.conftest import REPO
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "experiments", "notebooks")
 NAMES = ["quickstart.ipynb", "from_scratch.ipynb"]
 # The CPU branch's training lengths, shortened for the test (every cell still runs, and the

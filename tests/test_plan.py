@@ -12,9 +12,8 @@ from experiments import plan as plan_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import sharding
-from tests.conftest import FAST_COMPILE_XLA_FLAGS
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 64, "mlp_dim": 256,
                   "vocab_size": 1024, "max_seq_len": 32},
         "data": {"seq_len": 32, "stride": 32},

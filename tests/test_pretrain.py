@@ -16,8 +16,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def tiny_values(data_dir, **sections):

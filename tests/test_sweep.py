@@ -15,9 +15,8 @@ import time
 import pytest
 
 from jaxlm import sweep
-from tests.conftest import FAST_COMPILE_XLA_FLAGS
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = {"positional": 4, "norm_mlp": 2, "tying": 2, "depth_width": 4}
 
 

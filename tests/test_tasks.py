@@ -16,8 +16,7 @@ from jaxlm import data as data_lib
 from jaxlm import run as run_lib
 from jaxlm import sharding, tasks, trainer
 from jaxlm.model import Transformer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def write(path, lines):
