@@ -329,7 +329,20 @@ def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Co
   values["optim"]["learning_rate"] = LEARNING_RATE_TIMES_WIDTH / init.model.embed_dim
   values["finetune"] = dict(config_lib.to_dict(config_lib.Config())["finetune"], task=task)
   values["model"].update(scan_layers=False, num_classes=0, lora_rank=0)
-  return config_lib.validate(config_lib.apply_overrides(values, overrides))
+  # Fine-tuning addresses blocks by index (trainable last_n_blocks, adapters per block), so it
+  # runs unscanned and without pipeline stages: a staged init run's stage devices join its data
+  # axis (unless another axis already takes the rest).
+  if values["mesh"]["stage"] != 1:
+    values["mesh"]["stage"] = 1
+    if -1 not in values["mesh"].values():
+      values["mesh"]["data"] = -1
+  config = config_lib.from_dict(config_lib.apply_overrides(values, overrides))
+  if config.model.scan_layers or config.mesh.stage != 1:
+    raise FinetuneError(f"fine-tuning runs with unscanned layers and without pipeline stages "
+                        f"(it addresses blocks by index); drop --config.model.scan_layers and "
+                        f"--config.mesh.stage (got scan_layers={config.model.scan_layers}, "
+                        f"stage={config.mesh.stage}).")
+  return config_lib.validate(config)
 
 
 def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:

@@ -128,6 +128,22 @@ def test_finetune_config_takes_every_key_seed_included(tiny_lm_run):
     finetune.finetune_config(init, "classifier", {"train.epochs": 3})
 
 
+def test_a_run_trained_in_pipeline_stages_fine_tunes_without_them(tiny_lm_run):
+  """Fine-tuning addresses blocks by index: a scanned, staged init run's stage devices join
+  the data axis; asking for stages or scanning is refused in one line."""
+  init = config_lib.replace(run_lib.open_run(tiny_lm_run).config, model={"scan_layers": True},
+                            mesh={"stage": 2, "data": 1, "fsdp": -1})
+  config = finetune.finetune_config(init, "instruct", {})
+  assert not config.model.scan_layers
+  assert (config.mesh.stage, config.mesh.data, config.mesh.fsdp) == (1, 1, -1)
+  init = config_lib.replace(init, mesh={"data": 2, "fsdp": 1})
+  assert finetune.finetune_config(init, "instruct", {}).mesh.data == -1
+  for key in ("mesh.stage", "model.scan_layers"):
+    with pytest.raises(finetune.FinetuneError, match=r"^fine-tuning runs with unscanned layers "
+                       r"and without pipeline stages .*drop --config.model.scan_layers"):
+      finetune.finetune_config(init, "instruct", {key: 2 if key == "mesh.stage" else True})
+
+
 def test_a_model_unlike_the_init_run_is_refused_before_anything_is_written(tiny_lm_run,
                                                                              tmp_path):
   data = keyword_csv(tmp_path / "data.csv", count=20)
