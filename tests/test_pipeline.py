@@ -74,6 +74,15 @@ def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)  # Adam normalizes ~1e-7 gradient noise
 
 
+@pytest.mark.parametrize("policy", ["dots_saveable", "save_attention_out", "minimal"])
+def test_the_other_remat_policies_train_the_same_through_the_pipeline(one_device, policy):
+  """Step 2's loss depends on step 1's gradients, which each policy recomputes differently."""
+  _, reference_losses = one_device
+  _, losses = run_steps(tiny_config({"stage": 2, "data": 4}, model={"remat_policy": policy}),
+                        2, jax.devices()[:8])
+  np.testing.assert_allclose(losses, reference_losses[:2], rtol=1e-5)
+
+
 def test_layers_live_on_their_stage_only():
   config = tiny_config({"stage": 4, "data": 2})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
