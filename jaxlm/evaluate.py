@@ -31,9 +31,8 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   local_bytes = np.float64(sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"]))
                                for b in batches))
   if jax.process_count() > 1:  # each group of processes reading the same rows counts them once
-    _, groups = sharding.batch_group(mesh)
-    num_bytes = float(np.sum(multihost_utils.process_allgather(local_bytes))) * groups / \
-        jax.process_count()
+    share = local_bytes / sharding.processes_in_group(mesh)
+    num_bytes = float(np.sum(multihost_utils.process_allgather(share)))
   else:
     num_bytes = float(local_bytes)
   sums = jax.device_get(results)

@@ -91,6 +91,12 @@ def batch_group(mesh: Mesh) -> tuple[int, int]:
   return _batch_groups(mesh)[jax.process_index()]
 
 
+def processes_in_group(mesh: Mesh) -> int:
+  """How many processes (this one included) read the same rows as this process."""
+  groups = _batch_groups(mesh)
+  return sum(1 for group, _ in groups.values() if group == groups[jax.process_index()][0])
+
+
 @functools.lru_cache(maxsize=None)
 def _batch_groups(mesh: Mesh) -> dict[int, tuple[int, int]]:
   shards = batch_sharding(mesh).devices_indices_map((data_parallel_size(mesh),))
