@@ -663,9 +663,7 @@ def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 def _class_probabilities(model: Transformer, params: Any, batch: dict, rng: Any = None
                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss-function-shaped (see train.LossFn): the softmax of the class logits at each row's
-  last real token, "probabilities" [batch, classes]."""
-  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"])
-  last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
-  return jnp.zeros(()), {"probabilities": jax.nn.softmax(last, axis=-1)}
+  """Loss-function-shaped (see train.LossFn): "probabilities" [batch, classes], the softmax of
+  the class logits at each row's last real token."""
+  probabilities = jax.nn.softmax(train_lib.class_logits(model, params, batch), axis=-1)
+  return jnp.zeros(()), {"probabilities": probabilities}

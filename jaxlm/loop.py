@@ -44,6 +44,7 @@ from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError
+from jaxlm.model import count_params
 
 
 class TrainingDiverged(UserError):
@@ -126,21 +127,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass
 class _Bookkeeping:
   """What the loop must carry across a restart besides state and data: saved with every
   checkpoint (in its JSON `data` item) so that a resumed run continues exactly."""
+  best: dict[str, Any] | None = None   # {"step", "rank", "results"}
+  tokens_seen: int = 0
+  rollbacks: int = 0                   # spike rollbacks so far
+  batches: int = 0                     # batches drawn from the train data: steps + skipped ones
 
-  def __init__(self, saved: Mapping[str, Any] | None = None, step: int = 0):
-    saved = saved or {}
-    self.best: dict[str, Any] | None = saved.get("best")   # {"step", "rank", "results"}
-    self.tokens_seen: int = int(saved.get("tokens_seen", 0))
-    self.rollbacks: int = int(saved.get("rollbacks", 0))   # spike rollbacks so far
-    # Batches drawn from the train data: `step` plus those a rollback skipped.
-    self.batches: int = int(saved.get("batches", step))
-
-  def to_json(self) -> dict[str, Any]:
-    return {"best": self.best, "tokens_seen": self.tokens_seen, "rollbacks": self.rollbacks,
-            "batches": self.batches}
+  @classmethod
+  def restored(cls, saved: Mapping[str, Any] | None, step: int) -> "_Bookkeeping":
+    """From a checkpoint's record (written without `batches` before rollbacks existed)."""
+    return cls(**{"batches": step, **(saved or {})})
 
 
 class _Rollback(Exception):
@@ -179,14 +178,14 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     start, state, data_state = resumed
     data_state = _loop_data(data_state)
     iterator.set_state(data_state["iterator"])
-    book = _Bookkeeping(data_state.get("loop"), start)
+    book = _Bookkeeping.restored(data_state.get("loop"), start)
     log(f"resumed from {checkpointer.directory}/{start}")
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   samples_path = os.path.join(workdir, "samples.jsonl")
   if lead:  # a resumed run logs the steps after its checkpoint again
     metrics_lib.truncate_after(writer.path, start)
     metrics_lib.truncate_after(samples_path, start)
-  num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+  num_params = count_params(state.params)
   peak = metrics_lib.peak_flops(cfg.model.dtype, cfg.data.data_dir)
   stages = mesh.shape["stage"]
   pipelined = (f"; pipeline: {stages} stages x {cfg.train.pipeline_microbatches} microbatches, "
@@ -206,7 +205,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
 
   def save(step: int, data_state) -> None:
-    checkpointer.save(step, state, {"iterator": data_state, "loop": book.to_json()},
+    checkpointer.save(step, state, {"iterator": data_state, "loop": dataclasses.asdict(book)},
                       config_lib.to_dict(cfg), task.tokenizer)
     if task.rank is not None:  # keep only the best and this one
       checkpointer.wait()
@@ -273,7 +272,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
       checkpointer.discard([s for s in saved if s > to_step])
     if to_step:
       restored, restored_data, _ = checkpointer.restore(to_step, task.steps.abstract_state)
-      restored_book = _Bookkeeping(_loop_data(restored_data).get("loop"), to_step)
+      restored_book = _Bookkeeping.restored(_loop_data(restored_data).get("loop"), to_step)
     else:
       restored, restored_book = task.init_state(), _Bookkeeping()
     restored_book.rollbacks = book.rollbacks + 1

@@ -1,4 +1,4 @@
-"""LoRA adapter utilities: split off, merge into the kernels, save and load.
+"""LoRA adapter utilities: merge into the kernels, save.
 
 The model itself holds the adapters (`Dense._lora` in model.py): with `model.lora_rank > 0`
 every Dense named in `model.lora_targets` has, beside its kernel [*in, *out],
@@ -13,10 +13,10 @@ dicts of arrays (unboxed), and a param's path is its tuple of keys, e.g.
 adapter files.
 
 Fine-tuning creates the adapters (the model's own init) and trains only them (see
-`finetune.trainable_filter`). Adapter files (`adapters.safetensors` of a LoRA run) are
+`finetune.trainable_filter`). Adapter files (`adapters.safetensors` of a LoRA run) are plain
 safetensors (never pickles) holding only lora_a/lora_b under their '/'-joined paths, with the
-rank, alpha, dropout and targets in the metadata (JSON strings); `load_adapters` reads them
-back for other tools.
+format ('jaxlm-lora'), rank, alpha, dropout, targets and scan_layers in the metadata (JSON
+strings): `safetensors.safe_open(path, 'numpy')` reads them anywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from jaxlm import files
@@ -44,7 +43,7 @@ Params = params_lib.Params
 Path = params_lib.Path
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
-# Written into every adapter file: load_adapters refuses safetensors files without it.
+# Written into every adapter file's metadata: what the file is.
 FORMAT = "jaxlm-lora"
 
 
@@ -64,12 +63,6 @@ def is_adapter_path(path: tuple[str, ...] | str) -> bool:
 
 def _name(path: Path) -> str:
   return "/".join(path)
-
-
-def split(params: Mapping[str, Any]) -> tuple[Params, Params]:
-  """(adapters, base): nested dicts holding the lora_a/lora_b leaves and all other leaves;
-  `jaxlm.params.combine` joins them again."""
-  return params_lib.partition(params, is_adapter_path)
 
 
 # -- Merging adapters into the kernels ----------------------------------------------------------
@@ -167,37 +160,3 @@ def save_adapters(path: str, config: ModelConfig, params: Mapping[str, Any]) -> 
              for name, value in adapters.items()}
   if jax.process_index() == 0:
     files.write_bytes(path, save(tensors, metadata=metadata))
-
-
-def load_adapters(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """({'/'-joined path: array}, metadata) from a file written by `save_adapters`.
-
-  metadata: rank (int), alpha (float), dropout (float), targets (tuple of str), scan_layers
-  (bool), format.
-  """
-  try:
-    with safe_open(path, framework="numpy") as f:
-      raw = dict(f.metadata() or {})
-      tensors = {name: f.get_tensor(name) for name in f.keys()}
-  except FileNotFoundError:
-    raise LoraError(f"adapter file {path} does not exist; pass the adapters.safetensors of a "
-                    f"LoRA run.") from None
-  except SafetensorError as e:
-    raise LoraError(f"adapter file {path} is not a safetensors file ({e}).") from None
-  if raw.get("format") != FORMAT:
-    raise LoraError(f"{path} has no '{FORMAT}' format metadata; pass a file written by "
-                    f"lora.save_adapters.")
-  try:
-    metadata = {key: json.loads(value) for key, value in raw.items() if key != "format"}
-    metadata = {"format": FORMAT, "rank": int(metadata["rank"]),
-                "alpha": float(metadata["alpha"]), "dropout": float(metadata["dropout"]),
-                "targets": tuple(metadata["targets"]),
-                "scan_layers": bool(metadata.get("scan_layers", False))}
-  except (KeyError, TypeError, ValueError) as e:
-    raise LoraError(f"{path}: bad adapter metadata ({e!r}); pass a file written by "
-                    f"lora.save_adapters.") from None
-  others = sorted(name for name in tensors if not is_adapter_path(name))
-  if others:
-    raise LoraError(f"{path} holds {others[0]}, not an adapter; adapter files hold only "
-                    f"lora_a/lora_b.")
-  return tensors, metadata

@@ -107,14 +107,20 @@ def lm_loss(z_loss: float = 0.0, chunk_size: int = 0, document_mask: bool = True
   return loss
 
 
+def class_logits(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None = None
+                 ) -> jax.Array:
+  """The class logits [batch, classes] at each row's last real token (batch["last_index"])."""
+  logits = _apply(model, params, batch, rng)                          # [batch, length, classes]
+  return jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+
+
 def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None
                     ) -> tuple[jax.Array, Metrics]:
   """Cross-entropy of the class logits read at each row's last real token (batch["last_index"]
   [batch]) against batch["labels"] [batch], rows weighted by batch["row_weight"] (0: padding).
   sums: loss_sum, weight_sum, correct (weighted count of right predictions)."""
-  logits = _apply(model, params, batch, rng)                          # [batch, length, classes]
-  last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
-  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))            # [batch, classes]
+  last = class_logits(model, params, batch, rng)                      # [batch, classes]
+  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))
   nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
   weight = batch["row_weight"]
   correct = (jnp.argmax(last, axis=-1) == batch["labels"]).astype(jnp.float32)
@@ -250,11 +256,28 @@ def abstract_params(model_config: ModelConfig, mesh: Mesh) -> Any:
   def init(rng: jax.Array) -> Any:
     return model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
 
+  return _abstract(init, mesh)[0]
+
+
+def _abstract(init: Callable[[jax.Array], Any], mesh: Mesh) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs with shardings, the shardings) of what `init` (rng -> boxed tree)
+  returns, from shapes alone. The key is abstract too (not jax.random.PRNGKey(0), a concrete
+  array), so this also works for devices this process cannot run on (a TPU topology planned on
+  a CPU machine, see experiments/plan.py)."""
   with jax.set_mesh(mesh), sharding.axis_rules():
     boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
   shardings = sharding.state_shardings(boxed, mesh)
   return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
+                      nn.unbox(boxed), shardings), shardings
+
+
+def _under_rules(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` traced and run under `mesh` and the logical-axis rules."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      return fn(*args)
+  return wrapped
 
 
 def make_eval_step(model_config: ModelConfig, mesh: Mesh, loss: LossFn
@@ -264,15 +287,9 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, loss: LossFn
   model = Transformer(model_config)
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding,
                                  abstract_params(model_config, mesh))
-  step = jax.jit(lambda params, batch: loss(model, params, batch, None)[1],
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-  @functools.wraps(step)
-  def under_mesh(params: Any, batch: DeviceBatch) -> Metrics:
-    with jax.set_mesh(mesh), sharding.axis_rules():
-      return step(params, batch)
-  return under_mesh
+  return _under_rules(jax.jit(lambda params, batch: loss(model, params, batch, None)[1],
+                             in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                             out_shardings=sharding.replicated(mesh)), mesh)
 
 
 def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
@@ -324,15 +341,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     state = nn.unbox(init_boxed(init_rng))
     return state.replace(rng=state_rng)
 
-  # An abstract key (not jax.random.PRNGKey(0), which is a concrete array): everything here
-  # stays abstract, so the step also compiles for devices this process cannot run on (a TPU
-  # topology planned on a CPU machine, see experiments/plan.py).
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    abstract_boxed = jax.eval_shape(init_boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  state_shardings = sharding.state_shardings(abstract_boxed, mesh)
-  abstract_state = jax.tree.map(
-      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-      nn.unbox(abstract_boxed), state_shardings)
+  abstract_state, state_shardings = _abstract(init_boxed, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   # Microbatch m takes rows m, m+M, m+2M, ...: each device keeps its own rows (no reshuffling
@@ -403,23 +412,16 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
                                             diagnose, lambda: zeros)
     return new_state, metrics
 
-  def with_rules(fn):
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.set_mesh(mesh), sharding.axis_rules():
-        return fn(*args)
-    return wrapped
-
   # One sharding for the whole batch dict: every key (whatever the task's) splits its rows.
   train_jit = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
   init_from = jax.jit(lambda params, rng: new_state(params, rng),
                       in_shardings=(state_shardings.params, replicated),
                       out_shardings=state_shardings, donate_argnums=0)
+  init_jit = jax.jit(init, in_shardings=replicated, out_shardings=state_shardings)
   return Steps(
-      init=with_rules(jax.jit(init, in_shardings=replicated, out_shardings=state_shardings)),
-      init_from=with_rules(init_from),
-      train=with_rules(train_jit),
+      init=_under_rules(init_jit, mesh),
+      init_from=_under_rules(init_from, mesh), train=_under_rules(train_jit, mesh),
       eval=make_eval_step(config.model, mesh, loss),
       split=split, state_shardings=state_shardings, abstract_state=abstract_state, mesh=mesh,
       train_jit=train_jit)
