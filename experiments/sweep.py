@@ -37,6 +37,10 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "only (re)write report.md and curves.png from the runs.")
 _RUN = flags.DEFINE_string("run", None, "internal: train one run POINT/seed_S of the saved "
                            "plan in this process (what the sweep's worker processes do).")
+_CHECK_INPUTS = flags.DEFINE_bool(
+    "check_inputs", False, "internal: check every unfinished run's inputs and build the shared "
+    "caches, then exit (the sweep runs this in its own process, which frees the accelerators "
+    "before the runs start).")
 
 
 def _plan(workdir: str) -> sweep_lib.Plan:
@@ -74,11 +78,18 @@ def main(argv: list[str]) -> None:
     _train_one(workdir, _RUN.value)
     return
   plan = _plan(workdir)
+  if _CHECK_INPUTS.value:
+    sweep_lib.prepare_inputs(plan, workdir, common.log)
+    return
   if not _REPORT_ONLY.value:
+    this = [sys.executable, "-m", "experiments.sweep", f"--workdir={workdir}"]
+
     def command(run: sweep_lib.Cell) -> list[str]:
-      return [sys.executable, "-m", "experiments.sweep", f"--workdir={workdir}",
-              f"--run={run.name}"]
-    statuses = sweep_lib.execute(plan, workdir, command, parallel=_PARALLEL.value, log=common.log)
+      return this + [f"--run={run.name}"]
+    # This process never touches a device: the runs need them (see sweep_lib.execute).
+    check = this + [f"--sweep={_SWEEP.value}"] * bool(_SWEEP.value) + ["--check_inputs"]
+    statuses = sweep_lib.execute(plan, workdir, command, check_command=check,
+                                 parallel=_PARALLEL.value, log=common.log)
   else:
     if not os.path.isdir(workdir):
       raise sweep_lib.SweepError(f"--workdir={workdir} does not exist: nothing to report on; "

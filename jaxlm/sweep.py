@@ -280,11 +280,31 @@ class _Active:
   log: Any
 
 
+def check_in_process(command: Sequence[str], log: Callable[[str], None]) -> None:
+  """Runs `command`, a process that checks the inputs (`prepare_inputs`) and exits, passing its
+  log lines on; SweepError with its `error:` line if it fails."""
+  result = subprocess.run(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", check=False)
+  lines = [line for line in result.stdout.splitlines() if line.strip()]
+  for line in lines:
+    if not line.startswith("error:"):
+      log(line)
+  if result.returncode:
+    errors = [line for line in lines if line.startswith("error:")]
+    raise SweepError((errors or lines or ["the input check failed without output"])[-1]
+                     .removeprefix("error: "))
+
+
 def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], *,
-            parallel: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+            check_command: Sequence[str] | None = None, parallel: int = 1,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs every unfinished run of `plan` as `command(run)` (a worker process that trains
   `run_dir(workdir, run)`), at most `parallel` at a time. Returns the statuses by run name.
 
+  check_command: a process that runs `prepare_inputs` and exits (None: this process runs it).
+  The checks build the mesh and compile a step, which claims the accelerators: in a process of
+  their own they free them before the workers start, while this one never touches a device (a
+  TPU opens in one process at a time; a GPU process preallocates most of the memory).
   SIGTERM or Ctrl-C stops launching, asks the workers to checkpoint and exit (SIGTERM), waits
   for them and returns: rerunning resumes.
   """
@@ -305,7 +325,10 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
   skipped = len(plan.runs) - len(pending)
   if skipped:
     log(f"{skipped} of {len(plan.runs)} runs already finished; skipping them.")
-  prepare_inputs(plan, workdir, log)
+  if check_command is None:
+    prepare_inputs(plan, workdir, log)
+  else:
+    check_in_process(check_command, log)
   os.makedirs(workdir, exist_ok=True)
   _save_state(workdir, plan, statuses, parallel)
 

@@ -26,10 +26,29 @@ def write_sweep(tmp_path, body: str, name: str = "s.py") -> str:
   return str(path)
 
 
-def run_sweep(args, timeout=900, **kwargs):
+# Runs the sweep CLI; the file argv[1] says whether its process initialized a JAX backend.
+BACKEND_PROBE = """
+import runpy, sys
+from jax._src import xla_bridge
+probe, sys.argv = sys.argv[1], ["experiments.sweep", *sys.argv[2:]]
+def initialized(backend):
+  with open(probe, "w") as f:
+    f.write(f"initialized {backend.platform}")
+with open(probe, "w") as f:
+  f.write("none")
+xla_bridge.register_backend_initialization_hook(initialized)
+runpy.run_module("experiments.sweep", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_sweep(args, backend_probe=None, **kwargs):
+  """The sweep CLI as a process; backend_probe: a file that gets whether its (parent) process
+  initialized a JAX backend."""
   # The runs are 8 steps: compile time dominates, so compile fast (tests/conftest.py).
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
-  return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *args], cwd=REPO, env=env,
+  command = (["-c", BACKEND_PROBE, str(backend_probe)] if backend_probe
+             else ["-m", "experiments.sweep"])
+  return subprocess.Popen([sys.executable, *command, *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -192,6 +211,18 @@ def report_rows(workdir) -> dict[str, list[str]]:
   return rows
 
 
+def test_cli_refuses_inputs_that_fail_their_check_before_writing_anything(tmp_path):
+  # The checks run in their own process; their error is the sweep's one line, exit 2.
+  path = tiny_sweep(tmp_path, tmp_path / "no_corpus", repr([{"name": "a"}]))
+  workdir = tmp_path / "sweep"
+  code, _, err = finish(run_sweep([f"--sweep={path}", f"--workdir={workdir}"]), 300)
+  assert code == 2, err
+  assert err.strip().splitlines()[-1].startswith("error: --config.data.files glob ")
+  assert "matched no files" in err and "Traceback" not in err
+  assert sum(line.startswith("error:") for line in err.splitlines()) == 1
+  assert not workdir.exists()
+
+
 @pytest.mark.slow
 def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path, corpus):
   points = [{"name": "learned", "model.positional": "learned"},
@@ -199,10 +230,15 @@ def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path,
             {"name": "diverges", "optim.learning_rate": 1e30}]
   path = tiny_sweep(tmp_path, corpus, repr(points))
   workdir = tmp_path / "sweep"
+  probe = tmp_path / "backend"
   code, out, err = finish(run_sweep([f"--sweep={path}", f"--workdir={workdir}",
-                                     "--parallel=2"]))
+                                     "--parallel=2"], backend_probe=probe))
   assert code == 1, err  # not every run finished
   assert "FAILED diverges/seed_0" in err and "training diverged" in err
+  # The input checks ran in a process of their own: the sweep itself held no device the runs
+  # needed (on a TPU host the runs could not open it; on a GPU they would lack memory).
+  assert "checking inputs of learned/seed_0" in err
+  assert probe.read_text() == "none"
 
   state = json.loads((workdir / "sweep.json").read_text())
   statuses = {name: s["status"] for name, s in state["runs"].items()}
