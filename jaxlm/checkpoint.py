@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -61,6 +62,11 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
   return {jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in value]
           for path, value in flat}
+
+
+# An OS error inside an Orbax/TensorStore message: "File too large [os_error_code='27']" or
+# "[Errno 28] No space left on device".
+_OS_ERROR = re.compile(r"[^:]+ \[os_error_code='?\d+'?\]|\[Errno \d+\] [^:'\"]+")
 
 
 class Checkpointer:
@@ -121,8 +127,9 @@ class Checkpointer:
     resume = f"checkpoint {committed[-1]}" if committed else "the start (no checkpoint was saved)"
     what = "a checkpoint" if step is None else f"checkpoint {step}"
     cause = " ".join(str(error).split())
-    if len(cause) > 300:  # Orbax/TensorStore put the OS error (no space, ...) at the end
-      cause = cause[:100] + " ... " + cause[-200:]
+    if len(cause) > 300:  # keep the OS error (no space, ...) wherever Orbax/TensorStore put it
+      os_error = _OS_ERROR.search(cause)
+      cause = cause[:100] + " ... " + (os_error.group(0).strip() if os_error else cause[-200:])
     return CheckpointError(
         f"saving {what} in {self.directory} failed ({type(error).__name__}: {cause}); free disk "
         f"space or make the directory writable, then rerun with the same --workdir: it resumes "

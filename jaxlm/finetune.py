@@ -419,6 +419,7 @@ class FinetuneInputs:
   max_length: int
   steps_per_epoch: int
   eval_tasks: list[tasks_lib.LoadedTask] = dataclasses.field(default_factory=list)
+  steps: train_lib.Steps | None = None   # built (and the largest step compiled) in `prepare`
 
   @property
   def tokenizer(self) -> Any:
@@ -491,7 +492,29 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
                             steps_per_epoch, eval_tasks)
   run_lib.check_resumable(workdir, config, prepared.source)
+  prepared.steps = _steps_that_fit(prepared)
   return prepared
+
+
+def _steps_that_fit(prepared: FinetuneInputs) -> train_lib.Steps:
+  """The run's steps, once the train step of its largest batch (global_batch_size rows as long
+  as the longest training example) has compiled from shapes and fits a device: DoesNotFit (one
+  line) otherwise, before anything is written. Other batch lengths compile when first used (a
+  compile of the same shape loads from the persistent compilation cache)."""
+  config, mesh, split = prepared.config, prepared.mesh, prepared.splits["train"]
+  if config.train.compilation_cache:
+    train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
+  steps = train_lib.make_steps(config, mesh, trainable=trainable_filter(config))
+  longest = max(range(len(split.ids)), key=lambda i: len(split.ids[i]))
+  row = make_batch(split, [longest], 1, prepared.max_length, prepared.tokenizer.pad_id,
+                   config.finetune.task)
+  largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
+                                       value.dtype, sharding=sharding.batch_sharding(mesh))
+             for key, value in row.items()}
+  compiled = steps.compile_train(steps.abstract_state, largest)
+  train_lib.check_fits(train_lib.step_bytes(compiled), train_lib.device_memory_bytes(mesh), config,
+                       f"finetune.max_length={prepared.max_length} (or the longest example)")
+  return steps
 
 
 def _check_shapes(base: ModelConfig, model: ModelConfig, mesh) -> None:
@@ -547,7 +570,7 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
   (classifier; ties go to the lower validation loss) or loss (instruct)."""
   config, mesh = prepared.config, prepared.mesh
   task_name, f = config.finetune.task, config.finetune
-  steps = train_lib.make_steps(config, mesh, trainable=trainable_filter(config))
+  steps = prepared.steps
   started = time.perf_counter()
 
   def init_state() -> train_lib.TrainState:  # (a resumed run restores its own checkpoint)

@@ -227,15 +227,17 @@ def device_memory_bytes(mesh: Mesh) -> tuple[int, str] | None:
   return int(stats["bytes_limit"]), f"{device.device_kind} memory"
 
 
-def check_fits(needed: int, available: tuple[int, str] | None, config: Config) -> None:
+def check_fits(needed: int, available: tuple[int, str] | None, config: Config,
+               length_knob: str = "") -> None:
   """DoesNotFit (one line: the bytes needed and available and the knobs that cut them) when a
-  step needing `needed` bytes per device cannot run in `available`."""
+  step needing `needed` bytes per device cannot run in `available`. length_knob: what sets
+  the sequence length (default data.seq_len)."""
   if available is None or needed <= available[0]:
     return
   gib = lambda n: f"{n / 2**30:.2f} GiB"
   knobs = [f"train.global_batch_size={config.train.global_batch_size} (or raise "
            f"train.microbatches={config.train.microbatches})",
-           f"data.seq_len={config.data.seq_len}"]
+           length_knob or f"data.seq_len={config.data.seq_len}"]
   if config.model.remat_policy != "full":
     knobs.append(f"model.remat_policy={config.model.remat_policy} -> full")
   if config.model.dtype == "float32":

@@ -13,6 +13,7 @@ from jaxlm import finetune
 from jaxlm import loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
+from jaxlm import train as train_lib
 from tests.test_multihost import launch_script
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa", "lambda"]
@@ -151,6 +152,17 @@ def test_a_model_unlike_the_init_run_is_refused_before_anything_is_written(tiny_
                               ("model.mlp_dim", 32, "has shape")]:
     with pytest.raises(finetune.FinetuneError, match=message):
       prepared_run(tiny_lm_run, tmp_path / "w", data, **{key: value})
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_finetuning_step_that_cannot_fit_is_refused_before_anything_is_written(tiny_lm_run,
+                                                                                   tmp_path):
+  # The largest batch's step compiles from shapes in `prepare` (~1 TB for 2**25 rows).
+  data = keyword_csv(tmp_path / "data.csv", count=20)
+  with pytest.raises(train_lib.DoesNotFit, match=r"GiB per device but only .*lower "
+                     r"train\.global_batch_size=33554432 .*finetune\.max_length=64") as info:
+    prepared_run(tiny_lm_run, tmp_path / "w", data, **{"train.global_batch_size": 2**25})
+  assert "\n" not in str(info.value)
   assert not os.path.exists(tmp_path / "w")
 
 
