@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
     def command(run: sweep_lib.Cell) -> list[str]:
       return this + [f"--run={run.name}"]
     # This process never touches a device: the runs need them (see sweep_lib.execute).
-    check = this + [f"--sweep={_SWEEP.value}"] * bool(_SWEEP.value) + ["--check_inputs"]
+    check = this + ([f"--sweep={_SWEEP.value}"] if _SWEEP.value else []) + ["--check_inputs"]
     statuses = sweep_lib.execute(plan, workdir, command, check_command=check,
                                  parallel=_PARALLEL.value, log=common.log)
   else:

@@ -25,7 +25,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -262,14 +262,20 @@ def prepare_inputs(plan: Plan, workdir: str, log: Callable[[str], None]) -> None
     metrics.peak_flops(config.model.dtype, config.data.data_dir)
 
 
+def _error_line(lines: Iterable[str]) -> str:
+  """The line of a process's output that says what went wrong: its last `error: ...` line (a
+  UserError), or its last line (a traceback's)."""
+  lines = [line.strip() for line in lines if line.strip()]
+  errors = [line for line in lines if line.startswith("error:")]
+  return (errors or lines or ["no output"])[-1]
+
+
 def _last_error(log_file: str) -> str:
-  """The line that says what went wrong: `error: ...` or a traceback's final line."""
+  """The error line of a worker's log file."""
   if not os.path.exists(log_file):
     return "no log"
   with open(log_file, errors="replace") as f:
-    lines = [line.strip() for line in f if line.strip()]
-  errors = [line for line in lines if line.startswith("error:")]
-  return (errors or lines or ["no output"])[-1]
+    return _error_line(f)
 
 
 @dataclasses.dataclass
@@ -280,19 +286,18 @@ class _Active:
   log: Any
 
 
-def check_in_process(command: Sequence[str], log: Callable[[str], None]) -> None:
+def run_input_check(command: Sequence[str], log: Callable[[str], None]) -> None:
   """Runs `command`, a process that checks the inputs (`prepare_inputs`) and exits, passing its
-  log lines on; SweepError with its `error:` line if it fails."""
-  result = subprocess.run(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", check=False)
-  lines = [line for line in result.stdout.splitlines() if line.strip()]
-  for line in lines:
-    if not line.startswith("error:"):
-      log(line)
-  if result.returncode:
-    errors = [line for line in lines if line.startswith("error:")]
-    raise SweepError((errors or lines or ["the input check failed without output"])[-1]
-                     .removeprefix("error: "))
+  output on as it comes; SweepError with its `error:` line if it fails."""
+  lines = []
+  with subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, errors="replace") as process:
+    for line in process.stdout:
+      lines.append(line)
+      if line.strip() and not line.startswith("error:"):
+        log(line.rstrip())
+  if process.returncode:
+    raise SweepError(_error_line(lines).removeprefix("error: "))
 
 
 def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], *,
@@ -328,7 +333,7 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
   if check_command is None:
     prepare_inputs(plan, workdir, log)
   else:
-    check_in_process(check_command, log)
+    run_input_check(check_command, log)
   os.makedirs(workdir, exist_ok=True)
   _save_state(workdir, plan, statuses, parallel)
 
