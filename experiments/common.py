@@ -147,12 +147,25 @@ def run_finetune(task: str, init: str | None, data: str | None, workdir: str | N
 
 
 def exit_on_user_error(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """Prints a user error as `error: <message>` on stderr and exits 2 (no traceback)."""
+  """Prints a user error as `error: <message>` on stderr and exits 2 (no traceback); so is a
+  device running out of memory (XLA's RESOURCE_EXHAUSTED), which a preflight cannot always
+  foresee (generation and evaluation batches, fragmentation)."""
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless out of memory)
+      jax = sys.modules.get("jax")  # (not imported here: --help stays fast)
+      if not (jax and isinstance(e, jax.errors.JaxRuntimeError)
+              and "RESOURCE_EXHAUSTED" in str(e)):
+        raise
+      print(f"error: the device ran out of memory ({' '.join(str(e).split())[:200]}); lower "
+            f"the batch size or sequence length (--batch_size, --seq_len, "
+            f"--config.train.global_batch_size or raise --config.train.microbatches, "
+            f"--config.finetune.max_length) or spread the model over more devices "
+            f"(--config.mesh.fsdp).", file=sys.stderr)
       sys.exit(2)
   return wrapped
