@@ -45,16 +45,15 @@ common.define_distributed_flags()
 
 
 def read_texts(path: str, text_column: str) -> list[str]:
-  from jaxlm import finetune
+  """The texts to label: a .csv/.tsv file's `text_column`, or one text per line."""
+  from jaxlm import files, finetune
+  if path.endswith((".csv", ".tsv")):
+    records = files.read_records(path, finetune.FinetuneError, "--predict")
+    if records and text_column not in records[0][1]:
+      raise finetune.FinetuneError(f"{path} has no column '{text_column}'.")
+    return [row[text_column] for _, row in records]
   if not os.path.isfile(path):
     raise finetune.FinetuneError(f"--predict={path} does not exist.")
-  if path.endswith((".csv", ".tsv")):
-    import csv
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-      if text_column not in (reader.fieldnames or []):
-        raise finetune.FinetuneError(f"{path} has no column '{text_column}'.")
-      return [row[text_column] for row in reader]
   with open(path, encoding="utf-8") as f:
     return [line for line in f.read().splitlines() if line.strip()]
 

@@ -1,12 +1,13 @@
 """Atomic file writes (a killed process leaves the old file or the new one, never half of one),
-and JSON reads."""
+JSON reads, and the records of users' data files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 
 def write_bytes(path: str, content: bytes) -> None:
@@ -37,3 +38,52 @@ def read_json(path: str) -> Any:
 def write_json(path: str, value: Any) -> None:
   """`value` as indented JSON plus a newline, written atomically."""
   write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+def read_records(path: str, error: Callable[[str], Exception], flag: str = ""
+                 ) -> list[tuple[str, dict[str, Any]]]:
+  """(where, record) of each record of a data file, `where` naming it in messages:
+
+    .csv, or .tsv / .txt (tab-separated; quote characters are text, as in GLUE's and the SMS
+      Spam Collection's files), with a header row: a record per row, "PATH:LINE"
+    .jsonl: a JSON object per non-blank line, "PATH:LINE"
+    other names (.json): a JSON list of objects, "PATH:record I" (from 0), or objects one per
+      line as in .jsonl
+
+  A file that is missing, empty, undecodable or not JSON where JSON is due raises `error(one
+  line)`, naming `flag` (the option that gave the path) if given. Records are not checked."""
+  name = f"{flag}={path}" if flag else path
+  if not os.path.isfile(path):
+    raise error(f"{name} does not exist; pass an existing file.")
+  if os.path.getsize(path) == 0:
+    raise error(f"{name} is empty; it needs a header row and examples.")
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      if path.endswith((".csv", ".tsv", ".txt")):
+        tab = not path.endswith(".csv")
+        reader = csv.DictReader(f, delimiter="\t" if tab else ",",
+                                quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+      text = f.read()
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise error(f"{name} cannot be read ({e}).") from None
+  if not path.endswith(".jsonl"):
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError as e:
+      if e.msg != "Extra data":  # (several values: one per line, read below)
+        raise error(f"{path}: not JSON ({e.msg} at line {e.lineno}); a table needs a .csv or "
+                    f".tsv name.") from None
+    else:
+      if not isinstance(value, list):
+        raise error(f"{path} must hold a JSON list of records, not a {type(value).__name__}; "
+                    f"or one record per line.")
+      return [(f"{path}:record {i}", record) for i, record in enumerate(value)]
+  records = []
+  for number, line in enumerate(text.splitlines(), start=1):
+    if line.strip():
+      try:
+        records.append((f"{path}:{number}", json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise error(f"{path}:{number}: not JSON ({e.msg}).") from None
+  return records

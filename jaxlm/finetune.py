@@ -16,10 +16,8 @@ padded to their own longest example (rounded up to a multiple of 16, so a few sh
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import random
@@ -67,36 +65,29 @@ class Example:
   record: Mapping[str, Any] | None = None  # instruct: the original record (for the report)
 
 
-def _check_file(path: str, flag: str) -> None:
-  if not os.path.isfile(path):
-    raise FinetuneError(f"{flag}={path} does not exist; pass an existing file.")
-  if os.path.getsize(path) == 0:
-    raise FinetuneError(f"{flag}={path} is empty; it needs a header row and examples.")
-
-
 def read_labeled(path: str, text_column: str = "text", label_column: str = "label",
                  flag: str = "--data") -> list[Example]:
-  """Examples of a CSV (`.csv`) or TSV (`.tsv`, `.txt`) file with a header row naming
-  `text_column` and `label_column`."""
-  _check_file(path, flag)
-  delimiter = "\t" if path.endswith((".tsv", ".txt")) else ","
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    columns = reader.fieldnames or []
-    missing = [c for c in (text_column, label_column) if c not in columns]
-    if missing:
-      raise FinetuneError(
-          f"{path} has no column '{missing[0]}' (columns: {', '.join(columns) or 'none'}); name "
-          f"the columns with --config.finetune.text_column / label_column.")
-    examples = []
-    for row_number, row in enumerate(reader, start=2):  # row 1 is the header
-      text, label = row.get(text_column), row.get(label_column)
-      if text is None or label is None or not label.strip():
-        raise FinetuneError(f"{path}:{row_number}: missing {text_column} or {label_column}; every "
-                            f"row needs both.")
-      examples.append(Example(f"{path}:{row_number}", text, label.strip()))
-  if not examples:
-    raise FinetuneError(f"{path} has a header but no examples.")
+  """Examples of a table (`.csv`, or tab-separated `.tsv` / `.txt`) with a header row naming
+  `text_column` and `label_column`, or of JSON / JSONL records with those fields (the formats
+  of `files.read_records`)."""
+  records = files.read_records(path, FinetuneError, flag)
+  if not records:
+    raise FinetuneError(f"{path} has no examples (a header row alone, or an empty list).")
+  first = records[0][1]
+  columns = [c for c in first if isinstance(c, str)] if isinstance(first, dict) else []
+  missing = [c for c in (text_column, label_column) if c not in columns]
+  if missing:
+    raise FinetuneError(
+        f"{path} has no column '{missing[0]}' (columns: {', '.join(columns) or 'none'}); name "
+        f"the columns with --config.finetune.text_column / label_column.")
+  examples = []
+  for where, row in records:
+    text, label = (row.get(text_column), row.get(label_column)) if isinstance(row, dict) else (
+        None, None)
+    if not isinstance(text, str) or label is None or not str(label).strip():
+      raise FinetuneError(f"{where}: missing {text_column} or {label_column}; every row needs "
+                          f"both.")
+    examples.append(Example(where, text, str(label).strip()))
   return examples
 
 
@@ -161,29 +152,10 @@ def format_prompt(instruction: str, input_text: str, template: str) -> str:
 
 
 def read_instructions(path: str, template: str, flag: str = "--data") -> list[Example]:
-  """Examples of a JSON file (a list of records) or JSONL file (a record per line), each with a
-  string `instruction`, an optional string `input` and a string `output`."""
-  _check_file(path, flag)
-  with open(path, encoding="utf-8") as f:
-    content = f.read()
-  records: list[tuple[str, Any]] = []
-  if path.endswith(".jsonl"):
-    for number, line in enumerate(content.splitlines(), start=1):
-      if line.strip():
-        try:
-          records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-          raise FinetuneError(f"{path}:{number}: not JSON ({e.msg}).") from None
-  else:
-    try:
-      value = json.loads(content)
-    except json.JSONDecodeError as e:
-      raise FinetuneError(f"{path} is not JSON ({e.msg} at line {e.lineno}); write a list of "
-                          f"records, or use a .jsonl file with one record per line.") from None
-    if not isinstance(value, list):
-      raise FinetuneError(f"{path} must hold a JSON list of records, not a "
-                          f"{type(value).__name__}.")
-    records = [(f"{path}:record {i}", r) for i, r in enumerate(value)]
+  """Examples of a JSON file (a list of records) or JSONL file (a record per line; or any
+  format of `files.read_records`), each with a string `instruction`, an optional string `input`
+  and a string `output`."""
+  records = files.read_records(path, FinetuneError, flag)
   if not records:
     raise FinetuneError(f"{path} has no records.")
   examples = []
@@ -193,7 +165,7 @@ def read_instructions(path: str, template: str, flag: str = "--data") -> list[Ex
     for field in ("instruction", "output"):
       if not isinstance(record.get(field), str):
         raise FinetuneError(f"{where}: field '{field}' is missing or not a string (fields: "
-                            f"{', '.join(sorted(record)) or 'none'}).")
+                            f"{', '.join(sorted(map(str, record))) or 'none'}).")
     input_text = record.get("input") or ""
     if not isinstance(input_text, str):
       raise FinetuneError(f"{where}: field 'input' must be a string.")

@@ -25,10 +25,8 @@ the example itself excluded, precede the context, separated by a blank line.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -42,6 +40,7 @@ from tqdm import tqdm
 
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
+from jaxlm import files
 from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.config import Config, ModelConfig
@@ -72,21 +71,13 @@ class Item:
 # -- Task files (the published formats) ---------------------------------------------------------
 
 def _rows(path: str) -> list[_Row]:
-  """Rows of a .jsonl file (one JSON object per line), a .tsv/.csv file with a header, or a
-  TFDS dataset (a `tfds_source` path)."""
+  """Rows of a task file (.jsonl, or a .tsv/.csv table: `files.read_records`) or of a TFDS
+  dataset (a `tfds_source` path)."""
   if path.startswith("tfds:"):
-    return [_Row(record, path, index) for index, record in enumerate(_tfds_records(path))]
-  try:
-    if path.endswith((".tsv", ".csv")):
-      with open(path, newline="", encoding="utf-8") as f:
-        records = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
-                                      quoting=csv.QUOTE_NONE if path.endswith(".tsv")
-                                      else csv.QUOTE_MINIMAL))
-    else:
-      with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise TaskError(f"task file {path} cannot be read: {e}") from None
+    records = _tfds_records(path)
+  else:
+    records = [r for _, r in files.read_records(path, lambda message: TaskError(
+        f"task file {message}"))]
   return [_Row(record, path, index) for index, record in enumerate(records)]
 
 

@@ -182,6 +182,16 @@ def test_predict_labels_new_texts(classifiers, tmp_path):
   correct = sum(r["label"] == ("number" if i % 2 == 0 else "none") for i, r in enumerate(rows))
   assert correct >= 19
   assert abs(sum(rows[0]["probabilities"].values()) - 1.0) < 1e-4
+  # A table's column instead; in a TSV quote characters are text (as in the SMS Spam file).
+  quoted = ['"' + texts[0], texts[1] + '"']
+  (tmp_path / "new.tsv").write_text("id\tmessage\n" + "".join(
+      f"{i}\t{t}\n" for i, t in enumerate(quoted)))
+  result = subprocess.run([sys.executable, "-m", "experiments.finetune_classifier",
+                           f"--workdir={workdir}", f"--predict={tmp_path / 'new.tsv'}",
+                           "--config.finetune.text_column=message"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [json.loads(line)["text"] for line in result.stdout.strip().splitlines()] == quoted
 
 
 @pytest.mark.slow
@@ -327,7 +337,7 @@ def test_bad_classifier_data_names_file_and_row(tmp_path):
   cases = [
       (_write(tmp_path / "cols.csv", "sentence,label\na,x\n"), "cols.csv has no column 'text'"),
       (_write(tmp_path / "empty.csv", ""), "empty.csv is empty"),
-      (_write(tmp_path / "header.csv", "text,label\n"), "header.csv has a header but no"),
+      (_write(tmp_path / "header.csv", "text,label\n"), "header.csv has no examples"),
       (_write(tmp_path / "nolabel.csv", "text,label\na,x\nb,\n"), "nolabel.csv:3"),
   ]
   for path, message in cases:
@@ -339,6 +349,29 @@ def test_bad_classifier_data_names_file_and_row(tmp_path):
   examples = finetune.read_labeled(good)
   with pytest.raises(finetune.FinetuneError, match=r"good\.csv:2: the text is 3 tokens, longer"):
     finetune.encode_classifier(examples, _WordTokenizer(), ["x", "y"], max_length=2)
+
+
+def test_labeled_data_reads_the_same_from_every_format(tmp_path):
+  rows = [("a \"quoted\" text, with a comma", "x"), ("plain", "y"), ("7 is a number", "7")]
+  tsv_rows = [('"starts with a quote', "x"), ("plain", "y")]  # TSV: quotes are text
+  as_json = [{"text": t, "label": label} for t, label in rows]
+  files = {
+      "d.csv": "text,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{label}\n'
+                                        for t, label in rows),
+      "d.jsonl": "".join(json.dumps(r) + "\n" for r in as_json),
+      "d.json": json.dumps(as_json),
+      "lines.json": "".join(json.dumps(r) + "\n" for r in as_json),  # JSONL named .json
+  }
+  for name, text in files.items():
+    examples = finetune.read_labeled(_write(tmp_path / name, text))
+    assert [(e.text, e.label) for e in examples] == rows, name
+  tsv = _write(tmp_path / "d.tsv", "label\ttext\n" + "".join(f"{label}\t{t}\n"
+                                                             for t, label in tsv_rows))
+  examples = finetune.read_labeled(tsv)
+  assert [(e.text, e.label) for e in examples] == tsv_rows
+  assert [e.where for e in examples] == [f"{tsv}:2", f"{tsv}:3"]
+  numbers = finetune.read_labeled(_write(tmp_path / "n.json", '[{"text": "t", "label": 1}]'))
+  assert numbers[0].label == "1"  # JSON numbers are labels as written
 
 
 def test_bad_instruction_data_names_file_and_record(tmp_path):
