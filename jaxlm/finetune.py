@@ -391,7 +391,12 @@ class FinetuneInputs:
   max_length: int
   steps_per_epoch: int
   eval_tasks: list[tasks_lib.LoadedTask] = dataclasses.field(default_factory=list)
-  steps: train_lib.Steps | None = None   # built (and the largest step compiled) in `prepare`
+  # Set by `prepare`: the steps, and the train step of the largest batch compiled from shapes
+  # (with its compile time), which runs every batch of that shape.
+  steps: train_lib.Steps | None = None
+  largest_step: Any = None
+  largest_shape: tuple[int, ...] = ()
+  compile_seconds: float = 0.0
 
   @property
   def tokenizer(self) -> Any:
@@ -464,15 +469,15 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
                             steps_per_epoch, eval_tasks)
   run_lib.check_resumable(workdir, config, prepared.source)
-  prepared.steps = _steps_that_fit(prepared)
+  _compile_largest_step(prepared)
   return prepared
 
 
-def _steps_that_fit(prepared: FinetuneInputs) -> train_lib.Steps:
-  """The run's steps, once the train step of its largest batch (global_batch_size rows as long
-  as the longest training example) has compiled from shapes and fits a device: DoesNotFit (one
-  line) otherwise, before anything is written. Other batch lengths compile when first used (a
-  compile of the same shape loads from the persistent compilation cache)."""
+def _compile_largest_step(prepared: FinetuneInputs) -> None:
+  """Builds the run's steps and compiles, from shapes, the train step of its largest batch
+  (global_batch_size rows as long as the longest training example): DoesNotFit (one line)
+  unless it fits a device, before anything is written. Batches of other lengths compile when
+  first used."""
   config, mesh, split = prepared.config, prepared.mesh, prepared.splits["train"]
   if config.train.compilation_cache:
     train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
@@ -483,10 +488,13 @@ def _steps_that_fit(prepared: FinetuneInputs) -> train_lib.Steps:
   largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
                                        value.dtype, sharding=sharding.batch_sharding(mesh))
              for key, value in row.items()}
+  started = time.perf_counter()
   compiled = steps.compile_train(steps.abstract_state, largest)
+  prepared.compile_seconds = time.perf_counter() - started
   train_lib.check_fits(train_lib.step_bytes(compiled), train_lib.device_memory_bytes(mesh), config,
                        f"finetune.max_length={prepared.max_length} (or the longest example)")
-  return steps
+  prepared.steps, prepared.largest_step = steps, compiled
+  prepared.largest_shape = largest["inputs"].shape
 
 
 def _check_shapes(base: ModelConfig, model: ModelConfig, mesh) -> None:
@@ -564,6 +572,10 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
       return (results["validation_accuracy"], -results["validation_loss"])
     return (-results["validation_loss"],)
 
+  def train_step(state, batch):  # the compiled step for its shape; jit compiles the others
+    largest = batch["inputs"].shape == prepared.largest_shape
+    return (prepared.largest_step if largest else steps.train)(state, batch)
+
   num_trainable = count_params(steps.split(steps.abstract_state.params)[0])
   num_total = count_params(steps.abstract_state.params)
 
@@ -595,7 +607,8 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
                  + f" examples; {f.epochs} epochs of {prepared.steps_per_epoch} steps; ")
   return loop.Task(
       config=config, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
-      steps=steps, train_step=steps.train, compile_seconds=None,
+      steps=steps, train_step=train_step, compile_seconds=prepared.compile_seconds,
+      compiled_step=prepared.largest_step,
       data=lambda: EpochBatches(prepared.splits["train"], config.train.global_batch_size,
                                 prepared.max_length, prepared.tokenizer.pad_id, task_name,
                                 config.seed, mesh),

@@ -59,7 +59,7 @@ class Task:
   mesh: Any
   tokenizer: Any
   steps: train_lib.Steps
-  train_step: Callable            # the AOT-compiled step, or steps.train (compiles per shape)
+  train_step: Callable            # (state, batch) -> (state, metrics), each step
   compile_seconds: float | None   # None: compiled on the first step (then measured there)
   data: Callable[[], Any]         # a fresh train iterator (next, get_state, set_state)
   init_state: Callable[[], train_lib.TrainState]
@@ -69,6 +69,7 @@ class Task:
   # Checkpoint policy: None keeps the last `train.keep_checkpoints` periodic saves; a function
   # of an evaluation's results keeps the best evaluation's checkpoint (largest rank) instead.
   rank: Callable[[Mapping[str, float]], tuple] | None = None
+  compiled_step: Any = None       # the step compiled ahead of time (its memory is logged)
   can_sample: bool = True         # a language model (samples at train.sample_every)
   train_loss_key: str = "train_loss"
   base_config: Mapping[str, Any] | None = None
@@ -198,9 +199,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
 
   compile_seconds = task.compile_seconds
   if compile_seconds is not None:
-    compiled = task.train_step
     log(f"compiled the train step in {compile_seconds:.1f}s "
-        f"({train_lib.step_bytes(compiled) / 2**30:.2f} GiB per device)")
+        f"({train_lib.step_bytes(task.compiled_step) / 2**30:.2f} GiB per device)")
   if lead and start == 0 and compile_seconds is not None:
     writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
 

@@ -120,7 +120,7 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
   return loop.Task(
       config=cfg, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
       steps=prepared.steps, train_step=prepared.train_step,
-      compile_seconds=prepared.compile_seconds, data=data,
+      compile_seconds=prepared.compile_seconds, compiled_step=prepared.train_step, data=data,
       init_state=lambda: prepared.steps.init(jax.random.PRNGKey(cfg.seed)),
       evaluate=evaluate, eval_every=cfg.train.eval_every,
       flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
