@@ -9,15 +9,16 @@ r"""Fine-tune a run into a text classifier (the book's chapter 6), or label text
       --workdir=runs/spam_lora --config.model.lora_rank=8 --config.optim.learning_rate=1e-3
   python -m experiments.finetune_classifier --workdir=runs/spam --predict=new_texts.txt
 
---data is a CSV (or TSV: .tsv/.txt) file with a header naming the `text` and `label` columns
-(--config.finetune.text_column / label_column); labels are strings or integers, their order is
+--data is a CSV (or TSV: .tsv/.txt, quotes are text) file with a header naming the `text` and
+`label` columns, or JSON/JSONL records with those fields (--config.finetune.text_column /
+label_column); labels are strings or integers, their order is
 saved in labels.json. Without --validation_data/--test_data it is split by
 finetune.train_fraction / validation_fraction (0.7 / 0.1 / rest test, seeded by `seed`);
 --config.finetune.balance=true undersamples to the smallest class. The class logits are read
 at each text's last token. Loss and accuracy of every split are logged per epoch
 (metrics.jsonl: train_accuracy, validation_accuracy, test_accuracy, ...), and the checkpoint of
-the best validation accuracy (ties: lowest validation loss) is kept. --predict labels a file's texts (one per line, or a
-CSV/TSV with a text column) and prints one JSON object per text.
+the best validation accuracy (ties: lowest validation loss) is kept. --predict labels a file's
+texts (one per line, or a CSV/TSV with a text column) and prints one JSON object per text.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from absl import app, flags
 from experiments import common
 
 _INIT = flags.DEFINE_string("init", None, "run directory to start from (pretrained or imported).")
-_DATA = flags.DEFINE_string("data", None, "CSV/TSV of text,label rows (split unless "
+_DATA = flags.DEFINE_string("data", None, "CSV/TSV/JSON/JSONL of text,label records (split unless "
                             "--validation_data and --test_data are given).")
 _VALIDATION_DATA = flags.DEFINE_string("validation_data", None, "validation CSV/TSV.")
 _TEST_DATA = flags.DEFINE_string("test_data", None, "test CSV/TSV.")

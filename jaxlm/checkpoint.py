@@ -66,7 +66,7 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
 
 # An OS error inside an Orbax/TensorStore message: "File too large [os_error_code='27']" or
 # "[Errno 28] No space left on device".
-_OS_ERROR = re.compile(r"[^:]+ \[os_error_code='?\d+'?\]|\[Errno \d+\] [^:'\"]+")
+_OS_ERROR = re.compile(r"[^:]{1,80} \[os_error_code='?\d+'?\]|\[Errno \d+\] [^:'\"]{1,80}")
 
 
 class Checkpointer:
@@ -128,7 +128,7 @@ class Checkpointer:
     what = "a checkpoint" if step is None else f"checkpoint {step}"
     cause = " ".join(str(error).split())
     if len(cause) > 300:  # keep the OS error (no space, ...) wherever Orbax/TensorStore put it
-      os_error = _OS_ERROR.search(cause)
+      os_error = _OS_ERROR.search(cause, 100)  # (one in the first 100 characters stays)
       cause = cause[:100] + " ... " + (os_error.group(0).strip() if os_error else cause[-200:])
     return CheckpointError(
         f"saving {what} in {self.directory} failed ({type(error).__name__}: {cause}); free disk "

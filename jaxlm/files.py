@@ -52,22 +52,22 @@ def read_records(path: str, error: Callable[[str], Exception], flag: str = ""
 
   A file that is missing, empty, undecodable or not JSON where JSON is due raises `error(one
   line)`, naming `flag` (the option that gave the path) if given. Records are not checked."""
-  name = f"{flag}={path}" if flag else path
+  name, extension = f"{flag}={path}" if flag else path, os.path.splitext(path)[1].lower()
   if not os.path.isfile(path):
     raise error(f"{name} does not exist; pass an existing file.")
   if os.path.getsize(path) == 0:
-    raise error(f"{name} is empty; it needs a header row and examples.")
+    raise error(f"{name} is empty; it needs records (a header row and rows, or JSON objects).")
   try:
     with open(path, newline="", encoding="utf-8") as f:
-      if path.endswith((".csv", ".tsv", ".txt")):
-        tab = not path.endswith(".csv")
+      if extension in (".csv", ".tsv", ".txt"):
+        tab = extension != ".csv"
         reader = csv.DictReader(f, delimiter="\t" if tab else ",",
                                 quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
         return [(f"{path}:{reader.line_num}", row) for row in reader]
       text = f.read()
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise error(f"{name} cannot be read ({e}).") from None
-  if not path.endswith(".jsonl"):
+  if extension != ".jsonl":
     try:
       value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -443,8 +443,10 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
 
 def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Mapping[str, Any],
             validation_data: str = "", test_data: str = "") -> FinetuneInputs:
-  """All checks that can fail on bad input, before anything is written or compiled. A
-  `workdir` holding an unfinished fine-tuning run of the same init run and task resumes."""
+  """All checks that can fail on bad input, before anything is written: the data, the config,
+  the model against the init run's, and last the train step of the largest batch, compiled from
+  shapes, against the device's memory. A `workdir` holding an unfinished fine-tuning run of the
+  same init run and task resumes."""
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir)
   if init.config.model.num_classes:

@@ -60,7 +60,8 @@ class Task:
   tokenizer: Any
   steps: train_lib.Steps
   train_step: Callable            # (state, batch) -> (state, metrics), each step
-  compile_seconds: float | None   # None: compiled on the first step (then measured there)
+  compiled_step: Any              # the step compiled ahead of time (its memory is logged)
+  compile_seconds: float          # of `compiled_step`, compiled from shapes before the run
   data: Callable[[], Any]         # a fresh train iterator (next, get_state, set_state)
   init_state: Callable[[], train_lib.TrainState]
   evaluate: Callable[[train_lib.TrainState], dict[str, float]]
@@ -69,7 +70,6 @@ class Task:
   # Checkpoint policy: None keeps the last `train.keep_checkpoints` periodic saves; a function
   # of an evaluation's results keeps the best evaluation's checkpoint (largest rank) instead.
   rank: Callable[[Mapping[str, float]], tuple] | None = None
-  compiled_step: Any = None       # the step compiled ahead of time (its memory is logged)
   can_sample: bool = True         # a language model (samples at train.sample_every)
   train_loss_key: str = "train_loss"
   base_config: Mapping[str, Any] | None = None
@@ -198,10 +198,9 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   num_steps = cfg.train.num_steps
 
   compile_seconds = task.compile_seconds
-  if compile_seconds is not None:
-    log(f"compiled the train step in {compile_seconds:.1f}s "
-        f"({train_lib.step_bytes(task.compiled_step) / 2**30:.2f} GiB per device)")
-  if lead and start == 0 and compile_seconds is not None:
+  log(f"compiled the train step in {compile_seconds:.1f}s "
+      f"({train_lib.step_bytes(task.compiled_step) / 2**30:.2f} GiB per device)")
+  if lead and start == 0:
     writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
 
   def save(step: int, data_state) -> None:
@@ -320,14 +319,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
               jax.block_until_ready(pending[1])  # the step in flight finishes, then the stop
             raise failed
           tokens = int(np.prod(batch["inputs"].shape))  # token slots of the global batch
-          if compile_seconds is None:  # first step of a lazily compiled task: time its compile
-            compile_start = time.perf_counter()
-            state, step_metrics = task.train_step(state, batch)
-            jax.block_until_ready(step_metrics)
-            compile_seconds = time.perf_counter() - compile_start  # (and one step's run)
-            window_start, window_step, window_tokens = time.perf_counter(), step + 1, -tokens
-          else:
-            state, step_metrics = task.train_step(state, batch)
+          state, step_metrics = task.train_step(state, batch)
           step += 1
           window_tokens += tokens
           book.tokens_seen += tokens

@@ -330,9 +330,9 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
   skipped = len(plan.runs) - len(pending)
   if skipped:
     log(f"{skipped} of {len(plan.runs)} runs already finished; skipping them.")
-  if check_command is None:
+  if pending and check_command is None:
     prepare_inputs(plan, workdir, log)
-  else:
+  elif pending:
     run_input_check(check_command, log)
   os.makedirs(workdir, exist_ok=True)
   _save_state(workdir, plan, statuses, parallel)

@@ -362,6 +362,7 @@ def test_labeled_data_reads_the_same_from_every_format(tmp_path):
       "d.json": json.dumps(as_json),
       "lines.json": "".join(json.dumps(r) + "\n" for r in as_json),  # JSONL named .json
   }
+  files["UPPER.CSV"] = files["d.csv"]
   for name, text in files.items():
     examples = finetune.read_labeled(_write(tmp_path / name, text))
     assert [(e.text, e.label) for e in examples] == rows, name
