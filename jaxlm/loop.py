@@ -92,14 +92,11 @@ class StopFlag:
     self.reason: str | None = None
     self.multiprocess = jax.process_count() > 1
 
-  def __bool__(self) -> bool:
-    return self.reason is not None
-
   def reached(self, step: int) -> bool:
     """Whether to stop before running step `step + 1` (call at every step on every process)."""
     if self.multiprocess and multihost_utils.reached_preemption_sync_point(step):
       self.reason = "SIGTERM"
-    return bool(self)
+    return self.reason is not None
 
   @contextlib.contextmanager
   def installed(self):
@@ -137,11 +134,6 @@ class _Bookkeeping:
   rollbacks: int = 0                   # spike rollbacks so far
   batches: int = 0                     # batches drawn from the train data: steps + skipped ones
 
-  @classmethod
-  def restored(cls, saved: Mapping[str, Any] | None, step: int) -> "_Bookkeeping":
-    """From a checkpoint's record (written without `batches` before rollbacks existed)."""
-    return cls(**{"batches": step, **(saved or {})})
-
 
 class _Rollback(Exception):
   """Raised out of a step's check under spike_action=rollback; `fit` rolls back and goes on."""
@@ -177,9 +169,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     state, start, book = task.init_state(), 0, _Bookkeeping()
   else:
     start, state, data_state = resumed
-    data_state = _loop_data(data_state)
-    iterator.set_state(data_state["iterator"])
-    book = _Bookkeeping.restored(data_state.get("loop"), start)
+    data_state, book = _restored(data_state, start)
+    iterator.set_state(data_state)
     log(f"resumed from {checkpointer.directory}/{start}")
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   samples_path = os.path.join(workdir, "samples.jsonl")
@@ -197,11 +188,10 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
 
   num_steps = cfg.train.num_steps
 
-  compile_seconds = task.compile_seconds
-  log(f"compiled the train step in {compile_seconds:.1f}s "
+  log(f"compiled the train step in {task.compile_seconds:.1f}s "
       f"({train_lib.step_bytes(task.compiled_step) / 2**30:.2f} GiB per device)")
   if lead and start == 0:
-    writer.write(0, {"compile_seconds": compile_seconds, "num_params": num_params})
+    writer.write(0, {"compile_seconds": task.compile_seconds, "num_params": num_params})
 
   def save(step: int, data_state) -> None:
     checkpointer.save(step, state, {"iterator": data_state, "loop": dataclasses.asdict(book)},
@@ -214,10 +204,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
           checkpointer.delete(old)
 
   stop = StopFlag()
-  progress = None
-  if show_progress and lead:
-    progress = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
-                    dynamic_ncols=True, smoothing=0.1)
+  progress = tqdm(total=num_steps, initial=start, unit="step", file=sys.stderr,
+                  dynamic_ncols=True, smoothing=0.1, disable=not (show_progress and lead))
   step, saved_step = start, start
 
   def check_pending() -> None:
@@ -241,11 +229,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             f"raise optim.warmup_steps, and resume from the last checkpoint.")
     in_a_row["spike"] = in_a_row["spike"] + 1 if values["spike"] else 0
     if values["spike"]:  # its values fetched only then: two scalars per step otherwise
-      values = jax.device_get({k: step_metrics[k] for k in ("train_loss", "grad_norm",
-                                                             "loss_mean", "grad_norm_mean")})
-      record = _report_spike(cfg, writer, done_step, values, positions.get(done_step),
-                             in_a_row["spike"], saved_step,
-                             jax.device_get(step_metrics.get("layer_stats", {})))
+      record = _report_spike(cfg, writer, done_step, jax.device_get(step_metrics),
+                             positions.get(done_step), in_a_row["spike"], saved_step)
       if cfg.train.spike_action == "rollback":
         after = positions.get(done_step + 1, data_state)  # (data_state: done_step is the last)
         raise _Rollback(done_step, record, after, book.batches - (step - done_step))
@@ -271,7 +256,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
       checkpointer.discard([s for s in saved if s > to_step])
     if to_step:
       restored, restored_data, _ = checkpointer.restore(to_step, task.steps.abstract_state)
-      restored_book = _Bookkeeping.restored(_loop_data(restored_data).get("loop"), to_step)
+      restored_book = _restored(restored_data, to_step)[1]
     else:
       restored, restored_book = task.init_state(), _Bookkeeping()
     restored_book.rollbacks = book.rollbacks + 1
@@ -297,9 +282,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
         + (f" and {t.rollback_skip_batches} more" if t.rollback_skip_batches else "")
         + (f"; learning rate x{t.rollback_lr_factor} until step {to_step + t.rollback_lr_steps}"
            if t.rollback_lr_steps and t.rollback_lr_factor != 1.0 else ""))
-    if progress is not None:
-      progress.reset(total=num_steps)
-      progress.update(to_step)
+    progress.reset(total=num_steps)
+    progress.update(to_step)
     return restored, to_step, restored_book
 
   with stop.installed():
@@ -308,21 +292,18 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
       data_state = iterator.get_state()
       positions = {step + 1: data_state}  # step -> data position of its batch (recent steps)
       batch = sharding.global_batch(next(iterator), mesh) if step < num_steps else None
-      window_start, window_step, window_tokens = time.perf_counter(), step, 0
+      window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
       try:
         while step < num_steps:
           if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
             break
           failed = checkpointer.save_failed() if jax.process_count() == 1 else None
           if failed is not None:  # (several processes: it surfaces at the next save)
-            if pending is not None:
-              jax.block_until_ready(pending[1])  # the step in flight finishes, then the stop
+            jax.block_until_ready(pending)  # the step in flight (if any) finishes, then the stop
             raise failed
-          tokens = int(np.prod(batch["inputs"].shape))  # token slots of the global batch
+          book.tokens_seen += int(np.prod(batch["inputs"].shape))  # token slots of the batch
           state, step_metrics = task.train_step(state, batch)
           step += 1
-          window_tokens += tokens
-          book.tokens_seen += tokens
           book.batches += 1
           check_pending()  # read step t-1 while step t runs
           pending = (step, step_metrics)
@@ -341,7 +322,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             check_pending()
             now = time.perf_counter()
             seconds = (now - window_start) / max(step - window_step, 1)
-            tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+            tokens_per_second = (book.tokens_seen - window_seen) / max(now - window_start, 1e-9)
             logged = {task.train_loss_key: float(values["train_loss"]),
                       "learning_rate": float(values["learning_rate"]),
                       "grad_norm": float(values["grad_norm"]),
@@ -349,45 +330,41 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
                       "mfu": task.flops_per_token * tokens_per_second / peak,
                       "tokens_seen": book.tokens_seen}
             writer.write(step, logged)
-            if progress is not None:
-              progress.update(step - progress.n)
-              progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
-                                   tok_s=f"{tokens_per_second:,.0f}",
-                                   mfu=f"{logged['mfu']:.0%}", refresh=False)
-            window_start, window_step, window_tokens = time.perf_counter(), step, 0
-          paused = False
+            progress.update(step - progress.n)
+            progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
+                                 tok_s=f"{tokens_per_second:,.0f}", mfu=f"{logged['mfu']:.0%}",
+                                 refresh=False)
+            window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
+          evaluating = due(task.eval_every) or last
+          sampling = task.can_sample and (due(cfg.train.sample_every)
+                                          or (last and cfg.train.sample_max_new_tokens > 0))
           save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
-          if due(task.eval_every) or last:
+          if evaluating:
             check_pending()  # a spike is rolled back before it is evaluated or saved
             results = task.evaluate(state)
             writer.write(step, results)
             message = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
                                 if isinstance(v, float))
-            (progress.write if progress is not None else log)(f"step {step}: {message}")
+            (log if progress.disable else progress.write)(f"step {step}: {message}")
             if task.rank is not None:
               rank = list(task.rank(results))
               if book.best is None or rank > book.best["rank"]:
                 book.best = {"step": step, "rank": rank, "results": results}
                 save_now = True
-            paused = True
-          if task.can_sample and (due(cfg.train.sample_every)
-                                  or (last and cfg.train.sample_max_new_tokens > 0)):
+          if sampling:
             _sample(cfg, state, task.tokenizer, step, samples_path)
-            paused = True
           if save_now:
             check_pending()  # its report belongs before the checkpoint (exact resume)
             save(step, data_state)
             saved_step = step
-            paused = True
-          if paused:
-            window_start, window_step, window_tokens = time.perf_counter(), step, 0
+          if evaluating or sampling or save_now:  # (their time is not training time)
+            window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
         check_pending()
         break
       except _Rollback as spike:
         state, step, book = roll_back(spike)
         saved_step = step
-  if progress is not None:
-    progress.close()
+  progress.close()
 
   interrupted = step < num_steps
   if interrupted and step != saved_step:
@@ -403,7 +380,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     tokens_per_step = book.tokens_seen / max(step, 1)
     metrics_lib.plot_losses(records, tokens_per_step, os.path.join(workdir, "loss.png"),
                             train_key=task.train_loss_key)
-  summary = _summary(records, step, interrupted, stop.reason, compile_seconds, num_params,
+  summary = _summary(records, step, interrupted, stop.reason, task.compile_seconds, num_params,
                      task.train_loss_key)
   if not interrupted and task.finish is not None:
     summary = task.finish(summary, book.best)
@@ -415,24 +392,27 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   return summary
 
 
-def _loop_data(saved: Mapping[str, Any]) -> Mapping[str, Any]:
-  """A checkpoint's `data` item as {"iterator": ..., "loop": ...} (checkpoints written before
-  the loop kept its bookkeeping there hold the iterator state alone)."""
-  return saved if "iterator" in saved else {"iterator": saved}
+def _restored(saved: Mapping[str, Any], step: int) -> tuple[Any, _Bookkeeping]:
+  """(iterator state, bookkeeping) of the checkpoint of `step` from its `data` item. Older
+  checkpoints hold the iterator state alone (written before the loop kept its bookkeeping
+  there), or bookkeeping without `batches` (written before rollbacks existed)."""
+  saved = saved if "iterator" in saved else {"iterator": saved}
+  return saved["iterator"], _Bookkeeping(**{"batches": step, **(saved.get("loop") or {})})
 
 
 def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], position: Any,
-                  in_a_row: int, saved_step: int, layer_stats: Mapping[str, Any]
-                  ) -> dict[str, Any]:
+                  in_a_row: int, saved_step: int) -> dict[str, Any]:
   """Logs a spike (stderr, metrics.jsonl, TensorBoard) with the data position of its batch and
   the step's per-layer statistics (if train.layer_stats_every) and returns its record; raises
-  TrainingDiverged under spike_action=halt or after max_spike_steps skips in a row."""
+  TrainingDiverged under spike_action=halt or after max_spike_steps skips in a row. `values`:
+  the step's metrics, fetched to the host."""
   t = cfg.train
   loss_ratio = float(values["train_loss"]) / max(float(values["loss_mean"]), 1e-30)
   grad_ratio = float(values["grad_norm"]) / max(float(values["grad_norm_mean"]), 1e-30)
   record = {"spike": 1, "spike_loss": values["train_loss"], "spike_loss_ratio": loss_ratio,
             "spike_grad_norm": values["grad_norm"], "spike_grad_norm_ratio": grad_ratio,
-            "spike_action": t.spike_action, "spike_batch_position": position, **layer_stats}
+            "spike_action": t.spike_action, "spike_batch_position": position,
+            **values.get("layer_stats", {})}
   writer.write(step, record)
   applied = {"log": "update applied", "rollback": "update not applied; rolling back"}.get(
       t.spike_action, "update not applied")
@@ -468,15 +448,13 @@ def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:
 
 
 def _summary(records, step, interrupted, reason, compile_seconds, num_params, train_key):
-  def last(key):
-    values = [r[key] for r in records if key in r]
-    return values[-1] if values else None
-  speeds = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+  def logged(key):
+    return [r[key] for r in records if key in r]
+  last = lambda key: logged(key)[-1] if logged(key) else None
+  median = lambda key: float(np.median(logged(key))) if logged(key) else None
   return {"step": step, "finished": not interrupted, "stop_reason": reason,
           "num_params": num_params, "compile_seconds": compile_seconds,
           "train_loss": last(train_key), "eval_loss": last("eval_loss"),
           "eval_perplexity": last("eval_perplexity"),
           "eval_bits_per_byte": last("eval_bits_per_byte"),
-          "median_tokens_per_second": float(np.median(speeds)) if speeds else None,
-          "median_mfu": float(np.median([r["mfu"] for r in records if "mfu" in r]))
-          if speeds else None}
+          "median_tokens_per_second": median("tokens_per_second"), "median_mfu": median("mfu")}
