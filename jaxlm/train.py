@@ -142,7 +142,8 @@ class Steps:
 
   `init` (rng -> fresh TrainState), `init_from` (params, rng -> TrainState around given params,
   e.g. a pretrained model being fine-tuned), `train` and `eval` trace under the run's mesh and
-  logical-axis rules; `compile_train` compiles the train step ahead of time (for timing and
+  logical-axis rules; `compile_train` (state, batch -> compiled step) compiles the train step
+  ahead of time for arrays or ShapeDtypeStructs like `state` and `batch` (for timing and
   memory analysis). `split` divides params into (trainable, frozen).
   """
   init: Callable[[jax.Array], TrainState]
@@ -152,13 +153,7 @@ class Steps:
   split: Callable[[Any], tuple[Any, Any]]
   state_shardings: Any
   abstract_state: TrainState
-  mesh: Mesh
-  train_jit: Any
-
-  def compile_train(self, state: Any, batch: Any):
-    """The compiled train step for arrays (or ShapeDtypeStructs) like `state` and `batch`."""
-    with jax.set_mesh(self.mesh), sharding.axis_rules():
-      return self.train_jit.lower(state, batch).compile()
+  compile_train: Callable[[Any, Any], Any]
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -417,13 +412,17 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   # One sharding for the whole batch dict: every key (whatever the task's) splits its rows.
   train_jit = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  init_from = jax.jit(lambda params, rng: new_state(params, rng),
-                      in_shardings=(state_shardings.params, replicated),
+  init_from = jax.jit(new_state, in_shardings=(state_shardings.params, replicated),
                       out_shardings=state_shardings, donate_argnums=0)
   init_jit = jax.jit(init, in_shardings=replicated, out_shardings=state_shardings)
+
+  def compile_train(state: Any, batch: Any):
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      return train_jit.lower(state, batch).compile()
+
   return Steps(
       init=_under_rules(init_jit, mesh),
       init_from=_under_rules(init_from, mesh), train=_under_rules(train_jit, mesh),
       eval=make_eval_step(config.model, mesh, loss),
-      split=split, state_shardings=state_shardings, abstract_state=abstract_state, mesh=mesh,
-      train_jit=train_jit)
+      split=split, state_shardings=state_shardings, abstract_state=abstract_state,
+      compile_train=compile_train)
