@@ -28,13 +28,10 @@ def evaluate(eval_step: Callable[[Any, dict], dict], params: Any, batches: Seque
   """
   results = [eval_step(params, sharding.global_batch(b, mesh)) for b in batches]
   # The UTF-8 bytes that the weighted targets stand for.
-  local_bytes = np.float64(sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"]))
-                               for b in batches))
+  num_bytes = sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"])) for b in batches)
   if jax.process_count() > 1:  # each group of processes reading the same rows counts them once
-    share = local_bytes / sharding.processes_in_group(mesh)
+    share = num_bytes / sharding.processes_in_group(mesh)
     num_bytes = float(np.sum(multihost_utils.process_allgather(share)))
-  else:
-    num_bytes = float(local_bytes)
   sums = jax.device_get(results)
   loss_sum = sum(float(r["loss_sum"]) for r in sums)
   weight_sum = sum(float(r["weight_sum"]) for r in sums)

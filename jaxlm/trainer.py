@@ -111,10 +111,8 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
 
   def evaluate(state) -> dict[str, float]:
     result = evaluate_lib.evaluate(prepared.steps.eval, state.params, eval_batches,
-                                   byte_lengths, mesh)
-    return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-            "eval_bits_per_byte": result["bits_per_byte"], "eval_tokens": result["tokens"],
-            **evaluate_tasks(state.params)}
+                                   byte_lengths, mesh)  # loss, perplexity, bits_per_byte, tokens
+    return {**{f"eval_{k}": v for k, v in result.items()}, **evaluate_tasks(state.params)}
 
   attention = resolve_attention_impl(cfg.model, mesh.devices.flat[0].platform)
   return loop.Task(
