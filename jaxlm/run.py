@@ -79,11 +79,6 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
   return read_json(workdir, "config.json")
 
 
-def source(workdir: str) -> dict[str, Any] | None:
-  """source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ...}."""
-  return read_json(workdir, "source.json")
-
-
 def labels(workdir: str) -> list[str]:
   value = read_json(workdir, "labels.json")
   if not isinstance(value, list):
@@ -96,7 +91,8 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
   """RunError unless `workdir` is new or holds a run of the same kind and model that `config`
   can resume: pretraining (`run_source` None) or fine-tuning from the same run and task."""
   check_writable(workdir)
-  saved_source = source(workdir)
+  # source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ...}
+  saved_source = read_json(workdir, "source.json")
   if saved_source != (dict(run_source) if run_source is not None else None):
     if saved_source is not None and "imported_from" in saved_source:
       what = "imported weights (see its source.json)"
@@ -148,8 +144,7 @@ def write_eval_results(workdir: str, results: Mapping[str, Any]) -> None:
   the entries of the same keys (process 0 writes, atomically)."""
   if jax.process_index() != 0:
     return
-  merged = dict(read_json(workdir, "eval_results.json") or {})
-  merged.update(results)
+  merged = {**(read_json(workdir, "eval_results.json") or {}), **results}
   files.write_json(os.path.join(workdir, "eval_results.json"), merged)
 
 
