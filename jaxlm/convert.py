@@ -73,8 +73,7 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     raise ConvertError(f"{path} does not exist; --hf_dir must be a Hugging Face GPT-2 directory "
                        f"(config.json, model.safetensors, vocab.json, merges.txt).")
   try:
-    with open(path) as f:
-      hf = json.load(f)
+    hf = files.read_json(path)
   except json.JSONDecodeError as e:
     raise ConvertError(f"{path} is not JSON ({e.msg}); it must be a GPT-2 config.json.") from None
   if {"model", "train", "optim"} <= set(hf):
@@ -201,8 +200,7 @@ def safetensors_files(hf_dir: str) -> dict[str, str]:
     with safe_open(single, framework="numpy") as f:
       return {name: single for name in f.keys()}
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map", {})
+    weight_map = files.read_json(index).get("weight_map", {})
     return {name: os.path.join(hf_dir, shard) for name, shard in weight_map.items()}
   pickles = [n for n in _PICKLE_NAMES if os.path.isfile(os.path.join(hf_dir, n))]
   if pickles:
@@ -320,8 +318,8 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
 # -- Export -------------------------------------------------------------------------------------
 
 def gpt2_tensors(model: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
-  """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params."""
-  check_exportable(model)
+  """{GPT-2 tensor name (with `transformer.` prefix): float32 array} of jaxlm params (of a
+  model that passes `check_exportable`)."""
   if model.lora_rank:  # GPT-2 has no adapters: fold them into the kernels
     model, params = lora.merge(model, params)
   if model.scan_layers:

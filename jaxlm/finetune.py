@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 import numpy as np
 
 from jaxlm import config as config_lib
@@ -263,7 +262,7 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
     if mode == "all":
       return True
     if mode == "lora":
-      return names[-1] in ("lora_a", "lora_b") or names[0] == "classifier"
+      return lora.is_adapter_path(names) or names[0] == "classifier"
     if mode == "head":
       return head
     in_last_blocks = names[0].startswith("layers_") and int(names[0][7:]) >= first_trained
@@ -342,16 +341,14 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
 # -- Data order ---------------------------------------------------------------------------------
 
 class EpochBatches:
-  """The training batches of every epoch: epoch e shuffles the split with seed
-  `seed * 1000 + e`. Its state is the number of batches consumed, so a resumed run continues
-  with the same batches without replaying any. Each process gets its group's rows of the global
-  batch on `mesh` (the padded length is the global batch's, the same on every process)."""
+  """The training batches of every epoch of a prepared run: epoch e shuffles the train split
+  with seed `seed * 1000 + e`. Its state is the number of batches consumed, so a resumed run
+  continues with the same batches without replaying any. Each process gets its group's rows of
+  the global batch on the run's mesh (the padded length is the global batch's, the same on every
+  process)."""
 
-  def __init__(self, split: Encoded, batch_size: int, max_length: int, pad_id: int, task: str,
-               seed: int, mesh: Mesh):
-    self.split, self.batch_size, self.max_length = split, batch_size, max_length
-    self.pad_id, self.task, self.seed, self.mesh = pad_id, task, seed, mesh
-    self.per_epoch = -(-len(split.ids) // batch_size)
+  def __init__(self, prepared: FinetuneInputs):
+    self.prepared = prepared
     self.position = 0
     self._order: tuple[int, list[int]] | None = None
 
@@ -359,16 +356,16 @@ class EpochBatches:
     return self
 
   def __next__(self) -> Batch:
-    epoch, index = divmod(self.position, self.per_epoch)
+    prepared, split = self.prepared, self.prepared.splits["train"]
+    size = prepared.config.train.global_batch_size
+    epoch, index = divmod(self.position, prepared.steps_per_epoch)
     if self._order is None or self._order[0] != epoch:
-      order = list(range(len(self.split.ids)))
-      random.Random(self.seed * 1000 + epoch + 1).shuffle(order)
+      order = list(range(len(split.ids)))
+      random.Random(prepared.config.seed * 1000 + epoch + 1).shuffle(order)
       self._order = (epoch, order)
-    rows = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+    rows = self._order[1][index * size:(index + 1) * size]
     self.position += 1
-    batch = make_batch(self.split, rows, self.batch_size, self.max_length, self.pad_id,
-                       self.task)
-    return sharding.local_rows(batch, self.mesh)
+    return sharding.local_rows(prepared.batch(split, rows, size), prepared.mesh)
 
   def get_state(self) -> dict[str, int]:
     return {"position": self.position}
@@ -407,24 +404,27 @@ class FinetuneInputs:
     return {"fine_tuned_from": os.path.abspath(self.init.workdir),
             "task": self.config.finetune.task}
 
+  def batch(self, split: Encoded, indices: Sequence[int], batch_size: int) -> Batch:
+    """`make_batch` with this run's max_length, pad id and task."""
+    return make_batch(split, indices, batch_size, self.max_length, self.tokenizer.pad_id,
+                      self.config.finetune.task)
+
 
 def load_splits(config: Config, data: str, validation_data: str, test_data: str, tokenizer,
                 max_length: int) -> tuple[dict[str, Encoded], list[str]]:
   """Reads, (balances,) splits and encodes the data; returns the splits and the class names."""
   f = config.finetune
-  if f.task == "classifier":
-    read = lambda path, flag: read_labeled(path, f.text_column, f.label_column, flag)
-  else:
-    read = lambda path, flag: read_instructions(path, f.template, flag)
-  examples = read(data, "--data")
+  read = (functools.partial(read_labeled, text_column=f.text_column, label_column=f.label_column)
+          if f.task == "classifier" else functools.partial(read_instructions, template=f.template))
+  examples = read(data, flag="--data")
   if f.balance and f.task == "classifier":
     examples = balance(examples, config.seed)
   if validation_data or test_data:
     if not (validation_data and test_data):
       raise FinetuneError("pass both --validation_data and --test_data, or neither (then "
                           "--data is split by finetune.train_fraction/validation_fraction).")
-    parts = {"train": examples, "validation": read(validation_data, "--validation_data"),
-             "test": read(test_data, "--test_data")}
+    parts = {"train": examples, "validation": read(validation_data, flag="--validation_data"),
+             "test": read(test_data, flag="--test_data")}
   else:
     parts = dict(zip(("train", "validation", "test"), split_examples(
         examples, f.train_fraction, f.validation_fraction, config.seed)))
@@ -485,8 +485,7 @@ def _compile_largest_step(prepared: FinetuneInputs) -> None:
     train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
   steps = train_lib.make_steps(config, mesh, trainable=trainable_filter(config))
   longest = max(range(len(split.ids)), key=lambda i: len(split.ids[i]))
-  row = make_batch(split, [longest], 1, prepared.max_length, prepared.tokenizer.pad_id,
-                   config.finetune.task)
+  row = prepared.batch(split, [longest], 1)  # shapes only: the global batch may be huge
   largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
                                        value.dtype, sharding=sharding.batch_sharding(mesh))
              for key, value in row.items()}
@@ -525,15 +524,14 @@ def base_params(prepared: FinetuneInputs) -> Any:
   return params
 
 
-def evaluate_splits(steps: train_lib.Steps, params: Any, prepared: FinetuneInputs
-                    ) -> dict[str, float]:
+def evaluate_splits(params: Any, prepared: FinetuneInputs) -> dict[str, float]:
   """loss (+ accuracy for the classifier, perplexity for instruct) of every split, as
   {split}_loss, {split}_accuracy / {split}_perplexity."""
   task, mesh = prepared.config.finetune.task, prepared.mesh
   results: dict[str, float] = {}
   for name, split in prepared.splits.items():
     sums = jax.device_get([
-        steps.eval(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh))
+        prepared.steps.eval(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh))
         for batch in batches(split, prepared.config.train.global_batch_size,
                              prepared.max_length, prepared.tokenizer.pad_id, task)])
     totals = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
@@ -565,7 +563,7 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
   def evaluate(state) -> dict[str, float]:
     epoch = int(state.step) / prepared.steps_per_epoch
     return {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3),
-            **evaluate_splits(steps, state.params, prepared), **evaluate_tasks(state.params)}
+            **evaluate_splits(state.params, prepared), **evaluate_tasks(state.params)}
 
   def rank(results: Mapping[str, float]) -> tuple:
     if "validation" not in prepared.splits:  # no validation split: keep the last evaluation
@@ -610,10 +608,7 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
   return loop.Task(
       config=config, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
       steps=steps, train_step=train_step, compile_seconds=prepared.compile_seconds,
-      compiled_step=prepared.largest_step,
-      data=lambda: EpochBatches(prepared.splits["train"], config.train.global_batch_size,
-                                prepared.max_length, prepared.tokenizer.pad_id, task_name,
-                                config.seed, mesh),
+      compiled_step=prepared.largest_step, data=lambda: EpochBatches(prepared),
       init_state=init_state, evaluate=evaluate,
       eval_every=config.train.eval_every or prepared.steps_per_epoch,
       flops_per_token=flops_per_token(config.model, prepared.max_length), rank=rank,
@@ -660,15 +655,13 @@ def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
   encoded = Encoded([], ids, [0] * len(ids), np.zeros(len(ids), np.int32))
   batch_size = data_lib.round_to_devices(8, mesh)
   class_probs = train_lib.make_eval_step(config.model, mesh, _class_probabilities)
-  out = []
-  for start, batch in zip(range(0, len(texts), batch_size),
-                          batches(encoded, batch_size, max_length, run.tokenizer.pad_id,
-                                  "classifier")):
+  probabilities = []  # a row per text, then the last batch's padding rows (dropped by zip)
+  for batch in batches(encoded, batch_size, max_length, run.tokenizer.pad_id, "classifier"):
     probs = jax.device_get(class_probs(params, sharding.global_batch(batch, mesh)))
-    for text, row in zip(texts[start:start + batch_size], probs["probabilities"]):
-      out.append({"text": text, "label": classes[int(np.argmax(row))],
-                  "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}})
-  return out
+    probabilities.extend(probs["probabilities"])
+  return [{"text": text, "label": classes[int(np.argmax(row))],
+           "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}}
+          for text, row in zip(texts, probabilities)]
 
 
 def _class_probabilities(model: Transformer, params: Any, batch: dict, rng: Any = None

@@ -158,16 +158,21 @@ def _cache_names(config: ModelConfig, batch: int, length: int) -> Any:
   return nn.get_partition_spec(jax.eval_shape(lambda: init_cache(config, batch, length)))
 
 
-def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
-  """The uncached reference: logits [B, P + N, vocab] of the whole buffer."""
-  slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  pad = (prompt_len - lengths)[:, None]
+def _slot_inputs(config: ModelConfig, width: int, lengths, prompt_len: int) -> dict[str, Any]:
+  """positions and segment_ids [B, width] of the buffer's first `width` slots: positions count
+  from each row's first real token, and its left padding has segment id 0."""
+  slots = jnp.arange(width, dtype=jnp.int32)[None, :]
+  pad = (prompt_len - lengths)[:, None]                                # [B, 1]
   # Slots after the current one hold filler: causally invisible, but their positions must stay
   # inside a learned table (an out-of-range lookup is NaN, and 0 * NaN leaks through softmax).
-  positions = jnp.clip(slots - pad, 0, config.max_seq_len - 1)
-  segment_ids = (slots >= pad).astype(jnp.int32)
-  return Transformer(config).apply({"params": params}, tokens, positions=positions,
-                                   segment_ids=segment_ids)
+  return {"positions": jnp.clip(slots - pad, 0, config.max_seq_len - 1),
+          "segment_ids": (slots >= pad).astype(jnp.int32)}
+
+
+def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
+  """The uncached reference: logits [B, P + N, vocab] of the whole buffer."""
+  return Transformer(config).apply({"params": params}, tokens,
+                                   **_slot_inputs(config, tokens.shape[1], lengths, prompt_len))
 
 
 def forward_logits(config: ModelConfig, params: Any, tokens: np.ndarray) -> np.ndarray:
@@ -206,11 +211,9 @@ def _start(params, prompt, lengths, rng, sampling, *, config: ModelConfig, new_s
   if kv_cache:
     names = _cache_names(config, batch, total)
     cache = _constrain_cache(nn.unbox(init_cache(config, batch, total)), names)
-    slots = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
-    pad = (prompt_len - lengths)[:, None]                              # [B, 1]
     logits, variables = Transformer(config).apply(
-        {"params": params, "cache": cache}, prompt, positions=jnp.maximum(slots - pad, 0),
-        segment_ids=(slots >= pad).astype(jnp.int32), decode=True, mutable=["cache"])
+        {"params": params, "cache": cache}, prompt,
+        **_slot_inputs(config, prompt_len, lengths, prompt_len), decode=True, mutable=["cache"])
     cache = _constrain_cache(variables["cache"], names)
     last = logits[:, -1]                                               # [B, vocab]
   else:

@@ -39,9 +39,6 @@ from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import lora_params_per_layer
 
-Params = params_lib.Params
-Path = params_lib.Path
-
 ADAPTER_NAMES = ("lora_a", "lora_b")
 # Written into every adapter file's metadata: what the file is.
 FORMAT = "jaxlm-lora"
@@ -61,7 +58,7 @@ def is_adapter_path(path: tuple[str, ...] | str) -> bool:
   return bool(path) and getattr(path[-1], "key", path[-1]) in ADAPTER_NAMES
 
 
-def _name(path: Path) -> str:
+def _name(path: params_lib.Path) -> str:
   return "/".join(path)
 
 
@@ -95,7 +92,8 @@ def _merged_kernel(name: str, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.
   return merged
 
 
-def merge(config: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, Params]:
+def merge(config: ModelConfig, params: Mapping[str, Any]
+          ) -> tuple[ModelConfig, params_lib.Params]:
   """Folds every adapter into its kernel and drops the adapters.
 
   kernel <- kernel + lora_a @ lora_b * lora_alpha / lora_rank (contracting the rank axis, per

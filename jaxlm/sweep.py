@@ -283,7 +283,6 @@ class _Active:
   run: Cell
   process: subprocess.Popen
   started: float
-  log: Any
 
 
 def run_input_check(command: Sequence[str], log: Callable[[str], None]) -> None:
@@ -301,15 +300,15 @@ def run_input_check(command: Sequence[str], log: Callable[[str], None]) -> None:
 
 
 def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], *,
-            check_command: Sequence[str] | None = None, parallel: int = 1,
+            check_command: Sequence[str], parallel: int = 1,
             log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs every unfinished run of `plan` as `command(run)` (a worker process that trains
   `run_dir(workdir, run)`), at most `parallel` at a time. Returns the statuses by run name.
 
-  check_command: a process that runs `prepare_inputs` and exits (None: this process runs it).
-  The checks build the mesh and compile a step, which claims the accelerators: in a process of
-  their own they free them before the workers start, while this one never touches a device (a
-  TPU opens in one process at a time; a GPU process preallocates most of the memory).
+  check_command: a process that runs `prepare_inputs` and exits, started first if any run is
+  unfinished. The checks build the mesh and compile a step, which claims the accelerators: in a
+  process of their own they free them before the workers start, while this one never touches a
+  device (a TPU opens in one process at a time; a GPU process preallocates most of the memory).
   SIGTERM or Ctrl-C stops launching, asks the workers to checkpoint and exit (SIGTERM), waits
   for them and returns: rerunning resumes.
   """
@@ -330,9 +329,7 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
   skipped = len(plan.runs) - len(pending)
   if skipped:
     log(f"{skipped} of {len(plan.runs)} runs already finished; skipping them.")
-  if pending and check_command is None:
-    prepare_inputs(plan, workdir, log)
-  elif pending:
+  if pending:
     run_input_check(check_command, log)
   os.makedirs(workdir, exist_ok=True)
   _save_state(workdir, plan, statuses, parallel)
@@ -359,20 +356,17 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
         if not resumed:  # wall time and attempts count from the start of this run's training
           for key in ("seconds", "attempts"):
             statuses[run.name].pop(key, None)
-        log_file = open(path, "a")
-        # A new session: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM.
-        process = subprocess.Popen(list(command(run)), stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        running.append(_Active(run, process, time.time(), log_file))
+        with open(path, "a") as log_file:  # the worker writes to its own copy
+          # A new session: a terminal's Ctrl-C reaches only the sweep, which forwards SIGTERM.
+          process = subprocess.Popen(list(command(run)), stdout=log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        running.append(_Active(run, process, time.time()))
       if stopping and not running:
         break
       time.sleep(0.2)
-      for active in list(running):
-        code = active.process.poll()
-        if code is None:
-          continue
+      for active in [a for a in running if a.process.poll() is not None]:
+        code = active.process.returncode
         running.remove(active)
-        active.log.close()
         seconds = time.time() - active.started
         status = statuses[active.run.name]
         status["seconds"] = status.get("seconds", 0.0) + seconds
@@ -393,8 +387,7 @@ def execute(plan: Plan, workdir: str, command: Callable[[Cell], Sequence[str]], 
       signal.signal(sig, handler)
     for active in running:  # only on an unexpected exception in this loop
       active.process.terminate()
-  _save_state(workdir, plan, statuses, parallel)
-  return statuses
+  return statuses  # (sweep.json is saved each time a run ends)
 
 
 # -- report ----------------------------------------------------------------------------------
