@@ -481,19 +481,15 @@ def _compile_largest_step(prepared: FinetuneInputs) -> None:
   unless it fits a device, before anything is written. Batches of other lengths compile when
   first used."""
   config, mesh, split = prepared.config, prepared.mesh, prepared.splits["train"]
-  if config.train.compilation_cache:
-    train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
   steps = train_lib.make_steps(config, mesh, trainable=trainable_filter(config))
   longest = max(range(len(split.ids)), key=lambda i: len(split.ids[i]))
   row = prepared.batch(split, [longest], 1)  # shapes only: the global batch may be huge
   largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
                                        value.dtype, sharding=sharding.batch_sharding(mesh))
              for key, value in row.items()}
-  started = time.perf_counter()
-  compiled = steps.compile_train(steps.abstract_state, largest)
-  prepared.compile_seconds = time.perf_counter() - started
-  train_lib.check_fits(train_lib.step_bytes(compiled), train_lib.device_memory_bytes(mesh), config,
-                       f"finetune.max_length={prepared.max_length} (or the longest example)")
+  compiled, prepared.compile_seconds = train_lib.compile_checked(
+      config, steps, largest, mesh,
+      f"finetune.max_length={prepared.max_length} (or the longest example)")
   prepared.steps, prepared.largest_step = steps, compiled
   prepared.largest_shape = largest["inputs"].shape
 

@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import math
 import os
-import threading
 import time
 from typing import Any, Iterator, Sequence
 
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm import metrics
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
@@ -254,25 +254,6 @@ def _continue(params, state: DecodeState, stop_at, stop_rows, sampling, *, confi
   return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~jnp.all(s.done), body, state)
 
 
-_compile_seconds = [0.0]
-_listener_lock = threading.Lock()
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-
-
-def _compile_clock() -> float:
-  """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
-  with _listener_lock:
-    if not getattr(_compile_clock, "registered", False):
-      def listener(event, duration_secs, **_):
-        if event in _COMPILE_EVENTS:
-          _compile_seconds[0] += duration_secs
-      jax.monitoring.register_event_duration_secs_listener(listener)
-      _compile_clock.registered = True
-  return _compile_seconds[0]
-
-
 # -- Host side: batches, stop strings, streaming ------------------------------------------------
 
 @dataclasses.dataclass
@@ -443,7 +424,7 @@ def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, s
             completions) -> Iterator[Piece]:
   """The text pieces of `chunks` (a `decode_tokens` generator, not yet started)."""
   batch = len(rows)
-  compile_start, wall_start = _compile_clock(), time.perf_counter()
+  compile_start, wall_start = metrics.compile_seconds(), time.perf_counter()
   new = next(chunks)
   stats["first_token_seconds"] = time.perf_counter() - wall_start
 
@@ -478,7 +459,7 @@ def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, s
 
   seconds = time.perf_counter() - wall_start
   new_tokens = sum(len(g) for g in generated)
-  stats.update(seconds=seconds, compile_seconds=_compile_clock() - compile_start,
+  stats.update(seconds=seconds, compile_seconds=metrics.compile_seconds() - compile_start,
                new_tokens=new_tokens, steps=new.shape[1])
   stats["tokens_per_second"] = new_tokens / max(seconds - stats["compile_seconds"], 1e-9)
   if completions is not None:

@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -286,13 +285,17 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     progress.update(to_step)
     return restored, to_step, restored_book
 
+  def window_mark() -> tuple[float, int, int]:
+    """The start of a throughput window: (busy clock, step, tokens seen)."""
+    return metrics_lib.busy_clock(), step, book.tokens_seen
+
   with stop.installed():
     while True:  # once, and again after each rollback
       pending, in_a_row = None, {"nonfinite": 0, "spike": 0}
       data_state = iterator.get_state()
       positions = {step + 1: data_state}  # step -> data position of its batch (recent steps)
       batch = sharding.global_batch(next(iterator), mesh) if step < num_steps else None
-      window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
+      window = window_mark()
       try:
         while step < num_steps:
           if stop.reached(step) or (stop_at_step is not None and step >= stop_at_step):
@@ -320,9 +323,9 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
           if due(cfg.train.log_every) or last:  # (layer statistics: fetched only when due)
             values = jax.device_get({k: v for k, v in pending[1].items() if k != "layer_stats"})
             check_pending()
-            now = time.perf_counter()
-            seconds = (now - window_start) / max(step - window_step, 1)
-            tokens_per_second = (book.tokens_seen - window_seen) / max(now - window_start, 1e-9)
+            elapsed = metrics_lib.busy_clock() - window[0]  # (without compiles)
+            seconds = elapsed / max(step - window[1], 1)
+            tokens_per_second = (book.tokens_seen - window[2]) / max(elapsed, 1e-9)
             logged = {task.train_loss_key: float(values["train_loss"]),
                       "learning_rate": float(values["learning_rate"]),
                       "grad_norm": float(values["grad_norm"]),
@@ -334,7 +337,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",
                                  tok_s=f"{tokens_per_second:,.0f}", mfu=f"{logged['mfu']:.0%}",
                                  refresh=False)
-            window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
+            window = window_mark()
           evaluating = due(task.eval_every) or last
           sampling = task.can_sample and (due(cfg.train.sample_every)
                                           or (last and cfg.train.sample_max_new_tokens > 0))
@@ -358,7 +361,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
             save(step, data_state)
             saved_step = step
           if evaluating or sampling or save_now:  # (their time is not training time)
-            window_start, window_step, window_seen = time.perf_counter(), step, book.tokens_seen
+            window = window_mark()
         check_pending()
         break
       except _Rollback as spike:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, Mapping
 
@@ -92,6 +93,33 @@ def peak_flops(dtype: str, cache_dir: str | None = None) -> float:
     if path:
       files.write_json(path, cache)
   return cache[key] * multiplier
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compiling = {"seconds": 0.0, "listening": False}
+_compiling_lock = threading.Lock()
+
+
+def compile_seconds() -> float:
+  """Seconds JAX has spent tracing, lowering and compiling in this process since the first call
+  (which starts listening to JAX's compile events)."""
+  with _compiling_lock:
+    if not _compiling["listening"]:
+      def listener(event: str, duration_secs: float, **_):
+        if event in _COMPILE_EVENTS:
+          _compiling["seconds"] += duration_secs
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      _compiling["listening"] = True
+  return _compiling["seconds"]
+
+
+def busy_clock() -> float:
+  """A clock (seconds) that stops while JAX compiles: two readings differ by the wall time
+  between them less its compiles. Throughput is measured with it, so that a step that compiles
+  a new shape (a fine-tuning batch of a new length) does not count the compile as training."""
+  return time.perf_counter() - compile_seconds()
 
 
 def _summary_writer_class():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -241,6 +243,21 @@ def check_fits(needed: int, available: tuple[int, str] | None, config: Config,
   raise DoesNotFit(
       f"the compiled train step needs {gib(needed)} per device but only {gib(available[0])} "
       f"are available ({available[1]}); lower {', '.join(knobs)}. Nothing was written.")
+
+
+def compile_checked(config: Config, steps: Steps, batch: Any, mesh: Mesh, length_knob: str = ""
+                    ) -> tuple[Any, float]:
+  """(the train step compiled from shapes for `batch`, the seconds compiling took), with the
+  persistent compilation cache on if train.compilation_cache; DoesNotFit (see `check_fits`)
+  unless it fits one device of `mesh`. Runs before anything is written, so that a step that
+  cannot fit is refused before the run directory is touched."""
+  if config.train.compilation_cache:
+    use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
+  started = time.perf_counter()
+  compiled = steps.compile_train(steps.abstract_state, batch)
+  seconds = time.perf_counter() - started
+  check_fits(step_bytes(compiled), device_memory_bytes(mesh), config, length_knob)
+  return compiled, seconds
 
 
 def abstract_params(model_config: ModelConfig, mesh: Mesh) -> Any:

@@ -8,8 +8,6 @@ can be wrong with the inputs (config, corpus, tokenizer, mesh, workdir, memory) 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from typing import Any, Mapping
 
 import jax
@@ -64,16 +62,9 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)
   data_lib.check_enough_tokens(
       eval_tokens, dataclasses.replace(config.data, stride=config.data.seq_len), "validation", 1)
-  if config.train.compilation_cache:
-    train_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
   steps = train_lib.make_steps(config, mesh)
-  # Compiled here, from shapes alone, so that a step that cannot fit in memory is refused
-  # before the run directory is touched.
-  compile_start = time.perf_counter()
-  train_step = steps.compile_train(steps.abstract_state, train_lib.abstract_batch(config, mesh))
-  compile_seconds = time.perf_counter() - compile_start
-  train_lib.check_fits(train_lib.step_bytes(train_step), train_lib.device_memory_bytes(mesh),
-                       config)
+  train_step, compile_seconds = train_lib.compile_checked(
+      config, steps, train_lib.abstract_batch(config, mesh), mesh)
   return PretrainInputs(config, workdir, tokenizer, train_tokens, eval_tokens, mesh, steps,
                         train_step, compile_seconds, eval_tasks)
 

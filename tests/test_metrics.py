@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import math
+import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxlm import metrics
@@ -92,3 +94,24 @@ def test_a_line_cut_by_a_crash_is_dropped_and_the_resume_logs_it_again(tmp_path)
   path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage inside the file is an error
   with pytest.raises(json.JSONDecodeError):
     metrics.read_jsonl(str(path))
+
+
+def test_the_busy_clock_stops_while_jax_compiles():
+  """Throughput windows are measured with `busy_clock`: a call that compiles a new program
+  advances it by the wall time less the compile, which `compile_seconds` counts."""
+  def program(x):  # many distinct ops: a compile of a noticeable fraction of a second
+    for i in range(300):
+      x = jnp.sin(x * (i + 1.5)) + x
+    return x
+
+  jitted, x = jax.jit(program), jnp.ones(4)
+  y = x + 1  # (computed before the clocks are read: it compiles an addition)
+  compiled_before, busy_before, wall_before = (metrics.compile_seconds(), metrics.busy_clock(),
+                                               time.perf_counter())
+  jax.block_until_ready(jitted(x))
+  compiled = metrics.compile_seconds() - compiled_before
+  busy, wall = metrics.busy_clock() - busy_before, time.perf_counter() - wall_before
+  assert compiled > 0.5 * wall  # the call was mostly compiling, and it was counted
+  assert busy == pytest.approx(wall - compiled, abs=0.01)
+  jax.block_until_ready(jitted(y))  # the same shapes: no compile
+  assert metrics.compile_seconds() - compiled_before == pytest.approx(compiled)
