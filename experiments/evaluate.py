@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     evaluate_tasks()
     return
   start = time.perf_counter()
-  run = run_lib.open_run(_WORKDIR.value, _STEP.value)
+  run = run_lib.open_run(_WORKDIR.value, _STEP.value, language_model=True)
   config = run.config
   seq_len = _SEQ_LEN.value or config.data.seq_len
   stride = _STRIDE.value or max(seq_len // 2, 1)
@@ -104,7 +104,7 @@ def evaluate_tasks() -> None:
   from jaxlm import tasks
   # Every task file read and checked before the run's weights are loaded (TFDS task datasets
   # come from the run's data.data_dir).
-  run = run_lib.open_run(_WORKDIR.value, _STEP.value)
+  run = run_lib.open_run(_WORKDIR.value, _STEP.value, language_model=True)
   loaded = tasks.load_tasks(_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
                             seed=_SEED.value,
                             data_dir=_DATA_DIR.value or run.config.data.data_dir)

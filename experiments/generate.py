@@ -157,7 +157,7 @@ def run(argv: list[str]) -> None:
 
   stop = parse_stop(_STOP.value)
   start = time.perf_counter()
-  run_info = run_lib.open_run(_WORKDIR.value, _STEP.value)
+  run_info = run_lib.open_run(_WORKDIR.value, _STEP.value, language_model=True)
   config, tokenizer = run_info.config, run_info.tokenizer
   # Refuse prompts that do not fit before the (slower) restore.
   generate_lib.encode_prompts(config.model, tokenizer, rows, _MAX_NEW_TOKENS.value,

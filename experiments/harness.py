@@ -36,7 +36,7 @@ def main() -> None:
   try:
     if "workdir" in args:  # a missing or broken run fails here, not after lm_eval's slow import
       run_lib.open_run(args["workdir"], int(args["step"]) if args.get("step", "").isdigit()
-                       else None)
+                       else None, language_model=True)
   except UserError as error:
     sys.exit(f"error: {error}")
   try:

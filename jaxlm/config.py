@@ -314,7 +314,9 @@ def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
         raise ConfigError(f"{prefix}unknown config key '{key}' (no section '{section}').")
       holder = holder[section]
     if leaf not in holder:
-      raise ConfigError(f"{prefix}unknown config key '{key}'.")
+      raise ConfigError(f"{prefix}unknown config key '{key}'" + (
+          "." if sections else f"; top-level keys are: {', '.join(sorted(holder))} (a key in a "
+          f"section is written section.key, e.g. train.num_steps)."))
     holder[leaf] = plain(value)
   return out
 
@@ -429,7 +431,8 @@ def _check_fields(config: Config) -> None:
       raise ConfigError(f"{field}={value(field)!r}: must be >= 0.")
   for field, choices in _CHOICES.items():
     if value(field) not in choices:
-      raise ConfigError(f"{field}={value(field)!r}: must be one of {', '.join(choices)}.")
+      raise ConfigError(f"{field}={value(field)!r}: must be one of "
+                        f"{', '.join(repr(c) if c == '' else c for c in choices)}.")
   for field, interval in _INTERVALS.items():
     x, (low, high) = value(field), map(float, interval[1:-1].split(","))
     if not ((x > low if interval[0] == "(" else x >= low)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
@@ -192,12 +192,22 @@ def tensor_map(model: ModelConfig) -> list[tuple[str, list[str], Callable, Calla
 
 # -- Import -------------------------------------------------------------------------------------
 
+def _open_safetensors(path: str):
+  """safe_open(path), a damaged or missing file as one ConvertError line."""
+  try:
+    return safe_open(path, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    reason = " ".join(str(e).split())[:200]
+    raise ConvertError(f"{path} cannot be read as safetensors ({reason}); download it again (an "
+                       f"interrupted copy leaves a truncated file).") from None
+
+
 def safetensors_files(hf_dir: str) -> dict[str, str]:
   """{tensor name: safetensors file} of a directory; ConvertError if there is none."""
   single = os.path.join(hf_dir, "model.safetensors")
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
+    with _open_safetensors(single) as f:
       return {name: single for name in f.keys()}
   if os.path.isfile(index):
     weight_map = files.read_json(index).get("weight_map", {})
@@ -238,7 +248,7 @@ def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.nda
     for hf_name, paths, to_jaxlm, _ in entries:
       name, path = locations[hf_name]
       if path not in handles:
-        handles[path] = stack.enter_context(safe_open(path, framework="numpy"))
+        handles[path] = stack.enter_context(_open_safetensors(path))
       tensor = handles[path].get_tensor(name).astype(np.float32)
       for jax_path, array in zip(paths, to_jaxlm(tensor)):
         flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))

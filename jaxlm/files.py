@@ -58,12 +58,22 @@ def read_records(path: str, error: Callable[[str], Exception], flag: str = ""
   if os.path.getsize(path) == 0:
     raise error(f"{name} is empty; it needs records (a header row and rows, or JSON objects).")
   try:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Excel, Windows editors) is not part of the first field.
+    with open(path, newline="", encoding="utf-8-sig") as f:
       if extension in (".csv", ".tsv", ".txt"):
         tab = extension != ".csv"
         reader = csv.DictReader(f, delimiter="\t" if tab else ",",
                                 quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
-        return [(f"{path}:{reader.line_num}", row) for row in reader]
+        rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+        for where, row in rows:  # (DictReader files extra fields under None, fills missing ones)
+          if None in row:
+            raise error(f"{where} has {len(row) - 1 + len(row[None])} fields but the header has "
+                        f"{len(reader.fieldnames)}; " + ("a field cannot hold a tab (quotes are "
+                        "text in a TSV)." if tab else "quote fields that hold commas."))
+          if None in row.values():
+            raise error(f"{where} has {sum(v is not None for v in row.values())} fields but the "
+                        f"header has {len(reader.fieldnames)}; every row needs all its columns.")
+        return rows
       text = f.read()
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise error(f"{name} cannot be read ({e}).") from None

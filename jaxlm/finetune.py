@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import random
@@ -130,6 +131,28 @@ def split_examples(examples: Sequence[Example], train_fraction: float,
   pick = lambda part: [examples[i] for i in part]
   return (pick(order[:n_train]), pick(order[n_train:n_train + n_validation]),
           pick(order[n_train + n_validation:]))
+
+
+def read_texts(path: str, text_column: str) -> list[str]:
+  """The texts to label: the `text_column` field of a CSV/TSV/JSON/JSONL file's records (the
+  formats of --data), or one text per non-blank line of any other file (.txt)."""
+  if path.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
+    texts = []
+    for where, record in files.read_records(path, FinetuneError, "--predict"):
+      text = record.get(text_column) if isinstance(record, dict) else None
+      if not isinstance(text, str):
+        raise FinetuneError(f"{where}: no text in field '{text_column}'; every record needs "
+                            f"one (--config.finetune.text_column names it).")
+      texts.append(text)
+    return texts
+  if not os.path.isfile(path):
+    raise FinetuneError(f"--predict={path} does not exist; pass an existing file.")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return [line for line in f.read().splitlines() if line.strip()]
+  except UnicodeDecodeError as e:
+    raise FinetuneError(f"--predict={path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save it as UTF-8.") from None
 
 
 # -- Data: instructions -------------------------------------------------------------------------
@@ -308,12 +331,50 @@ def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Co
     if -1 not in values["mesh"].values():
       values["mesh"]["data"] = -1
   config = config_lib.from_dict(config_lib.apply_overrides(values, overrides))
+  _check_task_keys(config, overrides)
+  _check_model(init.model, config.model)
   if config.model.scan_layers or config.mesh.stage != 1:
     raise FinetuneError(f"fine-tuning runs with unscanned layers and without pipeline stages "
                         f"(it addresses blocks by index); drop --config.model.scan_layers and "
                         f"--config.mesh.stage (got scan_layers={config.model.scan_layers}, "
                         f"stage={config.mesh.stage}).")
   return config_lib.validate(config)
+
+
+# model.* keys a fine-tuning run may set: how the model runs and what fine-tuning adds, not the
+# function the init run's weights compute (every other key must stay the init run's).
+MODEL_KEYS_FINETUNING_MAY_SET = ("dropout", "attention_impl", "scan_layers", "scan_unroll",
+                                 "remat_policy", "dtype", "init_std", "num_classes", "lora_rank",
+                                 "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _check_task_keys(config: Config, overrides: Mapping[str, Any]) -> None:
+  """FinetuneError for a key set that this task could only ignore."""
+  if "train.num_steps" in overrides:
+    raise FinetuneError("train.num_steps is set by fine-tuning (finetune.epochs x batches per "
+                        "epoch); set --config.finetune.epochs instead.")
+  if config.finetune.task == "instruct" and config.finetune.balance:
+    raise FinetuneError("finetune.balance undersamples the classes of classifier data; "
+                        "instruction data has none: drop it.")
+  lm_head_keys = [key for key, value in [("train.eval_tasks", config.train.eval_tasks),
+                                         ("train.sample_every", config.train.sample_every),
+                                         ("train.sample_max_new_tokens",
+                                          config.train.sample_max_new_tokens)] if value]
+  if config.finetune.task == "classifier" and lm_head_keys:
+    raise FinetuneError(f"{lm_head_keys[0]} uses the language-model head, which classifier "
+                        f"fine-tuning replaces; drop it (or fine-tune with finetune_instruct).")
+
+
+def _check_model(base: ModelConfig, model: ModelConfig) -> None:
+  """FinetuneError unless `model` computes what the init run's `base` does (see
+  MODEL_KEYS_FINETUNING_MAY_SET): its weights would otherwise load into another function."""
+  for field in dataclasses.fields(ModelConfig):
+    old, new = getattr(base, field.name), getattr(model, field.name)
+    if field.name not in MODEL_KEYS_FINETUNING_MAY_SET and old != new:
+      raise FinetuneError(
+          f"model.{field.name}={new!r} differs from the init run's {old!r}; fine-tuning keeps "
+          f"the init run's model (of model.* only {', '.join(MODEL_KEYS_FINETUNING_MAY_SET)} "
+          f"may be set): drop --config.model.{field.name}.")
 
 
 def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
@@ -330,7 +391,7 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
     return nn.unbox(model.init({"params": rng}, tokens)["params"])
   with jax.set_mesh(mesh), sharding.axis_rules():
     fresh = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-  # Shared params keep the init run's values (their shapes were checked in `prepare`); a
+  # Shared params keep the init run's values (the same model: see `_check_model`); a
   # classifier has no lm_head, so a base lm_head is dropped.
   base, targets = params_lib.flatten(base_params), params_lib.flatten(shardings)
   return params_lib.unflatten({
@@ -388,6 +449,7 @@ class FinetuneInputs:
   max_length: int
   steps_per_epoch: int
   eval_tasks: list[tasks_lib.LoadedTask] = dataclasses.field(default_factory=list)
+  data_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # by flag: what trains
   # Set by `prepare`: the steps, and the train step of the largest batch compiled from shapes
   # (with its compile time), which runs every batch of that shape.
   steps: train_lib.Steps | None = None
@@ -402,7 +464,7 @@ class FinetuneInputs:
   @property
   def source(self) -> dict[str, str]:
     return {"fine_tuned_from": os.path.abspath(self.init.workdir),
-            "task": self.config.finetune.task}
+            "task": self.config.finetune.task, "data_sha256": self.data_sha256}
 
   def batch(self, split: Encoded, indices: Sequence[int], batch_size: int) -> Batch:
     """`make_batch` with this run's max_length, pad id and task."""
@@ -448,15 +510,8 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   shapes, against the device's memory. A `workdir` holding an unfinished fine-tuning run of the
   same init run and task resumes."""
   run_lib.check_writable(workdir)
-  init = run_lib.open_run(init_workdir)
-  if init.config.model.num_classes:
-    raise FinetuneError(f"--init={init_workdir} is a classifier run; fine-tune from a language "
-                        f"model run (pretrained or imported).")
+  init = run_lib.open_run(init_workdir, what="--init", language_model=True)
   config = finetune_config(init.config, task, overrides)
-  if config.train.eval_tasks and task == "classifier":
-    raise FinetuneError("train.eval_tasks scores the language-model head, which classifier "
-                        "fine-tuning replaces; drop train.eval_tasks (or fine-tune with "
-                        "finetune_instruct).")
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
@@ -467,9 +522,14 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   config = config_lib.replace(config, train={"num_steps": steps_per_epoch * config.finetune.epochs},
                               model={"num_classes": len(classes)})
   sharding.check_model(config.model, mesh)
-  _check_shapes(init.config.model, config.model, mesh)
+  data_sha256 = {}  # (the files were read above: they exist)
+  for flag, path in (("--data", data), ("--validation_data", validation_data),
+                     ("--test_data", test_data)):
+    if path:
+      with open(path, "rb") as f:
+        data_sha256[flag] = hashlib.file_digest(f, "sha256").hexdigest()
   prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
-                            steps_per_epoch, eval_tasks)
+                            steps_per_epoch, eval_tasks, data_sha256)
   run_lib.check_resumable(workdir, config, prepared.source)
   _compile_largest_step(prepared)
   return prepared
@@ -492,23 +552,6 @@ def _compile_largest_step(prepared: FinetuneInputs) -> None:
       f"finetune.max_length={prepared.max_length} (or the longest example)")
   prepared.steps, prepared.largest_step = steps, compiled
   prepared.largest_shape = largest["inputs"].shape
-
-
-def _check_shapes(base: ModelConfig, model: ModelConfig, mesh) -> None:
-  """FinetuneError unless every param the fine-tuning model shares with the base model has the
-  same shape (from shapes alone: nothing is restored here)."""
-  base_shapes = params_lib.flatten(train_lib.abstract_params(
-      dataclasses.replace(base, scan_layers=False, lora_rank=0), mesh))
-  for path, leaf in params_lib.flatten(train_lib.abstract_params(model, mesh)).items():
-    old = base_shapes.get(path)
-    added = path[0] == "classifier" or lora.is_adapter_path(path)  # what fine-tuning adds
-    if old is None and not added:
-      raise FinetuneError(f"param {'/'.join(path)} is not in the init run's model; keep model.* "
-                          f"as in the init run (only num_classes and lora_* may change).")
-    if old is not None and old.shape != leaf.shape:
-      raise FinetuneError(f"param {'/'.join(path)} has shape {old.shape} in the init run but "
-                          f"{leaf.shape} in the fine-tuning model; keep model.* as in the init "
-                          f"run.")
 
 
 def base_params(prepared: FinetuneInputs) -> Any:
@@ -626,10 +669,15 @@ def finetune(prepared: FinetuneInputs, show_progress: bool = True,
 def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_tokens: int,
             batch_size: int = 16) -> list[dict[str, Any]]:
   """Greedy responses to the prompts of `split`: records with `response` and `exact_match`
-  (the response equals the expected output after stripping surrounding whitespace)."""
+  (the response equals the expected output after stripping surrounding whitespace). At most
+  `max_new_tokens` tokens, and no more than the context leaves after the longest prompt (room
+  the expected responses fit: see `encode_instructions`), so prompts are not cut (but for one
+  that fills the whole context: it loses its first token to the one new token)."""
+  room = config.model.max_seq_len - max(split.prompt_lengths)
   completions = generate_lib.generate(
       config.model, params, tokenizer, [e.text for e in split.examples],
-      max_new_tokens=max_new_tokens, temperature=0.0, truncate=True, batch_size=batch_size)
+      max_new_tokens=max(1, min(max_new_tokens, room)), temperature=0.0, truncate=True,
+      batch_size=batch_size)
   return [dict(e.record or {}, response=c.text, exact_match=c.text.strip() == e.response.strip())
           for e, c in zip(split.examples, completions)]
 

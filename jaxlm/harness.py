@@ -70,7 +70,8 @@ class JaxLM(LM):
     del max_batch_size, device  # lm-eval's torch options; jaxlm uses all devices it sees
     self.batch_size = _positive_int("batch_size", 8 if batch_size is None else batch_size)
     self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
-    self.run = run_lib.open_run(workdir, None if step is None else int(step))
+    self.run = run_lib.open_run(workdir, None if step is None else int(step),
+                                language_model=True)
     self.config, self.tokenizer = self.run.config, self.run.tokenizer
     self.mesh = run_lib.default_mesh(self.config)
     self.params = run_lib.restore_params(self.run, self.mesh)

@@ -391,7 +391,7 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
     files.write_json(os.path.join(workdir, "summary.json"), summary)
   if interrupted:
     log(f"stopped at step {step} ({stop.reason or 'stop_at_step'}); checkpoint saved; rerun "
-        f"with --workdir={workdir} to resume.")
+        f"the same command (--workdir={workdir}) to resume.")
   return summary
 
 

@@ -91,9 +91,19 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
   """RunError unless `workdir` is new or holds a run of the same kind and model that `config`
   can resume: pretraining (`run_source` None) or fine-tuning from the same run and task."""
   check_writable(workdir)
-  # source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ...}
+  # source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ..., "data_sha256":
+  # {flag: sha256 of the file}} (runs written before data_sha256 existed resume without it)
   saved_source = read_json(workdir, "source.json")
+  if run_source is not None and saved_source is not None and "data_sha256" not in saved_source:
+    run_source = {k: v for k, v in run_source.items() if k != "data_sha256"}
   if saved_source != (dict(run_source) if run_source is not None else None):
+    other_data = {k: v for k, v in (saved_source or {}).items() if k != "data_sha256"} == {
+        k: v for k, v in (run_source or {}).items() if k != "data_sha256"}
+    if saved_source is not None and other_data:
+      raise RunError(f"workdir {workdir} holds a fine-tuning run of other data: the files given "
+                     f"now ({', '.join(sorted(run_source['data_sha256']))}) differ from those it "
+                     f"trained on (their sha256 in its source.json); pass the same files to "
+                     f"resume it, or choose a new --workdir. Nothing was changed.")
     if saved_source is not None and "imported_from" in saved_source:
       what = "imported weights (see its source.json)"
     elif saved_source is not None:
@@ -114,7 +124,8 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
     if bad:
       raise RunError(
           f"workdir {workdir} holds a run with a different {', '.join(bad[:4])} "
-          f"(saved config.json); resume it with its own config (--workdir alone) or pick a new "
+          f"(saved config.json); resume it with the options it was started with (pretraining: "
+          f"--workdir alone suffices) or pick a new "
           f"--workdir. Nothing was changed.")
 
 
@@ -165,17 +176,25 @@ class RunDirectory:
   checkpointer: ckpt.Checkpointer
 
 
-def open_run(workdir: str, step: int | None = None) -> RunDirectory:
+def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
+             language_model: bool = False) -> RunDirectory:
   """Reads config.json and the tokenizer, and picks the checkpoint (latest, or `step`),
-  without restoring anything. RunError names the path (and the available steps)."""
+  without restoring anything. RunError names the path as `what` (the option that gave it) and
+  the available steps; with `language_model`, also for a classifier run (no LM head)."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(path):
-    raise RunError(f"workdir {workdir} does not exist; pass --workdir=RUN, a directory "
-                   f"written by python -m experiments.pretrain.")
+    raise RunError(f"{what} {workdir} does not exist; pass a run directory (written by "
+                   f"python -m experiments.pretrain, import_gpt2 or a fine-tuning script).")
   values = saved_config(path)
   if values is None:
-    raise RunError(f"workdir {workdir} has no config.json, so it is not a run directory; "
-                   f"pass a directory written by python -m experiments.pretrain.")
+    raise RunError(f"{what} {workdir} has no config.json, so it is not a run directory; pass a "
+                   f"directory written by python -m experiments.pretrain (or import_gpt2).")
+  if language_model and values.get("model", {}).get("num_classes"):
+    raise RunError(f"{what} {workdir} is a classifier run: its head predicts "
+                   f"{values['model']['num_classes']} classes, not tokens, so it cannot generate, "
+                   f"score text or be fine-tuned further; label texts with python -m "
+                   f"experiments.finetune_classifier --workdir={workdir} --predict=FILE, or use "
+                   f"the run it was fine-tuned from (its source.json).")
   config = config_lib.validate(values)
   checkpoints_dir = os.path.join(path, "checkpoints")
   reader = None

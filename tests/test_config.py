@@ -49,3 +49,13 @@ def test_diff_lists_changed_leaves():
   base = config_lib.to_dict(config_lib.validate(config_lib.Config()))
   new = config_lib.to_dict(config_lib.replace(config_lib.Config(), model={"num_layers": 2}))
   assert config_lib.diff(base, new) == {"model.num_layers": {"from": 4, "to": 2}}
+
+
+def test_override_and_choice_messages_say_what_is_valid():
+  values = config_lib.to_dict(config_lib.Config())
+  with pytest.raises(ConfigError, match=r"unknown config key 'epochs'; top-level keys are: data, "
+                     r"finetune, mesh, model, optim, seed, train \(a key in a section is written "
+                     r"section\.key"):
+    config_lib.apply_overrides(values, {"epochs": 3})
+  with pytest.raises(ConfigError, match=r"finetune\.trainable='bogus': must be one of '', head,"):
+    config_lib.validate({"finetune": {"trainable": "bogus"}})

@@ -273,6 +273,14 @@ def test_import_refuses_pickle_only_directory(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
   with pytest.raises(convert.ConvertError, match="pytorch_model.bin, a pickle.*safetensors"):
     convert.safetensors_files(str(tmp_path))
+  # A safetensors file cut short (an interrupted download or copy): one line, not a traceback.
+  from safetensors.numpy import save_file
+  path = tmp_path / "model.safetensors"
+  save_file({"wte.weight": np.zeros((10, 8), np.float32)}, str(path))
+  path.write_bytes(path.read_bytes()[:60])
+  with pytest.raises(convert.ConvertError, match=r"model\.safetensors cannot be read as "
+                     r"safetensors \(.*\); download it again"):
+    convert.safetensors_files(str(tmp_path))
 
 
 def test_import_cli_errors_are_one_line(tmp_path, small_gpt2):

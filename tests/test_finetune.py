@@ -234,6 +234,25 @@ class _WordTokenizer:
   def encode_batch(self, texts):
     return [[2 + (ord(c) % 128) for c in t] for t in texts]
 
+  def decode(self, ids):
+    return "".join(chr(i - 2) for i in ids if i >= 2)
+
+
+def test_test_answers_never_cut_their_prompts_whatever_max_new_tokens():
+  """The default finetune.max_new_tokens (128) on a 64-token context: the answers get what the
+  context leaves after the longest prompt, instead of a failure after training."""
+  examples = [finetune.Example(f"a:{i}", "x" * length + ": ", response="abc")
+              for i, length in enumerate((10, 40))]
+  split = finetune.encode_instructions(examples, _WordTokenizer(), max_length=64)
+  config = config_lib.validate({"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 16,
+                                          "mlp_dim": 32, "vocab_size": 130, "max_seq_len": 64},
+                                "data": {"seq_len": 64, "stride": 64}})
+  params = nn.unbox(Transformer(config.model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  report = finetune.respond(config, params, _WordTokenizer(), split, max_new_tokens=128)
+  assert [r["exact_match"] for r in report] == [False, False]
+  assert max(len(r["response"]) for r in report) <= 64 - 42  # the room after 42 prompt tokens
+
 
 def test_prompt_and_padding_never_enter_the_instruction_loss():
   examples = [finetune.Example("a:1", "prompt one: ", response="abc"),
@@ -346,6 +365,11 @@ def test_bad_classifier_data_names_file_and_row(tmp_path):
   unknown = finetune.read_labeled(_write(tmp_path / "val.csv", "text,label\na,x\nb,z\n"))
   with pytest.raises(finetune.FinetuneError, match=r"val\.csv:3: label 'z'"):
     finetune.label_ids(unknown, ["x", "y"])
+  for text, message in [("text,label\ncat, river house,0\n", r"f\.csv:2 has 3 fields but the "
+                          r"header has 2; quote fields that hold commas\.$"),
+                        ("text,label\nonly\n", r"f\.csv:2 has 1 fields .* all its columns\.$")]:
+    with pytest.raises(finetune.FinetuneError, match=message):
+      finetune.read_labeled(_write(tmp_path / "f.csv", text))
   examples = finetune.read_labeled(good)
   with pytest.raises(finetune.FinetuneError, match=r"good\.csv:2: the text is 3 tokens, longer"):
     finetune.encode_classifier(examples, _WordTokenizer(), ["x", "y"], max_length=2)
@@ -363,6 +387,8 @@ def test_labeled_data_reads_the_same_from_every_format(tmp_path):
       "lines.json": "".join(json.dumps(r) + "\n" for r in as_json),  # JSONL named .json
   }
   files["UPPER.CSV"] = files["d.csv"]
+  files["bom.csv"] = "\ufeff" + files["d.csv"]  # a byte-order mark, as Excel writes
+  files["bom.jsonl"] = "\ufeff" + files["d.jsonl"]
   for name, text in files.items():
     examples = finetune.read_labeled(_write(tmp_path / name, text))
     assert [(e.text, e.label) for e in examples] == rows, name
@@ -373,6 +399,26 @@ def test_labeled_data_reads_the_same_from_every_format(tmp_path):
   assert [e.where for e in examples] == [f"{tsv}:2", f"{tsv}:3"]
   numbers = finetune.read_labeled(_write(tmp_path / "n.json", '[{"text": "t", "label": 1}]'))
   assert numbers[0].label == "1"  # JSON numbers are labels as written
+
+
+def test_texts_to_label_are_read_from_every_format(tmp_path):
+  texts = ["a cat, with a comma", "plain"]
+  records = [{"msg": t, "n": i} for i, t in enumerate(texts)]
+  for name, content in [("p.txt", "\n".join(texts[:1] + [""] + texts[1:]) + "\n"),
+                        ("p.csv", 'msg,n\n"a cat, with a comma",0\nplain,1\n'),
+                        ("p.jsonl", "".join(json.dumps(r) + "\n" for r in records)),
+                        ("p.json", json.dumps(records))]:
+    assert finetune.read_texts(_write(tmp_path / name, content), "msg") == texts, name
+  for name, content, message in [
+      ("short.csv", "n,msg\n1\n", r"short\.csv:2 has 1 fields"),
+      ("other.jsonl", '{"text": "x"}\n', r"other\.jsonl:1: no text in field 'msg'"),
+      ("nope.txt", None, r"nope\.txt does not exist")]:
+    path = _write(tmp_path / name, content) if content else str(tmp_path / name)
+    with pytest.raises(finetune.FinetuneError, match=message):
+      finetune.read_texts(path, "msg")
+  (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+  with pytest.raises(finetune.FinetuneError, match=r"latin\.txt is not UTF-8 text"):
+    finetune.read_texts(str(tmp_path / "latin.txt"), "msg")
 
 
 def test_bad_instruction_data_names_file_and_record(tmp_path):

@@ -5,6 +5,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -14,6 +16,7 @@ from jaxlm import loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
 from jaxlm import train as train_lib
+from tests.conftest import REPO
 from tests.test_multihost import launch_script
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa", "lambda"]
@@ -147,12 +150,52 @@ def test_a_run_trained_in_pipeline_stages_fine_tunes_without_them(tiny_lm_run):
 
 def test_a_model_unlike_the_init_run_is_refused_before_anything_is_written(tiny_lm_run,
                                                                              tmp_path):
+  """Any model.* key that changes what the init run's weights compute is refused, also when
+  the parameter shapes stay the same (a norm, the biases, the rotary base)."""
   data = keyword_csv(tmp_path / "data.csv", count=20)
-  for key, value, message in [("model.num_layers", 3, "layers_2/.* is not in the init run"),
-                              ("model.mlp_dim", 32, "has shape")]:
-    with pytest.raises(finetune.FinetuneError, match=message):
-      prepared_run(tiny_lm_run, tmp_path / "w", data, **{key: value})
+  for key, value in [("num_layers", 3), ("mlp_dim", 32), ("norm", "rmsnorm"),
+                     ("use_bias", False), ("rope_theta", 500.0), ("positional", "none")]:
+    with pytest.raises(finetune.FinetuneError, match=rf"^model\.{key}=.* differs from the init "
+                       rf"run's .*drop --config\.model\.{key}\.$"):
+      prepared_run(tiny_lm_run, tmp_path / "w", data, **{f"model.{key}": value})
   assert not os.path.exists(tmp_path / "w")
+  # How it runs may change: dropout, compute dtype, attention kernel, rematerialization.
+  init = run_lib.open_run(tiny_lm_run).config
+  config = finetune.finetune_config(init, "classifier", {
+      "model.dropout": 0.1, "model.dtype": "bfloat16", "model.attention_impl": "reference",
+      "model.remat_policy": "full"})
+  assert (config.model.dropout, config.model.dtype) == (0.1, "bfloat16")
+
+
+def test_keys_a_finetuning_task_could_only_ignore_are_refused(tiny_lm_run):
+  init = run_lib.open_run(tiny_lm_run).config
+  for task, key, value, message in [
+      ("classifier", "train.num_steps", 5, r"train\.num_steps is set by fine-tuning .*epochs"),
+      ("instruct", "finetune.balance", True, r"finetune\.balance undersamples .*drop it"),
+      ("classifier", "train.sample_every", 5, r"train\.sample_every uses the language-model"),
+      ("classifier", "train.eval_tasks", "lambada:x.txt", r"train\.eval_tasks uses the lang")]:
+    with pytest.raises(finetune.FinetuneError, match=message):
+      finetune.finetune_config(init, task, {key: value})
+  assert finetune.finetune_config(init, "instruct", {"train.sample_every": 5}).train.sample_every
+
+
+def test_a_finished_run_is_not_resumed_on_other_data_and_a_classifier_run_is_no_lm(
+    tiny_lm_run, uninterrupted, tmp_path):
+  whole_dir, _ = uninterrupted
+  other = keyword_csv(tmp_path / "other.csv", count=60, seed=1)
+  with pytest.raises(run_lib.RunError, match=r"holds a fine-tuning run of other data: the "
+                     r"files given now \(--data\) differ .*sha256"):
+    prepared_run(tiny_lm_run, whole_dir, other)
+  source = json.loads((whole_dir / "source.json").read_text())
+  assert set(source["data_sha256"]) == {"--data"}
+  with pytest.raises(run_lib.RunError, match=r"is a classifier run: its head predicts 2 classes"):
+    run_lib.open_run(str(whole_dir), language_model=True)
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.generate", f"--workdir={whole_dir}", "--prompt=hi"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and lines[-1].startswith("error: workdir ") and (
+      "is a classifier run" in lines[-1]), result.stderr[-2000:]
 
 
 def test_a_finetuning_step_that_cannot_fit_is_refused_before_anything_is_written(tiny_lm_run,
