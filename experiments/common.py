@@ -20,8 +20,13 @@ def _flag_error(e: BaseException) -> None:
   while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests KeyErrors
     e = e.args[0]
   text = str(e.args[0]) if e.args else str(e)
-  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
+  if "get_config" in text:  # the --config file has no get_config()
+    text = "the --config file defines no get_config(); see configs/default.py"
+  elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
     text = f"unknown config key {'; '.join(text.splitlines())}"
+  elif not isinstance(e, _FLAG_ERRORS):  # the config file could not be read or run
+    where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
+    text = f"the --config file cannot be loaded: {type(e).__name__}: {text}{where}"
   print(f"error: {' '.join(text.split())}", file=sys.stderr)
   sys.exit(2)
 
@@ -35,7 +40,7 @@ def define_config_flag(default: str | None = "configs/default.py"):
   try:
     return config_flags.DEFINE_config_file(
         "config", default, "ml_collections config file; override fields with --config.K=V.")
-  except _FLAG_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
 
 
@@ -46,7 +51,7 @@ def define_config_overrides_flag():
     return config_flags.DEFINE_config_dict(
         "config", config_lib.default_config_dict(),
         "override fields of the run's config with --config.K=V (e.g. --config.model.lora_rank=8).")
-  except _FLAG_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
 
 
@@ -72,7 +77,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (for app.run), with bad values reported as one line, exit 2."""
   try:
     return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
 
 

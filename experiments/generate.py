@@ -77,8 +77,12 @@ def read_prompts(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise GenerationError(f"--prompts_file={path} does not exist; pass a text file with one "
                           f"prompt per line (or a .jsonl file).")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise GenerationError(f"--prompts_file={path} is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start}); save it as UTF-8.") from None
   if not path.endswith(".jsonl"):
     return [line for line in lines if line.strip()]
   prompts = []

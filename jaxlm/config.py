@@ -11,6 +11,7 @@ compiled or written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib.util
 import json
 import os
@@ -394,7 +395,7 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.embed_dim", "model.mlp_dim",
     "model.vocab_size", "model.max_seq_len", "model.scan_unroll", "model.norm_eps",
-    "model.init_std", "data.seq_len", "data.stride", "data.tokenizer_max_sentences",
+    "model.init_std", "model.rope_theta", "data.seq_len", "data.stride", "data.tokenizer_max_sentences",
     "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
     "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
@@ -423,6 +424,13 @@ def _check_fields(config: Config) -> None:
     section, name = field.split(".")
     return getattr(getattr(config, section), name)
 
+  if not 0 <= config.seed < 2**32:  # (JAX's PRNG seeds, numpy's and Python's)
+    raise ConfigError(f"seed={config.seed}: must be in [0, 2**32).")
+  for section in _SECTIONS:  # NaN passes every comparison below: refused here
+    for field in dataclasses.fields(getattr(config, section)):
+      x = getattr(getattr(config, section), field.name)
+      if isinstance(x, float) and not math.isfinite(x):
+        raise ConfigError(f"{section}.{field.name}={x}: must be a finite number.")
   for field in _POSITIVE:
     if not value(field) > 0:
       raise ConfigError(f"{field}={value(field)!r}: must be positive.")
@@ -459,6 +467,15 @@ def _check_pipeline(config: Config) -> None:
     raise ConfigError(f"train.layer_stats_every={t.layer_stats_every} with mesh.stage={stages}: "
                       f"per-layer statistics are not computed through the pipeline yet; set "
                       f"train.layer_stats_every=0 or mesh.stage=1.")
+
+
+def check_sampling(config: Config) -> None:
+  """ConfigError if a run that samples (train.sample_*) would have no room for a prompt: checked
+  by the runs that sample, before they start, instead of failing at the first sample."""
+  t, m = config.train, config.model
+  if t.sample_max_new_tokens >= m.max_seq_len:
+    raise ConfigError(f"train.sample_max_new_tokens={t.sample_max_new_tokens} leaves no room for "
+                      f"a prompt in model.max_seq_len={m.max_seq_len}; lower it (0: no samples).")
 
 
 def check(config: Config) -> Config:

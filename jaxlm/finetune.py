@@ -363,6 +363,7 @@ def _check_task_keys(config: Config, overrides: Mapping[str, Any]) -> None:
   if config.finetune.task == "classifier" and lm_head_keys:
     raise FinetuneError(f"{lm_head_keys[0]} uses the language-model head, which classifier "
                         f"fine-tuning replaces; drop it (or fine-tune with finetune_instruct).")
+  config_lib.check_sampling(config)
 
 
 def _check_model(base: ModelConfig, model: ModelConfig) -> None:

@@ -148,7 +148,16 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   """Trains (or resumes) `task` in its workdir to `train.num_steps`; returns the summary (also
   written to summary.json). Resumes from the newest checkpoint that restores (a damaged one is
   skipped with a warning), or from `restore_step`. stop_at_step: behave as if preempted once
-  this many steps are done (tests compare resumed and uninterrupted runs with it)."""
+  this many steps are done (tests compare resumed and uninterrupted runs with it). One trainer
+  per workdir (`run.training_lock`)."""
+  if restore_step is not None:
+    run_lib.check_restore_step(task.workdir, restore_step)
+  with run_lib.training_lock(task.workdir):
+    return _fit(task, stop_at_step, restore_step, show_progress)
+
+
+def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
+         show_progress: bool) -> dict[str, Any]:
   cfg, workdir, mesh = task.config, task.workdir, task.mesh
   lead = jax.process_index() == 0
   done = run_lib.read_json(workdir, "summary.json")
@@ -339,8 +348,8 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
                                  refresh=False)
             window = window_mark()
           evaluating = due(task.eval_every) or last
-          sampling = task.can_sample and (due(cfg.train.sample_every)
-                                          or (last and cfg.train.sample_max_new_tokens > 0))
+          sampling = (task.can_sample and cfg.train.sample_max_new_tokens > 0
+                      and (due(cfg.train.sample_every) or last))
           save_now = due(cfg.train.checkpoint_every) or (last and task.rank is None)
           if evaluating:
             check_pending()  # a spike is rolled back before it is evaluated or saved
@@ -443,7 +452,7 @@ def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:
   texts = generate_lib.generate_texts(
       cfg.model, state.params, tokenizer, list(t.sample_prompts),
       max_new_tokens=t.sample_max_new_tokens, temperature=t.sample_temperature,
-      top_k=t.sample_top_k, rng=rng)
+      top_k=t.sample_top_k, rng=rng, truncate=True)  # (a long prompt keeps its end)
   if jax.process_index() == 0:
     with open(path, "a") as f:
       for prompt, text in zip(t.sample_prompts, texts):

@@ -53,7 +53,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import pipeline
-from jaxlm.config import ModelConfig
+from jaxlm.config import ConfigError, ModelConfig
 
 Array = jax.Array
 PyTree = Any
@@ -236,9 +236,12 @@ def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
   tpu: 'xla'. cpu: 'reference'. With attention dropout always 'reference' (the fused kernels
   have none).
   """
+  platform = platform or jax.default_backend()
+  if config.attention_impl == "cudnn" and platform not in ("gpu", "cuda"):
+    raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the devices are "
+                      f"{platform}; use 'auto' (the best kernel for the devices) or 'xla'.")
   if config.attention_impl != "auto":
     return config.attention_impl
-  platform = platform or jax.default_backend()
   if config.dropout > 0:
     return "reference"
   if platform in ("gpu", "cuda", "rocm"):

@@ -18,9 +18,11 @@ tokenizer file of a run; the loop writes the metrics files through `jaxlm.metric
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import fcntl
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 from absl import logging
@@ -72,7 +74,12 @@ def check_writable(workdir: str) -> None:
 
 def read_json(workdir: str, name: str) -> Any:
   """The JSON file `name` of a run directory, or None if it has none."""
-  return files.read_json(os.path.join(workdir, name))
+  path = os.path.join(workdir, name)
+  try:
+    return files.read_json(path)
+  except (ValueError, UnicodeDecodeError) as e:  # (json.JSONDecodeError is a ValueError)
+    raise RunError(f"{path} is damaged ({e}); restore it from a copy (a checkpoint's meta holds "
+                   f"the config too) or choose another --workdir.") from None
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
@@ -111,7 +118,8 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
               f"{saved_source.get('fine_tuned_from')}")
     elif os.path.isfile(os.path.join(workdir, "config.json")):
       what = "a pretraining run"
-    elif run_source is not None and os.path.isdir(workdir) and os.listdir(workdir):
+    elif run_source is not None and os.path.isdir(workdir) and set(os.listdir(workdir)) - {
+        LOCK_FILE}:
       what = "other files"
     else:
       return
@@ -129,6 +137,56 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
           f"--workdir. Nothing was changed.")
 
 
+def check_tokenizer(workdir: str, tokenizer) -> None:
+  """RunError if `workdir` holds a run whose tokenizer is not `tokenizer` (what its data.* gives
+  now: a text_files corpus that changed trains another one), so that a resume never swaps the
+  token ids under trained weights."""
+  if saved_config(workdir) is None:
+    return
+  path = os.path.join(workdir, tokenizer.file_name)
+  with open(path, "rb") if os.path.isfile(path) else contextlib.nullcontext() as f:
+    if f is None or f.read() != tokenizer.serialize():
+      raise RunError(f"workdir {workdir} holds a run trained with another tokenizer than data.* "
+                     f"gives now ({path} differs: a text_files corpus that changed trains a new "
+                     f"one); resume with the data it started on, or choose a new --workdir. "
+                     f"Nothing was changed.")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on `workdir`/.lock (process 0 of a job) while a run trains there:
+  a second trainer of the same workdir (a command started twice, a sweep worker left running)
+  is refused in one line instead of interleaving checkpoints and metrics. Released when the
+  process ends, however it ends. A filesystem without locks is used unlocked."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_FILE), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise RunError(f"workdir {workdir} is being trained by another process (it holds "
+                     f"{f.name}); wait for it to finish or stop it, then rerun.") from None
+    except OSError:  # (no locking on this filesystem)
+      pass
+    yield
+
+
+def check_restore_step(workdir: str, step: int) -> None:
+  """RunError unless `workdir` has a checkpoint directory of `step` (--restore_step), checked
+  before a run writes anything (whether it restores is found out when it restores)."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+  if step not in steps:
+    raise RunError(f"--restore_step={step}: {directory} has no such checkpoint (available "
+                   f"steps: {', '.join(map(str, steps)) or 'none'}). Nothing was written.")
+
+
 def write_files(workdir: str, config: Config, tokenizer, *,
                 base_config: Mapping[str, Any] | None = None,
                 run_source: Mapping[str, Any] | None = None,
@@ -141,8 +199,13 @@ def write_files(workdir: str, config: Config, tokenizer, *,
   config_dict = config_lib.to_dict(config)
   files.write_json(os.path.join(workdir, "config.json"), config_dict)
   if base_config is not None:
-    files.write_json(os.path.join(workdir, "config_diff.json"),
-                     config_lib.diff(dict(base_config), config_dict))
+    # A resumed run's base may be its own saved config (--workdir alone): the differences its
+    # start recorded stay, with the value they now have.
+    diff_path = os.path.join(workdir, "config_diff.json")
+    diff = files.read_json(diff_path) or {}
+    for key, change in config_lib.diff(dict(base_config), config_dict).items():
+      diff[key] = {"from": diff.get(key, change)["from"], "to": change["to"]}
+    files.write_json(diff_path, {k: v for k, v in diff.items() if v["from"] != v["to"]})
   files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
   if run_source is not None:
     files.write_json(os.path.join(workdir, "source.json"), dict(run_source))

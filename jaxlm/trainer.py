@@ -49,6 +49,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
     raise config_lib.ConfigError(
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
+  config_lib.check_sampling(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
   eval_tasks = tasks_lib.load_eval_tasks(config)
@@ -57,6 +58,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
     raise config_lib.ConfigError(
         f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size="
         f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}.")
+  run_lib.check_tokenizer(workdir, tokenizer)
   train_tokens = data_lib.load_tokens(config.data, "train", tokenizer)
   eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer)
   data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)

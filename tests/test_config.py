@@ -59,3 +59,24 @@ def test_override_and_choice_messages_say_what_is_valid():
     config_lib.apply_overrides(values, {"epochs": 3})
   with pytest.raises(ConfigError, match=r"finetune\.trainable='bogus': must be one of '', head,"):
     config_lib.validate({"finetune": {"trainable": "bogus"}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seed": -5}, r"seed=-5: must be in \[0, 2\*\*32\)"),
+    ({"seed": 2**40}, r"seed=1099511627776: must be in"),
+    ({"optim": {"weight_decay": float("nan")}}, r"optim\.weight_decay=nan: must be a finite"),
+    ({"optim": {"learning_rate": float("inf")}}, r"optim\.learning_rate=inf: must be a finite"),
+    ({"model": {"rope_theta": 0.0}}, r"model\.rope_theta=0\.0: must be positive"),
+])
+def test_values_that_would_fail_mid_run_are_refused(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(overrides)
+
+
+def test_sampling_needs_room_for_a_prompt():
+  config = config_lib.validate({"model": {"max_seq_len": 64}, "data": {"seq_len": 64,
+                                                                       "stride": 64}})
+  with pytest.raises(ConfigError, match=r"train\.sample_max_new_tokens=64 leaves no room for a "
+                     r"prompt in model\.max_seq_len=64"):
+    config_lib.check_sampling(config)
+  config_lib.check_sampling(config_lib.replace(config, train={"sample_max_new_tokens": 0}))

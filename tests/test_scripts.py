@@ -1,10 +1,15 @@
 """What every script shares (experiments/common.py): errors reach the user as one line."""
 
+import re
+import subprocess
+import sys
+
 import jax
 import pytest
 
 from experiments import common
 from jaxlm.config import ConfigError
+from tests.conftest import REPO
 
 
 def failing_main(error: Exception):
@@ -35,3 +40,25 @@ def test_other_errors_keep_their_traceback():
   for error in (jax.errors.JaxRuntimeError("INTERNAL: a compiler bug"), KeyError("x")):
     with pytest.raises(type(error)):
       failing_main(error)([])
+
+
+def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
+  """ml_collections loads --config while absl parses the flags: a file that is missing (with an
+  override), does not parse, raises, or has no get_config() is one line, exit 2, nothing
+  written."""
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  (tmp_path / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom')\n")
+  (tmp_path / "none.py").write_text("x = 1\n")
+  for name, expected in [("syntax.py", r"SyntaxError: .*syntax\.py, line 1\)"),
+                         ("raises.py", r"RuntimeError: boom"),
+                         ("none.py", r"defines no get_config\(\)"),
+                         ("missing.py", r"OSError: .*missing\.py")]:
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.pretrain", f"--config={tmp_path / name}",
+         "--config.train.num_steps=6", f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert re.match(r"error: (the --config file cannot be loaded: )?.*" + expected, lines[0]), (
+        lines[0])
+  assert not (tmp_path / "run").exists()

@@ -1,0 +1,73 @@
+"""Run directories (jaxlm/run.py): what protects a run from being resumed wrongly or twice."""
+
+import json
+import os
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+
+
+class _Tokenizer:
+  """What run.py needs of a tokenizer: its file name and content."""
+  file_name = "tokenizer.model"
+
+  def __init__(self, content: bytes):
+    self.content = content
+
+  def serialize(self) -> bytes:
+    return self.content
+
+
+def test_a_resume_with_another_tokenizer_is_refused(tmp_path):
+  """A text_files corpus that changed trains another tokenizer: resuming with it would swap
+  the token ids under the trained weights."""
+  config = config_lib.validate({})
+  run_lib.check_tokenizer(str(tmp_path), _Tokenizer(b"new"))  # no run yet: nothing to compare
+  run_lib.write_files(str(tmp_path), config, _Tokenizer(b"old"))
+  run_lib.check_tokenizer(str(tmp_path), _Tokenizer(b"old"))
+  with pytest.raises(run_lib.RunError, match=r"trained with another tokenizer .*tokenizer\.model "
+                     r"differs"):
+    run_lib.check_tokenizer(str(tmp_path), _Tokenizer(b"new"))
+  assert (tmp_path / "tokenizer.model").read_bytes() == b"old"
+
+
+def test_one_trainer_per_workdir(tmp_path):
+  workdir = str(tmp_path / "run")
+  with run_lib.training_lock(workdir):
+    with pytest.raises(run_lib.RunError, match=r"is being trained by another process"):
+      with run_lib.training_lock(workdir):
+        pass
+  with run_lib.training_lock(workdir):  # released
+    pass
+  # A directory holding only the lock (a start killed before its first write) is a new run.
+  run_lib.check_resumable(workdir, config_lib.validate({}), {"task": "classifier"})
+
+
+def test_a_restore_step_that_does_not_exist_writes_nothing(tmp_path):
+  with pytest.raises(run_lib.RunError, match=r"--restore_step=2: .* no such checkpoint "
+                     r"\(available steps: none\)"):
+    run_lib.check_restore_step(str(tmp_path / "new"), 2)
+  assert not os.path.exists(tmp_path / "new")
+
+
+def test_a_damaged_config_json_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text("{bad")
+  with pytest.raises(run_lib.RunError, match=r"config\.json is damaged"):
+    run_lib.open_run(str(tmp_path))
+
+
+def test_config_diff_keeps_what_the_start_changed_when_resumed(tmp_path):
+  file_config = config_lib.to_dict(config_lib.validate({}))
+  started = config_lib.validate({"train": {"num_steps": 100}, "model": {"num_layers": 2}})
+  run_lib.write_files(str(tmp_path), started, _Tokenizer(b"t"), base_config=file_config)
+  # Resumed with --workdir alone (the base is the saved config), then with num_steps=300.
+  run_lib.write_files(str(tmp_path), started, _Tokenizer(b"t"),
+                      base_config=config_lib.to_dict(started))
+  longer = config_lib.replace(started, train={"num_steps": 300})
+  run_lib.write_files(str(tmp_path), longer, _Tokenizer(b"t"),
+                      base_config=config_lib.to_dict(started))
+  diff = json.loads((tmp_path / "config_diff.json").read_text())
+  assert diff == {"train.num_steps": {"from": 500, "to": 300},
+                  "model.num_layers": {"from": 4, "to": 2}}
