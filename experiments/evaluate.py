@@ -69,6 +69,8 @@ def main(argv: list[str]) -> None:
                           "--tasks=NAME:PATH,...")
   if _MAX_DOCUMENTS.value < 0:
     raise EvaluationError(f"--max_documents={_MAX_DOCUMENTS.value} must be >= 0.")
+  if _STRIDE.value is not None and _STRIDE.value < 1:
+    raise EvaluationError(f"--stride={_STRIDE.value} must be >= 1 (omit it: seq_len // 2).")
   if _TASKS.value:
     evaluate_tasks()
     return

@@ -75,8 +75,9 @@ def parse_stop(values: list[str]) -> list[str]:
 def read_prompts(path: str) -> list[str]:
   from jaxlm.generate import GenerationError
   if not os.path.isfile(path):
-    raise GenerationError(f"--prompts_file={path} does not exist; pass a text file with one "
-                          f"prompt per line (or a .jsonl file).")
+    problem = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise GenerationError(f"--prompts_file={path} {problem}; pass a text file with one prompt "
+                          f"per line (or a .jsonl file).")
   try:
     with open(path, encoding="utf-8-sig") as f:
       lines = f.read().splitlines()
@@ -153,7 +154,9 @@ def run(argv: list[str]) -> None:
   if _PROMPTS_FILE.value:
     prompts += read_prompts(_PROMPTS_FILE.value)
   if not prompts:
-    raise GenerationError("no prompt: pass --prompt=TEXT or --prompts_file=FILE.")
+    raise GenerationError(f"no prompt: --prompts_file={_PROMPTS_FILE.value} holds none (blank "
+                          f"lines are skipped)." if _PROMPTS_FILE.value else
+                          "no prompt: pass --prompt=TEXT or --prompts_file=FILE.")
   if _NUM_SAMPLES.value < 1:
     raise GenerationError(f"--num_samples={_NUM_SAMPLES.value}: must be >= 1.")
   generate_lib.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)

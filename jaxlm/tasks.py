@@ -194,6 +194,8 @@ def read_hellaswag(path: str) -> list[Item]:
     ctx = (r.fields["ctx_a"] + " " + r.fields["ctx_b"].capitalize()
            if "ctx_a" in r.fields and "ctx_b" in r.fields else r.field("ctx", "context"))
     context = _hellaswag_text(f"{r.fields.get('activity_label', '')}: {ctx}".lstrip(": "))
+    if not isinstance(r.field("endings"), list):
+      raise r.error(f"endings must be a list of strings, not {r.field('endings')!r}.")
     endings = [" " + _hellaswag_text(e) for e in r.field("endings")]
     items.append(r.choice(context, endings, int(r.field("label"))))
   return items
@@ -208,6 +210,9 @@ def read_piqa(path: str) -> list[Item]:
   if rows and "label" not in rows[0].fields and os.path.isfile(labels_path):
     with open(labels_path) as f:
       labels = [int(line) for line in f if line.strip()]
+    if len(labels) != len(rows):
+      raise TaskError(f"{labels_path} holds {len(labels)} labels for the {len(rows)} records "
+                      f"of {path}; they must be the same count.")
   items = []
   for r in rows:
     label = labels[r.index] if labels is not None else int(r.field("label"))
@@ -566,7 +571,13 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
     if not documents:
       raise TaskError(f"task file {path} (wikitext) holds no text.")
     return LoadedTask(name, path, num_fewshot, documents=documents)
-  items = (CHOICE_TASKS[name] if name in CHOICE_TASKS else read_lambada)(path)
+  try:
+    items = (CHOICE_TASKS[name] if name in CHOICE_TASKS else read_lambada)(path)
+  except TaskError:
+    raise
+  except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a field's value
+    raise TaskError(f"task file {path} ({name}) has a malformed record ({type(e).__name__}: "
+                    f"{e}); see the README's task formats.") from None
   if not items:
     raise TaskError(f"task file {path} ({name}) holds no examples.")
   return LoadedTask(name, path, num_fewshot, items=with_fewshot(items, num_fewshot, seed, limit))

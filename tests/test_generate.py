@@ -389,3 +389,20 @@ def test_cli_streams_prompt_and_continuation_only(run_dir, tmp_path):
   (out, err), code = results["long"]
   assert code == 2 and out == "" and "Traceback" not in err, err[-2000:]
   assert err.strip().startswith("error: prompt 0 has") and "--truncate" in err
+
+
+def test_cli_refuses_unusable_prompt_files_and_evaluate_a_zero_stride(run_dir, tmp_path):
+  workdir, _ = run_dir
+  (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+  (tmp_path / "blank.txt").write_text("\n  \n")
+  cases = [("generate", [f"--prompts_file={tmp_path / 'latin.txt'}"], "is not UTF-8 text"),
+           ("generate", [f"--prompts_file={tmp_path}"], "is a directory"),
+           ("generate", [f"--prompts_file={tmp_path / 'blank.txt'}"], "holds none"),
+           ("evaluate", ["--split=validation", "--stride=0"], "--stride=0 must be >= 1")]
+  for script, args, message in cases:
+    result = subprocess.run([sys.executable, "-m", f"experiments.{script}",
+                             f"--workdir={workdir}", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("error: ") and message in last, (
+        result.stderr[-2000:])

@@ -185,6 +185,22 @@ def test_bad_task_files_are_named_with_the_row(tmp_path, records, message):
     tasks.read_piqa(jsonl(tmp_path / "p.jsonl", records))
 
 
+def test_malformed_task_records_are_one_line(tmp_path):
+  hellaswag = {"ctx_a": "a", "ctx_b": "b", "endings": ["x", "y"], "label": 0}
+  for name, records, message in [
+      ("hellaswag", [dict(hellaswag, label="B")], r"malformed record \(ValueError: invalid lit"),
+      ("hellaswag", [dict(hellaswag, ctx_a=None)], r"malformed record \(TypeError"),
+      ("hellaswag", [dict(hellaswag, endings="abc")], r"row 1: endings must be a list"),
+      ("winogrande", [{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": ""}],
+       r"malformed record \(ValueError")]:
+    with pytest.raises(tasks.TaskError, match=message):
+      tasks.load_task(name, jsonl(tmp_path / f"{name}.jsonl", records))
+  piqa = jsonl(tmp_path / "valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}] * 3)
+  write(tmp_path / "valid-labels.lst", ["0", "1"])
+  with pytest.raises(tasks.TaskError, match=r"valid-labels\.lst holds 2 labels for the 3 "):
+    tasks.load_task("piqa", piqa)
+
+
 def test_task_specs_are_checked(tmp_path):
   path = write(tmp_path / "l.txt", ["a b"])
   assert tasks.parse_specs(f"lambada:{path}") == [("lambada", path)]
@@ -374,7 +390,7 @@ def test_fine_tuning_runs_score_tasks_too_and_classifiers_refuse_them(tiny_lm_ru
                "train.eval_tasks": f"lambada:{lambada}", "finetune.max_new_tokens": 2,
                "finetune.template": "chat"}
   labels = write(tmp_path / "labels.csv", ["text,label", "a,x", "b,y"] * 1)
-  with pytest.raises(finetune.FinetuneError, match="train.eval_tasks scores the language-model"):
+  with pytest.raises(finetune.FinetuneError, match="train.eval_tasks uses the language-model"):
     finetune.prepare(tiny_lm_run, str(tmp_path / "cls"), "classifier", labels, overrides)
   assert not os.path.exists(tmp_path / "cls")
   prepared = finetune.prepare(tiny_lm_run, str(tmp_path / "instruct"), "instruct",
