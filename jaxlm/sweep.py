@@ -231,6 +231,10 @@ def check_workdir(plan: Plan, workdir: str) -> None:
   """Refuses a sweep directory whose existing runs came from different configs."""
   from jaxlm import run as run_lib  # (jax is imported only where a run is prepared)
   run_lib.check_writable(workdir)
+  saved = saved_plan(workdir)
+  if saved is not None and saved.source != plan.source:
+    raise SweepError(f"{workdir} holds the sweep of {saved.source}, not {plan.source}; rerun "
+                     f"that file (edits of it resume), or use a new --workdir. Nothing was run.")
   for run in plan.runs:
     saved = run_lib.saved_config(run_dir(workdir, run))
     if saved is not None:

@@ -359,6 +359,9 @@ def parse_specs(text: str, data_dir: str | None = None) -> list[tuple[str, str]]
     name, sep, path = spec.partition(":")
     if not sep or not path:
       raise TaskError(f"task {spec!r}: write NAME:PATH, e.g. hellaswag:/data/hellaswag_val.jsonl.")
+    if name in (n for n, _ in specs):  # (results are keyed by name: the second would win)
+      raise TaskError(f"task {name} is given twice; score one file per task (or run the command "
+                      f"once per file).")
     if name not in TASK_NAMES:
       raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
     if path == "tfds" or path.startswith("tfds:"):
@@ -570,7 +573,8 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
     documents = read_wikitext(path)[:limit or None]
     if not documents:
       raise TaskError(f"task file {path} (wikitext) holds no text.")
-    return LoadedTask(name, path, num_fewshot, documents=documents)
+    # Whole documents, scored for perplexity: no few-shot prompt (recorded as 0-shot).
+    return LoadedTask(name, path, 0, documents=documents)
   try:
     items = (CHOICE_TASKS[name] if name in CHOICE_TASKS else read_lambada)(path)
   except TaskError:

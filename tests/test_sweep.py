@@ -328,3 +328,17 @@ def test_final_train_loss_averages_the_last_tenth_of_training():
   assert sweep.final_train_loss(records, 200) == 100.0  # unfinished: the last logged step
   assert sweep.final_train_loss(records[:5], 100) == 40.0
   assert sweep.final_train_loss([], 100) is None
+
+
+def test_a_workdir_of_another_sweep_file_is_refused(tmp_path):
+  body = """
+      def get_sweep():
+        return {"base": {"train": {"num_steps": 7}}, "grid": {"model.num_layers": [1]}}
+      """
+  first, other = write_sweep(tmp_path, body, "a.py"), write_sweep(tmp_path, body, "b.py")
+  workdir = tmp_path / "sweep"
+  sweep._save_state(str(workdir), sweep.load(first), {}, 1)  # what a started sweep leaves
+  sweep.check_workdir(sweep.load(first), str(workdir))  # the same file (edits of it) resumes
+  with pytest.raises(sweep.SweepError, match=r"holds the sweep of .*a\.py, not .*b\.py; rerun "
+                     r"that file"):
+    sweep.check_workdir(sweep.load(other), str(workdir))

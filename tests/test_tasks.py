@@ -337,7 +337,7 @@ def test_cli_scores_tasks_and_merges_eval_results(tiny_lm_run, tmp_path):
   assert lines[1]["examples"] == 5 and lines[1]["perplexity"] > 1
   assert lines[2]["documents"] == 2 and lines[2]["word_perplexity"] > 1
   saved = run_lib.read_json(tiny_lm_run, "eval_results.json")
-  assert saved["hellaswag_1shot"] == lines[0] and saved["wikitext_1shot"] == lines[2]
+  assert saved["hellaswag_1shot"] == lines[0] and saved["wikitext_0shot"] == lines[2]  # (whole documents: 0-shot)
   again = run_evaluate(f"--workdir={tiny_lm_run}", "--progress=false", "--limit=3",
                        f"--tasks=hellaswag:{hellaswag}")
   assert json.loads(again.stdout)["examples"] == 3
@@ -397,3 +397,11 @@ def test_fine_tuning_runs_score_tasks_too_and_classifiers_refuse_them(tiny_lm_ru
                               str(instructions), overrides)
   summary = finetune.finetune(prepared, show_progress=False)
   assert 0 <= summary["eval_lambada_acc"] <= 1 and summary["eval_lambada_perplexity"] > 1
+
+
+def test_a_task_given_twice_is_refused_and_wikitext_is_always_zero_shot(tmp_path):
+  first, second = write(tmp_path / "a.txt", ["a b c"]), write(tmp_path / "b.txt", ["d e f"])
+  with pytest.raises(tasks.TaskError, match=r"task lambada is given twice"):
+    tasks.parse_specs(f"lambada:{first},lambada:{second}")
+  wiki = write(tmp_path / "wiki.raw", [" = Title = ", "", " Some text . "])
+  assert tasks.load_task("wikitext", wiki, num_fewshot=3).num_fewshot == 0
