@@ -20,7 +20,7 @@ def _flag_error(e: BaseException) -> None:
   while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests KeyErrors
     e = e.args[0]
   text = str(e.args[0]) if e.args else str(e)
-  if "get_config" in text:  # the --config file has no get_config()
+  if isinstance(e, AttributeError) and "attribute 'get_config'" in text:  # none in the file
     text = "the --config file defines no get_config(); see configs/default.py"
   elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
     text = f"unknown config key {'; '.join(text.splitlines())}"

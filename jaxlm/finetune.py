@@ -371,6 +371,8 @@ def _check_model(base: ModelConfig, model: ModelConfig) -> None:
   MODEL_KEYS_FINETUNING_MAY_SET): its weights would otherwise load into another function."""
   for field in dataclasses.fields(ModelConfig):
     old, new = getattr(base, field.name), getattr(model, field.name)
+    if field.name == "max_seq_len" and base.positional != "learned":
+      continue  # no position table: a longer context is the same function on the old one
     if field.name not in MODEL_KEYS_FINETUNING_MAY_SET and old != new:
       raise FinetuneError(
           f"model.{field.name}={new!r} differs from the init run's {old!r}; fine-tuning keeps "
@@ -671,14 +673,19 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
             batch_size: int = 16) -> list[dict[str, Any]]:
   """Greedy responses to the prompts of `split`: records with `response` and `exact_match`
   (the response equals the expected output after stripping surrounding whitespace). At most
-  `max_new_tokens` tokens, and no more than the context leaves after the longest prompt (room
-  the expected responses fit: see `encode_instructions`), so prompts are not cut (but for one
-  that fills the whole context: it loses its first token to the one new token)."""
-  room = config.model.max_seq_len - max(split.prompt_lengths)
-  completions = generate_lib.generate(
-      config.model, params, tokenizer, [e.text for e in split.examples],
-      max_new_tokens=max(1, min(max_new_tokens, room)), temperature=0.0, truncate=True,
-      batch_size=batch_size)
+  `max_new_tokens` tokens, and no more than the context leaves after each prompt (room its
+  expected response fits: see `encode_instructions`), so prompts are not cut (but for one that
+  fills the whole context: it loses its first token to the one new token). Prompts of one
+  budget are generated together (most share `max_new_tokens`)."""
+  budgets = [max(1, min(max_new_tokens, config.model.max_seq_len - length))
+             for length in split.prompt_lengths]
+  completions: list[Any] = [None] * len(budgets)
+  for budget in sorted(set(budgets)):
+    rows = [i for i, b in enumerate(budgets) if b == budget]
+    for i, completion in zip(rows, generate_lib.generate(
+        config.model, params, tokenizer, [split.examples[i].text for i in rows],
+        max_new_tokens=budget, temperature=0.0, truncate=True, batch_size=batch_size)):
+      completions[i] = completion
   return [dict(e.record or {}, response=c.text, exact_match=c.text.strip() == e.response.strip())
           for e, c in zip(split.examples, completions)]
 

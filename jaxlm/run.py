@@ -21,11 +21,14 @@ import base64
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxlm import checkpoint as ckpt
@@ -161,19 +164,26 @@ def training_lock(workdir: str) -> Iterator[None]:
   a second trainer of the same workdir (a command started twice, a sweep worker left running)
   is refused in one line instead of interleaving checkpoints and metrics. Released when the
   process ends, however it ends. A filesystem without locks is used unlocked."""
-  if jax.process_index() != 0:
-    yield
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, LOCK_FILE), "a") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+  path, held, fd = os.path.join(workdir, LOCK_FILE), True, None
+  try:
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        held = False
+      except OSError:  # (no locking on this filesystem, or another user's lock file)
+        pass
+    if jax.process_count() > 1:  # every process learns process 0's answer: none waits alone
+      held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+    if not held:
       raise RunError(f"workdir {workdir} is being trained by another process (it holds "
-                     f"{f.name}); wait for it to finish or stop it, then rerun.") from None
-    except OSError:  # (no locking on this filesystem)
-      pass
+                     f"{path}); wait for it to finish or stop it, then rerun.")
     yield
+  finally:
+    if fd is not None:
+      os.close(fd)
 
 
 def check_restore_step(workdir: str, step: int) -> None:
@@ -201,11 +211,13 @@ def write_files(workdir: str, config: Config, tokenizer, *,
   if base_config is not None:
     # A resumed run's base may be its own saved config (--workdir alone): the differences its
     # start recorded stay, with the value they now have.
-    diff_path = os.path.join(workdir, "config_diff.json")
-    diff = files.read_json(diff_path) or {}
+    diff = read_json(workdir, "config_diff.json") or {}
     for key, change in config_lib.diff(dict(base_config), config_dict).items():
-      diff[key] = {"from": diff.get(key, change)["from"], "to": change["to"]}
-    files.write_json(diff_path, {k: v for k, v in diff.items() if v["from"] != v["to"]})
+      diff[key] = {"from": diff.get(key, change)["from"]}
+    for key, change in diff.items():  # every entry holds the value the run has now
+      change["to"] = functools.reduce(lambda d, part: d[part], key.split("."), config_dict)
+    files.write_json(os.path.join(workdir, "config_diff.json"),
+                     {k: v for k, v in diff.items() if v["from"] != v["to"]})
   files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
   if run_source is not None:
     files.write_json(os.path.join(workdir, "source.json"), dict(run_source))

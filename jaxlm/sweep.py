@@ -232,9 +232,10 @@ def check_workdir(plan: Plan, workdir: str) -> None:
   from jaxlm import run as run_lib  # (jax is imported only where a run is prepared)
   run_lib.check_writable(workdir)
   saved = saved_plan(workdir)
-  if saved is not None and saved.source != plan.source:
-    raise SweepError(f"{workdir} holds the sweep of {saved.source}, not {plan.source}; rerun "
-                     f"that file (edits of it resume), or use a new --workdir. Nothing was run.")
+  if saved is not None and saved.name != plan.name:  # (by name: a checkout may move)
+    raise SweepError(f"{workdir} holds sweep '{saved.name}' ({saved.source}), not "
+                     f"'{plan.name}'; rerun that file (edits of it resume), or use a new "
+                     f"--workdir. Nothing was run.")
   for run in plan.runs:
     saved = run_lib.saved_config(run_dir(workdir, run))
     if saved is not None:

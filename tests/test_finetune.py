@@ -238,11 +238,18 @@ class _WordTokenizer:
     return "".join(chr(i - 2) for i in ids if i >= 2)
 
 
-def test_test_answers_never_cut_their_prompts_whatever_max_new_tokens():
-  """The default finetune.max_new_tokens (128) on a 64-token context: the answers get what the
-  context leaves after the longest prompt, instead of a failure after training."""
+def test_test_answers_never_cut_their_prompts_whatever_max_new_tokens(monkeypatch):
+  """The default finetune.max_new_tokens (128) on a 64-token context: each answer gets what the
+  context leaves after its prompt, instead of a failure after training."""
   examples = [finetune.Example(f"a:{i}", "x" * length + ": ", response="abc")
-              for i, length in enumerate((10, 40))]
+              for i, length in enumerate((10, 40, 10))]
+  budgets, generate = {}, generate_lib.generate
+
+  def recording_generate(model_config, params, tokenizer, prompts, *, max_new_tokens, **kwargs):
+    budgets.update({len(p): max_new_tokens for p in prompts})
+    return generate(model_config, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                    **kwargs)
+  monkeypatch.setattr(generate_lib, "generate", recording_generate)
   split = finetune.encode_instructions(examples, _WordTokenizer(), max_length=64)
   config = config_lib.validate({"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 16,
                                           "mlp_dim": 32, "vocab_size": 130, "max_seq_len": 64},
@@ -250,8 +257,9 @@ def test_test_answers_never_cut_their_prompts_whatever_max_new_tokens():
   params = nn.unbox(Transformer(config.model).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
   report = finetune.respond(config, params, _WordTokenizer(), split, max_new_tokens=128)
-  assert [r["exact_match"] for r in report] == [False, False]
-  assert max(len(r["response"]) for r in report) <= 64 - 42  # the room after 42 prompt tokens
+  assert [r["exact_match"] for r in report] == [False, False, False]
+  assert budgets == {12: 64 - 12, 42: 64 - 42}  # prompt characters (= tokens here) -> budget
+  assert len(report[1]["response"]) <= 64 - 42
 
 
 def test_prompt_and_padding_never_enter_the_instruction_loss():

@@ -165,6 +165,9 @@ def test_a_model_unlike_the_init_run_is_refused_before_anything_is_written(tiny_
       "model.dropout": 0.1, "model.dtype": "bfloat16", "model.attention_impl": "reference",
       "model.remat_policy": "full"})
   assert (config.model.dropout, config.model.dtype) == (0.1, "bfloat16")
+  # So may the context without a position table (rope here): the same function on the old one.
+  assert finetune.finetune_config(init, "instruct", {"model.max_seq_len": 128}).model.max_seq_len \
+      == 128
 
 
 def test_keys_a_finetuning_task_could_only_ignore_are_refused(tiny_lm_run):

@@ -71,3 +71,8 @@ def test_config_diff_keeps_what_the_start_changed_when_resumed(tmp_path):
   diff = json.loads((tmp_path / "config_diff.json").read_text())
   assert diff == {"train.num_steps": {"from": 500, "to": 300},
                   "model.num_layers": {"from": 4, "to": 2}}
+  # Resumed from the config file with one override undone: its entry goes.
+  undone = config_lib.replace(longer, model={"num_layers": 4})
+  run_lib.write_files(str(tmp_path), undone, _Tokenizer(b"t"), base_config=file_config)
+  assert json.loads((tmp_path / "config_diff.json").read_text()) == {
+      "train.num_steps": {"from": 500, "to": 300}}

@@ -339,6 +339,6 @@ def test_a_workdir_of_another_sweep_file_is_refused(tmp_path):
   workdir = tmp_path / "sweep"
   sweep._save_state(str(workdir), sweep.load(first), {}, 1)  # what a started sweep leaves
   sweep.check_workdir(sweep.load(first), str(workdir))  # the same file (edits of it) resumes
-  with pytest.raises(sweep.SweepError, match=r"holds the sweep of .*a\.py, not .*b\.py; rerun "
+  with pytest.raises(sweep.SweepError, match=r"holds sweep 'a' \(.*a\.py\), not 'b'; rerun "
                      r"that file"):
     sweep.check_workdir(sweep.load(other), str(workdir))
