@@ -147,12 +147,15 @@ def check_tokenizer(workdir: str, tokenizer) -> None:
   if saved_config(workdir) is None:
     return
   path = os.path.join(workdir, tokenizer.file_name)
-  with open(path, "rb") if os.path.isfile(path) else contextlib.nullcontext() as f:
-    if f is None or f.read() != tokenizer.serialize():
-      raise RunError(f"workdir {workdir} holds a run trained with another tokenizer than data.* "
-                     f"gives now ({path} differs: a text_files corpus that changed trains a new "
-                     f"one); resume with the data it started on, or choose a new --workdir. "
-                     f"Nothing was changed.")
+  saved = None
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      saved = f.read()
+  if saved != tokenizer.serialize():
+    raise RunError(f"workdir {workdir} holds a run trained with another tokenizer than data.* "
+                   f"gives now ({path} differs: a text_files corpus that changed trains a new "
+                   f"one); resume with the data it started on, or choose a new --workdir. "
+                   f"Nothing was changed.")
 
 
 LOCK_FILE = ".lock"
