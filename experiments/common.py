@@ -38,8 +38,8 @@ def define_config_flag(default: str | None = "configs/default.py"):
   """The --config flag. ml_collections applies --config.K=V overrides while defining it, so a
   bad override surfaces here; it becomes one line on stderr instead of a traceback."""
   try:
-    return config_flags.DEFINE_config_file(
-        "config", default, "ml_collections config file; override fields with --config.K=V.")
+    return _in_help(config_flags.DEFINE_config_file(
+        "config", default, "ml_collections config file; override fields with --config.K=V."))
   except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
 
@@ -48,11 +48,13 @@ def define_config_overrides_flag():
   """A --config flag holding the schema's defaults, for scripts that start from a run's saved
   config (fine-tuning): only the --config.K=V overrides matter (see `config_overrides`)."""
   try:
-    return config_flags.DEFINE_config_dict(
+    holder = _in_help(config_flags.DEFINE_config_dict(
         "config", config_lib.default_config_dict(),
-        "override fields of the run's config with --config.K=V (e.g. --config.model.lora_rank=8).")
+        "override fields of the run's config with --config.K=V (e.g. --config.model.lora_rank=8)"))
   except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
+  flags.FLAGS[holder.name].default_as_str = None  # (--help: the schema's values are not the run's)
+  return holder
 
 
 def config_overrides(flag_name: str = "config") -> dict[str, Any]:
@@ -73,19 +75,35 @@ def config_value(holder) -> Any:
         f"--config=configs/NAME.py.") from None
 
 
+def _in_help(holder: flags.FlagHolder) -> flags.FlagHolder:
+  """Lists a flag defined here in the script's --help (absl lists only the main module's)."""
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
+  return holder
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (for app.run), with bad values reported as one line, exit 2."""
+  """absl's flag parsing (for app.run), with bad values reported as one line, exit 2; --help
+  (or -h) prints the script's flags and exits 0 (absl exits 1)."""
+  argv = ["--help" if arg == "-h" else arg for arg in argv]
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    if e.code == 1 and any(arg.lstrip("-").split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
   except Exception as e:  # pylint: disable=broad-except  (a flag, or the config file's code)
     _flag_error(e)
 
 
 def define_distributed_flags() -> None:
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0 for a multi-process job (jax.distributed).")
-  flags.DEFINE_integer("num_processes", None, "number of processes in the job.")
-  flags.DEFINE_integer("process_id", None, "this process's index in the job.")
+  _in_help(flags.DEFINE_string(
+      "coordinator_address", None,
+      "host:port of process 0 for a multi-process job (jax.distributed)."))
+  _in_help(flags.DEFINE_integer("num_processes", None, "number of processes in the job."))
+  _in_help(flags.DEFINE_integer("process_id", None, "this process's index in the job."))
 
 
 def log(message: str) -> None:
@@ -126,9 +144,9 @@ def config_file_dict(flag_name: str = "config") -> dict[str, Any]:
 
 def define_restore_step_flag() -> flags.FlagHolder:
   """--restore_step: resume from a chosen checkpoint (pretraining and fine-tuning scripts)."""
-  return flags.DEFINE_integer(
+  return _in_help(flags.DEFINE_integer(
       "restore_step", None, "resume from this checkpoint step instead of the newest valid one "
-      "(the later ones are moved to checkpoints_discarded/).", lower_bound=0)
+      "(the later ones are moved to checkpoints_discarded/).", lower_bound=0))
 
 
 def run_finetune(task: str, init: str | None, data: str | None, workdir: str | None,

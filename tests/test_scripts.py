@@ -62,3 +62,18 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
     assert re.match(r"error: (the --config file cannot be loaded: )?.*" + expected, lines[0]), (
         lines[0])
   assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_every_flag_of_the_script_and_exits_0():
+  """absl lists only the main module's flags and exits 1: --config, --restore_step and the
+  distributed flags (defined in experiments/common.py) were missing from --help."""
+  for script, flag, expected in [
+      ("pretrain", "--help", ("--config:", "(default: 'configs/default.py')", "--workdir:",
+                              "--restore_step:", "--coordinator_address:")),
+      ("finetune_instruct", "-h", ("--config: override fields", "--init:", "--data:"))]:
+    result = subprocess.run([sys.executable, "-m", f"experiments.{script}", flag], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in expected:
+      assert text in result.stdout, (script, text, result.stdout)
+    assert "corpus: pystdlib" not in result.stdout  # (the schema's defaults are not the run's)
