@@ -188,7 +188,9 @@ def _sample_step(state: DecodeState, logits: jax.Array, prompt_len: int, samplin
   """Samples step `state.step`'s tokens from its logits [B, vocab] (row r with the key
   fold_in(row key, step)) and writes them (pad for finished rows) and the logits."""
   keys = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
-  new = sample_logits(logits, keys, sampling["temperature"], sampling["top_k"],
+  # Rows of a padded embedding (ids the tokenizer lacks) are never drawn.
+  allowed = jnp.arange(logits.shape[-1]) < sampling["vocab_size"]
+  new = sample_logits(jnp.where(allowed, logits, -jnp.inf), keys, sampling["temperature"], sampling["top_k"],
                       sampling["top_p"], sampling["min_p"])
   new = jnp.where(state.done, sampling["pad_id"], new)
   tokens = jax.lax.dynamic_update_slice(state.tokens, new[:, None], (0, prompt_len + state.step))
@@ -367,6 +369,7 @@ def stream(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], 
   stats.update(batch=len(rows), prompt_tokens=sum(len(r) for r in rows), kv_cache=kv_cache)
   chunks = decode_tokens(config, params, rows, max_new_tokens=max_new_tokens,
                          chunk_size=chunk_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                         vocab_size=tokenizer.vocab_size,
                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          seed=seed, rng=rng, kv_cache=kv_cache, mesh=mesh,
                          with_logits=with_logits, info=stats)
@@ -379,7 +382,8 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
                   kv_cache: bool = True, mesh: Mesh | None = None, with_logits: bool = False,
-                  info: dict | None = None) -> Iterator[np.ndarray]:
+                  info: dict | None = None, vocab_size: int | None = None
+                  ) -> Iterator[np.ndarray]:
   """Token-level generation (no tokenizer; prompts already fit the context window).
 
   A generator: after the prefill (1 token) and after each call of up to `chunk_size` decode
@@ -387,7 +391,8 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   every yield waits for the device, so the time between yields is the decode time. `send()` a
   [B] bool array to stop rows (the host's stop strings). It ends when every row is done or
   max_new_tokens are generated. info: gets prompt_bucket, cache_length and, at the end, `logits`
-  [B, max_new_tokens, vocab] when with_logits.
+  [B, max_new_tokens, vocab] when with_logits. vocab_size: the tokenizer's, when the model's
+  embedding is padded beyond it (ids from it on are never sampled); default the model's.
   """
   batch = len(rows)
   prompt_len = prompt_bucket(max(len(r) for r in rows))
@@ -399,7 +404,7 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
   # Traced (not static) sampling values: changing them never recompiles.
   sampling = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
               "top_p": np.float32(top_p), "min_p": np.float32(min_p), "eos_id": np.int32(eos_id),
-              "pad_id": np.int32(pad_id)}
+              "pad_id": np.int32(pad_id), "vocab_size": np.int32(vocab_size or config.vocab_size)}
   rng = jax.random.PRNGKey(seed) if rng is None else rng
   mesh = mesh if mesh is not None else _mesh_of(params)
   info = {} if info is None else info

@@ -159,8 +159,9 @@ def check_model(model: ModelConfig, mesh: Mesh) -> None:
   for field, size, axis, ways in sizes:
     if size % ways:
       padded = -(-size // ways) * ways
-      hint = (f"; use e.g. --config.model.vocab_size={padded} (the tokenizer is trained with "
-              f"that size)" if field == "model.vocab_size"
+      hint = (f"; use e.g. --config.model.vocab_size={padded} (a tokenizer trained here gets "
+              f"that size; a fixed data.tokenizer keeps its own, the embedding is padded)"
+              if field == "model.vocab_size"
               else f"; choose a multiple of {ways} or a smaller mesh.{axis}")
       raise ConfigError(f"{field}={size} is not divisible by mesh.{axis}={ways}{hint}.")
 

@@ -421,16 +421,18 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_path: s
 def get_tokenizer(data: DataConfig, vocab_size: int) -> tuple[Tokenizer, str]:
   """The tokenizer for `data` and its file path.
 
-  With `data.tokenizer` set, loads that file (its vocabulary must equal `vocab_size`). Otherwise
+  With `data.tokenizer` set, loads that file (its vocabulary must fit `vocab_size`: a larger
+  model.vocab_size pads the embedding, e.g. to a multiple of mesh.tensor or of 64). Otherwise
   trains SentencePiece on the corpus' train split on first use and caches the model under
   `data.data_dir/tokenizers/<corpus_id>-v<vocab_size>-<settings hash>.model`.
   """
   if data.tokenizer:
     tokenizer = load_tokenizer(data.tokenizer)
-    if tokenizer.vocab_size != vocab_size:
+    if tokenizer.vocab_size > vocab_size:
       raise TokenizerError(
           f"tokenizer {data.tokenizer} has vocabulary {tokenizer.vocab_size} but "
-          f"model.vocab_size={vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}.")
+          f"model.vocab_size={vocab_size}; set --config.model.vocab_size to at least "
+          f"{tokenizer.vocab_size} (a larger size pads the embedding).")
     return tokenizer, data.tokenizer
   from jaxlm import corpora  # imports TFDS (slow): only when a tokenizer must be trained
   path = tokenizer_cache_path(data, vocab_size)

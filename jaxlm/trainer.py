@@ -53,11 +53,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
   eval_tasks = tasks_lib.load_eval_tasks(config)
-  tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-        f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}.")
+  tokenizer, _ = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   run_lib.check_tokenizer(workdir, tokenizer)
   train_tokens = data_lib.load_tokens(config.data, "train", tokenizer)
   eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer)

@@ -244,6 +244,25 @@ def test_eos_stops_a_row():
   assert out[0].text == tokenizer.decode(tokens[:t])
 
 
+def test_ids_of_a_padded_embedding_are_never_sampled():
+  """A model whose vocab_size pads the tokenizer's (e.g. GPT-2's 50,257 to 50,304 for a tensor
+  split) never draws an id the tokenizer lacks: greedy takes the best of the tokenizer's ids."""
+  tokenizer = CharTok()
+  tokenizer.vocab_size, tokenizer.eos_id = 48, -1  # the model has 64 rows: 48..63 are padding
+  full, _ = run(tokenizer=NO_EOS)
+  assert any(max(c.tokens) >= 48 for c in full)  # unmasked, this model picks padding ids
+  for temperature in (0.0, 1.0):
+    out, stats = run(tokenizer=tokenizer, temperature=temperature)
+    assert all(max(c.tokens) < 48 for c in out), [c.tokens for c in out]
+  logits = stats["logits"]  # (temperature 1.0; the greedy tokens are checked with their own)
+  greedy, greedy_stats = run(tokenizer=tokenizer)
+  for row, completion in enumerate(greedy):
+    steps = len(completion.tokens)
+    expected = np.argmax(greedy_stats["logits"][row, :steps, :48], axis=-1)
+    assert completion.tokens == expected.tolist()
+  assert logits.shape[-1] == 64
+
+
 def test_prompt_longer_than_the_context_is_refused_or_truncated():
   long_prompt = "x = 1\n" * 5  # 30 tokens; max_seq_len 80 - 64 new tokens leaves 16
   with pytest.raises(gen.GenerationError, match=r"prompt 1 has 30 tokens.*room for 16.*trunc"):

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
@@ -214,17 +215,30 @@ def expect_refused(values, workdir, match, error=ValueError):
   assert not os.path.exists(workdir)
 
 
-def test_tokenizer_vocabulary_must_match_the_model(tmp_path, data_dir):
+def test_a_fixed_tokenizer_must_fit_the_model_vocabulary_which_may_pad_it(tmp_path, data_dir):
+  """A tokenizer of 301 ids on a model of 256 is refused; on 302 (301 padded for a 2-way tensor
+  split, as GPT-2's 50,257 -> 50,304) it trains: the vocabulary and tokenizer checks used to
+  demand contradictory sizes."""
   from jaxlm import tokenizer as tokenizer_lib
   files = write_files(tmp_path / "docs", [f"line {i} of some text\n" * 40 for i in range(6)])
   model_path = str(tmp_path / "tok.model")
   from jaxlm import corpora
   data = config_lib.validate(tiny_values(data_dir, data={"corpus": "text_files",
                                                          "files": files})).data
-  tokenizer_lib.train_sentencepiece(corpora.load_split(data, "train"), 300, model_path)
-  values = tiny_values(data_dir, data={"corpus": "text_files", "files": files,
-                                       "tokenizer": model_path})
-  expect_refused(values, tmp_path / "run", "vocab")
+  tokenizer_lib.train_sentencepiece(corpora.load_split(data, "train"), 301, model_path)
+  data = {"corpus": "text_files", "files": files, "tokenizer": model_path, "seq_len": 16}
+  expect_refused(tiny_values(data_dir, data=data, model={"vocab_size": 256}), tmp_path / "run",
+                 "has vocabulary 301 but model.vocab_size=256; set --config.model.vocab_size to "
+                 "at least 301", error=tokenizer_lib.TokenizerError)
+  values = tiny_values(data_dir, data=data, model={"vocab_size": 302},
+                       mesh={"data": -1, "tensor": 2},
+                       train={"num_steps": 2, "eval_every": 0, "checkpoint_every": 0,
+                              "sample_every": 2, "sample_max_new_tokens": 24})
+  summary = trainer.train(config_lib.validate(values), str(tmp_path / "run"),
+                          show_progress=False)
+  assert summary["finished"] and np.isfinite(summary["eval_loss"])
+  with open(tmp_path / "run" / "samples.jsonl") as f:
+    assert {json.loads(line)["step"] for line in f} == {2}  # (decoded: no id past 300)
 
 
 def test_empty_corpus_is_refused(tmp_path, data_dir):

@@ -140,8 +140,10 @@ def test_explicit_tokenizer_file(trained):
   loaded, loaded_path = tk.get_tokenizer(explicit, 4096)
   assert loaded_path == path and loaded.encode("x = 1\n") == tokenizer.encode("x = 1\n")
   with pytest.raises(tk.TokenizerError, match=r"has vocabulary 4096 but model.vocab_size=1000; "
-                                              r"set --config.model.vocab_size=4096"):
+                                              r"set --config.model.vocab_size to at least 4096"):
     tk.get_tokenizer(explicit, 1000)
+  padded, _ = tk.get_tokenizer(explicit, 4096 + 64)  # a larger model vocabulary pads it
+  assert padded.vocab_size == 4096
 
 
 def test_missing_or_invalid_tokenizer_file(tmp_path):
