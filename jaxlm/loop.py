@@ -234,7 +234,7 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
         raise TrainingDiverged(
             f"training diverged: {in_a_row['nonfinite']} non-finite steps in a row at step "
             f"{done_step} (train.max_nonfinite_steps={limit}); lower optim.learning_rate or "
-            f"raise optim.warmup_steps, and resume from the last checkpoint.")
+            f"raise optim.warmup_steps, and {_restart(saved_step)}.")
     in_a_row["spike"] = in_a_row["spike"] + 1 if values["spike"] else 0
     if values["spike"]:  # its values fetched only then: two scalars per step otherwise
       record = _report_spike(cfg, writer, done_step, jax.device_get(step_metrics),
@@ -252,8 +252,8 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
       raise TrainingDiverged(
           f"loss spike at step {spike.step} after {book.rollbacks} rollbacks "
           f"(train.max_rollbacks={t.max_rollbacks}): rolling back does not cure it; lower "
-          f"optim.learning_rate or raise train.rollback_skip_batches, and resume from the last "
-          f"checkpoint (step {saved_step}).")
+          f"optim.learning_rate or raise train.rollback_skip_batches, and "
+          f"{_restart(saved_step)}.")
     checkpointer.wait()
     # Every checkpoint precedes the spike. A periodic one is preferred over a preemption's save,
     # so that a run preempted in between rolls back to the step an uninterrupted run does.
@@ -434,16 +434,22 @@ def _report_spike(cfg: Config, writer, step: int, values: Mapping[str, Any], pos
   if t.spike_action == "halt":
     raise TrainingDiverged(
         f"loss spike at step {step} (train.spike_action=halt): loss {loss_ratio:.2f}x, gradient "
-        f"norm {grad_ratio:.2f}x their running means; the last checkpoint is step {saved_step}: "
-        f"rerun to resume from it, with train.spike_action=skip or a lower "
-        f"optim.learning_rate.")
+        f"norm {grad_ratio:.2f}x their running means; {_restart(saved_step)}, with "
+        f"train.spike_action=skip or a lower optim.learning_rate.")
   if t.spike_action == "skip" and in_a_row > t.max_spike_steps:
     raise TrainingDiverged(
         f"{in_a_row} spikes in a row at step {step} (train.max_spike_steps="
         f"{t.max_spike_steps}): the loss has moved for good, which skipping cannot fix; lower "
         f"optim.learning_rate, or raise train.spike_loss_ratio / train.spike_grad_ratio, and "
-        f"resume from the last checkpoint (step {saved_step}).")
+        f"{_restart(saved_step)}.")
   return record
+
+
+def _restart(saved_step: int) -> str:
+  """How a stopped run goes on: from its newest checkpoint, or from the start if it has none."""
+  if saved_step:
+    return f"rerun to resume from the last checkpoint (step {saved_step})"
+  return "rerun to start over (no checkpoint was saved yet)"
 
 
 def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:

@@ -245,6 +245,8 @@ def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path,
   assert statuses == {"learned/seed_0": "finished", "learned/seed_1": "finished",
                       "diverges/seed_0": "failed", "diverges/seed_1": "failed"}
   assert "training diverged" in state["runs"]["diverges/seed_1"]["error"]
+  assert "rerun to start over (no checkpoint was saved yet)" in state["runs"][
+      "diverges/seed_1"]["error"]  # (not "the last checkpoint (step 0)")
   for seed in (0, 1):
     run = workdir / "learned" / f"seed_{seed}"
     assert json.loads((run / "summary.json").read_text())["step"] == 8
