@@ -201,22 +201,24 @@ def _split_rule(identities: Iterable[str], fraction: float, corpus: str) -> _Spl
 
 # -- Reading documents from files ---------------------------------------------------------------
 
-def _read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+def _read_jsonl(path: str, text_key: str, key_flag: str) -> Iterator[tuple[int, str]]:
   """Yields (line number, text) for each non-blank line of a JSON-lines file."""
   with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
       if line.strip():
-        yield number, parse_jsonl_line(path, number, line, text_key)
+        yield number, parse_jsonl_line(path, number, line, text_key, key_flag)
 
 
-def _iter_documents(files: Sequence[tuple[str, str]], text_key: str) -> Iterator[tuple[str, str]]:
-  """Yields (identity, text) of every non-blank document in `files` = [(identity, path)].
+def _iter_documents(files: Sequence[tuple[str, str]], text_key: str,
+                    key_flag: str = "--config.data.text_key") -> Iterator[tuple[str, str]]:
+  """Yields (identity, text) of every non-blank document in `files` = [(identity, path)];
+  key_flag: the option that sets `text_key`, for the error messages.
 
   Whitespace-only documents are skipped: they teach nothing and would make splits look non-empty.
   """
   for identity, path in files:
     if path.endswith(".jsonl"):
-      for number, text in _read_jsonl(path, text_key):
+      for number, text in _read_jsonl(path, text_key, key_flag):
         if text.strip():
           yield f"{identity}:{number}", text
     else:
@@ -307,13 +309,14 @@ def _listing_hash(root: str, files: Sequence[str], mtimes: bool) -> str:
   return digest.hexdigest()[:_HASH_CHARS]
 
 
-def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_files"
-                   ) -> list[tuple[str, str]]:
+def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_files",
+                   key_flag: str = "--text_key") -> list[tuple[str, str]]:
   """[(identity, text)] of the files matched by `patterns`, read directly (no TFDS): the same
   document rules as the `text_files` corpus (.txt/.md a document per file, .jsonl one per line).
+  flag, key_flag: the options that gave `patterns` and `text_key`, for the error messages.
   """
   paths = resolve_globs(patterns, flag)
-  return list(_iter_documents([(path, path) for path in paths], text_key))
+  return list(_iter_documents([(path, path) for path in paths], text_key, key_flag))
 
 
 def _fraction_tag(fraction: float) -> str:

@@ -204,6 +204,15 @@ def test_text_files_errors_name_the_problem(tmp_path, files, content, match):
   assert not _variant_dirs(data.data_dir)  # nothing that looks prepared was left behind
 
 
+def test_files_read_directly_name_the_flags_of_their_script(tmp_path):
+  """evaluate --text_files has --text_key, not --config.data.text_key."""
+  _write(tmp_path / "bad.jsonl", b'{"body": "x"}\n')
+  with pytest.raises(corpora.CorpusError, match=r"bad\.jsonl:1: no field 'text' .*set --text_key"):
+    corpora.read_documents(str(tmp_path / "*.jsonl"))
+  with pytest.raises(corpora.CorpusError, match=r"--text_files glob .* matched no files"):
+    corpora.read_documents(str(tmp_path / "*.txt"))
+
+
 def test_text_files_over_the_in_memory_limit_needs_tensorflow(tmp_path, monkeypatch):
   from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 10)
