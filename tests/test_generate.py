@@ -286,7 +286,8 @@ def test_decodes_on_a_mesh_with_the_cache_sharded_by_heads():
   assert [c.tokens for c in sharded] == [c.tokens for c in plain]
   # The cache of that run: [batch, length, heads, head_dim] with heads over `tensor`.
   s = {"temperature": np.float32(0.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
-       "min_p": np.float32(0.0), "eos_id": np.int32(3), "pad_id": np.int32(0)}
+       "min_p": np.float32(0.0), "eos_id": np.int32(3), "pad_id": np.int32(0),
+       "vocab_size": np.int32(GPT2.vocab_size)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(gen._rules(3, mesh)):
     state = gen._start(params, np.ones((3, 16), np.int32), np.full(3, 16, np.int32),
                        jax.random.PRNGKey(0), s, config=GPT2, new_slots=NEW, kv_cache=True,
