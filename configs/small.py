@@ -12,7 +12,7 @@ from jaxlm.config import default_config_dict
 def get_config():
   config = default_config_dict()
   config.model.update(num_layers=2, num_heads=4, embed_dim=128, mlp_dim=512, max_seq_len=128)
-  config.data.update(seq_len=128, stride=128)
+  config.data.update(seq_len=128)
   config.train.update(num_steps=300, global_batch_size=16, eval_every=50, eval_batches=16,
                       checkpoint_every=100, sample_every=0, sample_max_new_tokens=0)
   return config

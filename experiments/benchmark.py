@@ -70,27 +70,36 @@ CPU_WORKLOADS = ("small", "default")  # what --workload=all means on a CPU
 _WORKLOAD = flags.DEFINE_enum(
     "workload", "all", (*WORKLOADS, "all"),
     "which workload(s); all = small + default on CPU, gpt2_124m on GPU/TPU.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "override the workload's global batch size.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "override the workload's global batch size.",
+                              lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", None, ("float32", "bfloat16"),
                            "compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU).")
 _TORCH_COMPILE = flags.DEFINE_bool(
     "torch_compile", None, "torch.compile the PyTorch reference (default: on GPU only).")
-_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per block (per implementation).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "rounds of alternating blocks; medians over them.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per implementation first.")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per block (per implementation).",
+                              lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "rounds of alternating blocks; medians over them.",
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per implementation first.",
+                               lower_bound=0)
 _TORCH = flags.DEFINE_bool("torch", True, "also run the PyTorch reference if importable.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.", lower_bound=1)
 _GENERATE_CONFIG = flags.DEFINE_string(
     "generate_config", "configs/gpt2_124m.py", "generate mode: model config (random weights).")
 _GENERATE_REPEATS = flags.DEFINE_integer(
-    "generate_repeats", 3, "generate mode: alternating cached/uncached rounds; medians.")
+    "generate_repeats", 3, "generate mode: alternating cached/uncached rounds; medians.",
+    lower_bound=1)
 _UNCACHED_STEPS = flags.DEFINE_integer(
-    "uncached_steps", 8, "generate mode: timed steps of the (constant-cost) uncached path.")
+    "uncached_steps", 8, "generate mode: timed steps of the (constant-cost) uncached path.",
+    lower_bound=1)
 _TASKS_CONFIG = flags.DEFINE_string("tasks_config", "configs/default.py",
                                     "tasks mode: model config (random weights).")
-_TASKS_PAIRS = flags.DEFINE_integer("tasks_pairs", 512, "tasks mode: context/continuation pairs.")
-_TASKS_REPEATS = flags.DEFINE_integer("tasks_repeats", 3, "tasks mode: alternating rounds.")
-_TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows per batch.")
+_TASKS_PAIRS = flags.DEFINE_integer("tasks_pairs", 512, "tasks mode: context/continuation pairs.",
+                                    lower_bound=1)
+_TASKS_REPEATS = flags.DEFINE_integer("tasks_repeats", 3, "tasks mode: alternating rounds.",
+                                      lower_bound=1)
+_TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows per batch.",
+                                    lower_bound=1)
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -494,6 +503,7 @@ def run_train(workloads: list[str], *, steps: int, repeats: int, warmup: int = 2
   return rows, peak
 
 
+@common.exit_on_user_error
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m experiments.benchmark MODE [flags]; MODE is one of "

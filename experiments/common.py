@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable
 
 from absl import flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
@@ -63,16 +64,23 @@ def config_overrides(flag_name: str = "config") -> dict[str, Any]:
 
 
 def config_value(holder) -> Any:
-  """The --config value; a config file that cannot be loaded is a ConfigError (one line)."""
+  """The --config value; a config file that cannot be loaded, or whose get_config() returns
+  no ConfigDict, is a ConfigError (one line)."""
+  path = config_flags.get_config_filename(flags.FLAGS[holder.name])
   try:
-    value = holder.value
-    value.to_dict()  # a config file that failed to load raises only when first used
-    return value
+    value = holder.value  # a config file that failed to load raises only when first used
   except OSError as e:
-    path = config_flags.get_config_filename(flags.FLAGS[holder.name])
     raise config_lib.ConfigError(
         f"config file {path} cannot be loaded ({str(e).splitlines()[-1].strip()}); pass "
         f"--config=configs/NAME.py.") from None
+  except flags.IllegalFlagValueError:  # get_config() returned None
+    value = None
+  if not isinstance(value, ml_collections.ConfigDict):  # (--config.K=V needs one)
+    raise config_lib.ConfigError(
+        f"config file {path}: get_config() returned {type(value).__name__}, not an "
+        f"ml_collections ConfigDict; return one (e.g. jaxlm.config.default_config_dict(), "
+        f"updated as in configs/small.py).")
+  return value
 
 
 def _in_help(holder: flags.FlagHolder) -> flags.FlagHolder:

@@ -143,6 +143,12 @@ def run_generate_benchmark(config_path: str = "configs/gpt2_124m.py",
   """All measurements as rows (see the module doc). `log(message)` reports progress."""
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
   model_config = load_model_config(config_path)
+  longest = prompt_tokens + max(new_tokens, total_tokens - prompt_tokens, long_tokens)
+  if longest > model_config.max_seq_len:  # (positions past it are meaningless)
+    from jaxlm.config import ConfigError
+    raise ConfigError(f"{config_path}: model.max_seq_len={model_config.max_seq_len} is shorter "
+                      f"than the benchmark's longest generation ({longest} tokens); pass a "
+                      f"--generate_config with a longer context (e.g. configs/gpt2_124m.py).")
   params = random_params(model_config, seed)
   rows = []
   for batch in batch_sizes:

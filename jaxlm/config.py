@@ -98,10 +98,15 @@ class DataConfig:
   validation_split: str = "validation"
   validation_fraction: float = 0.05
   seq_len: int = 256
-  stride: int = 256
+  stride: int = 0  # 0: seq_len (windows follow each other), however seq_len is overridden
   data_dir: str = "~/.cache/jaxlm"
   tokenizer: str = ""
   tokenizer_max_sentences: int = 300_000
+
+  @property
+  def window_stride(self) -> int:
+    """Tokens between the starts of consecutive training windows (`stride`, 0: `seq_len`)."""
+    return self.stride or self.seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +261,7 @@ def gpt2_config_dict(size: str) -> ml_collections.ConfigDict:
                       mlp_dim=4 * embed_dim, vocab_size=50257, max_seq_len=1024,
                       positional="learned", norm="layernorm", mlp="gelu", use_bias=True,
                       tie_embeddings=True)
-  config.data.update(seq_len=1024, stride=1024)
+  config.data.update(seq_len=1024)
   return config
 
 
@@ -395,7 +400,7 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.embed_dim", "model.mlp_dim",
     "model.vocab_size", "model.max_seq_len", "model.scan_unroll", "model.norm_eps",
-    "model.init_std", "model.rope_theta", "data.seq_len", "data.stride", "data.tokenizer_max_sentences",
+    "model.init_std", "model.rope_theta", "data.seq_len", "data.tokenizer_max_sentences",
     "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
     "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
@@ -405,7 +410,7 @@ _NON_NEGATIVE = (
     "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
     "train.max_nonfinite_steps", "train.eval_tasks_limit", "train.max_spike_steps",
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
-    "train.layer_stats_every", "train.sample_temperature", "optim.min_learning_rate",
+    "train.layer_stats_every", "train.sample_temperature", "optim.min_learning_rate", "data.stride",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
 _CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
@@ -476,6 +481,20 @@ def check_sampling(config: Config) -> None:
   if t.sample_max_new_tokens >= m.max_seq_len:
     raise ConfigError(f"train.sample_max_new_tokens={t.sample_max_new_tokens} leaves no room for "
                       f"a prompt in model.max_seq_len={m.max_seq_len}; lower it (0: no samples).")
+
+
+def check_training_data(data: DataConfig) -> None:
+  """ConfigError for data.* values that pretraining would silently follow against the user's
+  intent: checked by pretraining before it starts (a saved run still opens for generation)."""
+  if data.stride > data.seq_len:
+    raise ConfigError(f"data.stride={data.stride} exceeds data.seq_len={data.seq_len}: the "
+                      f"tokens between windows would never be trained on; set data.stride <= "
+                      f"seq_len (0: equal to it, windows follow each other).")
+  for key, corpus in (("files", "text_files"), ("tfds_name", "tfds")):
+    if getattr(data, key) and data.corpus != corpus:
+      raise ConfigError(f"data.{key} is read only with data.corpus='{corpus}' (data.corpus="
+                        f"'{data.corpus}' ignores it); add --config.data.corpus={corpus} or "
+                        f"drop data.{key}.")
 
 
 def check(config: Config) -> Config:

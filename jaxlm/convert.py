@@ -31,8 +31,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -108,7 +108,7 @@ def run_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
       init_std=float(hf.get("initializer_range", 0.02)))
   seq_len = min(hf["n_positions"], 1024)
-  config.data.update(seq_len=seq_len, stride=seq_len)
+  config.data.update(seq_len=seq_len)
   return config
 
 
@@ -272,7 +272,8 @@ def check_new_directory(path: str, what: str) -> None:
 def _staged(target: str, prefix: str) -> Iterator[str]:
   """A new directory beside `target` (absent or empty) to write into: renamed to `target` when
   the block succeeds, deleted when it fails, so a failure leaves nothing half-written."""
-  staging = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(target))
+  staging = os.path.join(os.path.dirname(target), prefix + secrets.token_hex(6))
+  os.mkdir(staging)  # (the umask's permissions: mkdtemp would make the run private)
   try:
     yield staging
     if os.path.isdir(target):

@@ -78,11 +78,11 @@ def num_windows(num_tokens: int, seq_len: int, stride: int) -> int:
 
 
 def check_enough_tokens(tokens: np.ndarray, data: DataConfig, split: str, min_windows: int) -> None:
-  have = num_windows(len(tokens), data.seq_len, data.stride)
+  have = num_windows(len(tokens), data.seq_len, data.window_stride)
   if have < min_windows:
     raise DataError(
         f"the {split} split of corpus '{data.corpus}' has {len(tokens)} tokens = {have} windows "
-        f"of data.seq_len+1={data.seq_len + 1} at data.stride={data.stride}; at least "
+        f"of data.seq_len+1={data.seq_len + 1} every {data.window_stride} tokens; at least "
         f"{min_windows} needed: add text or lower data.seq_len.")
 
 
@@ -181,7 +181,7 @@ def train_dataset(tokens: np.ndarray, config: Config, eos_id: int,
   windows.
   """
   data = config.data
-  ds = grain.MapDataset.source(WindowSource(tokens, data.seq_len, data.stride))
+  ds = grain.MapDataset.source(WindowSource(tokens, data.seq_len, data.window_stride))
   ds = ds.shuffle(seed=config.seed).repeat()  # reshuffled (deterministically) every epoch
   ds = ds[group::groups]
   ds = ds.map(lambda window: window_example(window, eos_id))

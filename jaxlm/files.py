@@ -6,15 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Callable
 
 
 def write_bytes(path: str, content: bytes) -> None:
-  """Writes to a temporary file beside `path`, fsyncs, then renames over `path`."""
+  """Writes to a temporary file beside `path`, fsyncs, then renames over `path`. The file gets
+  the permissions of any new file (the umask's; mkstemp would make it private)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp-")
+  tmp = f"{os.path.abspath(path)}.tmp-{secrets.token_hex(6)}"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(content)

@@ -190,8 +190,8 @@ def _sample_step(state: DecodeState, logits: jax.Array, prompt_len: int, samplin
   keys = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(state.keys)
   # Rows of a padded embedding (ids the tokenizer lacks) are never drawn.
   allowed = jnp.arange(logits.shape[-1]) < sampling["vocab_size"]
-  new = sample_logits(jnp.where(allowed, logits, -jnp.inf), keys, sampling["temperature"], sampling["top_k"],
-                      sampling["top_p"], sampling["min_p"])
+  new = sample_logits(jnp.where(allowed, logits, -jnp.inf), keys, sampling["temperature"],
+                      sampling["top_k"], sampling["top_p"], sampling["min_p"])
   new = jnp.where(state.done, sampling["pad_id"], new)
   tokens = jax.lax.dynamic_update_slice(state.tokens, new[:, None], (0, prompt_len + state.step))
   saved = state.logits

@@ -51,7 +51,9 @@ RESUMABLE_SECTIONS = ("train", "optim", "mesh")
 
 def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Dotted keys whose change makes the saved checkpoints unusable for `new`."""
-  changed = config_lib.diff(saved, new)
+  # data.stride 0 means seq_len: a run saved with that stride written out resumes.
+  changed = config_lib.diff(*[{**c, "data": {**c["data"], "stride": c["data"]["stride"]
+                                              or c["data"]["seq_len"]}} for c in (saved, new)])
   bad = [k for k in changed if k.split(".")[0] not in RESUMABLE_SECTIONS and k != "data.data_dir"]
   # Clipping on/off changes the optimizer state's structure.
   if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
@@ -60,7 +62,10 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
 
 
 def check_writable(workdir: str) -> None:
-  """Refuses a workdir that is a file or lies under a directory we cannot write."""
+  """Refuses a workdir that is a URL, a file or under a directory we cannot write."""
+  if "://" in workdir:  # (os.makedirs would make a local folder "gs:" of it)
+    raise RunError(f"workdir {workdir} is a URL; run directories are local paths: use a "
+                   f"mounted bucket (e.g. gcsfuse) or a local --workdir.")
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise RunError(f"workdir {workdir} is a file, not a directory; choose another --workdir.")

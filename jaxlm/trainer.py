@@ -50,6 +50,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   config_lib.check_sampling(config)
+  config_lib.check_training_data(config.data)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
   eval_tasks = tasks_lib.load_eval_tasks(config)
@@ -59,7 +60,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer)
   data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)
   data_lib.check_enough_tokens(
-      eval_tokens, dataclasses.replace(config.data, stride=config.data.seq_len), "validation", 1)
+      eval_tokens, dataclasses.replace(config.data, stride=0), "validation", 1)
   steps = train_lib.make_steps(config, mesh)
   train_step, compile_seconds = train_lib.compile_checked(
       config, steps, train_lib.abstract_batch(config, mesh), mesh)

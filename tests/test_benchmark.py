@@ -91,3 +91,21 @@ def test_tasks_mode_scores_and_runs_the_plain_forward_on_the_same_batches(tmp_pa
   assert result["pairs"] == 24 and result["batches"] == 3
   assert result["padded_tokens"] >= 24 * 16
   assert result["scoring_tokens_per_second"] > 0 and result["forward_tokens_per_second"] > 0
+
+
+def test_out_of_range_flags_and_a_short_context_are_one_line():
+  """--steps=0 ended in an UnboundLocalError, --repeats=0 in a StatisticsError, and the
+  generate mode ran 1,016 tokens through a model of context 128."""
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  for args, expected in [(["train", "--steps=0"], "error: flag --steps=0: 0 is not a positive"),
+                         (["generate", "--generate_repeats=0"], "error: flag --generate_repeats"),
+                         (["generate", "--generate_config=configs/small.py"],
+                          "error: configs/small.py: model.max_seq_len=128 is shorter than the "
+                          "benchmark's longest generation (1016 tokens)")]:
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        expected), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -80,3 +80,26 @@ def test_sampling_needs_room_for_a_prompt():
                      r"prompt in model\.max_seq_len=64"):
     config_lib.check_sampling(config)
   config_lib.check_sampling(config_lib.replace(config, train={"sample_max_new_tokens": 0}))
+
+
+def test_the_stride_follows_seq_len_and_ignored_data_keys_are_refused():
+  """Overriding data.seq_len used to keep a stride of 256: at seq_len 64, 3/4 of the tokens
+  were never trained on. data.files without corpus=text_files trained on the default corpus."""
+  data = config_lib.validate({"model": {"max_seq_len": 64}, "data": {"seq_len": 64}}).data
+  assert data.stride == 0 and data.window_stride == 64
+  config_lib.check_training_data(data)
+  overlap = config_lib.validate({"model": {"max_seq_len": 64},
+                                 "data": {"seq_len": 64, "stride": 32}}).data
+  assert overlap.window_stride == 32
+  for values, message in [
+      ({"seq_len": 64, "stride": 128}, r"data\.stride=128 exceeds data\.seq_len=64: the tokens "
+                                       r"between windows would never be trained on"),
+      ({"files": "/data/*.txt"}, r"data\.files is read only with data\.corpus='text_files' "
+                                 r"\(data\.corpus='pystdlib' ignores it\)"),
+      ({"corpus": "text_files", "files": "a.txt", "tfds_name": "x"},
+       r"data\.tfds_name is read only with data\.corpus='tfds'")]:
+    data = config_lib.validate({"data": values}).data
+    with pytest.raises(ConfigError, match=message):
+      config_lib.check_training_data(data)
+  with pytest.raises(ConfigError, match=r"data\.stride=-1: must be >= 0"):
+    config_lib.validate({"data": {"stride": -1}})

@@ -76,3 +76,36 @@ def test_config_diff_keeps_what_the_start_changed_when_resumed(tmp_path):
   run_lib.write_files(str(tmp_path), undone, _Tokenizer(b"t"), base_config=file_config)
   assert json.loads((tmp_path / "config_diff.json").read_text()) == {
       "train.num_steps": {"from": 500, "to": 300}}
+
+
+def test_a_stride_written_out_resumes_as_the_default_zero():
+  """Runs saved before data.stride=0 meant seq_len hold the number: the same windows."""
+  saved = config_lib.to_dict(config_lib.validate({"data": {"stride": 256}}))
+  assert run_lib.incompatible_keys(saved, config_lib.to_dict(config_lib.validate({}))) == []
+  other = config_lib.to_dict(config_lib.validate({"data": {"stride": 128}}))
+  assert run_lib.incompatible_keys(saved, other) == ["data.stride"]
+
+
+def test_written_files_and_staged_runs_follow_the_umask(tmp_path):
+  """A teammate, or TensorBoard run as another user, reads a run: its JSON files were 0600 and
+  imported/exported directories 0700 (mkstemp/mkdtemp), whatever the umask."""
+  from jaxlm import convert, files
+  previous = os.umask(0o022)
+  try:
+    files.write_json(str(tmp_path / "a.json"), {"x": 1})
+    with convert._staged(str(tmp_path / "run"), ".import-") as staging:
+      files.write_bytes(os.path.join(staging, "b"), b"y")
+  finally:
+    os.umask(previous)
+  assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o644
+  assert os.stat(tmp_path / "run").st_mode & 0o777 == 0o755
+  assert os.stat(tmp_path / "run" / "b").st_mode & 0o777 == 0o644
+  assert sorted(os.listdir(tmp_path)) == ["a.json", "run"]  # no temporary file left
+
+
+def test_a_url_workdir_is_refused_before_a_local_gs_folder_appears(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(run_lib.RunError, match=r"workdir gs://bucket/run is a URL; run "
+                                             r"directories are local paths"):
+    run_lib.check_resumable("gs://bucket/run", config_lib.validate({}), None)
+  assert os.listdir(tmp_path) == []

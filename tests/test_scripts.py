@@ -44,20 +44,26 @@ def test_other_errors_keep_their_traceback():
 
 def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
   """ml_collections loads --config while absl parses the flags: a file that is missing (with an
-  override), does not parse, raises, or has no get_config() is one line, exit 2, nothing
-  written."""
+  override), does not parse, raises, has no get_config() or one that returns no ConfigDict
+  (a dict, None) is one line, exit 2, nothing written."""
   (tmp_path / "syntax.py").write_text("def get_config(:\n")
   (tmp_path / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom')\n")
   (tmp_path / "none.py").write_text("x = 1\n")
+  (tmp_path / "dict.py").write_text("def get_config():\n  return {'model': {}}\n")
+  (tmp_path / "nothing.py").write_text("def get_config():\n  pass\n")
   for name, expected in [("syntax.py", r"SyntaxError: .*syntax\.py, line 1\)"),
+                         ("dict.py", r"get_config\(\) returned dict, not an ml_collections"),
+                         ("nothing.py", r"get_config\(\) returned NoneType, not an"),
                          ("raises.py", r"RuntimeError: boom"),
                          ("none.py", r"defines no get_config\(\)"),
                          ("missing.py", r"OSError: .*missing\.py")]:
+    override = [] if name in ("dict.py", "nothing.py") else ["--config.train.num_steps=6"]
     result = subprocess.run(
         [sys.executable, "-m", "experiments.pretrain", f"--config={tmp_path / name}",
-         "--config.train.num_steps=6", f"--workdir={tmp_path / 'run'}"],
+         *override, f"--workdir={tmp_path / 'run'}"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines()  # (ml_collections' warning)
+             if not ("did you forget a return" in line or "Logging before flag parsing" in line)]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert re.match(r"error: (the --config file cannot be loaded: )?.*" + expected, lines[0]), (
         lines[0])
