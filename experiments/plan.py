@@ -462,7 +462,7 @@ def search(config: config_lib.Config, mesh, memory_bytes: int | None,
 
 def format_search(result: dict[str, Any]) -> str:
   header = ("remat_policy", "scan", "microbatches", "temporaries", "total", "fits",
-            "TFLOP/device (cost analysis)", "est. step s", "compile s")
+            "FLOP/device (cost analysis)", "est. step s", "compile s")
   rows = [header]
   for r in result["candidates"]:
     fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
@@ -470,7 +470,7 @@ def format_search(result: dict[str, Any]) -> str:
     rows.append((r["remat_policy"], str(r["scan_layers"]).lower(), str(r["microbatches"]),
                  _bytes(r["temp_bytes"]) if r["temp_bytes"] is not None else "-",
                  _bytes(r["total_bytes"]) if r["total_bytes"] is not None else "-", fits,
-                 f"{r['search_flops_per_device'] / 1e12:.3f}",
+                 _flops(r["search_flops_per_device"]),
                  "n/a" if seconds is None else f"{seconds:.3f}", f"{r['compile_seconds']:.1f}"))
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

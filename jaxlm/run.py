@@ -91,7 +91,13 @@ def read_json(workdir: str, name: str) -> Any:
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
-  return read_json(workdir, "config.json")
+  """The run's config.json, or None; RunError if it is not one jaxlm wrote (another tool's)."""
+  values = read_json(workdir, "config.json")
+  if values is not None and not (isinstance(values, dict) and {"model", "data"} <= set(values)):
+    keys = ", ".join(map(str, values)) if isinstance(values, dict) else type(values).__name__
+    raise RunError(f"{os.path.join(workdir, 'config.json')} is not a jaxlm run's config (it "
+                   f"holds {keys or 'nothing'}); choose another --workdir.")
+  return values
 
 
 def labels(workdir: str) -> list[str]:

@@ -165,8 +165,9 @@ def _load(path: str) -> Plan:
                      f"{', '.join(_SPEC_KEYS)}.")
   if "base" not in spec:
     raise SweepError(f"sweep file {path}: 'base' is missing (a config file path or dict).")
+  values = _base_config(spec["base"], path)  # (its errors name the sweep and the base file)
   try:  # a partial base (file or dict) is completed with the schema's defaults
-    base = config_lib.to_dict(config_lib.from_dict(_base_config(spec["base"], path)))
+    base = config_lib.to_dict(config_lib.from_dict(values))
   except config_lib.ConfigError as e:
     raise SweepError(f"sweep {path}: base config: {e}") from None
   base = config_lib.apply_overrides(base, spec.get("overrides") or {}, f"sweep {path}: overrides")
@@ -462,8 +463,9 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
   eval_losses = {r["point"]: float(np.mean([s["eval_loss"] for s in r["summaries"]]))
                  for r in results if r["summaries"]}
   best = min(eval_losses, key=eval_losses.get) if eval_losses else None
+  source = os.path.relpath(plan.source)  # (relative to here if under it, else absolute)
   lines = [f"# Sweep `{plan.name}`", "",
-           f"Sweep file `{os.path.relpath(plan.source)}`; {len(plan.points)} points × "
+           f"Sweep file `{plan.source if source.startswith('..') else source}`; {len(plan.points)} points × "
            f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); losses are in nats "
            f"per token, mean ± std over finished seeds: the final validation loss and the train "
            f"loss of the steps logged in the last 10% of training; tokens/s is the median of "

@@ -567,8 +567,9 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
               seed: int = 0) -> LoadedTask:
   """Reads a task file (the first `limit` examples, 0: all; few-shot prompts built): every
   error a task file can cause is raised here, before any scoring."""
-  if limit < 0 or num_fewshot < 0:
-    raise TaskError(f"limit={limit} and num_fewshot={num_fewshot} must be >= 0.")
+  for flag, value in (("limit", limit), ("num_fewshot", num_fewshot)):
+    if value < 0:
+      raise TaskError(f"--{flag}={value} must be >= 0.")
   if name == "wikitext":
     documents = read_wikitext(path)[:limit or None]
     if not documents:

@@ -45,6 +45,9 @@ def resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]
     raise CorpusError(f"{flag} is empty; set {flag}='/data/*.txt' (quote it so the shell does "
                       f"not expand it; comma-separate several globs).")
   for pattern in globs:
+    if os.path.isdir(os.path.expanduser(pattern)):
+      raise CorpusError(f"{flag}='{pattern}' is a directory; name its files with a glob, e.g. "
+                        f"{flag}='{os.path.join(pattern, '**', '*.txt')}'.")
     matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
                if os.path.isfile(m)]
     if not matches:

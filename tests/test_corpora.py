@@ -211,6 +211,9 @@ def test_files_read_directly_name_the_flags_of_their_script(tmp_path):
     corpora.read_documents(str(tmp_path / "*.jsonl"))
   with pytest.raises(corpora.CorpusError, match=r"--text_files glob .* matched no files"):
     corpora.read_documents(str(tmp_path / "*.txt"))
+  with pytest.raises(corpora.CorpusError, match=r"--text_files='.*' is a directory; name its "
+                                                r"files with a glob, e.g. --text_files='.*\*\*/\*\.txt'"):
+    corpora.read_documents(str(tmp_path))
 
 
 def test_text_files_over_the_in_memory_limit_needs_tensorflow(tmp_path, monkeypatch):

@@ -109,3 +109,12 @@ def test_a_url_workdir_is_refused_before_a_local_gs_folder_appears(tmp_path, mon
                                              r"directories are local paths"):
     run_lib.check_resumable("gs://bucket/run", config_lib.validate({}), None)
   assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_with_another_tools_config_json_is_not_taken_for_a_run(tmp_path):
+  (tmp_path / "config.json").write_text('{"a": 1}')
+  with pytest.raises(run_lib.RunError, match=r"config\.json is not a jaxlm run's config \(it "
+                                             r"holds a\); choose another --workdir"):
+    run_lib.open_run(str(tmp_path))
+  with pytest.raises(run_lib.RunError, match="is not a jaxlm run's config"):
+    run_lib.check_resumable(str(tmp_path), config_lib.validate({}), None)

@@ -199,6 +199,8 @@ def test_malformed_task_records_are_one_line(tmp_path):
   write(tmp_path / "valid-labels.lst", ["0", "1"])
   with pytest.raises(tasks.TaskError, match=r"valid-labels\.lst holds 2 labels for the 3 "):
     tasks.load_task("piqa", piqa)
+  with pytest.raises(tasks.TaskError, match=r"^--num_fewshot=-1 must be >= 0\.$"):
+    tasks.load_task("piqa", piqa, num_fewshot=-1)
 
 
 def test_task_specs_are_checked(tmp_path):
