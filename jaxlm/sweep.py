@@ -464,8 +464,9 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
                  for r in results if r["summaries"]}
   best = min(eval_losses, key=eval_losses.get) if eval_losses else None
   source = os.path.relpath(plan.source)  # (relative to here if under it, else absolute)
+  source = plan.source if source.startswith("..") else source
   lines = [f"# Sweep `{plan.name}`", "",
-           f"Sweep file `{plan.source if source.startswith('..') else source}`; {len(plan.points)} points × "
+           f"Sweep file `{source}`; {len(plan.points)} points × "
            f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); losses are in nats "
            f"per token, mean ± std over finished seeds: the final validation loss and the train "
            f"loss of the steps logged in the last 10% of training; tokens/s is the median of "

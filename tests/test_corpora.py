@@ -212,7 +212,8 @@ def test_files_read_directly_name_the_flags_of_their_script(tmp_path):
   with pytest.raises(corpora.CorpusError, match=r"--text_files glob .* matched no files"):
     corpora.read_documents(str(tmp_path / "*.txt"))
   with pytest.raises(corpora.CorpusError, match=r"--text_files='.*' is a directory; name its "
-                                                r"files with a glob, e.g. --text_files='.*\*\*/\*\.txt'"):
+                                                r"files with a glob, e.g. --text_files="
+                                                r"'.*\*\*/\*\.txt'"):
     corpora.read_documents(str(tmp_path))
 
 
