@@ -499,11 +499,24 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
                    + f" (log: `{run.point}/seed_{run.seed}.log`)")
   if best is not None and len(results) > 1:
     lines += ["", "Lowest mean validation loss in bold. Curves: `curves.png`."]
+  eval_sets = {r["point"]: _eval_set(r["runs"][0].config) for r in results}
+  if len(set(eval_sets.values())) > 1:  # e.g. a sweep over the batch size
+    lines += ["", "The points were validated on different samples of the held-out split "
+              "(train.eval_batches × global_batch_size windows × data.seq_len tokens: "
+              + ", ".join(f"{p} {s}" for p, s in eval_sets.items()) + "); to compare them on "
+              "one set, score each run with `python -m experiments.evaluate "
+              "--workdir=RUN --split=validation`."]
   report = os.path.join(workdir, "report.md")
   files.write_bytes(report, ("\n".join(lines) + "\n").encode("utf-8"))
   curves = os.path.join(workdir, "curves.png")
   plot_curves(plan, workdir, results, curves)
   return report, curves
+
+
+def _eval_set(config: Mapping[str, Any]) -> str:
+  """The in-training validation set of a run's config, as "windows×tokens"."""
+  t = config["train"]
+  return f"{t['eval_batches'] * t['global_batch_size']}×{config['data']['seq_len']}"
 
 
 def plot_curves(plan: Plan, workdir: str, results: list[dict[str, Any]], path: str) -> None:

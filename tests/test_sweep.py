@@ -344,3 +344,19 @@ def test_a_workdir_of_another_sweep_file_is_refused(tmp_path):
   with pytest.raises(sweep.SweepError, match=r"holds sweep 'a' \(.*a\.py\), not 'b'; rerun "
                      r"that file"):
     sweep.check_workdir(sweep.load(other), str(workdir))
+
+
+def test_the_report_says_when_points_were_validated_on_different_samples(tmp_path):
+  """train.eval_batches batches of global_batch_size windows: a batch-size sweep validates each
+  point on another sample of the held-out split, which the report now says."""
+  path = write_sweep(tmp_path, "def get_sweep():\n  return {'base': {}, 'grid': "
+                               "{'train.global_batch_size': [4, 8]}}\n")
+  plan = sweep.load(path)
+  report, _ = sweep.write_report(plan, str(tmp_path / "out"))
+  text = open(report).read()
+  assert ("validated on different samples of the held-out split" in text
+          and "global_batch_size-4 32×256, global_batch_size-8 64×256" in text), text
+  same = sweep.load(write_sweep(tmp_path, "def get_sweep():\n  return {'base': {}, 'grid': "
+                                          "{'optim.learning_rate': [1e-3, 2e-3]}}\n", "lr.py"))
+  report, _ = sweep.write_report(same, str(tmp_path / "lr"))
+  assert "different samples" not in open(report).read()
