@@ -210,9 +210,11 @@ def _read_jsonl(path: str, text_key: str, key_flag: str) -> Iterator[tuple[int, 
 
 
 def _iter_documents(files: Sequence[tuple[str, str]], text_key: str,
-                    key_flag: str = "--config.data.text_key") -> Iterator[tuple[str, str]]:
+                    key_flag: str = "--config.data.text_key", strict: bool = False
+                    ) -> Iterator[tuple[str, str]]:
   """Yields (identity, text) of every non-blank document in `files` = [(identity, path)];
-  key_flag: the option that sets `text_key`, for the error messages.
+  key_flag: the option that sets `text_key`, for the error messages. strict: a file that is
+  not UTF-8 is a CorpusError (else its undecodable bytes become U+FFFD).
 
   Whitespace-only documents are skipped: they teach nothing and would make splits look non-empty.
   """
@@ -225,7 +227,12 @@ def _iter_documents(files: Sequence[tuple[str, str]], text_key: str,
       # Bytes -> str ourselves, so "\r\n" survives (no universal-newline translation).
       # Undecodable bytes become U+FFFD rather than failing the corpus on one stray Latin-1 byte.
       with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        content = f.read()
+      try:
+        text = content.decode("utf-8", errors="strict" if strict else "replace")
+      except UnicodeDecodeError as e:
+        raise CorpusError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                          f"UTF-8 (bits per byte count the bytes of the text).") from None
       if text.strip():
         yield identity, text
 
@@ -313,10 +320,12 @@ def read_documents(patterns: str, text_key: str = "text", flag: str = "--text_fi
                    key_flag: str = "--text_key") -> list[tuple[str, str]]:
   """[(identity, text)] of the files matched by `patterns`, read directly (no TFDS): the same
   document rules as the `text_files` corpus (.txt/.md a document per file, .jsonl one per line).
-  flag, key_flag: the options that gave `patterns` and `text_key`, for the error messages.
+  flag, key_flag: the options that gave `patterns` and `text_key`, for the error messages. A
+  file that is not UTF-8 is refused (a held-out text scored as altered text would count other
+  bytes).
   """
   paths = resolve_globs(patterns, flag)
-  return list(_iter_documents([(path, path) for path in paths], text_key, key_flag))
+  return list(_iter_documents([(path, path) for path in paths], text_key, key_flag, strict=True))
 
 
 def _fraction_tag(fraction: float) -> str:

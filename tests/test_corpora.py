@@ -215,6 +215,10 @@ def test_files_read_directly_name_the_flags_of_their_script(tmp_path):
                                                 r"files with a glob, e.g. --text_files="
                                                 r"'.*\*\*/\*\.txt'"):
     corpora.read_documents(str(tmp_path))
+  _write(tmp_path / "latin1.txt", "café au lait\n".encode("latin-1"))
+  with pytest.raises(corpora.CorpusError, match=r"latin1\.txt is not UTF-8 text \(invalid "
+                                                r"continuation byte at byte 3\)"):
+    corpora.read_documents(str(tmp_path / "*.txt"))
 
 
 def test_text_files_over_the_in_memory_limit_needs_tensorflow(tmp_path, monkeypatch):
