@@ -24,7 +24,10 @@ def _flag_error(e: BaseException) -> None:
   if isinstance(e, AttributeError) and "attribute 'get_config'" in text:  # none in the file
     text = "the --config file defines no get_config(); see configs/default.py"
   elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
-    text = f"unknown config key {'; '.join(text.splitlines())}"
+    leaf = text.splitlines()[0].strip().strip("'\"") if text.strip() else ""
+    given = [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]  # (its full name)
+             if arg.startswith("--config.") and arg.split("=")[0].endswith("." + leaf)]
+    text = f"unknown config key '{given[0] if given else leaf}'"
   elif not isinstance(e, _FLAG_ERRORS):  # the config file could not be read or run
     where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
     text = f"the --config file cannot be loaded: {type(e).__name__}: {text}{where}"

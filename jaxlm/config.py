@@ -11,8 +11,9 @@ compiled or written.
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
 import importlib.util
+import math
 import json
 import os
 import types
@@ -320,9 +321,11 @@ def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
         raise ConfigError(f"{prefix}unknown config key '{key}' (no section '{section}').")
       holder = holder[section]
     if leaf not in holder:
+      close = difflib.get_close_matches(leaf, [k for k in holder if isinstance(k, str)], n=1)
       raise ConfigError(f"{prefix}unknown config key '{key}'" + (
-          "." if sections else f"; top-level keys are: {', '.join(sorted(holder))} (a key in a "
-          f"section is written section.key, e.g. train.num_steps)."))
+          f"; did you mean {'.'.join([*sections, close[0]])}?" if close and sections
+          else "." if sections else f"; top-level keys are: {', '.join(sorted(holder))} (a key "
+          f"in a section is written section.key, e.g. train.num_steps)."))
     holder[leaf] = plain(value)
   return out
 

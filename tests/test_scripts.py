@@ -83,3 +83,12 @@ def test_help_lists_every_flag_of_the_script_and_exits_0():
     for text in expected:
       assert text in result.stdout, (script, text, result.stdout)
     assert "corpus: pystdlib" not in result.stdout  # (the schema's defaults are not the run's)
+
+
+def test_an_unknown_override_is_named_in_full():
+  """ml_collections names the leaf only ('foo' for --config.model.foo)."""
+  result = subprocess.run([sys.executable, "-m", "experiments.finetune_instruct",
+                           "--config.model.foo=1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == ["error: unknown config key 'model.foo'"]

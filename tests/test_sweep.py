@@ -123,7 +123,8 @@ def test_points_with_names_and_a_base_file_relative_to_the_sweep(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ("def get_sweep():\n  return {'base': {}, 'grid': {'model.num_layerz': [1, 2]}}\n",
-     "point 'num_layerz-1': unknown config key 'model.num_layerz'."),
+     "point 'num_layerz-1': unknown config key 'model.num_layerz'; did you mean "
+     "model.num_layers?"),
     ("def get_sweep():\n  return {'base': {}, 'points': [{'name': 'odd', 'model.num_heads': 3}]}\n",
      "point 'odd': model.num_heads=3 does not divide model.embed_dim=256"),
     ("def get_sweep():\n  return {'base': {}, 'grid': {'model.positional': ['rope']},"
@@ -159,7 +160,8 @@ def test_cli_refuses_a_bad_sweep_before_writing_anything(tmp_path):
   code, out, err = finish(run_sweep([f"--sweep={path}", f"--workdir={workdir}"]), 300)
   assert code == 2, err
   assert err.strip().splitlines() == [
-      f"error: sweep {path}: point 'num_layerz-1': unknown config key 'model.num_layerz'."]
+      f"error: sweep {path}: point 'num_layerz-1': unknown config key 'model.num_layerz'; did "
+      f"you mean model.num_layers?"]
   assert not workdir.exists()
   code, _, err = finish(run_sweep([f"--workdir={workdir}"]), 300)
   assert code == 2 and "holds no sweep" in err and not workdir.exists()
