@@ -277,7 +277,15 @@ def plain(value: Any) -> Any:
     return to_dict(value)
   if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
     value = value.to_dict()
-  return json.loads(json.dumps(value))
+  return json.loads(json.dumps(value, default=_json_value))
+
+
+def _json_value(value: Any) -> Any:
+  """A numpy value in a config (e.g. a sweep grid of np.arange) as Python numbers."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise ConfigError(f"config value {value!r} ({type(value).__name__}) is not a number, string, "
+                    f"list or dict.")
 
 
 def import_python_file(path: str, what: str = "config file") -> types.ModuleType:
@@ -313,7 +321,7 @@ def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
   """
   out = plain(values)
   prefix = f"{where}: " if where else ""
-  for key, value in overrides.items():
+  for key, value in _dotted(plain(overrides)).items():
     *sections, leaf = key.split(".")
     holder = out
     for section in sections:
@@ -330,8 +338,22 @@ def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any],
   return out
 
 
+def _dotted(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"train": {"num_steps": 7}} as {"train.num_steps": 7}: a section given as a dict updates
+  the fields it names (it does not replace the section)."""
+  out: dict[str, Any] = {}
+  for key, value in overrides.items():
+    if isinstance(value, Mapping):
+      out.update(_dotted(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def _coerce(field: str, value: Any, default: Any) -> Any:
   """Casts `value` to the type of `default`, or raises a ConfigError naming `field`."""
+  if hasattr(value, "tolist") and not isinstance(value, (list, tuple, str)):  # numpy values
+    value = value.tolist()
   if isinstance(default, bool):
     if isinstance(value, bool):
       return value
@@ -384,6 +406,9 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
   """Builds a Config from a (possibly partial) nested mapping; unknown keys are errors."""
   if isinstance(values, ml_collections.ConfigDict):
     values = values.to_dict()
+  if not isinstance(values, Mapping):
+    raise ConfigError(f"a config is a dict, ConfigDict or Config, not {type(values).__name__} "
+                      f"(a config file: jaxlm.config.load_file(path)).")
   sections: dict[str, Any] = {}
   for key, value in values.items():
     if key == "seed":
@@ -475,6 +500,19 @@ def _check_pipeline(config: Config) -> None:
     raise ConfigError(f"train.layer_stats_every={t.layer_stats_every} with mesh.stage={stages}: "
                       f"per-layer statistics are not computed through the pipeline yet; set "
                       f"train.layer_stats_every=0 or mesh.stage=1.")
+
+
+def language_model(config: Config | ModelConfig, what: str) -> ModelConfig:
+  """The ModelConfig of `config` (a Config or a ModelConfig); ConfigError if it is neither or a
+  classifier, which has no language-model head for `what` (e.g. "generation")."""
+  model = config.model if isinstance(config, Config) else config
+  if not isinstance(model, ModelConfig):
+    raise ConfigError(f"{what} takes a jaxlm Config or ModelConfig, not {type(config).__name__}.")
+  if model.num_classes:
+    raise ConfigError(f"{what} needs a language model, but this is a classifier "
+                      f"(model.num_classes={model.num_classes}): its head predicts classes, not "
+                      f"tokens; use the run it was fine-tuned from (its source.json).")
+  return model
 
 
 def check_sampling(config: Config) -> None:
@@ -629,11 +667,16 @@ def diff(base: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> d
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
-  """Returns `config` with some section fields replaced, e.g. replace(c, model={'dtype': ...})."""
-  updates = {}
-  for name, values in sections.items():
+  """Returns `config` with some section fields replaced, e.g. replace(c, model={'dtype': ...}),
+  checked and coerced as `validate` checks a dict (a typo or a value of the wrong type is a
+  ConfigError naming the field)."""
+  values = to_dict(config)
+  for name, updates in sections.items():
     if name == "seed":
-      updates["seed"] = values
+      values["seed"] = updates
+    elif name in _SECTIONS and isinstance(updates, Mapping):
+      values[name] = {**values[name], **updates}
     else:
-      updates[name] = dataclasses.replace(getattr(config, name), **values)
-  return validate(dataclasses.replace(config, **updates))
+      raise ConfigError(f"replace({name}=...): give a section ({', '.join(_SECTIONS)}) a dict of "
+                        f"its fields, or seed an integer.")
+  return validate(values)

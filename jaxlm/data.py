@@ -89,14 +89,17 @@ def check_enough_tokens(tokens: np.ndarray, data: DataConfig, split: str, min_wi
 class WindowSource:
   """Random-access windows of `seq_len + 1` tokens (grain's data-source protocol)."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, stride: int):
-    self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
-    self.length = num_windows(len(tokens), seq_len, stride)
+  def __init__(self, tokens: np.ndarray, seq_len: int, stride: int = 0):
+    """stride: tokens between window starts (0: seq_len, as data.stride)."""
+    self.tokens, self.seq_len, self.stride = tokens, seq_len, stride or seq_len
+    self.length = num_windows(len(tokens), seq_len, self.stride)
 
   def __len__(self) -> int:
     return self.length
 
   def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < self.length:  # (a short or empty window otherwise)
+      raise IndexError(f"window {index} of {self.length}")
     start = index * self.stride
     return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
@@ -74,7 +75,9 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
   Each document is scored on its own (sliding windows, see `document_windows`); bits per byte
   count the UTF-8 bytes of the scored text.
   """
-  model = config.model
+  model = config_lib.language_model(config, "evaluation")
+  if isinstance(documents, str):  # (a document per character otherwise)
+    raise EvaluationError("documents is one string; pass a list of documents, e.g. [text].")
   if not 1 <= seq_len <= model.max_seq_len:
     raise EvaluationError(f"--seq_len={seq_len} must be in [1, model.max_seq_len="
                           f"{model.max_seq_len}] (the context this model is built for).")
@@ -87,6 +90,8 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
     raise EvaluationError("no documents to evaluate: the files or split are empty.")
   rows = [row for ids in tokenizer.encode_batch(list(documents))
           for row in document_windows(ids, seq_len, stride, tokenizer.eos_id, tokenizer.pad_id)]
+  if not rows:  # (all empty: no token to score, which would read as a perfect loss of 0)
+    raise EvaluationError("the documents hold no text to score (every one is empty).")
   eval_step = train_lib.make_eval_step(model, mesh, train_lib.lm_loss())
   result = evaluate(eval_step, params, data_lib.stack_rows(rows, batch_size),
                     tokenizer.byte_lengths(), mesh)

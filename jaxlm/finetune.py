@@ -514,7 +514,7 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   same init run and task resumes."""
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir, what="--init", language_model=True)
-  config = finetune_config(init.config, task, overrides)
+  config = finetune_config(init.config, task, overrides or {})
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
@@ -692,6 +692,8 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
 
 def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
   """Labels and class probabilities of `texts` under a fine-tuned classifier run."""
+  if isinstance(texts, str):  # (a label per character otherwise)
+    raise FinetuneError("texts is one string; pass a list of texts, e.g. [text].")
   run = run_lib.open_run(workdir)
   config = run.config
   if not config.model.num_classes:

@@ -50,9 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm import config as config_lib
 from jaxlm import metrics
 from jaxlm import sharding
-from jaxlm.config import ModelConfig
+from jaxlm.config import Config, ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import Transformer, init_cache
 
@@ -175,9 +176,10 @@ def _full_forward(config: ModelConfig, params, tokens, lengths, prompt_len):
                                    **_slot_inputs(config, tokens.shape[1], lengths, prompt_len))
 
 
-def forward_logits(config: ModelConfig, params: Any, tokens: np.ndarray) -> np.ndarray:
+def forward_logits(config: ModelConfig | Config, params: Any, tokens: np.ndarray) -> np.ndarray:
   """Logits [batch, length, vocab] (float32, host) of one full forward pass over `tokens`
   [batch, length] at positions 0..length-1, no cache: for scoring and parity checks."""
+  config = config_lib.language_model(config, "forward_logits")
   tokens = np.asarray(tokens, np.int32)
   apply = jax.jit(lambda p, t: Transformer(config).apply({"params": p}, t))
   return sharding.to_host(_under_mesh(_mesh_of(params), tokens.shape[0], apply, params, tokens))
@@ -300,6 +302,13 @@ def _under_mesh(mesh: Mesh | None, batch: int, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _prompt_list(prompts: Sequence[str]) -> list[str]:
+  """`prompts` as a list; GenerationError for one string (a list of its characters else)."""
+  if isinstance(prompts, str):
+    raise GenerationError("prompts is one string; pass a list of prompts, e.g. [prompt].")
+  return list(prompts)
+
+
 def encode_prompts(config: ModelConfig, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                    truncate: bool = False) -> tuple[list[list[int]], list[bool]]:
   """Token ids per prompt (an empty prompt becomes [EOS], a document boundary) and whether each
@@ -313,6 +322,7 @@ def encode_prompts(config: ModelConfig, tokenizer, prompts: Sequence[str], max_n
         f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context window "
         f"(model.max_seq_len={config.max_seq_len}); use max_new_tokens <= "
         f"{config.max_seq_len - 1}.")
+  prompts = _prompt_list(prompts)
   if not prompts:
     raise GenerationError("no prompts given; pass at least one prompt.")
   rows, truncated = [], []
@@ -342,7 +352,7 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
   return keep
 
 
-def stream(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
+def stream(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str], *,
            max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
            stop: Sequence[str] = (), truncate: bool = False, kv_cache: bool = True,
@@ -355,9 +365,10 @@ def stream(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], 
   rng: a PRNG key overriding `seed`. mesh: decode under this mesh and the logical-axis rules
   (default: the mesh the params live on, if any). stats: filled with timings and counts.
   completions: filled with one Completion per prompt when the stream ends. with_logits:
-  stats['logits'] gets the [B, max_new_tokens, vocab] per-step logits (tests).
-  All argument errors are raised before anything is compiled.
+  stats['logits'] gets the [B, max_new_tokens, vocab] per-step logits (tests). `config`: the
+  run's Config or its ModelConfig. All argument errors are raised before anything is compiled.
   """
+  config = config_lib.language_model(config, "generation")
   check_sampling(temperature, top_k, top_p, min_p)
   stop = [stop] if isinstance(stop, str) else list(stop)
   if any(not isinstance(s, str) or not s for s in stop):
@@ -472,7 +483,7 @@ def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, s
                       zip(prompts, texts, generated, finished, rows, truncated)]
 
 
-def generate(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str], *,
+def generate(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str], *,
              max_new_tokens: int, stop: Sequence[str] = (), chunk_size: int | None = None,
              batch_size: int = 0, **kwargs) -> list[Completion]:
   """The batch API: one Completion per prompt (same arguments as `stream`), `batch_size`
@@ -481,7 +492,10 @@ def generate(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str]
   if chunk_size is None:
     whole = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1
     chunk_size = 16 if stop else whole
-  prompts = list(prompts)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+    raise GenerationError(f"batch_size={batch_size!r}: must be an integer >= 0 (0: all prompts "
+                          f"in one batch).")
+  prompts = _prompt_list(prompts)
   step = batch_size or max(len(prompts), 1)
   completions: list[Completion] = []
   for start in range(0, max(len(prompts), 1), step):  # (no prompts: `stream` says so)

@@ -331,9 +331,10 @@ def restore_params(run: RunDirectory, mesh: Mesh | None = None) -> Any:
   return run.checkpointer.restore_params(run.step, abstract_params(run.config.model, mesh))
 
 
-def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None
-             ) -> tuple[Any, Any, Any]:
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None, *,
+             language_model: bool = True) -> tuple[Any, Any, Any]:
   """(config, params, tokenizer) of a run directory: the latest checkpoint, or `step`.
-  Reads only (safe while the run is still training)."""
-  run = open_run(workdir, step)
+  Reads only (safe while the run is still training). A classifier run is refused (its head
+  predicts classes, not tokens) unless `language_model` is False."""
+  run = open_run(workdir, step, language_model=language_model)
   return run.config, restore_params(run, mesh), run.tokenizer

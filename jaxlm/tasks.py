@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import files
@@ -567,6 +568,8 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
               seed: int = 0) -> LoadedTask:
   """Reads a task file (the first `limit` examples, 0: all; few-shot prompts built): every
   error a task file can cause is raised here, before any scoring."""
+  if name not in TASK_NAMES:  # (any file would be read as the fallback, LAMBADA)
+    raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
   for flag, value in (("limit", limit), ("num_fewshot", num_fewshot)):
     if value < 0:
       raise TaskError(f"--{flag}={value} must be >= 0.")
@@ -599,6 +602,7 @@ def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh
                batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, Any]:
   """The metrics of `score_items` / `score_last_word` / `score_documents` for the task, plus
   task, file and num_fewshot."""
+  config_lib.language_model(config, f"task {task.name}")
   if task.documents is not None:
     score, examples = functools.partial(score_documents, detokenize=True), task.documents
   else:

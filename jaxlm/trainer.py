@@ -79,6 +79,7 @@ def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None
     this checkpoint instead of the newest valid one (later ones are moved aside, not deleted).
   Returns the final summary (also written to `summary.json`).
   """
+  config = config_lib.validate(config)  # (a dict or ConfigDict too; a Config is re-checked)
   return loop.fit(task(prepare(config, workdir), base_config), stop_at_step=stop_at_step,
                   restore_step=restore_step, show_progress=show_progress)
 

@@ -103,3 +103,29 @@ def test_the_stride_follows_seq_len_and_ignored_data_keys_are_refused():
       config_lib.check_training_data(data)
   with pytest.raises(ConfigError, match=r"data\.stride=-1: must be >= 0"):
     config_lib.validate({"data": {"stride": -1}})
+
+
+def test_replace_checks_like_validate_and_section_dicts_update_fields():
+  """replace() set raw values (tie_embeddings='false' trained a tied model that config.json
+  then read back as untied); a section given as a dict replaced the whole section."""
+  config = config_lib.validate({"train": {"global_batch_size": 4}})
+  assert config_lib.replace(config, model={"tie_embeddings": "false"}).model.tie_embeddings is False
+  assert config_lib.replace(config, train={"sample_prompts": "def f("}).train.sample_prompts == (
+      "def f(",)
+  for sections, message in [({"model": {"num_layers": 2.5}}, r"model\.num_layers=2\.5: expected"),
+                            ({"model": {"num_layer": 2}}, r"unknown config key 'model\.num_layer'"),
+                            ({"modle": {"num_layers": 2}}, r"replace\(modle=\.\.\.\)")]:
+    with pytest.raises(ConfigError, match=message):
+      config_lib.replace(config, **sections)
+  values = config_lib.apply_overrides(config_lib.to_dict(config), {"train": {"num_steps": 7}})
+  assert values["train"]["num_steps"] == 7 and values["train"]["global_batch_size"] == 4
+
+
+def test_numpy_values_and_non_dicts():
+  import numpy as np
+  config = config_lib.validate({"model": {"num_layers": np.int64(2), "dropout": np.float32(0.5)}})
+  assert config.model.num_layers == 2 and type(config.model.num_layers) is int
+  assert config_lib.plain({"grid": list(np.arange(1, 3))}) == {"grid": [1, 2]}
+  for value in (None, "configs/default.py"):
+    with pytest.raises(ConfigError, match=r"a config is a dict, ConfigDict or Config, not"):
+      config_lib.validate(value)

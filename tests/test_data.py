@@ -116,3 +116,11 @@ def test_partial_evaluation_samples_the_whole_split():
   rows = [tuple(r) for b in batches for r in b["inputs"]]
   assert len(set(rows)) == 8
   assert rows[0] == tuple(source[0][:-1]) and rows[-1] == tuple(source[len(source) - 1][:-1])
+
+
+def test_window_source_stride_zero_is_seq_len_and_its_indices_are_checked():
+  source = data.WindowSource(TOKENS, 8)
+  assert source.stride == 8 and len(source) == (len(TOKENS) - 9) // 8 + 1
+  for index in (len(source), -1):
+    with pytest.raises(IndexError):
+      source[index]

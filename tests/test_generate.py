@@ -214,6 +214,23 @@ def test_bad_arguments_are_clear_errors(args, match):
     gen.stream(GPT2, None, TOK, PROMPTS, **kwargs)
 
 
+def test_python_misuse_is_one_line_and_a_run_config_is_accepted():
+  """A single string was split into one prompt per character; batch_size=-1 returned []; a
+  classifier generated class ids as text; the run's Config (not its .model) was an
+  AttributeError."""
+  with pytest.raises(gen.GenerationError, match=r"prompts is one string; pass a list"):
+    gen.generate(GPT2, None, TOK, "hello", max_new_tokens=4)
+  with pytest.raises(gen.GenerationError, match=r"batch_size=-1: must be an integer >= 0"):
+    gen.generate(GPT2, None, TOK, PROMPTS, max_new_tokens=4, batch_size=-1)
+  with pytest.raises(config_lib.ConfigError, match=r"generation needs a language model, but "
+                                                   r"this is a classifier \(model.num_classes=2\)"):
+    gen.generate(dataclasses.replace(GPT2, num_classes=2), None, TOK, PROMPTS, max_new_tokens=4)
+  run_config = config_lib.Config(model=GPT2, data=config_lib.DataConfig(seq_len=64))
+  from_run = gen.generate(run_config, params_for(GPT2), TOK, PROMPTS, max_new_tokens=NEW,
+                          temperature=0.0, with_logits=True)
+  assert [c.tokens for c in from_run] == [c.tokens for c in run(GPT2)[0]]
+
+
 # --- stopping, streaming, context window ------------------------------------------------------
 
 def test_stop_strings_cut_the_text_and_stream_nothing_past_them():

@@ -261,3 +261,14 @@ def test_unwritable_workdir_is_refused(tmp_path, data_dir):
   blocked = tmp_path / "blocked"
   blocked.write_text("a file where a directory should be")
   expect_refused(tiny_values(data_dir), blocked / "run", "cannot be written|not a directory|file")
+
+
+def test_train_takes_a_dict_and_checks_it_first(tmp_path, monkeypatch):
+  """An unchecked ConfigDict kept data_dir='~/...' unexpanded and wrote a literal './~' tree."""
+  import ml_collections
+  monkeypatch.chdir(tmp_path)
+  for values in ({"model": {"num_layers": 0}},
+                 ml_collections.ConfigDict({"model": {"num_layers": 0}})):
+    with pytest.raises(config_lib.ConfigError, match=r"model\.num_layers=0: must be positive"):
+      trainer.train(values, str(tmp_path / "run"))
+  assert os.listdir(tmp_path) == []

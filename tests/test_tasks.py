@@ -201,6 +201,8 @@ def test_malformed_task_records_are_one_line(tmp_path):
     tasks.load_task("piqa", piqa)
   with pytest.raises(tasks.TaskError, match=r"^--num_fewshot=-1 must be >= 0\.$"):
     tasks.load_task("piqa", piqa, num_fewshot=-1)
+  with pytest.raises(tasks.TaskError, match=r"unknown task 'lambda'"):  # (read as LAMBADA)
+    tasks.load_task("lambda", piqa)
 
 
 def test_task_specs_are_checked(tmp_path):
@@ -304,6 +306,11 @@ def test_wikitext_word_perplexity_follows_the_total_loss(tiny_lm_run, tmp_path):
       plain["loss"] * plain["tokens"] / 12, rel=1e-5)
   assert result["bits_per_byte"] == pytest.approx(plain["bits_per_byte"], rel=1e-5)
   assert math.log2(result["byte_perplexity"]) == pytest.approx(plain["bits_per_byte"], rel=1e-5)
+  for documents, message in [("one string", r"documents is one string; pass a list"),
+                             (["", ""], r"the documents hold no text to score")]:
+    with pytest.raises(evaluate.EvaluationError, match=message):  # (0 tokens read as loss 0)
+      evaluate.evaluate_documents(run.config, params, run.tokenizer, documents, seq_len=64,
+                                  stride=64, batch_size=8, mesh=mesh)
   # The wikitext task scores the detokenized text; words and bytes stay the original's.
   raw = ["the quick , brown fox @-@ jumps", "over the lazy dog ( again ) and again"]
   detokenized = tasks.score_documents(run.config, params, run.tokenizer, raw, mesh=mesh,
