@@ -1,5 +1,6 @@
 r"""Benchmarks: training throughput of jaxlm against a PyTorch reference, in one process;
-generation (experiments/generate_benchmark.py); task scoring (experiments/tasks_benchmark.py).
+generation (experiments/generate_benchmark.py); task scoring (experiments/tasks_benchmark.py);
+the input pipeline against nanoGPT's get_batch (experiments/data_benchmark.py).
 
   python -m experiments.benchmark train                       # small + default workloads
   python -m experiments.benchmark train --workload=small --steps=5 --repeats=7
@@ -7,6 +8,7 @@ generation (experiments/generate_benchmark.py); task scoring (experiments/tasks_
   python -m experiments.benchmark train --workload=gpt2_124m --batch_size=32
   python -m experiments.benchmark generate
   python -m experiments.benchmark tasks
+  python -m experiments.benchmark data
 
 On a GPU the workload runs in bfloat16 (float32 parameters) with attention_impl=auto (cuDNN),
 and the PyTorch peer is transformers.GPT2LMHeadModel with SDPA attention, torch.compile, bf16
@@ -63,7 +65,7 @@ from absl import app, flags
 
 from experiments import common
 
-MODES = ("train", "generate", "tasks")
+MODES = ("train", "generate", "tasks", "data")
 WORKLOADS = ("small", "default", "gpt2_124m")
 CPU_WORKLOADS = ("small", "default")  # what --workload=all means on a CPU
 
@@ -100,6 +102,12 @@ _TASKS_REPEATS = flags.DEFINE_integer("tasks_repeats", 3, "tasks mode: alternati
                                       lower_bound=1)
 _TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows per batch.",
                                     lower_bound=1)
+_DATA_CONFIG = flags.DEFINE_string("data_config", "configs/default.py",
+                                   "data mode: the config whose train split is loaded.")
+_DATA_BATCHES = flags.DEFINE_integer("data_batches", 200, "data mode: batches per timed block.",
+                                     lower_bound=1)
+_DATA_REPEATS = flags.DEFINE_integer("data_repeats", 3, "data mode: alternating rounds.",
+                                     lower_bound=1)
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -525,6 +533,14 @@ def main(argv: list[str]) -> None:
     for line in machine_lines():
       print(line)
     print(json.dumps(result))
+    return
+  if argv[1] == "data":
+    from experiments import data_benchmark
+    result = data_benchmark.run_data_benchmark(_DATA_CONFIG.value, _DATA_BATCHES.value,
+                                               _DATA_REPEATS.value)
+    for line in machine_lines():
+      print(line)
+    print(data_benchmark.format_table(result))
     return
   import jax
   if _WORKLOAD.value != "all":

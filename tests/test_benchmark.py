@@ -109,3 +109,27 @@ def test_out_of_range_flags_and_a_short_context_are_one_line():
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
         expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
+  """DESIGN's benchmark lists data throughput: jaxlm's loader against nanoGPT's get_batch."""
+  import json as json_module
+  import os
+  from experiments import data_benchmark
+  config_file = tmp_path / "tiny.py"
+  files = os.path.join(os.path.dirname(json_module.__file__), "*.py")  # (a small real corpus)
+  config_file.write_text(
+      "from jaxlm.config import default_config_dict\n"
+      "def get_config():\n"
+      "  c = default_config_dict()\n"
+      "  c.model.update(vocab_size=512, max_seq_len=32)\n"
+      f"  c.data.update(corpus='text_files', files={files!r}, seq_len=32,"
+      f" data_dir={str(tmp_path / 'cache')!r})\n"
+      "  c.train.update(global_batch_size=4)\n"
+      "  return c\n")
+  result = data_benchmark.run_data_benchmark(str(config_file), batches=5, repeats=2)
+  assert result["train_tokens"] > 1000 and result["global_batch_size"] == 4
+  assert result["jaxlm_tokens_per_second"] > 0
+  assert result["nanogpt_get_batch_tokens_per_second"] > 0
+  table = data_benchmark.format_table(result)
+  assert "| jaxlm (grain, shuffled, checkpointable) |" in table and "jaxlm / nanoGPT:" in table

@@ -226,7 +226,8 @@ def test_a_fixed_tokenizer_must_fit_the_model_vocabulary_which_may_pad_it(tmp_pa
   data = config_lib.validate(tiny_values(data_dir, data={"corpus": "text_files",
                                                          "files": files})).data
   tokenizer_lib.train_sentencepiece(corpora.load_split(data, "train"), 301, model_path)
-  data = {"corpus": "text_files", "files": files, "tokenizer": model_path, "seq_len": 16}
+  data = {"corpus": "text_files", "files": files, "tokenizer": model_path, "seq_len": 16,
+          "stride": 0}
   expect_refused(tiny_values(data_dir, data=data, model={"vocab_size": 256}), tmp_path / "run",
                  "has vocabulary 301 but model.vocab_size=256; set --config.model.vocab_size to "
                  "at least 301", error=tokenizer_lib.TokenizerError)
