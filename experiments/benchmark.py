@@ -104,9 +104,9 @@ _TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows pe
                                     lower_bound=1)
 _DATA_CONFIG = flags.DEFINE_string("data_config", "configs/default.py",
                                    "data mode: the config whose train split is loaded.")
-_DATA_BATCHES = flags.DEFINE_integer("data_batches", 200, "data mode: batches per timed block.",
+_DATA_BATCHES = flags.DEFINE_integer("data_batches", 1000, "data mode: batches per timed block.",
                                      lower_bound=1)
-_DATA_REPEATS = flags.DEFINE_integer("data_repeats", 3, "data mode: alternating rounds.",
+_DATA_REPEATS = flags.DEFINE_integer("data_repeats", 5, "data mode: alternating rounds.",
                                      lower_bound=1)
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")

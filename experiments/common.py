@@ -24,10 +24,9 @@ def _flag_error(e: BaseException) -> None:
   if isinstance(e, AttributeError) and "attribute 'get_config'" in text:  # none in the file
     text = "the --config file defines no get_config(); see configs/default.py"
   elif isinstance(e, (AttributeError, KeyError)):  # ml_collections: an unknown config key
-    leaf = text.splitlines()[0].strip().strip("'\"") if text.strip() else ""
-    given = [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]  # (its full name)
-             if arg.startswith("--config.") and arg.split("=")[0].endswith("." + leaf)]
-    text = f"unknown config key '{given[0] if given else leaf}'"
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    text = f"unknown config key '{_unknown_override(lines[0].strip(QUOTES))}'"
+    text += "".join(f"; {line}" for line in lines[1:])  # (ml_collections' did-you-mean)
   elif not isinstance(e, _FLAG_ERRORS):  # the config file could not be read or run
     where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
     text = f"the --config file cannot be loaded: {type(e).__name__}: {text}{where}"
@@ -36,6 +35,26 @@ def _flag_error(e: BaseException) -> None:
 
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+QUOTES = "'\""
+
+
+def _unknown_override(name: str) -> str:
+  """The full path of the --config.K=V override whose part `name` is unknown (ml_collections
+  names only that part): among those naming it, the first that is no key of the schema."""
+  paths = [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]
+           if arg.startswith("--config.")]
+  naming = [path for path in paths if name in path.split(".")]
+  unknown = [path for path in naming if not _in_schema(path)]
+  return (unknown or naming or [name])[0]
+
+
+def _in_schema(path: str) -> bool:
+  node: Any = config_lib.to_dict(config_lib.Config())
+  for part in path.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def define_config_flag(default: str | None = "configs/default.py"):
@@ -81,8 +100,7 @@ def config_value(holder) -> Any:
   if not isinstance(value, ml_collections.ConfigDict):  # (--config.K=V needs one)
     raise config_lib.ConfigError(
         f"config file {path}: get_config() returned {type(value).__name__}, not an "
-        f"ml_collections ConfigDict; return one (e.g. jaxlm.config.default_config_dict(), "
-        f"updated as in configs/small.py).")
+        f"ml_collections ConfigDict; return one, as the files in configs/ do.")
   return value
 
 

@@ -9,7 +9,9 @@ prefetched by 2 reader threads) against nanoGPT's `get_batch` (random offsets in
 array, inputs and targets only, cast to int64 as nanoGPT does), on the same token array: the
 config's real train split, tokenized by its real tokenizer (both prepared on first use and
 cached under data.data_dir). Blocks of `batches` batches alternate between the two loaders,
-after a warm-up of each; tokens/s are medians over the rounds.
+after a warm-up of each; tokens/s are medians over the rounds. jaxlm's reader threads refill
+its prefetch buffer (8 batches) while the other loader runs, so each of its blocks starts with
+up to 8 batches ready: under 1% of the default block of 1,000.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def _seconds(next_batch: Callable[[], Any], batches: int) -> float:
   return time.perf_counter() - started
 
 
-def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 200,
-                       repeats: int = 3) -> dict[str, Any]:
+def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 1000,
+                       repeats: int = 5) -> dict[str, Any]:
   """{tokens_per_second of each loader, their ratio, what was loaded}."""
   from jaxlm import config as config_lib
   from jaxlm import data as data_lib

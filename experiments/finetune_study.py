@@ -50,6 +50,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "~/.cache/jaxlm/finetune_study",
@@ -303,4 +305,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

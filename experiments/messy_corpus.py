@@ -22,6 +22,8 @@ import random
 
 from absl import app, flags
 
+from experiments import common
+
 
 # A few sentences per language (everyday prose), sampled into documents.
 FOREIGN = {
@@ -213,4 +215,4 @@ if __name__ == "__main__":
   # Flags defined here, not at import: the tests import the generator next to other scripts.
   flags.DEFINE_string("output", None, "folder to create (must not exist).")
   flags.DEFINE_integer("seed", 0, "random seed of every choice.")
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -670,13 +670,4 @@ def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
   """Returns `config` with some section fields replaced, e.g. replace(c, model={'dtype': ...}),
   checked and coerced as `validate` checks a dict (a typo or a value of the wrong type is a
   ConfigError naming the field)."""
-  values = to_dict(config)
-  for name, updates in sections.items():
-    if name == "seed":
-      values["seed"] = updates
-    elif name in _SECTIONS and isinstance(updates, Mapping):
-      values[name] = {**values[name], **updates}
-    else:
-      raise ConfigError(f"replace({name}=...): give a section ({', '.join(_SECTIONS)}) a dict of "
-                        f"its fields, or seed an integer.")
-  return validate(values)
+  return validate(apply_overrides(to_dict(config), sections))

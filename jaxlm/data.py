@@ -189,7 +189,7 @@ def train_dataset(tokens: np.ndarray, config: Config, eos_id: int,
   ds = ds.shuffle(seed=config.seed).repeat()  # reshuffled (deterministically) every epoch
   ds = ds[group::groups]
   ds = ds.batch(group_batch_size(config.train.global_batch_size, groups), drop_remainder=True)
-  return ds.map(lambda windows: window_example(windows, eos_id))  # (per batch: 8x faster)
+  return ds.map(lambda windows: window_example(windows, eos_id))  # (per batch: 1.7x faster)
 
 
 def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:

@@ -144,11 +144,13 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
   if previous is not None:
     bad = incompatible_keys(previous, config_lib.to_dict(config))
     if bad:
+      stride = previous["data"]["stride"]  # (its default was 256 before it meant seq_len)
       raise RunError(
           f"workdir {workdir} holds a run with a different {', '.join(bad[:4])} "
           f"(saved config.json); resume it with the options it was started with (pretraining: "
-          f"--workdir alone suffices) or pick a new "
-          f"--workdir. Nothing was changed.")
+          f"--workdir alone suffices"
+          + (f"; it was started with data.stride={stride}" if "data.stride" in bad else "")
+          + f") or pick a new --workdir. Nothing was changed.")
 
 
 def check_tokenizer(workdir: str, tokenizer) -> None:

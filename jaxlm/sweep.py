@@ -501,8 +501,8 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
     lines += ["", "Lowest mean validation loss in bold. Curves: `curves.png`."]
   eval_sets = {r["point"]: _eval_set(r["runs"][0].config) for r in results}
   if len(set(eval_sets.values())) > 1:  # e.g. a sweep over the batch size
-    lines += ["", "The points were validated on different samples of the held-out split "
-              "(train.eval_batches × global_batch_size windows × data.seq_len tokens: "
+    lines += ["", "The points may have been validated on different samples of the held-out "
+              "split (up to train.eval_batches × global_batch_size windows × data.seq_len tokens: "
               + ", ".join(f"{p} {s}" for p, s in eval_sets.items()) + "); to compare them on "
               "one set, score each run with `python -m experiments.evaluate "
               "--workdir=RUN --split=validation`."]

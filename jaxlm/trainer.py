@@ -50,7 +50,8 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   config_lib.check_sampling(config)
-  config_lib.check_training_data(config.data)
+  if run_lib.saved_config(workdir) is None:  # (a resumed run keeps the data it started with)
+    config_lib.check_training_data(config.data)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
   eval_tasks = tasks_lib.load_eval_tasks(config)

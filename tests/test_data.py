@@ -124,3 +124,15 @@ def test_window_source_stride_zero_is_seq_len_and_its_indices_are_checked():
   for index in (len(source), -1):
     with pytest.raises(IndexError):
       source[index]
+
+
+def test_a_batch_of_windows_gets_the_fields_of_each_window():
+  """The loader builds the fields of a whole batch at once: documents (EOS) inside the windows
+  restart segment ids and positions row by row, as window by window."""
+  rng = np.random.default_rng(0)
+  windows = rng.integers(3, 7, size=(6, 17)).astype(np.int32)  # EOS (3) about every 4 tokens
+  batch = data.window_example(windows, eos_id=3)
+  for key, value in batch.items():
+    expected = np.stack([data.window_example(w, eos_id=3)[key] for w in windows])
+    assert value.dtype == expected.dtype and np.array_equal(value, expected), key
+  assert batch["segment_ids"].max() > 2 and (batch["positions"] == 0).sum() > 6

@@ -118,3 +118,28 @@ def test_a_folder_with_another_tools_config_json_is_not_taken_for_a_run(tmp_path
     run_lib.open_run(str(tmp_path))
   with pytest.raises(run_lib.RunError, match="is not a jaxlm run's config"):
     run_lib.check_resumable(str(tmp_path), config_lib.validate({}), None)
+
+
+def test_a_run_saved_with_the_old_stride_default_resumes(tmp_path, monkeypatch):
+  """Before data.stride=0 meant seq_len its default was 256: a run started with seq_len 128
+  saved stride 256, which a new run is refused (it skips tokens) but the old one resumes."""
+  from jaxlm import trainer
+  old = config_lib.to_dict(config_lib.validate({"data": {"seq_len": 128, "stride": 128}}))
+  old["data"]["stride"] = 256
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(old))
+
+  class Reached(Exception):
+    pass
+
+  def reached(*args, **kwargs):
+    raise Reached
+  monkeypatch.setattr(trainer.tokenizer_lib, "get_tokenizer", reached)
+  with pytest.raises(Reached):  # (past every check of the config: the resume goes on)
+    trainer.prepare(config_lib.from_dict(old), str(workdir))
+  with pytest.raises(config_lib.ConfigError, match=r"data\.stride=256 exceeds data\.seq_len"):
+    trainer.prepare(config_lib.from_dict(old), str(tmp_path / "new"))
+  with pytest.raises(run_lib.RunError, match=r"different data\.stride .*it was started with "
+                                             r"data\.stride=256"):
+    run_lib.check_resumable(str(workdir), config_lib.validate({"data": {"seq_len": 128}}), None)

@@ -86,9 +86,16 @@ def test_help_lists_every_flag_of_the_script_and_exits_0():
 
 
 def test_an_unknown_override_is_named_in_full():
-  """ml_collections names the leaf only ('foo' for --config.model.foo)."""
-  result = subprocess.run([sys.executable, "-m", "experiments.finetune_instruct",
-                           "--config.model.foo=1"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == ["error: unknown config key 'model.foo'"]
+  """ml_collections names only the unknown part ('foo' for --config.model.foo); a valid key
+  with the same last part is not the one named, and ml_collections' did-you-mean stays."""
+  for args, expected in [
+      (["--config.model.foo=1"], "error: unknown config key 'model.foo'"),
+      (["--config.data.seq_len=128", "--config.model.seq_len=128"],
+       "error: unknown config key 'model.seq_len'; Did you mean \"max_seq_len\" instead of "
+       "\"seq_len\"?"),
+      (["--config.modle.num_layers=2"], "error: unknown config key 'modle.num_layers'; Did you "
+                                        "mean \"model\" instead of \"modle\"?")]:
+    result = subprocess.run([sys.executable, "-m", "experiments.finetune_instruct", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [expected], result.stderr
