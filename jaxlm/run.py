@@ -148,9 +148,9 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
       raise RunError(
           f"workdir {workdir} holds a run with a different {', '.join(bad[:4])} "
           f"(saved config.json); resume it with the options it was started with (pretraining: "
-          f"--workdir alone suffices"
+          "--workdir alone suffices"
           + (f"; it was started with data.stride={stride}" if "data.stride" in bad else "")
-          + f") or pick a new --workdir. Nothing was changed.")
+          + ") or pick a new --workdir. Nothing was changed.")
 
 
 def check_tokenizer(workdir: str, tokenizer) -> None:
