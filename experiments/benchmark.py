@@ -108,6 +108,12 @@ _DATA_BATCHES = flags.DEFINE_integer("data_batches", 1000, "data mode: batches p
                                      lower_bound=1)
 _DATA_REPEATS = flags.DEFINE_integer("data_repeats", 5, "data mode: alternating rounds.",
                                      lower_bound=1)
+_DATA_TOKENS = flags.DEFINE_string("data_tokens", "", "data mode: a prepare_data folder to read "
+                                   "(data.corpus=tokens) instead of the config's corpus.")
+_DATA_BATCH_SIZE = flags.DEFINE_integer("data_batch_size", 0, "data mode: rows per batch (0: the "
+                                        "config's train.global_batch_size).", lower_bound=0)
+_DATA_SEQ_LEN = flags.DEFINE_integer("data_seq_len", 0, "data mode: tokens per row (0: the "
+                                     "config's data.seq_len).", lower_bound=0)
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -536,8 +542,16 @@ def main(argv: list[str]) -> None:
     return
   if argv[1] == "data":
     from experiments import data_benchmark
+    overrides: dict[str, Any] = {}
+    if _DATA_TOKENS.value:
+      overrides["data"] = {"corpus": "tokens", "tokens": _DATA_TOKENS.value}
+    if _DATA_BATCH_SIZE.value:
+      overrides["train"] = {"global_batch_size": _DATA_BATCH_SIZE.value, "microbatches": 1}
+    if _DATA_SEQ_LEN.value:
+      overrides.setdefault("data", {}).update(seq_len=_DATA_SEQ_LEN.value, stride=0)
+      overrides["model"] = {"max_seq_len": max(_DATA_SEQ_LEN.value, 1)}
     result = data_benchmark.run_data_benchmark(_DATA_CONFIG.value, _DATA_BATCHES.value,
-                                               _DATA_REPEATS.value)
+                                               _DATA_REPEATS.value, overrides)
     for line in machine_lines():
       print(line)
     print(data_benchmark.format_table(result))

@@ -38,7 +38,7 @@ ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
-CORPORA = ("pystdlib", "text_files", "tfds")
+CORPORA = ("pystdlib", "text_files", "tfds", "tokens")
 SCHEDULES = ("cosine", "constant", "wsd")
 SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 
@@ -89,11 +89,15 @@ class DataConfig:
   """Where documents come from and how they become windows of tokens.
 
   `data_dir` holds prepared TFDS datasets, trained tokenizers and token caches; `tokenizer` may
-  name an existing SentencePiece `.model` to use instead of training one.
+  name an existing SentencePiece `.model` to use instead of training one. corpus='tokens'
+  trains on shards `experiments.prepare_data` wrote: one folder (`tokens`) or a weighted
+  mixture of folders (`mixture`, 'DIR_A:0.7,DIR_B:0.3'); local paths or gs:// URLs.
   """
   corpus: str = "pystdlib"
   files: str = ""
   tfds_name: str = ""
+  tokens: str = ""
+  mixture: str = ""
   text_key: str = "text"
   train_split: str = "train"
   validation_split: str = "validation"
@@ -531,11 +535,38 @@ def check_training_data(data: DataConfig) -> None:
     raise ConfigError(f"data.stride={data.stride} exceeds data.seq_len={data.seq_len}: the "
                       f"tokens between windows would never be trained on; set data.stride <= "
                       f"seq_len (0: equal to it, windows follow each other).")
-  for key, corpus in (("files", "text_files"), ("tfds_name", "tfds")):
+  for key, corpus in (("files", "text_files"), ("tfds_name", "tfds"), ("tokens", "tokens"),
+                      ("mixture", "tokens")):
     if getattr(data, key) and data.corpus != corpus:
       raise ConfigError(f"data.{key} is read only with data.corpus='{corpus}' (data.corpus="
                         f"'{data.corpus}' ignores it); add --config.data.corpus={corpus} or "
                         f"drop data.{key}.")
+
+
+def mixture_sources(mixture: str) -> list[tuple[str, float]]:
+  """[(folder, weight)] of data.mixture 'DIR_A:0.7,DIR_B:0.3' (a folder may be a gs:// URL: the
+  weight follows its last ':'); ConfigError naming the item and the fix."""
+  sources = []
+  for item in [i.strip() for i in mixture.split(",") if i.strip()]:
+    folder, _, weight = item.rpartition(":")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = None
+    if not folder or "/" in weight or value is None:
+      raise ConfigError(f"data.mixture item {item!r} is not FOLDER:WEIGHT; write "
+                        f"'/data/a:0.7,/data/b:0.3' (weights relative to each other).")
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"data.mixture item {item!r}: the weight must be a positive number; "
+                        f"drop a source rather than giving it weight {weight}.")
+    sources.append((folder, value))
+  if not sources:
+    raise ConfigError("data.mixture is empty; write '/data/a:0.7,/data/b:0.3'.")
+  folders = [folder for folder, _ in sources]
+  if len(set(folders)) < len(folders):
+    raise ConfigError(f"data.mixture names a folder twice ({mixture!r}); give each once with "
+                      f"the sum of its weights.")
+  return sources
 
 
 def check(config: Config) -> Config:
@@ -580,6 +611,12 @@ def check(config: Config) -> Config:
   if d.corpus == "tfds" and not d.tfds_name:
     raise ConfigError("data.corpus='tfds' needs data.tfds_name, e.g. "
                       "--config.data.tfds_name=tiny_shakespeare.")
+  if d.corpus == "tokens" and bool(d.tokens) == bool(d.mixture):
+    raise ConfigError("data.corpus='tokens' needs one of data.tokens (a prepare_data folder, "
+                      "e.g. --config.data.tokens=/data/fineweb) or data.mixture "
+                      "('DIR_A:0.7,DIR_B:0.3')" + (", not both." if d.tokens else "."))
+  if d.mixture:
+    mixture_sources(d.mixture)  # (ConfigError for a malformed one)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}, the "
@@ -645,7 +682,10 @@ def validate(values: Mapping[str, Any] | ml_collections.ConfigDict | Config) -> 
       data,
       data_dir=os.path.expanduser(data.data_dir),
       files=",".join(os.path.expanduser(f.strip()) for f in data.files.split(",") if f.strip()),
-      tokenizer=os.path.expanduser(data.tokenizer) if data.tokenizer else "")
+      tokenizer=os.path.expanduser(data.tokenizer) if data.tokenizer else "",
+      tokens=os.path.expanduser(data.tokens) if data.tokens else "",
+      mixture=",".join(os.path.expanduser(f.strip()) for f in data.mixture.split(",")
+                       if f.strip()))
   # --config.model.lora_targets=query,value arrives as one comma-joined string.
   targets = tuple(t.strip() for item in config.model.lora_targets for t in item.split(",")
                   if t.strip())

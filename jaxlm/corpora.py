@@ -43,6 +43,7 @@ import tensorflow_datasets as tfds
 
 from jaxlm.config import DataConfig
 from jaxlm.textfiles import CorpusError, parse_jsonl_line, resolve_globs  # noqa: F401 (API)
+from jaxlm.textfiles import unit_hash as _unit_hash
 
 
 SPLITS = ("train", "validation")
@@ -152,12 +153,6 @@ def file_lock(path: str) -> Iterator[bool]:
 
 
 # -- Deterministic held-out split by document identity ------------------------------------------
-
-def _unit_hash(identity: str) -> float:
-  """Maps a document identity to [0, 1), identically on every machine and run (sha256)."""
-  digest = hashlib.sha256(identity.encode("utf-8", errors="surrogatepass")).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64
-
 
 @dataclasses.dataclass(frozen=True)
 class _SplitRule:

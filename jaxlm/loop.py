@@ -77,6 +77,9 @@ class Task:
   description: str = ""
   # Called once a run has finished: (summary so far, best evaluation or None) -> summary.
   finish: Callable[[dict, dict | None], dict] | None = None
+  # Logged with the train loss: (data iterator, its state after the steps so far) -> metrics
+  # (e.g. a mixture's tokens per source).
+  data_metrics: Callable[[Any, Any], dict[str, float]] | None = None
 
 
 class StopFlag:
@@ -341,6 +344,8 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
                       "tokens_per_second": tokens_per_second, "step_seconds": seconds,
                       "mfu": task.flops_per_token * tokens_per_second / peak,
                       "tokens_seen": book.tokens_seen}
+            if task.data_metrics is not None:
+              logged.update(task.data_metrics(iterator, data_state))
             writer.write(step, logged)
             progress.update(step - progress.n)
             progress.set_postfix(loss=f"{logged[task.train_loss_key]:.3f}",

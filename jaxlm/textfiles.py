@@ -7,6 +7,7 @@ heavy imports (no TFDS), so curation's worker processes start fast.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 
@@ -55,3 +56,10 @@ def resolve_globs(patterns: str, flag: str = "--config.data.files") -> list[str]
                         f"the glob ({flag}='{pattern}') so the shell passes it unexpanded.")
     found.update(os.path.abspath(m) for m in matches)
   return sorted(found)
+
+
+def unit_hash(identity: str) -> float:
+  """Maps a document identity to [0, 1), identically on every machine and run (sha256): a
+  document is held out for validation when this is below the validation fraction."""
+  digest = hashlib.sha256(identity.encode("utf-8", errors="surrogatepass")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64

@@ -16,6 +16,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
+from jaxlm import loader
 from jaxlm import loop
 from jaxlm import run as run_lib
 from jaxlm import sharding
@@ -32,8 +33,8 @@ class PretrainInputs:
   config: Config
   workdir: str
   tokenizer: Any
-  train_tokens: np.ndarray
-  eval_tokens: np.ndarray
+  train_sources: list[loader.Source]   # the corpus (or the mixture's corpora): windows
+  eval_sources: list[loader.Source]    # their held-out splits, windows without overlap
   mesh: Any
   steps: train_lib.Steps
   train_step: Any          # the train step compiled ahead of time for this run's shapes
@@ -57,16 +58,37 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   eval_tasks = tasks_lib.load_eval_tasks(config)
   tokenizer, _ = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   run_lib.check_tokenizer(workdir, tokenizer)
-  train_tokens = data_lib.load_tokens(config.data, "train", tokenizer)
-  eval_tokens = data_lib.load_tokens(config.data, "validation", tokenizer)
-  data_lib.check_enough_tokens(train_tokens, config.data, "train", 1)
-  data_lib.check_enough_tokens(
-      eval_tokens, dataclasses.replace(config.data, stride=0), "validation", 1)
+  train_sources, eval_sources = data_sources(config, tokenizer)
   steps = train_lib.make_steps(config, mesh)
   train_step, compile_seconds = train_lib.compile_checked(
       config, steps, train_lib.abstract_batch(config, mesh), mesh)
-  return PretrainInputs(config, workdir, tokenizer, train_tokens, eval_tokens, mesh, steps,
+  return PretrainInputs(config, workdir, tokenizer, train_sources, eval_sources, mesh, steps,
                         train_step, compile_seconds, eval_tasks)
+
+
+def data_sources(config: Config, tokenizer) -> tuple[list[loader.Source], list[loader.Source]]:
+  """(train, validation) windows of the run's corpus: prepared shards (data.corpus=tokens, one
+  folder or a mixture), or a corpus encoded here on first use; each with at least one window."""
+  data = config.data
+  if data.corpus == "tokens":
+    train = loader.token_sources(data, "train", data.window_stride)
+    held_out = loader.token_sources(data, "validation", data.seq_len)
+  else:
+    train_tokens = data_lib.load_tokens(data, "train", tokenizer)
+    eval_tokens = data_lib.load_tokens(data, "validation", tokenizer)
+    data_lib.check_enough_tokens(train_tokens, data, "train", 1)
+    data_lib.check_enough_tokens(eval_tokens, dataclasses.replace(data, stride=0),
+                                 "validation", 1)
+    train = [loader.Source(data.corpus, loader.Windows([train_tokens], data.seq_len,
+                                                       data.window_stride))]
+    held_out = [loader.Source(data.corpus, loader.Windows([eval_tokens], data.seq_len))]
+  for sources, split in ((train, "train"), (held_out, "validation")):
+    for source in sources:
+      if not len(source.windows):
+        raise data_lib.DataError(
+            f"the {split} split of {source.name} has no window of data.seq_len+1="
+            f"{data.seq_len + 1} tokens; add text or lower data.seq_len.")
+  return train, held_out
 
 
 def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None = None,
@@ -90,13 +112,22 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
   cfg, mesh = prepared.config, prepared.mesh
   eos_id = prepared.tokenizer.eos_id
   group = sharding.batch_group(mesh)
-  eval_batches = data_lib.eval_batches(prepared.eval_tokens, cfg, eos_id, cfg.train.eval_batches,
-                                       *group)
+  eval_batches = loader.eval_batches(prepared.eval_sources, cfg.train.global_batch_size, eos_id,
+                                     cfg.train.eval_batches, *group)
   byte_lengths = prepared.tokenizer.byte_lengths()
 
   def data():
-    dataset = data_lib.train_dataset(prepared.train_tokens, cfg, eos_id, *group)
-    return data_lib.train_iterator(dataset)
+    return loader.Loader(prepared.train_sources, cfg.seed, cfg.train.global_batch_size, eos_id,
+                         *group)
+
+  def data_metrics(iterator, state) -> dict[str, float]:
+    """Bytes of token data this process (process 0: it writes the metrics) has read, and the
+    tokens each source of a mixture has given the steps so far."""
+    metrics = {"data_bytes_read": iterator.bytes_read}
+    if len(prepared.train_sources) > 1:
+      metrics.update((f"tokens_seen/{name}", tokens)
+                     for name, tokens in iterator.tokens_per_source(state["batch"]).items())
+    return metrics
 
   evaluate_tasks = tasks_lib.in_training_evaluator(cfg, prepared.tokenizer, prepared.eval_tasks,
                                                    mesh)
@@ -114,4 +145,5 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
       init_state=lambda: prepared.steps.init(jax.random.PRNGKey(cfg.seed)),
       evaluate=evaluate, eval_every=cfg.train.eval_every,
       flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
-      base_config=base_config, description=f"attention {attention}; ")
+      base_config=base_config, description=f"attention {attention}; ",
+      data_metrics=data_metrics)

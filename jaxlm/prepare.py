@@ -1,0 +1,515 @@
+"""Token preparation: raw documents -> token shards + manifest (the format of `jaxlm/shards.py`).
+
+  plan     the input files (`sources.list_inputs`), each checked; units of ~`unit_mb` of input
+           (`sources.plan_units`); the tokenizer: given, or SentencePiece trained on a bounded
+           sample of the train documents (memory and time independent of the corpus size)
+  stage 1  per unit (in parallel): its documents -> split by the hash of their identity
+           (`textfiles.unit_hash` < validation_fraction: validation) -> tokens, end-of-text
+           after each document -> DIR/.work/units/<unit fingerprint>.{split}.npy (+ where
+           documents start), then a JSON marker: a unit with a marker is never redone
+  stage 2  the layout: each split is its units' tokens in unit order, cut every
+           `shard_tokens` tokens
+  stage 3  per shard (in parallel): its pieces of the units' arrays -> the shard and its
+           document starts, written atomically, then a marker; sha256 and text bytes counted
+           on the way
+  finish   manifest.json, written atomically and last; DIR/.work removed
+
+Everything a shard holds is a function of the input files, the settings and the tokenizer
+(never of the number of workers or of interruptions), so the shards are byte-identical
+however they were made: this engine, the Beam one (`jaxlm/prepare_beam.py`), 1 or 64 workers,
+in one go or resumed. Memory: a worker holds one unit's documents and tokens (~`unit_mb` of
+text); the main process the plan. Nothing grows with the corpus but the plan (a few hundred
+bytes per unit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxlm import shards, sources, storage
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError
+from jaxlm.textfiles import CorpusError, unit_hash
+
+WORK = ".work"
+
+
+class PrepareError(UserError):
+  """Preparation cannot proceed as asked; the message names the option or file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSettings:
+  """What the shards depend on besides the input files and the tokenizer."""
+  text_key: str = "text"                # the text field (.jsonl) or column (.parquet)
+  id_key: str = "id"                    # a document's identity where records have it
+  validation_fraction: float = 0.005    # of documents, held out by the hash of their identity
+  shard_tokens: int = 100_000_000       # tokens per shard (the last of a split: the rest)
+  unit_mb: float = 64.0                 # input per unit of work and resume
+  vocab_size: int = 4096                # of a tokenizer trained here (no --tokenizer)
+  tokenizer_max_sentences: int = 300_000  # training chunks (of whole lines) sampled for it
+
+  def check(self) -> None:
+    if not 0.0 < self.validation_fraction < 1.0:
+      raise PrepareError(f"--validation_fraction={self.validation_fraction} must be in (0, 1) "
+                         f"(e.g. 0.005: one document in 200 held out).")
+    if not 1024 <= self.shard_tokens < 2**32:
+      raise PrepareError(f"--shard_tokens={self.shard_tokens} must be in [1024, 2**32) (e.g. "
+                         f"100000000, nanoGPT's FineWeb shards).")
+    if not self.unit_mb > 0:
+      raise PrepareError(f"--unit_mb={self.unit_mb} must be positive (e.g. 64).")
+    if not self.text_key:
+      raise PrepareError("--text_key is empty; name the field that holds the text.")
+
+  @property
+  def unit_bytes(self) -> int:
+    return max(1, int(self.unit_mb * 2**20))
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything stage 1 needs, decided before anything is written."""
+  output: str
+  inputs: str
+  files: list[sources.InputFile]
+  units: list[sources.Unit]
+  settings: PrepareSettings
+  given_tokenizer: str         # --tokenizer ("": one is trained on a sample)
+  tokenizer: Any = None        # given, or once trained
+
+  @property
+  def work(self) -> str:
+    return storage.join(self.output, WORK)
+
+  def fingerprint(self) -> str:
+    """Of the inputs, units, settings and the given tokenizer ("trained" otherwise)."""
+    given = shards.fingerprint(self.tokenizer) if self.given_tokenizer else "trained"
+    return _digest([[u.describe() for u in self.units], dataclasses.asdict(self.settings),
+                    given])
+
+
+def _digest(value: Any, chars: int = 16) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:chars]
+
+
+# -- Plan -----------------------------------------------------------------------------------------
+
+def make_plan(inputs: str, output: str, tokenizer: str, settings: PrepareSettings) -> Plan:
+  """Checks everything that can be checked before writing: settings, every input file (read
+  as its kind: parquet footers and columns, compressed headers, first JSON records), the
+  tokenizer, the output folder."""
+  settings.check()
+  if not output:
+    raise PrepareError("--output is empty; name the folder for the shards.")
+  files = sources.list_inputs(inputs)
+  for file in files:
+    sources.check_file(file, settings.text_key)
+  if storage.exists(output) and not storage.isdir(output):
+    raise PrepareError(f"--output={output} is a file; name a folder for the shards.")
+  found = set(storage.listdir(output))
+  if found and not found & {shards.MANIFEST, WORK}:
+    raise PrepareError(f"--output={output} already holds other files ({', '.join(sorted(found)[:3])}"
+                       f"); choose a new folder for the shards.")
+  given = None
+  if tokenizer:
+    try:
+      given = tokenizer_lib.load_tokenizer(tokenizer)
+    except tokenizer_lib.TokenizerError as e:
+      raise PrepareError(f"--tokenizer: {e}") from None
+  units = sources.plan_units(files, settings.unit_bytes, settings.text_key)
+  return Plan(output, inputs, files, units, settings, tokenizer, given)
+
+
+def finished(plan: Plan) -> dict[str, Any] | None:
+  """The manifest of a finished preparation of this plan in the output folder; PrepareError if
+  the folder holds shards of another one (they are never overwritten)."""
+  path = storage.join(plan.output, shards.MANIFEST)
+  if not storage.exists(path):
+    return None
+  manifest = shards.load_manifest(plan.output, "--output")
+  if manifest.get("preparation") != plan.fingerprint():
+    raise PrepareError(f"--output={plan.output} holds shards prepared from other inputs or "
+                       f"settings; choose a new folder (or delete that one).")
+  return manifest
+
+
+def train_tokenizer(plan: Plan, log: Callable[[str], None]) -> None:
+  """SentencePiece trained on a bounded, seeded sample of the train documents (whole units in
+  a random order until `tokenizer_max_sentences` line chunks), kept in the work folder so a
+  resumed preparation encodes with the same one."""
+  s = plan.settings
+  path = storage.join(plan.work, f"tokenizer-{plan.fingerprint()}.model")
+  if storage.exists(path):  # (trained before an interruption)
+    plan.tokenizer = tokenizer_lib.from_bytes(storage.read_bytes(path), "tokenizer.model", path)
+  else:
+    started = time.perf_counter()
+    sample = list(sample_documents(plan.units, s))
+    log(f"training a SentencePiece tokenizer (vocabulary {s.vocab_size}) on {len(sample):,} "
+        f"documents sampled from the train split")
+    trained = tokenizer_lib.train_sentencepiece(sample, s.vocab_size, "",
+                                                max_sentences=s.tokenizer_max_sentences,
+                                                vocab_flag="--vocab_size")
+    storage.write_bytes(path, trained.serialize())
+    plan.tokenizer = tokenizer_lib.from_bytes(trained.serialize(), "tokenizer.model", path)
+    log(f"tokenizer trained in {time.perf_counter() - started:.0f}s")
+
+
+def sample_documents(units: Sequence[sources.Unit], settings: PrepareSettings, seed: int = 0
+                     ) -> Iterator[str]:
+  """Train-split documents of units visited in a seeded random order, until their line chunks
+  reach `tokenizer_max_sentences` (the trainer samples exactly that many from them)."""
+  order = list(range(len(units)))
+  random.Random(seed).shuffle(order)
+  chunks = 0
+  for index in order:
+    for document in sources.documents(units[index], settings.text_key, settings.id_key):
+      if unit_hash(document.identity) >= settings.validation_fraction:
+        yield document.text
+        chunks += len(tokenizer_lib._document_chunks(document.text))  # pylint: disable=protected-access
+        if chunks >= settings.tokenizer_max_sentences:
+          return
+
+
+# -- Stage 1: units -> tokens ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class UnitTask:
+  unit: sources.Unit
+  fingerprint: str
+  force_validation: str | None = None   # an identity held out whatever its hash (tiny corpora)
+  force_train: str | None = None
+
+
+def unit_tasks(plan: Plan, force_validation: str | None = None,
+               force_train: str | None = None) -> list[UnitTask]:
+  base = [dataclasses.asdict(plan.settings), shards.fingerprint(plan.tokenizer)]
+  tasks = []
+  for unit in plan.units:
+    forced = [force_validation, force_train] if (force_validation or force_train) else []
+    tasks.append(UnitTask(unit, _digest([unit.describe(), base, forced]), force_validation,
+                          force_train))
+  return tasks
+
+
+def unit_path(work: str, fingerprint: str, suffix: str) -> str:
+  return storage.join(work, "units", f"{fingerprint}{suffix}")
+
+
+def tokenize_unit(task: UnitTask, settings: PrepareSettings, tokenizer, work: str
+                  ) -> dict[str, Any]:
+  """Stage 1 for one unit: writes its tokens and document starts per split, then its marker
+  (JSON, returned): tokens and documents per split and the documents nearest the split line
+  (to move one over when a tiny corpus leaves a split empty)."""
+  dtype = shards.token_dtype(tokenizer.vocab_size)
+  pieces: dict[str, list[np.ndarray]] = {split: [] for split in shards.SPLITS}
+  starts: dict[str, list[int]] = {split: [] for split in shards.SPLITS}
+  counts = {split: 0 for split in shards.SPLITS}
+  nearest: dict[str, Any] = {"lowest_train": None, "highest_validation": None}
+  eos = np.asarray([tokenizer.eos_id], dtype)
+
+  def flush(batch: list[tuple[sources.Document, str]]) -> None:
+    encoded = tokenizer.encode_batch([d.text for d, _ in batch], num_threads=1)
+    for (document, split), ids in zip(batch, encoded):
+      if document.starts:
+        starts[split].append(counts[split])
+      array = np.asarray(ids, dtype)
+      pieces[split].append(array)
+      counts[split] += len(array)
+      if document.ends:
+        pieces[split].append(eos)
+        counts[split] += 1
+
+  batch, batch_chars = [], 0
+  for document in sources.documents(task.unit, settings.text_key, settings.id_key):
+    split = _split_of(document.identity, settings.validation_fraction, task)
+    hashed = [unit_hash(document.identity), document.identity]
+    if split == "train" and (nearest["lowest_train"] is None or hashed < nearest["lowest_train"]):
+      nearest["lowest_train"] = hashed
+    if split == "validation" and (nearest["highest_validation"] is None
+                                  or hashed > nearest["highest_validation"]):
+      nearest["highest_validation"] = hashed
+    batch.append((document, split))
+    batch_chars += len(document.text)
+    if batch_chars >= 1 << 20 or len(batch) >= 1024:  # ~1 MB of text per encode call
+      flush(batch)
+      batch, batch_chars = [], 0
+  if batch:
+    flush(batch)
+  marker: dict[str, Any] = {"fingerprint": task.fingerprint, "splits": {}, **nearest}
+  for split in shards.SPLITS:
+    tokens = np.concatenate(pieces[split]) if pieces[split] else np.zeros([0], dtype)
+    write_npy(unit_path(work, task.fingerprint, f".{split}.npy"), tokens)
+    write_npy(unit_path(work, task.fingerprint, f".{split}.starts.npy"),
+              np.asarray(starts[split], np.uint32))
+    marker["splits"][split] = {"tokens": int(counts[split]), "documents": len(starts[split])}
+  storage.write_bytes(unit_path(work, task.fingerprint, ".json"),
+                      (json.dumps(marker) + "\n").encode())
+  return marker
+
+
+def _split_of(identity: str, fraction: float, task: UnitTask) -> str:
+  if identity == task.force_validation:
+    return "validation"
+  if identity == task.force_train:
+    return "train"
+  return "validation" if unit_hash(identity) < fraction else "train"
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+  with storage.open_write(path) as handle:
+    np.lib.format.write_array(handle, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_npy(path: str) -> np.ndarray:
+  if storage.is_url(path):
+    return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+  return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def read_marker(work: str, fingerprint: str) -> dict[str, Any] | None:
+  path = unit_path(work, fingerprint, ".json")
+  if not storage.exists(path):
+    return None
+  try:
+    return json.loads(storage.read_bytes(path))
+  except ValueError:
+    return None  # (a damaged marker: the unit is redone)
+
+
+def split_fix(markers: Sequence[dict[str, Any]], fraction: float
+              ) -> tuple[str | None, str | None]:
+  """(identity to force into validation, identity to force into train) when a split is empty:
+  the document whose hash is nearest the other side moves over, as the text_files corpus does.
+  PrepareError when there are fewer than 2 documents."""
+  documents = sum(m["splits"][s]["documents"] for m in markers for s in shards.SPLITS)
+  if documents < 2:
+    raise PrepareError(f"the inputs hold {documents} non-empty document(s); the held-out "
+                       f"validation split needs whole documents: add at least one more (a file, "
+                       f"a line of a .jsonl, a row of a parquet file).")
+  validation = sum(m["splits"]["validation"]["documents"] for m in markers)
+  if validation == 0:
+    return min(m["lowest_train"] for m in markers if m["lowest_train"])[1], None
+  if validation == documents:
+    return None, max(m["highest_validation"] for m in markers if m["highest_validation"])[1]
+  del fraction
+  return None, None
+
+
+# -- Stages 2 and 3: layout and shards ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  split: str
+  index: int
+  pieces: tuple[tuple[str, int, int], ...]   # (unit fingerprint, from, to) in its split array
+  tokens: int
+
+  @property
+  def name(self) -> str:
+    return shards.shard_name(self.split, self.index)
+
+  def fingerprint(self, tokenizer_fingerprint: str) -> str:
+    return _digest([self.split, self.index, self.pieces, tokenizer_fingerprint])
+
+
+def layout(tasks: Sequence[UnitTask], markers: Sequence[dict[str, Any]], shard_tokens: int
+           ) -> list[ShardTask]:
+  """Each split as its units' tokens in unit order, cut every `shard_tokens` tokens."""
+  out = []
+  for split in shards.SPLITS:
+    index, current, size = 0, [], 0
+    for task, marker in zip(tasks, markers):
+      count, at = marker["splits"][split]["tokens"], 0
+      while at < count:
+        take = min(count - at, shard_tokens - size)
+        current.append((task.fingerprint, at, at + take))
+        at, size = at + take, size + take
+        if size == shard_tokens:
+          out.append(ShardTask(split, index, tuple(current), size))
+          index, current, size = index + 1, [], 0
+    if size:
+      out.append(ShardTask(split, index, tuple(current), size))
+  return out
+
+
+def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
+                byte_lengths: np.ndarray, tokenizer_fingerprint: str) -> dict[str, Any]:
+  """Stage 3 for one shard: the shard and its document starts (atomic), then a marker holding
+  its manifest entry (returned). An existing marker of the same content is reused."""
+  fingerprint = task.fingerprint(tokenizer_fingerprint)
+  marker_path = storage.join(work, "shards", f"{task.name}.json")
+  if storage.exists(marker_path):
+    try:
+      marker = json.loads(storage.read_bytes(marker_path))
+      if marker.get("fingerprint") == fingerprint:
+        return marker["entry"]
+    except ValueError:
+      pass
+  digest = hashlib.sha256()
+  counts = np.zeros(len(byte_lengths), np.int64)
+  starts, at = [], 0
+  with storage.open_write(storage.join(output, task.name)) as handle:
+    header = shards.npy_header(dtype, task.tokens)
+    handle.write(header)
+    digest.update(header)
+    for unit, begin, end in task.pieces:
+      tokens = np.asarray(read_npy(unit_path(work, unit, f".{task.split}.npy"))[begin:end])
+      unit_starts = read_npy(unit_path(work, unit, f".{task.split}.starts.npy"))
+      chosen = unit_starts[(unit_starts >= begin) & (unit_starts < end)]
+      starts.append(chosen.astype(np.int64) - begin + at)
+      data = tokens.astype(dtype, copy=False).tobytes()
+      handle.write(data)
+      digest.update(data)
+      counts += np.bincount(tokens, minlength=len(byte_lengths))[:len(byte_lengths)]
+      at += end - begin
+  documents = np.concatenate(starts).astype(np.uint32) if starts else np.zeros([0], np.uint32)
+  docs_file = shards.docs_name(task.split, task.index)
+  write_npy(storage.join(output, docs_file), documents)
+  entry = {"file": task.name, "docs": docs_file, "split": task.split, "tokens": task.tokens,
+           "documents": int(len(documents)), "bytes": int(counts @ byte_lengths),
+           "sha256": digest.hexdigest()}
+  storage.write_bytes(marker_path, (json.dumps({"fingerprint": fingerprint, "entry": entry})
+                                    + "\n").encode())
+  return entry
+
+
+def write_manifest(plan: Plan, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """manifest.json, written atomically and last (it marks the folder finished), beside the
+  tokenizer; returns it."""
+  tokenizer = plan.tokenizer
+  tokenizer_file = tokenizer.file_name
+  storage.write_bytes(storage.join(plan.output, tokenizer_file), tokenizer.serialize())
+  splits = {split: {key: sum(e[key] for e in entries if e["split"] == split)
+                    for key in ("tokens", "documents", "bytes")} for split in shards.SPLITS}
+  for split in shards.SPLITS:
+    splits[split]["shards"] = sum(1 for e in entries if e["split"] == split)
+  s = plan.settings
+  manifest = {
+      "format": shards.FORMAT, "version": shards.VERSION,
+      "tokens": sum(e["tokens"] for e in entries),
+      "documents": sum(e["documents"] for e in entries),
+      "bytes": sum(e["bytes"] for e in entries),
+      "tokenizer": shards.fingerprint(tokenizer), "tokenizer_file": tokenizer_file,
+      "tokenizer_trained": not plan.given_tokenizer,
+      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+      "dtype": shards.token_dtype(tokenizer.vocab_size).name,
+      "shard_tokens": s.shard_tokens, "validation_fraction": s.validation_fraction,
+      "splits": splits, "shards": list(entries),
+      "inputs": {"patterns": plan.inputs, "files": len(plan.files), "units": len(plan.units),
+                 "text_key": s.text_key, "id_key": s.id_key},
+      "preparation": plan.fingerprint(),
+  }
+  storage.write_bytes(storage.join(plan.output, shards.MANIFEST),
+                      (json.dumps(manifest, indent=2) + "\n").encode())
+  return manifest
+
+
+# -- The local engine -----------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(settings: PrepareSettings, work: str) -> None:
+  # One thread per worker for `tokenizers` too (SentencePiece takes num_threads=1 per call):
+  # the workers are the parallelism, and tokens/s per core is what is measured.
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  _WORKER.update(settings=settings, work=work, tokenizers={})
+
+
+def load_tokenizer(source: tuple[str, str]):
+  """The tokenizer at `source` = (path, file name): a given one (a file, or GPT-2's folder) or
+  one trained into the work folder (local or on an object store)."""
+  path, file_name = source
+  if storage.is_url(path) or os.path.basename(path).startswith("tokenizer-"):
+    return tokenizer_lib.from_bytes(storage.read_bytes(path), file_name, path)
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def _worker_tokenizer(source: tuple[str, str]):
+  if source not in _WORKER["tokenizers"]:
+    _WORKER["tokenizers"][source] = load_tokenizer(source)
+  return _WORKER["tokenizers"][source]
+
+
+def _check_whole(file: sources.InputFile) -> None:
+  sources.check_file(file, _WORKER["settings"].text_key, whole=True)
+
+
+def _run_unit(arguments: tuple[UnitTask, tuple[str, str]]) -> dict[str, Any]:
+  task, source = arguments
+  return tokenize_unit(task, _WORKER["settings"], _worker_tokenizer(source), _WORKER["work"])
+
+
+def _run_shard(arguments: tuple) -> dict[str, Any]:
+  return write_shard(*arguments)
+
+
+def prepare(inputs: str, output: str, tokenizer: str = "",
+            settings: PrepareSettings = PrepareSettings(), workers: int = 0,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Prepares token shards of `inputs` (comma-separated globs, curate output folders) in
+  `output` (see the module docstring) on `workers` processes (0: every core); returns the
+  manifest. Rerunning after an interruption resumes; rerunning after the end does nothing.
+  Compressed inputs are decompressed to their end (in parallel) before anything is written, so
+  a truncated one is refused first."""
+  plan = make_plan(inputs, output, tokenizer, settings)
+  done = finished(plan)
+  if done is not None:
+    log(f"{output} already holds these shards ({done['tokens']:,} tokens); nothing to do.")
+    return done
+  workers = min(workers or os.cpu_count() or 1, max(1, len(plan.units)))
+  log(f"{len(plan.files)} input files in {len(plan.units)} units; {workers} workers")
+  context = multiprocessing.get_context("spawn")  # (no fork of a process running threads)
+  with context.Pool(workers, _init_worker, (settings, plan.work)) as pool:
+    pool.map(_check_whole, [f for f in plan.files if f.compressed], chunksize=1)
+    if plan.tokenizer is None:
+      train_tokenizer(plan, log)
+      source = (storage.join(plan.work, f"tokenizer-{plan.fingerprint()}.model"),
+                "tokenizer.model")
+    else:
+      source = (plan.given_tokenizer, plan.tokenizer.file_name)
+    tasks, markers = _tokenize(plan, unit_tasks(plan), pool, source, log)
+    force = split_fix(markers, settings.validation_fraction)
+    if any(force):
+      tasks, markers = _tokenize(plan, unit_tasks(plan, *force), pool, source, log)
+    layout_tasks = layout(tasks, markers, settings.shard_tokens)
+    dtype = shards.token_dtype(plan.tokenizer.vocab_size)
+    byte_lengths = plan.tokenizer.byte_lengths().astype(np.int64)
+    fingerprint = shards.fingerprint(plan.tokenizer)
+    started = time.perf_counter()
+    entries = pool.map(_run_shard, [(t, plan.work, output, dtype, byte_lengths, fingerprint)
+                                    for t in layout_tasks], chunksize=1)
+    log(f"{len(entries)} shards written in {time.perf_counter() - started:.1f}s")
+  manifest = write_manifest(plan, entries)
+  storage.remove(plan.work)
+  return manifest
+
+
+def _tokenize(plan: Plan, tasks: list[UnitTask], pool, source: tuple[str, str], log
+              ) -> tuple[list[UnitTask], list[dict]]:
+  """Stage 1 for the tasks without a marker; (tasks, markers) in unit order."""
+  markers = {t.fingerprint: read_marker(plan.work, t.fingerprint) for t in tasks}
+  pending = [t for t in tasks if markers[t.fingerprint] is None]
+  if len(pending) < len(tasks):
+    log(f"{len(tasks) - len(pending)} of {len(tasks)} units already tokenized")
+  started, tokens = time.perf_counter(), 0
+  for done, marker in enumerate(pool.imap_unordered(_run_unit, [(t, source) for t in pending]),
+                                start=1):
+    markers[marker["fingerprint"]] = marker
+    tokens += sum(s["tokens"] for s in marker["splits"].values())
+    seconds = time.perf_counter() - started
+    log(f"unit {done}/{len(pending)} tokenized ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+  return tasks, [markers[t.fingerprint] for t in tasks]
+
+
+__all__ = ["CorpusError", "PrepareError", "PrepareSettings", "prepare"]
