@@ -44,7 +44,7 @@ shifts (XLA's thread pool degrades more gracefully than torch's OpenMP threads w
 taken), so quote ratios from quiet runs.
 
 No XLA_FLAGS are set here: none of the CPU flags tried (YNNPACK off -> Eigen dots, oneDNN,
-XNNPACK, concurrency scheduler off) made the step faster; see the README's performance notes.
+XNNPACK, concurrency scheduler off) made the step faster; see docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 r"""Curate raw documents into a training corpus: normalize, language, quality, decontaminate,
-exact + near-duplicate removal (see jaxlm/curate and the README's "Curating a corpus").
+exact + near-duplicate removal (see jaxlm/curate and docs/curation.md).
 
   python -m experiments.curate --input='/data/crawl/**/*.jsonl' --output=/data/clean
   python -m experiments.curate --input='/data/crawl/*' --output=/data/clean \

@@ -2,7 +2,7 @@
 
 A checkpoint step directory holds three items:
   state/  the TrainState arrays (Orbax, each process writes its own shards)
-  data/   the grain iterator state (JSON)
+  data/   the data loader's state and the loop's bookkeeping (JSON)
   meta/   resolved config, tokenizer model (base64), and a fingerprint of every array
 Orbax restores flipped bytes inside array files without error, so `meta` carries fingerprints
 computed on device, restore recomputes them and refuses a mismatch.

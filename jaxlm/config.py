@@ -142,7 +142,7 @@ class TrainConfig:
   sample_temperature: float = 0.8
   sample_top_k: int = 40
   max_nonfinite_steps: int = 3
-  # Loss spikes on finite steps (README "When training goes wrong"): a step whose loss exceeds
+  # Loss spikes on finite steps (docs/reliability.md): a step whose loss exceeds
   # spike_loss_ratio x, or whose gradient norm exceeds spike_grad_ratio x, their running means
   # (exponential, span spike_window accepted steps; armed after spike_window steps) is a spike.
   # spike_action: none (no detection) | log | skip (update not applied, data moves on) | halt

@@ -220,7 +220,7 @@ def safetensors_files(hf_dir: str) -> dict[str, str]:
         f"GPT2LMHeadModel as M; M.from_pretrained('{hf_dir}').save_pretrained('OUT')\", then "
         f"pass --hf_dir=OUT.")
   raise ConvertError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json); "
-                     f"download the GPT-2 files listed in the README into it.")
+                     f"download the GPT-2 files listed in docs/gpt2.md into it.")
 
 
 def load_gpt2_params(hf_dir: str, model: ModelConfig, put: Callable[[str, np.ndarray], Any]

@@ -295,7 +295,7 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
 
 # -- Config and initial params ------------------------------------------------------------------
 
-# Fine-tuning defaults. Measured (experiments/finetune_study.py, README "Fine-tuning"): on a
+# Fine-tuning defaults. Measured (experiments/finetune_study.py, docs/finetuning.md): on a
 # keyword classification task the book's GPT-2 recipe (last block + head, AdamW 5e-5) reached
 # 0.66-0.84 test accuracy on the models here (briefly pretrained 64-256 dims, a random
 # GPT-2-shaped import), while all weights at 0.064 / embed_dim reached >= 0.995 on every one

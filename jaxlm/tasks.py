@@ -585,7 +585,7 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
     raise
   except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a field's value
     raise TaskError(f"task file {path} ({name}) has a malformed record ({type(e).__name__}: "
-                    f"{e}); see the README's task formats.") from None
+                    f"{e}); see the task formats in docs/evaluation.md.") from None
   if not items:
     raise TaskError(f"task file {path} ({name}) holds no examples.")
   return LoadedTask(name, path, num_fewshot, items=with_fewshot(items, num_fewshot, seed, limit))

@@ -1,6 +1,6 @@
 """kill -9 during training and asynchronous checkpoint writes (experiments/crash_test.py):
 every restart resumes from the newest complete checkpoint and the finished run logs the
-uninterrupted run's losses. CI kills twice; the README reports a 20-kill run. A save that fails
+uninterrupted run's losses. CI kills twice; docs/training.md reports a 20-kill run. A save that fails
 (full disk) stops the run with one line and leaves the earlier checkpoints intact."""
 
 import json

@@ -144,7 +144,7 @@ def classifiers(base_run, tmp_path_factory):
 @pytest.mark.slow
 def test_classifier_learns_the_number_word_task(classifiers):
   summary, workdir = classifiers["full"]
-  # The bar the defaults were chosen to clear (README). Measured across base runs pretrained on
+  # The bar the defaults were chosen to clear (docs/finetuning.md). Measured across base runs pretrained on
   # different splits and three data seeds: 0.94-1.0 (1.0 in 7 of 8).
   assert summary["test_accuracy"] >= 0.90, summary
   assert summary["trainable_params"] == summary["total_params"]
