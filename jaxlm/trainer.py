@@ -123,6 +123,8 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
   def data_metrics(iterator, state) -> dict[str, float]:
     """Bytes of token data this process (process 0: it writes the metrics) has read, and the
     tokens each source of a mixture has given the steps so far."""
+    if not isinstance(iterator, loader.Loader):  # (a wrapped loader: tests poison batches)
+      return {}
     metrics = {"data_bytes_read": iterator.bytes_read}
     if len(prepared.train_sources) > 1:
       metrics.update((f"tokens_seen/{name}", tokens)

@@ -132,4 +132,6 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
   assert result["jaxlm_tokens_per_second"] > 0
   assert result["nanogpt_get_batch_tokens_per_second"] > 0
   table = data_benchmark.format_table(result)
-  assert "| jaxlm (grain, shuffled, checkpointable) |" in table and "jaxlm / nanoGPT:" in table
+  assert "| jaxlm loader (shuffled, segment ids, resumable) |" in table
+  assert "| nanoGPT get_batch in numpy (random offsets) |" in table
+  assert "jaxlm / nanoGPT get_batch:" in table
