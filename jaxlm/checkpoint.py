@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxlm import storage
 from jaxlm.errors import UserError
 from jaxlm.train import TrainState
 
@@ -76,7 +77,7 @@ class Checkpointer:
                read_only: bool = False):
     """read_only: only list and restore (generation, evaluation): never creates the directory,
     deletes old steps, or cleans up the unfinished saves of a run that is still training."""
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if storage.is_url(directory) else os.path.abspath(directory)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0,
@@ -160,7 +161,7 @@ class Checkpointer:
     Restoring against an abstract target carrying the current shardings lets a checkpoint move
     to another mesh or device count.
     """
-    where = os.path.join(self.directory, str(step))
+    where = storage.join(self.directory, str(step))
     try:
       # A checkpoint written before TrainState gained a field (spike_stats, rollback_lr_until)
       # lacks it: the fields it has are restored and the others start afresh (zeros).
@@ -227,18 +228,18 @@ class Checkpointer:
 
   @property
   def discarded_directory(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), "checkpoints_discarded")
+    return storage.join(storage.dirname(self.directory), "checkpoints_discarded")
 
   def discard(self, steps: list[int]) -> None:
     """Moves committed steps out of the manager's directory (process 0; all processes wait)."""
     if jax.process_index() == 0:
-      os.makedirs(self.discarded_directory, exist_ok=True)
+      storage.makedirs(self.discarded_directory)
       for step in steps:
-        target = os.path.join(self.discarded_directory, str(step))
+        target = storage.join(self.discarded_directory, str(step))
         suffix = 1
-        while os.path.exists(target):  # discarded before: keep both
-          target, suffix = os.path.join(self.discarded_directory, f"{step}.{suffix}"), suffix + 1
-        os.replace(os.path.join(self.directory, str(step)), target)
+        while storage.exists(target):  # discarded before: keep both
+          target, suffix = storage.join(self.discarded_directory, f"{step}.{suffix}"), suffix + 1
+        storage.move(storage.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxlm discarded checkpoints {steps}")
     self.manager.reload()
@@ -246,7 +247,7 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the params of a checkpoint (a TrainState's or an imported `{"params": ...}`), with
     the shardings of `abstract_params`; the optimizer state is never read."""
-    where = os.path.join(self.directory, str(step))
+    where = storage.join(self.directory, str(step))
     target = {"params": abstract_params}
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -511,7 +511,8 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   """All checks that can fail on bad input, before anything is written: the data, the config,
   the model against the init run's, and last the train step of the largest batch, compiled from
   shapes, against the device's memory. A `workdir` holding an unfinished fine-tuning run of the
-  same init run and task resumes."""
+  same init run and task resumes. A gs:// workdir is mirrored locally (jaxlm/remote.py)."""
+  workdir = run_lib.local_workdir(workdir)
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir, what="--init", language_model=True)
   config = finetune_config(init.config, task, overrides or {})

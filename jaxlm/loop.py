@@ -38,6 +38,7 @@ from jaxlm import files
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import pipeline
+from jaxlm import remote
 from jaxlm import run as run_lib
 from jaxlm import sharding
 from jaxlm import train as train_lib
@@ -156,7 +157,11 @@ def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None
   if restore_step is not None:
     run_lib.check_restore_step(task.workdir, restore_step)
   with run_lib.training_lock(task.workdir):
-    return _fit(task, stop_at_step, restore_step, show_progress)
+    try:
+      return _fit(task, stop_at_step, restore_step, show_progress)
+    finally:  # (a run directory on an object store gets its logs, however the run ends)
+      if jax.process_index() == 0:
+        remote.upload(task.workdir)
 
 
 def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
@@ -195,7 +200,7 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
                f"bubble {pipeline.bubble_fraction(stages, cfg.train.pipeline_microbatches):.0%} "
                f"of each step" if stages > 1 else "")
   log(f"{num_params:,} parameters; {task.flops_per_token / 1e6:.1f} MFLOPs per token; mesh "
-      f"{dict(mesh.shape)}{pipelined}; {task.description}workdir {workdir}")
+      f"{dict(mesh.shape)}{pipelined}; {task.description}workdir {remote.display(workdir)}")
 
   num_steps = cfg.train.num_steps
 
@@ -207,6 +212,8 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
   def save(step: int, data_state) -> None:
     checkpointer.save(step, state, {"iterator": data_state, "loop": dataclasses.asdict(book)},
                       config_lib.to_dict(cfg), task.tokenizer)
+    if lead:
+      remote.upload(workdir)  # (an object store's copy of the logs: as far as this checkpoint)
     if task.rank is not None:  # keep only the best and this one
       checkpointer.wait()
       keep_steps = {step, book.best["step"] if book.best else step}
@@ -405,7 +412,7 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
     files.write_json(os.path.join(workdir, "summary.json"), summary)
   if interrupted:
     log(f"stopped at step {step} ({stop.reason or 'stop_at_step'}); checkpoint saved; rerun "
-        f"the same command (--workdir={workdir}) to resume.")
+        f"the same command (--workdir={remote.display(workdir)}) to resume.")
   return summary
 
 

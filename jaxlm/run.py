@@ -34,7 +34,9 @@ from jax.sharding import Mesh
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
 from jaxlm import files
+from jaxlm import remote
 from jaxlm import sharding
+from jaxlm import storage
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError
@@ -61,11 +63,19 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
   return bad
 
 
+def local_workdir(workdir: str) -> str:
+  """The local path commands work in: `workdir` itself, or the local mirror of a run directory
+  on an object store (gs://...; jaxlm/remote.py), downloaded fresh."""
+  return remote.local_workdir(workdir, jax.process_index())
+
+
 def check_writable(workdir: str) -> None:
-  """Refuses a workdir that is a URL, a file or under a directory we cannot write."""
+  """Refuses a workdir that is a URL (not mirrored), a file or under a directory we cannot
+  write."""
   if "://" in workdir:  # (os.makedirs would make a local folder "gs:" of it)
-    raise RunError(f"workdir {workdir} is a URL; run directories are local paths: use a "
-                   f"mounted bucket (e.g. gcsfuse) or a local --workdir.")
+    raise RunError(f"workdir {workdir} is a URL, which this command does not take; use a local "
+                   f"--workdir (pretraining, fine-tuning, generation and evaluation take gs:// "
+                   f"run directories).")
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise RunError(f"workdir {workdir} is a file, not a directory; choose another --workdir.")
@@ -205,9 +215,8 @@ def training_lock(workdir: str) -> Iterator[None]:
 def check_restore_step(workdir: str, step: int) -> None:
   """RunError unless `workdir` has a checkpoint directory of `step` (--restore_step), checked
   before a run writes anything (whether it restores is found out when it restores)."""
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-      directory) else []
+  directory = remote.checkpoints_dir(workdir)
+  steps = sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
   if step not in steps:
     raise RunError(f"--restore_step={step}: {directory} has no such checkpoint (available "
                    f"steps: {', '.join(map(str, steps)) or 'none'}). Nothing was written.")
@@ -252,8 +261,7 @@ def write_eval_results(workdir: str, results: Mapping[str, Any]) -> None:
 
 def checkpointer(workdir: str, keep: int = 2, async_save: bool = True) -> ckpt.Checkpointer:
   """The writing Checkpointer of a run's `checkpoints/`."""
-  return ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep,
-                           async_save=async_save)
+  return ckpt.Checkpointer(remote.checkpoints_dir(workdir), keep=keep, async_save=async_save)
 
 
 @dataclasses.dataclass
@@ -272,7 +280,8 @@ def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
   """Reads config.json and the tokenizer, and picks the checkpoint (latest, or `step`),
   without restoring anything. RunError names the path as `what` (the option that gave it) and
   the available steps; with `language_model`, also for a classifier run (no LM head)."""
-  path = os.path.abspath(os.path.expanduser(workdir))
+  path = local_workdir(os.path.abspath(os.path.expanduser(workdir)) if "://" not in workdir
+                      else workdir)
   if not os.path.isdir(path):
     raise RunError(f"{what} {workdir} does not exist; pass a run directory (written by "
                    f"python -m experiments.pretrain, import_gpt2 or a fine-tuning script).")
@@ -287,9 +296,9 @@ def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
                    f"experiments.finetune_classifier --workdir={workdir} --predict=FILE, or use "
                    f"the run it was fine-tuned from (its source.json).")
   config = config_lib.validate(values)
-  checkpoints_dir = os.path.join(path, "checkpoints")
+  checkpoints_dir = remote.checkpoints_dir(path)
   reader = None
-  if os.path.isdir(checkpoints_dir):
+  if storage.isdir(checkpoints_dir):
     level = logging.get_verbosity()
     logging.set_verbosity(min(level, logging.ERROR))  # Orbax warns that read-only is read-only
     try:
@@ -314,7 +323,8 @@ def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
     tokenizer = tokenizer_lib.from_bytes(
         base64.b64decode(meta["tokenizer_model_b64"]), meta.get("tokenizer_name", ""),
         f"{checkpoints_dir}/{step}/meta")
-  return RunDirectory(workdir, config, tokenizer, step, steps, reader)
+  return RunDirectory(path if remote.url_of(path) else workdir, config, tokenizer, step, steps,
+                      reader)
 
 
 def default_mesh(config: Config) -> Mesh:

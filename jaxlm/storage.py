@@ -43,7 +43,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 def _url(fs: Any, path: str) -> str:
   """fsspec's protocol-less path back as a URL."""
   protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-  return f"{protocol}://{path}"
+  return f"{protocol}://{path.lstrip('/')}"
 
 
 def join(base: str, *names: str) -> str:
@@ -187,3 +187,12 @@ def remove(path: str) -> None:
   fs, inner = filesystem(path)
   if fs.exists(inner):
     fs.rm(inner, recursive=True)
+
+
+def move(source: str, target: str) -> None:
+  """Renames a file or folder (an object store copies and deletes: not atomic there)."""
+  if not is_url(source):
+    os.replace(source, target)
+    return
+  fs, inner = filesystem(source)
+  fs.mv(inner, filesystem(target)[1], recursive=True)

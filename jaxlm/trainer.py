@@ -43,7 +43,9 @@ class PretrainInputs:
 
 
 def prepare(config: Config, workdir: str) -> PretrainInputs:
-  """All checks that can fail on bad input, in the order a user would fix them."""
+  """All checks that can fail on bad input, in the order a user would fix them. A gs:// workdir
+  is mirrored locally first (jaxlm/remote.py)."""
+  workdir = run_lib.local_workdir(workdir)
   run_lib.check_resumable(workdir, config, None)
   if config.model.num_classes or config.model.lora_rank:
     field = "num_classes" if config.model.num_classes else "lora_rank"
