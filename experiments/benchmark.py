@@ -1,6 +1,7 @@
 r"""Benchmarks: training throughput of jaxlm against a PyTorch reference, in one process;
 generation (experiments/generate_benchmark.py); task scoring (experiments/tasks_benchmark.py);
-the input pipeline against nanoGPT's get_batch (experiments/data_benchmark.py).
+the input pipeline against nanoGPT's get_batch (experiments/data_benchmark.py); token
+preparation against the raw tokenizer (experiments/prepare_benchmark.py).
 
   python -m experiments.benchmark train                       # small + default workloads
   python -m experiments.benchmark train --workload=small --steps=5 --repeats=7
@@ -9,6 +10,7 @@ the input pipeline against nanoGPT's get_batch (experiments/data_benchmark.py).
   python -m experiments.benchmark generate
   python -m experiments.benchmark tasks
   python -m experiments.benchmark data
+  python -m experiments.benchmark prepare
 
 On a GPU the workload runs in bfloat16 (float32 parameters) with attention_impl=auto (cuDNN),
 and the PyTorch peer is transformers.GPT2LMHeadModel with SDPA attention, torch.compile, bf16
@@ -65,7 +67,7 @@ from absl import app, flags
 
 from experiments import common
 
-MODES = ("train", "generate", "tasks", "data")
+MODES = ("train", "generate", "tasks", "data", "prepare")
 WORKLOADS = ("small", "default", "gpt2_124m")
 CPU_WORKLOADS = ("small", "default")  # what --workload=all means on a CPU
 
@@ -114,6 +116,14 @@ _DATA_BATCH_SIZE = flags.DEFINE_integer("data_batch_size", 0, "data mode: rows p
                                         "config's train.global_batch_size).", lower_bound=0)
 _DATA_SEQ_LEN = flags.DEFINE_integer("data_seq_len", 0, "data mode: tokens per row (0: the "
                                      "config's data.seq_len).", lower_bound=0)
+_PREPARE_MB = flags.DEFINE_list("prepare_mb", ["300", "3000"], "prepare mode: input sizes (MB) "
+                                "to prepare, generated from the standard library's source.")
+_PREPARE_DIR = flags.DEFINE_string("prepare_dir", "~/.cache/jaxlm/prepare_benchmark",
+                                   "prepare mode: where the inputs are generated (kept).")
+_PREPARE_TOKENIZER = flags.DEFINE_string("prepare_tokenizer", "", "prepare mode: tokenizer file "
+                                         "(default: the default run's SentencePiece).")
+_PREPARE_WORKERS = flags.DEFINE_integer("prepare_workers", 1, "prepare mode: --workers.",
+                                        lower_bound=1)
 _PEAK_CACHE = flags.DEFINE_string("peak_cache_dir", "~/.cache/jaxlm",
                                   "where the CPU matmul-probe peak FLOP/s is cached.")
 
@@ -538,6 +548,16 @@ def main(argv: list[str]) -> None:
                                                  _TASKS_REPEATS.value, _TASKS_BATCH.value)
     for line in machine_lines():
       print(line)
+    print(json.dumps(result))
+    return
+  if argv[1] == "prepare":
+    from experiments import prepare_benchmark
+    result = prepare_benchmark.run_prepare_benchmark(
+        [int(m) for m in _PREPARE_MB.value], os.path.expanduser(_PREPARE_DIR.value),
+        _PREPARE_TOKENIZER.value, _PREPARE_WORKERS.value)
+    for line in machine_lines():
+      print(line)
+    print(prepare_benchmark.format_table(result))
     print(json.dumps(result))
     return
   if argv[1] == "data":

@@ -83,10 +83,9 @@ def main(argv: list[str]) -> None:
     documents = [text for _, text in corpora.read_documents(_TEXT_FILES.value, _TEXT_KEY.value)]
     source = _TEXT_FILES.value
   else:
-    documents = list(corpora.load_split(config.data, _SPLIT.value))
+    documents = corpora.load_split(config.data, _SPLIT.value)  # (read on demand)
     source = f"{config.data.corpus}:{_SPLIT.value}"
-  if _MAX_DOCUMENTS.value:
-    documents = documents[:_MAX_DOCUMENTS.value]
+  documents = list(documents[:_MAX_DOCUMENTS.value] if _MAX_DOCUMENTS.value else documents)
   mesh = run_lib.default_mesh(config)
   params = run_lib.restore_params(run, mesh)
   common.log(f"loaded {_WORKDIR.value} step {run.step}; scoring {len(documents)} documents "

@@ -66,6 +66,10 @@ def load_split(data: DataConfig, split: str) -> Sequence[str]:
   """
   if split not in SPLITS:
     raise CorpusError(f"split={split!r}: must be one of {', '.join(SPLITS)}.")
+  if data.corpus == "tokens":  # (decoded from prepared shards, every folder's in turn)
+    from jaxlm import shards  # pylint: disable=import-outside-toplevel
+    folders = shards.split_documents(data, split)
+    return folders[0] if len(folders) == 1 else [text for docs in folders for text in docs]
   if data.corpus == "tfds":
     return _load_tfds_split(data, split)
   builder = _prepared(_files_builder_factory(data), data)

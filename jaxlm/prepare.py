@@ -42,6 +42,7 @@ from jaxlm.errors import UserError
 from jaxlm.textfiles import CorpusError, unit_hash
 
 WORK = ".work"
+_CHUNK_TOKENS = 1 << 20  # tokens a shard writer handles at a time
 
 
 class PrepareError(UserError):
@@ -286,8 +287,7 @@ def read_marker(work: str, fingerprint: str) -> dict[str, Any] | None:
     return None  # (a damaged marker: the unit is redone)
 
 
-def split_fix(markers: Sequence[dict[str, Any]], fraction: float
-              ) -> tuple[str | None, str | None]:
+def split_fix(markers: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
   """(identity to force into validation, identity to force into train) when a split is empty:
   the document whose hash is nearest the other side moves over, as the text_files corpus does.
   PrepareError when there are fewer than 2 documents."""
@@ -301,7 +301,6 @@ def split_fix(markers: Sequence[dict[str, Any]], fraction: float
     return min(m["lowest_train"] for m in markers if m["lowest_train"])[1], None
   if validation == documents:
     return None, max(m["highest_validation"] for m in markers if m["highest_validation"])[1]
-  del fraction
   return None, None
 
 
@@ -363,15 +362,19 @@ def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
     handle.write(header)
     digest.update(header)
     for unit, begin, end in task.pieces:
-      tokens = np.asarray(read_npy(unit_path(work, unit, f".{task.split}.npy"))[begin:end])
+      tokens = read_npy(unit_path(work, unit, f".{task.split}.npy"))
       unit_starts = read_npy(unit_path(work, unit, f".{task.split}.starts.npy"))
       chosen = unit_starts[(unit_starts >= begin) & (unit_starts < end)]
       starts.append(chosen.astype(np.int64) - begin + at)
-      data = tokens.astype(dtype, copy=False).tobytes()
-      handle.write(data)
-      digest.update(data)
-      counts += np.bincount(tokens, minlength=len(byte_lengths))[:len(byte_lengths)]
+      # In chunks: memory stays a few MB whatever the unit and shard sizes (bincount makes
+      # an int64 copy of what it counts).
+      for low in range(begin, end, _CHUNK_TOKENS):
+        chunk = np.ascontiguousarray(tokens[low:min(low + _CHUNK_TOKENS, end)], dtype)
+        handle.write(chunk.data)
+        digest.update(chunk.data)
+        counts += np.bincount(chunk, minlength=len(byte_lengths))[:len(byte_lengths)]
       at += end - begin
+      del tokens
   documents = np.concatenate(starts).astype(np.uint32) if starts else np.zeros([0], np.uint32)
   docs_file = shards.docs_name(task.split, task.index)
   write_npy(storage.join(output, docs_file), documents)
@@ -479,7 +482,7 @@ def prepare(inputs: str, output: str, tokenizer: str = "",
     else:
       source = (plan.given_tokenizer, plan.tokenizer.file_name)
     tasks, markers = _tokenize(plan, unit_tasks(plan), pool, source, log)
-    force = split_fix(markers, settings.validation_fraction)
+    force = split_fix(markers)
     if any(force):
       tasks, markers = _tokenize(plan, unit_tasks(plan, *force), pool, source, log)
     layout_tasks = layout(tasks, markers, settings.shard_tokens)

@@ -94,7 +94,7 @@ def prepare_on_beam(inputs: str, output: str, tokenizer: str = "",
 
   tasks = prepare.unit_tasks(plan)
   markers = tokenize(tasks)
-  force = prepare.split_fix(markers, settings.validation_fraction)
+  force = prepare.split_fix(markers)
   if any(force):
     tasks = prepare.unit_tasks(plan, *force)
     markers = tokenize(tasks)

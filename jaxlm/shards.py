@@ -24,8 +24,10 @@ are read by ranges (`RemoteTokens`), their sizes checked.
 
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -64,7 +66,6 @@ def fingerprint(tokenizer) -> str:
 
 def npy_header(dtype: np.dtype, length: int) -> bytes:
   """The .npy header of a [length] array of `dtype` (what np.save writes before the data)."""
-  import io  # pylint: disable=import-outside-toplevel
   buffer = io.BytesIO()
   np.lib.format.write_array_header_1_0(
       buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype).newbyteorder("<")),
@@ -216,3 +217,54 @@ def corpus_tokenizer(data):
                        f"--tokenizer={data.tokenizer}, or leave data.tokenizer empty (the "
                        f"shards' own is used).")
   return tokenizer, storage.join(first[0], load_manifest(first[0], key)["tokenizer_file"])
+
+
+class Documents(collections.abc.Sequence):
+  """A split's documents decoded from its shards on demand (`docs[i] -> str`): what
+  `experiments.evaluate --split` scores on a run trained on shards. A document continues across
+  a shard boundary where the preparation cut it."""
+
+  def __init__(self, arrays: Sequence[np.ndarray], starts: Sequence[np.ndarray], tokenizer):
+    self.arrays, self.tokenizer = list(arrays), tokenizer
+    sizes = [len(a) for a in self.arrays]
+    self.first = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # of each array
+    self.starts = np.concatenate([np.asarray(s, np.int64) + f for s, f in zip(starts, self.first)]
+                                 ) if starts else np.zeros([0], np.int64)
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = range(len(self))[index]
+    begin = int(self.starts[index])
+    end = int(self.starts[index + 1]) if index + 1 < len(self) else int(self.first[-1])
+    pieces = []
+    for a, array in enumerate(self.arrays):
+      low, high = max(begin, self.first[a]), min(end, self.first[a + 1])
+      if low < high:
+        pieces.append(np.asarray(array[low - self.first[a]:high - self.first[a]]))
+    tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int64)
+    if len(tokens) and tokens[-1] == self.tokenizer.eos_id:
+      tokens = tokens[:-1]
+    return self.tokenizer.decode(tokens)
+
+
+def split_documents(data, split: str) -> list[Documents]:
+  """The documents of `split` of each folder of data.tokens / data.mixture."""
+  out = []
+  for _, folder, _, key in token_folders(data):
+    manifest = load_manifest(folder, key)
+    tokenizer = load_tokenizer(folder, manifest, key)
+    arrays = open_split(folder, manifest, split, key=key)
+    starts = [np.load(storage.join(folder, e["docs"]), allow_pickle=False) if not
+              storage.is_url(folder) else
+              np.load(io.BytesIO(storage.read_bytes(storage.join(folder, e["docs"]))),
+                      allow_pickle=False)
+              for e in split_entries(manifest, split)]
+    if storage.is_url(folder):  # (decoding reads whole documents: fetch the split's tokens)
+      arrays = [np.load(io.BytesIO(storage.read_bytes(storage.join(folder, e["file"]))),
+                        allow_pickle=False) for e in split_entries(manifest, split)]
+    out.append(Documents(arrays, starts, tokenizer))
+  return out

@@ -163,3 +163,14 @@ def test_the_shards_tokenizer_is_the_runs(folders):
   assert path == str(folders / "code" / "tokenizer.model")
   manifest = shards.load_manifest(str(folders / "code"))
   assert shards.fingerprint(tokenizer) == manifest["tokenizer"]
+
+
+def test_evaluate_scores_the_validation_documents_of_the_shards(folders):
+  """`experiments.evaluate --split=validation` on a run trained on shards: its documents are
+  decoded from them, exactly the texts prepare_data held out."""
+  from jaxlm import corpora
+  from tests.helpers import shard_documents
+  config = config_lib.validate(values(tokens=str(folders / "code")))
+  documents = corpora.load_split(config.data, "validation")
+  assert list(documents) == shard_documents(folders / "code", "validation")
+  assert len(documents) >= 2 and documents[-1] == list(documents)[-1]
