@@ -9,7 +9,8 @@ Three corpora, chosen by `data.corpus`:
 
 The first two are TFDS `GeneratorBasedBuilder`s written as array_record under
 `data.data_dir/tfds` and read back with `builder.as_data_source` (what `tfds.data_source` calls),
-so documents are random access (`len`, `docs[i] -> str`) and grain can shard and shuffle them.
+so documents are random access (`len`, `docs[i] -> str`): tokenizer training samples them, and
+`data.load_tokens` encodes them once into the split's token array.
 Both hold out a deterministic share of whole documents as "validation": the sha256 of a
 document's identity (its path relative to the corpus' folder, or path:line) decides, never
 Python's salted `hash()`.
@@ -102,7 +103,7 @@ class Documents(collections.abc.Sequence):
   """One split's documents as str, read on demand from a TFDS array_record data source.
 
   Supports `len`, `docs[i]`, `docs[a:b]` (a list) and iteration; pass it to
-  `grain.MapDataset.source`. (Reads go one record at a time: batched `__getitems__` was no
+  any random-access reader. (Reads go one record at a time: batched `__getitems__` was no
   faster on this corpus, and TFDS's test mock does not implement it.)
   """
 

@@ -105,8 +105,8 @@ def test_written_files_and_staged_runs_follow_the_umask(tmp_path):
 
 def test_a_url_workdir_is_refused_before_a_local_gs_folder_appears(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(run_lib.RunError, match=r"workdir gs://bucket/run is a URL; run "
-                                             r"directories are local paths"):
+  with pytest.raises(run_lib.RunError, match=r"workdir gs://bucket/run is a URL, which this "
+                                             r"command does not take"):
     run_lib.check_resumable("gs://bucket/run", config_lib.validate({}), None)
   assert os.listdir(tmp_path) == []
 
