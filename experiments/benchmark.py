@@ -284,6 +284,7 @@ def jaxlm_runner(config, warmup: int) -> Runner:
   memory analysis of the compiled step (the CPU client keeps no allocator statistics).
   """
   import jax
+
   from jaxlm import sharding, train
 
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -501,6 +502,7 @@ def default_dtype() -> str:
 
 def _attention(config) -> str:
   import jax
+
   from jaxlm.model import resolve_attention_impl
   return resolve_attention_impl(config.model, jax.default_backend())
 

@@ -7,13 +7,12 @@ import os
 import sys
 from typing import Any, Callable
 
-from absl import flags, logging
 import ml_collections
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm.errors import UserError
-
 
 
 def _flag_error(e: BaseException) -> None:
@@ -183,6 +182,7 @@ def run_finetune(task: str, init: str | None, data: str | None, workdir: str | N
                  restore_step: int | None = None) -> None:
   """The fine-tuning scripts' shared main: checks everything, trains, prints the summary."""
   import json
+
   from jaxlm import finetune
   missing = [name for name, value in (("--init", init), ("--data", data),
                                       ("--workdir", workdir)) if not value]

@@ -60,10 +60,8 @@ def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 1
                        ) -> dict[str, Any]:
   """{tokens/s of each loader, ratios to get_batch, what was loaded}."""
   from jaxlm import config as config_lib
-  from jaxlm import loader
-  from jaxlm import shards
+  from jaxlm import loader, shards, trainer
   from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm import trainer
 
   values = config_lib.apply_overrides(config_lib.load_file(config_path), overrides or {})
   config = config_lib.validate(values)

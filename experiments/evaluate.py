@@ -101,6 +101,7 @@ def main(argv: list[str]) -> None:
 def evaluate_tasks() -> None:
   """Scores each --tasks file; one JSON line each; merged into the run's eval_results.json."""
   import jax
+
   from jaxlm import run as run_lib
   from jaxlm import tasks
   # Every task file read and checked before the run's weights are loaded (TFDS task datasets

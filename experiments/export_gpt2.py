@@ -1,7 +1,7 @@
 r"""Export a jaxlm run as a GPT-2 checkpoint in the Hugging Face layout.
 
   python -m experiments.export_gpt2 --workdir=runs/x --hf_dir=exported/x
-  python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('exported/x')"
+  python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exported/x')"
 
 Writes config.json and model.safetensors, plus vocab.json + merges.txt for a GPT-2 tokenizer
 (a run with jaxlm's SentencePiece tokenizer gets its tokenizer.model instead, which

@@ -180,6 +180,7 @@ def build_model(name: str, cache: str) -> str:
 def write_random_gpt2(hf_dir: str, bpe: str, vocab: int) -> None:
   """GPT-2 of GPT2_SHAPE with `transformers`' own random init, saved as safetensors."""
   import shutil
+
   import torch
   import transformers
   torch.manual_seed(0)

@@ -37,6 +37,7 @@ def random_params(model_config, seed: int = 0) -> Any:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
+
   from jaxlm.model import Transformer
   shapes = jax.eval_shape(lambda: Transformer(model_config).init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])

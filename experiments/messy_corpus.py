@@ -24,7 +24,6 @@ from absl import app, flags
 
 from experiments import common
 
-
 # A few sentences per language (everyday prose), sampled into documents.
 FOREIGN = {
     "fr": ["Le conseil municipal a voté hier soir le budget de la nouvelle bibliothèque.",
@@ -91,6 +90,7 @@ def clean_documents(min_words: int = 220, docstrings: bool = True) -> tuple[str,
   standard library's docstrings, module by module, cut into whole paragraphs."""
   import ast  # pylint: disable=import-outside-toplevel
   import pydoc_data.topics  # pylint: disable=import-outside-toplevel
+
   from jaxlm import corpora  # pylint: disable=import-outside-toplevel
   texts = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)]
   if docstrings:

@@ -107,7 +107,6 @@ import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from absl import app, flags  # noqa: E402
 
 from experiments import common  # noqa: E402
@@ -211,6 +210,7 @@ def topology_mesh(config: config_lib.Config, topology: Topology):
   """
   from jax.experimental import mesh_utils
   from jax.sharding import AxisType, Mesh
+
   from jaxlm import sharding
   if topology.num_slices == 1 and topology.devices_per_chip == 1:
     return sharding.make_mesh(config.mesh, topology.devices)
@@ -250,6 +250,7 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
   batch that does not split over data x fsdp (before compiling).
   """
   import jax
+
   from jaxlm import model as model_lib
   from jaxlm import pipeline, train
 
@@ -522,6 +523,7 @@ def main(argv: list[str]) -> None:
     raise config_lib.ConfigError(f"--num_slices={num_slices} needs --topology (e.g. "
                                  f"--topology=v5e:16x16 --num_slices={num_slices}).")
   import jax
+
   from jaxlm import metrics, sharding, train
   topology_info = None
   if topology_name is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -65,6 +64,7 @@ def raw_encode(tokenizer_path: str, pattern: str, sample_mb: int = 64) -> dict[s
   input's texts (already in memory)."""
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
   import glob  # pylint: disable=import-outside-toplevel
+
   from jaxlm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   texts, size = [], 0

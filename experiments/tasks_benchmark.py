@@ -34,8 +34,10 @@ def _text(rng: np.random.Generator, low: int, high: int) -> str:
 
 def run_tasks_benchmark(config_path: str, num_pairs: int, repeats: int, batch_size: int
                         ) -> dict[str, Any]:
-  import jax
   import json
+
+  import jax
+
   from experiments.generate_benchmark import random_params
   from jaxlm import config as config_lib
   from jaxlm import run as run_lib

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import json
+import math
 import os
 import types
 from typing import Any, Mapping
@@ -491,7 +491,7 @@ def _check_pipeline(config: Config) -> None:
   if m.num_layers % stages:
     raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by mesh.stage={stages}; "
                       f"each stage holds an equal share of consecutive layers: choose a stage "
-                      f"count among {[s for s in range(1, m.num_layers + 1) if not m.num_layers % s]}.")
+                      f"count among {divisors(m.num_layers)}.")
   if not m.scan_layers:
     raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=true (the pipeline splits "
                       f"the stacked layer parameters across stages).")
@@ -543,6 +543,10 @@ def check_training_data(data: DataConfig) -> None:
                         f"drop data.{key}.")
 
 
+def divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def mixture_sources(mixture: str) -> list[tuple[str, float]]:
   """[(folder, weight)] of data.mixture 'DIR_A:0.7,DIR_B:0.3' (a folder may be a gs:// URL: the
   weight follows its last ':'); ConfigError naming the item and the fix."""
@@ -577,7 +581,7 @@ def check(config: Config) -> Config:
     raise ConfigError(
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
         f"choose num_heads among the divisors of embed_dim (e.g. "
-        f"{', '.join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0 and h <= 32)}).")
+        f"{', '.join(str(h) for h in divisors(m.embed_dim) if h <= 32)}).")
   if m.num_classes < 0 or m.num_classes == 1:
     raise ConfigError(f"model.num_classes={m.num_classes}: use 0 (language model) or >= 2 "
                       f"classes.")
@@ -600,7 +604,8 @@ def check(config: Config) -> Config:
   if m.dropout > 0 and m.attention_impl not in ("reference", "auto"):
     raise ConfigError(
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
-        f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or dropout=0.")
+        f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or "
+        f"dropout=0.")
   if m.scan_unroll > m.num_layers:
     raise ConfigError(f"model.scan_unroll={m.scan_unroll} exceeds model.num_layers="
                       f"{m.num_layers}; use 1..{m.num_layers}.")

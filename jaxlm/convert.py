@@ -42,11 +42,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlm import config as config_lib
-from jaxlm import files
-from jaxlm import lora
+from jaxlm import files, lora, sharding
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
-from jaxlm import sharding
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import train as train_lib
 from jaxlm.config import ModelConfig

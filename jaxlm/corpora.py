@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ import tensorflow_datasets as tfds
 from jaxlm.config import DataConfig
 from jaxlm.textfiles import CorpusError, parse_jsonl_line, resolve_globs  # noqa: F401 (API)
 from jaxlm.textfiles import unit_hash as _unit_hash
-
 
 SPLITS = ("train", "validation")
 # Directory names never taken from the standard library: installed packages and test suites
@@ -374,13 +374,13 @@ def _check_fits_in_memory(paths: Sequence[str], validation_fraction: float) -> N
   from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
   train_bytes = sum(os.path.getsize(p) for p in paths) * (1.0 - validation_fraction)
   if train_bytes > shuffle.MAX_MEM_BUFFER_SIZE:
-    try:
-      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:
       raise CorpusError(
           f"data.files: {train_bytes / 2**30:.1f} GB of training text is more than TFDS can "
-          f"prepare without TensorFlow ({shuffle.MAX_MEM_BUFFER_SIZE / 2**30:.1f} GB); install "
-          f"tensorflow-cpu for this one-time preparation, or use fewer files.") from None
+          f"prepare without TensorFlow ({shuffle.MAX_MEM_BUFFER_SIZE / 2**30:.1f} GB); prepare "
+          f"token shards instead (python -m experiments.prepare_data --input=... --output=DIR, "
+          f"then --config.data.corpus=tokens --config.data.tokens=DIR: any size, no TensorFlow), "
+          f"or install tensorflow-cpu for this one-time preparation.")
 
 
 @contextlib.contextmanager

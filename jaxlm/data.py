@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxlm.config import Config, DataConfig
+from jaxlm.config import DataConfig
 from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]

@@ -32,13 +32,10 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import files
+from jaxlm import files, loop, lora, sharding
 from jaxlm import generate as generate_lib
-from jaxlm import lora
-from jaxlm import loop
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
-from jaxlm import sharding
 from jaxlm import tasks as tasks_lib
 from jaxlm import train as train_lib
 from jaxlm.config import Config, ModelConfig

@@ -51,8 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import config as config_lib
-from jaxlm import metrics
-from jaxlm import sharding
+from jaxlm import metrics, sharding
 from jaxlm.config import Config, ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import Transformer, init_cache

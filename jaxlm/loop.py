@@ -34,13 +34,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm import files
+from jaxlm import files, pipeline, remote, sharding
 from jaxlm import generate as generate_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import pipeline
-from jaxlm import remote
 from jaxlm import run as run_lib
-from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError
@@ -304,6 +301,10 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
     progress.update(to_step)
     return restored, to_step, restored_book
 
+  def due(every: int) -> bool:
+    """Whether periodic work of period `every` (0: never) falls on the current step."""
+    return every > 0 and step % every == 0
+
   def window_mark() -> tuple[float, int, int]:
     """The start of a throughput window: (busy clock, step, tokens seen)."""
     return metrics_lib.busy_clock(), step, book.tokens_seen
@@ -335,7 +336,6 @@ def _fit(task: Task, stop_at_step: int | None, restore_step: int | None,
             positions[step + 1] = data_state
             batch = sharding.global_batch(next(iterator), mesh)  # overlaps the step
 
-          due = lambda every: every > 0 and step % every == 0
           last = step == num_steps
           if due(cfg.train.layer_stats_every):
             writer.write(step, jax.device_get(pending[1]["layer_stats"]))

@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save
 
-from jaxlm import files
+from jaxlm import files, sharding
 from jaxlm import params as params_lib
-from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import lora_params_per_layer

@@ -119,8 +119,8 @@ def make_plan(inputs: str, output: str, tokenizer: str, settings: PrepareSetting
     raise PrepareError(f"--output={output} is a file; name a folder for the shards.")
   found = set(storage.listdir(output))
   if found and not found & {shards.MANIFEST, WORK}:
-    raise PrepareError(f"--output={output} already holds other files ({', '.join(sorted(found)[:3])}"
-                       f"); choose a new folder for the shards.")
+    raise PrepareError(f"--output={output} already holds other files "
+                       f"({', '.join(sorted(found)[:3])}); choose a new folder for the shards.")
   given = None
   if tokenizer:
     try:

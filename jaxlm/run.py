@@ -33,10 +33,7 @@ from jax.sharding import Mesh
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
-from jaxlm import files
-from jaxlm import remote
-from jaxlm import sharding
-from jaxlm import storage
+from jaxlm import files, remote, sharding, storage
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError

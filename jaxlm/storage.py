@@ -35,7 +35,8 @@ def filesystem(url: str) -> tuple[Any, str]:
   try:
     return fsspec.core.url_to_fs(url)
   except ImportError as e:
-    raise StorageError(f"{url}: {e}; install it (gs:// needs gcsfs, in requirements.txt).") from None
+    raise StorageError(f"{url}: {e}; install it (gs:// needs gcsfs, in "
+                       f"requirements.txt).") from None
   except ValueError as e:
     raise StorageError(f"{url}: unknown storage scheme ({e}); use a local path or gs://.") from None
 

@@ -41,8 +41,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import files
-from jaxlm import sharding
+from jaxlm import files, sharding
 from jaxlm import train as train_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.errors import UserError

@@ -145,7 +145,8 @@ class SentencePieceTokenizer:
       self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except (RuntimeError, OSError) as e:  # sentencepiece's parse errors
       raise TokenizerError(f"tokenizer {model_path or '(in memory)'} is not a SentencePiece model "
-                           f"({str(e).splitlines()[0]}); point data.tokenizer at a .model file.")
+                           f"({str(e).splitlines()[0]}); point data.tokenizer at a .model file."
+                           ) from None
     self.vocab_size: int = self._sp.get_piece_size()
     self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
     found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
@@ -235,7 +236,8 @@ class ByteLevelBPETokenizer:
   @classmethod
   def from_files(cls, vocab_path: str, merges_path: str) -> ByteLevelBPETokenizer:
     """GPT-2's `vocab.json` + `merges.txt` (the Hugging Face / OpenAI layout)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors
     for path in (vocab_path, merges_path):
       if not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file {path} does not exist; a GPT-2 tokenizer needs "

@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import diagnostics
-from jaxlm import sharding
-from jaxlm.config import Config, ConfigError, ModelConfig
+from jaxlm import diagnostics, sharding
 from jaxlm import loss as loss_lib
 from jaxlm import params as params_lib
+from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm.model import Transformer, lm_head, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
 

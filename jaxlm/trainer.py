@@ -11,15 +11,12 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import loader
-from jaxlm import loop
+from jaxlm import loader, loop, sharding
 from jaxlm import run as run_lib
-from jaxlm import sharding
 from jaxlm import tasks as tasks_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import train as train_lib

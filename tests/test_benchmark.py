@@ -98,6 +98,7 @@ def test_out_of_range_flags_and_a_short_context_are_one_line():
   generate mode ran 1,016 tokens through a model of context 128."""
   import subprocess
   import sys
+
   from tests.conftest import REPO
   for args, expected in [(["train", "--steps=0"], "error: flag --steps=0: 0 is not a positive"),
                          (["generate", "--generate_repeats=0"], "error: flag --generate_repeats"),
@@ -115,6 +116,7 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
   """DESIGN's benchmark lists data throughput: jaxlm's loader against nanoGPT's get_batch."""
   import json as json_module
   import os
+
   from experiments import data_benchmark
   config_file = tmp_path / "tiny.py"
   files = os.path.join(os.path.dirname(json_module.__file__), "*.py")  # (a small real corpus)

@@ -113,7 +113,8 @@ def test_replace_checks_like_validate_and_section_dicts_update_fields():
   assert config_lib.replace(config, train={"sample_prompts": "def f("}).train.sample_prompts == (
       "def f(",)
   for sections, message in [({"model": {"num_layers": 2.5}}, r"model\.num_layers=2\.5: expected"),
-                            ({"model": {"num_layer": 2}}, r"'model\.num_layer'; did you mean model\.num_layers"),
+                            ({"model": {"num_layer": 2}},
+                             r"'model\.num_layer'; did you mean model\.num_layers"),
                             ({"modle": {"num_layers": 2}}, r"no section 'modle'")]:
     with pytest.raises(ConfigError, match=message):
       config_lib.replace(config, **sections)

@@ -225,9 +225,10 @@ def test_tokenizer_ids_equal_transformers(gpt2):
 
 def test_gpt2_tokenizer_is_fast_enough():
   """10 MB of text in well under a minute (measured ~10 s on 2 cores)."""
-  import time
-  from tokenizers import ByteLevelBPETokenizer
   import tempfile
+  import time
+
+  from tokenizers import ByteLevelBPETokenizer
   with tempfile.TemporaryDirectory() as directory:
     trainer = ByteLevelBPETokenizer()
     trainer.train_from_iterator(_texts(), vocab_size=2000, special_tokens=["<|endoftext|>"],

@@ -4,9 +4,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig

@@ -1,7 +1,7 @@
 """kill -9 during training and asynchronous checkpoint writes (experiments/crash_test.py):
 every restart resumes from the newest complete checkpoint and the finished run logs the
-uninterrupted run's losses. CI kills twice; docs/training.md reports a 20-kill run. A save that fails
-(full disk) stops the run with one line and leaves the earlier checkpoints intact."""
+uninterrupted run's losses. CI kills twice; docs/training.md reports a 20-kill run. A save that
+fails (full disk) stops the run with one line and leaves the earlier checkpoints intact."""
 
 import json
 import os
@@ -12,11 +12,9 @@ import time
 
 import pytest
 
-from jaxlm import checkpoint
+from jaxlm import checkpoint, loop, trainer
 from jaxlm import config as config_lib
-from jaxlm import loop
 from jaxlm import metrics as metrics_lib
-from jaxlm import trainer
 from tests.conftest import REPO
 from tests.test_pretrain import losses, overrides, tiny_values
 

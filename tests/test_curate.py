@@ -60,7 +60,8 @@ LANGUAGE_SAMPLES = {
     "de": " ".join(messy_corpus.FOREIGN["de"]),
     "es": " ".join(messy_corpus.FOREIGN["es"]),
     "ru": " ".join(messy_corpus.FOREIGN["ru"]),
-    "zh": "图书馆早上九点开门，晚上六点关门。访客一次最多可以借五本书，每次借期三周。十二岁以下的儿童需要家长签名的借书证。",
+    "zh": "图书馆早上九点开门，晚上六点关门。访客一次最多可以借五本书，每次借期三周。"
+          "十二岁以下的儿童需要家长签名的借书证。",
     "it": "La biblioteca apre alle nove del mattino e chiude alle sei di sera. I visitatori "
           "possono prendere in prestito fino a cinque libri alla volta.",
 }

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import diagnostics
-from jaxlm import sharding
+from jaxlm import diagnostics, sharding
 from jaxlm import train as train_lib
 from jaxlm.model import Transformer, attention_logit_max, stack_layers
 from tests.conftest import random_params

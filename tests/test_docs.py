@@ -363,7 +363,8 @@ def check_links(paths: list[str]) -> list[str]:
       if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto: ...
         continue
       file_part, _, anchor = target.partition("#")
-      linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+      linked = (os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part
+                else path)
       if not os.path.exists(linked):
         errors.append(f"{where}: link ({target}): {os.path.relpath(linked, REPO)} does not exist")
         continue
@@ -378,7 +379,8 @@ def check_links(paths: list[str]) -> list[str]:
 def test_documented_commands_use_existing_scripts_flags_and_config_keys():
   count, errors = check_commands(doc_paths())
   assert count >= 50, f"only {count} commands found: is the extraction broken?"
-  assert not errors, f"{len(errors)} documented commands do not match the code:\n" + "\n".join(errors)
+  assert not errors, (f"{len(errors)} documented commands do not match the code:\n"
+                      + "\n".join(errors))
 
 
 def test_config_keys_named_in_the_prose_exist():
@@ -401,7 +403,8 @@ def test_the_checks_catch_stale_commands_and_links(tmp_path):
       "python -m experiments.pretrain --config=configs/nope.py --config.K=V ...\n"
       "```\n\n"
       "Inline: `python -m experiments.no_such_script --x=1` and `python -m experiments.generate\n"
-      "--workdir=runs/x --nokv_cache --top_q=0.9`; [a link](missing.md), `--config.train.spikes=1`, "
+      "--workdir=runs/x --nokv_cache --top_q=0.9`; [a link](missing.md), "
+      "`--config.train.spikes=1`, "
       f"[an anchor]({os.path.join(REPO, 'docs', 'training.md')}#no-such-heading).\n",
       encoding="utf-8")
   count, errors = check_commands([str(bad)])

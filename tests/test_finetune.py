@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import finetune
+from jaxlm import finetune, sharding
 from jaxlm import generate as generate_lib
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
-from jaxlm import sharding
 from jaxlm import train as train_lib
 from jaxlm.model import Transformer, count_params
 from tests.conftest import REPO, USER_XLA_FLAGS
@@ -144,8 +143,8 @@ def classifiers(base_run, tmp_path_factory):
 @pytest.mark.slow
 def test_classifier_learns_the_number_word_task(classifiers):
   summary, workdir = classifiers["full"]
-  # The bar the defaults were chosen to clear (docs/finetuning.md). Measured across base runs pretrained on
-  # different splits and three data seeds: 0.94-1.0 (1.0 in 7 of 8).
+  # The bar the defaults were chosen to clear (docs/finetuning.md). Measured across base runs
+  # pretrained on different splits and three data seeds: 0.94-1.0 (1.0 in 7 of 8).
   assert summary["test_accuracy"] >= 0.90, summary
   assert summary["trainable_params"] == summary["total_params"]
   for name in ("config.json", "labels.json", "metrics.jsonl", "summary.json", "source.json",
@@ -470,6 +469,7 @@ def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from tokenizers import ByteLevelBPETokenizer
+
   from jaxlm import convert
   rng = random.Random(3)
   hf_dir = tmp_path / "hf"

@@ -26,7 +26,6 @@ from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
 from tests.conftest import REPO, random_params
 
-
 GPT2 = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=64,
                    max_seq_len=80, positional="learned", norm="layernorm", mlp="gelu",
                    use_bias=True, tie_embeddings=True)

@@ -13,12 +13,12 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from jaxlm import generate as generate_lib  # noqa: E402
-from jaxlm import harness  # noqa: E402
-from jaxlm import tasks  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402  (after the importorskip)
 from lm_eval.tasks import TaskManager  # noqa: E402
-from tests.conftest import REPO
+
+from jaxlm import generate as generate_lib  # noqa: E402
+from jaxlm import harness, tasks  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 
 WORDS = ["import", "def", "return", "class", "self", "value", "print", "list", "open", "file"]
 

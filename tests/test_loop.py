@@ -11,8 +11,7 @@ import sys
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import finetune
-from jaxlm import loop
+from jaxlm import finetune, loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
 from jaxlm import train as train_lib

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+
 from tests.conftest import REPO
 
 nbclient = pytest.importorskip("nbclient")
@@ -17,8 +18,10 @@ NAMES = ["quickstart.ipynb", "from_scratch.ipynb"]
 # notebooks' own checks, e.g. "validation loss should fall", still hold): (text, replacement),
 # each found exactly once, so a change to the notebook cannot silently skip this.
 SHORTER = {
-    "quickstart.ipynb": [("num_steps=150, global_batch_size=16, eval_every=50, checkpoint_every=50",
-                          "num_steps=20, global_batch_size=16, eval_every=10, checkpoint_every=10")],
+    "quickstart.ipynb": [("num_steps=150, global_batch_size=16, eval_every=50, "
+                          "checkpoint_every=50",
+                          "num_steps=20, global_batch_size=16, eval_every=10, "
+                          "checkpoint_every=10")],
     "from_scratch.ipynb": [("num_steps=300 if backend", "num_steps=30 if backend")],
 }
 

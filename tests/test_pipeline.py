@@ -71,7 +71,8 @@ def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
     state, losses = run_steps(tiny_config(mesh, **extra), 3, jax.devices()[:8])
   np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)  # Adam normalizes ~1e-7 gradient noise
+    # (Adam normalizes ~1e-7 gradient noise)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["dots_saveable", "save_attention_out", "minimal"])

@@ -250,7 +250,8 @@ def test_the_script_prepares_and_reports_errors_in_one_line(corpus, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads(result.stdout)
   assert summary["documents"] == 16 and summary["tokens"] > 10_000
-  assert summary["pretrain_with"] == f"--config.data.corpus=tokens --config.data.tokens={tmp_path}/out"
+  assert summary["pretrain_with"] == (f"--config.data.corpus=tokens "
+                                      f"--config.data.tokens={tmp_path}/out")
   result = run(f"--input={folder}/raw/*.parquet", f"--output={tmp_path}/bad", "--text_key=body")
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.startswith("error: --input file ") and result.stderr.count("\n") == 1

@@ -202,7 +202,7 @@ def test_bad_cli_input_is_one_line_and_writes_nothing(case, tmp_path, data_dir):
           if not any(a.startswith(x.split("=")[0] + "=") for x in args)]
   result = run_cli(["--workdir", str(workdir), "--progress=false", *base, *args], timeout=300)
   assert result.returncode != 0
-  error_lines = [l for l in result.stderr.splitlines() if expected in l]
+  error_lines = [line for line in result.stderr.splitlines() if expected in line]
   assert error_lines, result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert not workdir.exists()

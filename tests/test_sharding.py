@@ -80,7 +80,8 @@ def test_batch_must_split_over_data_and_fsdp():
 
 
 @pytest.mark.parametrize("field, value, mesh_values, match", [
-    ("num_heads", 2, {"data": 2, "tensor": 4}, "model.num_heads=2 is not divisible by mesh.tensor=4"),
+    ("num_heads", 2, {"data": 2, "tensor": 4},
+     "model.num_heads=2 is not divisible by mesh.tensor=4"),
     ("mlp_dim", 102, {"data": 2, "tensor": 4}, "model.mlp_dim=102"),
     ("vocab_size", 50257, {"data": 4, "tensor": 2}, "vocab_size=50258"),
     ("embed_dim", 60, {"data": 1, "fsdp": 8}, "model.embed_dim=60 is not divisible by mesh.fsdp"),

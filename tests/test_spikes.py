@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import loop
-from jaxlm import sharding
+from jaxlm import loop, sharding, trainer
 from jaxlm import train as train_lib
-from jaxlm import trainer
 from tests.test_pretrain import losses, tiny_values
 
 POISON_STEPS = tuple(range(16, 24))   # the batches of these steps are replaced by poison

@@ -167,7 +167,8 @@ def test_wikitext_is_detokenized_as_the_harness_does_it():
   pytest.importorskip("lm_eval")
   from lm_eval.tasks.wikitext import preprocess_wikitext  # the reference, in the test extra
   page = (" = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles ( "
-          "Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , is a role @-@ "
+          "Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , is a "
+          "role @-@ "
           "playing game . The game 's 1 @,@ 000 units at 3 @.@ 5 ° C , \" quoted \" and [ "
           "bracketed ] , the players ' guns ; N items ! really ? { braces } ' single ' \n \n "
           " = = Gameplay = = \n = = = Sub = = = \n = = = = Sub sub = = = = \n")
@@ -346,7 +347,8 @@ def test_cli_scores_tasks_and_merges_eval_results(tiny_lm_run, tmp_path):
   assert lines[1]["examples"] == 5 and lines[1]["perplexity"] > 1
   assert lines[2]["documents"] == 2 and lines[2]["word_perplexity"] > 1
   saved = run_lib.read_json(tiny_lm_run, "eval_results.json")
-  assert saved["hellaswag_1shot"] == lines[0] and saved["wikitext_0shot"] == lines[2]  # (whole documents: 0-shot)
+  # (WikiText is scored as whole documents: 0-shot)
+  assert saved["hellaswag_1shot"] == lines[0] and saved["wikitext_0shot"] == lines[2]
   again = run_evaluate(f"--workdir={tiny_lm_run}", "--progress=false", "--limit=3",
                        f"--tasks=hellaswag:{hellaswag}")
   assert json.loads(again.stdout)["examples"] == 3

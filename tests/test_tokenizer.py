@@ -56,7 +56,8 @@ def test_indentation_and_newlines_are_tokens(trained):
 
 EDGE_CASES = [
     "", " ", "\n", "\n\n\n", "\t\tx", "   leading", "trailing   ", "a  b   c    d",
-    "line\r\nwindows\r\n", "\r", "日本語のテキスト", "emoji 😀👍🏽 family 👨‍👩‍👧", "\x00\x01\x1b\x7f\x85",
+    "line\r\nwindows\r\n", "\r", "日本語のテキスト", "emoji 😀👍🏽 family 👨‍👩‍👧",
+    "\x00\x01\x1b\x7f\x85",
     "<s> and </s> and <pad> <unk> as text", "\ue000", "\ue001", "\ue001n", "\ue001e\ue000",
     "\u2581", "a\u2581b \u2581", "\ue000\n\ue001\u2581", "\u200b\ufeff\u2028\u2029", "e\u0301",
     "\U0010ffff\U000e0001", "x" * 5000, "\n" * 300 + " " * 300,

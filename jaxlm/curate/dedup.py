@@ -3,9 +3,10 @@
 A document's key is (relative path, line) (line 0 for a whole file); among duplicates the
 smallest key is kept, so the result does not depend on the order documents arrive in.
 
-Near duplicates: a MinHash signature of each document's word shingles (within lines; datasketch), split into
-`bands` bands of `rows` rows (datasketch's optimal split for the threshold); documents sharing a
-band are candidates, and a candidate pair is a duplicate when the signatures agree on at least
+Near duplicates: a MinHash signature of each document's word shingles (within lines;
+datasketch), split into `bands` bands of `rows` rows (datasketch's optimal split for the
+threshold); documents sharing a band are candidates, and a candidate pair is a duplicate when
+the signatures agree on at least
 `threshold` of their positions (the MinHash estimate of the Jaccard similarity). Duplicate pairs
 join clusters (connected components); each cluster keeps its smallest key. Grouping happens per
 band (a dict here, a GroupByKey in Beam), never in one global index.

@@ -31,7 +31,8 @@ def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
 def measure(input_glob: str, config: CurationConfig, repeats: int = 3) -> list[dict[str, Any]]:
   """[{stage, seconds, mb_per_s}] for each enabled stage, over the documents of `input_glob`."""
   files = inputs.list_files(input_glob)
-  raw = [text for file in files for _, text, _, _ in inputs.documents(file, config, inputs.open_local)
+  raw = [text for file in files
+         for _, text, _, _ in inputs.documents(file, config, inputs.open_local)
          if text is not None]
   megabytes = sum(len(t.encode("utf-8")) for t in raw) / 1e6
   document_rules = rules.DocumentRules(config)
