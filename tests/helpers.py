@@ -1,17 +1,26 @@
-"""Helpers shared by test modules (no test module imports another): corpora in every input
-format prepare_data reads, and reading prepared shards back as documents."""
+"""Helpers shared by test modules (no test module imports another): tiny configs and batches,
+pretraining values and their flags, multi-process launches, damaged checkpoints, corpora in every
+input format prepare_data reads, and reading prepared shards back as documents."""
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import sysconfig
 
+import jax
 import numpy as np
 
-from jaxlm import shards
+from jaxlm import config as config_lib
+from jaxlm import sharding, shards, train
 from jaxlm.textfiles import unit_hash
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
 
 def stdlib_texts(package: str = "json", limit: int = 0) -> list[str]:
@@ -122,3 +131,139 @@ def expected_split(documents: dict[str, str], fraction: float, split: str) -> li
   held_out = split == "validation"
   return [text for identity, text in documents.items()
           if (unit_hash(identity) < fraction) == held_out]
+
+
+# -- Tiny configs, batches and steps --------------------------------------------------------
+
+TINY = {"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+                  "vocab_size": 97, "max_seq_len": 16},
+        "data": {"seq_len": 16, "stride": 16},
+        "train": {"global_batch_size": 8, "num_steps": 10},
+        "optim": {"warmup_steps": 2, "learning_rate": 1e-2}}
+
+
+def random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (config.train.global_batch_size, config.data.seq_len)
+  tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1))
+  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+          "weights": np.ones(shape, np.float32),
+          "segment_ids": np.ones(shape, np.int32),
+          "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
+
+
+def run_steps(config, num_steps, devices=None, batch=random_batch):
+  """(final state, train losses) of `num_steps` steps on batch(config, step) from the seed's
+  init."""
+  mesh = sharding.make_mesh(config.mesh, devices or jax.devices()[:1])
+  steps = train.make_steps(config, mesh)
+  state = steps.init(jax.random.PRNGKey(config.seed))
+  losses = []
+  for i in range(num_steps):
+    state, metrics = steps.train(state, sharding.global_batch(batch(config, i), mesh))
+    losses.append(float(metrics["train_loss"]))
+  return state, losses
+
+
+def tiny_values(data_dir, **sections):
+  values = {
+      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 64, "mlp_dim": 128,
+                "vocab_size": 512, "max_seq_len": 64},
+      "data": {"seq_len": 64, "stride": 64, "data_dir": str(data_dir),
+               "tokenizer_max_sentences": 20000},
+      "train": {"num_steps": 12, "global_batch_size": 8, "log_every": 1, "eval_every": 6,
+                "eval_batches": 2, "checkpoint_every": 6, "sample_every": 6,
+                "sample_max_new_tokens": 8},
+      "optim": {"warmup_steps": 2},
+  }
+  for name, updates in sections.items():
+    values.setdefault(name, {}).update(updates)
+  return values
+
+
+def overrides(values):
+  """--config.a.b=v flags for a nested dict."""
+  flags = []
+  for section, fields in values.items():
+    for key, value in fields.items():
+      flags.append(f"--config.{section}.{key}={value}")
+  return flags
+
+
+def losses(workdir, key="train_loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def step_config(action: str, **train):
+  return config_lib.validate({
+      "model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+                "vocab_size": 64, "max_seq_len": 16},
+      "data": {"seq_len": 16, "stride": 16},
+      "train": {"global_batch_size": 4, "spike_action": action, "spike_window": 4,
+                "spike_loss_ratio": 1.5, **train},
+      "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"}})
+
+
+def pattern_batch(target: int) -> dict[str, np.ndarray]:
+  inputs = np.tile(np.arange(16, dtype=np.int32) % 8 + 4, (4, 1))
+  return {"inputs": inputs, "targets": np.where(target < 0, (inputs + 1) % 64, target)
+          .astype(np.int32), "weights": np.ones((4, 16), np.float32),
+          "segment_ids": np.ones((4, 16), np.int32),
+          "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))}
+
+
+def damage(step_dir, how: str) -> None:
+  """Damages a checkpoint step directory as a crash or a bad disk would."""
+  if how == "no_meta":
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+    return
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 4096]
+  target = max(files, key=os.path.getsize)
+  if how == "truncated":
+    os.truncate(target, os.path.getsize(target) // 3)
+    return
+  with open(target, "r+b") as f:  # flipped: one byte in the middle of the largest array file
+    f.seek(os.path.getsize(target) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0x55]))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir, values, num_processes, devices_per_process):
+  """Starts the pretrain script as `num_processes` processes; returns the Popen objects."""
+  return launch_script("experiments.pretrain", [f"--workdir={workdir}", "--progress=false",
+                                                *overrides(values)],
+                       num_processes, devices_per_process)
+
+
+def launch_script(module, script_args, num_processes, devices_per_process):
+  """Starts `python -m module` as `num_processes` processes of one job on 127.0.0.1 (compiling
+  at -O0: the jobs run a few steps)."""
+  port = free_port()
+  processes = []
+  for index in range(num_processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+                         f"{FAST_COMPILE_XLA_FLAGS}")
+    args = [sys.executable, "-m", module, *script_args]
+    if num_processes > 1:
+      args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+               f"--process_id={index}"]
+    processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  return processes
+
+
+def wait(processes, timeout=600):
+  results = [p.communicate(timeout=timeout) for p in processes]
+  for p, (_, err) in zip(processes, results):
+    assert p.returncode == 0, err[-3000:]
+  return [err for _, err in results]

@@ -93,6 +93,7 @@ def test_tasks_mode_scores_and_runs_the_plain_forward_on_the_same_batches(tmp_pa
   assert result["scoring_tokens_per_second"] > 0 and result["forward_tokens_per_second"] > 0
 
 
+@pytest.mark.e2e
 def test_out_of_range_flags_and_a_short_context_are_one_line():
   """--steps=0 ended in an UnboundLocalError, --repeats=0 in a StatisticsError, and the
   generate mode ran 1,016 tokens through a model of context 128."""

@@ -11,7 +11,7 @@ import pytest
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
 from jaxlm import sharding, train
-from tests.test_train import TINY, random_batch
+from tests.helpers import TINY, damage, random_batch
 
 
 class _FakeTokenizer:
@@ -114,25 +114,6 @@ def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
 
 
 # -- resuming from the newest checkpoint that restores -----------------------------------------
-
-def damage(step_dir, how: str) -> None:
-  """Damages a checkpoint step directory as a crash or a bad disk would."""
-  if how == "no_meta":
-    import shutil
-    shutil.rmtree(os.path.join(step_dir, "meta"))
-    return
-  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-           if os.path.isfile(f) and os.path.getsize(f) > 4096]
-  target = max(files, key=os.path.getsize)
-  if how == "truncated":
-    os.truncate(target, os.path.getsize(target) // 3)
-    return
-  with open(target, "r+b") as f:  # flipped: one byte in the middle of the largest array file
-    f.seek(os.path.getsize(target) // 2)
-    byte = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([byte[0] ^ 0x55]))
-
 
 @pytest.fixture
 def two_steps(trained, tmp_path):

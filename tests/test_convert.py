@@ -163,6 +163,7 @@ def _hf_perplexity(model, ids: list[int], eos_id: int, seq_len: int, stride: int
   return total, count
 
 
+@pytest.mark.e2e
 def test_evaluate_cli_perplexity_equals_transformers(gpt2, tmp_path):
   hf_dir, model, workdir = gpt2
   tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))
@@ -187,6 +188,7 @@ def test_evaluate_cli_perplexity_equals_transformers(gpt2, tmp_path):
   assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / num_bytes, rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_export_round_trip_loads_in_transformers(gpt2, tmp_path):
   hf_dir, model, workdir = gpt2
   out = tmp_path / "exported"
@@ -284,6 +286,7 @@ def test_import_refuses_pickle_only_directory(tmp_path):
     convert.safetensors_files(str(tmp_path))
 
 
+@pytest.mark.e2e
 def test_import_cli_errors_are_one_line(tmp_path, small_gpt2):
   hf_dir, _, workdir = small_gpt2
   cases = [
@@ -347,6 +350,7 @@ def test_export_without_biases_and_with_sinusoidal_positions(tmp_path):
   assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
 
 
+@pytest.mark.e2e
 def test_pretrain_refuses_an_imported_run(small_gpt2):
   _, _, workdir = small_gpt2
   before = sorted(os.listdir(workdir))
@@ -358,6 +362,7 @@ def test_pretrain_refuses_an_imported_run(small_gpt2):
   assert sorted(os.listdir(workdir)) == before
 
 
+@pytest.mark.e2e
 def test_pretrain_from_scratch_with_a_gpt2_tokenizer(small_gpt2, tmp_path):
   """The byte-level BPE serves training like SentencePiece does: tokenizer.json in the run
   directory, generation from it."""

@@ -264,6 +264,7 @@ def _prepare_script(tmp_path):
   return str(script), _text_files_data(tmp_path, f"{src}/*.txt")
 
 
+@pytest.mark.e2e
 def test_killed_prepare_does_not_look_complete(tmp_path):
   script, data = _prepare_script(tmp_path)
   crashed = subprocess.run([sys.executable, script, "crash"], capture_output=True, timeout=120)
@@ -275,6 +276,7 @@ def test_killed_prepare_does_not_look_complete(tmp_path):
   assert not any("incomplete" in d for d, _, _ in os.walk(data.data_dir))  # cleaned up
 
 
+@pytest.mark.e2e
 def test_concurrent_preparers_do_not_corrupt(tmp_path):
   script, data = _prepare_script(tmp_path)
   runs = [subprocess.Popen([sys.executable, script, "slow"], stdout=subprocess.PIPE,

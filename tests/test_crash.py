@@ -16,10 +16,10 @@ from jaxlm import checkpoint, loop, trainer
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from tests.conftest import REPO
-from tests.test_pretrain import losses, overrides, tiny_values
+from tests.helpers import losses, overrides, tiny_values
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_9_at_random_moments_loses_nothing(tmp_path, shared_data_dir):
   values = tiny_values(shared_data_dir, train={
       "num_steps": 24, "eval_every": 12, "sample_every": 0, "sample_max_new_tokens": 0},
@@ -61,7 +61,7 @@ class _DiskFillsUp:
     self.iterator.set_state(state)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoint(
     tmp_path, shared_data_dir):
   values = tiny_values(shared_data_dir, train={

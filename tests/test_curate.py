@@ -291,6 +291,7 @@ def test_an_unreadable_file_is_one_line_or_counted(tmp_path, monkeypatch):
   assert stats["dropped"]["bad_input"]["documents"] == 1 and stats["kept"]["documents"] == 1
 
 
+@pytest.mark.e2e
 def test_cli_refuses_bad_config_and_existing_output_before_writing(tmp_path):
   (tmp_path / "doc.txt").write_text(PROSE)
 

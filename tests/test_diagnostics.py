@@ -12,7 +12,7 @@ from jaxlm import diagnostics, sharding
 from jaxlm import train as train_lib
 from jaxlm.model import Transformer, attention_logit_max, stack_layers
 from tests.conftest import random_params
-from tests.test_spikes import pattern_batch, step_config
+from tests.helpers import pattern_batch, step_config
 
 MODEL = {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64, "vocab_size": 64,
          "max_seq_len": 16}

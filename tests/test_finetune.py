@@ -140,7 +140,7 @@ def classifiers(base_run, tmp_path_factory):
   return results
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_classifier_learns_the_number_word_task(classifiers):
   summary, workdir = classifiers["full"]
   # The bar the defaults were chosen to clear (docs/finetuning.md). Measured across base runs
@@ -155,7 +155,7 @@ def test_classifier_learns_the_number_word_task(classifiers):
   assert {"train_accuracy", "validation_accuracy", "test_accuracy", "train_loss"} <= set(final)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lora_classifier_matches_full_finetuning_with_few_parameters(classifiers):
   full, _ = classifiers["full"]
   lora_summary, workdir = classifiers["lora"]
@@ -166,7 +166,7 @@ def test_lora_classifier_matches_full_finetuning_with_few_parameters(classifiers
   assert (workdir / "adapters.safetensors").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_labels_new_texts(classifiers, tmp_path):
   _, workdir = classifiers["full"]
   rng = random.Random(7)
@@ -193,7 +193,7 @@ def test_predict_labels_new_texts(classifiers, tmp_path):
   assert [json.loads(line)["text"] for line in result.stdout.strip().splitlines()] == quoted
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_instruction_tuning_learns_to_reverse_words(base_run, tmp_path):
   # Two words: learned with certainty (exact match 1.0 on data seeds 2-5, on 1 and on 8
   # simulated devices). Three words sat at the threshold: 0.889-0.967 across numeric paths, so
@@ -445,6 +445,7 @@ def test_bad_instruction_data_names_file_and_record(tmp_path):
     finetune.encode_instructions(long, _WordTokenizer(), max_length=64)
 
 
+@pytest.mark.e2e
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
   data = _write(tmp_path / "d.csv", "text,label\na,x\n")
   cases = [
@@ -462,7 +463,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
   """Both scripts start from an imported GPT-2 run; a LoRA instruction run exports to GPT-2 with
   its adapters merged, and transformers computes the same logits."""

@@ -374,6 +374,7 @@ def test_load_run_restores_params_and_names_the_steps(run_dir, tmp_path):
   assert not (tmp_path / "empty" / "checkpoints").exists()  # reading never creates anything
 
 
+@pytest.mark.e2e
 def test_cli_streams_prompt_and_continuation_only(run_dir, tmp_path):
   """Subprocesses; the expected text comes from the library in this process."""
   workdir, _ = run_dir
@@ -427,6 +428,7 @@ def test_cli_streams_prompt_and_continuation_only(run_dir, tmp_path):
   assert err.strip().startswith("error: prompt 0 has") and "--truncate" in err
 
 
+@pytest.mark.e2e
 def test_cli_refuses_unusable_prompt_files_and_evaluate_a_zero_stride(run_dir, tmp_path):
   workdir, _ = run_dir
   (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")

@@ -84,7 +84,7 @@ def model(tiny_lm_run):
   return harness.JaxLM(workdir=tiny_lm_run, batch_size=8)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lm_eval_scores_a_multiple_choice_task_as_jaxlm_does(model, tmp_path):
   path = arc_file(tmp_path / "arc.jsonl", 24)
   results = local_evaluate(model, "jaxlm_arc_local", task_dir(tmp_path, ARC_TASK, path),
@@ -106,7 +106,7 @@ def test_lm_eval_scores_a_multiple_choice_task_as_jaxlm_does(model, tmp_path):
   assert 0 < ours["acc"] < 1  # a random model: the test can tell right from wrong answers
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lm_eval_rolling_perplexity_equals_jaxlm_wikitext_scoring(model, tmp_path):
   documents = ["import os\n\nprint(os.getcwd())\n",
                " ".join(WORDS * 30),  # longer than the 64-token context: several windows
@@ -147,6 +147,7 @@ def test_request_types_match_jaxlm_scoring_and_generation(model):
   assert texts == expected and all("\n" not in t for t in texts)
 
 
+@pytest.mark.e2e
 def test_bad_model_args_are_one_line_errors(tiny_lm_run, tmp_path):
   with pytest.raises(harness.HarnessError, match="batch_size='auto'"):
     harness.JaxLM(workdir=tiny_lm_run, batch_size="auto")
@@ -167,7 +168,7 @@ def test_registered_under_the_name_jaxlm():
   assert get_model("jaxlm") is harness.JaxLM
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_launcher_runs_lm_evals_command_line(tiny_lm_run, tmp_path):
   path = arc_file(tmp_path / "arc.jsonl", 6)
   folder = task_dir(tmp_path, ARC_TASK, path)

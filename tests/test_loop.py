@@ -16,7 +16,7 @@ from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
 from jaxlm import train as train_lib
 from tests.conftest import REPO
-from tests.test_multihost import launch_script
+from tests.helpers import launch_script
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa", "lambda"]
 
@@ -181,6 +181,7 @@ def test_keys_a_finetuning_task_could_only_ignore_are_refused(tiny_lm_run):
   assert finetune.finetune_config(init, "instruct", {"train.sample_every": 5}).train.sample_every
 
 
+@pytest.mark.e2e
 def test_a_finished_run_is_not_resumed_on_other_data_and_a_classifier_run_is_no_lm(
     tiny_lm_run, uninterrupted, tmp_path):
   whole_dir, _ = uninterrupted
@@ -223,7 +224,7 @@ def test_a_finetuning_workdir_of_another_kind_is_refused(tiny_lm_run, tmp_path):
   assert os.listdir(other) == ["notes.txt"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_finetuning_equals_one_process(tiny_lm_run, keyword_data, uninterrupted,
                                                    tmp_path):
   args = [f"--init={tiny_lm_run}", f"--data={keyword_data}", f"--workdir={tmp_path / 'two'}",

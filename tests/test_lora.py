@@ -23,7 +23,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.lora import LoraError
 from jaxlm.model import Transformer, count_params, lora_params_per_layer, param_count
 from tests.conftest import random_params
-from tests.test_train import random_batch
+from tests.helpers import random_batch
 
 BASE = ModelConfig(num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, vocab_size=61,
                    max_seq_len=16, positional="learned")

@@ -4,55 +4,13 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import tokenizer as tokenizer_lib
-from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
-from tests.test_pretrain import losses, overrides, tiny_values
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def launch(workdir, values, num_processes, devices_per_process):
-  """Starts the pretrain script as `num_processes` processes; returns the Popen objects."""
-  return launch_script("experiments.pretrain", [f"--workdir={workdir}", "--progress=false",
-                                                *overrides(values)],
-                       num_processes, devices_per_process)
-
-
-def launch_script(module, script_args, num_processes, devices_per_process):
-  """Starts `python -m module` as `num_processes` processes of one job on 127.0.0.1 (compiling
-  at -O0: the jobs run a few steps)."""
-  port = free_port()
-  processes = []
-  for index in range(num_processes):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
-                         f"{FAST_COMPILE_XLA_FLAGS}")
-    args = [sys.executable, "-m", module, *script_args]
-    if num_processes > 1:
-      args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-               f"--process_id={index}"]
-    processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-  return processes
-
-
-def wait(processes, timeout=600):
-  results = [p.communicate(timeout=timeout) for p in processes]
-  for p, (_, err) in zip(processes, results):
-    assert p.returncode == 0, err[-3000:]
-  return [err for _, err in results]
+from tests.helpers import launch, losses, tiny_values, wait
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +25,7 @@ def values(shared_data_dir):
   return values
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_pipeline_stages_across_four_processes_equal_one_and_their_checkpoint_moves(tmp_path,
                                                                                     values):
   """4 processes x 2 devices as stage 2 x fsdp 2 x tensor 2: each process holds half of one
@@ -117,7 +75,7 @@ def test_pipeline_stages_across_four_processes_equal_one_and_their_checkpoint_mo
   assert resumed[12] < resumed[1]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path, values):
   workdir = tmp_path / "run"
   endless = dict(values, train=dict(values["train"], num_steps=100000, eval_every=100000,
@@ -141,7 +99,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path, values):
   assert max(losses(workdir)) == steps[0] + 2
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_on_shards_train_the_losses_of_one_and_each_reads_half(tmp_path):
   """data.corpus=tokens across 2 processes (data parallel, a device each): the losses of one
   process on 2 devices, and process 0 gathers half the token bytes (its rows only)."""

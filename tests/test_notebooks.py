@@ -45,7 +45,7 @@ def test_notebook_is_stored_without_outputs_and_has_a_colab_badge(name):
   assert "jax.default_backend()" in "".join("".join(c["source"]) for c in notebook["cells"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path, data_dir, monkeypatch):
   # The kernel is a child process: it inherits this environment. One CPU device (not the

@@ -10,7 +10,7 @@ from jaxlm import config as config_lib
 from jaxlm import pipeline, sharding, train
 from jaxlm import run as run_lib
 from jaxlm.config import ConfigError
-from tests.test_train import run_steps as train_steps
+from tests.helpers import run_steps as train_steps
 
 TINY = {"model": {"num_layers": 4, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
                   "vocab_size": 96, "max_seq_len": 16, "scan_layers": True},

@@ -59,6 +59,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(plans):
     assert p["xla_flops_per_device"] == pytest.approx(p["model_flops_per_device"], rel=0.3)
 
 
+@pytest.mark.e2e
 def test_cli_simulates_the_devices_and_prints_json():
   # conftest's XLA_FLAGS ask for 8 devices; --num_devices=4 must win.
   result = run_cli("--num_devices=4", "--config.mesh.fsdp=4", "--json")
@@ -79,6 +80,7 @@ def test_table_names_every_number(plans):
     assert text in table, text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["--num_devices=4", "--config.mesh.data=3"], "stage=1 x data=3"),
     (["--num_devices=8", "--config.mesh.fsdp=8", "--config.train.global_batch_size=4"],
@@ -91,6 +93,7 @@ def test_bad_mesh_or_batch_is_one_line_exit_2(args, message):
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+@pytest.mark.e2e
 def test_topology_compiles_with_the_tpu_compiler():
   pytest.importorskip("libtpu")
   result = run_cli("--topology=v5e:2x2", "--config.mesh.fsdp=4", "--config.model.dtype=bfloat16",
@@ -116,6 +119,7 @@ def test_topology_compiles_with_the_tpu_compiler():
                                  + plan["output_bytes"] - plan["alias_bytes"])
 
 
+@pytest.mark.e2e
 def test_topology_reports_a_step_that_does_not_fit():
   pytest.importorskip("libtpu")
   # 4,096 rows x 32 tokens x a 65,536 vocabulary of float32 logits per chip: 32 GiB, on a 16 GiB
@@ -130,6 +134,7 @@ def test_topology_reports_a_step_that_does_not_fit():
   assert plan["param_bytes"] > 0 and plan["hbm_bytes"] == 16 * 2**30
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, devices, chips, hbm_gib", [
     # Two v5e slices: mesh.data spans them, fsdp stays inside one.
     (["--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
@@ -150,6 +155,7 @@ def test_topology_slices_and_split_chips(args, devices, chips, hbm_gib):
   assert plan["fits"] is True and plan["param_bytes"] > 0 and plan["temp_bytes"] >= 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message, needs_libtpu", [
     (["--topology=v5f:2x2"], "e.g. v4:2x2x1, v5e:2x4", False),
     (["--topology=v5e-8"], "GENERATION:SHAPE", False),
@@ -167,6 +173,7 @@ def test_bad_topology_is_one_line_exit_2(args, message, needs_libtpu):
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+@pytest.mark.e2e
 def test_topology_without_libtpu_says_what_to_install():
   # As if libtpu were not installed: `import libtpu` fails, find_spec finds nothing.
   script = ("import runpy, sys; sys.modules['libtpu'] = None; "
@@ -180,6 +187,7 @@ def test_topology_without_libtpu_says_what_to_install():
   assert len(lines) == 1 and "pip install -r requirements-tpu.txt" in lines[0], lines
 
 
+@pytest.mark.e2e
 def test_search_recommends_the_fastest_candidate_that_fits():
   # Long enough sequences that activations, not the state, dominate: remat then saves memory.
   config = config_lib.validate({

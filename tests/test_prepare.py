@@ -238,7 +238,7 @@ def test_wrong_fields_columns_options_and_folders_are_refused(tmp_path):
   assert os.listdir(tmp_path / "out") == ["notes.txt"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_script_prepares_and_reports_errors_in_one_line(corpus, tmp_path):
   folder, documents = corpus
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -18,31 +18,7 @@ from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import trainer
 from tests.conftest import REPO
-
-
-def tiny_values(data_dir, **sections):
-  values = {
-      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 64, "mlp_dim": 128,
-                "vocab_size": 512, "max_seq_len": 64},
-      "data": {"seq_len": 64, "stride": 64, "data_dir": str(data_dir),
-               "tokenizer_max_sentences": 20000},
-      "train": {"num_steps": 12, "global_batch_size": 8, "log_every": 1, "eval_every": 6,
-                "eval_batches": 2, "checkpoint_every": 6, "sample_every": 6,
-                "sample_max_new_tokens": 8},
-      "optim": {"warmup_steps": 2},
-  }
-  for name, updates in sections.items():
-    values.setdefault(name, {}).update(updates)
-  return values
-
-
-def overrides(values):
-  """--config.a.b=v flags for a nested dict."""
-  flags = []
-  for section, fields in values.items():
-    for key, value in fields.items():
-      flags.append(f"--config.{section}.{key}={value}")
-  return flags
+from tests.helpers import losses, overrides, tiny_values
 
 
 def run_cli(args, timeout=600, **kwargs):
@@ -56,12 +32,7 @@ def data_dir(shared_data_dir):
   return shared_data_dir
 
 
-def losses(workdir, key="train_loss"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
-
-
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   workdir = tmp_path / "run"
   result = run_cli(["--workdir", str(workdir), "--progress=false",
@@ -118,7 +89,7 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   assert json.load(open(workdir / "config.json"))["train"]["num_steps"] == 14
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   config = config_lib.validate(tiny_values(data_dir, model={"dropout": 0.1}))
@@ -135,7 +106,7 @@ def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
 
   # A crash that damaged the newest checkpoint (a truncated array file): the rerun warns, falls
   # back to step 6 and from there logs the uninterrupted losses again.
-  from tests.test_checkpoint import damage
+  from tests.helpers import damage
   damaged = tmp_path / "damaged"
   shutil.copytree(straight, damaged)
   damage(str(damaged / "checkpoints" / "12"), "truncated")
@@ -194,6 +165,7 @@ BAD_CLI_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", sorted(BAD_CLI_CASES))
 def test_bad_cli_input_is_one_line_and_writes_nothing(case, tmp_path, data_dir):
   args, expected = BAD_CLI_CASES[case]

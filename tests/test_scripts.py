@@ -42,6 +42,7 @@ def test_other_errors_keep_their_traceback():
       failing_main(error)([])
 
 
+@pytest.mark.e2e
 def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
   """ml_collections loads --config while absl parses the flags: a file that is missing (with an
   override), does not parse, raises, has no get_config() or one that returns no ConfigDict
@@ -70,6 +71,7 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_help_lists_every_flag_of_the_script_and_exits_0():
   """absl lists only the main module's flags and exits 1: --config, --restore_step and the
   distributed flags (defined in experiments/common.py) were missing from --help."""
@@ -85,6 +87,7 @@ def test_help_lists_every_flag_of_the_script_and_exits_0():
     assert "corpus: pystdlib" not in result.stdout  # (the schema's defaults are not the run's)
 
 
+@pytest.mark.e2e
 def test_an_unknown_override_is_named_in_full():
   """ml_collections names only the unknown part ('foo' for --config.model.foo); a valid key
   with the same last part is not the one named, and ml_collections' did-you-mean stays."""

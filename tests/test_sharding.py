@@ -7,7 +7,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import sharding, train
 from jaxlm.config import ConfigError
-from tests.test_train import random_batch
+from tests.helpers import random_batch
 
 MESH_VALUES = {
     # No biases: a key bias gets an exactly-zero gradient in theory, so Adam turns its ~1e-9

@@ -13,7 +13,7 @@ from jaxlm import config as config_lib
 from jaxlm import prepare, shards, trainer
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
-from tests.helpers import stdlib_texts
+from tests.helpers import losses, stdlib_texts
 
 SETTINGS = prepare.PrepareSettings(validation_fraction=0.25, shard_tokens=6_000, unit_mb=0.05,
                                    vocab_size=512, tokenizer_max_sentences=3000)
@@ -51,11 +51,7 @@ def values(**data):
           "optim": {"warmup_steps": 2}}
 
 
-def losses(workdir, key="train_loss"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
-
-
+@pytest.mark.e2e
 def test_a_mixture_trains_by_weight_and_resumes_exactly(folders, tmp_path):
   mixture = f"{folders / 'code'}:0.75,{folders / 'more'}:0.25"
   config = config_lib.validate(values(mixture=mixture))

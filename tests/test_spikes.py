@@ -13,31 +13,13 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import loop, sharding, trainer
 from jaxlm import train as train_lib
-from tests.test_pretrain import losses, tiny_values
+from tests.helpers import losses, pattern_batch, step_config, tiny_values
 
 POISON_STEPS = tuple(range(16, 24))   # the batches of these steps are replaced by poison
 POISON_TOKEN = 3 + 0xC8       # a byte-fallback token: never seen in ASCII Python source
 
 
 # -- the step ---------------------------------------------------------------------------------
-
-def step_config(action: str, **train):
-  return config_lib.validate({
-      "model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
-                "vocab_size": 64, "max_seq_len": 16},
-      "data": {"seq_len": 16, "stride": 16},
-      "train": {"global_batch_size": 4, "spike_action": action, "spike_window": 4,
-                "spike_loss_ratio": 1.5, **train},
-      "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"}})
-
-
-def pattern_batch(target: int) -> dict[str, np.ndarray]:
-  inputs = np.tile(np.arange(16, dtype=np.int32) % 8 + 4, (4, 1))
-  return {"inputs": inputs, "targets": np.where(target < 0, (inputs + 1) % 64, target)
-          .astype(np.int32), "weights": np.ones((4, 16), np.float32),
-          "segment_ids": np.ones((4, 16), np.int32),
-          "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))}
-
 
 @pytest.mark.parametrize("action", ["log", "skip"])  # halt is skip in the step (see below)
 def test_the_step_flags_a_spike_and_applies_it_only_when_told(action):
@@ -133,7 +115,7 @@ def clean_and_poisoned(shared_data_dir, tmp_path_factory):
   return {name: root / name for name in RUNS}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean_and_poisoned):
   clean, applied, skipped = (losses(clean_and_poisoned[n]) for n in ("clean", "log", "skip"))
   after = range(POISON_STEPS[-1] + 1, POISON_STEPS[-1] + 4)  # the 3 clean steps after it
@@ -169,7 +151,7 @@ def test_skip_recovers_from_poisoned_batches_and_without_it_the_loss_jumps(clean
               if r.get("spike")]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rollback_recovers_and_logs_what_it_did(clean_and_poisoned):
   clean, applied, rolled = (losses(clean_and_poisoned[n]) for n in ("clean", "log", "rollback"))
   after = range(POISON_STEPS[-1] + 1, POISON_STEPS[-1] + 4)
@@ -188,7 +170,7 @@ def test_rollback_recovers_and_logs_what_it_did(clean_and_poisoned):
   assert all(rates[s] == pytest.approx(3e-3) for s in (10, 16, 30))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_resumed_run_rolls_back_as_an_uninterrupted_one(clean_and_poisoned, shared_data_dir,
                                                           tmp_path):
   """Stopped after the rollback (step 25 of the path after it) and resumed: the same losses,
@@ -200,7 +182,7 @@ def test_a_resumed_run_rolls_back_as_an_uninterrupted_one(clean_and_poisoned, sh
   assert losses(tmp_path / "cut") == losses(clean_and_poisoned["rollback"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_halt_stops_at_the_first_spike_and_skips_have_a_limit(shared_data_dir, tmp_path):
   with pytest.raises(loop.TrainingDiverged, match=r"loss spike at step 16 .*spike_action=halt"
                      r".*the last checkpoint \(step 10\)"):

@@ -118,7 +118,7 @@ def gs_losses(env, url):
   return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_prepare_train_resume_and_generate_on_gcs(gcs, tmp_path):
   """prepare_data reads and writes gs://; a run reads its shards from gs://, checkpoints to
   gs://bucket/run, resumes from there and logs what an uninterrupted local run logs;

@@ -153,6 +153,7 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, body, message):
   assert str(e.value).count(str(path)) == 1  # named once (a missing base was named twice)
 
 
+@pytest.mark.e2e
 def test_cli_refuses_a_bad_sweep_before_writing_anything(tmp_path):
   path = tmp_path / "bad.py"
   path.write_text("def get_sweep():\n  return {'base': {}, 'grid': {'model.num_layerz': [1]}}\n")
@@ -213,6 +214,7 @@ def report_rows(workdir) -> dict[str, list[str]]:
   return rows
 
 
+@pytest.mark.e2e
 def test_cli_refuses_inputs_that_fail_their_check_before_writing_anything(tmp_path):
   # The checks run in their own process; their error is the sweep's one line, exit 2.
   path = tiny_sweep(tmp_path, tmp_path / "no_corpus", repr([{"name": "a"}]))
@@ -225,7 +227,7 @@ def test_cli_refuses_inputs_that_fail_their_check_before_writing_anything(tmp_pa
   assert not workdir.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path, corpus):
   points = [{"name": "learned", "model.positional": "learned"},
             # Diverges at once: with max_nonfinite_steps=0 the run stops with an error.
@@ -288,7 +290,7 @@ def test_sweep_runs_in_parallel_keeps_going_past_a_failure_and_reports(tmp_path,
   assert report_rows(workdir) == rows and (workdir / "curves.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_stops_the_sweep_and_a_rerun_resumes_from_checkpoints(tmp_path, corpus):
   # 400 steps: long enough that SIGTERM lands mid-run; evaluations and checkpoints every 40
   # (the SIGTERM save needs none of them).

@@ -331,7 +331,7 @@ def run_evaluate(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_scores_tasks_and_merges_eval_results(tiny_lm_run, tmp_path):
   hellaswag = jsonl(tmp_path / "hs.jsonl", [
       {"activity_label": "Code", "ctx_a": "def f(x):", "ctx_b": "return",
@@ -357,6 +357,7 @@ def test_cli_scores_tasks_and_merges_eval_results(tiny_lm_run, tmp_path):
   os.remove(os.path.join(tiny_lm_run, "eval_results.json"))  # (the run is shared)
 
 
+@pytest.mark.e2e
 def test_cli_refuses_an_unknown_task_before_loading_anything(tiny_lm_run, tmp_path):
   result = run_evaluate(f"--workdir={tiny_lm_run}", f"--tasks=mmlu:{tmp_path}/x.jsonl")
   assert result.returncode == 2

@@ -9,12 +9,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import optim, sharding, train
 from jaxlm.model import Transformer
-
-TINY = {"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
-                  "vocab_size": 97, "max_seq_len": 16},
-        "data": {"seq_len": 16, "stride": 16},
-        "train": {"global_batch_size": 8, "num_steps": 10},
-        "optim": {"warmup_steps": 2, "learning_rate": 1e-2}}
+from tests.helpers import TINY, random_batch, run_steps
 
 
 def tiny_config(**sections):
@@ -22,29 +17,6 @@ def tiny_config(**sections):
   for name, updates in sections.items():
     values.setdefault(name, {}).update(updates)
   return config_lib.validate(values)
-
-
-def random_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (config.train.global_batch_size, config.data.seq_len)
-  tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1))
-  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-          "weights": np.ones(shape, np.float32),
-          "segment_ids": np.ones(shape, np.int32),
-          "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
-
-
-def run_steps(config, num_steps, devices=None, batch=random_batch):
-  """(final state, train losses) of `num_steps` steps on batch(config, step) from the seed's
-  init; also used by tests/test_pipeline.py."""
-  mesh = sharding.make_mesh(config.mesh, devices or jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
-  state = steps.init(jax.random.PRNGKey(config.seed))
-  losses = []
-  for i in range(num_steps):
-    state, metrics = steps.train(state, sharding.global_batch(batch(config, i), mesh))
-    losses.append(float(metrics["train_loss"]))
-  return state, losses
 
 
 def test_loss_is_mean_token_cross_entropy():
