@@ -46,38 +46,38 @@ SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder shape and numerics. `mlp_dim` is the hidden width of the MLP."""
-  num_layers: int = 4
-  num_heads: int = 4
-  embed_dim: int = 256
-  mlp_dim: int = 1024
-  vocab_size: int = 4096
-  max_seq_len: int = 256
-  positional: str = "rope"
-  norm: str = "layernorm"
-  mlp: str = "gelu"
-  use_bias: bool = True
-  tie_embeddings: bool = True
-  dropout: float = 0.0
+  num_layers: int = 4  # Transformer blocks
+  num_heads: int = 4  # attention heads per block (divides embed_dim)
+  embed_dim: int = 256  # width of the residual stream
+  mlp_dim: int = 1024  # hidden width of the MLP
+  vocab_size: int = 4096  # embedding rows: the tokenizer's vocabulary, or more (padding)
+  max_seq_len: int = 256  # the context the model is built for (positions, caches)
+  positional: str = "rope"  # how positions enter: learned/sinusoidal tables, rotary, none
+  norm: str = "layernorm"  # the blocks' normalization
+  mlp: str = "gelu"  # the MLP: GELU, or SwiGLU (gated)
+  use_bias: bool = True  # biases in the Dense layers and norms
+  tie_embeddings: bool = True  # the LM head reuses the token embedding
+  dropout: float = 0.0  # on attention probabilities and residual branches (training only)
   # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), XLA's fused attention on TPU, the
   # written-out reference on CPU (see jaxlm.model.resolve_attention_impl).
   attention_impl: str = "auto"
-  scan_layers: bool = False
+  scan_layers: bool = False  # one compiled block run by jax.lax.scan (fast compiles)
   # Layers per iteration of the scanned loop (scan_layers=true): 1 keeps one compiled layer,
   # num_layers unrolls it fully; in between trades compile time for speed.
   scan_unroll: int = 1
-  remat_policy: str = "none"
-  dtype: str = "float32"
-  norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  init_std: float = 0.02
+  remat_policy: str = "none"  # what the backward pass recomputes instead of storing
+  dtype: str = "float32"  # compute dtype (parameters stay float32)
+  norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+  rope_theta: float = 10000.0  # rotary base frequency (positional=rope)
+  init_std: float = 0.02  # standard deviation of the normal initializers
   # Fine-tuning (jaxlm/finetune.py, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
   # named in lora_targets when > 0.
   num_classes: int = 0
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_targets: tuple[str, ...] = LORA_TARGETS
+  lora_rank: int = 0  # adapters' rank (0: no LoRA)
+  lora_alpha: float = 16.0  # LoRA scale: alpha / rank
+  lora_dropout: float = 0.0  # dropout on the adapters' input
+  lora_targets: tuple[str, ...] = LORA_TARGETS  # Dense layers that get adapters
 
   @property
   def head_dim(self) -> int:
@@ -93,20 +93,20 @@ class DataConfig:
   trains on shards `experiments.prepare_data` wrote: one folder (`tokens`) or a weighted
   mixture of folders (`mixture`, 'DIR_A:0.7,DIR_B:0.3'); local paths or gs:// URLs.
   """
-  corpus: str = "pystdlib"
-  files: str = ""
-  tfds_name: str = ""
-  tokens: str = ""
-  mixture: str = ""
-  text_key: str = "text"
-  train_split: str = "train"
-  validation_split: str = "validation"
-  validation_fraction: float = 0.05
-  seq_len: int = 256
-  stride: int = 0  # 0: seq_len (windows follow each other), however seq_len is overridden
-  data_dir: str = "~/.cache/jaxlm"
-  tokenizer: str = ""
-  tokenizer_max_sentences: int = 300_000
+  corpus: str = "pystdlib"  # where documents come from (docs/data.md)
+  files: str = ""  # text_files: comma-separated globs (.txt/.md a document each, .jsonl)
+  tfds_name: str = ""  # tfds: the dataset, e.g. tiny_shakespeare or name/config:1.0.0
+  tokens: str = ""  # tokens: a prepare_data folder (local or gs://)
+  mixture: str = ""  # tokens: weighted folders, 'DIR_A:0.7,DIR_B:0.3' (one tokenizer)
+  text_key: str = "text"  # the text field of .jsonl records / TFDS features
+  train_split: str = "train"  # tfds: the split (expression) trained on
+  validation_split: str = "validation"  # tfds: the held-out split (expression)
+  validation_fraction: float = 0.05  # pystdlib/text_files: documents held out (by hash)
+  seq_len: int = 256  # tokens per training window (at most model.max_seq_len)
+  stride: int = 0  # tokens between window starts (0: seq_len, windows follow each other)
+  data_dir: str = "~/.cache/jaxlm"  # prepared corpora, tokenizers, token caches, compile cache
+  tokenizer: str = ""  # a tokenizer file or GPT-2 folder to use; "": train SentencePiece
+  tokenizer_max_sentences: int = 300_000  # line chunks the trained tokenizer samples
 
   @property
   def window_stride(self) -> int:
@@ -116,10 +116,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  num_steps: int = 500
-  global_batch_size: int = 8
-  microbatches: int = 1
-  z_loss: float = 0.0
+  num_steps: int = 500  # optimizer steps of the run
+  global_batch_size: int = 8  # rows per step, over all devices and processes
+  microbatches: int = 1  # gradient accumulation: the batch in this many sequential parts
+  z_loss: float = 0.0  # weight of PaLM's log(Z)^2 auxiliary loss (0: off)
   # Positions per chunk of the LM-head loss (jaxlm/loss.py): [batch, chunk, vocab] logits exist
   # at a time instead of [batch, length, vocab]; 0 = the whole sequence at once.
   loss_chunk_size: int = 256
@@ -127,21 +127,21 @@ class TrainConfig:
   # causal attention across document boundaries, as GPT-2 and nanoGPT train; on a GPU cuDNN's
   # flash kernel then needs no mask tensor (+7% tokens/s for GPT-2 124M on an H200).
   document_mask: bool = True
-  log_every: int = 10
-  eval_every: int = 250
-  eval_batches: int = 8
+  log_every: int = 10  # steps between log lines (loss, learning rate, tokens/s, MFU)
+  eval_every: int = 250  # steps between evaluations on the held-out split (and at the end)
+  eval_batches: int = 8  # batches of global_batch_size held-out windows per evaluation
   # Zero-shot tasks scored at every evaluation, "NAME:PATH,..." as experiments.evaluate's
   # --tasks (jaxlm/tasks.py); the first eval_tasks_limit examples of each (0: all).
   eval_tasks: str = ""
-  eval_tasks_limit: int = 0
-  checkpoint_every: int = 250
-  keep_checkpoints: int = 2
-  sample_every: int = 250
-  sample_prompts: tuple[str, ...] = ("def ", "import ", "class ")
-  sample_max_new_tokens: int = 64
-  sample_temperature: float = 0.8
-  sample_top_k: int = 40
-  max_nonfinite_steps: int = 3
+  eval_tasks_limit: int = 0  # eval_tasks: the first N examples of each (0: all)
+  checkpoint_every: int = 250  # steps between checkpoints (and at the end)
+  keep_checkpoints: int = 2  # newest periodic checkpoints kept
+  sample_every: int = 250  # steps between samples in samples.jsonl (and at the end)
+  sample_prompts: tuple[str, ...] = ("def ", "import ", "class ")  # what samples continue
+  sample_max_new_tokens: int = 64  # tokens per sample (0: no samples)
+  sample_temperature: float = 0.8  # sampling temperature of the samples (0: greedy)
+  sample_top_k: int = 40  # top-k of the samples (0: all)
+  max_nonfinite_steps: int = 3  # non-finite steps (skipped) in a row before the run stops
   # Loss spikes on finite steps (docs/reliability.md): a step whose loss exceeds
   # spike_loss_ratio x, or whose gradient norm exceeds spike_grad_ratio x, their running means
   # (exponential, span spike_window accepted steps; armed after spike_window steps) is a spike.
@@ -153,18 +153,21 @@ class TrainConfig:
   # a row stop the run: the loss has moved for good, which is not a spike. Off by default: near
   # zero loss (late fine-tuning) a ratio fires on noise; opt in where losses are O(1).
   spike_action: str = "none"
-  spike_window: int = 100
-  spike_loss_ratio: float = 2.0
-  spike_grad_ratio: float = 10.0
-  max_spike_steps: int = 10
-  rollback_skip_batches: int = 0
-  rollback_lr_factor: float = 1.0
-  rollback_lr_steps: int = 0
-  max_rollbacks: int = 3
+  spike_window: int = 100  # accepted steps the running means span
+  spike_loss_ratio: float = 2.0  # loss / its running mean that counts as a spike
+  spike_grad_ratio: float = 10.0  # gradient norm / its running mean that counts as one
+  max_spike_steps: int = 10  # skipped spikes in a row before the run stops
+  rollback_skip_batches: int = 0  # batches skipped past the spike's on a rollback
+  rollback_lr_factor: float = 1.0  # learning-rate multiplier after a rollback
+  rollback_lr_steps: int = 0  # steps the lowered learning rate lasts
+  max_rollbacks: int = 3  # rollbacks before the run stops
   # Per-layer statistics (jaxlm/diagnostics.py: RMS of params, gradients and updates per layer,
   # attention-logit maxima, the largest logit) every layer_stats_every steps and at every spike;
   # 0: off (the step then computes none of them).
   layer_stats_every: int = 0
+  # Steps traced with jax.profiler into the run's profile/ folder (TensorBoard's profile plugin,
+  # Perfetto), starting after step 2 (compilation and warm-up); 0: no trace.
+  profile_steps: int = 0
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
@@ -176,24 +179,24 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  schedule: str = "cosine"
-  learning_rate: float = 3e-3
-  min_learning_rate: float = 3e-4
-  warmup_steps: int = 30
+  schedule: str = "cosine"  # after warmup: cosine, constant, or wsd (stable, then decay)
+  learning_rate: float = 3e-3  # peak learning rate
+  min_learning_rate: float = 3e-4  # where cosine and wsd decay to
+  warmup_steps: int = 30  # linear warmup from 0
   decay_fraction: float = 0.2  # wsd: share of num_steps spent decaying at the end
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  grad_clip: float = 1.0
+  weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices (not biases, norm scales)
+  b1: float = 0.9  # AdamW's first-moment decay
+  b2: float = 0.95  # AdamW's second-moment decay
+  eps: float = 1e-8  # AdamW's epsilon
+  grad_clip: float = 1.0  # global gradient-norm clip (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh axis sizes; one of them may be -1 ("all remaining devices")."""
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
+  data: int = -1  # data-parallel ways
+  fsdp: int = 1  # fully sharded data-parallel ways (params, gradients, optimizer state)
+  tensor: int = 1  # tensor-parallel ways (heads, MLP, vocabulary)
   stage: int = 1  # pipeline stages: consecutive layer groups on their own devices
 
 
@@ -207,23 +210,23 @@ class FinetuneConfig:
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
-  task: str = ""  # set by the scripts: classifier | instruct
-  trainable: str = ""
-  last_n_blocks: int = 1
-  epochs: int = 5
-  max_length: int = 0  # 0: model.max_seq_len
-  train_fraction: float = 0.7
-  validation_fraction: float = 0.1
-  balance: bool = False
-  text_column: str = "text"
-  label_column: str = "label"
-  template: str = "alpaca"
-  max_new_tokens: int = 128
+  task: str = ""  # set by the scripts
+  trainable: str = ""  # which weights train (see above)
+  last_n_blocks: int = 1  # trainable=last_n_blocks: how many
+  epochs: int = 5  # passes over the training split
+  max_length: int = 0  # tokens per example (0: model.max_seq_len)
+  train_fraction: float = 0.7  # of one data file: the training split
+  validation_fraction: float = 0.1  # of one data file: the validation split (the rest: test)
+  balance: bool = False  # classifier: undersample to equal classes, as the book does
+  text_column: str = "text"  # classifier: the text field or column
+  label_column: str = "label"  # classifier: the label field or column
+  template: str = "alpaca"  # instruct: the prompt format
+  max_new_tokens: int = 128  # instruct: tokens generated per test answer
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  seed: int = 0
+  seed: int = 0  # parameters, data order, dropout and samples derive from it
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
@@ -442,9 +445,10 @@ _NON_NEGATIVE = (
     "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
     "train.max_nonfinite_steps", "train.eval_tasks_limit", "train.max_spike_steps",
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
-    "train.layer_stats_every", "train.sample_temperature", "optim.min_learning_rate", "data.stride",
+    "train.layer_stats_every", "train.profile_steps", "train.sample_temperature",
+    "optim.min_learning_rate", "data.stride",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
-_CHOICES = {
+CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
@@ -474,7 +478,7 @@ def _check_fields(config: Config) -> None:
   for field in _NON_NEGATIVE:
     if value(field) < 0:
       raise ConfigError(f"{field}={value(field)!r}: must be >= 0.")
-  for field, choices in _CHOICES.items():
+  for field, choices in CHOICES.items():
     if value(field) not in choices:
       raise ConfigError(f"{field}={value(field)!r}: must be one of "
                         f"{', '.join(repr(c) if c == '' else c for c in choices)}.")

@@ -8,7 +8,7 @@ can be wrong with the inputs (config, corpus, tokenizer, mesh, workdir, memory) 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -92,18 +92,19 @@ def data_sources(config: Config, tokenizer) -> tuple[list[loader.Source], list[l
 
 def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None = None,
           stop_at_step: int | None = None, restore_step: int | None = None,
-          show_progress: bool = True) -> dict[str, Any]:
+          show_progress: bool = True, hooks: Sequence[loop.Hook] = ()) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` to `config.train.num_steps`.
 
   base_config: the config the run was derived from (e.g. the config file before CLI overrides),
     written as `config_diff.json`. stop_at_step: behave as if preempted once this many steps are
     done (tests use it to compare resumed and uninterrupted runs). restore_step: resume from
     this checkpoint instead of the newest valid one (later ones are moved aside, not deleted).
+    hooks: periodic work of your own, e.g. [loop.Hook(fn, every=100)] (jaxlm/hooks.py).
   Returns the final summary (also written to `summary.json`).
   """
   config = config_lib.validate(config)  # (a dict or ConfigDict too; a Config is re-checked)
   return loop.fit(task(prepare(config, workdir), base_config), stop_at_step=stop_at_step,
-                  restore_step=restore_step, show_progress=show_progress)
+                  restore_step=restore_step, show_progress=show_progress, hooks=hooks)
 
 
 def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) -> loop.Task:

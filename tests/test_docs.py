@@ -419,3 +419,25 @@ def test_the_checks_catch_stale_commands_and_links(tmp_path):
   assert "--config.train.spikes: no such key" in "\n".join(check_config_mentions([str(bad)]))
   link_errors = "\n".join(check_links([str(bad)]))
   assert "missing.md does not exist" in link_errors and "#no-such-heading" in link_errors
+
+
+def test_the_config_reference_is_generated_from_the_schema():
+  """docs/config.md is `python -m jaxlm.config_doc`'s output for the schema as it is: a key
+  added, removed, renamed or re-defaulted without regenerating it fails here."""
+  from jaxlm import config as config_lib
+  from jaxlm import config_doc
+  with open(os.path.join(REPO, "docs", "config.md"), encoding="utf-8") as f:
+    assert f.read() == config_doc.render(), (
+        "docs/config.md is out of date: python -m jaxlm.config_doc > docs/config.md")
+  flat = []
+
+  def walk(values, prefix=""):
+    for key, value in values.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat.append(f"{prefix}{key}")
+  walk(config_lib.to_dict(config_lib.Config()))
+  page = config_doc.render()
+  assert all(f"| `{key}` |" in page for key in flat)
+  assert "| `model.lora_rank` | int | `0` | adapters' rank (0: no LoRA) |" in page

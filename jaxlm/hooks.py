@@ -1,0 +1,79 @@
+"""Periodic work of the training loop as hooks: `Hook(fn, every=N)` runs `fn(info)` after every
+N-th step (levanter's `trainer.add_hook(fn, every=N)`).
+
+The loop registers its own (layer statistics, logging, evaluation, samples, checkpoints, the
+profiler window) in that order, then the task's and the caller's:
+
+  def print_loss(info):
+    print(info.step, float(info.metrics["train_loss"]))
+  trainer.train(config, workdir, hooks=[Hook(print_loss, every=100)])
+
+A hook sees the state after its step and that step's metrics (device arrays: reading one waits
+for the step). Hooks other than logging and layer statistics stop the throughput clock while
+they run: their time is not training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+  """What a hook sees after step `step` (steps done so far)."""
+  step: int
+  last: bool                       # the run's last step (train.num_steps)
+  state: Any                       # the TrainState after the step
+  metrics: Mapping[str, Any]       # the step's metrics (train_loss, grad_norm, ...; on device)
+  data_state: Any                  # the data position after the step's batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(info)` after every `every`-th step (0: never periodically), and after the last step
+  with `at_end`. `when(step, last)`, if given, decides instead."""
+  fn: Callable[[StepInfo], Any]
+  every: int = 1
+  at_end: bool = False
+  when: Callable[[int, bool], bool] | None = None
+  pauses_clock: bool = True        # its time is not counted as training time
+
+  def due(self, step: int, last: bool) -> bool:
+    if self.when is not None:
+      return self.when(step, last)
+    return (self.every > 0 and step % self.every == 0) or (self.at_end and last)
+
+
+def run_due(hooks: Sequence[Hook], info: StepInfo) -> bool:
+  """Runs the hooks due after `info.step`, in order; whether one of them paused the clock."""
+  paused = False
+  for hook in hooks:
+    if hook.due(info.step, info.last):
+      hook.fn(info)
+      paused |= hook.pauses_clock
+  return paused
+
+
+def profiler_hooks(trace_dir: str, first_step: int, num_steps: int) -> list[Hook]:
+  """Hooks that trace steps first_step+1 .. first_step+num_steps with `jax.profiler` into
+  `trace_dir` (TensorBoard's profile plugin or Perfetto read it); none for num_steps=0. A run
+  that ends (or resumes past the window) inside it stops the trace at its last step."""
+  if num_steps <= 0:
+    return []
+  import jax  # pylint: disable=import-outside-toplevel
+  tracing = []
+
+  def start(info: StepInfo) -> None:
+    jax.block_until_ready(info.metrics)
+    jax.profiler.start_trace(trace_dir)
+    tracing.append(True)
+
+  def stop(info: StepInfo) -> None:
+    jax.block_until_ready(info.metrics)
+    jax.profiler.stop_trace()
+    tracing.clear()
+
+  end = first_step + num_steps
+  return [Hook(start, when=lambda step, _: step == first_step),
+          Hook(stop, when=lambda step, last: bool(tracing) and (step == end or last))]

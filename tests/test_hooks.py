@@ -1,0 +1,92 @@
+"""The loop's hooks on a tiny fake job (a 1-layer model on random tokens, no corpus): a hook
+runs after every N-th step (and at the end when asked) with that step's state and metrics, the
+loop's own periodic work keeps its schedule, and the profiler traces its window."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import loader, loop, sharding
+from jaxlm import train as train_lib
+from jaxlm.hooks import Hook
+
+
+def fake_task(workdir, **train) -> loop.Task:
+  config = config_lib.validate({
+      "model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
+                "vocab_size": 64, "max_seq_len": 16},
+      "data": {"seq_len": 16},
+      "train": {"num_steps": 10, "global_batch_size": 4, "log_every": 5, "checkpoint_every": 0,
+                "sample_every": 0, "sample_max_new_tokens": 0, **train},
+      "optim": {"warmup_steps": 0}})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  steps = train_lib.make_steps(config, mesh)
+  tokens = np.random.default_rng(0).integers(4, 64, size=4000).astype(np.uint16)
+  windows = loader.Windows([tokens], 16)
+
+  class Tokenizer:
+    file_name, eos_id = "tokenizer.model", 3
+
+    def serialize(self):
+      return b"fake"
+
+  return loop.Task(
+      config=config, workdir=str(workdir), mesh=mesh, tokenizer=Tokenizer(), steps=steps,
+      train_step=steps.train, compiled_step=None, compile_seconds=0.0,
+      data=lambda: loader.Loader([loader.Source("random", windows)], 0, 4, eos_id=3),
+      init_state=lambda: steps.init(jax.random.PRNGKey(0)), evaluate=lambda state: {},
+      eval_every=0, flops_per_token=1.0, can_sample=False)
+
+
+@pytest.fixture(autouse=True)
+def no_step_bytes(monkeypatch):
+  monkeypatch.setattr(train_lib, "step_bytes", lambda compiled: 0)  # (nothing compiled ahead)
+
+
+def test_hooks_run_after_every_nth_step_with_that_steps_state_and_metrics(tmp_path):
+  seen = {"every3": [], "every4_end": [], "custom": [], "loss": {}}
+  hooks = [
+      Hook(lambda info: seen["every3"].append(info.step), every=3),
+      Hook(lambda info: seen["every4_end"].append((info.step, info.last)), every=4, at_end=True),
+      Hook(lambda info: seen["custom"].append(info.step), when=lambda step, last: step in (2, 7)),
+      Hook(lambda info: seen["loss"].update({info.step: float(info.metrics["train_loss"])}),
+           every=5),
+  ]
+  summary = loop.fit(fake_task(tmp_path / "run"), hooks=hooks, show_progress=False)
+  assert summary["finished"] and summary["step"] == 10
+  assert seen["every3"] == [3, 6, 9]
+  assert seen["every4_end"] == [(4, False), (8, False), (10, True)]
+  assert seen["custom"] == [2, 7]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
+  assert logged == seen["loss"]  # the loop's own log hook saw the same steps and values
+
+
+def test_a_hook_sees_the_state_after_its_step_and_its_data_position(tmp_path):
+  states = []
+  hook = Hook(lambda info: states.append((info.step, int(info.state.step),
+                                          info.data_state["batch"])), every=2)
+  loop.fit(fake_task(tmp_path / "run", num_steps=6), hooks=[hook], show_progress=False)
+  assert states == [(2, 2, 2), (4, 4, 4), (6, 6, 6)]
+
+
+def test_checkpoints_follow_their_schedule_and_a_hook_error_stops_the_run(tmp_path):
+  task = fake_task(tmp_path / "run", checkpoint_every=4, keep_checkpoints=5)
+  loop.fit(task, show_progress=False)
+  assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [4, 8, 10]
+
+  def fails(info):
+    raise RuntimeError(f"hook failed at {info.step}")
+  with pytest.raises(RuntimeError, match="hook failed at 3"):
+    loop.fit(fake_task(tmp_path / "other"), hooks=[Hook(fails, every=3)], show_progress=False)
+
+
+def test_profile_steps_trace_a_window_of_steps(tmp_path):
+  loop.fit(fake_task(tmp_path / "run", profile_steps=2), show_progress=False)
+  traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
