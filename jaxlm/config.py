@@ -210,7 +210,7 @@ class FinetuneConfig:
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
-  task: str = ""  # set by the scripts
+  task: str = ""  # the objective (jaxlm/finetune/), set by the scripts: classifier, instruct
   trainable: str = ""  # which weights train (see above)
   last_n_blocks: int = 1  # trainable=last_n_blocks: how many
   epochs: int = 5  # passes over the training split
@@ -236,7 +236,6 @@ class Config:
 
 
 _SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
-FINETUNE_TASKS = ("", "classifier", "instruct")
 TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
 TEMPLATES = ("alpaca", "chat")
 
@@ -452,7 +451,7 @@ CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
-    "optim.schedule": SCHEDULES, "finetune.task": FINETUNE_TASKS,
+    "optim.schedule": SCHEDULES,
     "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",

@@ -1,4 +1,6 @@
-"""Cross-entropy of the language-model head without materializing [batch, length, vocab] logits.
+"""The losses: the language-model head's cross-entropy without materializing [batch, length,
+vocab] logits, and the losses tasks train with (`lm_loss`, `classifier_loss`, `loss_for`, at
+the end).
 
 The plain loss computes logits = hidden @ head as a float32 [batch, length, vocab] array, and
 autodiff keeps it (and its log-softmax and gradient, more arrays of the same size) alive for
@@ -20,9 +22,16 @@ The gradient of the logits is computed in closed form, `weight * (softmax - oneh
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxlm.config import Config
+from jaxlm.model import Transformer, apply_to_batch, lm_head
+
+DeviceBatch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
 
 # head_layout: how the head matrix is stored. 'vd': [vocab, embed] (tied embeddings, the token
 # table); 'dv': [embed, vocab] (an untied lm_head).
@@ -178,3 +187,62 @@ def max_logit(hidden: jax.Array, head: jax.Array, weights: jax.Array, *, layout:
   largest, _ = jax.lax.scan(body, jnp.float32(-jnp.inf),
                             (_chunks(hidden, chunk_size), _chunks(weights, chunk_size)))
   return largest
+
+
+# -- The losses tasks train with ------------------------------------------------------------
+
+# A loss function: (model, params, batch, dropout rng or None) -> (objective, sums), where
+# `objective` is the sum to differentiate and `sums` holds at least "loss_sum" and "weight_sum"
+# (plus any other sums a task reports, e.g. "correct"). Sums, not means, so microbatches add up
+# to exactly the full-batch gradient; the step divides by the total weight.
+LossFn = Callable[[Transformer, Any, DeviceBatch, "jax.Array | None"], tuple[jax.Array, Metrics]]
+
+
+def lm_loss(z_loss: float = 0.0, chunk_size: int = 0, document_mask: bool = True) -> LossFn:
+  """Next-token cross-entropy weighted per token by batch["weights"] (pretraining: 1 on real
+  tokens; instruction tuning: 1 on response tokens only), + z_loss * log Z^2.
+
+  The model returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size`
+  positions (0: all at once), so [batch, length, vocab] logits are never materialized.
+  document_mask False: tokens attend across the documents packed into a window (see
+  `train.document_mask`).
+  """
+  def loss(model, params, batch, rng):
+    hidden = apply_to_batch(model, params, batch, rng, document_mask=document_mask,
+                    return_hidden=True)
+    head, layout = lm_head(params, model.config)
+    weights = batch["weights"]
+    objective, nll_sum = cross_entropy_sums(
+        hidden, head, batch["targets"], weights, layout=layout, chunk_size=chunk_size,
+        z_loss=z_loss)
+    return objective, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
+  return loss
+
+
+def class_logits(model: Transformer, params: Any, batch: DeviceBatch,
+                 rng: jax.Array | None = None) -> jax.Array:
+  """The class logits [batch, classes] at each row's last real token (batch["last_index"])."""
+  logits = apply_to_batch(model, params, batch, rng)              # [batch, length, classes]
+  return jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+
+
+def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None
+                    ) -> tuple[jax.Array, Metrics]:
+  """Cross-entropy of the class logits read at each row's last real token (batch["last_index"]
+  [batch]) against batch["labels"] [batch], rows weighted by batch["row_weight"] (0: padding).
+  sums: loss_sum, weight_sum, correct (weighted count of right predictions)."""
+  last = class_logits(model, params, batch, rng)                      # [batch, classes]
+  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
+  weight = batch["row_weight"]
+  correct = (jnp.argmax(last, axis=-1) == batch["labels"]).astype(jnp.float32)
+  loss_sum = jnp.sum(nll * weight)
+  return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weight),
+                    "correct": jnp.sum(correct * weight)}
+
+
+def loss_for(config: Config) -> LossFn:
+  """The loss a config trains with: the classifier's when model.num_classes, else the LM's."""
+  if config.model.num_classes:
+    return classifier_loss
+  return lm_loss(config.train.z_loss, config.train.loss_chunk_size, config.train.document_mask)

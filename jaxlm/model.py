@@ -739,3 +739,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int,
     return jnp.zeros(s.shape, dtype if (dtype is not None and floating) else s.dtype)
 
   return jax.tree.map(zeros, shapes)
+
+
+def apply_to_batch(model: Transformer, params: Any, batch: dict[str, jax.Array],
+                   rng: jax.Array | None, *, document_mask: bool = True, **kwargs):
+  """`model` on a batch dict (inputs, positions, segment_ids): dropout when `rng` is given;
+  document_mask False: plain causal attention, ignoring batch["segment_ids"]."""
+  rngs = {} if rng is None else {"dropout": rng}
+  return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                     segment_ids=batch["segment_ids"] if document_mask else None,
+                     deterministic=rng is None, rngs=rngs, **kwargs)

@@ -21,10 +21,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import diagnostics, sharding
-from jaxlm import loss as loss_lib
 from jaxlm import params as params_lib
 from jaxlm.config import Config, ConfigError, ModelConfig
-from jaxlm.model import Transformer, lm_head, resolve_attention_impl
+from jaxlm.loss import LossFn, class_logits, classifier_loss, lm_loss, loss_for  # noqa: F401
+from jaxlm.model import Transformer, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
 
 DeviceBatch = dict[str, jax.Array]
@@ -69,72 +69,6 @@ def spike_update(config: Config, stats: jax.Array, loss: jax.Array, grad_norm: j
                        grad_mean + weight * (grad_norm - grad_mean), seen + 1])
   # The applied steps enter the means (under `log` a spike is applied, so the means follow it).
   return spike, apply, jnp.where(apply, updated, stats)
-
-
-# A loss function: (model, params, batch, dropout rng or None) -> (objective, sums), where
-# `objective` is the sum to differentiate and `sums` holds at least "loss_sum" and "weight_sum"
-# (plus any other sums a task reports, e.g. "correct"). Sums, not means, so microbatches add up
-# to exactly the full-batch gradient; the step divides by the total weight.
-LossFn = Callable[[Transformer, Any, DeviceBatch, "jax.Array | None"], tuple[jax.Array, Metrics]]
-
-
-def _apply(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None, *,
-           document_mask: bool = True, **kwargs):
-  """document_mask False: plain causal attention, ignoring batch["segment_ids"]."""
-  rngs = {} if rng is None else {"dropout": rng}
-  return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                     segment_ids=batch["segment_ids"] if document_mask else None,
-                     deterministic=rng is None, rngs=rngs, **kwargs)
-
-
-def lm_loss(z_loss: float = 0.0, chunk_size: int = 0, document_mask: bool = True) -> LossFn:
-  """Next-token cross-entropy weighted per token by batch["weights"] (pretraining: 1 on real
-  tokens; instruction tuning: 1 on response tokens only), + z_loss * log Z^2.
-
-  The model returns hidden states and `jaxlm.loss` applies the head in chunks of `chunk_size`
-  positions (0: all at once), so [batch, length, vocab] logits are never materialized.
-  document_mask False: tokens attend across the documents packed into a window (see
-  `train.document_mask`).
-  """
-  def loss(model, params, batch, rng):
-    hidden = _apply(model, params, batch, rng, document_mask=document_mask,
-                    return_hidden=True)
-    head, layout = lm_head(params, model.config)
-    weights = batch["weights"]
-    objective, nll_sum = loss_lib.cross_entropy_sums(
-        hidden, head, batch["targets"], weights, layout=layout, chunk_size=chunk_size,
-        z_loss=z_loss)
-    return objective, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
-  return loss
-
-
-def class_logits(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None = None
-                 ) -> jax.Array:
-  """The class logits [batch, classes] at each row's last real token (batch["last_index"])."""
-  logits = _apply(model, params, batch, rng)                          # [batch, length, classes]
-  return jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
-
-
-def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None
-                    ) -> tuple[jax.Array, Metrics]:
-  """Cross-entropy of the class logits read at each row's last real token (batch["last_index"]
-  [batch]) against batch["labels"] [batch], rows weighted by batch["row_weight"] (0: padding).
-  sums: loss_sum, weight_sum, correct (weighted count of right predictions)."""
-  last = class_logits(model, params, batch, rng)                      # [batch, classes]
-  log_probs = jax.nn.log_softmax(last.astype(jnp.float32))
-  nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
-  weight = batch["row_weight"]
-  correct = (jnp.argmax(last, axis=-1) == batch["labels"]).astype(jnp.float32)
-  loss_sum = jnp.sum(nll * weight)
-  return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weight),
-                    "correct": jnp.sum(correct * weight)}
-
-
-def loss_for(config: Config) -> LossFn:
-  """The loss a config trains with: the classifier's when model.num_classes, else the LM's."""
-  if config.model.num_classes:
-    return classifier_loss
-  return lm_loss(config.train.z_loss, config.train.loss_chunk_size, config.train.document_mask)
 
 
 @dataclasses.dataclass(frozen=True)

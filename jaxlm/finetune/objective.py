@@ -1,0 +1,123 @@
+"""The interface every fine-tuning objective implements, the records and encodings they share,
+and the registry (`OBJECTIVES`, a plain dict: an objective module calls `register` when it is
+imported). Everything else (the config, which weights train, epochs, the loop, the best
+checkpoint, LoRA) is shared, in jaxlm/finetune/core.py. A new objective is a new module like
+classifier.py and a line importing it in jaxlm/finetune/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from jaxlm import data as data_lib
+from jaxlm.config import Config, FinetuneConfig
+from jaxlm.errors import UserError
+from jaxlm.loss import LossFn
+
+Batch = data_lib.Batch
+LENGTH_BUCKET = 16  # padded lengths are multiples of this: few compiled shapes
+
+
+class FinetuneError(UserError):
+  """Fine-tuning input is unusable; the message names the file, row or flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One record: its text (classifier) or prompt + response (instruct), label, and origin."""
+  where: str            # "file:row" for error messages
+  text: str             # classifier text, or the formatted prompt
+  label: str = ""       # classifier label (as written in the file)
+  response: str = ""    # instruct: the expected output
+  record: Mapping[str, Any] | None = None  # instruct: the original record (for the report)
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Token ids of a split, ready for batching."""
+  examples: list[Example]
+  ids: list[list[int]]           # classifier: text ids; instruct: prompt + response + eos
+  prompt_lengths: list[int]      # instruct: tokens before the response (0 for classifier)
+  labels: np.ndarray | None      # classifier: [num_examples] class ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a fine-tuning objective defines.
+
+  read(path, finetune config, flag) -> examples of a data file (FinetuneError naming the row)
+  select(train examples, config) -> the examples trained on (e.g. classes balanced)
+  classes(train examples, path) -> the class names ([] for none; they size model.num_classes)
+  encode(examples, tokenizer, classes, max_length) -> Encoded (too-long examples refused)
+  row(split, index, length, pad id) -> one [length] padded row of the batch dict
+  model_length(ids) -> tokens the model reads of an encoded sequence (sets the padded length)
+  loss(config) -> the loss function (jaxlm/loss.py)
+  metrics(split name, summed eval sums, mean loss) -> that split's metrics
+  rank(evaluation) -> what the best checkpoint maximizes (given a validation split)
+  check(config) -> FinetuneError for config keys this objective could only ignore
+  finish(prepared run, best params) -> extra summary entries after training (e.g. test answers)
+  """
+  name: str
+  read: Callable[[str, FinetuneConfig, str], list[Example]]
+  classes: Callable[[Sequence[Example], str], list[str]]
+  encode: Callable[[Sequence[Example], Any, Sequence[str], int], Encoded]
+  row: Callable[[Encoded, int, int, int], Batch]
+  model_length: Callable[[Sequence[int]], int]
+  loss: Callable[[Config], LossFn]
+  metrics: Callable[[str, Mapping[str, float], float], dict[str, float]]
+  rank: Callable[[Mapping[str, float]], tuple]
+  can_sample: bool = False       # a language model: samples and in-training task evals work
+  select: Callable[[list[Example], Config], list[Example]] = lambda examples, config: examples
+  check: Callable[[Config], None] = lambda config: None
+  finish: Callable[[Any, Any], dict[str, Any]] | None = None
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+  OBJECTIVES[objective.name] = objective
+  return objective
+
+
+def get(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise FinetuneError(f"finetune.task={name!r}: no such fine-tuning objective; choose one of "
+                        f"{', '.join(sorted(OBJECTIVES))}.")
+  return OBJECTIVES[name]
+
+
+def split_examples(examples: Sequence[Example], train_fraction: float,
+                   validation_fraction: float, seed: int
+                   ) -> tuple[list[Example], list[Example], list[Example]]:
+  """Seeded shuffle, then train / validation / test by fractions (the rest is test)."""
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  n_train = int(round(train_fraction * len(order)))
+  n_validation = int(round(validation_fraction * len(order)))
+  pick = lambda part: [examples[i] for i in part]
+  return (pick(order[:n_train]), pick(order[n_train:n_train + n_validation]),
+          pick(order[n_train + n_validation:]))
+
+
+def make_batch(encoded: Encoded, indices: Sequence[int], batch_size: int, max_length: int,
+               pad_id: int, objective: Objective | str) -> Batch:
+  """[batch_size, length] arrays of the rows `indices` (the objective's `row`; rows beyond them
+  are weight-0 padding), `length` the longest of them rounded up to LENGTH_BUCKET."""
+  objective = get(objective) if isinstance(objective, str) else objective
+  longest = max(objective.model_length(encoded.ids[i]) for i in indices)
+  length = data_lib.bucketed_length(longest, LENGTH_BUCKET, max_length)
+  rows = [objective.row(encoded, i, length, pad_id) for i in indices]
+  return data_lib.stack_rows(rows, batch_size)[0]
+
+
+def batches(encoded: Encoded, batch_size: int, max_length: int, pad_id: int,
+            objective: Objective | str) -> Iterator[Batch]:
+  """All examples of a split, in order, in batches of `batch_size`."""
+  for start in range(0, len(encoded.ids), batch_size):
+    indices = range(start, min(start + batch_size, len(encoded.ids)))
+    yield make_batch(encoded, indices, batch_size, max_length, pad_id, objective)
