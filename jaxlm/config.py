@@ -39,7 +39,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPORA = ("pystdlib", "text_files", "tfds", "tokens")
-SCHEDULES = ("cosine", "constant", "wsd")
+SCHEDULES = ("cosine", "constant", "wsd")  # = jaxlm/optim.py SCHEDULES (a test checks)
+OPTIMIZERS = ("adamw",)  # = jaxlm/optim.py OPTIMIZERS
 SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 
 
@@ -179,6 +180,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+  name: str = "adamw"  # the optimizer (jaxlm/optim.py OPTIMIZERS)
   schedule: str = "cosine"  # after warmup: cosine, constant, or wsd (stable, then decay)
   learning_rate: float = 3e-3  # peak learning rate
   min_learning_rate: float = 3e-4  # where cosine and wsd decay to
@@ -451,7 +453,7 @@ CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
-    "optim.schedule": SCHEDULES,
+    "optim.schedule": SCHEDULES, "optim.name": OPTIMIZERS,
     "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",

@@ -49,7 +49,9 @@ RESUMABLE_SECTIONS = ("train", "optim", "mesh")
 
 
 def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """Dotted keys whose change makes the saved checkpoints unusable for `new`."""
+  """Dotted keys whose change makes the saved checkpoints unusable for `new`. A key the saved
+  config lacks (written before the key existed) has its default there."""
+  saved = _with_defaults(saved, config_lib.to_dict(config_lib.Config()))
   # data.stride 0 means seq_len: a run saved with that stride written out resumes.
   changed = config_lib.diff(*[{**c, "data": {**c["data"], "stride": c["data"]["stride"]
                                               or c["data"]["seq_len"]}} for c in (saved, new)])
@@ -58,6 +60,15 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
   if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
     bad.append("optim.grad_clip")
   return bad
+
+
+def _with_defaults(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """`values` with the keys it lacks taken from `defaults` (nested sections alike)."""
+  out = dict(defaults)
+  for key, value in values.items():
+    nested = isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping)
+    out[key] = _with_defaults(value, defaults[key]) if nested else value
+  return out
 
 
 def local_workdir(workdir: str) -> str:

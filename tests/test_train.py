@@ -160,3 +160,11 @@ def test_abstract_params_from_the_model_alone_match_the_train_state():
   for (path, a), (_, b) in zip(ours, state):
     assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding), path
   assert any(a.sharding.spec != jax.sharding.PartitionSpec() for _, a in ours)  # fsdp-sharded
+
+
+def test_the_config_names_every_registered_schedule_and_optimizer():
+  """config.py validates names without importing optax: its lists are the registries' keys."""
+  assert set(config_lib.SCHEDULES) == set(optim.SCHEDULES)
+  assert set(config_lib.OPTIMIZERS) == set(optim.OPTIMIZERS)
+  with pytest.raises(config_lib.ConfigError, match="optim.name='sgd'"):
+    config_lib.validate({"optim": {"name": "sgd"}})
