@@ -8,9 +8,9 @@ import sys
 import jax
 import pytest
 
-from experiments import plan as plan_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import plan as plan_lib
 from jaxlm import sharding
 from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
