@@ -60,18 +60,23 @@ _BEAM_OPTIONS = flags.DEFINE_string("beam_options", "", "more Beam pipeline opti
 @common.exit_on_user_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise prepare.PrepareError(f"unexpected arguments: {' '.join(argv[1:])}; quote globs "
+                               f"(--input='/data/*.jsonl') so the shell does not expand them.")
   if not _INPUT.value:
-    raise app.UsageError("--input=GLOB is required (e.g. --input='/data/raw/*.jsonl').")
+    raise prepare.PrepareError("--input=GLOB is required (e.g. --input='/data/raw/*.jsonl').")
   if not _OUTPUT.value:
-    raise app.UsageError("--output=DIR is required (the folder for the shards).")
+    raise prepare.PrepareError("--output=DIR is required (the folder for the shards).")
   settings = prepare.PrepareSettings(
       text_key=_TEXT_KEY.value, id_key=_ID_KEY.value, validation_fraction=_VALIDATION.value,
       shard_tokens=_SHARD_TOKENS.value, unit_mb=_UNIT_MB.value, vocab_size=_VOCAB_SIZE.value)
   common.quiet_logs()
   if _RUNNER.value:
     from jaxlm import prepare_beam  # pylint: disable=import-outside-toplevel  (optional: Beam)
-    options = [f"--runner={_RUNNER.value}"] + shlex.split(_BEAM_OPTIONS.value)
+    try:
+      options = [f"--runner={_RUNNER.value}"] + shlex.split(_BEAM_OPTIONS.value)
+    except ValueError as e:
+      raise prepare.PrepareError(f"--beam_options={_BEAM_OPTIONS.value!r}: {e}; quote it as "
+                                 f"one shell word.") from None
     manifest = prepare_beam.prepare_on_beam(_INPUT.value, _OUTPUT.value, _TOKENIZER.value,
                                             settings, options, log=common.log)
   else:

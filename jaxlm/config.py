@@ -552,12 +552,25 @@ def divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def normalized_folder(folder: str) -> str:
+  """A folder path without surrounding spaces and trailing slashes (`~` expanded, `.` and `..`
+  resolved for local paths), so one folder is written one way."""
+  folder = folder.strip()
+  if "://" in folder:
+    return folder.rstrip("/")
+  return os.path.normpath(os.path.expanduser(folder)) if folder else ""
+
+
 def mixture_sources(mixture: str) -> list[tuple[str, float]]:
   """[(folder, weight)] of data.mixture 'DIR_A:0.7,DIR_B:0.3' (a folder may be a gs:// URL: the
   weight follows its last ':'); ConfigError naming the item and the fix."""
+  if ";" in mixture:
+    raise ConfigError(f"data.mixture={mixture!r}: separate the sources with commas, "
+                      f"'/data/a:0.7,/data/b:0.3'.")
   sources = []
   for item in [i.strip() for i in mixture.split(",") if i.strip()]:
     folder, _, weight = item.rpartition(":")
+    folder, weight = normalized_folder(folder), weight.strip()
     try:
       value = float(weight)
     except ValueError:
@@ -575,6 +588,11 @@ def mixture_sources(mixture: str) -> list[tuple[str, float]]:
   if len(set(folders)) < len(folders):
     raise ConfigError(f"data.mixture names a folder twice ({mixture!r}); give each once with "
                       f"the sum of its weights.")
+  smallest = min(sources, key=lambda source: source[1])
+  if smallest[1] < 1e-6 * max(weight for _, weight in sources):
+    raise ConfigError(f"data.mixture: the weight of {smallest[0]} ({smallest[1]:g}) is under a "
+                      f"millionth of the largest: it would get no data; raise it or drop the "
+                      f"source.")
   return sources
 
 
@@ -693,9 +711,8 @@ def validate(values: Mapping[str, Any] | ml_collections.ConfigDict | Config) -> 
       data_dir=os.path.expanduser(data.data_dir),
       files=",".join(os.path.expanduser(f.strip()) for f in data.files.split(",") if f.strip()),
       tokenizer=os.path.expanduser(data.tokenizer) if data.tokenizer else "",
-      tokens=os.path.expanduser(data.tokens) if data.tokens else "",
-      mixture=",".join(os.path.expanduser(f.strip()) for f in data.mixture.split(",")
-                       if f.strip()))
+      tokens=normalized_folder(data.tokens),
+      mixture=",".join(f.strip() for f in data.mixture.split(",") if f.strip()))
   # --config.model.lora_targets=query,value arrives as one comma-joined string.
   targets = tuple(t.strip() for item in config.model.lora_targets for t in item.split(",")
                   if t.strip())

@@ -24,6 +24,7 @@ bytes per unit).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -32,7 +33,7 @@ import multiprocessing
 import os
 import random
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,8 +68,11 @@ class PrepareSettings:
     if not 1024 <= self.shard_tokens < 2**32:
       raise PrepareError(f"--shard_tokens={self.shard_tokens} must be in [1024, 2**32) (e.g. "
                          f"100000000, nanoGPT's FineWeb shards).")
-    if not self.unit_mb > 0:
-      raise PrepareError(f"--unit_mb={self.unit_mb} must be positive (e.g. 64).")
+    if not self.unit_mb >= 0.01:
+      raise PrepareError(f"--unit_mb={self.unit_mb} must be at least 0.01 (10 KB; e.g. 64): a "
+                         f"unit of work is a file of tokens and a marker.")
+    if not isinstance(self.shard_tokens, int) or isinstance(self.shard_tokens, bool):
+      raise PrepareError(f"--shard_tokens={self.shard_tokens!r} must be a whole number.")
     if not self.text_key:
       raise PrepareError("--text_key is empty; name the field that holds the text.")
 
@@ -110,9 +114,14 @@ def make_plan(inputs: str, output: str, tokenizer: str, settings: PrepareSetting
   as its kind: parquet footers and columns, compressed headers, first JSON records), the
   tokenizer, the output folder."""
   settings.check()
+  inputs = ",".join(map(str, inputs)) if isinstance(inputs, (list, tuple)) else str(inputs)
+  output, tokenizer = str(output or ""), str(tokenizer or "")
   if not output:
     raise PrepareError("--output is empty; name the folder for the shards.")
-  files = sources.list_inputs(inputs)
+  files = [f for f in sources.list_inputs(inputs) if not _inside(f.path, output)]
+  if not files:
+    raise PrepareError(f"--input={inputs} names only files inside --output={output}; point it "
+                       f"at the raw files.")
   for file in files:
     sources.check_file(file, settings.text_key)
   if storage.exists(output) and not storage.isdir(output):
@@ -126,9 +135,20 @@ def make_plan(inputs: str, output: str, tokenizer: str, settings: PrepareSetting
     try:
       given = tokenizer_lib.load_tokenizer(tokenizer)
     except tokenizer_lib.TokenizerError as e:
-      raise PrepareError(f"--tokenizer: {e}") from None
+      raise PrepareError(f"--tokenizer: {str(e).replace('data.tokenizer', '--tokenizer')}"
+                         ) from None
   units = sources.plan_units(files, settings.unit_bytes, settings.text_key)
   return Plan(output, inputs, files, units, settings, tokenizer, given)
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether `path` is in `folder` (a rerun's input glob may match the shards it wrote)."""
+  if storage.is_url(path) != storage.is_url(folder):
+    return False
+  if storage.is_url(path):
+    return path.startswith(folder.rstrip("/") + "/")
+  return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == (
+      os.path.abspath(folder))
 
 
 def finished(plan: Plan) -> dict[str, Any] | None:
@@ -139,9 +159,29 @@ def finished(plan: Plan) -> dict[str, Any] | None:
     return None
   manifest = shards.load_manifest(plan.output, "--output")
   if manifest.get("preparation") != plan.fingerprint():
-    raise PrepareError(f"--output={plan.output} holds shards prepared from other inputs or "
-                       f"settings; choose a new folder (or delete that one).")
+    raise PrepareError(f"--output={plan.output} holds shards prepared from other "
+                       f"{_what_differs(plan, manifest)}; choose a new folder (or delete that "
+                       f"one).")
   return manifest
+
+
+def _what_differs(plan: Plan, manifest: Mapping[str, Any]) -> str:
+  """What a finished preparation's manifest and this plan disagree on, in words."""
+  recorded = manifest.get("settings", {})
+  changed = [f"--{key}={value!r} (it used {recorded[key]!r})"
+             for key, value in dataclasses.asdict(plan.settings).items()
+             if key in recorded and recorded[key] != value]
+  if changed:
+    return "settings: " + ", ".join(changed)
+  if plan.given_tokenizer and manifest.get("tokenizer") != shards.fingerprint(plan.tokenizer):
+    return "settings: another --tokenizer"
+  if bool(plan.given_tokenizer) == bool(manifest.get("tokenizer_trained")):
+    return "settings: a " + ("given" if plan.given_tokenizer else "trained") + " tokenizer"
+  if manifest.get("inputs", {}).get("files") != len(plan.files):
+    return (f"inputs: {manifest.get('inputs', {}).get('files')} files then, "
+            f"{len(plan.files)} now")
+  return ("inputs: the input files changed since (their names, sizes or modification "
+          "times)")
 
 
 def train_tokenizer(plan: Plan, log: Callable[[str], None]) -> None:
@@ -191,14 +231,25 @@ class UnitTask:
   force_train: str | None = None
 
 
-def unit_tasks(plan: Plan, force_validation: str | None = None,
-               force_train: str | None = None) -> list[UnitTask]:
+@dataclasses.dataclass(frozen=True)
+class SplitFix:
+  """A document moved to the other split (a split would be empty): its identity, the split it
+  goes to, and the units that hold it (only they are tokenized again)."""
+  identity: str
+  to: str
+  units: frozenset[str]   # fingerprints of the units as first tokenized
+
+
+def unit_tasks(plan: Plan, fix: SplitFix | None = None) -> list[UnitTask]:
   base = [dataclasses.asdict(plan.settings), shards.fingerprint(plan.tokenizer)]
   tasks = []
   for unit in plan.units:
-    forced = [force_validation, force_train] if (force_validation or force_train) else []
-    tasks.append(UnitTask(unit, _digest([unit.describe(), base, forced]), force_validation,
-                          force_train))
+    first = _digest([unit.describe(), base, []])
+    if fix is None or first not in fix.units:
+      tasks.append(UnitTask(unit, first))
+      continue
+    forced = ((fix.identity, None) if fix.to == "validation" else (None, fix.identity))
+    tasks.append(UnitTask(unit, _digest([unit.describe(), base, list(forced)]), *forced))
   return tasks
 
 
@@ -287,21 +338,37 @@ def read_marker(work: str, fingerprint: str) -> dict[str, Any] | None:
     return None  # (a damaged marker: the unit is redone)
 
 
-def split_fix(markers: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
-  """(identity to force into validation, identity to force into train) when a split is empty:
-  the document whose hash is nearest the other side moves over, as the text_files corpus does.
-  PrepareError when there are fewer than 2 documents."""
+def split_fix(tasks: Sequence[UnitTask], markers: Sequence[dict[str, Any]]) -> SplitFix | None:
+  """The document to move when a split would be empty (the one whose hash is nearest the other
+  side, as the text_files corpus does), or None. PrepareError when there are fewer than 2
+  documents."""
   documents = sum(m["splits"][s]["documents"] for m in markers for s in shards.SPLITS)
   if documents < 2:
     raise PrepareError(f"the inputs hold {documents} non-empty document(s); the held-out "
                        f"validation split needs whole documents: add at least one more (a file, "
                        f"a line of a .jsonl, a row of a parquet file).")
   validation = sum(m["splits"]["validation"]["documents"] for m in markers)
-  if validation == 0:
-    return min(m["lowest_train"] for m in markers if m["lowest_train"])[1], None
-  if validation == documents:
-    return None, max(m["highest_validation"] for m in markers if m["highest_validation"])[1]
-  return None, None
+  if 0 < validation < documents:
+    return None
+  key, to, pick = (("lowest_train", "validation", min) if validation == 0
+                   else ("highest_validation", "train", max))
+  identity = pick(m[key] for m in markers if m[key])[1]
+  return SplitFix(identity, to, frozenset(t.fingerprint for t, m in zip(tasks, markers)
+                                          if m[key] and m[key][1] == identity))
+
+
+def check_splits(markers: Sequence[dict[str, Any]], settings: PrepareSettings) -> None:
+  """PrepareError when a split is still empty after moving a document over: every document
+  has the same identity (an --id_key field that is not unique)."""
+  counts = {split: sum(m["splits"][split]["documents"] for m in markers)
+            for split in shards.SPLITS}
+  empty = [split for split, count in counts.items() if not count]
+  if empty:
+    raise PrepareError(
+        f"all {sum(counts.values())} documents have one identity, so they cannot be split "
+        f"into train and validation: the --id_key={settings.id_key!r} field holds the same "
+        f"value in every record; pass --id_key with a field unique to each document, or "
+        f"--id_key='' to identify documents by their file and place.")
 
 
 # -- Stages 2 and 3: layout and shards ------------------------------------------------------------
@@ -377,10 +444,13 @@ def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
       del tokens
   documents = np.concatenate(starts).astype(np.uint32) if starts else np.zeros([0], np.uint32)
   docs_file = shards.docs_name(task.split, task.index)
-  write_npy(storage.join(output, docs_file), documents)
+  docs = io.BytesIO()
+  np.lib.format.write_array(docs, documents, allow_pickle=False)
+  storage.write_bytes(storage.join(output, docs_file), docs.getvalue())
   entry = {"file": task.name, "docs": docs_file, "split": task.split, "tokens": task.tokens,
            "documents": int(len(documents)), "bytes": int(counts @ byte_lengths),
-           "sha256": digest.hexdigest()}
+           "sha256": digest.hexdigest(),
+           "docs_sha256": hashlib.sha256(docs.getvalue()).hexdigest()}
   storage.write_bytes(marker_path, (json.dumps({"fingerprint": fingerprint, "entry": entry})
                                     + "\n").encode())
   return entry
@@ -410,6 +480,7 @@ def write_manifest(plan: Plan, entries: Sequence[dict[str, Any]]) -> dict[str, A
       "splits": splits, "shards": list(entries),
       "inputs": {"patterns": plan.inputs, "files": len(plan.files), "units": len(plan.units),
                  "text_key": s.text_key, "id_key": s.id_key},
+      "settings": dataclasses.asdict(s),
       "preparation": plan.fingerprint(),
   }
   storage.write_bytes(storage.join(plan.output, shards.MANIFEST),
@@ -464,7 +535,10 @@ def prepare(inputs: str, output: str, tokenizer: str = "",
   `output` (see the module docstring) on `workers` processes (0: every core); returns the
   manifest. Rerunning after an interruption resumes; rerunning after the end does nothing.
   Compressed inputs are decompressed to their end (in parallel) before anything is written, so
-  a truncated one is refused first."""
+  a truncated one is refused first. (The workers are spawned processes: a script calling this
+  needs the `if __name__ == "__main__":` guard.)"""
+  if workers < 0:
+    raise PrepareError(f"--workers={workers} must be >= 0 (0: every core).")
   plan = make_plan(inputs, output, tokenizer, settings)
   done = finished(plan)
   if done is not None:
@@ -472,30 +546,53 @@ def prepare(inputs: str, output: str, tokenizer: str = "",
     return done
   workers = min(workers or os.cpu_count() or 1, max(1, len(plan.units)))
   log(f"{len(plan.files)} input files in {len(plan.units)} units; {workers} workers")
-  context = multiprocessing.get_context("spawn")  # (no fork of a process running threads)
-  with context.Pool(workers, _init_worker, (settings, plan.work)) as pool:
-    pool.map(_check_whole, [f for f in plan.files if f.compressed], chunksize=1)
-    if plan.tokenizer is None:
-      train_tokenizer(plan, log)
-      source = (storage.join(plan.work, f"tokenizer-{plan.fingerprint()}.model"),
-                "tokenizer.model")
-    else:
-      source = (plan.given_tokenizer, plan.tokenizer.file_name)
-    tasks, markers = _tokenize(plan, unit_tasks(plan), pool, source, log)
-    force = split_fix(markers)
-    if any(force):
-      tasks, markers = _tokenize(plan, unit_tasks(plan, *force), pool, source, log)
-    layout_tasks = layout(tasks, markers, settings.shard_tokens)
-    dtype = shards.token_dtype(plan.tokenizer.vocab_size)
-    byte_lengths = plan.tokenizer.byte_lengths().astype(np.int64)
-    fingerprint = shards.fingerprint(plan.tokenizer)
-    started = time.perf_counter()
-    entries = pool.map(_run_shard, [(t, plan.work, output, dtype, byte_lengths, fingerprint)
-                                    for t in layout_tasks], chunksize=1)
-    log(f"{len(entries)} shards written in {time.perf_counter() - started:.1f}s")
+  created = not storage.exists(output)
+  try:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),  # (no fork of threads)
+        initializer=_init_worker, initargs=(settings, plan.work)) as pool:
+      list(pool.map(_check_whole, [f for f in plan.files if f.compressed]))
+      remove_leftovers(plan)
+      if plan.tokenizer is None:
+        train_tokenizer(plan, log)
+        source = (storage.join(plan.work, f"tokenizer-{plan.fingerprint()}.model"),
+                  "tokenizer.model")
+      else:
+        source = (plan.given_tokenizer, plan.tokenizer.file_name)
+      tasks, markers = _tokenize(plan, unit_tasks(plan), pool, source, log)
+      try:
+        fix = split_fix(tasks, markers)
+        if fix is not None:
+          tasks, markers = _tokenize(plan, unit_tasks(plan, fix), pool, source, log)
+          check_splits(markers, settings)
+      except PrepareError:  # (the inputs themselves must change: nothing here is reusable)
+        storage.remove(output if created else plan.work)
+        raise
+      layout_tasks = layout(tasks, markers, settings.shard_tokens)
+      dtype = shards.token_dtype(plan.tokenizer.vocab_size)
+      byte_lengths = plan.tokenizer.byte_lengths().astype(np.int64)
+      fingerprint = shards.fingerprint(plan.tokenizer)
+      started = time.perf_counter()
+      entries = list(pool.map(_run_shard, [(t, plan.work, output, dtype, byte_lengths,
+                                            fingerprint) for t in layout_tasks]))
+      log(f"{len(entries)} shards written in {time.perf_counter() - started:.1f}s")
+  except concurrent.futures.process.BrokenProcessPool:
+    raise PrepareError(f"a worker process of prepare_data died (killed, or out of memory: "
+                       f"lower --workers or --unit_mb); rerun the same command to resume: the "
+                       f"finished units and shards in {output} are kept.") from None
   manifest = write_manifest(plan, entries)
   storage.remove(plan.work)
   return manifest
+
+
+def remove_leftovers(plan: Plan) -> None:
+  """Deletes the temporary files of writes a killed run left half done (their complete
+  versions are written again)."""
+  for folder in (plan.output, storage.join(plan.work, "units"), storage.join(plan.work,
+                                                                             "shards")):
+    for name in storage.listdir(folder):
+      if ".tmp-" in name:
+        storage.remove(storage.join(folder, name))
 
 
 def _tokenize(plan: Plan, tasks: list[UnitTask], pool, source: tuple[str, str], log
@@ -506,12 +603,18 @@ def _tokenize(plan: Plan, tasks: list[UnitTask], pool, source: tuple[str, str], 
   if len(pending) < len(tasks):
     log(f"{len(tasks) - len(pending)} of {len(tasks)} units already tokenized")
   started, tokens = time.perf_counter(), 0
-  for done, marker in enumerate(pool.imap_unordered(_run_unit, [(t, source) for t in pending]),
-                                start=1):
-    markers[marker["fingerprint"]] = marker
-    tokens += sum(s["tokens"] for s in marker["splits"].values())
-    seconds = time.perf_counter() - started
-    log(f"unit {done}/{len(pending)} tokenized ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+  futures = [pool.submit(_run_unit, (t, source)) for t in pending]
+  try:
+    for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+      marker = future.result()
+      markers[marker["fingerprint"]] = marker
+      tokens += sum(s["tokens"] for s in marker["splits"].values())
+      seconds = time.perf_counter() - started
+      log(f"unit {done}/{len(pending)} tokenized ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+  except BaseException:
+    for future in futures:  # (the queued ones; those running finish and keep their markers)
+      future.cancel()
+    raise
   return tasks, [markers[t.fingerprint] for t in tasks]
 
 

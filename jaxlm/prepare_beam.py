@@ -51,6 +51,18 @@ def _run(beam, options: Sequence[str], build: Callable[[Any], None]) -> None:
     raise
 
 
+def _check_runner(beam_options: Sequence[str]) -> None:
+  """PrepareError for a runner Beam does not know, before anything runs or is written."""
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # pylint: disable=import-outside-toplevel
+  from apache_beam.runners.runner import create_runner  # pylint: disable=import-outside-toplevel
+  try:
+    runner = PipelineOptions(list(beam_options)).view_as(StandardOptions).runner
+    if runner:
+      create_runner(runner)
+  except (ValueError, ImportError) as e:
+    raise PrepareError(f"--runner / --beam_options: {str(e).splitlines()[0][:300]}") from None
+
+
 def _units_fn(beam, settings: PrepareSettings, source: tuple[str, str], work: str):
   class UnitsFn(beam.DoFn):
     def setup(self):
@@ -67,6 +79,7 @@ def prepare_on_beam(inputs: str, output: str, tokenizer: str = "",
   """`prepare.prepare` on Beam (`beam_options`: Beam's own flags, e.g.
   ["--runner=DirectRunner", "--direct_num_workers=2"]); returns the manifest."""
   beam = _beam()
+  _check_runner(beam_options)
   plan = prepare.make_plan(inputs, output, tokenizer, settings)
   done = prepare.finished(plan)
   if done is not None:
@@ -94,10 +107,11 @@ def prepare_on_beam(inputs: str, output: str, tokenizer: str = "",
 
   tasks = prepare.unit_tasks(plan)
   markers = tokenize(tasks)
-  force = prepare.split_fix(markers)
-  if any(force):
-    tasks = prepare.unit_tasks(plan, *force)
+  fix = prepare.split_fix(tasks, markers)
+  if fix is not None:
+    tasks = prepare.unit_tasks(plan, fix)
     markers = tokenize(tasks)
+    prepare.check_splits(markers, settings)
   layout = prepare.layout(tasks, markers, settings.shard_tokens)
   arguments = (plan.work, output, shards.token_dtype(plan.tokenizer.vocab_size),
                plan.tokenizer.byte_lengths().astype(np.int64), shards.fingerprint(plan.tokenizer))

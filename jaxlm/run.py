@@ -55,7 +55,10 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
   # data.stride 0 means seq_len: a run saved with that stride written out resumes.
   changed = config_lib.diff(*[{**c, "data": {**c["data"], "stride": c["data"]["stride"]
                                               or c["data"]["seq_len"]}} for c in (saved, new)])
-  bad = [k for k in changed if k.split(".")[0] not in RESUMABLE_SECTIONS and k != "data.data_dir"]
+  # The shards a run reads may move (a disk to a bucket) or change: check_tokenizer holds them
+  # to the run's tokenizer, and the data continue by batch number.
+  bad = [k for k in changed if k.split(".")[0] not in RESUMABLE_SECTIONS
+         and k not in ("data.data_dir", "data.tokens", "data.mixture")]
   # Clipping on/off changes the optimizer state's structure.
   if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
     bad.append("optim.grad_clip")
@@ -183,10 +186,13 @@ def check_tokenizer(workdir: str, tokenizer) -> None:
     with open(path, "rb") as f:
       saved = f.read()
   if saved != tokenizer.serialize():
+    config = saved_config(workdir)
+    why = ("the shards of data.tokens / data.mixture were encoded with another one"
+           if config.get("data", {}).get("corpus") == "tokens" else
+           "a text_files corpus that changed trains a new one")
     raise RunError(f"workdir {workdir} holds a run trained with another tokenizer than data.* "
-                   f"gives now ({path} differs: a text_files corpus that changed trains a new "
-                   f"one); resume with the data it started on, or choose a new --workdir. "
-                   f"Nothing was changed.")
+                   f"gives now ({why}); resume with data of the run's tokenizer, or choose a new "
+                   f"--workdir. Nothing was changed.")
 
 
 LOCK_FILE = ".lock"

@@ -14,7 +14,7 @@ manifest.json (FORMAT, VERSION):
   tokenizer                         "sha256:<hex>" of the tokenizer file's content
   tokenizer_file, vocab_size, eos_id, dtype, shard_tokens, validation_fraction
   splits {train, validation}        {tokens, documents, bytes, shards} each
-  shards [{file, docs, split, tokens, documents, bytes, sha256}]
+  shards [{file, docs, split, tokens, documents, bytes, sha256, docs_sha256}]
   inputs                            what was prepared (globs, files, text/id fields)
 
 Reading: `open_split` memory-maps each local shard (the page cache reads what the windows
@@ -136,10 +136,16 @@ def open_split(directory: str, manifest: Mapping[str, Any], split: str, verify: 
       raise ShardError(f"{key}: shard {path} has {storage.getsize(path)} bytes, {expected} "
                        f"expected ({MANIFEST}); it is truncated or damaged: prepare the shards "
                        f"again.")
+  docs = [(storage.join(directory, e["docs"]), e.get("docs_sha256")) for e in entries]
+  for path, _ in docs:
+    if not storage.exists(path):
+      raise ShardError(f"{key}: {path} (where the shard's documents start) is missing; copy the "
+                       f"whole folder, or prepare the shards again.")
   if storage.is_url(directory):
     return [RemoteTokens(path, dtype, e["tokens"]) for e, path in zip(entries, paths)]
   if verify:
-    check_sha256(list(zip(paths, [e["sha256"] for e in entries])), key)
+    check_sha256(list(zip(paths, [e["sha256"] for e in entries]))
+                 + [(path, sha) for path, sha in docs if sha], key)
   return [np.load(path, mmap_mode="r", allow_pickle=False) for path in paths]
 
 
@@ -159,8 +165,9 @@ def check_sha256(expected: Sequence[tuple[str, str]], key: str = "data.tokens") 
     found = list(pool.map(file_sha256, [path for path, _ in expected]))
   for (path, sha256), actual in zip(expected, found):
     if actual != sha256:
-      raise ShardError(f"{key}: shard {path} is corrupted (its sha256 differs from "
-                       f"{MANIFEST}'s); restore it or prepare the shards again.")
+      raise ShardError(f"{key}: {'shard ' if not path.endswith('.docs.npy') else ''}{path} is "
+                       f"corrupted (its sha256 differs from {MANIFEST}'s); restore it or prepare "
+                       f"the shards again.")
 
 
 class RemoteTokens:

@@ -18,6 +18,7 @@ relative to the inputs' common folder, plus `@byte offset` of the line (.jsonl) 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import io
@@ -30,8 +31,9 @@ from typing import Any, BinaryIO, Iterator
 from jaxlm import storage
 from jaxlm.textfiles import CorpusError
 
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-_OTHER_COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+_OTHER_COMPRESSED = (".gz", ".zst", ".bz2", ".xz", ".zip", ".tar")
+_TABLES = (".csv", ".tsv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Unit:
 
 
 def kind_of(path: str) -> str:
+  """jsonl (also .json: JSON lines, as Hugging Face datasets write them), parquet, or text; a
+  table or another compressed file is refused."""
   if path.endswith(_JSONL_SUFFIXES):
     return "jsonl"
   if path.endswith(".parquet"):
@@ -68,6 +72,10 @@ def kind_of(path: str) -> str:
   if path.endswith(_OTHER_COMPRESSED):
     raise CorpusError(f"--input file {path}: compressed files are read as .jsonl.gz or "
                       f".jsonl.zst only; decompress it or convert it to JSON lines.")
+  if path.lower().endswith(_TABLES):
+    raise CorpusError(f"--input file {path}: a table; prepare_data reads JSON lines, parquet "
+                      f"and text files: convert it to parquet or JSON lines (a record per "
+                      f"document with a text field).")
   return "text"
 
 
@@ -152,12 +160,34 @@ def check_file(file: InputFile, text_key: str, whole: bool = False) -> None:
           parse_record(file, offset, line, text_key)
     else:
       with storage.open_read(file.path) as f:
-        f.read(1)
+        _check_text(file, f.read(1 << 20), final=file.size <= 1 << 20)
   except CorpusError:
     raise
   except (OSError, EOFError, ValueError, zlib.error) as e:
     raise CorpusError(f"--input file {file.path} cannot be read ({_reason(e)}); replace or "
                       f"remove it.") from None
+
+
+def _check_text(file: InputFile, head: bytes, final: bool) -> None:
+  """CorpusError for a text file that is binary (NUL bytes) or not UTF-8 in `head`."""
+  if b"\0" in head[:8192]:
+    raise CorpusError(f"--input file {file.path} is binary (it holds NUL bytes), not text; "
+                      f"narrow the glob to text files.")
+  try:
+    head.decode("utf-8") if final else codecs.getincrementaldecoder("utf-8")().decode(head)
+  except UnicodeDecodeError as e:
+    raise CorpusError(f"--input file {file.path} is not UTF-8 text ({e.reason} at byte "
+                      f"{e.start}); save it as UTF-8, or remove it.") from None
+
+
+def _decode(file: InputFile, content: bytes, offset: int) -> str:
+  """UTF-8 text of (a piece of) a text file, a leading byte-order mark dropped; CorpusError
+  naming the file and byte otherwise."""
+  try:
+    return content.decode("utf-8-sig" if offset == 0 else "utf-8")
+  except UnicodeDecodeError as e:
+    raise CorpusError(f"--input file {file.path} is not UTF-8 text ({e.reason} at byte "
+                      f"{offset + e.start}); save it as UTF-8, or remove it.") from None
 
 
 def _last_line(file: InputFile) -> tuple[int, bytes]:
@@ -191,10 +221,21 @@ def _parquet_text_column(file: InputFile, text_key: str) -> Any:
       raise CorpusError(f"--input file {file.path} has no column '{text_key}' (columns: "
                         f"{', '.join(schema.names)}); set --text_key to the text column.")
     kind = schema.field(text_key).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if pa.types.is_dictionary(kind):  # (pandas categoricals)
+      kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind)):
       raise CorpusError(f"--input file {file.path}: column '{text_key}' holds {kind}, not text; "
                         f"set --text_key to the text column.")
-    return parquet.metadata
+    metadata = parquet.metadata
+    column = schema.names.index(text_key)
+    nulls = [metadata.row_group(g).column(column).statistics for g in
+             range(metadata.num_row_groups)]
+    if metadata.num_rows and all(st is not None and st.has_null_count for st in nulls) and sum(
+        st.null_count for st in nulls) == metadata.num_rows:
+      raise CorpusError(f"--input file {file.path}: column '{text_key}' holds no text (every "
+                        f"value is null); set --text_key to the text column, or remove the file.")
+    return metadata
 
 
 # -- Units ---------------------------------------------------------------------------------------
@@ -271,8 +312,10 @@ def parse_record(file: InputFile, offset: int, line: bytes, text_key: str,
   try:
     record = json.loads(line)
   except ValueError as e:
+    array = " (a JSON array: write one record per line, e.g. jq -c '.[]' FILE)" if (
+        line.lstrip().startswith(b"[")) else ""
     raise CorpusError(f"{where}: a line is not JSON ({_reason(e)}); each line of a .jsonl file "
-                      f"must be one JSON object.") from None
+                      f"must be one JSON object{array}.") from None
   if not isinstance(record, dict) or text_key not in record:
     fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
     raise CorpusError(f"{where}: a record has no field '{text_key}' (found: {fields}); set "
@@ -282,6 +325,14 @@ def parse_record(file: InputFile, offset: int, line: bytes, text_key: str,
     raise CorpusError(f"{where}: field '{text_key}' is a {type(text).__name__}, not a string; "
                       f"set --text_key to a text field.")
   return text or "", record.get(id_key) if id_key else None
+
+
+def _identity(value: Any, place: str) -> str:
+  """A record's identity: its id field when that is a non-empty string or a number, else its
+  place in its file."""
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+    return place
+  return str(value)
 
 
 class _Lines:
@@ -366,13 +417,15 @@ def _jsonl_documents(file: InputFile, unit: Unit, text_key: str, id_key: str
         continue
       text, identity = parse_record(file, offset, line, text_key, id_key)
       if text.strip():
-        yield Document(str(identity) if identity is not None else f"{file.name}@{offset}", text)
+        yield Document(_identity(identity, f"{file.name}@{offset}"), text)
 
 
 def _text_documents(file: InputFile, unit: Unit) -> Iterator[Document]:
   if len(unit.files) > 1 or unit.end < 0 or (unit.start == 0 and unit.end >= file.size):
     with storage.open_read(file.path) as f:  # a whole (small) file: one document
-      text = f.read().decode("utf-8", errors="replace")
+      content = f.read()
+    _check_text(file, content, final=True)
+    text = _decode(file, content, 0)
     if text.strip():
       yield Document(file.name, text)
     return
@@ -388,7 +441,7 @@ def _text_documents(file: InputFile, unit: Unit) -> Iterator[Document]:
       f.seek(end - 1)
       end += len(f.readline()) - 1
     f.seek(start)
-    text = f.read(max(0, end - start)).decode("utf-8", errors="replace")
+    text = _decode(file, f.read(max(0, end - start)), start)  # (cut at line ends: whole chars)
   yield Document(file.name, text, starts=unit.start == 0, ends=unit.end >= file.size)
 
 
@@ -406,5 +459,5 @@ def _parquet_documents(file: InputFile, unit: Unit, text_key: str, id_key: str
       ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
       for text, identity in zip(texts, ids):
         if text and text.strip():
-          yield Document(str(identity) if identity is not None else f"{file.name}#{row}", text)
+          yield Document(_identity(identity, f"{file.name}#{row}"), text)
         row += 1

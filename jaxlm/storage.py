@@ -15,7 +15,7 @@ import glob as glob_lib
 import os
 import posixpath
 import secrets
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from jaxlm.errors import UserError
 
@@ -41,6 +41,20 @@ def filesystem(url: str) -> tuple[Any, str]:
     raise StorageError(f"{url}: unknown storage scheme ({e}); use a local path or gs://.") from None
 
 
+def _remote(url: str, call: Callable[[], Any]) -> Any:
+  """`call()` on an object store; its errors (network, credentials, a missing bucket) as one
+  StorageError line naming the URL. FileNotFoundError passes through (callers expect it)."""
+  try:
+    return call()
+  except (FileNotFoundError, StorageError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (fsspec backends raise their own)
+    reason = (str(e).splitlines() or [""])[0][:200]
+    raise StorageError(f"{url} cannot be reached ({type(e).__name__}: {reason}); check the "
+                       f"bucket name, the network and your credentials (on Google Cloud: gcloud "
+                       f"auth application-default login).") from None
+
+
 def _url(fs: Any, path: str) -> str:
   """fsspec's protocol-less path back as a URL."""
   protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -63,28 +77,28 @@ def exists(path: str) -> bool:
   if not is_url(path):
     return os.path.exists(path)
   fs, inner = filesystem(path)
-  return fs.exists(inner)
+  return _remote(path, lambda: fs.exists(inner))
 
 
 def isfile(path: str) -> bool:
   if not is_url(path):
     return os.path.isfile(path)
   fs, inner = filesystem(path)
-  return fs.isfile(inner)
+  return _remote(path, lambda: fs.isfile(inner))
 
 
 def isdir(path: str) -> bool:
   if not is_url(path):
     return os.path.isdir(path)
   fs, inner = filesystem(path)
-  return fs.isdir(inner)
+  return _remote(path, lambda: fs.isdir(inner))
 
 
 def getsize(path: str) -> int:
   if not is_url(path):
     return os.path.getsize(path)
   fs, inner = filesystem(path)
-  return int(fs.size(inner))
+  return int(_remote(path, lambda: fs.size(inner)))
 
 
 def mtime_ns(path: str) -> int:
@@ -105,7 +119,8 @@ def listdir(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
   fs, inner = filesystem(path)
   try:
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
+    return sorted(posixpath.basename(p.rstrip("/"))
+                  for p in _remote(path, lambda: fs.ls(inner, detail=False)))
   except FileNotFoundError:
     return []
 
@@ -116,7 +131,7 @@ def glob(pattern: str) -> list[str]:
     return sorted(m for m in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
                   if os.path.isfile(m))
   fs, inner = filesystem(pattern)
-  return sorted(_url(fs, p) for p in fs.glob(inner) if fs.isfile(p))
+  return _remote(pattern, lambda: sorted(_url(fs, p) for p in fs.glob(inner) if fs.isfile(p)))
 
 
 def open_read(path: str) -> BinaryIO:
@@ -124,7 +139,7 @@ def open_read(path: str) -> BinaryIO:
   if not is_url(path):
     return open(path, "rb")
   fs, inner = filesystem(path)
-  return fs.open(inner, "rb")
+  return _remote(path, lambda: fs.open(inner, "rb"))
 
 
 def read_bytes(path: str) -> bytes:
@@ -135,7 +150,7 @@ def read_bytes(path: str) -> bytes:
 def read_ranges(path: str, starts: list[int], ends: list[int]) -> list[bytes]:
   """Bytes [start, end) of `path` for each pair, fetched concurrently from an object store."""
   fs, inner = filesystem(path)
-  return fs.cat_ranges([inner] * len(starts), starts, ends)
+  return _remote(path, lambda: fs.cat_ranges([inner] * len(starts), starts, ends))
 
 
 @contextlib.contextmanager

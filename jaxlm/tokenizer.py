@@ -228,7 +228,8 @@ class ByteLevelBPETokenizer:
     eos = self._tokenizer.token_to_id(END_OF_TEXT)
     if eos is None:
       raise TokenizerError(f"tokenizer {source or '(in memory)'} has no {END_OF_TEXT} token, "
-                           f"which jaxlm needs between documents; add it to vocab.json.")
+                           f"which jaxlm needs between documents; add it (a special token of "
+                           f"tokenizer.json, or an entry of GPT-2's vocab.json).")
     self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_id = self.bos_id = self.pad_id = int(eos)
     self.unk_id = -1

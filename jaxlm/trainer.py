@@ -84,9 +84,11 @@ def data_sources(config: Config, tokenizer) -> tuple[list[loader.Source], list[l
   for sources, split in ((train, "train"), (held_out, "validation")):
     for source in sources:
       if not len(source.windows):
+        more = (" (or prepare the shards with a larger --validation_fraction)"
+                if data.corpus == "tokens" and split == "validation" else "")
         raise data_lib.DataError(
             f"the {split} split of {source.name} has no window of data.seq_len+1="
-            f"{data.seq_len + 1} tokens; add text or lower data.seq_len.")
+            f"{data.seq_len + 1} tokens; add text or lower data.seq_len{more}.")
   return train, held_out
 
 

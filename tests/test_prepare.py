@@ -139,7 +139,8 @@ def test_an_interrupted_preparation_resumes_without_redoing_finished_work(corpus
   prepare.prepare(inputs(folder), str(target), given, SETTINGS, workers=2, log=again.append)
   assert again == [f"{target} already holds these shards ({manifest['tokens']:,} tokens); "
                    f"nothing to do."]
-  with pytest.raises(prepare.PrepareError, match="other inputs or settings; choose a new"):
+  with pytest.raises(prepare.PrepareError, match=r"other settings: --validation_fraction=0\.3 "
+                                                 r"\(it used 0\.2\); choose a new folder"):
     prepare.prepare(inputs(folder), str(target), given,
                     dataclass_replace(SETTINGS, validation_fraction=0.3), log=lambda _: None)
 
@@ -256,3 +257,101 @@ def test_the_script_prepares_and_reports_errors_in_one_line(corpus, tmp_path):
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.startswith("error: --input file ") and result.stderr.count("\n") == 1
   assert "has no column 'body'" in result.stderr
+
+
+def test_identities_that_cannot_split_are_refused_and_leave_nothing(tmp_path):
+  """Every record with the same id: one identity, nothing to split by (refused, nothing left
+  behind); empty ids are no identity: documents are named by their place instead."""
+  texts = stdlib_texts("json")
+  (tmp_path / "same.jsonl").write_text("".join(json.dumps({"text": t, "id": 1}) + "\n"
+                                               for t in texts))
+  message = refused(tmp_path, str(tmp_path / "same.jsonl"), "--id_key='id' field holds the "
+                                                             "same value in every record")
+  assert "--id_key=''" in message
+  (tmp_path / "empty.jsonl").write_text("".join(json.dumps({"text": t, "id": ""}) + "\n"
+                                                for t in texts))
+  manifest = prepare.prepare(str(tmp_path / "empty.jsonl"), str(tmp_path / "ok"),
+                             settings=SETTINGS, workers=1, log=lambda _: None)
+  assert manifest["splits"]["validation"]["documents"] >= 1
+  assert manifest["splits"]["train"]["documents"] >= 1
+
+
+def test_what_each_kind_of_file_is_read_as(tmp_path):
+  """.json is JSON lines (Hugging Face's layout); a byte-order mark is not text; tables, binary
+  and non-UTF-8 files are refused by name; the output folder inside the input glob is not read;
+  a dictionary-encoded parquet column is text, an all-null one is refused."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  texts = stdlib_texts("json", 3)
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "hf.json").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]))
+  (raw / "bom.txt").write_bytes(b"\xef\xbb\xbf" + texts[2].encode())
+  table = pa.table({"text": pa.array(texts[:2]).dictionary_encode()})
+  pq.write_table(table, raw / "dict.parquet")
+  settings = dataclass_replace(SETTINGS, validation_fraction=0.3, vocab_size=512)
+  output = raw / "out"
+  manifest = prepare.prepare(f"{raw}/**/*", str(output), settings=settings, workers=1,
+                             log=lambda _: None)
+  assert manifest["documents"] == 5
+  got = shard_documents(output, "train") + shard_documents(output, "validation")
+  assert sorted(got) == sorted(texts[:2] * 2 + texts[2:3])  # (the BOM dropped)
+  again = []
+  prepare.prepare(f"{raw}/**/*", str(output), settings=settings, workers=1, log=again.append)
+  assert again[-1].endswith("nothing to do.")  # (its own shards are not inputs)
+  for name, content, match in (
+      ("table.csv", b"text,label\na,b\n", "a table; prepare_data reads JSON lines, parquet"),
+      ("blob.bin", b"\x00\x01\x02 binary", "is binary (it holds NUL bytes)"),
+      ("latin.txt", "Café naïve".encode("latin-1"), "is not UTF-8 text"),
+      ("array.json", b'[{"text": "a"},\n {"text": "b"}]\n', "a JSON array: write one record")):
+    folder = tmp_path / name.replace(".", "_")
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    refused(folder, str(folder / name), match)
+  nulls = tmp_path / "nulls"
+  nulls.mkdir()
+  pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), nulls / "n.parquet")
+  refused(nulls, str(nulls / "n.parquet"), "holds no text (every value is null)")
+  refused(tmp_path, str(raw / "hf.json"), "--unit_mb=0.001 must be at least 0.01",
+          settings=dataclass_replace(SETTINGS, unit_mb=0.001))
+
+
+@pytest.mark.e2e
+def test_a_worker_that_dies_stops_the_preparation_in_one_line_and_the_rerun_finishes(tmp_path):
+  """kill -9 of a worker (the out-of-memory killer's way): one line, exit 2, no hang; the rerun
+  keeps the finished units and ends with the shards of an uninterrupted run."""
+  texts = stdlib_texts("json") + stdlib_texts("email") + stdlib_texts("http")
+  lines = "".join(json.dumps({"text": t + f"\n# copy {i}"}) + "\n"
+                  for i in range(6) for t in texts)
+  (tmp_path / "in.jsonl").write_text(lines)
+  tokenizer = tmp_path / "tok"
+  prepare.prepare(str(tmp_path / "in.jsonl"), str(tokenizer), settings=dataclass_replace(
+      SETTINGS, vocab_size=512), workers=1, log=lambda _: None)
+  args = [sys.executable, "-m", "experiments.prepare_data", f"--input={tmp_path}/in.jsonl",
+          f"--tokenizer={tokenizer}/tokenizer.model", "--unit_mb=0.05", "--workers=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  process = subprocess.Popen(args + [f"--output={tmp_path}/out"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  import time
+
+  import psutil
+  deadline = time.time() + 120
+  while time.time() < deadline and not (tmp_path / "out" / ".work" / "units").is_dir():
+    time.sleep(0.05)
+  while time.time() < deadline and len(os.listdir(tmp_path / "out" / ".work" / "units")) < 3:
+    time.sleep(0.05)
+  workers = [c for c in psutil.Process(process.pid).children() if "spawn" in " ".join(c.cmdline())]
+  assert workers, "no worker process found"
+  workers[0].kill()
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 2, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith("error: a worker process of prepare_data died")
+  rerun = subprocess.run(args + [f"--output={tmp_path}/out"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "units already tokenized" in rerun.stderr
+  straight = subprocess.run(args + [f"--output={tmp_path}/straight"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+  assert straight.returncode == 0
+  for name in sorted(os.listdir(tmp_path / "straight")):
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()

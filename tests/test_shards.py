@@ -87,6 +87,15 @@ def test_broken_shard_folders_are_refused_before_the_run_starts(folders, tmp_pat
   data = (broken / first).read_bytes()
   (broken / first).write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])  # a flipped bit
   refused(values(tokens=str(broken)), run, f"shard {broken / first} is corrupted")
+  (broken / first).write_bytes(data)
+  docs = broken / manifest["shards"][0]["docs"]
+  docs_data = docs.read_bytes()
+  docs.write_bytes(docs_data[:-4] + b"\x7f\x7f\x7f\x7f")
+  refused(values(tokens=str(broken)), run, f"{docs} is corrupted")
+  docs.unlink()
+  refused(values(tokens=str(broken)), run, f"{docs} (where the shard's documents start) is "
+                                           f"missing")
+  docs.write_bytes(docs_data)
   (broken / first).write_bytes(data[:-10])
   refused(values(tokens=str(broken)), run, f"shard {broken / first} has {len(data) - 10} bytes")
   (broken / first).unlink()
@@ -112,21 +121,23 @@ def test_shards_that_do_not_fit_the_run_are_refused(folders, tmp_path):
   small["model"]["vocab_size"] = 256
   refused(small, run, "has vocabulary 512 but model.vocab_size=256; set "
                       "--config.model.vocab_size to at least 512")
-  # A run does not resume on another folder, nor on its folder prepared again with another
-  # tokenizer.
+  # A run resumes on shards that moved (here: another copy, written with a trailing slash), but
+  # not on its folder prepared again with another tokenizer.
   folder = tmp_path / "data"
   shutil.copytree(code, folder)
   config = config_lib.validate(dict(values(tokens=str(folder)), train=dict(
       values()["train"], num_steps=2, eval_every=0, checkpoint_every=0)))
   trainer.train(config, str(run), show_progress=False)
-  longer = config_lib.replace(config, train={"num_steps": 4})
-  with pytest.raises(UserError, match="holds a run with a different data.tokens"):
-    trainer.train(config_lib.replace(longer, data={"tokens": str(code)}), str(run),
-                  show_progress=False)
+  longer = config_lib.replace(config, train={"num_steps": 3})
+  moved = trainer.train(config_lib.replace(longer, data={"tokens": f"{code}/"}), str(run),
+                        show_progress=False)
+  assert moved["step"] == 3
   shutil.rmtree(folder)
   shutil.copytree(other, folder)
-  with pytest.raises(UserError, match="tokenizer"):
-    trainer.train(longer, str(run), show_progress=False)
+  with pytest.raises(UserError, match="shards of data.tokens / data.mixture were encoded with "
+                                      "another one"):
+    trainer.train(config_lib.replace(longer, train={"num_steps": 4}), str(run),
+                  show_progress=False)
 
 
 @pytest.mark.parametrize("mixture, match", [
@@ -135,6 +146,9 @@ def test_shards_that_do_not_fit_the_run_are_refused(folders, tmp_path):
     ("/a:0.7,/b", "is not FOLDER:WEIGHT"),
     ("/a:1,/a:2", "names a folder twice"),
     ("gs://bucket/a:1,/b:nan", "the weight must be a positive number"),
+    ("/data/a:1, /data/a/ :1", "names a folder twice"),
+    ("/a:0.7;/b:0.3", "separate the sources with commas"),
+    ("/a:1,/b:1e-300", "under a millionth of the largest"),
 ])
 def test_malformed_mixtures_are_config_errors(mixture, match):
   with pytest.raises(config_lib.ConfigError, match=match):
