@@ -65,9 +65,11 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
           for path, value in flat}
 
 
-# An OS error inside an Orbax/TensorStore message: "File too large [os_error_code='27']" or
+# An OS error inside an Orbax/TensorStore message: "... [os_error_code='27']" (TensorStore puts
+# its spec between the error's text and the code, so the text comes from the code) or
 # "[Errno 28] No space left on device".
-_OS_ERROR = re.compile(r"[^:]{1,80} \[os_error_code='?\d+'?\]|\[Errno \d+\] [^:'\"]{1,80}")
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_OS_ERROR = re.compile(r"\[Errno \d+\] [^:'\"]{1,80}")
 
 
 class Checkpointer:
@@ -129,8 +131,10 @@ class Checkpointer:
     what = "a checkpoint" if step is None else f"checkpoint {step}"
     cause = " ".join(str(error).split())
     if len(cause) > 300:  # keep the OS error (no space, ...) wherever Orbax/TensorStore put it
-      os_error = _OS_ERROR.search(cause, 100)  # (one in the first 100 characters stays)
-      cause = cause[:100] + " ... " + (os_error.group(0).strip() if os_error else cause[-200:])
+      code, os_error = _OS_ERROR_CODE.search(cause, 100), _OS_ERROR.search(cause, 100)
+      kept = (f"{os.strerror(int(code.group(1)))} [os_error_code={code.group(1)}]" if code
+              else os_error.group(0).strip() if os_error else cause[-200:])
+      cause = cause[:100] + " ... " + kept
     return CheckpointError(
         f"saving {what} in {self.directory} failed ({type(error).__name__}: {cause}); free disk "
         f"space or make the directory writable, then rerun with the same --workdir: it resumes "

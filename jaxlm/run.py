@@ -191,8 +191,8 @@ def check_tokenizer(workdir: str, tokenizer) -> None:
            if config.get("data", {}).get("corpus") == "tokens" else
            "a text_files corpus that changed trains a new one")
     raise RunError(f"workdir {workdir} holds a run trained with another tokenizer than data.* "
-                   f"gives now ({why}); resume with data of the run's tokenizer, or choose a new "
-                   f"--workdir. Nothing was changed.")
+                   f"gives now ({path} differs: {why}); resume with data of the run's "
+                   f"tokenizer, or choose a new --workdir. Nothing was changed.")
 
 
 LOCK_FILE = ".lock"
