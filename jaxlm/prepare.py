@@ -216,7 +216,7 @@ def sample_documents(units: Sequence[sources.Unit], settings: PrepareSettings, s
     for document in sources.documents(units[index], settings.text_key, settings.id_key):
       if unit_hash(document.identity) >= settings.validation_fraction:
         yield document.text
-        chunks += len(tokenizer_lib._document_chunks(document.text))  # pylint: disable=protected-access
+        chunks += len(tokenizer_lib.document_chunks(document.text))
         if chunks >= settings.tokenizer_max_sentences:
           return
 

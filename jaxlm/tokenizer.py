@@ -354,7 +354,7 @@ def _line_chunks(text: str, max_chars: int = _CHUNK_CHARS) -> Iterator[str]:
     yield chunk
 
 
-def _document_chunks(document: str) -> list[str]:
+def document_chunks(document: str) -> list[str]:
   """Training chunks of one document; none for a blank document."""
   return list(_line_chunks(escape(document))) if document.strip() else []
 
@@ -373,7 +373,7 @@ def _sample_sentences(documents: Iterable[str], max_sentences: int, seed: int) -
     order = list(range(len(documents)))
     rng.shuffle(order)
     for index in order:
-      chunks.extend(_document_chunks(documents[index]))
+      chunks.extend(document_chunks(documents[index]))
       if len(chunks) >= max_sentences:
         break
     if len(chunks) > max_sentences:
@@ -381,7 +381,7 @@ def _sample_sentences(documents: Iterable[str], max_sentences: int, seed: int) -
     return chunks
   seen = 0
   for document in documents:
-    for chunk in _document_chunks(document):
+    for chunk in document_chunks(document):
       if len(chunks) < max_sentences:
         chunks.append(chunk)
       else:
