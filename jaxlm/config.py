@@ -166,6 +166,10 @@ class TrainConfig:
   # attention-logit maxima, the largest logit) every layer_stats_every steps and at every spike;
   # 0: off (the step then computes none of them).
   layer_stats_every: int = 0
+  # Weights & Biases project the metrics also go to ('': none). Needs `pip install wandb`; its own
+  # settings apply (WANDB_MODE=offline logs into the run's wandb/ folder). A resumed run continues
+  # its W&B run (the id is kept in the run directory's wandb_id).
+  wandb_project: str = ""
   # Steps traced with jax.profiler into the run's profile/ folder (TensorBoard's profile plugin,
   # Perfetto), starting after step 2 (compilation and warm-up); 0: no trace.
   profile_steps: int = 0

@@ -201,7 +201,9 @@ class _Run:
       self.iterator.set_state(data_state)
       log(f"resumed from {self.checkpointer.directory}/{self.step}")
     self.saved_step = self.step
-    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.lead)
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.lead,
+                                           wandb_project=self.cfg.train.wandb_project,
+                                           config=config_lib.to_dict(self.cfg))
     self.samples_path = os.path.join(self.workdir, "samples.jsonl")
     if self.lead:  # a resumed run logs the steps after its checkpoint again
       metrics_lib.truncate_after(self.writer.path, self.step)

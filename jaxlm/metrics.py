@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import threading
 import time
@@ -147,12 +148,17 @@ class MetricWriter:
   Only process 0 writes (others get a disabled writer).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = "",
+               config: Mapping[str, Any] | None = None):
+    """wandb_project: also log to this Weights & Biases project (`check_wandb` first), as one W&B
+    run per run directory (its id kept in `wandb_id`), with `config`."""
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard = None
+    self.tensorboard = self.wandb = None
     if enabled:
       self.tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+      if wandb_project:
+        self.wandb = _wandb_run(workdir, wandb_project, config)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -165,14 +171,44 @@ class MetricWriter:
       raise WriteError(f"writing {self.path} failed ({e.strerror or e}); free disk space or make "
                        f"the workdir writable, then rerun with the same --workdir: it resumes "
                        f"from its last checkpoint.") from e
-    for name, value in record.items():
-      if name != "step" and isinstance(value, (int, float)):
-        self.tensorboard.add_scalar(name, value, step)
+    scalars = {name: value for name, value in record.items()
+               if name != "step" and isinstance(value, (int, float))}
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=int(step))
 
   def close(self) -> None:
     if self.tensorboard is not None:
       self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def check_wandb(project: str) -> None:
+  """WriteError (one line) when train.wandb_project is set but wandb is not installed: checked
+  before a run starts."""
+  if not project:
+    return
+  try:
+    import wandb  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise WriteError(f"train.wandb_project={project!r} needs Weights & Biases: pip install "
+                     f"wandb (or leave train.wandb_project empty).") from None
+
+
+def _wandb_run(workdir: str, project: str, config: Mapping[str, Any] | None):
+  import wandb  # pylint: disable=import-outside-toplevel  (optional)
+  id_path = os.path.join(workdir, "wandb_id")
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(8)
+    files.write_bytes(id_path, run_id.encode())
+  return wandb.init(project=project, dir=workdir, id=run_id, resume="allow",
+                    name=os.path.basename(os.path.abspath(workdir)), config=dict(config or {}))
 
 
 def _plain(value: Any) -> Any:

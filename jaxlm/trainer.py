@@ -15,7 +15,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import loader, loop, sharding
+from jaxlm import loader, loop, metrics, sharding
 from jaxlm import run as run_lib
 from jaxlm import tasks as tasks_lib
 from jaxlm import tokenizer as tokenizer_lib
@@ -50,6 +50,7 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")
   config_lib.check_sampling(config)
+  metrics.check_wandb(config.train.wandb_project)
   if run_lib.saved_config(workdir) is None:  # (a resumed run keeps the data it started with)
     config_lib.check_training_data(config.data)
   mesh = sharding.make_mesh(config.mesh)

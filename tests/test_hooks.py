@@ -90,3 +90,20 @@ def test_profile_steps_trace_a_window_of_steps(tmp_path):
   loop.fit(fake_task(tmp_path / "run", profile_steps=2), show_progress=False)
   traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_metrics_also_go_to_weights_and_biases_when_a_project_is_set(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")  # (the user's W&B setting: nothing leaves here)
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  workdir = tmp_path / "run"
+  loop.fit(fake_task(workdir, wandb_project="jaxlm-tests"), show_progress=False)
+  run_id = (workdir / "wandb_id").read_text()
+  runs = glob.glob(str(workdir / "wandb" / f"offline-run-*-{run_id}"))
+  assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
+  import sys
+
+  from jaxlm import metrics
+  monkeypatch.setitem(sys.modules, "wandb", None)  # (as if not installed)
+  with pytest.raises(metrics.WriteError, match="needs Weights & Biases: pip install wandb"):
+    metrics.check_wandb("jaxlm-tests")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import config as config_lib
-from jaxlm import loop, lora, sharding
+from jaxlm import loop, lora, metrics, sharding
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
 from jaxlm import tasks as tasks_lib
@@ -282,6 +282,7 @@ def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Ma
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir, what="--init", language_model=True)
   config = finetune_config(init.config, task, overrides or {})
+  metrics.check_wandb(config.train.wandb_project)
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train, mesh)
