@@ -159,26 +159,23 @@ def run(argv: list[str]) -> None:
                           "no prompt: pass --prompt=TEXT or --prompts_file=FILE.")
   if _NUM_SAMPLES.value < 1:
     raise GenerationError(f"--num_samples={_NUM_SAMPLES.value}: must be >= 1.")
-  generate_lib.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+  sampling, options = generate_lib.settings(
+      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, stop=parse_stop(_STOP.value),
+      truncate=_TRUNCATE.value, kv_cache=_KV_CACHE.value)
   rows = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
 
-  stop = parse_stop(_STOP.value)
   start = time.perf_counter()
   run_info = run_lib.open_run(_WORKDIR.value, _STEP.value, language_model=True)
   config, tokenizer = run_info.config, run_info.tokenizer
   # Refuse prompts that do not fit before the (slower) restore.
-  generate_lib.encode_prompts(config.model, tokenizer, rows, _MAX_NEW_TOKENS.value,
-                              _TRUNCATE.value)
+  generate_lib.encode_prompts(config.model, tokenizer, rows, sampling.max_new_tokens,
+                              options.truncate)
   params = run_lib.restore_params(run_info)
   common.log(f"loaded {_WORKDIR.value} step {run_info.step} ({config.model.num_layers} layers, "
              f"{config.model.embed_dim} dims) in {time.perf_counter() - start:.1f}s")
-  stats: dict = {}
-  completions: list = []
-  pieces = generate_lib.stream(
-      config.model, params, tokenizer, rows, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      min_p=_MIN_P.value, seed=_SEED.value, stop=stop,
-      truncate=_TRUNCATE.value, kv_cache=_KV_CACHE.value, stats=stats, completions=completions)
+  pieces = generate_lib.stream(config.model, params, tokenizer, rows, sampling, options)
+  stats, completions = pieces.stats, pieces.completions
   writer = OrderedWriter(rows)
   for piece in pieces:
     writer.add(piece.row, piece.text, piece.finish_reason is not None)

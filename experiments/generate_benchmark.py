@@ -62,8 +62,10 @@ def _decode(model_config, params, batch: int, prompt_tokens: int, new_tokens: in
   from jaxlm import generate as gen
   rng = np.random.default_rng(1)
   rows = rng.integers(4, model_config.vocab_size, (batch, prompt_tokens)).tolist()
-  chunks = gen.decode_tokens(model_config, params, rows, max_new_tokens=new_tokens,
-                             chunk_size=chunk_size, eos_id=-1, pad_id=0, kv_cache=kv_cache)
+  chunks = gen.decode_tokens(model_config, params, rows,
+                             gen.SamplingParams(max_new_tokens=new_tokens, temperature=0.0),
+                             gen.TokenIds(eos_id=-1, pad_id=0),
+                             gen.DecodeOptions(chunk_size=chunk_size, kv_cache=kv_cache))
   start = time.perf_counter()
   done = next(chunks).shape[1]
   prefill = time.perf_counter() - start

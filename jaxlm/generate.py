@@ -65,7 +65,91 @@ MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_MULTIPLE = 64
 
 
-# -- Arguments ----------------------------------------------------------------------------------
+# -- Settings -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """What to generate: how many tokens, how each is drawn, where a row stops.
+
+  temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch their filter off. seed fixes
+  the draws (row r, step t use fold_in(fold_in(key(seed), r), t)); rng, a PRNG key, overrides
+  it. stop: strings that end a row (its text is cut before them)."""
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  rng: Any = None
+
+  def __post_init__(self):
+    stop = self.stop
+    object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
+
+  def check(self) -> None:
+    """Raises GenerationError naming the first bad field (before anything compiles)."""
+    check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+    check_max_new_tokens(self.max_new_tokens)
+    if any(not isinstance(s, str) or not s for s in self.stop):
+      raise GenerationError(f"stop={list(self.stop)!r}: stop strings must be non-empty strings.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """How to run a generation (none of it changes the tokens drawn).
+
+  chunk_size: decode steps per jitted call between host checks (stop strings, streaming);
+  kv_cache=False: the uncached reference path; truncate: keep a too-long prompt's last tokens
+  instead of refusing it; mesh: decode under this mesh (default: the one the params live on);
+  with_logits: keep every step's logits [B, max_new_tokens, vocab] (tests)."""
+  chunk_size: int = 8
+  kv_cache: bool = True
+  truncate: bool = False
+  mesh: Mesh | None = None
+  with_logits: bool = False
+
+  def check(self) -> None:
+    size = self.chunk_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+      raise GenerationError(f"chunk_size={size}: must be an integer >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """The ids decoding needs from a tokenizer: end-of-text, padding, and the vocabulary size
+  (ids from it on, an embedding padded beyond the tokenizer, are never drawn; None: the
+  model's)."""
+  eos_id: int
+  pad_id: int
+  vocab_size: int | None = None
+
+  @classmethod
+  def of(cls, tokenizer) -> "TokenIds":
+    return cls(tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
+
+
+_FIELDS = {f.name: cls for cls in (SamplingParams, DecodeOptions)
+           for f in dataclasses.fields(cls)}
+
+
+def settings(sampling: SamplingParams | None = None, options: DecodeOptions | None = None,
+             **fields: Any) -> tuple[SamplingParams, DecodeOptions]:
+  """`sampling` and `options` with keyword `fields` of either replacing theirs (so
+  `generate(..., max_new_tokens=20, temperature=0)` works), checked; GenerationError names an
+  unknown or bad field."""
+  unknown = sorted(set(fields) - set(_FIELDS))
+  if unknown:
+    raise GenerationError(f"unknown generation argument(s) {unknown}; the fields of "
+                          f"SamplingParams and DecodeOptions are {sorted(_FIELDS)}.")
+  sampling = dataclasses.replace(sampling or SamplingParams(), **{
+      k: v for k, v in fields.items() if _FIELDS[k] is SamplingParams})
+  options = dataclasses.replace(options or DecodeOptions(), **{
+      k: v for k, v in fields.items() if _FIELDS[k] is DecodeOptions})
+  sampling.check()
+  options.check()
+  return sampling, options
+
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
   """Raises GenerationError naming the first bad sampling argument."""
@@ -80,6 +164,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 
     raise GenerationError(f"top_p={top_p}: must be in (0, 1] (1 means no nucleus filter).")
   if not 0.0 <= min_p <= 1.0:
     raise GenerationError(f"min_p={min_p}: must be in [0, 1] (0 means no min-p filter).")
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise GenerationError(f"max_new_tokens={max_new_tokens}: must be an integer >= 1.")
 
 
 def prompt_bucket(longest: int) -> int:
@@ -203,9 +293,11 @@ def _sample_step(state: DecodeState, logits: jax.Array, prompt_len: int, samplin
 
 
 @functools.partial(jax.jit, static_argnames=("config", "new_slots", "kv_cache", "with_logits"))
-def _start(params, prompt, lengths, rng, sampling, *, config: ModelConfig, new_slots: int,
-           kv_cache: bool, with_logits: bool) -> DecodeState:
-  """prompt [B, P] left-padded, lengths [B] -> state after prefill and the first new token."""
+def _start(params, prompts, sampling, *, config: ModelConfig, new_slots: int, kv_cache: bool,
+           with_logits: bool) -> DecodeState:
+  """prompts: "tokens" [B, P] left-padded and their "lengths" [B]; sampling: the traced values
+  (with "rng") -> the state after prefill and the first new token."""
+  prompt, lengths, rng = prompts["tokens"], prompts["lengths"], sampling["rng"]
   batch, prompt_len = prompt.shape
   total = prompt_len + new_slots
   tokens = jnp.pad(prompt, ((0, 0), (0, new_slots)), constant_values=sampling["pad_id"])
@@ -230,10 +322,11 @@ def _start(params, prompt, lengths, rng, sampling, *, config: ModelConfig, new_s
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len", "kv_cache"),
                    donate_argnames=("state",))
-def _continue(params, state: DecodeState, stop_at, stop_rows, sampling, *, config: ModelConfig,
+def _continue(params, state: DecodeState, halt, sampling, *, config: ModelConfig,
               prompt_len: int, kv_cache: bool) -> DecodeState:
-  """Decode steps until `state.step == stop_at` or every row is done. stop_at is traced: one
-  compiled loop serves any chunk size. stop_rows [B] bool marks rows the host has stopped."""
+  """Decode steps until `state.step == halt["step"]` or every row is done. The step is traced:
+  one compiled loop serves any chunk size. halt["rows"] [B] bool: rows the host has stopped."""
+  stop_at = halt["step"]
   model = Transformer(config)
   names = (_cache_names(config, state.tokens.shape[0], state.tokens.shape[1])
            if kv_cache else None)
@@ -253,7 +346,7 @@ def _continue(params, state: DecodeState, stop_at, stop_rows, sampling, *, confi
       last = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
     return _sample_step(state, last, prompt_len, sampling)
 
-  state = state.replace(done=state.done | stop_rows)
+  state = state.replace(done=state.done | halt["rows"])
   return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~jnp.all(s.done), body, state)
 
 
@@ -312,9 +405,7 @@ def encode_prompts(config: ModelConfig, tokenizer, prompts: Sequence[str], max_n
                    truncate: bool = False) -> tuple[list[list[int]], list[bool]]:
   """Token ids per prompt (an empty prompt becomes [EOS], a document boundary) and whether each
   was left-truncated; GenerationError if a prompt does not fit the context window."""
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-      or max_new_tokens < 1:
-    raise GenerationError(f"max_new_tokens={max_new_tokens}: must be an integer >= 1.")
+  check_max_new_tokens(max_new_tokens)
   room = config.max_seq_len - max_new_tokens
   if room < 1:
     raise GenerationError(
@@ -351,76 +442,80 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
   return keep
 
 
-def stream(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str], *,
-           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
-           stop: Sequence[str] = (), truncate: bool = False, kv_cache: bool = True,
-           chunk_size: int = 8, mesh: Mesh | None = None, stats: dict | None = None,
-           completions: list | None = None, with_logits: bool = False) -> Iterator[Piece]:
+class Generation:
+  """The text pieces of a generation (an iterator of Piece). While it runs, `stats` gets the
+  timings and counts; when it ends, `completions` holds one Completion per prompt."""
+
+  def __init__(self):
+    self.stats: dict[str, Any] = {}
+    self.completions: list[Completion] = []
+    self._pieces: Iterator[Piece] = iter(())
+
+  def __iter__(self) -> "Generation":
+    return self
+
+  def __next__(self) -> Piece:
+    return next(self._pieces)
+
+
+def stream(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str],
+           sampling: SamplingParams | None = None, options: DecodeOptions | None = None,
+           **fields: Any) -> Generation:
   """Generates continuations for a batch of prompts, yielding text pieces as they are produced.
 
-  Each row stops at EOS, at a stop string (cut before it), or after max_new_tokens. Decoding
-  runs `chunk_size` steps per jitted call (traced: any size reuses the compiled loop).
-  rng: a PRNG key overriding `seed`. mesh: decode under this mesh and the logical-axis rules
-  (default: the mesh the params live on, if any). stats: filled with timings and counts.
-  completions: filled with one Completion per prompt when the stream ends. with_logits:
-  stats['logits'] gets the [B, max_new_tokens, vocab] per-step logits (tests). `config`: the
-  run's Config or its ModelConfig. All argument errors are raised before anything is compiled.
+  Each row stops at EOS, at a stop string (cut before it), or after sampling.max_new_tokens.
+  Decoding runs options.chunk_size steps per jitted call (traced: any size reuses the compiled
+  loop). `fields`: SamplingParams/DecodeOptions fields by keyword (`settings`). `config`: the
+  run's Config or its ModelConfig. All argument errors are raised here, before anything is
+  compiled; the returned Generation runs as it is iterated.
   """
   config = config_lib.language_model(config, "generation")
-  check_sampling(temperature, top_k, top_p, min_p)
-  stop = [stop] if isinstance(stop, str) else list(stop)
-  if any(not isinstance(s, str) or not s for s in stop):
-    raise GenerationError(f"stop={stop!r}: stop strings must be non-empty strings.")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise GenerationError(f"chunk_size={chunk_size}: must be an integer >= 1.")
-  rows, truncated = encode_prompts(config, tokenizer, prompts, max_new_tokens, truncate)
-  stats = {} if stats is None else stats
-  stats.update(batch=len(rows), prompt_tokens=sum(len(r) for r in rows), kv_cache=kv_cache)
-  chunks = decode_tokens(config, params, rows, max_new_tokens=max_new_tokens,
-                         chunk_size=chunk_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                         vocab_size=tokenizer.vocab_size,
-                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                         seed=seed, rng=rng, kv_cache=kv_cache, mesh=mesh,
-                         with_logits=with_logits, info=stats)
-  return _stream(tokenizer, list(prompts), rows, truncated, chunks, max_new_tokens, stop, stats,
-                 completions)
+  sampling, options = settings(sampling, options, **fields)
+  rows, truncated = encode_prompts(config, tokenizer, prompts, sampling.max_new_tokens,
+                                   options.truncate)
+  generation = Generation()
+  generation.stats.update(batch=len(rows), prompt_tokens=sum(len(r) for r in rows),
+                          kv_cache=options.kv_cache)
+  chunks = decode_tokens(config, params, rows, sampling, TokenIds.of(tokenizer), options,
+                         info=generation.stats)
+  generation._pieces = _pieces(tokenizer, list(prompts), rows, truncated, chunks, sampling,
+                               generation)
+  return generation
 
 
-def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]], *,
-                  max_new_tokens: int, chunk_size: int, eos_id: int, pad_id: int,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0, seed: int = 0, rng: jax.Array | None = None,
-                  kv_cache: bool = True, mesh: Mesh | None = None, with_logits: bool = False,
-                  info: dict | None = None, vocab_size: int | None = None
+def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]],
+                  sampling: SamplingParams, token_ids: TokenIds,
+                  options: DecodeOptions = DecodeOptions(), info: dict | None = None
                   ) -> Iterator[np.ndarray]:
   """Token-level generation (no tokenizer; prompts already fit the context window).
 
-  A generator: after the prefill (1 token) and after each call of up to `chunk_size` decode
-  steps it yields the host array [B, steps so far] of generated ids (pad after a row's EOS);
-  every yield waits for the device, so the time between yields is the decode time. `send()` a
-  [B] bool array to stop rows (the host's stop strings). It ends when every row is done or
-  max_new_tokens are generated. info: gets prompt_bucket, cache_length and, at the end, `logits`
-  [B, max_new_tokens, vocab] when with_logits. vocab_size: the tokenizer's, when the model's
-  embedding is padded beyond it (ids from it on are never sampled); default the model's.
+  A generator: after the prefill (1 token) and after each call of up to `options.chunk_size`
+  decode steps it yields the host array [B, steps so far] of generated ids (pad after a row's
+  EOS); every yield waits for the device, so the time between yields is the decode time.
+  `send()` a [B] bool array to stop rows (the host's stop strings). It ends when every row is
+  done or sampling.max_new_tokens are generated (sampling.stop is the caller's: text). info:
+  gets prompt_bucket, cache_length and, at the end, `logits` [B, max_new_tokens, vocab] when
+  options.with_logits.
   """
-  batch = len(rows)
+  batch, max_new_tokens = len(rows), sampling.max_new_tokens
   prompt_len = prompt_bucket(max(len(r) for r in rows))
   new_slots = -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
-  prompt = np.full((batch, prompt_len), pad_id, np.int32)
+  prompt = np.full((batch, prompt_len), token_ids.pad_id, np.int32)
   for i, ids in enumerate(rows):
     prompt[i, prompt_len - len(ids):] = ids
-  lengths = np.array([len(r) for r in rows], np.int32)
+  prompts = {"tokens": prompt, "lengths": np.array([len(r) for r in rows], np.int32)}
   # Traced (not static) sampling values: changing them never recompiles.
-  sampling = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
-              "top_p": np.float32(top_p), "min_p": np.float32(min_p), "eos_id": np.int32(eos_id),
-              "pad_id": np.int32(pad_id), "vocab_size": np.int32(vocab_size or config.vocab_size)}
-  rng = jax.random.PRNGKey(seed) if rng is None else rng
-  mesh = mesh if mesh is not None else _mesh_of(params)
+  traced = {"temperature": np.float32(sampling.temperature), "top_k": np.int32(sampling.top_k),
+            "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p),
+            "eos_id": np.int32(token_ids.eos_id), "pad_id": np.int32(token_ids.pad_id),
+            "vocab_size": np.int32(token_ids.vocab_size or config.vocab_size),
+            "rng": jax.random.PRNGKey(sampling.seed) if sampling.rng is None else sampling.rng}
+  mesh = options.mesh if options.mesh is not None else _mesh_of(params)
   info = {} if info is None else info
   info.update(prompt_bucket=prompt_len, cache_length=prompt_len + new_slots)
-  state = _under_mesh(mesh, batch, _start, params, prompt, lengths, rng, sampling, config=config,
-                      new_slots=new_slots, kv_cache=kv_cache, with_logits=with_logits)
+  state = _under_mesh(mesh, batch, _start, params, prompts, traced, config=config,
+                      new_slots=new_slots, kv_cache=options.kv_cache,
+                      with_logits=options.with_logits)
   while True:
     tokens, done, step = map(sharding.to_host, (state.tokens, state.done, state.step))
     step = int(step)
@@ -428,17 +523,19 @@ def decode_tokens(config: ModelConfig, params: Any, rows: Sequence[Sequence[int]
     stop_rows = np.zeros(batch, bool) if stop_rows is None else np.asarray(stop_rows, bool)
     if step >= max_new_tokens or np.all(done | stop_rows):
       break
-    state = _under_mesh(mesh, batch, _continue, params, state,
-                        np.int32(min(step + chunk_size, max_new_tokens)), stop_rows, sampling,
-                        config=config, prompt_len=prompt_len, kv_cache=kv_cache)
-  if with_logits:
+    halt = {"step": np.int32(min(step + options.chunk_size, max_new_tokens)), "rows": stop_rows}
+    state = _under_mesh(mesh, batch, _continue, params, state, halt, traced, config=config,
+                        prompt_len=prompt_len, kv_cache=options.kv_cache)
+  if options.with_logits:
     info["logits"] = sharding.to_host(state.logits)[:, :max_new_tokens]
 
 
-def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, stats,
-            completions) -> Iterator[Piece]:
-  """The text pieces of `chunks` (a `decode_tokens` generator, not yet started)."""
-  batch = len(rows)
+def _pieces(tokenizer, prompts, rows, truncated, chunks, sampling: SamplingParams,
+            generation: Generation) -> Iterator[Piece]:
+  """The text pieces of `chunks` (a `decode_tokens` generator, not yet started); fills
+  generation.stats and, at the end, generation.completions."""
+  batch, stats = len(rows), generation.stats
+  max_new_tokens, stop = sampling.max_new_tokens, sampling.stop
   compile_start, wall_start = metrics.compile_seconds(), time.perf_counter()
   new = next(chunks)
   stats["first_token_seconds"] = time.perf_counter() - wall_start
@@ -477,20 +574,21 @@ def _stream(tokenizer, prompts, rows, truncated, chunks, max_new_tokens, stop, s
   stats.update(seconds=seconds, compile_seconds=metrics.compile_seconds() - compile_start,
                new_tokens=new_tokens, steps=new.shape[1])
   stats["tokens_per_second"] = new_tokens / max(seconds - stats["compile_seconds"], 1e-9)
-  if completions is not None:
-    completions[:] = [Completion(p, t, g, f, len(ids), cut) for p, t, g, f, ids, cut in
-                      zip(prompts, texts, generated, finished, rows, truncated)]
+  generation.completions[:] = [Completion(p, t, g, f, len(ids), cut) for p, t, g, f, ids, cut
+                               in zip(prompts, texts, generated, finished, rows, truncated)]
 
 
-def generate(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str], *,
-             max_new_tokens: int, stop: Sequence[str] = (), chunk_size: int | None = None,
-             batch_size: int = 0, **kwargs) -> list[Completion]:
-  """The batch API: one Completion per prompt (same arguments as `stream`), `batch_size`
-  prompts at a time (0: all in one batch). Without stop strings the whole generation is one
-  jitted call; with them, chunks of 16 steps."""
-  if chunk_size is None:
-    whole = max_new_tokens if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1
-    chunk_size = 16 if stop else whole
+def generate(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequence[str],
+             sampling: SamplingParams | None = None, options: DecodeOptions | None = None, *,
+             batch_size: int = 0, **fields: Any) -> list[Completion]:
+  """The batch API: one Completion per prompt (the arguments of `stream`), `batch_size` prompts
+  at a time (0: all in one batch). Unless options.chunk_size is given, the whole generation is
+  one jitted call without stop strings, and chunks of 16 steps with them."""
+  chosen_chunks = "chunk_size" in fields or options is not None
+  sampling, options = settings(sampling, options, **fields)
+  if not chosen_chunks:
+    options = dataclasses.replace(
+        options, chunk_size=16 if sampling.stop else sampling.max_new_tokens)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
     raise GenerationError(f"batch_size={batch_size!r}: must be an integer >= 0 (0: all prompts "
                           f"in one batch).")
@@ -498,17 +596,16 @@ def generate(config: ModelConfig | Config, params: Any, tokenizer, prompts: Sequ
   step = batch_size or max(len(prompts), 1)
   completions: list[Completion] = []
   for start in range(0, max(len(prompts), 1), step):  # (no prompts: `stream` says so)
-    batch: list[Completion] = []
-    for _ in stream(config, params, tokenizer, prompts[start:start + step],
-                    max_new_tokens=max_new_tokens, stop=stop, chunk_size=chunk_size,
-                    completions=batch, **kwargs):
+    generation = stream(config, params, tokenizer, prompts[start:start + step], sampling,
+                        options)
+    for _ in generation:
       pass
-    completions += batch
+    completions += generation.completions
   return completions
 
 
 def generate_texts(config: ModelConfig, params: Any, tokenizer, prompts: Sequence[str],
-                   **kwargs) -> list[str]:
+                   sampling: SamplingParams | None = None, **fields: Any) -> list[str]:
   """Continuations (text after each prompt, up to EOS) for a batch of prompts (the arguments
-  of `stream`)."""
-  return [c.text for c in generate(config, params, tokenizer, prompts, **kwargs)]
+  of `generate`)."""
+  return [c.text for c in generate(config, params, tokenizer, prompts, sampling, **fields)]

@@ -450,8 +450,9 @@ def _sample(cfg: Config, state, tokenizer, step: int, path: str) -> None:
   rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)
   texts = generate_lib.generate_texts(
       cfg.model, state.params, tokenizer, list(t.sample_prompts),
-      max_new_tokens=t.sample_max_new_tokens, temperature=t.sample_temperature,
-      top_k=t.sample_top_k, rng=rng, truncate=True)  # (a long prompt keeps its end)
+      generate_lib.SamplingParams(max_new_tokens=t.sample_max_new_tokens,
+                                  temperature=t.sample_temperature, top_k=t.sample_top_k, rng=rng),
+      truncate=True)  # (a long prompt keeps its end)
   if jax.process_index() == 0:
     with open(path, "a") as f:
       for prompt, text in zip(t.sample_prompts, texts):

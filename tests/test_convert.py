@@ -136,8 +136,10 @@ def test_greedy_generation_equals_transformers(gpt2):
   config, params, tokenizer = run_lib.load_run(str(workdir))
   prompt = tokenizer.encode("def dumps(obj, *, skipkeys=False")
   *_, generated = generate_lib.decode_tokens(
-      config.model, params, [prompt], max_new_tokens=30, chunk_size=32, eos_id=-1,
-      pad_id=tokenizer.pad_id, temperature=0.0)
+      config.model, params, [prompt],
+      generate_lib.SamplingParams(max_new_tokens=30, temperature=0.0),
+      generate_lib.TokenIds(eos_id=-1, pad_id=tokenizer.pad_id),
+      generate_lib.DecodeOptions(chunk_size=32))
   ours = generated[0]
   with torch.no_grad():
     reference = model.generate(torch.as_tensor([prompt]), max_new_tokens=30, do_sample=False,

@@ -82,10 +82,10 @@ def params_for(cfg):
 def run(cfg=GPT2, prompts=PROMPTS, tokenizer=TOK, **kwargs):
   kwargs.setdefault("max_new_tokens", NEW)
   kwargs.setdefault("temperature", 0.0)
-  stats = {}
-  out = gen.generate(cfg, params_for(cfg), tokenizer, prompts, stats=stats, with_logits=True,
-                     **kwargs)
-  return out, stats
+  kwargs.setdefault("chunk_size", kwargs["max_new_tokens"])  # generate()'s: one call
+  generation = gen.stream(cfg, params_for(cfg), tokenizer, prompts, with_logits=True, **kwargs)
+  list(generation)
+  return generation.completions, generation.stats
 
 
 # --- cached == uncached ----------------------------------------------------------------------
@@ -195,10 +195,15 @@ def test_same_seed_same_text_other_seed_other_text():
   assert [x.text for x in a] == [x.text for x in b]
   assert [x.text for x in a] != [x.text for x in c]
   # Streaming in chunks draws the same numbers as one call.
-  completions = []
-  list(gen.stream(GPT2, params_for(GPT2), TOK, PROMPTS, max_new_tokens=NEW, temperature=1.0,
-                  seed=7, chunk_size=5, completions=completions, with_logits=True))
-  assert [x.text for x in completions] == [x.text for x in a]
+  generation = gen.stream(GPT2, params_for(GPT2), TOK, PROMPTS, max_new_tokens=NEW,
+                          temperature=1.0, seed=7, chunk_size=5, with_logits=True)
+  list(generation)
+  assert [x.text for x in generation.completions] == [x.text for x in a]
+  # The settings objects are the same as their fields by keyword.
+  sampling = gen.SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=7)
+  by_object = gen.generate(GPT2, params_for(GPT2), TOK, PROMPTS, sampling,
+                           gen.DecodeOptions(chunk_size=5, with_logits=True))
+  assert [x.text for x in by_object] == [x.text for x in a]
 
 
 @pytest.mark.parametrize("args, match", [
@@ -206,7 +211,8 @@ def test_same_seed_same_text_other_seed_other_text():
     (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=1.5), "top_p=1.5"),
     (dict(min_p=2.0), "min_p=2.0"), (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(max_new_tokens=80), "max_new_tokens=80"), (dict(stop=[""]), "stop"),
-    (dict(temperature=float("nan")), "temperature=nan")])
+    (dict(temperature=float("nan")), "temperature=nan"), (dict(chunk_size=0), "chunk_size=0"),
+    (dict(max_tokens=8), r"unknown generation argument\(s\) \['max_tokens'\]")])
 def test_bad_arguments_are_clear_errors(args, match):
   kwargs = dict(max_new_tokens=8) | args
   with pytest.raises(gen.GenerationError, match=match):
@@ -237,10 +243,10 @@ def test_stop_strings_cut_the_text_and_stream_nothing_past_them():
   text = free[0].text
   stop = text[5:7]
   cut = text[:text.index(stop)]
-  completions = []
-  pieces = list(gen.stream(GPT2, params_for(GPT2), TOK, PROMPTS, max_new_tokens=NEW,
-                           temperature=1.0, seed=11, stop=["@@never", stop], chunk_size=4,
-                           completions=completions, with_logits=True))
+  generation = gen.stream(GPT2, params_for(GPT2), TOK, PROMPTS, max_new_tokens=NEW,
+                          temperature=1.0, seed=11, stop=["@@never", stop], chunk_size=4,
+                          with_logits=True)
+  pieces, completions = list(generation), generation.completions
   assert completions[0].text == cut and completions[0].finish_reason == "stop"
   assert "".join(p.text for p in pieces if p.row == 0) == cut
   assert [p.finish_reason for p in pieces if p.row == 0][-1] == "stop"
@@ -303,10 +309,10 @@ def test_decodes_on_a_mesh_with_the_cache_sharded_by_heads():
   # The cache of that run: [batch, length, heads, head_dim] with heads over `tensor`.
   s = {"temperature": np.float32(0.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
        "min_p": np.float32(0.0), "eos_id": np.int32(3), "pad_id": np.int32(0),
-       "vocab_size": np.int32(GPT2.vocab_size)}
+       "vocab_size": np.int32(GPT2.vocab_size), "rng": jax.random.PRNGKey(0)}
+  prompts = {"tokens": np.ones((3, 16), np.int32), "lengths": np.full(3, 16, np.int32)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(gen._rules(3, mesh)):
-    state = gen._start(params, np.ones((3, 16), np.int32), np.full(3, 16, np.int32),
-                       jax.random.PRNGKey(0), s, config=GPT2, new_slots=NEW, kv_cache=True,
+    state = gen._start(params, prompts, s, config=GPT2, new_slots=NEW, kv_cache=True,
                        with_logits=True)
   spec = tuple(state.cache["layers_0"]["attention"]["cached_key"].sharding.spec)
   assert spec[2] == "tensor" and len(state.cache["layers_0"]["attention"]["cached_key"]
