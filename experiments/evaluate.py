@@ -112,14 +112,13 @@ def evaluate_tasks() -> None:
                             data_dir=_DATA_DIR.value or run.config.data.data_dir)
   mesh = run_lib.default_mesh(run.config)
   params = run_lib.restore_params(run, mesh)
-  scorer = tasks.make_scorer(run.config.model, mesh)
+  scorer = tasks.Scorer(run.config, params, run.tokenizer, mesh, _BATCH_SIZE.value,
+                        progress=_PROGRESS.value)
   results = {}
   for task in loaded:
     start = time.perf_counter()
     common.log(f"{task.name}: scoring {task.path} ({task.num_fewshot}-shot)")
-    result = tasks.score_task(task, run.config, params, run.tokenizer, mesh=mesh,
-                              batch_size=_BATCH_SIZE.value, scorer=scorer,
-                              progress=_PROGRESS.value)
+    result = tasks.score_task(task, scorer)
     result.update(step=run.step, seconds=round(time.perf_counter() - start, 2))
     results[f"{task.name}_{task.num_fewshot}shot"] = result
     if jax.process_index() == 0:

@@ -64,18 +64,17 @@ def run_tasks_benchmark(config_path: str, num_pairs: int, repeats: int, batch_si
     pairs += [(context, " " + _text(rng, 2, 12)) for _ in range(4)]
   pairs = pairs[:num_pairs]
 
-  batches = tasks.request_batches(config, tokenizer, pairs, mesh=mesh, batch_size=batch_size)
+  scorer = tasks.Scorer(config, params, tokenizer, mesh, batch_size)
+  batches = tasks.request_batches(scorer, pairs)
   device_batches = [sharding.global_batch(b, mesh) for _, b in batches]
   padded_tokens = sum(b["inputs"].size for _, b in batches)
   model = Transformer(config.model)
   forward = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"],
                                              positions=b["positions"],
                                              segment_ids=b["segment_ids"]))
-  scorer = tasks.make_scorer(config.model, mesh)
 
   def score() -> None:
-    tasks.loglikelihoods(config, params, tokenizer, pairs, mesh=mesh, batch_size=batch_size,
-                         scorer=scorer)
+    tasks.loglikelihoods(scorer, pairs)
 
   def plain() -> None:
     with jax.set_mesh(mesh), sharding.axis_rules():

@@ -75,24 +75,21 @@ class JaxLM(LM):
     self.config, self.tokenizer = self.run.config, self.run.tokenizer
     self.mesh = run_lib.default_mesh(self.config)
     self.params = run_lib.restore_params(self.run, self.mesh)
-    self.scorer = tasks.make_scorer(self.config.model, self.mesh)
+    self.scorer = tasks.Scorer(self.config, self.params, self.tokenizer, self.mesh,
+                               self.batch_size)
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     """(log P(continuation | context), whether greedy decoding reproduces it) per request;
     request.args = (context, continuation)."""
-    ll, greedy = tasks.loglikelihoods(
-        self.config, self.params, self.tokenizer, [tuple(r.args[:2]) for r in requests],
-        mesh=self.mesh, batch_size=self.batch_size, scorer=self.scorer,
-        progress=not disable_tqdm)
+    self.scorer.progress = not disable_tqdm
+    ll, greedy = tasks.loglikelihoods(self.scorer, [tuple(r.args[:2]) for r in requests])
     return [(float(a), bool(b)) for a, b in zip(ll, greedy)]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """log P(text) of each request's whole text (request.args = (text,)), every token scored
     once after end-of-text."""
-    ll, _ = tasks.document_loglikelihoods(
-        self.config, self.params, self.tokenizer, [r.args[0] for r in requests],
-        mesh=self.mesh, batch_size=self.batch_size, scorer=self.scorer,
-        progress=not disable_tqdm)
+    self.scorer.progress = not disable_tqdm
+    ll, _ = tasks.document_loglikelihoods(self.scorer, [r.args[0] for r in requests])
     return [float(x) for x in ll]
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -106,14 +103,14 @@ class JaxLM(LM):
     for indices in groups.values():
       completions = generate_lib.generate(
           self.config.model, self.params, self.tokenizer, [requests[i].args[0] for i in indices],
-          truncate=True, mesh=self.mesh, batch_size=self.batch_size,
-          **self._sampling(requests[indices[0]].args[1]))
+          self._sampling(requests[indices[0]].args[1]), truncate=True, mesh=self.mesh,
+          batch_size=self.batch_size)
       for i, completion in zip(indices, completions):
         texts[i] = completion.text
     return texts
 
-  def _sampling(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """generate.generate's arguments for one request's gen_kwargs."""
+  def _sampling(self, gen_kwargs: dict[str, Any]) -> generate_lib.SamplingParams:
+    """The SamplingParams of one request's gen_kwargs."""
     ignored = sorted(set(gen_kwargs) - set(_SAMPLING_KEYS))
     if ignored:
       logging.warning("jaxlm ignores the generation options %s", ignored)
@@ -124,7 +121,8 @@ class JaxLM(LM):
                   max(self.config.model.max_seq_len // 2, 1))
     # Greedy unless the task samples (as transformers' generate: do_sample decides).
     sample = bool(gen_kwargs.get("do_sample", False))
-    return {"stop": until, "max_new_tokens": max_new,
-            "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
-            "top_k": int(gen_kwargs.get("top_k", 0) or 0) if sample else 0,
-            "top_p": float(gen_kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0}
+    return generate_lib.SamplingParams(
+        stop=until, max_new_tokens=max_new,
+        temperature=float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
+        top_k=int(gen_kwargs.get("top_k", 0) or 0) if sample else 0,
+        top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0)

@@ -344,13 +344,6 @@ def wikitext_detokenize(text: str) -> str:
   return text
 
 
-CHOICE_TASKS: dict[str, Callable[[str], list[Item]]] = {
-    "hellaswag": read_hellaswag, "piqa": read_piqa, "arc_easy": read_arc,
-    "arc_challenge": read_arc, "winogrande": read_winogrande, "boolq": read_boolq,
-    "rte": read_rte, "sst2": read_sst2}
-TASK_NAMES = (*CHOICE_TASKS, "lambada", "wikitext")
-
-
 def parse_specs(text: str, data_dir: str | None = None) -> list[tuple[str, str]]:
   """"name:path,name:tfds[:DATASET[:SPLIT]],..." -> [(name, path)], a TFDS dataset prepared
   in `data_dir`/tfds as a `tfds_source` path; TaskError for an unknown name or missing file."""
@@ -430,15 +423,41 @@ def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], dict[s
   return train_lib.make_eval_step(model_config, mesh, continuation_scores)
 
 
-def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]], *, mesh,
-                    batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+@dataclasses.dataclass
+class Scorer:
+  """A model ready to score requests: the run's config, params and tokenizer, the mesh the
+  batches are sharded over, the global batch size (rounded to the devices), a progress bar, and
+  the compiled scoring step (`make_scorer`, made on first use; share one Scorer, or its `step`,
+  so each length bucket compiles once). `dataclasses.replace(scorer, params=...)` scores other
+  params with the same step."""
+  config: Config
+  params: Any
+  tokenizer: Any
+  mesh: Any = None
+  batch_size: int = 8
+  progress: bool = False
+  step: Callable[[Any, dict], dict[str, Any]] | None = None
+
+  def scores(self, batches) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """(key, per-row scores) of each (key, global batch) of `batches`, host-side."""
+    if self.step is None:
+      self.step = make_scorer(self.config.model, self.mesh)
+    show = self.progress and jax.process_index() == 0
+    for key, batch in tqdm(batches, disable=not show, unit="batch", file=sys.stderr,
+                           desc="scoring"):
+      yield key, jax.device_get(self.step(
+          self.params, sharding.global_batch(sharding.local_rows(batch, self.mesh), self.mesh)))
+
+
+def request_batches(scorer: Scorer, pairs: Sequence[tuple[str, str]]
+                    ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
   """The scoring batches of `pairs`: (indices of the pairs in it, global batch [batch_size,
   bucket length]), longest first; rows past the pairs are weight-0 padding."""
-  max_length = config.model.max_seq_len
+  max_length, tokenizer = scorer.config.model.max_seq_len, scorer.tokenizer
   encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
   lengths = [min(len(c) + len(x) - 1, max_length) for c, x in encoded]
   order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
-  batch_size = data_lib.round_to_devices(batch_size, mesh)
+  batch_size = data_lib.round_to_devices(scorer.batch_size, scorer.mesh)
   out = []
   for start in range(0, len(order), batch_size):
     chosen = order[start:start + batch_size]
@@ -450,39 +469,23 @@ def request_batches(config: Config, tokenizer, pairs: Sequence[tuple[str, str]],
   return out
 
 
-def _score_batches(config: Config, params: Any, batches, *, mesh, scorer, progress: bool
-                   ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
-  """(key, per-row scores) of each (key, global batch) of `batches`, host-side."""
-  scorer = scorer or make_scorer(config.model, mesh)
-  show = progress and jax.process_index() == 0
-  for key, batch in tqdm(batches, disable=not show, unit="batch", file=sys.stderr,
-                         desc="scoring"):
-    yield key, jax.device_get(
-        scorer(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh)))
-
-
-def loglikelihoods(config: Config, params: Any, tokenizer, pairs: Sequence[tuple[str, str]], *,
-                   mesh, batch_size: int, scorer=None, progress: bool = False
+def loglikelihoods(scorer: Scorer, pairs: Sequence[tuple[str, str]]
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Log-likelihood [len(pairs)] of each continuation given its context, and whether greedy
-  decoding reproduces it [len(pairs)] (bool)."""
+  """Log-likelihood [len(pairs)] of each (context, continuation)'s continuation given its
+  context, and whether greedy decoding reproduces it [len(pairs)] (bool)."""
   ll, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
-  batches = request_batches(config, tokenizer, pairs, mesh=mesh, batch_size=batch_size)
-  for chosen, scores in _score_batches(config, params, batches, mesh=mesh, scorer=scorer,
-                                       progress=progress):
+  for chosen, scores in scorer.scores(request_batches(scorer, pairs)):
     ll[chosen] = scores["loglikelihood"][:len(chosen)]
     greedy[chosen] = scores["greedy"][:len(chosen)]
   return ll, greedy
 
 
-def document_loglikelihoods(config: Config, params: Any, tokenizer, documents: Sequence[str], *,
-                            mesh, batch_size: int, scorer=None, progress: bool = False
-                            ) -> tuple[np.ndarray, int]:
+def document_loglikelihoods(scorer: Scorer, documents: Sequence[str]) -> tuple[np.ndarray, int]:
   """Rolling log-likelihood [len(documents)] of each whole document (after end-of-text; disjoint
   windows of the model's context, each carrying one token over: the harness's
   `loglikelihood_rolling`), and the number of tokens scored."""
-  length = config.model.max_seq_len
-  batch_size = data_lib.round_to_devices(batch_size, mesh)
+  length, tokenizer = scorer.config.model.max_seq_len, scorer.tokenizer
+  batch_size = data_lib.round_to_devices(scorer.batch_size, scorer.mesh)
   owners, rows = [], []
   for index, ids in enumerate(tokenizer.encode_batch(list(documents))):
     windows = evaluate_lib.document_windows(ids, length, length, tokenizer.eos_id,
@@ -492,8 +495,7 @@ def document_loglikelihoods(config: Config, params: Any, tokenizer, documents: S
   batches = [(np.array(owners[start:start + batch_size]), batch) for start, batch in
              zip(range(0, len(rows), batch_size), data_lib.stack_rows(rows, batch_size))]
   ll = np.zeros(len(documents))
-  for owner, scores in _score_batches(config, params, batches, mesh=mesh, scorer=scorer,
-                                      progress=progress):
+  for owner, scores in scorer.scores(batches):
     np.add.at(ll, owner, scores["loglikelihood"][:len(owner)])
   return ll, int(sum(row["weights"].sum() for row in rows))
 
@@ -503,12 +505,11 @@ def _stderr(values: np.ndarray) -> float:
   return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
-                batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, float]:
-  """acc, acc_norm (per character of the choice) and their standard errors over `items`."""
+def score_items(scorer: Scorer, items: Sequence[Item]) -> dict[str, float]:
+  """Multiple choice: acc, acc_norm (per character of the choice) and their standard errors
+  over `items`."""
   pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
-  ll, _ = loglikelihoods(config, params, tokenizer, pairs, mesh=mesh, batch_size=batch_size,
-                         scorer=scorer, progress=progress)
+  ll, _ = loglikelihoods(scorer, pairs)
   correct, correct_norm = [], []
   for item, scores in zip(items, np.split(ll, np.cumsum([len(i.choices) for i in items])[:-1])):
     # The harness's acc_norm: per character of the choice, without the " " joining it on.
@@ -521,28 +522,22 @@ def score_items(config: Config, params: Any, tokenizer, items: Sequence[Item], *
           "examples": len(items)}
 
 
-def score_last_word(config: Config, params: Any, tokenizer, items: Sequence[Item], *, mesh,
-                    batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, float]:
+def score_last_word(scorer: Scorer, items: Sequence[Item]) -> dict[str, float]:
   """LAMBADA: acc (greedy reproduces the last word) and perplexity of the last word."""
-  ll, greedy = loglikelihoods(config, params, tokenizer,
-                              [(item.contexts[0], item.choices[0]) for item in items],
-                              mesh=mesh, batch_size=batch_size, scorer=scorer,
-                              progress=progress)
+  ll, greedy = loglikelihoods(scorer, [(item.contexts[0], item.choices[0]) for item in items])
   correct = greedy.astype(np.float64)
   return {"acc": float(correct.mean()), "acc_stderr": _stderr(correct),
           "perplexity": math.exp(min(-float(ll.mean()), 700.0)), "examples": len(items)}
 
 
-def score_documents(config: Config, params: Any, tokenizer, documents: Sequence[str], *, mesh,
-                    batch_size: int = 8, scorer=None, progress: bool = False,
-                    detokenize: bool = False) -> dict[str, float]:
+def score_documents(scorer: Scorer, documents: Sequence[str], detokenize: bool = False
+                    ) -> dict[str, float]:
   """WikiText-style: word and byte perplexity and bits per byte of whole documents (the
   rolling log-likelihood of `document_loglikelihoods`), as the harness computes them.
   detokenize: score `wikitext_detokenize` of each document (the wikitext task), while words
   and bytes are counted on the documents as given."""
   scored = [wikitext_detokenize(doc) for doc in documents] if detokenize else documents
-  ll, tokens = document_loglikelihoods(config, params, tokenizer, scored, mesh=mesh,
-                                       batch_size=batch_size, scorer=scorer, progress=progress)
+  ll, tokens = document_loglikelihoods(scorer, scored)
   nll = -float(ll.sum())
   words = sum(len(re.split(r"\s+", doc)) for doc in documents)
   num_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
@@ -550,6 +545,33 @@ def score_documents(config: Config, params: Any, tokenizer, documents: Sequence[
           "byte_perplexity": math.exp(min(nll / max(num_bytes, 1), 700.0)),
           "bits_per_byte": nll / max(num_bytes, 1) / math.log(2), "tokens": tokens,
           "documents": len(documents)}
+
+
+# -- The registry --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskKind:
+  """How a task is read and scored: read(path) -> its examples (Items, or whole documents when
+  `documents`: scored for perplexity, never few-shot); score(scorer, examples) -> metrics."""
+  read: Callable[[str], list]
+  score: Callable[[Scorer, Sequence], dict[str, float]]
+  documents: bool = False
+
+
+TASKS: dict[str, TaskKind] = {
+    "hellaswag": TaskKind(read_hellaswag, score_items),
+    "piqa": TaskKind(read_piqa, score_items),
+    "arc_easy": TaskKind(read_arc, score_items),
+    "arc_challenge": TaskKind(read_arc, score_items),
+    "winogrande": TaskKind(read_winogrande, score_items),
+    "boolq": TaskKind(read_boolq, score_items),
+    "rte": TaskKind(read_rte, score_items),
+    "sst2": TaskKind(read_sst2, score_items),
+    "lambada": TaskKind(read_lambada, score_last_word),
+    "wikitext": TaskKind(read_wikitext, functools.partial(score_documents, detokenize=True),
+                         documents=True),
+}
+TASK_NAMES = tuple(TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,14 +594,15 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
   for flag, value in (("limit", limit), ("num_fewshot", num_fewshot)):
     if value < 0:
       raise TaskError(f"--{flag}={value} must be >= 0.")
-  if name == "wikitext":
-    documents = read_wikitext(path)[:limit or None]
+  kind = TASKS[name]
+  if kind.documents:
+    documents = kind.read(path)[:limit or None]
     if not documents:
-      raise TaskError(f"task file {path} (wikitext) holds no text.")
+      raise TaskError(f"task file {path} ({name}) holds no text.")
     # Whole documents, scored for perplexity: no few-shot prompt (recorded as 0-shot).
     return LoadedTask(name, path, 0, documents=documents)
   try:
-    items = (CHOICE_TASKS[name] if name in CHOICE_TASKS else read_lambada)(path)
+    items = kind.read(path)
   except TaskError:
     raise
   except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a field's value
@@ -597,18 +620,11 @@ def load_tasks(specs: str, *, num_fewshot: int = 0, limit: int = 0, seed: int = 
           for name, path in parse_specs(specs, data_dir)]
 
 
-def score_task(task: LoadedTask, config: Config, params: Any, tokenizer, *, mesh,
-               batch_size: int = 8, scorer=None, progress: bool = False) -> dict[str, Any]:
-  """The metrics of `score_items` / `score_last_word` / `score_documents` for the task, plus
-  task, file and num_fewshot."""
-  config_lib.language_model(config, f"task {task.name}")
-  if task.documents is not None:
-    score, examples = functools.partial(score_documents, detokenize=True), task.documents
-  else:
-    score = score_items if task.name in CHOICE_TASKS else score_last_word
-    examples = task.items
-  result = score(config, params, tokenizer, examples, mesh=mesh, batch_size=batch_size,
-                 scorer=scorer, progress=progress)
+def score_task(task: LoadedTask, scorer: Scorer) -> dict[str, Any]:
+  """The task's metrics (its kind's `score`), plus task, file and num_fewshot."""
+  config_lib.language_model(scorer.config, f"task {task.name}")
+  examples = task.documents if task.documents is not None else task.items
+  result = TASKS[task.name].score(scorer, examples)
   return {"task": task.name, "file": task.path, "num_fewshot": task.num_fewshot, **result}
 
 
@@ -626,12 +642,11 @@ def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask
   """params -> the tasks' results as flat eval metrics for metrics.jsonl / TensorBoard:
   eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte} (empty without
   tasks). The scorer compiles once per length bucket, on first use."""
-  scorer = make_scorer(config.model, mesh) if loaded else None
+  scorer = Scorer(config, None, tokenizer, mesh, batch_size=config.train.global_batch_size)
   keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte")
 
   def evaluate(params: Any) -> dict[str, float]:
-    results = [score_task(task, config, params, tokenizer, mesh=mesh,
-                          batch_size=config.train.global_batch_size, scorer=scorer)
-               for task in loaded]
+    scorer.params = params
+    results = [score_task(task, scorer) for task in loaded]
     return {f"eval_{r['task']}_{k}": float(r[k]) for r in results for k in keys if k in r}
   return evaluate

@@ -85,6 +85,11 @@ def model(tiny_lm_run):
 
 
 @pytest.mark.e2e
+def scorer_of(model, batch_size=8):
+  """A tasks.Scorer over the harness model's run (its own batch size)."""
+  return tasks.Scorer(model.config, model.params, model.tokenizer, model.mesh, batch_size)
+
+
 def test_lm_eval_scores_a_multiple_choice_task_as_jaxlm_does(model, tmp_path):
   path = arc_file(tmp_path / "arc.jsonl", 24)
   results = local_evaluate(model, "jaxlm_arc_local", task_dir(tmp_path, ARC_TASK, path),
@@ -93,10 +98,9 @@ def test_lm_eval_scores_a_multiple_choice_task_as_jaxlm_does(model, tmp_path):
   samples = sorted(results["samples"]["jaxlm_arc_local"], key=lambda s: s["doc_id"])
 
   items = tasks.read_arc(path)
-  ours = tasks.score_items(model.config, model.params, model.tokenizer, items, mesh=model.mesh)
+  ours = tasks.score_items(scorer_of(model), items)
   pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
-  ll, _ = tasks.loglikelihoods(model.config, model.params, model.tokenizer, pairs,
-                               mesh=model.mesh, batch_size=3)
+  ll, _ = tasks.loglikelihoods(scorer_of(model, 3), pairs)
   theirs = [float(r[0][0]) for s in samples for r in s["resps"]]
   # The harness formed the same requests from the same file: the same log-likelihoods...
   np.testing.assert_allclose(theirs, ll, rtol=0, atol=1e-4)
@@ -116,8 +120,7 @@ def test_lm_eval_rolling_perplexity_equals_jaxlm_wikitext_scoring(model, tmp_pat
   results = local_evaluate(model, "jaxlm_rolling_local",
                            task_dir(tmp_path, ROLLING_TASK, path))
   theirs = results["results"]["jaxlm_rolling_local"]
-  ours = tasks.score_documents(model.config, model.params, model.tokenizer, documents,
-                               mesh=model.mesh)
+  ours = tasks.score_documents(scorer_of(model), documents)
   for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
     assert theirs[f"{key},none"] == pytest.approx(ours[key], rel=1e-5), key
 
@@ -125,16 +128,14 @@ def test_lm_eval_rolling_perplexity_equals_jaxlm_wikitext_scoring(model, tmp_pat
 def test_request_types_match_jaxlm_scoring_and_generation(model):
   pairs = [("def f(x):", " return x"), ("", "import os"), ("print(", "value)")]
   requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-  ll, greedy = tasks.loglikelihoods(model.config, model.params, model.tokenizer, pairs,
-                                    mesh=model.mesh, batch_size=2)
+  ll, greedy = tasks.loglikelihoods(scorer_of(model, 2), pairs)
   assert model.loglikelihood(requests, disable_tqdm=True) == [
       (float(a), bool(b)) for a, b in zip(ll, greedy)]
 
   text = " ".join(WORDS * 20)
   rolling = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)],
                                         disable_tqdm=True)
-  whole, _ = tasks.document_loglikelihoods(model.config, model.params, model.tokenizer, [text],
-                                           mesh=model.mesh, batch_size=1)
+  whole, _ = tasks.document_loglikelihoods(scorer_of(model, 1), [text])
   assert rolling[0] == pytest.approx(float(whole[0]), abs=1e-4) and rolling[0] < 0
 
   prompts = ["def f(x):", "import os"]
@@ -185,6 +186,5 @@ def test_the_launcher_runs_lm_evals_command_line(tiny_lm_run, tmp_path):
   assert len(written) == 1
   results = json.load(open(written[0]))["results"]["jaxlm_arc_local"]
   model = harness.JaxLM(workdir=tiny_lm_run)
-  ours = tasks.score_items(model.config, model.params, model.tokenizer, tasks.read_arc(path),
-                           mesh=model.mesh)
+  ours = tasks.score_items(scorer_of(model), tasks.read_arc(path))
   assert results["acc,none"] == ours["acc"] and results["acc_norm,none"] == ours["acc_norm"]

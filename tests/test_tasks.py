@@ -252,8 +252,8 @@ def test_loglikelihoods_equal_a_direct_forward_pass(tiny_lm_run, mesh_shape):
   params = run_lib.restore_params(run, mesh)
   pairs = [("def main(", "):\n  return 0"), ("", "import os"), ("x = ", " 1"),
            ("import json\n" * 30, "import sys")]  # the last exceeds the 64-token context
-  ll, greedy = tasks.loglikelihoods(config, params, run.tokenizer, pairs, mesh=mesh,
-                                    batch_size=3)
+  ll, greedy = tasks.loglikelihoods(
+      tasks.Scorer(config, params, run.tokenizer, mesh, batch_size=3), pairs)
   host_params = jax.device_get(params)
   for (context, continuation), got, got_greedy in zip(pairs, ll, greedy):
     want, want_greedy = direct_loglikelihood(
@@ -286,7 +286,7 @@ def test_acc_and_acc_norm(monkeypatch):
   # log-likelihoods: item 0 favours the short choice in sum, the long one per byte.
   monkeypatch.setattr(tasks, "loglikelihoods",
                       lambda *a, **k: (np.array([-3.0, -4.0, -1.0, -2.0]), None))
-  result = tasks.score_items(None, None, None, items, mesh=None)
+  result = tasks.score_items(None, items)
   assert result["acc"] == 0.5 and result["acc_norm"] == 1.0 and result["examples"] == 2
   assert result["acc_stderr"] == pytest.approx(0.5)
 
@@ -296,7 +296,8 @@ def test_wikitext_word_perplexity_follows_the_total_loss(tiny_lm_run, tmp_path):
   mesh = sharding.make_mesh(run.config.mesh, jax.devices()[:1])
   params = run_lib.restore_params(run, mesh)
   documents = ["the quick brown fox jumps", "over the lazy dog again and again"]
-  result = tasks.score_documents(run.config, params, run.tokenizer, documents, mesh=mesh)
+  scorer = tasks.Scorer(run.config, params, run.tokenizer, mesh)
+  result = tasks.score_documents(scorer, documents)
   from jaxlm import evaluate
   plain = evaluate.evaluate_documents(run.config, params, run.tokenizer, documents, seq_len=64,
                                       stride=64, batch_size=8, mesh=mesh)
@@ -314,10 +315,8 @@ def test_wikitext_word_perplexity_follows_the_total_loss(tiny_lm_run, tmp_path):
                                   stride=64, batch_size=8, mesh=mesh)
   # The wikitext task scores the detokenized text; words and bytes stay the original's.
   raw = ["the quick , brown fox @-@ jumps", "over the lazy dog ( again ) and again"]
-  detokenized = tasks.score_documents(run.config, params, run.tokenizer, raw, mesh=mesh,
-                                      detokenize=True)
-  plain = tasks.score_documents(run.config, params, run.tokenizer,
-                                [tasks.wikitext_detokenize(d) for d in raw], mesh=mesh)
+  detokenized = tasks.score_documents(scorer, raw, detokenize=True)
+  plain = tasks.score_documents(scorer, [tasks.wikitext_detokenize(d) for d in raw])
   words = lambda docs: sum(len(d.split()) for d in docs)
   assert math.log(detokenized["word_perplexity"]) * words(raw) == pytest.approx(
       math.log(plain["word_perplexity"]) * words([tasks.wikitext_detokenize(d) for d in raw]),
