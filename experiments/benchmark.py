@@ -20,7 +20,7 @@ torch's first step. For clean memory numbers run one setting per process (JAX's 
 process-lifetime peak).
 
 `train` times full training steps (forward + backward + clip + AdamW update) after compilation:
-jaxlm's real `train.make_steps` step on 1 device in float32, and, when `torch` and
+jaxlm's real `steps.make_steps` step on 1 device in float32, and, when `torch` and
 `transformers` are importable, `transformers.GPT2LMHeadModel` (eager attention, float32,
 torch.optim.AdamW with the same hyperparameters and decay groups, grad-norm clipping) on the
 same sizes. The two are measured ALTERNATELY in blocks of --steps steps for --repeats rounds,
@@ -285,12 +285,13 @@ def jaxlm_runner(config, warmup: int) -> Runner:
   """
   import jax
 
-  from jaxlm import sharding, train
+  from jaxlm import sharding
+  from jaxlm import steps as steps_lib
 
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   start = time.perf_counter()
-  compiled = steps.compile_train(steps.abstract_state, train.abstract_batch(config, mesh))
+  compiled = steps.compile_train(steps.abstract_state, steps_lib.abstract_batch(config, mesh))
   compile_seconds = time.perf_counter() - start
   device = jax.devices()[0]
   with RssPeak() as rss:
@@ -310,7 +311,8 @@ def jaxlm_runner(config, warmup: int) -> Runner:
   if stats and "peak_bytes_in_use" in stats:
     memory, method = float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
   else:
-    memory, method = float(train.step_bytes(compiled)), "XLA memory analysis (args+temp+out-alias)"
+    memory = float(steps_lib.step_bytes(compiled))
+    method = "XLA memory analysis (args+temp+out-alias)"
   return Runner("jaxlm", run, memory, method,
                 {"rss_bytes": rss.bytes, "compile_seconds": compile_seconds})
 

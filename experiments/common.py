@@ -177,7 +177,7 @@ def define_restore_step_flag() -> flags.FlagHolder:
       "(the later ones are moved to checkpoints_discarded/).", lower_bound=0))
 
 
-def run_finetune(task: str, init: str | None, data: str | None, workdir: str | None,
+def run_finetune(objective: str, init: str | None, data: str | None, workdir: str | None,
                  validation_data: str | None, test_data: str | None, progress: bool,
                  restore_step: int | None = None) -> None:
   """The fine-tuning scripts' shared main: checks everything, trains, prints the summary."""
@@ -190,7 +190,7 @@ def run_finetune(task: str, init: str | None, data: str | None, workdir: str | N
     raise finetune.FinetuneError(f"{', '.join(missing)} required: --init=RUN (the run to start "
                                  f"from), --data=FILE, --workdir=NEW_RUN.")
   maybe_initialize_distributed()
-  prepared = finetune.prepare(init, workdir, task, data, config_overrides(),
+  prepared = finetune.prepare(init, workdir, objective, data, config_overrides(),
                               validation_data or "", test_data or "")
   summary = finetune.finetune(prepared, show_progress=progress, restore_step=restore_step)
   import jax

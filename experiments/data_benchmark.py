@@ -60,7 +60,7 @@ def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 1
                        ) -> dict[str, Any]:
   """{tokens/s of each loader, ratios to get_batch, what was loaded}."""
   from jaxlm import config as config_lib
-  from jaxlm import loader, shards, trainer
+  from jaxlm import loader, pretrain, shards
   from jaxlm import tokenizer as tokenizer_lib
 
   values = config_lib.apply_overrides(config_lib.load_file(config_path), overrides or {})
@@ -72,7 +72,7 @@ def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 1
                                                                  config.model.vocab_size)})
   config_lib.check_training_data(config.data)
   tokenizer, _ = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
-  train, _ = trainer.data_sources(config, tokenizer)
+  train, _ = pretrain.data_sources(config, tokenizer)
   arrays = [a for s in train for a in s.windows.arrays]
   tokens = max(arrays, key=len)  # the one token file both loaders read
   size, seq_len = config.train.global_batch_size, config.data.seq_len

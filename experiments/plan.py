@@ -7,7 +7,7 @@ r"""Plan a run: per-device memory and FLOPs of the real train step, compiled ahe
   python -m experiments.plan --config=configs/gpt2_124m.py --topology=v5e:2x4 \
       --config.mesh.fsdp=8 --config.model.dtype=bfloat16     # TPU compiler, no TPU needed
 
-Nothing runs and no arrays are allocated: the train step of `jaxlm.train.make_steps` is lowered
+Nothing runs and no arrays are allocated: the train step of `jaxlm.steps.make_steps` is lowered
 and compiled for abstract inputs (ShapeDtypeStructs with the run's shardings). With
 `--num_devices=N` it is compiled for N simulated CPU devices (XLA_FLAGS
 --xla_force_host_platform_device_count=N, set before jax is imported); without it, for this
@@ -165,7 +165,8 @@ def main(argv: list[str]) -> None:
                                  f"--topology=v5e:16x16 --num_slices={num_slices}).")
   import jax
 
-  from jaxlm import metrics, sharding, train
+  from jaxlm import metrics, sharding
+  from jaxlm import steps as steps_lib
   topology_info = None
   if topology_name is not None:
     topology = tpu_topology(topology_name, num_slices)
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> None:
     memory = int(_MEMORY_GIB.value * 2**30)
   if _SEARCH.value:
     if memory is None:
-      known = train.device_memory_bytes(mesh)
+      known = steps_lib.device_memory_bytes(mesh)
       memory = known[0] if known else None
     device = mesh.devices.flat[0]
     peak = (metrics.data_sheet_peak(device.device_kind, config.model.dtype)

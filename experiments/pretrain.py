@@ -51,8 +51,8 @@ def main(argv: list[str]) -> None:
         flags.FLAGS["config"])))[0]
     workdir = os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   config, base = resolve_config(workdir)
-  from jaxlm import trainer
-  summary = trainer.train(config, workdir, base_config=base, restore_step=_RESTORE_STEP.value,
+  from jaxlm import pretrain
+  summary = pretrain.train(config, workdir, base_config=base, restore_step=_RESTORE_STEP.value,
                           show_progress=_PROGRESS.value)
   import jax
   if jax.process_index() == 0:

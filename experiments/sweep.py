@@ -55,13 +55,13 @@ def _plan(workdir: str) -> sweep_lib.Plan:
 
 def _train_one(workdir: str, name: str) -> None:
   from jaxlm import config as config_lib
-  from jaxlm import trainer
+  from jaxlm import pretrain
   plan = sweep_lib.saved_plan(workdir)
   runs = {run.name: run for run in (plan.runs if plan else [])}
   if name not in runs:
     raise sweep_lib.SweepError(f"--run={name}: no such run in {workdir}/{sweep_lib.PLAN_FILE}.")
   run = runs[name]
-  summary = trainer.train(config_lib.validate(run.config), sweep_lib.run_dir(workdir, run),
+  summary = pretrain.train(config_lib.validate(run.config), sweep_lib.run_dir(workdir, run),
                           base_config=plan.base, show_progress=False)
   print(" ".join(f"{k}={summary.get(k)}" for k in ("step", "train_loss", "eval_loss")))
 

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import storage
 from jaxlm.errors import UserError
-from jaxlm.train import TrainState
+from jaxlm.steps import TrainState
 
 
 class CheckpointError(UserError):

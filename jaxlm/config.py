@@ -216,7 +216,7 @@ class FinetuneConfig:
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
-  task: str = ""  # the objective (jaxlm/finetune/), set by the scripts: classifier, instruct
+  objective: str = ""  # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct
   trainable: str = ""  # which weights train (see above)
   last_n_blocks: int = 1  # trainable=last_n_blocks: how many
   epochs: int = 5  # passes over the training split
@@ -414,8 +414,26 @@ def section_from_mapping(name: str, cls: type, values: Mapping[str, Any]):
   return cls(**kwargs)
 
 
+# Keys renamed since runs were first written: (section, old) -> new. An old run's config.json
+# reads as if written today.
+RENAMED_KEYS = {("finetune", "task"): "objective"}
+
+
+def _renamed(section: str, values: Mapping[str, Any]) -> Mapping[str, Any]:
+  if not any((section, key) in RENAMED_KEYS for key in values):
+    return values
+  return {RENAMED_KEYS.get((section, key), key): value for key, value in values.items()}
+
+
+def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config's nested dict with renamed keys under their new names."""
+  return {key: _renamed(key, value) if isinstance(value, Mapping) else value
+          for key, value in values.items()}
+
+
 def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
-  """Builds a Config from a (possibly partial) nested mapping; unknown keys are errors."""
+  """Builds a Config from a (possibly partial) nested mapping; unknown keys are errors (renamed
+  ones, `RENAMED_KEYS`, are read under their new name)."""
   if isinstance(values, ml_collections.ConfigDict):
     values = values.to_dict()
   if not isinstance(values, Mapping):
@@ -423,6 +441,8 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
                       f"(a config file: jaxlm.config.load_file(path)).")
   sections: dict[str, Any] = {}
   for key, value in values.items():
+    if key in _SECTIONS and isinstance(value, Mapping):
+      value = _renamed(key, value)
     if key == "seed":
       sections["seed"] = _coerce("seed", value, 0)
     elif key in _SECTIONS:

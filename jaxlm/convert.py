@@ -45,8 +45,8 @@ from jaxlm import config as config_lib
 from jaxlm import files, lora, sharding
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
+from jaxlm import steps as steps_lib
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm import train as train_lib
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import count_params, sinusoidal_positions, unstack_layers
@@ -303,7 +303,7 @@ def import_gpt2(hf_dir: str, workdir: str, mesh=None) -> dict[str, Any]:
   check_new_directory(workdir, "workdir")
 
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1)) if mesh is None else mesh
-  abstract = train_lib.abstract_params(config.model, mesh)
+  abstract = steps_lib.abstract_params(config.model, mesh)
 
   def put(path: str, array: np.ndarray) -> jax.Array:
     target = _get(abstract, path)

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import sharding
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.data import Batch
 from jaxlm.errors import UserError
 
@@ -92,7 +92,7 @@ def evaluate_documents(config, params: Any, tokenizer, documents: Sequence[str],
           for row in document_windows(ids, seq_len, stride, tokenizer.eos_id, tokenizer.pad_id)]
   if not rows:  # (all empty: no token to score, which would read as a perfect loss of 0)
     raise EvaluationError("the documents hold no text to score (every one is empty).")
-  eval_step = train_lib.make_eval_step(model, mesh, train_lib.lm_loss())
+  eval_step = steps_lib.make_eval_step(model, mesh, steps_lib.lm_loss())
   result = evaluate(eval_step, params, data_lib.stack_rows(rows, batch_size),
                     tokenizer.byte_lengths(), mesh)
   return dict(result, documents=len(documents))

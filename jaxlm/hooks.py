@@ -6,7 +6,7 @@ profiler window) in that order, then the task's and the caller's:
 
   def print_loss(info):
     print(info.step, float(info.metrics["train_loss"]))
-  trainer.train(config, workdir, hooks=[Hook(print_loss, every=100)])
+  pretrain.train(config, workdir, hooks=[Hook(print_loss, every=100)])
 
 A hook sees the state after its step and that step's metrics (device arrays: reading one waits
 for the step). Hooks other than logging and layer statistics stop the throughput clock while

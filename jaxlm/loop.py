@@ -1,19 +1,19 @@
 """The one training loop, shared by pretraining, classifier and instruction fine-tuning, LoRA
 and sweeps.
 
-A `Task` says what differs between them: the train step (built by `train.make_steps` with the
-task's loss and trainable params), where the first state comes from, the data iterator, how the
+A `Job` says what differs between them: the train step (built by `steps.make_steps` with the
+job's loss and trainable params), where the first state comes from, the data iterator, how the
 model is judged at eval points, and which checkpoint to keep (periodic, or the best by an eval
-metric). `fit` does the rest, the same way for every task:
+metric). `fit` does the rest, the same way for every job:
 
   restore the latest checkpoint (state + data position + loop bookkeeping) or start fresh
   -> steps, each overlapping the host's next batch; non-finite steps and loss spikes handled
      by jaxlm/spikes.py (skipped, counted, halted on, or rolled back: `_Run.roll_back`)
   -> after each step, the hooks due (jaxlm/hooks.py), in order: layer statistics
      (train.layer_stats_every), the log line (train.log_every: loss, learning rate, gradient
-     norm, tokens/s, MFU), the task's evaluation (eval_every; keeps the best checkpoint),
+     norm, tokens/s, MFU), the job's evaluation (eval_every; keeps the best checkpoint),
      samples (train.sample_every), checkpoints (train.checkpoint_every), the profiler window
-     (train.profile_steps), then the task's and the caller's own hooks
+     (train.profile_steps), then the job's and the caller's own hooks
   -> SIGTERM / Ctrl-C / `stop_at_step`: save and exit cleanly; a rerun resumes exactly
 Only process 0 writes files (metrics.jsonl, TensorBoard, samples, summary, plots); every
 process joins the checkpoint saves (each writes its shards).
@@ -41,29 +41,29 @@ from jaxlm import generate as generate_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.config import Config
 from jaxlm.hooks import Hook, StepInfo
 from jaxlm.model import count_params
 from jaxlm.spikes import Rollback, SpikeWatch, TrainingDiverged, restart_advice
 
-__all__ = ["Hook", "StepInfo", "StopFlag", "Task", "TrainingDiverged", "fit"]
+__all__ = ["Hook", "StepInfo", "StopFlag", "Job", "TrainingDiverged", "fit"]
 
 
 @dataclasses.dataclass
-class Task:
-  """One training run's task: everything the loop needs that differs between tasks."""
+class Job:
+  """One training run's job: everything the loop needs that differs between jobs."""
   config: Config
   workdir: str
   mesh: Any
   tokenizer: Any
-  steps: train_lib.Steps
+  steps: steps_lib.Steps
   train_step: Callable            # (state, batch) -> (state, metrics), each step
   compiled_step: Any              # the step compiled ahead of time (its memory is logged)
   compile_seconds: float          # of `compiled_step`, compiled from shapes before the run
   data: Callable[[], Any]         # a fresh train iterator (next, get_state, set_state)
-  init_state: Callable[[], train_lib.TrainState]
-  evaluate: Callable[[train_lib.TrainState], dict[str, float]]
+  init_state: Callable[[], steps_lib.TrainState]
+  evaluate: Callable[[steps_lib.TrainState], dict[str, float]]
   eval_every: int                 # steps between evaluations (0: only at the end)
   flops_per_token: float
   # Checkpoint policy: None keeps the last `train.keep_checkpoints` periodic saves; a function
@@ -139,32 +139,32 @@ class _Bookkeeping:
   batches: int = 0                     # batches drawn from the train data: steps + skipped ones
 
 
-def fit(task: Task, *, stop_at_step: int | None = None, restore_step: int | None = None,
+def fit(job: Job, *, stop_at_step: int | None = None, restore_step: int | None = None,
         show_progress: bool = True, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-  """Trains (or resumes) `task` in its workdir to `train.num_steps`; returns the summary (also
+  """Trains (or resumes) `job` in its workdir to `train.num_steps`; returns the summary (also
   written to summary.json). Resumes from the newest checkpoint that restores (a damaged one is
   skipped with a warning), or from `restore_step`. stop_at_step: behave as if preempted once
   this many steps are done (tests compare resumed and uninterrupted runs with it). hooks: more
-  periodic work after the task's (jaxlm/hooks.py). One trainer per workdir
+  periodic work after the job's (jaxlm/hooks.py). One trainer per workdir
   (`run.training_lock`)."""
   if restore_step is not None:
-    run_lib.check_restore_step(task.workdir, restore_step)
-  with run_lib.training_lock(task.workdir):
+    run_lib.check_restore_step(job.workdir, restore_step)
+  with run_lib.training_lock(job.workdir):
     try:
-      return _fit(task, stop_at_step, restore_step, show_progress, [*task.hooks, *hooks])
+      return _fit(job, stop_at_step, restore_step, show_progress, [*job.hooks, *hooks])
     finally:  # (a run directory on an object store gets its logs, however the run ends)
       if jax.process_index() == 0:
-        remote.upload(task.workdir)
+        remote.upload(job.workdir)
 
 
-def _fit(task: Task, stop_at_step: int | None, restore_step: int | None, show_progress: bool,
+def _fit(job: Job, stop_at_step: int | None, restore_step: int | None, show_progress: bool,
          extra_hooks: Sequence[Hook]) -> dict[str, Any]:
-  done = run_lib.read_json(task.workdir, "summary.json")
+  done = run_lib.read_json(job.workdir, "summary.json")
   if (restore_step is None and done is not None and done.get("finished")
-      and done.get("step", 0) >= task.config.train.num_steps):
+      and done.get("step", 0) >= job.config.train.num_steps):
     log(f"already trained to step {done['step']}; nothing to do.")
     return done
-  run = _Run(task, restore_step, show_progress)
+  run = _Run(job, restore_step, show_progress)
   hooks = [*run.hooks(), *extra_hooks]
   stop = StopFlag()
   with stop.installed():
@@ -182,19 +182,19 @@ class _Run:
   """One `fit`: the state, data, bookkeeping and writers of the run, the steps, and the loop's
   own hooks (its methods)."""
 
-  def __init__(self, task: Task, restore_step: int | None, show_progress: bool):
-    self.task, self.cfg, self.workdir, self.mesh = task, task.config, task.workdir, task.mesh
+  def __init__(self, job: Job, restore_step: int | None, show_progress: bool):
+    self.job, self.cfg, self.workdir, self.mesh = job, job.config, job.workdir, job.mesh
     self.lead = jax.process_index() == 0
     if jax.process_count() > 1:  # every process has read the workdir (its checks) first
       multihost_utils.sync_global_devices(f"jaxlm checks of {self.workdir} done")
-    run_lib.write_files(self.workdir, self.cfg, task.tokenizer, base_config=task.base_config,
-                        run_source=task.run_source, class_names=task.class_names)
-    keep = None if task.rank is not None else self.cfg.train.keep_checkpoints
+    run_lib.write_files(self.workdir, self.cfg, job.tokenizer, base_config=job.base_config,
+                        run_source=job.run_source, class_names=job.class_names)
+    keep = None if job.rank is not None else self.cfg.train.keep_checkpoints
     self.checkpointer = run_lib.checkpointer(self.workdir, keep=keep)
-    self.iterator = task.data()
-    resumed = self.checkpointer.restore_for_resume(task.steps.abstract_state, restore_step, log)
+    self.iterator = job.data()
+    resumed = self.checkpointer.restore_for_resume(job.steps.abstract_state, restore_step, log)
     if resumed is None:
-      self.state, self.step, self.book = task.init_state(), 0, _Bookkeeping()
+      self.state, self.step, self.book = job.init_state(), 0, _Bookkeeping()
     else:
       self.step, self.state, data_state = resumed
       data_state, self.book = _restored(data_state, self.step)
@@ -219,19 +219,19 @@ class _Run:
                          disable=not (show_progress and self.lead))
 
   def _log_start(self) -> None:
-    cfg, task = self.cfg, self.task
+    cfg, job = self.cfg, self.job
     stages = self.mesh.shape["stage"]
     pipelined = (f"; pipeline: {stages} stages x {cfg.train.pipeline_microbatches} "
                  f"microbatches, bubble "
                  f"{pipeline.bubble_fraction(stages, cfg.train.pipeline_microbatches):.0%} of "
                  f"each step" if stages > 1 else "")
-    log(f"{self.num_params:,} parameters; {task.flops_per_token / 1e6:.1f} MFLOPs per token; "
-        f"mesh {dict(self.mesh.shape)}{pipelined}; {task.description}workdir "
+    log(f"{self.num_params:,} parameters; {job.flops_per_token / 1e6:.1f} MFLOPs per token; "
+        f"mesh {dict(self.mesh.shape)}{pipelined}; {job.description}workdir "
         f"{remote.display(self.workdir)}")
-    log(f"compiled the train step in {task.compile_seconds:.1f}s "
-        f"({train_lib.step_bytes(task.compiled_step) / 2**30:.2f} GiB per device)")
+    log(f"compiled the train step in {job.compile_seconds:.1f}s "
+        f"({steps_lib.step_bytes(job.compiled_step) / 2**30:.2f} GiB per device)")
     if self.lead and self.step == 0:
-      self.writer.write(0, {"compile_seconds": task.compile_seconds,
+      self.writer.write(0, {"compile_seconds": job.compile_seconds,
                             "num_params": self.num_params})
 
   # -- the steps -----------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class _Run:
         jax.block_until_ready(self.state)  # the step in flight finishes, then the stop
         raise failed
       self.book.tokens_seen += int(np.prod(batch["inputs"].shape))  # token slots of the batch
-      self.state, metrics = self.task.train_step(self.state, batch)
+      self.state, metrics = self.job.train_step(self.state, batch)
       self.step += 1
       self.book.batches += 1
       self.settle()  # read step t-1's flags while step t runs
@@ -278,16 +278,16 @@ class _Run:
   # -- the loop's own hooks, in order --------------------------------------------------------
 
   def hooks(self) -> list[Hook]:
-    t, task = self.cfg.train, self.task
+    t, job = self.cfg.train, self.job
     due = lambda every, step: every > 0 and step % every == 0
-    sampling = task.can_sample and t.sample_max_new_tokens > 0
+    sampling = job.can_sample and t.sample_max_new_tokens > 0
     return [
         Hook(self.layer_stats, every=t.layer_stats_every, pauses_clock=False),
         Hook(self.log_metrics, every=t.log_every, at_end=True, pauses_clock=False),
-        Hook(self.evaluate, every=task.eval_every, at_end=True),
+        Hook(self.evaluate, every=job.eval_every, at_end=True),
         *([Hook(self.sample, every=t.sample_every, at_end=True)] if sampling else []),
         Hook(self.checkpoint, when=lambda step, last: due(t.checkpoint_every, step) or (
-            last and task.rank is None) or self.new_best),
+            last and job.rank is None) or self.new_best),
         *hooks_lib.profiler_hooks(os.path.join(self.workdir, "profile"), 2, t.profile_steps),
     ]
 
@@ -301,15 +301,15 @@ class _Run:
     self.settle()
     elapsed = metrics_lib.busy_clock() - self.clock[0]  # (without compiles)
     tokens_per_second = (self.book.tokens_seen - self.clock[2]) / max(elapsed, 1e-9)
-    key = self.task.train_loss_key
+    key = self.job.train_loss_key
     logged = {key: float(values["train_loss"]),
               "learning_rate": float(values["learning_rate"]),
               "grad_norm": float(values["grad_norm"]), "tokens_per_second": tokens_per_second,
               "step_seconds": elapsed / max(info.step - self.clock[1], 1),
-              "mfu": self.task.flops_per_token * tokens_per_second / self.peak,
+              "mfu": self.job.flops_per_token * tokens_per_second / self.peak,
               "tokens_seen": self.book.tokens_seen}
-    if self.task.data_metrics is not None:
-      logged.update(self.task.data_metrics(self.iterator, info.data_state))
+    if self.job.data_metrics is not None:
+      logged.update(self.job.data_metrics(self.iterator, info.data_state))
     self.writer.write(info.step, logged)
     self.progress.update(info.step - self.progress.n)
     self.progress.set_postfix(loss=f"{logged[key]:.3f}", tok_s=f"{tokens_per_second:,.0f}",
@@ -317,20 +317,20 @@ class _Run:
     self.mark_clock()
 
   def evaluate(self, info: StepInfo) -> None:
-    """The task's evaluation; under a best-checkpoint policy, a new best is saved."""
+    """The job's evaluation; under a best-checkpoint policy, a new best is saved."""
     self.settle()  # a spike is rolled back before it is evaluated or saved
-    results = self.task.evaluate(info.state)
+    results = self.job.evaluate(info.state)
     self.writer.write(info.step, results)
     message = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
     (log if self.progress.disable else self.progress.write)(f"step {info.step}: {message}")
-    if self.task.rank is not None:
-      rank = list(self.task.rank(results))
+    if self.job.rank is not None:
+      rank = list(self.job.rank(results))
       if self.book.best is None or rank > self.book.best["rank"]:
         self.book.best = {"step": info.step, "rank": rank, "results": results}
         self.new_best = True
 
   def sample(self, info: StepInfo) -> None:
-    _sample(self.cfg, info.state, self.task.tokenizer, info.step, self.samples_path)
+    _sample(self.cfg, info.state, self.job.tokenizer, info.step, self.samples_path)
 
   def checkpoint(self, info: StepInfo) -> None:
     self.new_best = False
@@ -342,11 +342,11 @@ class _Run:
     best-checkpoint policy, only the best and this one are kept."""
     self.checkpointer.save(step, self.state, {"iterator": data_state,
                                               "loop": dataclasses.asdict(self.book)},
-                           config_lib.to_dict(self.cfg), self.task.tokenizer)
+                           config_lib.to_dict(self.cfg), self.job.tokenizer)
     self.saved_step = step
     if self.lead:
       remote.upload(self.workdir)  # (an object store's copy of the logs: up to this checkpoint)
-    if self.task.rank is not None:
+    if self.job.rank is not None:
       self.checkpointer.wait()
       keep = {step, self.book.best["step"] if self.book.best else step}
       for old in self.checkpointer.all_steps():
@@ -375,10 +375,10 @@ class _Run:
     if any(s > to_step for s in saved):  # a preemption's save on the abandoned path: set aside
       self.checkpointer.discard([s for s in saved if s > to_step])
     if to_step:
-      state, data_state, _ = self.checkpointer.restore(to_step, self.task.steps.abstract_state)
+      state, data_state, _ = self.checkpointer.restore(to_step, self.job.steps.abstract_state)
       book = _restored(data_state, to_step)[1]
     else:
-      state, book = self.task.init_state(), _Bookkeeping()
+      state, book = self.job.init_state(), _Bookkeeping()
     book.rollbacks = self.book.rollbacks + 1
     self.iterator.set_state(spike.data_after)
     for _ in range(t.rollback_skip_batches):
@@ -387,7 +387,7 @@ class _Run:
     skipped, book.batches = resume_at - book.batches, resume_at
     if t.rollback_lr_steps:
       until = jax.make_array_from_callback(  # (a global array: every process calls this)
-          (), self.task.steps.state_shardings.rollback_lr_until,
+          (), self.job.steps.state_shardings.rollback_lr_until,
           lambda _: np.int32(to_step + t.rollback_lr_steps))
       state = state.replace(rollback_lr_until=until)
     if self.lead:
@@ -408,14 +408,14 @@ class _Run:
 
   def finish(self, stop_reason: str | None) -> dict[str, Any]:
     """A last checkpoint if interrupted; under a best-checkpoint policy only the best is kept;
-    the loss plot, summary.json and the task's own finish."""
+    the loss plot, summary.json and the job's own finish."""
     self.progress.close()
     interrupted = self.step < self.cfg.train.num_steps
     if interrupted and self.step != self.saved_step:
       self.save(self.step, self.data_state)
     self.checkpointer.wait()
     best = self.book.best
-    if not interrupted and self.task.rank is not None and best is not None:
+    if not interrupted and self.job.rank is not None and best is not None:
       for old in self.checkpointer.all_steps():  # the best is then the run's latest checkpoint
         if old != best["step"]:
           self.checkpointer.delete(old)
@@ -424,11 +424,11 @@ class _Run:
     if self.lead:
       tokens_per_step = self.book.tokens_seen / max(self.step, 1)
       metrics_lib.plot_losses(records, tokens_per_step, os.path.join(self.workdir, "loss.png"),
-                              train_key=self.task.train_loss_key)
-    summary = _summary(records, self.step, interrupted, stop_reason, self.task.compile_seconds,
-                       self.num_params, self.task.train_loss_key)
-    if not interrupted and self.task.finish is not None:
-      summary = self.task.finish(summary, best)
+                              train_key=self.job.train_loss_key)
+    summary = _summary(records, self.step, interrupted, stop_reason, self.job.compile_seconds,
+                       self.num_params, self.job.train_loss_key)
+    if not interrupted and self.job.finish is not None:
+      summary = self.job.finish(summary, best)
     if self.lead:
       files.write_json(os.path.join(self.workdir, "summary.json"), summary)
     if interrupted:

@@ -6,7 +6,7 @@ modules need (parameter counts, FLOPs, layer stacking for `scan_layers`, KV cach
 
 Conventions (see docs/architecture.md):
   * Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`):
-    `vocab, embed, heads, kv, mlp` (+ `layers` when scanned). Compute runs in `config.dtype`;
+    `vocab, embed, heads, head_dim, mlp` (+ `layers` when scanned). Compute runs in `config.dtype`;
     attention scores, softmax, norm statistics and logits are float32.
   * Activations get `nn.with_logical_constraint` at block boundaries; without a mesh and rules
     these are no-ops, so plain `model.init` / `model.apply` work anywhere.
@@ -20,9 +20,9 @@ Parameter tree (unscanned; with `scan_layers=True`, `layers_0 .. layers_{n-1}` b
   layers_{i}/
     attention_norm/scale [embed]                   ('embed',)
     attention_norm/bias  [embed]                   ('embed',)             layernorm + use_bias
-    attention/{query,key,value}/kernel [embed, heads, head_dim]  ('embed', 'heads', 'kv')
-    attention/{query,key,value}/bias   [heads, head_dim]         ('heads', 'kv')
-    attention/out/kernel [heads, head_dim, embed]  ('heads', 'kv', 'embed')
+    attention/{query,key,value}/kernel [embed, heads, head_dim]  ('embed', 'heads', 'head_dim')
+    attention/{query,key,value}/bias   [heads, head_dim]         ('heads', 'head_dim')
+    attention/out/kernel [heads, head_dim, embed]  ('heads', 'head_dim', 'embed')
     attention/out/bias   [embed]                   ('embed',)
     mlp_norm/{scale,bias}                          as attention_norm
     mlp/fc/kernel        [embed, mlp]              ('embed', 'mlp')       mlp='gelu'
@@ -60,9 +60,9 @@ PyTree = Any
 
 # Logical axis names of the activations we constrain.
 ACTIVATION_AXES = ("batch", "length", "embed")
-HEADS_AXES = ("batch", "length", "heads", "kv")
+HEADS_AXES = ("batch", "length", "heads", "head_dim")
 # The KV cache is [batch, max_len, heads, head_dim] per layer.
-CACHE_AXES = ("batch", "length", "heads", "kv")
+CACHE_AXES = ("batch", "length", "heads", "head_dim")
 
 # `remat_policy` -> what jax.checkpoint may keep from the forward pass (everything else is
 # recomputed in the backward pass). The names are set with `checkpoint_name` below.
@@ -260,7 +260,7 @@ class Dense(nn.Module):
 
   The kernel has shape x.shape[-n_in:] + features, where n_in = len(axes) - len(features);
   `axes` names all kernel axes (inputs, then outputs); the bias covers the output axes.
-  E.g. features=(heads, head_dim), axes=('embed', 'heads', 'kv'):
+  E.g. features=(heads, head_dim), axes=('embed', 'heads', 'head_dim'):
   [batch, length, embed] -> [batch, length, heads, head_dim].
   """
   features: tuple[int, ...]
@@ -369,7 +369,8 @@ class CausalSelfAttention(nn.Module):
                deterministic: bool, decode: bool) -> Array:
     cfg = self.config
     residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
-    qkv = functools.partial(Dense, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg)
+    qkv = functools.partial(Dense, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                            cfg)
     query = qkv(name="query")(x, deterministic)  # [batch, length, heads, head_dim]
     key = qkv(name="key")(x, deterministic)
     value = qkv(name="value")(x, deterministic)
@@ -413,7 +414,7 @@ class CausalSelfAttention(nn.Module):
     if self.is_mutable_collection("intermediates") and not decoding:  # train.layer_stats_every
       self.sow("intermediates", "attention_logit_max", attention_logit_max(query, key, mask))
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
-    return Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, init_scale=residual_scale,
+    return Dense((cfg.embed_dim,), ("heads", "head_dim", "embed"), cfg, init_scale=residual_scale,
                  name="out")(out, deterministic)
 
   def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
@@ -722,7 +723,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int,
   """An empty KV cache for `batch` sequences of up to `max_len` tokens.
 
   The same tree as `model.init(rng, tokens[batch, max_len], positions=..., decode=True)['cache']`
-  (boxed with logical axes: keys/values ('batch', 'length', 'heads', 'kv'), plus a leading
+  (boxed with logical axes: keys/values ('batch', 'length', 'heads', 'head_dim'), plus a leading
   'layers' axis when scanned), without initializing parameters. `dtype` sets the storage dtype
   of keys and values (default config.dtype). Use with
   `model.apply({'params': params, 'cache': cache}, tokens, positions=..., decode=True,

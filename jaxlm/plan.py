@@ -159,11 +159,12 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
   import jax
 
   from jaxlm import model as model_lib
-  from jaxlm import pipeline, train
+  from jaxlm import pipeline
+  from jaxlm import steps as steps_lib
 
   start = time.perf_counter()
-  steps = train.make_steps(config, mesh)
-  state, batch = steps.abstract_state, train.abstract_batch(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
+  state, batch = steps.abstract_state, steps_lib.abstract_batch(config, mesh)
   compiled, compile_error = None, None
   try:
     compiled = steps.compile_train(state, batch)
@@ -223,7 +224,7 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
     argument = memory.argument_size_in_bytes
     output, alias = memory.output_size_in_bytes, memory.alias_size_in_bytes
     temp = memory.temp_size_in_bytes
-    total = train.step_bytes(compiled)  # (argument + output - alias + temp: what training logs)
+    total = steps_lib.step_bytes(compiled)  # (argument + output - alias + temp: what training logs)
     result.update(argument_bytes=argument, output_bytes=output, alias_bytes=alias,
                   temp_bytes=temp, total_bytes=total,
                   fits=None if hbm_bytes is None else total <= hbm_bytes,

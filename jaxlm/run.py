@@ -37,7 +37,7 @@ from jaxlm import files, remote, sharding, storage
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError
-from jaxlm.train import abstract_params
+from jaxlm.steps import abstract_params
 
 
 class RunError(UserError):
@@ -51,7 +51,7 @@ RESUMABLE_SECTIONS = ("train", "optim", "mesh")
 def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Dotted keys whose change makes the saved checkpoints unusable for `new`. A key the saved
   config lacks (written before the key existed) has its default there."""
-  saved = _with_defaults(saved, config_lib.to_dict(config_lib.Config()))
+  saved = _with_defaults(config_lib.upgrade(saved), config_lib.to_dict(config_lib.Config()))
   # data.stride 0 means seq_len: a run saved with that stride written out resumes.
   changed = config_lib.diff(*[{**c, "data": {**c["data"], "stride": c["data"]["stride"]
                                               or c["data"]["seq_len"]}} for c in (saved, new)])
@@ -131,11 +131,13 @@ def labels(workdir: str) -> list[str]:
 
 def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] | None) -> None:
   """RunError unless `workdir` is new or holds a run of the same kind and model that `config`
-  can resume: pretraining (`run_source` None) or fine-tuning from the same run and task."""
+  can resume: pretraining (`run_source` None) or fine-tuning from the same run and objective."""
   check_writable(workdir)
-  # source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "task": ..., "data_sha256":
+  # source.json: {"imported_from": ...} or {"fine_tuned_from": ..., "objective": ..., "data_sha256":
   # {flag: sha256 of the file}} (runs written before data_sha256 existed resume without it)
   saved_source = read_json(workdir, "source.json")
+  if saved_source is not None and "task" in saved_source:  # (written before "objective")
+    saved_source = {"objective" if k == "task" else k: v for k, v in saved_source.items()}
   if run_source is not None and saved_source is not None and "data_sha256" not in saved_source:
     run_source = {k: v for k, v in run_source.items() if k != "data_sha256"}
   if saved_source != (dict(run_source) if run_source is not None else None):
@@ -149,7 +151,7 @@ def check_resumable(workdir: str, config: Config, run_source: Mapping[str, Any] 
     if saved_source is not None and "imported_from" in saved_source:
       what = "imported weights (see its source.json)"
     elif saved_source is not None:
-      what = (f"a {saved_source.get('task')} fine-tuning run of "
+      what = (f"a {saved_source.get('objective')} fine-tuning run of "
               f"{saved_source.get('fine_tuned_from')}")
     elif os.path.isfile(os.path.join(workdir, "config.json")):
       what = "a pretraining run"

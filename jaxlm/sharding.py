@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules, and shardings for params, train state and batches.
 
-Model code names axes logically (`batch, length, embed, heads, kv, mlp, vocab, layers`); this
-module maps them onto the mesh axes `stage, data, fsdp, tensor` with one small table. Changing
+Model code names axes logically (`batch, length, embed, heads, head_dim, mlp, vocab, layers`);
+this module maps them onto the mesh axes `stage, data, fsdp, tensor` with one small table. Changing
 the mesh in the config is all it takes to go from one CPU to data parallel, FSDP, tensor
 parallel or pipeline stages (`layers` -> `stage`: jaxlm/pipeline.py).
 """
@@ -33,7 +33,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("kv", None),
+    ("head_dim", None),
     ("length", None),
     ("layers", "stage"),  # stacked layers: consecutive groups per pipeline stage
 )

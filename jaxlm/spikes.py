@@ -1,5 +1,5 @@
 """What the loop does about bad steps: non-finite losses and loss spikes (detected inside the
-step by `train.spike_update`), read one step late so the host never waits for the device.
+step by `steps.spike_update`), read one step late so the host never waits for the device.
 
 Non-finite steps are skipped in the step and counted here: more than
 train.max_nonfinite_steps in a row stop the run. A spike (train.spike_action) is reported with

@@ -9,7 +9,7 @@ A sweep file (`configs/sweeps/NAME.py`) defines `get_sweep()` returning a dict:
   name       optional (default: the file's name)
 
 `load` validates every run's config before anything runs or is written. Every run is an
-ordinary pretraining run directory `WORKDIR/POINT/seed_S` (trained by `jaxlm.trainer.train`, the
+ordinary pretraining run directory `WORKDIR/POINT/seed_S` (trained by `jaxlm.pretrain.train`, the
 code path of `experiments.pretrain`), so resume, checkpoints and metrics behave as there.
 `execute` runs the unfinished ones in worker processes (finished runs are skipped, interrupted
 ones resume from their checkpoints, a failing run is recorded and the rest go on); `write_report`
@@ -252,7 +252,7 @@ def prepare_inputs(plan: Plan, workdir: str, log: Callable[[str], None]) -> None
   """Checks every unfinished run's inputs (corpus, tokenizer, mesh, batch) and builds the shared
   caches (tokenizers, token arrays, the CPU peak-FLOP/s probe) once, here, so that runs started
   in parallel do not race to build them and a bad input stops the sweep before it starts."""
-  from jaxlm import metrics, trainer
+  from jaxlm import metrics, pretrain
   seen_data = set()
   for run in plan.runs:
     if is_finished(workdir, run):
@@ -264,7 +264,7 @@ def prepare_inputs(plan: Plan, workdir: str, log: Callable[[str], None]) -> None
       continue
     seen_data.add(key)
     log(f"checking inputs of {run.name} (and every run sharing its data)")
-    trainer.prepare(config, run_dir(workdir, run))
+    pretrain.prepare(config, run_dir(workdir, run))
     metrics.peak_flops(config.model.dtype, config.data.data_dir)
 
 

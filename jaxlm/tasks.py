@@ -42,7 +42,7 @@ from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import files, sharding
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.loss import token_losses
@@ -405,7 +405,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def continuation_scores(model: Transformer, params: Any, batch: dict, rng: Any = None
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss-function-shaped (see train.LossFn): per row, the summed log-probability of its
+  """Loss-function-shaped (see steps.LossFn): per row, the summed log-probability of its
   weighted targets ("loglikelihood" [batch]) and whether each of them is the argmax
   ("greedy" [batch])."""
   logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
@@ -419,8 +419,8 @@ def continuation_scores(model: Transformer, params: Any, batch: dict, rng: Any =
 
 def make_scorer(model_config: ModelConfig, mesh) -> Callable[[Any, dict], dict[str, Any]]:
   """(params, global batch) -> `continuation_scores`' per-row arrays, replicated: the eval
-  step of `train.make_eval_step` with this scorer as its loss."""
-  return train_lib.make_eval_step(model_config, mesh, continuation_scores)
+  step of `steps.make_eval_step` with this scorer as its loss."""
+  return steps_lib.make_eval_step(model_config, mesh, continuation_scores)
 
 
 @dataclasses.dataclass

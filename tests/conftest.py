@@ -88,8 +88,8 @@ def tiny_lm_run(tmp_path_factory) -> str:
   from jaxlm import config as config_lib
   from jaxlm import run as run_lib
   from jaxlm import sharding
+  from jaxlm import steps as steps_lib
   from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm import train as train_lib
 
   workdir = tmp_path_factory.mktemp("tiny_lm_run")
   source = os.path.dirname(json.__file__)
@@ -104,7 +104,7 @@ def tiny_lm_run(tmp_path_factory) -> str:
   rng = np.random.default_rng(0)
   params = jax.tree.map(
       lambda s: jax.device_put(rng.normal(0, 0.1, s.shape).astype(np.float32), s.sharding),
-      train_lib.abstract_params(config.model, mesh))
+      steps_lib.abstract_params(config.model, mesh))
   run_lib.write_files(str(workdir), config, tokenizer, run_source={"imported_from": "tests"})
   checkpointer = run_lib.checkpointer(str(workdir), async_save=False)
   checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import sharding, shards, train
+from jaxlm import sharding, shards
+from jaxlm import steps as steps_lib
 from jaxlm.textfiles import unit_hash
 from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
@@ -156,7 +157,7 @@ def run_steps(config, num_steps, devices=None, batch=random_batch):
   """(final state, train losses) of `num_steps` steps on batch(config, step) from the seed's
   init."""
   mesh = sharding.make_mesh(config.mesh, devices or jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(config.seed))
   losses = []
   for i in range(num_steps):

@@ -10,7 +10,8 @@ import pytest
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
-from jaxlm import sharding, train
+from jaxlm import sharding
+from jaxlm import steps as steps_lib
 from tests.helpers import TINY, damage, random_batch
 
 
@@ -26,7 +27,7 @@ class _FakeTokenizer:
 def trained(tmp_path_factory):
   config = config_lib.validate(TINY)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   state, _ = steps.train(state, sharding.global_batch(random_batch(config), mesh))
   directory = tmp_path_factory.mktemp("ckpt")
@@ -40,7 +41,7 @@ def trained(tmp_path_factory):
 def test_round_trip_is_exact(trained):
   config, state, directory = trained
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   restored, data_state, meta = ckpt.Checkpointer(directory).restore(1, steps.abstract_state)
   assert data_state == {"next_index": 1}
   assert meta["config"] == config_lib.to_dict(config)
@@ -51,7 +52,7 @@ def test_round_trip_is_exact(trained):
 def test_restores_onto_another_mesh(trained):
   config, state, directory = trained
   config8 = config_lib.replace(config, mesh={"data": 2, "fsdp": 4, "tensor": 1})
-  steps = train.make_steps(config8, sharding.make_mesh(config8.mesh))
+  steps = steps_lib.make_steps(config8, sharding.make_mesh(config8.mesh))
   restored, _, _ = ckpt.Checkpointer(directory).restore(1, steps.abstract_state)
   kernel = restored.params["layers_0"]["mlp"]["fc"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
@@ -86,7 +87,7 @@ def test_flipped_bytes_are_refused(trained, tmp_path):
     byte = f.read(1)
     f.seek(-1, 1)
     f.write(bytes([byte[0] ^ 0x55]))
-  steps = train.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  steps = steps_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   with pytest.raises(ckpt.CheckpointError, match="checkpoint .*1"):
     ckpt.Checkpointer(str(copy)).restore(1, steps.abstract_state)
 
@@ -96,7 +97,7 @@ def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
   window (the four other fields only) restore with those started afresh."""
   config, state, _ = trained
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   old = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
          "rng": state.rng}
   checkpointer = ckpt.Checkpointer(str(tmp_path / "checkpoints"))
@@ -105,7 +106,7 @@ def test_a_checkpoint_from_before_spike_stats_resumes(trained, tmp_path):
   assert "spike_stats" in ckpt.fingerprints(state)  # what a current checkpoint holds
   restored, _, _ = ckpt.Checkpointer(str(tmp_path / "checkpoints")).restore(
       1, steps.abstract_state)
-  assert isinstance(restored, train.TrainState)
+  assert isinstance(restored, steps_lib.TrainState)
   np.testing.assert_array_equal(restored.spike_stats, np.zeros(3, np.float32))
   assert int(restored.rollback_lr_until) == 0
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
@@ -124,7 +125,7 @@ def two_steps(trained, tmp_path):
     checkpointer.save(step, state, {"next_index": step}, config_lib.to_dict(config),
                       _FakeTokenizer())
   checkpointer.wait()
-  steps = train.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  steps = steps_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   return tmp_path / "checkpoints", steps.abstract_state
 
 

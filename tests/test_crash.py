@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jaxlm import checkpoint, loop, trainer
+from jaxlm import checkpoint, loop, pretrain
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from tests.conftest import REPO
@@ -68,7 +68,7 @@ def test_a_failing_save_stops_with_one_line_and_keeps_the_earlier_checkpoint(
       "num_steps": 20, "log_every": 1, "eval_every": 20, "checkpoint_every": 5,
       "sample_every": 0, "sample_max_new_tokens": 0})
   config, workdir = config_lib.validate(values), tmp_path / "run"
-  task = trainer.task(trainer.prepare(config, str(workdir)))
+  task = pretrain.job(pretrain.prepare(config, str(workdir)))
   make_data = task.data
   task.data = lambda: _DiskFillsUp(make_data(), workdir / "checkpoints")
   limit = resource.getrlimit(resource.RLIMIT_FSIZE)

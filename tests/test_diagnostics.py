@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import diagnostics, sharding
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.model import Transformer, attention_logit_max, stack_layers
 from tests.conftest import random_params
 from tests.helpers import pattern_batch, step_config
@@ -69,7 +69,7 @@ def test_attention_logit_max_in_query_chunks_equals_the_whole_score_matrix():
 def test_the_step_computes_them_at_due_steps_and_at_spikes_only():
   config = step_config("skip", layer_stats_every=3)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train_lib.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   clean = sharding.global_batch(pattern_batch(-1), mesh)
   computed = []

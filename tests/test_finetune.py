@@ -22,7 +22,7 @@ from jaxlm import finetune, sharding
 from jaxlm import generate as generate_lib
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.model import Transformer, count_params
 from tests.conftest import REPO, USER_XLA_FLAGS
 
@@ -276,7 +276,7 @@ def test_prompt_and_padding_never_enter_the_instruction_loss():
                                 "data": {"seq_len": 64, "stride": 64}})
   model = Transformer(config.model)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
-  loss = train_lib.lm_loss()
+  loss = steps_lib.lm_loss()
   _, sums = loss(model, params, jax.tree.map(jnp.asarray, batch), None)
   changed = dict(batch, targets=np.where(batch["weights"] > 0, batch["targets"],
                                          (batch["targets"] + 7) % 130))
@@ -304,7 +304,7 @@ def test_classifier_reads_the_last_real_token():
   logits[0, 1] = [5.0, 0.0]   # row 0, last real token: says class 0 (right)
   logits[1, 4] = [5.0, 0.0]   # row 1, last real token: says class 0 (wrong)
   logits[1, 10] = [0.0, 9.0]  # padding after the text: must be ignored
-  _, sums = train_lib.classifier_loss(_FixedLogits(jnp.asarray(logits)), None,
+  _, sums = steps_lib.classifier_loss(_FixedLogits(jnp.asarray(logits)), None,
                                       jax.tree.map(jnp.asarray, batch), None)
   assert float(sums["correct"]) == 1.0 and float(sums["weight_sum"]) == 2.0
 
@@ -319,10 +319,10 @@ def test_trainable_selection_and_optimizer_state(trainable, last_n, expected):
   config = config_lib.validate({
       "model": {"num_layers": 3, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
                 "vocab_size": 130, "num_classes": 3},
-      "finetune": {"task": "classifier", "trainable": trainable, "last_n_blocks": last_n},
+      "finetune": {"objective": "classifier", "trainable": trainable, "last_n_blocks": last_n},
       "optim": {"warmup_steps": 0}, "train": {"global_batch_size": 8}})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train_lib.make_steps(config, mesh, trainable=finetune.trainable_filter(config))
+  steps = steps_lib.make_steps(config, mesh, trainable=finetune.trainable_filter(config))
   abstract = steps.abstract_state
   trainable_tree, frozen = steps.split(abstract.params)
   assert set(trainable_tree) == expected
@@ -538,7 +538,7 @@ def test_lora_trains_only_adapters_and_the_head():
       "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
                 "vocab_size": 50, "num_classes": 2, "lora_rank": 4,
                 "lora_targets": ("query", "value")},
-      "finetune": {"task": "classifier"}})
+      "finetune": {"objective": "classifier"}})
   params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
   trainable, frozen = params_lib.partition(nn.unbox(params["params"]),
                                            finetune.trainable_filter(config))

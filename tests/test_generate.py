@@ -331,8 +331,8 @@ def run_dir(tmp_path_factory):
   steps 1 and 2 written by Checkpointer.save), saved from one device: load_run below restores
   it onto 8, the CLI onto 1. Random N(0, 0.3) params instead of training, for peaked logits."""
   from jaxlm import checkpoint as ckpt
+  from jaxlm import steps as steps_lib
   from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm import train as train_lib
   from jaxlm.optim import make_optimizer
   workdir = tmp_path_factory.mktemp("run")
   source = os.path.dirname(json.__file__)
@@ -344,14 +344,14 @@ def run_dir(tmp_path_factory):
   config = config_lib.validate({"model": RUN_MODEL, "train": {"global_batch_size": 8},
                                 "data": {"seq_len": 64, "stride": 64}})
   (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config)))
-  steps = train_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  steps = steps_lib.make_steps(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   optimizer = make_optimizer(config.optim, config.train.num_steps)
   checkpointer = ckpt.Checkpointer(str(workdir / "checkpoints"))
   rng = np.random.default_rng(0)
   for step in (1, 2):
     params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32),
                           steps.abstract_state.params)
-    state = train_lib.TrainState(step=jnp.int32(step), params=params,
+    state = steps_lib.TrainState(step=jnp.int32(step), params=params,
                                  opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
     checkpointer.save(step, jax.device_put(state, steps.state_shardings), {},
                       config_lib.to_dict(config), tokenizer)

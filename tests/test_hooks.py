@@ -12,11 +12,11 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import loader, loop, sharding
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.hooks import Hook
 
 
-def fake_task(workdir, **train) -> loop.Task:
+def fake_task(workdir, **train) -> loop.Job:
   config = config_lib.validate({
       "model": {"num_layers": 1, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
                 "vocab_size": 64, "max_seq_len": 16},
@@ -25,7 +25,7 @@ def fake_task(workdir, **train) -> loop.Task:
                 "sample_every": 0, "sample_max_new_tokens": 0, **train},
       "optim": {"warmup_steps": 0}})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train_lib.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   tokens = np.random.default_rng(0).integers(4, 64, size=4000).astype(np.uint16)
   windows = loader.Windows([tokens], 16)
 
@@ -35,7 +35,7 @@ def fake_task(workdir, **train) -> loop.Task:
     def serialize(self):
       return b"fake"
 
-  return loop.Task(
+  return loop.Job(
       config=config, workdir=str(workdir), mesh=mesh, tokenizer=Tokenizer(), steps=steps,
       train_step=steps.train, compiled_step=None, compile_seconds=0.0,
       data=lambda: loader.Loader([loader.Source("random", windows)], 0, 4, eos_id=3),
@@ -45,7 +45,7 @@ def fake_task(workdir, **train) -> loop.Task:
 
 @pytest.fixture(autouse=True)
 def no_step_bytes(monkeypatch):
-  monkeypatch.setattr(train_lib, "step_bytes", lambda compiled: 0)  # (nothing compiled ahead)
+  monkeypatch.setattr(steps_lib, "step_bytes", lambda compiled: 0)  # (nothing compiled ahead)
 
 
 def test_hooks_run_after_every_nth_step_with_that_steps_state_and_metrics(tmp_path):

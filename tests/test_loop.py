@@ -14,7 +14,7 @@ from jaxlm import config as config_lib
 from jaxlm import finetune, loop
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from tests.conftest import REPO
 from tests.helpers import launch_script
 
@@ -73,7 +73,7 @@ def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(
   # SIGTERM arrives while the 4th batch is read (mid first epoch): the loop finishes that
   # step, saves it and returns unfinished.
   prepared = prepared_run(tiny_lm_run, tmp_path / "cut", data)
-  task = finetune.make_task(prepared)
+  task = finetune.make_job(prepared)
   make_data = task.data
 
   def data_with_sigterm():
@@ -205,7 +205,7 @@ def test_a_finetuning_step_that_cannot_fit_is_refused_before_anything_is_written
                                                                                    tmp_path):
   # The largest batch's step compiles from shapes in `prepare` (~1 TB for 2**25 rows).
   data = keyword_csv(tmp_path / "data.csv", count=20)
-  with pytest.raises(train_lib.DoesNotFit, match=r"GiB per device but only .*lower "
+  with pytest.raises(steps_lib.DoesNotFit, match=r"GiB per device but only .*lower "
                      r"train\.global_batch_size=33554432 .*finetune\.max_length=64") as info:
     prepared_run(tiny_lm_run, tmp_path / "w", data, **{"train.global_batch_size": 2**25})
   assert "\n" not in str(info.value)

@@ -17,8 +17,9 @@ import pytest
 import safetensors
 
 from jaxlm import config as config_lib
-from jaxlm import lora, sharding, train
+from jaxlm import lora, sharding
 from jaxlm import params as params_lib
+from jaxlm import steps as steps_lib
 from jaxlm.config import ModelConfig
 from jaxlm.lora import LoraError
 from jaxlm.model import Transformer, count_params, lora_params_per_layer, param_count
@@ -294,7 +295,7 @@ SHARDED_VALUES = {
 def test_sharded_lora_forward_matches_one_device():
   config = config_lib.validate(SHARDED_VALUES)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   fresh = jax.device_put(nn.unbox(jax.jit(Transformer(config.model).init)(
       jax.random.key(0), tokens())["params"]), steps.state_shardings.params)
   params = jax.device_put(randomize_adapters(fresh), steps.state_shardings.params)
@@ -322,7 +323,7 @@ def test_sharded_lora_forward_matches_one_device():
 
   one_config = config_lib.replace(config, mesh={"data": 1, "fsdp": 1, "tensor": 1})
   one_mesh = sharding.make_mesh(one_config.mesh, jax.devices()[:1])
-  one_steps = train.make_steps(one_config, one_mesh)
+  one_steps = steps_lib.make_steps(one_config, one_mesh)
   host_params = jax.device_get(params)
   sharded_loss = loss(steps, mesh, params)
   assert sharded_loss == pytest.approx(loss(one_steps, one_mesh, host_params), rel=1e-5)

@@ -223,7 +223,7 @@ def test_stack_and_unstack_layers():
   params = random_params(BASE)
   stacked = model_lib.stack_layers(params)
   kernel = stacked["layers"]["attention"]["query"]["kernel"]
-  assert kernel.names == ("layers", "embed", "heads", "kv")
+  assert kernel.names == ("layers", "embed", "heads", "head_dim")
   np.testing.assert_array_equal(kernel.value[1],
                                 params["layers_1"]["attention"]["query"]["kernel"].value)
   scanned_shapes = jax.eval_shape(
@@ -326,7 +326,7 @@ def test_init_cache_matches_model_init():
   assert describe(cache) == describe(from_init)
   assert nn.get_partition_spec(cache) == nn.get_partition_spec(from_init)
   assert cache["layers"]["attention"]["cached_key"].names == (
-      "layers", "batch", "length", "heads", "kv")
+      "layers", "batch", "length", "heads", "head_dim")
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(nn.unbox(cache)))
   bf16 = nn.unbox(model_lib.init_cache(cfg, 3, 9, dtype=jnp.bfloat16))["layers"]["attention"]
   assert bf16["cached_value"].dtype == jnp.bfloat16
@@ -414,9 +414,9 @@ def test_logical_axes():
   assert specs["position_embed"] == P(None, "embed")
   assert specs["lm_head"] == P("embed", "vocab")
   attention = specs["layers_0"]["attention"]
-  assert attention["key"]["kernel"] == P("embed", "heads", "kv")
-  assert attention["key"]["bias"] == P("heads", "kv")
-  assert attention["out"]["kernel"] == P("heads", "kv", "embed")
+  assert attention["key"]["kernel"] == P("embed", "heads", "head_dim")
+  assert attention["key"]["bias"] == P("heads", "head_dim")
+  assert attention["out"]["kernel"] == P("heads", "head_dim", "embed")
   assert specs["layers_0"]["mlp"]["gate"]["kernel"] == P("embed", "mlp")
   assert specs["layers_0"]["mlp"]["down"]["kernel"] == P("mlp", "embed")
   assert specs["layers_0"]["mlp_norm"]["scale"] == P("embed")

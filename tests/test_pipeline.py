@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import pipeline, sharding, train
+from jaxlm import pipeline, sharding
 from jaxlm import run as run_lib
+from jaxlm import steps as steps_lib
 from jaxlm.config import ConfigError
 from tests.helpers import run_steps as train_steps
 
@@ -87,7 +88,7 @@ def test_the_other_remat_policies_train_the_same_through_the_pipeline(one_device
 def test_layers_live_on_their_stage_only():
   config = tiny_config({"stage": 4, "data": 2})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
-  params = train.abstract_params(config.model, mesh)
+  params = steps_lib.abstract_params(config.model, mesh)
   kernel = params["layers"]["mlp"]["fc"]["kernel"]  # [layers, embed, mlp]
   assert kernel.sharding.spec[0] == "stage"
   assert kernel.sharding.shard_shape(kernel.shape)[0] == 1  # 4 layers over 4 stages
@@ -140,9 +141,9 @@ def test_pipeline_errors_found_with_the_mesh():
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
   with pytest.raises(ConfigError, match=r"2 rows per pipeline microbatch, not divisible by mesh "
                                         r"data x fsdp = 4"):
-    train.make_steps(config, mesh)
+    steps_lib.make_steps(config, mesh)
   with pytest.raises(ConfigError, match="the mesh has 2 pipeline stages but mesh.stage=1"):
-    train.make_steps(tiny_config(), mesh)
+    steps_lib.make_steps(tiny_config(), mesh)
   with pytest.raises(ConfigError, match="2 rows per pipeline microbatch"):
     sharding.check_batch(config.train, mesh)
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import pretrain
 from jaxlm import run as run_lib
-from jaxlm import trainer
 from tests.conftest import REPO
 from tests.helpers import losses, overrides, tiny_values
 
@@ -94,12 +94,12 @@ def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
 def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   config = config_lib.validate(tiny_values(data_dir, model={"dropout": 0.1}))
   straight = tmp_path / "straight"
-  trainer.train(config, str(straight), show_progress=False)
+  pretrain.train(config, str(straight), show_progress=False)
   resumed = tmp_path / "resumed"
-  first = trainer.train(config, str(resumed), stop_at_step=5, show_progress=False)
+  first = pretrain.train(config, str(resumed), stop_at_step=5, show_progress=False)
   assert first["step"] == 5 and not first["finished"]
   assert max(losses(resumed)) == 5
-  second = trainer.train(config, str(resumed), show_progress=False)
+  second = pretrain.train(config, str(resumed), show_progress=False)
   assert second["finished"]
   assert losses(resumed) == losses(straight)  # bitwise: same floats in the JSON
   assert losses(resumed, "eval_loss") == losses(straight, "eval_loss")
@@ -111,7 +111,7 @@ def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   shutil.copytree(straight, damaged)
   damage(str(damaged / "checkpoints" / "12"), "truncated")
   (damaged / "summary.json").unlink()  # it died before finishing
-  trainer.train(config, str(damaged), show_progress=False)
+  pretrain.train(config, str(damaged), show_progress=False)
   assert losses(damaged) == losses(straight)
   assert sorted(os.listdir(damaged / "checkpoints_discarded")) == ["12"]
 
@@ -124,7 +124,7 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):
   before = (workdir / "config.json").read_text()
   other = config_lib.validate(tiny_values(data_dir, model={"num_layers": 3}))
   with pytest.raises(run_lib.RunError, match="model.num_layers"):
-    trainer.train(other, str(workdir), show_progress=False)
+    pretrain.train(other, str(workdir), show_progress=False)
   assert (workdir / "config.json").read_text() == before
   assert sorted(os.listdir(workdir)) == ["config.json"]
 
@@ -182,7 +182,7 @@ def test_bad_cli_input_is_one_line_and_writes_nothing(case, tmp_path, data_dir):
 
 def expect_refused(values, workdir, match, error=ValueError):
   with pytest.raises(error, match=match) as info:
-    trainer.train(config_lib.validate(values), str(workdir), show_progress=False)
+    pretrain.train(config_lib.validate(values), str(workdir), show_progress=False)
   assert "\n" not in str(info.value)
   assert not os.path.exists(workdir)
 
@@ -207,7 +207,7 @@ def test_a_fixed_tokenizer_must_fit_the_model_vocabulary_which_may_pad_it(tmp_pa
                        mesh={"data": -1, "tensor": 2},
                        train={"num_steps": 2, "eval_every": 0, "checkpoint_every": 0,
                               "sample_every": 2, "sample_max_new_tokens": 24})
-  summary = trainer.train(config_lib.validate(values), str(tmp_path / "run"),
+  summary = pretrain.train(config_lib.validate(values), str(tmp_path / "run"),
                           show_progress=False)
   assert summary["finished"] and np.isfinite(summary["eval_loss"])
   with open(tmp_path / "run" / "samples.jsonl") as f:
@@ -243,5 +243,5 @@ def test_train_takes_a_dict_and_checks_it_first(tmp_path, monkeypatch):
   for values in ({"model": {"num_layers": 0}},
                  ml_collections.ConfigDict({"model": {"num_layers": 0}})):
     with pytest.raises(config_lib.ConfigError, match=r"model\.num_layers=0: must be positive"):
-      trainer.train(values, str(tmp_path / "run"))
+      pretrain.train(values, str(tmp_path / "run"))
   assert os.listdir(tmp_path) == []

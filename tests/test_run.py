@@ -42,7 +42,7 @@ def test_one_trainer_per_workdir(tmp_path):
   with run_lib.training_lock(workdir):  # released
     pass
   # A directory holding only the lock (a start killed before its first write) is a new run.
-  run_lib.check_resumable(workdir, config_lib.validate({}), {"task": "classifier"})
+  run_lib.check_resumable(workdir, config_lib.validate({}), {"objective": "classifier"})
 
 
 def test_a_restore_step_that_does_not_exist_writes_nothing(tmp_path):
@@ -123,7 +123,7 @@ def test_a_folder_with_another_tools_config_json_is_not_taken_for_a_run(tmp_path
 def test_a_run_saved_with_the_old_stride_default_resumes(tmp_path, monkeypatch):
   """Before data.stride=0 meant seq_len its default was 256: a run started with seq_len 128
   saved stride 256, which a new run is refused (it skips tokens) but the old one resumes."""
-  from jaxlm import trainer
+  from jaxlm import pretrain
   old = config_lib.to_dict(config_lib.validate({"data": {"seq_len": 128, "stride": 128}}))
   old["data"]["stride"] = 256
   workdir = tmp_path / "run"
@@ -135,11 +135,11 @@ def test_a_run_saved_with_the_old_stride_default_resumes(tmp_path, monkeypatch):
 
   def reached(*args, **kwargs):
     raise Reached
-  monkeypatch.setattr(trainer.tokenizer_lib, "get_tokenizer", reached)
+  monkeypatch.setattr(pretrain.tokenizer_lib, "get_tokenizer", reached)
   with pytest.raises(Reached):  # (past every check of the config: the resume goes on)
-    trainer.prepare(config_lib.from_dict(old), str(workdir))
+    pretrain.prepare(config_lib.from_dict(old), str(workdir))
   with pytest.raises(config_lib.ConfigError, match=r"data\.stride=256 exceeds data\.seq_len"):
-    trainer.prepare(config_lib.from_dict(old), str(tmp_path / "new"))
+    pretrain.prepare(config_lib.from_dict(old), str(tmp_path / "new"))
   with pytest.raises(run_lib.RunError, match=r"different data\.stride .*it was started with "
                                              r"data\.stride=256"):
     run_lib.check_resumable(str(workdir), config_lib.validate({"data": {"seq_len": 128}}), None)

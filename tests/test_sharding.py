@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import sharding, train
+from jaxlm import sharding
+from jaxlm import steps as steps_lib
 from jaxlm.config import ConfigError
 from tests.helpers import random_batch
 
@@ -28,7 +29,7 @@ def run(mesh_shape, num_steps=5):
   config = config_lib.validate(values)
   devices = jax.devices()[:data * fsdp * tensor]
   mesh = sharding.make_mesh(config.mesh, devices)
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   losses = []
   for i in range(num_steps):
@@ -76,7 +77,7 @@ def test_batch_must_split_over_data_and_fsdp():
             "train": {"global_batch_size": 12}}
   config = config_lib.validate(values)
   with pytest.raises(ConfigError, match="data x fsdp = 8"):
-    train.make_steps(config, sharding.make_mesh(config.mesh))
+    steps_lib.make_steps(config, sharding.make_mesh(config.mesh))
 
 
 @pytest.mark.parametrize("field, value, mesh_values, match", [
@@ -94,4 +95,4 @@ def test_dimensions_must_divide_their_mesh_axes(field, value, mesh_values, match
                                                     **mesh_values}}
   config = config_lib.validate(values)
   with pytest.raises(ConfigError, match=match):
-    train.make_steps(config, sharding.make_mesh(config.mesh))
+    steps_lib.make_steps(config, sharding.make_mesh(config.mesh))

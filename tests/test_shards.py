@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import prepare, shards, trainer
+from jaxlm import prepare, pretrain, shards
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from tests.helpers import losses, stdlib_texts
@@ -56,7 +56,7 @@ def test_a_mixture_trains_by_weight_and_resumes_exactly(folders, tmp_path):
   mixture = f"{folders / 'code'}:0.75,{folders / 'more'}:0.25"
   config = config_lib.validate(values(mixture=mixture))
   straight = tmp_path / "straight"
-  summary = trainer.train(config, str(straight), show_progress=False)
+  summary = pretrain.train(config, str(straight), show_progress=False)
   assert summary["finished"] and np.isfinite(summary["eval_loss"])
   records = [json.loads(line) for line in open(straight / "metrics.jsonl")]
   last = [r for r in records if "tokens_seen/code" in r][-1]
@@ -65,15 +65,15 @@ def test_a_mixture_trains_by_weight_and_resumes_exactly(folders, tmp_path):
   assert last["tokens_seen/code"] + last["tokens_seen/more"] == last["tokens_seen"]
   assert last["data_bytes_read"] == 8 * 8 * 65 * 2  # 8 batches of 8 windows of 65 uint16
   resumed = tmp_path / "resumed"
-  trainer.train(config, str(resumed), stop_at_step=3, show_progress=False)
-  trainer.train(config, str(resumed), show_progress=False)
+  pretrain.train(config, str(resumed), stop_at_step=3, show_progress=False)
+  pretrain.train(config, str(resumed), show_progress=False)
   assert losses(resumed) == losses(straight)
   assert losses(resumed, "eval_loss") == losses(straight, "eval_loss")
 
 
 def refused(config_values, workdir, match):
   with pytest.raises(UserError) as error:
-    trainer.train(config_lib.validate(config_values), str(workdir), show_progress=False)
+    pretrain.train(config_lib.validate(config_values), str(workdir), show_progress=False)
   assert match in str(error.value) and "\n" not in str(error.value), str(error.value)
   assert not os.path.exists(workdir)
 
@@ -127,16 +127,16 @@ def test_shards_that_do_not_fit_the_run_are_refused(folders, tmp_path):
   shutil.copytree(code, folder)
   config = config_lib.validate(dict(values(tokens=str(folder)), train=dict(
       values()["train"], num_steps=2, eval_every=0, checkpoint_every=0)))
-  trainer.train(config, str(run), show_progress=False)
+  pretrain.train(config, str(run), show_progress=False)
   longer = config_lib.replace(config, train={"num_steps": 3})
-  moved = trainer.train(config_lib.replace(longer, data={"tokens": f"{code}/"}), str(run),
+  moved = pretrain.train(config_lib.replace(longer, data={"tokens": f"{code}/"}), str(run),
                         show_progress=False)
   assert moved["step"] == 3
   shutil.rmtree(folder)
   shutil.copytree(other, folder)
   with pytest.raises(UserError, match="shards of data.tokens / data.mixture were encoded with "
                                       "another one"):
-    trainer.train(config_lib.replace(longer, train={"num_steps": 4}), str(run),
+    pretrain.train(config_lib.replace(longer, train={"num_steps": 4}), str(run),
                   show_progress=False)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import loop, sharding, trainer
-from jaxlm import train as train_lib
+from jaxlm import loop, pretrain, sharding
+from jaxlm import steps as steps_lib
 from tests.helpers import losses, pattern_batch, step_config, tiny_values
 
 POISON_STEPS = tuple(range(16, 24))   # the batches of these steps are replaced by poison
@@ -25,7 +25,7 @@ POISON_TOKEN = 3 + 0xC8       # a byte-fallback token: never seen in ASCII Pytho
 def test_the_step_flags_a_spike_and_applies_it_only_when_told(action):
   config = step_config(action)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train_lib.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   clean = sharding.global_batch(pattern_batch(-1), mesh)
   flags = []
@@ -93,7 +93,7 @@ def poisoned_run(data_dir, workdir, action: str, stop_at_step=None, poison=True,
       "spike_loss_ratio": 1.3,
       "spike_action": action, **train},
       optim={"learning_rate": 3e-3, "warmup_steps": 2, "schedule": "constant"})
-  task = trainer.task(trainer.prepare(config_lib.validate(values), str(workdir)))
+  task = pretrain.job(pretrain.prepare(config_lib.validate(values), str(workdir)))
   if poison:
     make_data = task.data
     task.data = lambda: Poisoned(make_data())

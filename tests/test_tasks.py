@@ -13,8 +13,8 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
+from jaxlm import pretrain, sharding, tasks
 from jaxlm import run as run_lib
-from jaxlm import sharding, tasks, trainer
 from jaxlm.model import Transformer
 from tests.conftest import REPO
 
@@ -380,9 +380,9 @@ def test_tasks_are_scored_at_every_evaluation_of_a_pretraining_run(tmp_path):
                       "eval_tasks_limit": 4}}
   bad = dict(values, train=dict(values["train"], eval_tasks=f"lambada:{tmp_path}/none.txt"))
   with pytest.raises(tasks.TaskError, match="none.txt"):
-    trainer.train(config_lib.validate(bad), str(tmp_path / "bad"), show_progress=False)
+    pretrain.train(config_lib.validate(bad), str(tmp_path / "bad"), show_progress=False)
   assert not os.path.exists(tmp_path / "bad")
-  trainer.train(config_lib.validate(values), str(tmp_path / "run"), show_progress=False)
+  pretrain.train(config_lib.validate(values), str(tmp_path / "run"), show_progress=False)
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     evals = [r for r in map(json.loads, f) if "eval_loss" in r]
   assert [r["step"] for r in evals] == [2, 4]

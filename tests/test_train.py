@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import optim, sharding, train
+from jaxlm import optim, sharding
+from jaxlm import steps as steps_lib
 from jaxlm.model import Transformer
 from tests.helpers import TINY, random_batch, run_steps
 
@@ -22,7 +23,7 @@ def tiny_config(**sections):
 def test_loss_is_mean_token_cross_entropy():
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   batch = random_batch(config)
   batch["weights"][:, :5] = 0  # padding never enters the loss
@@ -39,14 +40,14 @@ def test_loss_is_mean_token_cross_entropy():
 def test_document_mask_off_attends_across_packed_documents():
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  params = train.make_steps(config, mesh).init(jax.random.PRNGKey(0)).params
+  params = steps_lib.make_steps(config, mesh).init(jax.random.PRNGKey(0)).params
   batch = random_batch(config)
   batch["segment_ids"][:, 8:] = 2   # two documents per window
   model = Transformer(config.model)
 
   def loss_sum(document_mask, segment_ids):
     b = dict(batch, segment_ids=segment_ids)
-    return float(train.lm_loss(document_mask=document_mask)(model, params, b, None)[1]
+    return float(steps_lib.lm_loss(document_mask=document_mask)(model, params, b, None)[1]
                  ["loss_sum"])
 
   one_document = np.ones_like(batch["segment_ids"])
@@ -54,7 +55,7 @@ def test_document_mask_off_attends_across_packed_documents():
   assert masked != pytest.approx(unmasked, rel=1e-4)
   assert unmasked == pytest.approx(loss_sum(True, one_document), rel=1e-6)
   off = tiny_config(train={"document_mask": False})
-  assert float(train.loss_for(off)(model, params, batch, None)[1]["loss_sum"]) == \
+  assert float(steps_lib.loss_for(off)(model, params, batch, None)[1]["loss_sum"]) == \
       pytest.approx(unmasked, rel=1e-6)
 
 
@@ -69,7 +70,7 @@ def test_microbatches_equal_full_batch():
 def test_loss_decreases_when_fitting_one_batch():
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   batch = sharding.global_batch(random_batch(config), mesh)
   losses = []
@@ -82,7 +83,7 @@ def test_loss_decreases_when_fitting_one_batch():
 def test_nonfinite_step_is_skipped():
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  steps = train.make_steps(config, mesh)
+  steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
   before = jax.device_get(state)
   batch = random_batch(config)
@@ -125,10 +126,10 @@ def test_schedules(schedule):
 
 def test_preflight_names_bytes_and_knobs_in_one_line():
   config = tiny_config()
-  train.check_fits(100, (200, "test memory"), config)  # fits: nothing happens
-  train.check_fits(100, None, config)                   # unknown memory: nothing happens
-  with pytest.raises(train.DoesNotFit) as info:
-    train.check_fits(3 * 2**30, (2**30, "test memory"), config)
+  steps_lib.check_fits(100, (200, "test memory"), config)  # fits: nothing happens
+  steps_lib.check_fits(100, None, config)                   # unknown memory: nothing happens
+  with pytest.raises(steps_lib.DoesNotFit) as info:
+    steps_lib.check_fits(3 * 2**30, (2**30, "test memory"), config)
   message = str(info.value)
   assert "\n" not in message and "3.00 GiB" in message and "1.00 GiB" in message
   for knob in ("train.global_batch_size", "train.microbatches", "data.seq_len",
@@ -139,11 +140,11 @@ def test_preflight_names_bytes_and_knobs_in_one_line():
 def test_compiled_step_bytes_and_cpu_memory_are_known():
   config = tiny_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
-  steps = train.make_steps(config, mesh)
-  compiled = steps.compile_train(steps.abstract_state, train.abstract_batch(config, mesh))
+  steps = steps_lib.make_steps(config, mesh)
+  compiled = steps.compile_train(steps.abstract_state, steps_lib.abstract_batch(config, mesh))
   memory = compiled.memory_analysis()
-  assert train.step_bytes(compiled) >= memory.temp_size_in_bytes + memory.argument_size_in_bytes
-  available, what = train.device_memory_bytes(mesh)
+  assert steps_lib.step_bytes(compiled) >= memory.temp_size_in_bytes + memory.argument_size_in_bytes
+  available, what = steps_lib.device_memory_bytes(mesh)
   assert available > 0 and "2 CPU devices" in what
 
 
@@ -153,9 +154,9 @@ def test_abstract_params_from_the_model_alone_match_the_train_state():
   config = tiny_config(model={"scan_layers": True, "num_classes": 3, "lora_rank": 2},
                        mesh={"data": 1, "fsdp": 4})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
-  ours = jax.tree_util.tree_flatten_with_path(train.abstract_params(config.model, mesh))[0]
+  ours = jax.tree_util.tree_flatten_with_path(steps_lib.abstract_params(config.model, mesh))[0]
   state = jax.tree_util.tree_flatten_with_path(
-      train.make_steps(config, mesh).abstract_state.params)[0]
+      steps_lib.make_steps(config, mesh).abstract_state.params)[0]
   assert [path for path, _ in ours] == [path for path, _ in state]
   for (path, a), (_, b) in zip(ours, state):
     assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding), path

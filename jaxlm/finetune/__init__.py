@@ -1,7 +1,7 @@
 """Fine-tuning a run: text classification and instruction following, fully, partly or with LoRA.
 
   core.py        what every objective shares: config, trainable weights, initial params,
-                 epochs of batches, the loop's task (evaluation, best checkpoint), preflight
+                 epochs of batches, the loop's job (evaluation, best checkpoint), preflight
   objective.py   the interface an objective implements (read, encode, batch rows, loss,
                  metrics, rank, checks, finish), shared records, the registry
   classifier.py  classification (the book's chapter 6): a class head on the last token
@@ -32,7 +32,7 @@ from jaxlm.finetune.core import (
                                        finetune_config,
                                        initial_params,
                                        load_splits,
-                                       make_task,
+                                       make_job,
                                        prepare,
                                        resolved_trainable,
                                        trainable_filter,
@@ -63,7 +63,7 @@ __all__ = [
     "MODEL_KEYS_FINETUNING_MAY_SET", "OBJECTIVES", "Objective", "balance", "base_params",
     "batches", "class_names", "encode_classifier", "encode_instructions", "evaluate_splits",
     "finetune", "finetune_config", "format_prompt", "initial_params", "label_ids", "load_splits",
-    "make_batch", "make_task", "predict", "prepare", "read_instructions", "read_labeled",
+    "make_batch", "make_job", "predict", "prepare", "read_instructions", "read_labeled",
     "read_texts", "register", "resolved_trainable", "respond", "split_examples",
     "trainable_filter",
 ]

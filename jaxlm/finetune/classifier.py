@@ -18,7 +18,7 @@ from jaxlm import data as data_lib
 from jaxlm import files, sharding
 from jaxlm import loss as loss_lib
 from jaxlm import run as run_lib
-from jaxlm import train as train_lib
+from jaxlm import steps as steps_lib
 from jaxlm.config import Config, FinetuneConfig
 from jaxlm.finetune.objective import (
   Batch,
@@ -183,7 +183,7 @@ def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
          for row in run.tokenizer.encode_batch(list(texts))]
   encoded = Encoded([], ids, [0] * len(ids), np.zeros(len(ids), np.int32))
   batch_size = data_lib.round_to_devices(8, mesh)
-  class_probs = train_lib.make_eval_step(config.model, mesh, _class_probabilities)
+  class_probs = steps_lib.make_eval_step(config.model, mesh, _class_probabilities)
   probabilities = []  # a row per text, then the last batch's padding rows (dropped by zip)
   for batch in batches(encoded, batch_size, max_length, run.tokenizer.pad_id, OBJECTIVE):
     probs = jax.device_get(class_probs(params, sharding.global_batch(batch, mesh)))

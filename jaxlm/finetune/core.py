@@ -1,5 +1,5 @@
 """Fine-tuning a run, whatever the objective: the config, which weights train (fully, partly or
-with LoRA), the initial params, epochs of batches, the task for the shared loop (evaluation of
+with LoRA), the initial params, epochs of batches, the job for the shared loop (evaluation of
 every split, the best checkpoint), and the steps' preflight. The objective (classifier.py,
 instruct.py; `objective.Objective`) decides how records are read, encoded, batched, scored
 and ranked.
@@ -30,8 +30,8 @@ from jaxlm import config as config_lib
 from jaxlm import loop, lora, metrics, sharding
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
+from jaxlm import steps as steps_lib
 from jaxlm import tasks as tasks_lib
-from jaxlm import train as train_lib
 from jaxlm.config import Config, ModelConfig
 from jaxlm.finetune import objective as objective_lib
 from jaxlm.finetune.objective import (
@@ -89,17 +89,18 @@ FINETUNE_DEFAULTS = {
 }
 
 
-def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Config:
+def finetune_config(init: Config, objective: str, overrides: Mapping[str, Any]) -> Config:
   """The fine-tuning run's config: the init run's model, data (tokenizer) and mesh, the
   fine-tuning defaults (learning rate LEARNING_RATE_TIMES_WIDTH / model.embed_dim), then
   `overrides` ({'section.key': value}, e.g. from --config.K=V). `train.num_steps` is derived
   from the data (epochs x batches per epoch) in `prepare`."""
-  objective_lib.get(task)  # (FinetuneError for an unknown objective)
+  objective_lib.get(objective)  # (FinetuneError for an unknown one)
   values = config_lib.to_dict(init)
   for section, defaults in FINETUNE_DEFAULTS.items():
     values[section].update(defaults)
   values["optim"]["learning_rate"] = LEARNING_RATE_TIMES_WIDTH / init.model.embed_dim
-  values["finetune"] = dict(config_lib.to_dict(config_lib.Config())["finetune"], task=task)
+  values["finetune"] = dict(config_lib.to_dict(config_lib.Config())["finetune"],
+                            objective=objective)
   values["model"].update(scan_layers=False, num_classes=0, lora_rank=0)
   # Fine-tuning addresses blocks by index (trainable last_n_blocks, adapters per block), so it
   # runs unscanned and without pipeline stages: a staged init run's stage devices join its data
@@ -109,7 +110,7 @@ def finetune_config(init: Config, task: str, overrides: Mapping[str, Any]) -> Co
     if -1 not in values["mesh"].values():
       values["mesh"]["data"] = -1
   config = config_lib.from_dict(config_lib.apply_overrides(values, overrides))
-  _check_task_keys(config, overrides)
+  _check_objective_keys(config, overrides)
   _check_model(init.model, config.model)
   if config.model.scan_layers or config.mesh.stage != 1:
     raise FinetuneError(f"fine-tuning runs with unscanned layers and without pipeline stages "
@@ -126,12 +127,12 @@ MODEL_KEYS_FINETUNING_MAY_SET = ("dropout", "attention_impl", "scan_layers", "sc
                                  "lora_alpha", "lora_dropout", "lora_targets")
 
 
-def _check_task_keys(config: Config, overrides: Mapping[str, Any]) -> None:
+def _check_objective_keys(config: Config, overrides: Mapping[str, Any]) -> None:
   """FinetuneError for a key set that this objective could only ignore."""
   if "train.num_steps" in overrides:
     raise FinetuneError("train.num_steps is set by fine-tuning (finetune.epochs x batches per "
                         "epoch); set --config.finetune.epochs instead.")
-  objective_lib.get(config.finetune.task).check(config)
+  objective_lib.get(config.finetune.objective).check(config)
   config_lib.check_sampling(config)
 
 
@@ -155,7 +156,7 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
   if "layers" in base_params:  # a scanned base run: fine-tuning addresses blocks by index
     base_params = unstack_layers(base_params)
   shardings = jax.tree.map(lambda leaf: leaf.sharding,
-                           train_lib.abstract_params(config.model, mesh))
+                           steps_lib.abstract_params(config.model, mesh))
   model = Transformer(config.model)
 
   def init(rng):
@@ -224,7 +225,7 @@ class FinetuneInputs:
   data_sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # by flag: what trains
   # Set by `prepare`: the steps, and the train step of the largest batch compiled from shapes
   # (with its compile time), which runs every batch of that shape.
-  steps: train_lib.Steps | None = None
+  steps: steps_lib.Steps | None = None
   largest_step: Any = None
   largest_shape: tuple[int, ...] = ()
   compile_seconds: float = 0.0
@@ -235,12 +236,12 @@ class FinetuneInputs:
 
   @property
   def objective(self) -> objective_lib.Objective:
-    return objective_lib.get(self.config.finetune.task)
+    return objective_lib.get(self.config.finetune.objective)
 
   @property
   def source(self) -> dict[str, str]:
     return {"fine_tuned_from": os.path.abspath(self.init.workdir),
-            "task": self.config.finetune.task, "data_sha256": self.data_sha256}
+            "objective": self.config.finetune.objective, "data_sha256": self.data_sha256}
 
   def batch(self, split: Encoded, indices: Sequence[int], batch_size: int) -> Batch:
     """`make_batch` with this run's max_length, pad id and objective."""
@@ -252,7 +253,7 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
                 max_length: int) -> tuple[dict[str, Encoded], list[str]]:
   """Reads, selects (e.g. balances), splits and encodes the data the objective's way; returns
   the splits and the class names."""
-  f, objective = config.finetune, objective_lib.get(config.finetune.task)
+  f, objective = config.finetune, objective_lib.get(config.finetune.objective)
   examples = objective.select(objective.read(data, f, "--data"), config)
   if validation_data or test_data:
     if not (validation_data and test_data):
@@ -272,16 +273,17 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
           for name, part in parts.items() if part}, classes
 
 
-def prepare(init_workdir: str, workdir: str, task: str, data: str, overrides: Mapping[str, Any],
-            validation_data: str = "", test_data: str = "") -> FinetuneInputs:
+def prepare(init_workdir: str, workdir: str, objective: str, data: str,
+            overrides: Mapping[str, Any], validation_data: str = "", test_data: str = ""
+            ) -> FinetuneInputs:
   """All checks that can fail on bad input, before anything is written: the data, the config,
   the model against the init run's, and last the train step of the largest batch, compiled from
   shapes, against the device's memory. A `workdir` holding an unfinished fine-tuning run of the
-  same init run and task resumes. A gs:// workdir is mirrored locally (jaxlm/remote.py)."""
+  same init run and objective resumes. A gs:// workdir is mirrored locally (jaxlm/remote.py)."""
   workdir = run_lib.local_workdir(workdir)
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir, what="--init", language_model=True)
-  config = finetune_config(init.config, task, overrides or {})
+  config = finetune_config(init.config, objective, overrides or {})
   metrics.check_wandb(config.train.wandb_project)
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -312,14 +314,14 @@ def _compile_largest_step(prepared: FinetuneInputs) -> None:
   unless it fits a device, before anything is written. Batches of other lengths compile when
   first used."""
   config, mesh, split = prepared.config, prepared.mesh, prepared.splits["train"]
-  steps = train_lib.make_steps(config, mesh, loss=prepared.objective.loss(config),
+  steps = steps_lib.make_steps(config, mesh, loss=prepared.objective.loss(config),
                                trainable=trainable_filter(config))
   longest = max(range(len(split.ids)), key=lambda i: len(split.ids[i]))
   row = prepared.batch(split, [longest], 1)  # shapes only: the global batch may be huge
   largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
                                        value.dtype, sharding=sharding.batch_sharding(mesh))
              for key, value in row.items()}
-  compiled, prepared.compile_seconds = train_lib.compile_checked(
+  compiled, prepared.compile_seconds = steps_lib.compile_checked(
       config, steps, largest, mesh,
       f"finetune.max_length={prepared.max_length} (or the longest example)")
   prepared.steps, prepared.largest_step = steps, compiled
@@ -352,16 +354,16 @@ def evaluate_splits(params: Any, prepared: FinetuneInputs) -> dict[str, float]:
   return results
 
 
-def make_task(prepared: FinetuneInputs) -> loop.Task:
-  """The fine-tuning task for the shared loop: evaluation of every split after each epoch
+def make_job(prepared: FinetuneInputs) -> loop.Job:
+  """The fine-tuning job for the shared loop: evaluation of every split after each epoch
   (or every `train.eval_every` steps), keeping the checkpoint the objective ranks best on the
   validation split (without one: the last)."""
   config, mesh, objective = prepared.config, prepared.mesh, prepared.objective
-  task_name, f = config.finetune.task, config.finetune
+  objective_name, f = config.finetune.objective, config.finetune
   steps = prepared.steps
   started = time.perf_counter()
 
-  def init_state() -> train_lib.TrainState:  # (a resumed run restores its own checkpoint)
+  def init_state() -> steps_lib.TrainState:  # (a resumed run restores its own checkpoint)
     params = initial_params(config, base_params(prepared), mesh, config.seed)
     return steps.init_from(params, jax.random.PRNGKey(config.seed))
 
@@ -386,7 +388,7 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
   num_total = count_params(steps.abstract_state.params)
 
   def finish(summary: dict, best: dict | None) -> dict:
-    out = dict(summary, task=task_name, steps=config.train.num_steps,
+    out = dict(summary, objective=objective_name, steps=config.train.num_steps,
                seconds=round(time.perf_counter() - started, 1),
                trainable_params=num_trainable, total_params=num_total)
     if best is not None:
@@ -402,12 +404,12 @@ def make_task(prepared: FinetuneInputs) -> loop.Task:
       out.update(objective.finish(prepared, params))
     return out
 
-  description = (f"fine-tuning {task_name} from {prepared.init.workdir}: {num_trainable:,} of "
+  description = (f"fine-tuning {objective_name} from {prepared.init.workdir}: {num_trainable:,} of "
                  f"{num_total:,} parameters train ({100 * num_trainable / num_total:.2f}%, "
                  f"trainable={resolved_trainable(config)}); "
                  + ", ".join(f"{k} {len(v.ids)}" for k, v in prepared.splits.items())
                  + f" examples; {f.epochs} epochs of {prepared.steps_per_epoch} steps; ")
-  return loop.Task(
+  return loop.Job(
       config=config, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
       steps=steps, train_step=train_step, compile_seconds=prepared.compile_seconds,
       compiled_step=prepared.largest_step, data=lambda: EpochBatches(prepared),
@@ -424,6 +426,6 @@ def finetune(prepared: FinetuneInputs, show_progress: bool = True,
              ) -> dict[str, Any]:
   """Trains for `finetune.epochs` (or resumes: from the newest valid checkpoint, or from
   `restore_step`), evaluating every split after each epoch; keeps the best checkpoint (see
-  `make_task`). Returns the summary (also written to summary.json)."""
-  return loop.fit(make_task(prepared), stop_at_step=stop_at_step, restore_step=restore_step,
+  `make_job`). Returns the summary (also written to summary.json)."""
+  return loop.fit(make_job(prepared), stop_at_step=stop_at_step, restore_step=restore_step,
                   show_progress=show_progress)

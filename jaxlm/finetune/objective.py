@@ -86,8 +86,8 @@ def register(objective: Objective) -> Objective:
 
 def get(name: str) -> Objective:
   if name not in OBJECTIVES:
-    raise FinetuneError(f"finetune.task={name!r}: no such fine-tuning objective; choose one of "
-                        f"{', '.join(sorted(OBJECTIVES))}.")
+    raise FinetuneError(f"finetune.objective={name!r}: no such fine-tuning objective; choose "
+                        f"one of {', '.join(sorted(OBJECTIVES))}.")
   return OBJECTIVES[name]
 
 

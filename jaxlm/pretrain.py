@@ -1,4 +1,4 @@
-"""Pretraining: the language-modelling task on a corpus, run by the shared loop (`jaxlm.loop`).
+"""Pretraining: the language-modelling job on a corpus, run by the shared loop (`jaxlm.loop`).
 
 `train(config, workdir)` is what `experiments/pretrain.py` and the sweeps call. Everything that
 can be wrong with the inputs (config, corpus, tokenizer, mesh, workdir, memory) is checked in
@@ -17,9 +17,9 @@ from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import loader, loop, metrics, sharding
 from jaxlm import run as run_lib
+from jaxlm import steps as steps_lib
 from jaxlm import tasks as tasks_lib
 from jaxlm import tokenizer as tokenizer_lib
-from jaxlm import train as train_lib
 from jaxlm.config import Config
 from jaxlm.model import flops_per_token, resolve_attention_impl
 
@@ -33,7 +33,7 @@ class PretrainInputs:
   train_sources: list[loader.Source]   # the corpus (or the mixture's corpora): windows
   eval_sources: list[loader.Source]    # their held-out splits, windows without overlap
   mesh: Any
-  steps: train_lib.Steps
+  steps: steps_lib.Steps
   train_step: Any          # the train step compiled ahead of time for this run's shapes
   compile_seconds: float
   eval_tasks: list[tasks_lib.LoadedTask]   # train.eval_tasks, read and checked
@@ -59,9 +59,9 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   tokenizer, _ = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   run_lib.check_tokenizer(workdir, tokenizer)
   train_sources, eval_sources = data_sources(config, tokenizer)
-  steps = train_lib.make_steps(config, mesh)
-  train_step, compile_seconds = train_lib.compile_checked(
-      config, steps, train_lib.abstract_batch(config, mesh), mesh)
+  steps = steps_lib.make_steps(config, mesh)
+  train_step, compile_seconds = steps_lib.compile_checked(
+      config, steps, steps_lib.abstract_batch(config, mesh), mesh)
   return PretrainInputs(config, workdir, tokenizer, train_sources, eval_sources, mesh, steps,
                         train_step, compile_seconds, eval_tasks)
 
@@ -106,12 +106,12 @@ def train(config: Config, workdir: str, *, base_config: Mapping[str, Any] | None
   Returns the final summary (also written to `summary.json`).
   """
   config = config_lib.validate(config)  # (a dict or ConfigDict too; a Config is re-checked)
-  return loop.fit(task(prepare(config, workdir), base_config), stop_at_step=stop_at_step,
+  return loop.fit(job(prepare(config, workdir), base_config), stop_at_step=stop_at_step,
                   restore_step=restore_step, show_progress=show_progress, hooks=hooks)
 
 
-def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) -> loop.Task:
-  """The pretraining task of a prepared run."""
+def job(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) -> loop.Job:
+  """The pretraining job of a prepared run."""
   cfg, mesh = prepared.config, prepared.mesh
   eos_id = prepared.tokenizer.eos_id
   group = sharding.batch_group(mesh)
@@ -143,7 +143,7 @@ def task(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None)
     return {**{f"eval_{k}": v for k, v in result.items()}, **evaluate_tasks(state.params)}
 
   attention = resolve_attention_impl(cfg.model, mesh.devices.flat[0].platform)
-  return loop.Task(
+  return loop.Job(
       config=cfg, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
       steps=prepared.steps, train_step=prepared.train_step,
       compile_seconds=prepared.compile_seconds, compiled_step=prepared.train_step, data=data,
