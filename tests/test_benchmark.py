@@ -1,11 +1,13 @@
-"""experiments/benchmark.py train mode: the real code path on a tiny workload (not timings)."""
+"""jaxlm.bench (experiments/benchmark.py's modes): the real code paths on tiny workloads (not
+timings)."""
 
 import math
 
 import pytest
 
-from experiments import benchmark
 from jaxlm import config as config_lib
+from jaxlm.bench import machine
+from jaxlm.bench import train as benchmark
 
 TINY = {"model": {"num_layers": 2, "num_heads": 2, "embed_dim": 32, "mlp_dim": 128,
                   "vocab_size": 97, "max_seq_len": 16},
@@ -35,11 +37,12 @@ def test_workload_configs_are_valid_float32_single_device():
 
 @pytest.mark.parametrize("use_torch", [True, False])
 def test_train_table_rows(tmp_path, use_torch):
-  if use_torch and not benchmark.torch_available():
+  if use_torch and not machine.torch_available():
     pytest.skip("torch/transformers not installed")
   config = config_lib.validate(TINY)
-  rows, peak = benchmark.run_train(["tiny"], steps=2, repeats=2, warmup=1, use_torch=use_torch,
-                                   peak_cache_dir=str(tmp_path), configs={"tiny": config})
+  settings = benchmark.TrainSettings(steps=2, repeats=2, warmup=1, use_torch=use_torch,
+                                     peak_cache_dir=str(tmp_path))
+  rows, peak = benchmark.run_train(["tiny"], settings, configs={"tiny": config})
   assert peak > 0
   assert [r.implementation for r in rows] == (["jaxlm", "torch"] if use_torch else ["jaxlm"])
   for row in rows:
@@ -60,15 +63,17 @@ def test_train_table_rows(tmp_path, use_torch):
 
 
 def test_machine_lines_name_cpu_and_versions():
-  text = "\n".join(benchmark.machine_lines())
+  text = "\n".join(machine.machine_lines())
   assert "machine:" in text and "jax" in text
 
 
 def test_generate_table_rows():
-  from experiments import generate_benchmark
-  rows = generate_benchmark.run_generate_benchmark(
-      "configs/default.py", batch_sizes=(2,), prompt_tokens=4, new_tokens=8, total_tokens=16,
-      long_tokens=40, repeats=1, uncached_steps=1, log=lambda message: None)
+  from jaxlm.bench import generate as generate_benchmark
+  settings = generate_benchmark.GenerateSettings(
+      batch_sizes=(2,), prompt_tokens=4, new_tokens=8, total_tokens=16, long_tokens=40,
+      repeats=1, uncached_steps=1)
+  rows = generate_benchmark.run_generate_benchmark("configs/default.py", settings,
+                                                   log=lambda message: None)
   measurements = {(r["measurement"], r.get("kv_cache")) for r in rows}
   assert ("throughput", True) in measurements and ("throughput", False) in measurements
   cached = [r for r in rows if r["measurement"] == "throughput" and r["kv_cache"]][0]
@@ -79,7 +84,7 @@ def test_generate_table_rows():
 
 
 def test_tasks_mode_scores_and_runs_the_plain_forward_on_the_same_batches(tmp_path):
-  from experiments import tasks_benchmark
+  from jaxlm.bench import tasks as tasks_benchmark
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
       "def get_config():\n"
@@ -118,7 +123,7 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
   import json as json_module
   import os
 
-  from experiments import data_benchmark
+  from jaxlm.bench import data as data_benchmark
   config_file = tmp_path / "tiny.py"
   files = os.path.join(os.path.dirname(json_module.__file__), "*.py")  # (a small real corpus)
   config_file.write_text(

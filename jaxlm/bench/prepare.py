@@ -18,12 +18,18 @@ tokenizer: --prepare_tokenizer, or the default run's SentencePiece (trained on f
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from typing import Any
+
+from jaxlm import config as config_lib
+from jaxlm import corpora
+from jaxlm import tokenizer as tokenizer_lib
 
 _MB = 2**20
 
@@ -31,7 +37,6 @@ _MB = 2**20
 def generate_jsonl(folder: str, megabytes: int) -> str:
   """`megabytes` of .jsonl documents in files of at most 256 MB under `folder` (reused when
   already there); returns the glob."""
-  from jaxlm import corpora  # pylint: disable=import-outside-toplevel
   os.makedirs(folder, exist_ok=True)
   done = os.path.join(folder, "done.json")
   pattern = os.path.join(folder, "*.jsonl")
@@ -63,9 +68,7 @@ def raw_encode(tokenizer_path: str, pattern: str, sample_mb: int = 64) -> dict[s
   """Tokens per CPU second of the tokenizer alone, one thread, on the first `sample_mb` of the
   input's texts (already in memory)."""
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
-  import glob  # pylint: disable=import-outside-toplevel
 
-  from jaxlm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   texts, size = [], 0
   for path in sorted(glob.glob(pattern)):
@@ -104,7 +107,6 @@ print(json.dumps({"tokens": manifest["tokens"], "bytes": manifest["bytes"], "wal
 
 def run_prepare(pattern: str, output: str, tokenizer_path: str, workers: int) -> dict[str, Any]:
   """prepare_data in a fresh process (its RSS is its own); its tokens, times and peaks."""
-  import shutil  # pylint: disable=import-outside-toplevel
   shutil.rmtree(output, ignore_errors=True)
   result = subprocess.run([sys.executable, "-c", _CHILD, pattern, output, tokenizer_path,
                            str(workers)], capture_output=True, text=True, check=False,
@@ -119,8 +121,6 @@ def run_prepare(pattern: str, output: str, tokenizer_path: str, workers: int) ->
 def run_prepare_benchmark(sizes_mb: list[int], folder: str, tokenizer_path: str = "",
                           workers: int = 1) -> dict[str, Any]:
   if not tokenizer_path:  # the default run's tokenizer (trained on first use)
-    from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
-    from jaxlm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     config = config_lib.validate(config_lib.default_config_dict())
     _, tokenizer_path = tokenizer_lib.get_tokenizer(config.data, config.model.vocab_size)
   rows = []

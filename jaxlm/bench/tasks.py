@@ -16,13 +16,22 @@ package source (a few seconds), so nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
 import time
 from typing import Any
 
+import jax
 import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+from jaxlm import sharding, tasks
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.bench.generate import random_params
+from jaxlm.model import Transformer
 
 WORDS = ("the a man woman dog runs quickly slowly into house garden then picks up ball and "
          "throws it over fence while sun sets behind hills children laugh").split()
@@ -34,16 +43,8 @@ def _text(rng: np.random.Generator, low: int, high: int) -> str:
 
 def run_tasks_benchmark(config_path: str, num_pairs: int, repeats: int, batch_size: int
                         ) -> dict[str, Any]:
-  import json
 
-  import jax
 
-  from experiments.generate_benchmark import random_params
-  from jaxlm import config as config_lib
-  from jaxlm import run as run_lib
-  from jaxlm import sharding, tasks
-  from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm.model import Transformer
 
   config = config_lib.validate(config_lib.load_file(config_path))
   source = os.path.dirname(json.__file__)

@@ -27,6 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxlm import config as config_lib
+from jaxlm import loader, pretrain, shards
+from jaxlm import tokenizer as tokenizer_lib
+
 
 def _seconds(next_batch: Callable[[], Any], batches: int) -> float:
   started = time.perf_counter()
@@ -59,9 +63,6 @@ def run_data_benchmark(config_path: str = "configs/default.py", batches: int = 1
                        repeats: int = 5, overrides: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
   """{tokens/s of each loader, ratios to get_batch, what was loaded}."""
-  from jaxlm import config as config_lib
-  from jaxlm import loader, pretrain, shards
-  from jaxlm import tokenizer as tokenizer_lib
 
   values = config_lib.apply_overrides(config_lib.load_file(config_path), overrides or {})
   config = config_lib.validate(values)

@@ -14,31 +14,55 @@ The uncached path (full recompute over the whole [batch, prompt + new] buffer ea
 the same every step, so it is timed over `uncached_steps` steps and extrapolated: running it
 for 200 tokens of GPT-2 small on a 2-core CPU would take many minutes.
 
-`run_generate_benchmark(...)` returns the rows (dicts) and `format_table(rows)` prints them.
+`run_generate_benchmark(config_path, GenerateSettings(...))` returns the rows (dicts) and `format_table(rows)` prints them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import generate as gen
+from jaxlm.config import ConfigError
+from jaxlm.model import Transformer
 
 
 def load_model_config(path: str):
-  from jaxlm import config as config_lib
   return config_lib.validate(config_lib.load_file(path)).model
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+  """The measurements: throughput at each batch size with `new_tokens` after `prompt_tokens`;
+  a generation of `total_tokens` (0: skipped); time per token over `long_tokens` (0: skipped);
+  medians over `repeats`; the uncached path timed over `uncached_steps` and extrapolated."""
+  batch_sizes: Sequence[int] = (1, 8)
+  prompt_tokens: int = 16
+  new_tokens: int = 200
+  total_tokens: int = 512
+  long_tokens: int = 1000
+  repeats: int = 3
+  uncached_steps: int = 8
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+  config: Any    # ModelConfig
+  params: Any
 
 
 def random_params(model_config, seed: int = 0) -> Any:
   """Params with the model's tree and N(0, init_std) values (norm scales 1), on device."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
-  from jaxlm.model import Transformer
   shapes = jax.eval_shape(lambda: Transformer(model_config).init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"])
   rng = np.random.default_rng(seed)
@@ -53,16 +77,15 @@ def random_params(model_config, seed: int = 0) -> Any:
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _decode(model_config, params, batch: int, prompt_tokens: int, new_tokens: int, *,
-            kv_cache: bool, chunk_size: int, max_steps: int | None = None):
+def _decode(model: _Model, batch: int, prompt_tokens: int, new_tokens: int, *, kv_cache: bool,
+            chunk_size: int, max_steps: int | None = None):
   """One greedy generation -> (prefill seconds, [(steps, seconds)] per chunk after it).
 
   Stops after `max_steps` generated tokens when given (the buffer stays sized for
   `new_tokens`, so every step costs what it would in the full generation)."""
-  from jaxlm import generate as gen
   rng = np.random.default_rng(1)
-  rows = rng.integers(4, model_config.vocab_size, (batch, prompt_tokens)).tolist()
-  chunks = gen.decode_tokens(model_config, params, rows,
+  rows = rng.integers(4, model.config.vocab_size, (batch, prompt_tokens)).tolist()
+  chunks = gen.decode_tokens(model.config, model.params, rows,
                              gen.SamplingParams(max_new_tokens=new_tokens, temperature=0.0),
                              gen.TokenIds(eos_id=-1, pad_id=0),
                              gen.DecodeOptions(chunk_size=chunk_size, kv_cache=kv_cache))
@@ -82,18 +105,20 @@ def _decode(model_config, params, batch: int, prompt_tokens: int, new_tokens: in
   return prefill, timings
 
 
-def _throughput(model_config, params, batch, prompt_tokens, new_tokens, repeats, uncached_steps,
-                label):
+def _throughput(model: _Model, batch: int, new_tokens: int, settings: GenerateSettings,
+                label: str) -> list[dict]:
   """Cached vs uncached, alternating; rows with medians."""
+  prompt_tokens, repeats = settings.prompt_tokens, settings.repeats
+  uncached_steps = settings.uncached_steps
   measured = {True: [], False: []}
   settings = {True: dict(chunk_size=new_tokens),
               False: dict(chunk_size=uncached_steps, max_steps=1 + uncached_steps)}
   for kv_cache in (True, False):  # warm-up: compile both programs
-    _decode(model_config, params, batch, prompt_tokens, new_tokens, kv_cache=kv_cache,
+    _decode(model, batch, prompt_tokens, new_tokens, kv_cache=kv_cache,
             **dict(settings[kv_cache], max_steps=2, chunk_size=1))
   for _ in range(repeats):
     for kv_cache in (True, False):
-      prefill, timings = _decode(model_config, params, batch, prompt_tokens, new_tokens,
+      prefill, timings = _decode(model, batch, prompt_tokens, new_tokens,
                                  kv_cache=kv_cache, **settings[kv_cache])
       steps = sum(n for n, _ in timings)
       per_step = sum(t for _, t in timings) / steps
@@ -112,13 +137,15 @@ def _throughput(model_config, params, batch, prompt_tokens, new_tokens, repeats,
   return rows
 
 
-def _growth(model_config, params, prompt_tokens, long_tokens, repeats, chunk=16):
+def _growth(model: _Model, settings: GenerateSettings, chunk: int = 16) -> list[dict]:
   """Cached time per token in the first and last full chunks of a long generation."""
-  _decode(model_config, params, 1, prompt_tokens, long_tokens, kv_cache=True, chunk_size=chunk,
+  prompt_tokens, long_tokens = settings.prompt_tokens, settings.long_tokens
+  repeats = settings.repeats
+  _decode(model, 1, prompt_tokens, long_tokens, kv_cache=True, chunk_size=chunk,
           max_steps=1 + chunk)  # warm-up
   first, last, totals = [], [], []
   for _ in range(repeats):
-    prefill, timings = _decode(model_config, params, 1, prompt_tokens, long_tokens,
+    prefill, timings = _decode(model, 1, prompt_tokens, long_tokens,
                                kv_cache=True, chunk_size=chunk)
     full = [t / n for n, t in timings if n == chunk]
     first.append(full[0])
@@ -139,32 +166,29 @@ def _growth(model_config, params, prompt_tokens, long_tokens, repeats, chunk=16)
 
 
 def run_generate_benchmark(config_path: str = "configs/gpt2_124m.py",
-                           batch_sizes: Sequence[int] = (1, 8), prompt_tokens: int = 16,
-                           new_tokens: int = 200, total_tokens: int = 512,
-                           long_tokens: int = 1000, repeats: int = 3, uncached_steps: int = 8,
-                           seed: int = 0, log=None) -> list[dict]:
+                           settings: GenerateSettings = GenerateSettings(), log=None
+                           ) -> list[dict]:
   """All measurements as rows (see the module doc). `log(message)` reports progress."""
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
   model_config = load_model_config(config_path)
-  longest = prompt_tokens + max(new_tokens, total_tokens - prompt_tokens, long_tokens)
+  s = settings
+  longest = s.prompt_tokens + max(s.new_tokens, s.total_tokens - s.prompt_tokens, s.long_tokens)
   if longest > model_config.max_seq_len:  # (positions past it are meaningless)
-    from jaxlm.config import ConfigError
     raise ConfigError(f"{config_path}: model.max_seq_len={model_config.max_seq_len} is shorter "
                       f"than the benchmark's longest generation ({longest} tokens); pass a "
                       f"--generate_config with a longer context (e.g. configs/gpt2_124m.py).")
-  params = random_params(model_config, seed)
+  model = _Model(model_config, random_params(model_config, s.seed))
   rows = []
-  for batch in batch_sizes:
-    log(f"throughput: batch {batch}, {prompt_tokens} + {new_tokens} tokens")
-    rows += _throughput(model_config, params, batch, prompt_tokens, new_tokens, repeats,
-                        uncached_steps, "throughput")
-  if total_tokens:
-    log(f"{total_tokens} total tokens, batch 1")
-    rows += _throughput(model_config, params, 1, prompt_tokens, total_tokens - prompt_tokens,
-                        repeats, uncached_steps, f"{total_tokens} total tokens")
-  if long_tokens:
-    log(f"time per token over {long_tokens} tokens")
-    rows += _growth(model_config, params, prompt_tokens, long_tokens, repeats)
+  for batch in s.batch_sizes:
+    log(f"throughput: batch {batch}, {s.prompt_tokens} + {s.new_tokens} tokens")
+    rows += _throughput(model, batch, s.new_tokens, s, "throughput")
+  if s.total_tokens:
+    log(f"{s.total_tokens} total tokens, batch 1")
+    rows += _throughput(model, 1, s.total_tokens - s.prompt_tokens, s,
+                        f"{s.total_tokens} total tokens")
+  if s.long_tokens:
+    log(f"time per token over {s.long_tokens} tokens")
+    rows += _growth(model, s)
   return rows
 
 
