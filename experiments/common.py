@@ -177,13 +177,15 @@ def define_restore_step_flag() -> flags.FlagHolder:
       "(the later ones are moved to checkpoints_discarded/).", lower_bound=0))
 
 
-def run_finetune(objective: str, init: str | None, data: str | None, workdir: str | None,
-                 validation_data: str | None, test_data: str | None, progress: bool,
-                 restore_step: int | None = None) -> None:
-  """The fine-tuning scripts' shared main: checks everything, trains, prints the summary."""
+def run_finetune(objective: str) -> None:
+  """The fine-tuning scripts' shared main: checks everything, trains, prints the summary. The
+  scripts define the same flags (--init, --data, --validation_data, --test_data, --workdir,
+  --progress, --restore_step); they are read here."""
   import json
 
   from jaxlm import finetune
+  f = flags.FLAGS
+  init, data, workdir = f.init, f.data, f.workdir
   missing = [name for name, value in (("--init", init), ("--data", data),
                                       ("--workdir", workdir)) if not value]
   if missing:
@@ -191,8 +193,8 @@ def run_finetune(objective: str, init: str | None, data: str | None, workdir: st
                                  f"from), --data=FILE, --workdir=NEW_RUN.")
   maybe_initialize_distributed()
   prepared = finetune.prepare(init, workdir, objective, data, config_overrides(),
-                              validation_data or "", test_data or "")
-  summary = finetune.finetune(prepared, show_progress=progress, restore_step=restore_step)
+                              f.validation_data or "", f.test_data or "")
+  summary = finetune.finetune(prepared, show_progress=f.progress, restore_step=f.restore_step)
   import jax
   if jax.process_index() == 0:
     print(json.dumps(summary))

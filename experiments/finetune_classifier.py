@@ -62,9 +62,7 @@ def main(argv: list[str]) -> None:
     for result in finetune.predict(_WORKDIR.value, texts):
       print(json.dumps(result, ensure_ascii=False))
     return
-  common.run_finetune("classifier", _INIT.value, _DATA.value, _WORKDIR.value,
-                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value,
-                      _RESTORE_STEP.value)
+  common.run_finetune("classifier")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   common.quiet_logs()
-  common.run_finetune("instruct", _INIT.value, _DATA.value, _WORKDIR.value,
-                      _VALIDATION_DATA.value, _TEST_DATA.value, _PROGRESS.value,
-                      _RESTORE_STEP.value)
+  common.run_finetune("instruct")
 
 
 if __name__ == "__main__":
