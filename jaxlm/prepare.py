@@ -224,7 +224,7 @@ def sample_documents(units: Sequence[sources.Unit], settings: PrepareSettings, s
 # -- Stage 1: units -> tokens ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class UnitTask:
+class UnitPlan:
   unit: sources.Unit
   fingerprint: str
   force_validation: str | None = None   # an identity held out whatever its hash (tiny corpora)
@@ -240,24 +240,24 @@ class SplitFix:
   units: frozenset[str]   # fingerprints of the units as first tokenized
 
 
-def unit_tasks(plan: Plan, fix: SplitFix | None = None) -> list[UnitTask]:
+def plan_units(plan: Plan, fix: SplitFix | None = None) -> list[UnitPlan]:
   base = [dataclasses.asdict(plan.settings), shards.fingerprint(plan.tokenizer)]
-  tasks = []
+  unit_plans = []
   for unit in plan.units:
     first = _digest([unit.describe(), base, []])
     if fix is None or first not in fix.units:
-      tasks.append(UnitTask(unit, first))
+      unit_plans.append(UnitPlan(unit, first))
       continue
     forced = ((fix.identity, None) if fix.to == "validation" else (None, fix.identity))
-    tasks.append(UnitTask(unit, _digest([unit.describe(), base, list(forced)]), *forced))
-  return tasks
+    unit_plans.append(UnitPlan(unit, _digest([unit.describe(), base, list(forced)]), *forced))
+  return unit_plans
 
 
 def unit_path(work: str, fingerprint: str, suffix: str) -> str:
   return storage.join(work, "units", f"{fingerprint}{suffix}")
 
 
-def tokenize_unit(task: UnitTask, settings: PrepareSettings, tokenizer, work: str
+def tokenize_unit(unit_plan: UnitPlan, settings: PrepareSettings, tokenizer, work: str
                   ) -> dict[str, Any]:
   """Stage 1 for one unit: writes its tokens and document starts per split, then its marker
   (JSON, returned): tokens and documents per split and the documents nearest the split line
@@ -282,8 +282,8 @@ def tokenize_unit(task: UnitTask, settings: PrepareSettings, tokenizer, work: st
         counts[split] += 1
 
   batch, batch_chars = [], 0
-  for document in sources.documents(task.unit, settings.text_key, settings.id_key):
-    split = _split_of(document.identity, settings.validation_fraction, task)
+  for document in sources.documents(unit_plan.unit, settings.text_key, settings.id_key):
+    split = _split_of(document.identity, settings.validation_fraction, unit_plan)
     hashed = [unit_hash(document.identity), document.identity]
     if split == "train" and (nearest["lowest_train"] is None or hashed < nearest["lowest_train"]):
       nearest["lowest_train"] = hashed
@@ -297,22 +297,22 @@ def tokenize_unit(task: UnitTask, settings: PrepareSettings, tokenizer, work: st
       batch, batch_chars = [], 0
   if batch:
     flush(batch)
-  marker: dict[str, Any] = {"fingerprint": task.fingerprint, "splits": {}, **nearest}
+  marker: dict[str, Any] = {"fingerprint": unit_plan.fingerprint, "splits": {}, **nearest}
   for split in shards.SPLITS:
     tokens = np.concatenate(pieces[split]) if pieces[split] else np.zeros([0], dtype)
-    write_npy(unit_path(work, task.fingerprint, f".{split}.npy"), tokens)
-    write_npy(unit_path(work, task.fingerprint, f".{split}.starts.npy"),
+    write_npy(unit_path(work, unit_plan.fingerprint, f".{split}.npy"), tokens)
+    write_npy(unit_path(work, unit_plan.fingerprint, f".{split}.starts.npy"),
               np.asarray(starts[split], np.uint32))
     marker["splits"][split] = {"tokens": int(counts[split]), "documents": len(starts[split])}
-  storage.write_bytes(unit_path(work, task.fingerprint, ".json"),
+  storage.write_bytes(unit_path(work, unit_plan.fingerprint, ".json"),
                       (json.dumps(marker) + "\n").encode())
   return marker
 
 
-def _split_of(identity: str, fraction: float, task: UnitTask) -> str:
-  if identity == task.force_validation:
+def _split_of(identity: str, fraction: float, unit_plan: UnitPlan) -> str:
+  if identity == unit_plan.force_validation:
     return "validation"
-  if identity == task.force_train:
+  if identity == unit_plan.force_train:
     return "train"
   return "validation" if unit_hash(identity) < fraction else "train"
 
@@ -338,7 +338,7 @@ def read_marker(work: str, fingerprint: str) -> dict[str, Any] | None:
     return None  # (a damaged marker: the unit is redone)
 
 
-def split_fix(tasks: Sequence[UnitTask], markers: Sequence[dict[str, Any]]) -> SplitFix | None:
+def split_fix(unit_plans: Sequence[UnitPlan], markers: Sequence[dict[str, Any]]) -> SplitFix | None:
   """The document to move when a split would be empty (the one whose hash is nearest the other
   side, as the text_files corpus does), or None. PrepareError when there are fewer than 2
   documents."""
@@ -353,7 +353,7 @@ def split_fix(tasks: Sequence[UnitTask], markers: Sequence[dict[str, Any]]) -> S
   key, to, pick = (("lowest_train", "validation", min) if validation == 0
                    else ("highest_validation", "train", max))
   identity = pick(m[key] for m in markers if m[key])[1]
-  return SplitFix(identity, to, frozenset(t.fingerprint for t, m in zip(tasks, markers)
+  return SplitFix(identity, to, frozenset(t.fingerprint for t, m in zip(unit_plans, markers)
                                           if m[key] and m[key][1] == identity))
 
 
@@ -374,7 +374,7 @@ def check_splits(markers: Sequence[dict[str, Any]], settings: PrepareSettings) -
 # -- Stages 2 and 3: layout and shards ------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class ShardTask:
+class ShardPlan:
   split: str
   index: int
   pieces: tuple[tuple[str, int, int], ...]   # (unit fingerprint, from, to) in its split array
@@ -388,32 +388,32 @@ class ShardTask:
     return _digest([self.split, self.index, self.pieces, tokenizer_fingerprint])
 
 
-def layout(tasks: Sequence[UnitTask], markers: Sequence[dict[str, Any]], shard_tokens: int
-           ) -> list[ShardTask]:
+def layout(unit_plans: Sequence[UnitPlan], markers: Sequence[dict[str, Any]], shard_tokens: int
+           ) -> list[ShardPlan]:
   """Each split as its units' tokens in unit order, cut every `shard_tokens` tokens."""
   out = []
   for split in shards.SPLITS:
     index, current, size = 0, [], 0
-    for task, marker in zip(tasks, markers):
+    for unit_plan, marker in zip(unit_plans, markers):
       count, at = marker["splits"][split]["tokens"], 0
       while at < count:
         take = min(count - at, shard_tokens - size)
-        current.append((task.fingerprint, at, at + take))
+        current.append((unit_plan.fingerprint, at, at + take))
         at, size = at + take, size + take
         if size == shard_tokens:
-          out.append(ShardTask(split, index, tuple(current), size))
+          out.append(ShardPlan(split, index, tuple(current), size))
           index, current, size = index + 1, [], 0
     if size:
-      out.append(ShardTask(split, index, tuple(current), size))
+      out.append(ShardPlan(split, index, tuple(current), size))
   return out
 
 
-def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
+def write_shard(shard: ShardPlan, work: str, output: str, dtype: np.dtype,
                 byte_lengths: np.ndarray, tokenizer_fingerprint: str) -> dict[str, Any]:
   """Stage 3 for one shard: the shard and its document starts (atomic), then a marker holding
   its manifest entry (returned). An existing marker of the same content is reused."""
-  fingerprint = task.fingerprint(tokenizer_fingerprint)
-  marker_path = storage.join(work, "shards", f"{task.name}.json")
+  fingerprint = shard.fingerprint(tokenizer_fingerprint)
+  marker_path = storage.join(work, "shards", f"{shard.name}.json")
   if storage.exists(marker_path):
     try:
       marker = json.loads(storage.read_bytes(marker_path))
@@ -424,13 +424,13 @@ def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
   digest = hashlib.sha256()
   counts = np.zeros(len(byte_lengths), np.int64)
   starts, at = [], 0
-  with storage.open_write(storage.join(output, task.name)) as handle:
-    header = shards.npy_header(dtype, task.tokens)
+  with storage.open_write(storage.join(output, shard.name)) as handle:
+    header = shards.npy_header(dtype, shard.tokens)
     handle.write(header)
     digest.update(header)
-    for unit, begin, end in task.pieces:
-      tokens = read_npy(unit_path(work, unit, f".{task.split}.npy"))
-      unit_starts = read_npy(unit_path(work, unit, f".{task.split}.starts.npy"))
+    for unit, begin, end in shard.pieces:
+      tokens = read_npy(unit_path(work, unit, f".{shard.split}.npy"))
+      unit_starts = read_npy(unit_path(work, unit, f".{shard.split}.starts.npy"))
       chosen = unit_starts[(unit_starts >= begin) & (unit_starts < end)]
       starts.append(chosen.astype(np.int64) - begin + at)
       # In chunks: memory stays a few MB whatever the unit and shard sizes (bincount makes
@@ -443,11 +443,11 @@ def write_shard(task: ShardTask, work: str, output: str, dtype: np.dtype,
       at += end - begin
       del tokens
   documents = np.concatenate(starts).astype(np.uint32) if starts else np.zeros([0], np.uint32)
-  docs_file = shards.docs_name(task.split, task.index)
+  docs_file = shards.docs_name(shard.split, shard.index)
   docs = io.BytesIO()
   np.lib.format.write_array(docs, documents, allow_pickle=False)
   storage.write_bytes(storage.join(output, docs_file), docs.getvalue())
-  entry = {"file": task.name, "docs": docs_file, "split": task.split, "tokens": task.tokens,
+  entry = {"file": shard.name, "docs": docs_file, "split": shard.split, "tokens": shard.tokens,
            "documents": int(len(documents)), "bytes": int(counts @ byte_lengths),
            "sha256": digest.hexdigest(),
            "docs_sha256": hashlib.sha256(docs.getvalue()).hexdigest()}
@@ -519,9 +519,9 @@ def _check_whole(file: sources.InputFile) -> None:
   sources.check_file(file, _WORKER["settings"].text_key, whole=True)
 
 
-def _run_unit(arguments: tuple[UnitTask, tuple[str, str]]) -> dict[str, Any]:
-  task, source = arguments
-  return tokenize_unit(task, _WORKER["settings"], _worker_tokenizer(source), _WORKER["work"])
+def _run_unit(arguments: tuple[UnitPlan, tuple[str, str]]) -> dict[str, Any]:
+  unit_plan, source = arguments
+  return tokenize_unit(unit_plan, _WORKER["settings"], _worker_tokenizer(source), _WORKER["work"])
 
 
 def _run_shard(arguments: tuple) -> dict[str, Any]:
@@ -559,22 +559,22 @@ def prepare(inputs: str, output: str, tokenizer: str = "",
                   "tokenizer.model")
       else:
         source = (plan.given_tokenizer, plan.tokenizer.file_name)
-      tasks, markers = _tokenize(plan, unit_tasks(plan), pool, source, log)
+      unit_plans, markers = _tokenize(plan, plan_units(plan), pool, source, log)
       try:
-        fix = split_fix(tasks, markers)
+        fix = split_fix(unit_plans, markers)
         if fix is not None:
-          tasks, markers = _tokenize(plan, unit_tasks(plan, fix), pool, source, log)
+          unit_plans, markers = _tokenize(plan, plan_units(plan, fix), pool, source, log)
           check_splits(markers, settings)
       except PrepareError:  # (the inputs themselves must change: nothing here is reusable)
         storage.remove(output if created else plan.work)
         raise
-      layout_tasks = layout(tasks, markers, settings.shard_tokens)
+      shard_plans = layout(unit_plans, markers, settings.shard_tokens)
       dtype = shards.token_dtype(plan.tokenizer.vocab_size)
       byte_lengths = plan.tokenizer.byte_lengths().astype(np.int64)
       fingerprint = shards.fingerprint(plan.tokenizer)
       started = time.perf_counter()
       entries = list(pool.map(_run_shard, [(t, plan.work, output, dtype, byte_lengths,
-                                            fingerprint) for t in layout_tasks]))
+                                            fingerprint) for t in shard_plans]))
       log(f"{len(entries)} shards written in {time.perf_counter() - started:.1f}s")
   except concurrent.futures.process.BrokenProcessPool:
     raise PrepareError(f"a worker process of prepare_data died (killed, or out of memory: "
@@ -595,13 +595,13 @@ def remove_leftovers(plan: Plan) -> None:
         storage.remove(storage.join(folder, name))
 
 
-def _tokenize(plan: Plan, tasks: list[UnitTask], pool, source: tuple[str, str], log
-              ) -> tuple[list[UnitTask], list[dict]]:
-  """Stage 1 for the tasks without a marker; (tasks, markers) in unit order."""
-  markers = {t.fingerprint: read_marker(plan.work, t.fingerprint) for t in tasks}
-  pending = [t for t in tasks if markers[t.fingerprint] is None]
-  if len(pending) < len(tasks):
-    log(f"{len(tasks) - len(pending)} of {len(tasks)} units already tokenized")
+def _tokenize(plan: Plan, unit_plans: list[UnitPlan], pool, source: tuple[str, str], log
+              ) -> tuple[list[UnitPlan], list[dict]]:
+  """Stage 1 for the unit_plans without a marker; (unit_plans, markers) in unit order."""
+  markers = {t.fingerprint: read_marker(plan.work, t.fingerprint) for t in unit_plans}
+  pending = [t for t in unit_plans if markers[t.fingerprint] is None]
+  if len(pending) < len(unit_plans):
+    log(f"{len(unit_plans) - len(pending)} of {len(unit_plans)} units already tokenized")
   started, tokens = time.perf_counter(), 0
   futures = [pool.submit(_run_unit, (t, source)) for t in pending]
   try:
@@ -615,7 +615,7 @@ def _tokenize(plan: Plan, tasks: list[UnitTask], pool, source: tuple[str, str], 
     for future in futures:  # (the queued ones; those running finish and keep their markers)
       future.cancel()
     raise
-  return tasks, [markers[t.fingerprint] for t in tasks]
+  return unit_plans, [markers[t.fingerprint] for t in unit_plans]
 
 
 __all__ = ["CorpusError", "PrepareError", "PrepareSettings", "prepare"]

@@ -68,8 +68,8 @@ def _units_fn(beam, settings: PrepareSettings, source: tuple[str, str], work: st
     def setup(self):
       self.tokenizer = prepare.load_tokenizer(source)
 
-    def process(self, task):
-      yield prepare.tokenize_unit(task, settings, self.tokenizer, work)
+    def process(self, unit_plan):
+      yield prepare.tokenize_unit(unit_plan, settings, self.tokenizer, work)
   return UnitsFn()
 
 
@@ -97,28 +97,28 @@ def prepare_on_beam(inputs: str, output: str, tokenizer: str = "",
   else:
     source = (plan.given_tokenizer, plan.tokenizer.file_name)
 
-  def tokenize(tasks: list[prepare.UnitTask]) -> list[dict[str, Any]]:
-    pending = [t for t in tasks if prepare.read_marker(plan.work, t.fingerprint) is None]
+  def tokenize(unit_plans: list[prepare.UnitPlan]) -> list[dict[str, Any]]:
+    pending = [t for t in unit_plans if prepare.read_marker(plan.work, t.fingerprint) is None]
     if pending:
       _run(beam, beam_options, lambda p: (
           p | "units" >> beam.Create(pending) | "spread" >> beam.Reshuffle()
           | "tokenize" >> beam.ParDo(_units_fn(beam, settings, source, plan.work))))
-    return [prepare.read_marker(plan.work, t.fingerprint) for t in tasks]
+    return [prepare.read_marker(plan.work, t.fingerprint) for t in unit_plans]
 
-  tasks = prepare.unit_tasks(plan)
-  markers = tokenize(tasks)
-  fix = prepare.split_fix(tasks, markers)
+  unit_plans = prepare.plan_units(plan)
+  markers = tokenize(unit_plans)
+  fix = prepare.split_fix(unit_plans, markers)
   if fix is not None:
-    tasks = prepare.unit_tasks(plan, fix)
-    markers = tokenize(tasks)
+    unit_plans = prepare.plan_units(plan, fix)
+    markers = tokenize(unit_plans)
     prepare.check_splits(markers, settings)
-  layout = prepare.layout(tasks, markers, settings.shard_tokens)
+  layout = prepare.layout(unit_plans, markers, settings.shard_tokens)
   arguments = (plan.work, output, shards.token_dtype(plan.tokenizer.vocab_size),
                plan.tokenizer.byte_lengths().astype(np.int64), shards.fingerprint(plan.tokenizer))
   _run(beam, beam_options, lambda p: (
       p | "shards" >> beam.Create(layout) | "spread" >> beam.Reshuffle()
       | "write" >> beam.Map(prepare.write_shard, *arguments)))
-  entries = [prepare.write_shard(task, *arguments) for task in layout]  # (their markers: no work)
+  entries = [prepare.write_shard(shard, *arguments) for shard in layout]  # (their markers: no work)
   manifest = prepare.write_manifest(plan, entries)
   storage.remove(plan.work)
   return manifest

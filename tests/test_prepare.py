@@ -125,7 +125,7 @@ def test_an_interrupted_preparation_resumes_without_redoing_finished_work(corpus
   given = str(output / "tokenizer.model")
   target = tmp_path / "resumed"
   plan = prepare.make_plan(inputs(folder), str(target), given, SETTINGS)
-  tasks = prepare.unit_tasks(plan)
+  tasks = prepare.plan_units(plan)
   tokenizer = tokenizer_lib.load_tokenizer(given)
   for task in tasks[:len(tasks) // 2]:
     prepare.tokenize_unit(task, SETTINGS, tokenizer, plan.work)

@@ -14,7 +14,8 @@ The uncached path (full recompute over the whole [batch, prompt + new] buffer ea
 the same every step, so it is timed over `uncached_steps` steps and extrapolated: running it
 for 200 tokens of GPT-2 small on a 2-core CPU would take many minutes.
 
-`run_generate_benchmark(config_path, GenerateSettings(...))` returns the rows (dicts) and `format_table(rows)` prints them.
+`run_generate_benchmark(config_path, GenerateSettings(...))` returns the rows (dicts) and
+`format_table(rows)` prints them.
 """
 
 from __future__ import annotations
