@@ -48,7 +48,11 @@ SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 class ModelConfig:
   """Decoder shape and numerics. `mlp_dim` is the hidden width of the MLP."""
   num_layers: int = 4  # Transformer blocks
-  num_heads: int = 4  # attention heads per block (divides embed_dim)
+  num_heads: int = 4  # attention (query) heads per block
+  # Key/value heads, each shared by num_heads / num_kv_heads query heads (grouped-query
+  # attention; 1: multi-query); the KV cache holds only these. 0: num_heads (multi-head).
+  num_kv_heads: int = 0
+  head_size: int = 0  # channels per head (Hugging Face's head_dim); 0: embed_dim / num_heads
   embed_dim: int = 256  # width of the residual stream
   mlp_dim: int = 1024  # hidden width of the MLP
   vocab_size: int = 4096  # embedding rows: the tokenizer's vocabulary, or more (padding)
@@ -57,6 +61,11 @@ class ModelConfig:
   norm: str = "layernorm"  # the blocks' normalization
   mlp: str = "gelu"  # the MLP: GELU, or SwiGLU (gated)
   use_bias: bool = True  # biases in the Dense layers and norms
+  qkv_bias: bool = False  # biases on the query/key/value projections even without use_bias
+  qk_norm: bool = False  # RMSNorm of queries and keys per head before RoPE (Qwen3, OLMo 2)
+  # Each token attends to the last sliding_window positions only, itself included (Mistral;
+  # 0: the whole context).
+  sliding_window: int = 0
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on attention probabilities and residual branches (training only)
   # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), XLA's fused attention on TPU, the
@@ -82,7 +91,11 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
+    return self.head_size or self.embed_dim // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,7 +637,18 @@ def check(config: Config) -> Config:
   """Checks ranges and cross-field constraints; returns the config unchanged."""
   _check_fields(config)
   m, d, t, o, f = config.model, config.data, config.train, config.optim, config.finetune
-  if m.embed_dim % m.num_heads:
+  if m.num_kv_heads < 0 or m.head_size < 0 or m.sliding_window < 0:
+    field, value = next((k, getattr(m, k)) for k in ("num_kv_heads", "head_size",
+                                                    "sliding_window") if getattr(m, k) < 0)
+    raise ConfigError(f"model.{field}={value} must be >= 0 (0: "
+                      + {"num_kv_heads": "as many as num_heads", "head_size": "embed_dim / "
+                         "num_heads", "sliding_window": "the whole context"}[field] + ").")
+  if m.num_heads % m.kv_heads:
+    raise ConfigError(
+        f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}: "
+        f"each key/value head serves an equal group of query heads; choose among "
+        f"{', '.join(str(h) for h in divisors(m.num_heads))}.")
+  if m.embed_dim % m.num_heads and not m.head_size:
     raise ConfigError(
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
         f"choose num_heads among the divisors of embed_dim (e.g. "
@@ -646,8 +670,9 @@ def check(config: Config) -> Config:
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r} names no layer of this "
                       f"model (mlp={m.mlp!r} has {', '.join(sorted(present))}).")
   if m.positional == "rope" and m.head_dim % 2:
-    raise ConfigError(f"model.positional='rope' needs an even head dim; embed_dim/num_heads="
-                      f"{m.head_dim}. Change model.num_heads or model.embed_dim.")
+    raise ConfigError(f"model.positional='rope' needs an even head dim; the head dim is "
+                      f"{m.head_dim}. Change model.num_heads, model.embed_dim or "
+                      f"model.head_size.")
   if m.dropout > 0 and m.attention_impl not in ("reference", "auto"):
     raise ConfigError(
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "

@@ -61,8 +61,9 @@ PyTree = Any
 # Logical axis names of the activations we constrain.
 ACTIVATION_AXES = ("batch", "length", "embed")
 HEADS_AXES = ("batch", "length", "heads", "head_dim")
-# The KV cache is [batch, max_len, heads, head_dim] per layer.
-CACHE_AXES = ("batch", "length", "heads", "head_dim")
+KV_HEADS_AXES = ("batch", "length", "kv_heads", "head_dim")
+# The KV cache is [batch, max_len, kv_heads, head_dim] per layer.
+CACHE_AXES = KV_HEADS_AXES
 
 # `remat_policy` -> what jax.checkpoint may keep from the forward pass (everything else is
 # recomputed in the backward pass). The names are set with `checkpoint_name` below.
@@ -132,14 +133,19 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 # Attention core
 # ---------------------------------------------------------------------------------------------
 
-def causal_mask(q_slots: Array, k_slots: Array) -> Array:
+def causal_mask(q_slots: Array, k_slots: Array, window: int = 0) -> Array:
   """Causal mask: True where a query may attend to a key.
 
   q_slots [q_len], k_slots [kv_len]: index of each token in the sequence (or in the KV cache);
-  a query sees keys at the same or earlier slots. -> [1, 1, q_len, kv_len] (broadcasts over
-  batch and heads).
+  a query sees keys at the same or earlier slots, and with a sliding `window` > 0 only the
+  last `window` of them (its own included). -> [1, 1, q_len, kv_len] (broadcasts over batch
+  and heads).
   """
-  return (q_slots[:, None] >= k_slots[None, :])[None, None]
+  distance = q_slots[:, None] - k_slots[None, :]
+  allowed = distance >= 0
+  if window:
+    allowed &= distance < window
+  return allowed[None, None]
 
 
 def segment_mask(q_segment_ids: Array, k_segment_ids: Array) -> Array:
@@ -184,11 +190,16 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array, *,
                         dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
   """Multi-head scaled dot-product attention, written out.
 
-  query [batch, q_len, heads, head_dim], key/value [batch, kv_len, heads, head_dim],
-  mask bool broadcastable to [batch, heads, q_len, kv_len] -> [batch, q_len, heads, head_dim].
-  Scores and softmax are float32; the weighted sum runs in the input dtype. Dropout on the
-  attention probabilities happens only when `dropout_rng` is given.
+  query [batch, q_len, heads, head_dim], key/value [batch, kv_len, kv_heads, head_dim] (kv_heads
+  divides heads: query head h reads key/value head h // (heads / kv_heads), as grouped-query
+  attention and Hugging Face's repeat_kv do), mask bool broadcastable to [batch, heads, q_len,
+  kv_len] -> [batch, q_len, heads, head_dim]. Scores and softmax are float32; the weighted sum
+  runs in the input dtype. Dropout on the attention probabilities happens only when
+  `dropout_rng` is given.
   """
+  group = query.shape[2] // key.shape[2]
+  if group > 1:  # [batch, kv_len, heads, head_dim]: each kv head serves `group` query heads
+    key, value = jnp.repeat(key, group, axis=2), jnp.repeat(value, group, axis=2)
   scale = 1.0 / math.sqrt(query.shape[-1])
   scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                       preferred_element_type=jnp.float32) * scale    # [batch, heads, q, kv]
@@ -209,6 +220,7 @@ def attention_logit_max(query: Array, key: Array, mask: Array, query_chunk: int 
   attention kernel. A diagnostic (train.layer_stats_every): no gradient.
   """
   query, key = jax.lax.stop_gradient(query), jax.lax.stop_gradient(key)
+  key = jnp.repeat(key, query.shape[2] // key.shape[2], axis=2)  # (grouped-query attention)
   q_len = query.shape[1]
   chunk = query_chunk if q_len % query_chunk == 0 else q_len
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, key.shape[1]))
@@ -267,6 +279,7 @@ class Dense(nn.Module):
   axes: tuple[str | None, ...]
   config: ModelConfig
   init_scale: float = 1.0  # multiplies init_std; < 1 for the residual output projections
+  use_bias: bool | None = None  # None: config.use_bias (qkv_bias turns it on for q/k/v)
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -280,7 +293,7 @@ class Dense(nn.Module):
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
     if cfg.lora_rank and self.name in cfg.lora_targets:
       y = y + self._lora(x, in_shape, contract, deterministic)
-    if cfg.use_bias:
+    if cfg.use_bias if self.use_bias is None else self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[n_in:]),
                         tuple(self.features), jnp.float32)
@@ -313,24 +326,30 @@ class Dense(nn.Module):
 class Norm(nn.Module):
   """LayerNorm or RMSNorm over the last axis, statistics in float32.
 
-  [..., embed] -> same shape, config.dtype. LayerNorm subtracts the mean first; RMSNorm does
-  not and never has a bias.
+  [..., axis] -> same shape, config.dtype. LayerNorm subtracts the mean first; RMSNorm does
+  not and never has a bias. `kind` overrides config.norm ('rmsnorm' for qk_norm); `axis` is the
+  logical name of the normalized axis (embed, or head_dim for qk_norm).
   """
   config: ModelConfig
+  kind: str = ""
+  axis: str = "embed"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
+    kind = self.kind or cfg.norm
     dim = x.shape[-1]
     x = x.astype(jnp.float32)
-    if cfg.norm == "layernorm":
+    if kind == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis,)),
                        (dim,), jnp.float32)
     x = x * scale
-    if cfg.norm == "layernorm" and cfg.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    if kind == "layernorm" and cfg.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axis,)),
                         (dim,), jnp.float32)
       x = x + bias
     return x.astype(jnp.dtype(cfg.dtype))
@@ -355,7 +374,8 @@ class CausalSelfAttention(nn.Module):
 
   Decoding (`decode=True`, the Flax lm1b pattern): `model.init(..., decode=True)` on tokens of
   shape [batch, max_len] creates the 'cache' collection: cached_key/cached_value
-  [batch, max_len, heads, head_dim], cached_segment_ids [batch, max_len] and cache_index (the
+  [batch, max_len, kv_heads, head_dim] (grouped-query attention caches only the kv heads),
+  cached_segment_ids [batch, max_len] and cache_index (the
   number of slots written). Each later call writes its `length` new keys/values at cache_index
   (after RoPE, so cached keys are final), advances the index, and attends over the whole cache
   with a causal mask on cache slots: a multi-token prompt (prefill) and single-token steps use
@@ -369,17 +389,22 @@ class CausalSelfAttention(nn.Module):
                deterministic: bool, decode: bool) -> Array:
     cfg = self.config
     residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
-    qkv = functools.partial(Dense, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                            cfg)
-    query = qkv(name="query")(x, deterministic)  # [batch, length, heads, head_dim]
-    key = qkv(name="key")(x, deterministic)
-    value = qkv(name="value")(x, deterministic)
+    bias = cfg.use_bias or cfg.qkv_bias
+    query = Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
+                  use_bias=bias, name="query")(x, deterministic)  # [batch, length, heads, head_dim]
+    kv = functools.partial(Dense, (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                           cfg, use_bias=bias)
+    key = kv(name="key")(x, deterministic)       # [batch, length, kv_heads, head_dim]
+    value = kv(name="value")(x, deterministic)
+    if cfg.qk_norm:  # per head, over head_dim, before the rotation (Qwen3, OLMo 2)
+      query = Norm(cfg, kind="rmsnorm", axis="head_dim", name="query_norm")(query)
+      key = Norm(cfg, kind="rmsnorm", axis="head_dim", name="key_norm")(key)
     if cfg.positional == "rope":
       query = apply_rope(query, positions, cfg.rope_theta)
       key = apply_rope(key, positions, cfg.rope_theta)
     query = nn.with_logical_constraint(checkpoint_name(query, "query"), HEADS_AXES)
-    key = nn.with_logical_constraint(checkpoint_name(key, "key"), HEADS_AXES)
-    value = nn.with_logical_constraint(checkpoint_name(value, "value"), HEADS_AXES)
+    key = nn.with_logical_constraint(checkpoint_name(key, "key"), KV_HEADS_AXES)
+    value = nn.with_logical_constraint(checkpoint_name(value, "value"), KV_HEADS_AXES)
 
     q_slots = jnp.arange(x.shape[1])  # [length]: where each query sits in the sequence
     k_slots, k_segment_ids = q_slots, segment_ids
@@ -394,7 +419,7 @@ class CausalSelfAttention(nn.Module):
       k_slots = jnp.arange(key.shape[1])                       # [max_len]
     elif decode:  # model.init(decode=True): allocate an empty cache sized by this input
       self._cache_variables(key.shape, key.dtype)
-    causal = causal_mask(q_slots, k_slots)                     # [1, 1, q_len, kv_len]
+    causal = causal_mask(q_slots, k_slots, cfg.sliding_window)  # [1, 1, q_len, kv_len]
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
 
@@ -409,8 +434,9 @@ class CausalSelfAttention(nn.Module):
       out = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                          implementation=impl)
     else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
+      window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out = jax.nn.dot_product_attention(query, key, value, mask=segments, is_causal=True,
-                                         implementation=impl)
+                                         local_window_size=window, implementation=impl)
     if self.is_mutable_collection("intermediates") and not decoding:  # train.layer_stats_every
       self.sow("intermediates", "attention_logit_max", attention_logit_max(query, key, mask))
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
@@ -418,7 +444,7 @@ class CausalSelfAttention(nn.Module):
                  name="out")(out, deterministic)
 
   def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
-    """The 'cache' variables; created as zeros for shape [batch, max_len, heads, head_dim]."""
+    """The 'cache' variables; created as zeros for shape [batch, max_len, kv_heads, head_dim]."""
     zeros = lambda names: nn.with_logical_partitioning(jnp.zeros, names)
     return (self.variable("cache", "cached_key", zeros(CACHE_AXES), shape, dtype),
             self.variable("cache", "cached_value", zeros(CACHE_AXES), shape, dtype),
@@ -427,9 +453,9 @@ class CausalSelfAttention(nn.Module):
             self.variable("cache", "cache_index", zeros(()), (), jnp.int32))
 
   def _update_cache(self, key: Array, value: Array, segment_ids: Array):
-    """Writes key/value [batch, length, heads, head_dim] and segment_ids at cache_index.
+    """Writes key/value [batch, length, kv_heads, head_dim] and segment_ids at cache_index.
 
-    Returns all cached keys and values [batch, max_len, heads, head_dim] (in key's dtype),
+    Returns all cached keys and values [batch, max_len, kv_heads, head_dim] (in key's dtype),
     the cached segment ids [batch, max_len], and the cache index before this write.
     """
     cached_key, cached_value, cached_segments, cache_index = self._cache_variables(
@@ -632,7 +658,10 @@ def param_count(config: ModelConfig) -> int:
   """Parameter count from the config alone (equals count_params of the initialized model)."""
   d, v, bias = config.embed_dim, config.vocab_size, config.use_bias
   norm = d + (d if config.norm == "layernorm" and bias else 0)
-  dense = sum(i * o + (o if bias else 0) for i, o in _dense_shapes(config).values())
+  biased = lambda name: bias or (config.qkv_bias and name in ("query", "key", "value"))
+  dense = sum(i * o + (o if biased(name) else 0)
+              for name, (i, o) in _dense_shapes(config).items())
+  dense += 2 * config.head_dim if config.qk_norm else 0  # (query_norm and key_norm scales)
   total = v * d + config.num_layers * (2 * norm + dense) + norm
   if config.positional == "learned":
     total += config.max_seq_len * d
@@ -646,9 +675,10 @@ def param_count(config: ModelConfig) -> int:
 def _dense_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
   """(fan_in, fan_out) of every Dense layer of one block, by name."""
   d, m = config.embed_dim, config.mlp_dim
+  q, kv = config.num_heads * config.head_dim, config.kv_heads * config.head_dim
   mlp = ({"fc": (d, m), "proj": (m, d)} if config.mlp == "gelu"
          else {"gate": (d, m), "up": (d, m), "down": (m, d)})
-  return {"query": (d, d), "key": (d, d), "value": (d, d), "out": (d, d), **mlp}
+  return {"query": (d, q), "key": (d, kv), "value": (d, kv), "out": (q, d), **mlp}
 
 
 def lora_params_per_layer(config: ModelConfig) -> int:
@@ -660,16 +690,18 @@ def lora_params_per_layer(config: ModelConfig) -> int:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward), the PaLM / nanoGPT convention.
 
-  6 * N + 12 * num_layers * seq_len * embed_dim, where N counts the matmul weights: the
-  attention and MLP kernels and the LM head (tied or not: it is a matmul either way), but not
-  the embedding lookups, position tables, biases or norms. The second term is the
-  attention-score and weighted-sum matmuls over the full (unmasked) seq_len x seq_len square.
+  6 * N + 12 * num_layers * seq_len * num_heads * head_dim, where N counts the matmul weights:
+  the attention and MLP kernels and the LM head (tied or not: it is a matmul either way), but
+  not the embedding lookups, position tables, biases or norms. The second term is the
+  attention-score and weighted-sum matmuls over the full (unmasked) seq_len x seq_len square
+  (or, with a sliding window, over the keys each query sees).
   """
   d = config.embed_dim
+  keys = min(seq_len, config.sliding_window) if config.sliding_window else seq_len
   dense = sum(i * o for i, o in _dense_shapes(config).values())
   matmul_params = (config.num_layers * (dense + lora_params_per_layer(config))
                    + d * (config.num_classes or config.vocab_size))
-  return 6.0 * matmul_params + 12.0 * config.num_layers * seq_len * d
+  return 6.0 * matmul_params + 12.0 * config.num_layers * keys * config.num_heads * config.head_dim
 
 
 def _is_box(x: Any) -> bool:

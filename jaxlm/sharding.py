@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
@@ -153,6 +154,7 @@ def check_model(model: ModelConfig, mesh: Mesh) -> None:
   """
   tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
   sizes = (("model.num_heads", model.num_heads, "tensor", tensor),
+           ("model.num_kv_heads", model.kv_heads, "tensor", tensor),
            ("model.mlp_dim", model.mlp_dim, "tensor", tensor),
            ("model.vocab_size", model.vocab_size, "tensor", tensor),
            ("model.embed_dim", model.embed_dim, "fsdp", fsdp))

@@ -260,8 +260,11 @@ def test_remat_policies_save_what_they_say():
 @pytest.mark.parametrize("cfg", [
     make(positional="learned"), make(positional="sinusoidal"), make(positional="rope"),
     make(positional="none"), make(positional="learned", scan_layers=True),
-    make(positional="rope", attention_impl="xla")],
-    ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla"])
+    make(positional="rope", attention_impl="xla"),
+    make(positional="rope", num_kv_heads=2, qk_norm=True, sliding_window=4),
+    make(positional="rope", num_kv_heads=1, sliding_window=3, attention_impl="xla")],
+    ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla", "gqa-window",
+         "mqa-window-xla"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
 
@@ -326,7 +329,7 @@ def test_init_cache_matches_model_init():
   assert describe(cache) == describe(from_init)
   assert nn.get_partition_spec(cache) == nn.get_partition_spec(from_init)
   assert cache["layers"]["attention"]["cached_key"].names == (
-      "layers", "batch", "length", "heads", "head_dim")
+      "layers", "batch", "length", "kv_heads", "head_dim")
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(nn.unbox(cache)))
   bf16 = nn.unbox(model_lib.init_cache(cfg, 3, 9, dtype=jnp.bfloat16))["layers"]["attention"]
   assert bf16["cached_value"].dtype == jnp.bfloat16
@@ -414,12 +417,88 @@ def test_logical_axes():
   assert specs["position_embed"] == P(None, "embed")
   assert specs["lm_head"] == P("embed", "vocab")
   attention = specs["layers_0"]["attention"]
-  assert attention["key"]["kernel"] == P("embed", "heads", "head_dim")
-  assert attention["key"]["bias"] == P("heads", "head_dim")
+  assert attention["query"]["kernel"] == P("embed", "heads", "head_dim")
+  assert attention["key"]["kernel"] == P("embed", "kv_heads", "head_dim")
+  assert attention["key"]["bias"] == P("kv_heads", "head_dim")
   assert attention["out"]["kernel"] == P("heads", "head_dim", "embed")
   assert specs["layers_0"]["mlp"]["gate"]["kernel"] == P("embed", "mlp")
   assert specs["layers_0"]["mlp"]["down"]["kernel"] == P("mlp", "embed")
   assert specs["layers_0"]["mlp_norm"]["scale"] == P("embed")
+
+
+# --- grouped-query, sliding-window and qk-norm attention --------------------------------------
+
+def test_grouped_query_attention_equals_multi_head_with_shared_kv_heads():
+  """num_kv_heads=2 of 4 heads == multi-head attention whose key/value kernels repeat each kv
+  head for its two query heads (Hugging Face's repeat_kv), with every attention_impl; the
+  cache holds the kv heads only."""
+  gqa = make(positional="rope", num_kv_heads=2, qkv_bias=True, use_bias=False)
+  params = random_params(gqa)
+  mha = make(positional="rope", qkv_bias=True, use_bias=False)
+  widened = jax.tree.map(lambda x: x, nn.unbox(params))
+  for i in range(gqa.num_layers):
+    attention = widened[f"layers_{i}"]["attention"]
+    for name in ("key", "value"):  # kernel [embed, kv_heads, head_dim], bias [kv_heads, head_dim]
+      attention[name] = {"kernel": jnp.repeat(attention[name]["kernel"], 2, axis=1),
+                         "bias": jnp.repeat(attention[name]["bias"], 2, axis=0)}
+  tokens = random_tokens()
+  expected = forward(mha, widened, tokens, ARANGE, ONES)
+  for impl in ("reference", "xla"):
+    got = forward(dataclasses.replace(gqa, attention_impl=impl), params, tokens, ARANGE, ONES)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+  cache = model_lib.init_cache(gqa, BATCH, gqa.max_seq_len)
+  assert nn.unbox(cache)["layers_0"]["attention"]["cached_key"].shape == (BATCH, 16, 2, 8)
+  assert model_lib.param_count(gqa) == model_lib.count_params(params)
+
+
+def test_sliding_window_attends_to_the_last_window_tokens_only():
+  """A token's output depends on the tokens inside its window and on no token before it (here
+  through one layer), and the window applies inside each packed document."""
+  cfg = make(positional="rope", num_layers=1, sliding_window=3)
+  params = random_params(cfg)
+  tokens = random_tokens()
+  base = forward(cfg, params, tokens, ARANGE, ONES)
+  changed = forward(cfg, params, tokens.at[:, 4].set((tokens[:, 4] + 1) % 61), ARANGE, ONES)
+  moved = np.any(np.abs(np.asarray(changed - base)) > 1e-6, axis=(0, 2))   # [length]
+  assert list(np.nonzero(moved)[0]) == [4, 5, 6]   # itself and the next window - 1 tokens
+  # Equal to the plain model on windows of the sequence: position t sees t-2..t.
+  whole = forward(make(positional="rope", num_layers=1), params, tokens[:, 5:8],
+                  ARANGE[:, :3], ONES[:, :3])
+  np.testing.assert_allclose(base[:, 7], whole[:, 2], atol=1e-5)
+  for impl in ("xla",):
+    other = forward(dataclasses.replace(cfg, attention_impl=impl), params, tokens, ARANGE, ONES)
+    np.testing.assert_allclose(other, base, atol=1e-5)
+  segments = jnp.array([[1] * 6 + [2] * 6, [1] * 12])
+  packed = forward(cfg, params, tokens, ARANGE, segments)
+  alone = forward(cfg, params, tokens[:, 6:], ARANGE[:, :6], ONES[:, :6])
+  np.testing.assert_allclose(packed[0, 6:], alone[0], atol=1e-5)
+
+
+def test_qk_norm_normalizes_each_head_of_queries_and_keys():
+  cfg = make(positional="rope", qk_norm=True, norm="rmsnorm")
+  params = random_params(cfg)
+  attention = nn.unbox(params)["layers_0"]["attention"]
+  assert attention["query_norm"]["scale"].shape == (8,) == attention["key_norm"]["scale"].shape
+  assert params["layers_0"]["attention"]["key_norm"]["scale"].names == ("head_dim",)
+  assert model_lib.param_count(cfg) == model_lib.count_params(params)
+  # Scaling the query and key kernels changes nothing: the norm removes it.
+  scaled = jax.tree.map(lambda x: x, nn.unbox(params))
+  for name in ("query", "key"):
+    scaled["layers_0"]["attention"][name]["kernel"] *= 3.0
+    scaled["layers_0"]["attention"][name]["bias"] *= 3.0
+  tokens = random_tokens()
+  np.testing.assert_allclose(forward(cfg, scaled, tokens, ARANGE, ONES),
+                             forward(cfg, nn.unbox(params), tokens, ARANGE, ONES), atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"num_kv_heads": 3}, r"model.num_kv_heads=3 does not divide model.num_heads=4"),
+    ({"num_kv_heads": -1}, r"model.num_kv_heads=-1 must be >= 0"),
+    ({"sliding_window": -2}, r"model.sliding_window=-2 must be >= 0"),
+    ({"head_size": -8}, r"model.head_size=-8 must be >= 0")])
+def test_bad_attention_shapes_are_one_line(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate({"model": overrides})
 
 
 # --- parameter counts and FLOPs -------------------------------------------------------------
@@ -428,7 +507,9 @@ def test_logical_axes():
     {}, {"tie_embeddings": False}, {"mlp": "swiglu"}, {"use_bias": False},
     {"norm": "rmsnorm"}, {"positional": "rope"}, {"positional": "sinusoidal"},
     {"positional": "none", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False,
-     "tie_embeddings": False, "scan_layers": True}])
+     "tie_embeddings": False, "scan_layers": True},
+    {"num_kv_heads": 1, "head_size": 16, "qk_norm": True, "qkv_bias": True, "use_bias": False,
+     "norm": "rmsnorm", "mlp": "swiglu", "positional": "rope"}])
 def test_param_count_formula(overrides):
   cfg = make(**overrides)
   assert model_lib.param_count(cfg) == model_lib.count_params(random_params(cfg))

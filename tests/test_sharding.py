@@ -23,9 +23,11 @@ MESH_VALUES = {
 }
 
 
-def run(mesh_shape, num_steps=5):
+def run(mesh_shape, num_steps=5, model=None):
   data, fsdp, tensor = mesh_shape
   values = {**MESH_VALUES, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}}
+  if model:
+    values["model"] = dict(MESH_VALUES["model"], **model)
   config = config_lib.validate(values)
   devices = jax.devices()[:data * fsdp * tensor]
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -51,6 +53,23 @@ def test_mesh_matches_single_device(mesh_shape, single_device):
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# Grouped-query attention (2 kv heads for 8 query heads), qk-norm and a sliding window.
+MODERN = {"num_kv_heads": 2, "qk_norm": True, "sliding_window": 5, "positional": "rope",
+          "norm": "rmsnorm", "mlp": "swiglu"}
+
+
+def test_grouped_query_attention_with_a_window_matches_single_device_on_a_mesh():
+  want_losses, state = run((1, 1, 1), num_steps=3, model=MODERN)
+  want_params = jax.device_get(state.params)
+  losses, state = run((2, 2, 2), num_steps=3, model=MODERN)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  key = state.params["layers_0"]["attention"]["key"]["kernel"]   # [embed, kv_heads, head_dim]
+  assert key.shape == (64, 2, 8)
+  assert tuple(key.sharding.spec) == ("fsdp", "tensor", None)
 
 
 def test_fsdp_shards_params_and_optimizer_state():
@@ -86,6 +105,8 @@ def test_batch_must_split_over_data_and_fsdp():
     ("mlp_dim", 102, {"data": 2, "tensor": 4}, "model.mlp_dim=102"),
     ("vocab_size", 50257, {"data": 4, "tensor": 2}, "vocab_size=50258"),
     ("embed_dim", 60, {"data": 1, "fsdp": 8}, "model.embed_dim=60 is not divisible by mesh.fsdp"),
+    ("num_kv_heads", 2, {"data": 2, "tensor": 4},
+     "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
 ])
 def test_dimensions_must_divide_their_mesh_axes(field, value, mesh_values, match):
   model = dict(MESH_VALUES["model"], **{field: value})
