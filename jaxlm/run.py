@@ -300,11 +300,11 @@ def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
                       else workdir)
   if not os.path.isdir(path):
     raise RunError(f"{what} {workdir} does not exist; pass a run directory (written by "
-                   f"python -m experiments.pretrain, import_gpt2 or a fine-tuning script).")
+                   f"python -m experiments.pretrain, import_hf or a fine-tuning script).")
   values = saved_config(path)
   if values is None:
     raise RunError(f"{what} {workdir} has no config.json, so it is not a run directory; pass a "
-                   f"directory written by python -m experiments.pretrain (or import_gpt2).")
+                   f"directory written by python -m experiments.pretrain (or import_hf).")
   if language_model and values.get("model", {}).get("num_classes"):
     raise RunError(f"{what} {workdir} is a classifier run: its head predicts "
                    f"{values['model']['num_classes']} classes, not tokens, so it cannot generate, "

@@ -205,9 +205,24 @@ def _gpt2_byte_chars() -> frozenset[str]:
   return frozenset(map(chr, printable)) | {chr(256 + i) for i in range(256 - len(printable))}
 
 
+# End-of-text tokens of byte-level BPE vocabularies, in the order they are looked for: GPT-2,
+# Qwen ("<|endoftext|>"), Llama 3 ("<|end_of_text|>"), Llama-style "</s>".
+END_OF_TEXT_TOKENS = (END_OF_TEXT, "<|end_of_text|>", "</s>")
+
+
+def _is_byte_level(part: dict | None) -> bool:
+  """A pre-tokenizer or decoder that is (or contains) ByteLevel."""
+  part = part or {}
+  if part.get("type") == "ByteLevel":
+    return True
+  inner = part.get("pretokenizers") or part.get("decoders") or []
+  return part.get("type") == "Sequence" and any(_is_byte_level(p) for p in inner)
+
+
 class ByteLevelBPETokenizer:
-  """GPT-2's byte-level BPE on Hugging Face `tokenizers`; ids equal `transformers`' GPT-2
-  tokenizer. `<|endoftext|>` is eos, bos and pad; there is no unk (every byte has a token)."""
+  """Byte-level BPE on Hugging Face `tokenizers` (GPT-2, Llama 3, Qwen): ids equal
+  `transformers`' tokenizer of the same tokenizer.json. The first of END_OF_TEXT_TOKENS in the
+  vocabulary is eos, bos and pad; there is no unk (every byte has a token)."""
   file_name = "tokenizer.json"
 
   def __init__(self, tokenizer_json: str, source: str = ""):
@@ -221,15 +236,18 @@ class ByteLevelBPETokenizer:
                            f"merges.txt directory instead.") from None
     spec = json.loads(tokenizer_json)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+    if model.get("type") != "BPE" or not _is_byte_level(pre):
       raise TokenizerError(f"tokenizer {source or '(in memory)'} is not a byte-level BPE "
                            f"(model {model.get('type')}, pre-tokenizer {pre.get('type')}); jaxlm "
-                           f"reads GPT-2-style byte-level BPE only.")
-    eos = self._tokenizer.token_to_id(END_OF_TEXT)
+                           f"reads byte-level BPE tokenizer.json files (GPT-2, Llama 3, Qwen) "
+                           f"and SentencePiece .model files.")
+    eos = next((i for i in map(self._tokenizer.token_to_id, END_OF_TEXT_TOKENS)
+                if i is not None), None)
     if eos is None:
-      raise TokenizerError(f"tokenizer {source or '(in memory)'} has no {END_OF_TEXT} token, "
-                           f"which jaxlm needs between documents; add it (a special token of "
-                           f"tokenizer.json, or an entry of GPT-2's vocab.json).")
+      raise TokenizerError(f"tokenizer {source or '(in memory)'} has no end-of-text token "
+                           f"({', '.join(END_OF_TEXT_TOKENS)}), which jaxlm needs between "
+                           f"documents; add one (a special token of tokenizer.json, or an "
+                           f"entry of GPT-2's vocab.json).")
     self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_id = self.bos_id = self.pad_id = int(eos)
     self.unk_id = -1
@@ -260,6 +278,9 @@ class ByteLevelBPETokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def id_to_token(self, token_id: int) -> str:
+    return self._tokenizer.id_to_token(token_id)
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
     """(`tokenizers` chooses its threads itself: every core, or one where the process sets
@@ -313,12 +334,15 @@ def load_tokenizer(path: str) -> Tokenizer:
   directory with GPT-2's `vocab.json` + `merges.txt`. TokenizerError if missing or invalid."""
   path = os.path.expanduser(path)
   if os.path.isdir(path):
+    # tokenizer.json first: it holds the pre-tokenizer's own split rules (Qwen's and Llama 3's
+    # differ from GPT-2's, which vocab.json + merges.txt are read with).
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+      return load_tokenizer(os.path.join(path, "tokenizer.json"))
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.isfile(vocab) and os.path.isfile(merges):
       return ByteLevelBPETokenizer.from_files(vocab, merges)
-    for name in ("tokenizer.json", "tokenizer.model"):
-      if os.path.isfile(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name))
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+      return load_tokenizer(os.path.join(path, "tokenizer.model"))
     raise TokenizerError(f"tokenizer directory {path} has neither vocab.json + merges.txt nor "
                          f"tokenizer.json / tokenizer.model; point at a tokenizer file.")
   if not os.path.isfile(path):

@@ -294,7 +294,7 @@ def test_import_cli_errors_are_one_line(tmp_path, small_gpt2):
   cases = [
       ([f"--hf_dir={tmp_path}/none", f"--workdir={tmp_path}/w1"], "is not a directory"),
       ([f"--hf_dir={hf_dir}", f"--workdir={workdir}"], "already exists and is not empty"),
-      ([f"--hf_dir={workdir}", f"--workdir={tmp_path}/w2"], "jaxlm run directory.*export_gpt2"),
+      ([f"--hf_dir={workdir}", f"--workdir={tmp_path}/w2"], "jaxlm run directory.*export_hf"),
       ([f"--hf_dir={hf_dir}"], "pass both --hf_dir"),
   ]
   for args, message in cases:
@@ -311,12 +311,16 @@ def test_unsupported_configs_are_refused(tmp_path):
   base = {"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2, "n_positions": 8,
           "vocab_size": 10}
   for change, message in [({"activation_function": "gelu"}, "tanh GELU"),
-                          ({"model_type": "llama"}, "only GPT-2"),
+                          ({"model_type": "mamba", "architectures": ["MambaForCausalLM"]},
+                           r"architecture MambaForCausalLM \(model_type 'mamba'\) is not "
+                           r"supported; jaxlm imports GPT2LMHeadModel, LlamaForCausalLM"),
+                          ({"auto_map": {"AutoModel": "x.Y"}}, "trust_remote_code"),
                           ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling"),
                           ({"n_head": 0}, "n_head=0")]:
     (tmp_path / "config.json").write_text(json.dumps(dict(base, **change)))
     with pytest.raises(convert.ConvertError, match=message):
-      convert.read_hf_config(str(tmp_path))
+      hf = convert.read_hf_config(str(tmp_path))
+      convert.family_of(hf, "config.json").read_config(hf, "config.json")
   from jaxlm import config as config_lib
   llama = config_lib.validate({"model": {"positional": "rope", "norm": "rmsnorm",
                                          "mlp": "swiglu"}}).model

@@ -93,7 +93,7 @@ def test_written_files_and_staged_runs_follow_the_umask(tmp_path):
   previous = os.umask(0o022)
   try:
     files.write_json(str(tmp_path / "a.json"), {"x": 1})
-    with convert._staged(str(tmp_path / "run"), ".import-") as staging:
+    with convert.staged(str(tmp_path / "run"), ".import-") as staging:
       files.write_bytes(os.path.join(staging, "b"), b"y")
   finally:
     os.umask(previous)
