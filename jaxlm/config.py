@@ -291,6 +291,35 @@ def gpt2_config_dict(size: str) -> ml_collections.ConfigDict:
   return config
 
 
+# Published shapes of open checkpoints (their config.json): model.* keys. RoPE scaling (Llama
+# 3.2's rope_type llama3) is not built, so llama3_2_1b has plain RoPE at its base frequency.
+OPEN_SHAPES = {
+    "llama3_2_1b": dict(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
+                        mlp_dim=8192, vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=True),
+    "mistral_7b": dict(num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
+                       mlp_dim=14336, vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5,
+                       sliding_window=4096, tie_embeddings=False),
+    "qwen2_5_0_5b": dict(num_layers=24, num_heads=14, num_kv_heads=2, embed_dim=896,
+                         mlp_dim=4864, vocab_size=151936, rope_theta=1000000.0, norm_eps=1e-6,
+                         qkv_bias=True, tie_embeddings=True),
+    "qwen3_0_6b": dict(num_layers=28, num_heads=16, num_kv_heads=8, head_size=128,
+                       embed_dim=1024, mlp_dim=3072, vocab_size=151936, rope_theta=1000000.0,
+                       norm_eps=1e-6, qk_norm=True, tie_embeddings=True),
+}
+
+
+def open_model_config_dict(name: str, seq_len: int = 2048) -> ml_collections.ConfigDict:
+  """An open checkpoint's shape (OPEN_SHAPES: Llama-style blocks, no biases but Qwen2's q/k/v)
+  with windows of `seq_len` tokens on the default data and training settings: what
+  import_hf builds for that checkpoint, for planning or pretraining from scratch."""
+  config = default_config_dict()
+  config.model.update(positional="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                      max_seq_len=seq_len, **OPEN_SHAPES[name])
+  config.data.update(seq_len=seq_len)
+  return config
+
+
 def to_dict(config: Config) -> dict[str, Any]:
   """Plain JSON-able dict (tuples become lists)."""
   return json.loads(json.dumps(dataclasses.asdict(config)))

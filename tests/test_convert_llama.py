@@ -214,3 +214,31 @@ def test_cli_imports_a_llama_fine_tunes_it_with_lora_and_exports_it(tmp_path):
   np.testing.assert_allclose(_logits(reloaded, tokens),
                              generate_lib.forward_logits(merged_model, merged, tokens), atol=1e-4)
   assert np.max(np.abs(_logits(reloaded, tokens) - _logits(model, tokens))) > 1e-4  # it trained
+
+
+@pytest.mark.parametrize("name, family_name", [
+    ("llama3_2_1b", "llama"), ("mistral_7b", "mistral"), ("qwen2_5_0_5b", "qwen2"),
+    ("qwen3_0_6b", "qwen3")])
+def test_published_shapes_have_the_parameter_counts_of_transformers(name, family_name):
+  """configs/NAME.py == transformers' model of the config.json export_hf writes for it
+  (built on the meta device: no memory), and jaxlm's own count of its abstract params."""
+  import dataclasses
+  import importlib
+
+  import jax
+  import jax.numpy as jnp
+
+  from jaxlm import config as config_lib
+  from jaxlm import model as model_lib
+  model = config_lib.validate(importlib.import_module(f"configs.{name}").get_config()).model
+  family = convert.family_for(model)
+  assert family.name == family_name
+  hf_config = transformers.AutoConfig.for_model(**family.hf_config(model, 0))
+  with torch.device("meta"):
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config)
+  expected = sum(p.numel() for p in reference.parameters())
+  assert model_lib.param_count(model) == expected
+  scanned = dataclasses.replace(model, scan_layers=True)  # (traces one layer: cheap)
+  abstract = jax.eval_shape(lambda: model_lib.Transformer(scanned).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  assert model_lib.count_params(abstract) == expected
