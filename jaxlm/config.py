@@ -33,6 +33,7 @@ POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 # gate/up/down).
 LORA_TARGETS = ("query", "key", "value", "out", "fc", "proj", "gate", "up", "down")
 NORMS = ("layernorm", "rmsnorm")
+ROPE_SCALINGS = ("", "llama3")
 MLPS = ("gelu", "swiglu")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -79,6 +80,15 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype (parameters stay float32)
   norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
   rope_theta: float = 10000.0  # rotary base frequency (positional=rope)
+  # RoPE scaling for long contexts: '' (none) or 'llama3' (Llama 3.1+: frequencies with
+  # wavelengths beyond rope_original_max_len / rope_low_freq_factor divided by
+  # rope_scaling_factor, those under rope_original_max_len / rope_high_freq_factor kept,
+  # interpolated between).
+  rope_scaling: str = ""
+  rope_scaling_factor: float = 8.0  # rope_scaling: how much longer the context becomes
+  rope_low_freq_factor: float = 1.0  # rope_scaling=llama3: see above
+  rope_high_freq_factor: float = 4.0  # rope_scaling=llama3: see above
+  rope_original_max_len: int = 8192  # rope_scaling: the context the model was pretrained with
   init_std: float = 0.02  # standard deviation of the normal initializers
   # Fine-tuning (jaxlm/finetune.py, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
@@ -291,11 +301,11 @@ def gpt2_config_dict(size: str) -> ml_collections.ConfigDict:
   return config
 
 
-# Published shapes of open checkpoints (their config.json): model.* keys. RoPE scaling (Llama
-# 3.2's rope_type llama3) is not built, so llama3_2_1b has plain RoPE at its base frequency.
+# Published shapes of open checkpoints (their config.json): model.* keys.
 OPEN_SHAPES = {
     "llama3_2_1b": dict(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
                         mlp_dim=8192, vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5,
+                        rope_scaling="llama3", rope_scaling_factor=32.0,
                         tie_embeddings=True),
     "mistral_7b": dict(num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
                        mlp_dim=14336, vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5,
@@ -502,7 +512,9 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.embed_dim", "model.mlp_dim",
     "model.vocab_size", "model.max_seq_len", "model.scan_unroll", "model.norm_eps",
-    "model.init_std", "model.rope_theta", "data.seq_len", "data.tokenizer_max_sentences",
+    "model.init_std", "model.rope_theta", "model.rope_scaling_factor",
+    "model.rope_low_freq_factor", "model.rope_high_freq_factor", "model.rope_original_max_len",
+    "data.seq_len", "data.tokenizer_max_sentences",
     "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
     "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
@@ -517,6 +529,7 @@ _NON_NEGATIVE = (
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
 CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
+    "model.rope_scaling": ROPE_SCALINGS,
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
     "optim.schedule": SCHEDULES, "optim.name": OPTIMIZERS,
@@ -698,6 +711,9 @@ def check(config: Config) -> Config:
   if m.lora_rank and not present & set(m.lora_targets):
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r} names no layer of this "
                       f"model (mlp={m.mlp!r} has {', '.join(sorted(present))}).")
+  if m.rope_scaling and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+    raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                      f"model.rope_low_freq_factor={m.rope_low_freq_factor} (Llama 3: 4 and 1).")
   if m.positional == "rope" and m.head_dim % 2:
     raise ConfigError(f"model.positional='rope' needs an even head dim; the head dim is "
                       f"{m.head_dim}. Change model.num_heads, model.embed_dim or "

@@ -112,15 +112,35 @@ def sinusoidal_positions(positions: Array, config: ModelConfig) -> Array:
   return codes * (config.init_std * math.sqrt(2.0))
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """The rotation speed of each channel pair [head_dim / 2], float32: theta^(-2i/head_dim),
+  with Llama 3's long-context scaling when config.rope_scaling='llama3' (as transformers'
+  `_compute_llama3_parameters`)."""
+  half = config.head_dim // 2
+  inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+  if config.rope_scaling == "llama3":
+    factor, old_len = config.rope_scaling_factor, config.rope_original_max_len
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | float) -> Array:
   """Rotary position embedding, "rotate half" layout (GPT-NeoX / Hugging Face LLaMA).
 
   x [batch, length, heads, head_dim], positions [batch, length] -> same shape and dtype as x.
   Channel i of the first half and channel i of the second half form a pair rotated by the
-  angle position / theta^(2i/head_dim). Computed in float32.
+  angle position * inv_freq[i] (`rope_frequencies`; a number is taken as theta: theta^(-2i/
+  head_dim)). Computed in float32.
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-np.arange(half, dtype=np.float32) / half)     # [half]
+  if np.ndim(inv_freq) == 0:
+    inv_freq = float(inv_freq) ** (-np.arange(half, dtype=np.float32) / half)     # [half]
   angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
   sin = jnp.sin(angles)[:, :, None, :]                                # [batch, length, 1, half]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -400,8 +420,8 @@ class CausalSelfAttention(nn.Module):
       query = Norm(cfg, kind="rmsnorm", axis="head_dim", name="query_norm")(query)
       key = Norm(cfg, kind="rmsnorm", axis="head_dim", name="key_norm")(key)
     if cfg.positional == "rope":
-      query = apply_rope(query, positions, cfg.rope_theta)
-      key = apply_rope(key, positions, cfg.rope_theta)
+      query = apply_rope(query, positions, rope_frequencies(cfg))
+      key = apply_rope(key, positions, rope_frequencies(cfg))
     query = nn.with_logical_constraint(checkpoint_name(query, "query"), HEADS_AXES)
     key = nn.with_logical_constraint(checkpoint_name(key, "key"), KV_HEADS_AXES)
     value = nn.with_logical_constraint(checkpoint_name(value, "value"), KV_HEADS_AXES)

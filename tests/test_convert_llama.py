@@ -26,8 +26,13 @@ transformers = pytest.importorskip("transformers")
 STDLIB = sysconfig.get_paths()["stdlib"]
 # model_type -> (config class, model class, end-of-text token, config overrides)
 FAMILIES = {
+    # Llama 3.1+'s RoPE scaling, with one channel pair in each regime (kept, interpolated,
+    # divided by the factor) at head_dim 8.
     "llama": ("LlamaConfig", "LlamaForCausalLM", "<|end_of_text|>",
-              {"tie_word_embeddings": False}),
+              {"tie_word_embeddings": False, "rope_parameters": {
+                  "rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0,
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}}),
     "mistral": ("MistralConfig", "MistralForCausalLM", "</s>",
                 {"sliding_window": 5, "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "<|endoftext|>", {"tie_word_embeddings": True}),
@@ -77,9 +82,11 @@ def _build(model_type: str, root, shard: bool = False):
   hf_dir.mkdir()
   _tokenizer_json(str(hf_dir / "tokenizer.json"), eos)
   tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))
+  shape = {k: v for k, v in SHAPE.items() if not (k == "rope_theta" and "rope_parameters"
+                                                  in overrides)}
   config = getattr(transformers, config_class)(
       vocab_size=tokenizer.vocab_size + 3, bos_token_id=tokenizer.eos_id,
-      eos_token_id=tokenizer.eos_id, attn_implementation="eager", **SHAPE, **overrides)
+      eos_token_id=tokenizer.eos_id, attn_implementation="eager", **shape, **overrides)
   model = getattr(transformers, model_class)(config).eval()
   _randomize(model)
   model.save_pretrained(str(hf_dir), max_shard_size="40KB" if shard else "1GB")
@@ -109,6 +116,7 @@ def test_import_generate_and_export_equal_transformers(family, tmp_path):
   assert (m.num_kv_heads, m.qk_norm, m.qkv_bias) == (2, model_type == "qwen3",
                                                       model_type == "qwen2")
   assert m.sliding_window == (5 if model_type == "mistral" else 0)
+  assert m.rope_scaling == ("llama3" if model_type == "llama" else "")
   # Logits of whole rows (longer than the window).
   ids = tokenizer.encode("".join(_texts()))
   tokens = np.stack([ids[i * 40:(i + 1) * 40] for i in range(3)]).astype(np.int32)
@@ -154,8 +162,9 @@ def _small_checkpoint(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     r"scales its rotary embedding \(rope_type 'llama3'\)"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}},
+     r"scales its rotary embedding with rope_type 'yarn'; jaxlm computes plain RoPE and Llama "
+     r"3's scaling only"),
     ({"num_key_value_heads": 3}, r"num_kv_heads=3 does not divide model.num_heads=2"),
     ({"hidden_size": 24}, r"the tensor for token_embed has shape \(400, 16\), config.json "
                           r"implies \(400, 24\)"),
@@ -242,3 +251,26 @@ def test_published_shapes_have_the_parameter_counts_of_transformers(name, family
   abstract = jax.eval_shape(lambda: model_lib.Transformer(scanned).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   assert model_lib.count_params(abstract) == expected
+
+
+def test_llama3_rope_scaling_equals_transformers():
+  """model.rope_frequencies of Llama 3.2 1B's scaling == transformers' llama3 RoPE init."""
+  import importlib
+
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from jaxlm import config as config_lib
+  from jaxlm import model as model_lib
+  model = config_lib.validate(importlib.import_module("configs.llama3_2_1b").get_config()).model
+  values = convert.family_for(model).hf_config(model, 0)
+  values.update(max_position_embeddings=131072)   # (the published context; the config's 2048
+  hf = transformers.LlamaConfig(**{k: v for k, v in values.items()   # is the windows we train)
+                                   if k not in ("architectures", "model_type")})
+  expected, scale = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+  ours = model_lib.rope_frequencies(model)
+  np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
+  assert scale == 1.0
+  plain = model_lib.rope_frequencies(config_lib.replace(
+      config_lib.validate({"model": {"embed_dim": 2048, "num_heads": 32,
+                                     "rope_theta": 500000.0}}), model={}).model)
+  assert np.sum(ours != plain) > 10   # (the scaling changes most low frequencies)

@@ -24,8 +24,9 @@ are stored [out, in]; jaxlm kernels are [in, out] with heads as their own axis:
   lm_head.weight                 [vocab, embed]                 lm_head [embed, vocab] (untied)
 
 Rotary embeddings: Hugging Face's `rotate_half` layout is jaxlm's, so q/k need no permutation.
-Not imported (refused in one line): RoPE scaling (Llama 3.1+ `rope_type: llama3`, YaRN...),
-alternating local/global layers, biases on o_proj or the MLP.
+Llama 3.1+'s RoPE scaling (`rope_type: llama3`) is computed (`model.rope_scaling`). Not
+imported (refused in one line): other RoPE scalings (YaRN, linear, dynamic...), alternating
+local/global layers, biases on o_proj or the MLP.
 """
 
 from __future__ import annotations
@@ -45,14 +46,22 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 _SILU = ("silu", "swish")
 
 
-def _rope_theta(hf: dict[str, Any], path: str) -> float:
-  """rope_theta from config.json (transformers < 5: top level; 5+: rope_parameters)."""
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: dict[str, Any], path: str) -> dict[str, Any]:
+  """model.rope_* from config.json (transformers < 5: rope_theta and rope_scaling; 5+:
+  rope_parameters); ConvertError for a scaling jaxlm does not compute."""
+  rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))
   kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise ConvertError(f"{path} scales its rotary embedding (rope_type {kind!r}); jaxlm computes "
-                       f"plain RoPE only, so the imported model would differ.")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  values = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+  if kind == "llama3":
+    values.update(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
+                  rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  elif kind != "default":
+    raise ConvertError(f"{path} scales its rotary embedding with rope_type {kind!r}; jaxlm "
+                       f"computes plain RoPE and Llama 3's scaling only, so the imported model "
+                       f"would differ.")
+  return values
 
 
 def _window(model_type: str, hf: dict[str, Any], path: str) -> int:
@@ -96,7 +105,7 @@ def read_config(model_type: str, hf: dict[str, Any], path: str) -> ml_collection
       head_size=head_dim if head_dim * heads != hf["hidden_size"] else 0,
       embed_dim=hf["hidden_size"], mlp_dim=hf["intermediate_size"],
       vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
-      positional="rope", rope_theta=_rope_theta(hf, path), norm="rmsnorm", mlp="swiglu",
+      positional="rope", norm="rmsnorm", mlp="swiglu", **_rope(hf, path),
       use_bias=False, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
       sliding_window=_window(model_type, hf, path),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -122,6 +131,8 @@ def problems(model_type: str, model: ModelConfig) -> list[str]:
   if model.qk_norm != (model_type == "qwen3"):
     found.append(f"model.qk_norm={model.qk_norm} ({'only ' if model.qk_norm else ''}Qwen3 "
                  f"normalizes queries and keys)")
+  if model.rope_scaling and model_type != "llama":
+    found.append(f"model.rope_scaling={model.rope_scaling!r} (written as Llama)")
   if model.sliding_window and model_type != "mistral":
     found.append(f"model.sliding_window={model.sliding_window} (written as Mistral)")
   return found
@@ -137,7 +148,7 @@ def hf_config(model_type: str, model: ModelConfig, eos_id: int) -> dict[str, Any
       "head_dim": model.head_dim, "hidden_act": "silu",
       "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_eps,
       "initializer_range": model.init_std, "rope_theta": model.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+      "rope_parameters": _rope_parameters(model),
       "tie_word_embeddings": model.tie_embeddings, "attention_dropout": 0.0,
       "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True,
   }
@@ -150,6 +161,15 @@ def hf_config(model_type: str, model: ModelConfig, eos_id: int) -> dict[str, Any
     if model_type == "qwen3":
       config["attention_bias"] = False
   return config
+
+
+def _rope_parameters(model: ModelConfig) -> dict[str, Any]:
+  if model.rope_scaling == "llama3":
+    return {"rope_type": "llama3", "rope_theta": model.rope_theta,
+            "factor": model.rope_scaling_factor, "low_freq_factor": model.rope_low_freq_factor,
+            "high_freq_factor": model.rope_high_freq_factor,
+            "original_max_position_embeddings": model.rope_original_max_len}
+  return {"rope_type": "default", "rope_theta": model.rope_theta}
 
 
 def tensor_map(model: ModelConfig) -> list[Entry]:
