@@ -139,8 +139,9 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | float) -> Arra
   head_dim)). Computed in float32.
   """
   half = x.shape[-1] // 2
-  if np.ndim(inv_freq) == 0:
-    inv_freq = float(inv_freq) ** (-np.arange(half, dtype=np.float32) / half)     # [half]
+  if np.ndim(inv_freq) == 0:  # (theta may be traced)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32) ** (-jnp.arange(half, dtype=jnp.float32)
+                                                      / half)                   # [half]
   angles = positions[..., None].astype(jnp.float32) * inv_freq        # [batch, length, half]
   sin = jnp.sin(angles)[:, :, None, :]                                # [batch, length, 1, half]
   cos = jnp.cos(angles)[:, :, None, :]
