@@ -42,6 +42,7 @@ The LM head never has a bias (as in GPT-2 / nanoGPT).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping
@@ -769,6 +770,17 @@ def unstack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
   for i in range(num_layers):
     out[f"layers_{i}"] = jax.tree.map(functools.partial(take, i), stacked, is_leaf=_is_box)
   return out
+
+
+def init_params(model: Transformer, rng: Array, tokens: Array) -> PyTree:
+  """`model.init`'s params (boxed with logical axes), the same numbers whatever the layout: a
+  scanned model (and so a pipelined one) gets the unscanned model's layers stacked, and
+  rematerialization plays no part, so `scan_layers`, `remat_policy` and pipeline stages never
+  change an experiment's starting point for a seed."""
+  cfg = model.config
+  plain = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+  params = model.clone(config=plain, parent=None).init({"params": rng}, tokens)["params"]
+  return stack_layers(params) if cfg.scan_layers else params
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int,

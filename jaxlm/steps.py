@@ -24,7 +24,7 @@ from jaxlm import diagnostics, sharding
 from jaxlm import params as params_lib
 from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm.loss import LossFn, class_logits, classifier_loss, lm_loss, loss_for  # noqa: F401
-from jaxlm.model import Transformer, resolve_attention_impl
+from jaxlm.model import Transformer, init_params, resolve_attention_impl
 from jaxlm.optim import make_optimizer, make_schedule
 
 DeviceBatch = dict[str, jax.Array]
@@ -201,7 +201,7 @@ def abstract_params(model_config: ModelConfig, mesh: Mesh) -> Any:
   model = Transformer(model_config)
 
   def init(rng: jax.Array) -> Any:
-    return model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_params(model, rng, jnp.zeros((1, 1), jnp.int32))
 
   return _abstract(init, mesh)[0]
 
@@ -281,7 +281,7 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
 
   def init_boxed(rng: jax.Array) -> TrainState:
     tokens = jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
-    return new_state(model.init({"params": rng}, tokens)["params"], rng)
+    return new_state(init_params(model, rng, tokens), rng)
 
   def init(rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
