@@ -394,6 +394,9 @@ class CausalSelfAttention(nn.Module):
   probabilities exists only in the reference path (the fused kernels have no dropout);
   residual and embedding dropout apply with every implementation.
 
+  With a sliding window the cache is a ring of `window` slots instead (`_update_ring`):
+  decoding memory stays flat past the window.
+
   Decoding (`decode=True`, the Flax lm1b pattern): `model.init(..., decode=True)` on tokens of
   shape [batch, max_len] creates the 'cache' collection: cached_key/cached_value
   [batch, max_len, kv_heads, head_dim] (grouped-query attention caches only the kv heads),
@@ -434,13 +437,18 @@ class CausalSelfAttention(nn.Module):
     if decoding:
       if segment_ids is None:
         segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-      key, value, k_segment_ids, index = self._update_cache(key, value, segment_ids)
-      # The queries sit after the cached tokens and see every cache slot up to their own;
-      # slots not written yet lie in the future.
-      q_slots = index + q_slots
-      k_slots = jnp.arange(key.shape[1])                       # [max_len]
+      if cfg.sliding_window:  # a ring of the last `window` keys, then this call's keys
+        key, value, k_segment_ids, k_slots, index = self._update_ring(key, value, segment_ids)
+      else:
+        key, value, k_segment_ids, index = self._update_cache(key, value, segment_ids)
+        # Slots not written yet lie in the future: the causal mask hides them.
+        k_slots = jnp.arange(key.shape[1])                     # [max_len]
+      q_slots = index + q_slots  # the queries sit after the cached tokens
     elif decode:  # model.init(decode=True): allocate an empty cache sized by this input
-      self._cache_variables(key.shape, key.dtype)
+      shape = key.shape
+      if cfg.sliding_window:  # (a window shorter than the cache: a ring of window slots)
+        shape = (shape[0], min(shape[1], cfg.sliding_window)) + shape[2:]
+      self._cache_variables(shape, key.dtype)
     causal = causal_mask(q_slots, k_slots, cfg.sliding_window)  # [1, 1, q_len, kv_len]
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
@@ -473,6 +481,40 @@ class CausalSelfAttention(nn.Module):
             self.variable("cache", "cached_segment_ids", zeros(("batch", "length")),
                           shape[:2], jnp.int32),
             self.variable("cache", "cache_index", zeros(()), (), jnp.int32))
+
+  def _update_ring(self, key: Array, value: Array, segment_ids: Array):
+    """Sliding-window decoding: the cache is a ring of R = min(max_len, window) slots; slot s
+    of the sequence lives at ring entry s % R, so memory stays flat however long the
+    generation. key/value [batch, length, kv_heads, head_dim] and segment_ids of this call
+    are written (their last R), after the ring is read.
+
+    Returns the keys and values to attend over [batch, R + length, kv_heads, head_dim] (the
+    ring as it was, then this call's), their segment ids [batch, R + length] (-1 for ring
+    entries never written, so no query sees them), their sequence slots [R + length], and
+    the cache index before this write.
+    """
+    cached_key, cached_value, cached_segments, cache_index = self._cache_variables(
+        key.shape, key.dtype)
+    index, length = cache_index.value, key.shape[1]
+    ring = cached_key.value.shape[1]
+    entry = jnp.arange(ring)
+    # The newest sequence slot below `index` that entry j holds (-1: none yet).
+    held = jnp.where(index - 1 >= entry, entry + ring * ((index - 1 - entry) // ring), -1)
+    keys = jnp.concatenate([cached_key.value.astype(key.dtype), key], axis=1)
+    values = jnp.concatenate([cached_value.value.astype(value.dtype), value], axis=1)
+    segments = jnp.concatenate([jnp.where(held >= 0, cached_segments.value, -1),
+                                segment_ids.astype(jnp.int32)], axis=1)
+    slots = jnp.concatenate([held, index + jnp.arange(length)])
+    keep = min(length, ring)  # (static) only the last `ring` new slots stay
+    at = (index + length - keep + jnp.arange(keep)) % ring   # distinct ring entries
+    cached_key.value = cached_key.value.at[:, at].set(
+        key[:, length - keep:].astype(cached_key.value.dtype))
+    cached_value.value = cached_value.value.at[:, at].set(
+        value[:, length - keep:].astype(cached_value.value.dtype))
+    cached_segments.value = cached_segments.value.at[:, at].set(
+        segment_ids[:, length - keep:].astype(jnp.int32))
+    cache_index.value = index + length
+    return keys, values, segments, slots, index
 
   def _update_cache(self, key: Array, value: Array, segment_ids: Array):
     """Writes key/value [batch, length, kv_heads, head_dim] and segment_ids at cache_index.

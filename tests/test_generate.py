@@ -90,7 +90,11 @@ def run(cfg=GPT2, prompts=PROMPTS, tokenizer=TOK, **kwargs):
 
 # --- cached == uncached ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+# Grouped-query attention with a window far shorter than the generation (a ring cache of 6).
+MISTRAL = dataclasses.replace(LLAMA, num_kv_heads=2, sliding_window=6)
+
+
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA, MISTRAL], ids=["gpt2", "llama", "gqa-window"])
 def test_greedy_cached_equals_full_recompute(cfg):
   cached, cached_stats = run(cfg, tokenizer=NO_EOS)
   full, full_stats = run(cfg, tokenizer=NO_EOS, kv_cache=False)

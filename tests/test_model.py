@@ -289,6 +289,9 @@ def test_cached_decoding_matches_full_forward(cfg):
   np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=1e-5)
   attention_cache = nn.unbox(cache)["layers" if cfg.scan_layers else "layers_1"]["attention"]
   np.testing.assert_array_equal(attention_cache["cache_index"], LENGTH)
+  # A sliding window keeps a ring of `window` slots (of the 16 the cache was made for).
+  slots = cfg.sliding_window or cfg.max_seq_len
+  assert attention_cache["cached_key"].shape[-4:] == (BATCH, slots, cfg.kv_heads, cfg.head_dim)
 
 
 def test_cached_decoding_with_left_padding():
