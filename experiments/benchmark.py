@@ -7,6 +7,7 @@ script parses the flags and prints.
   python -m experiments.benchmark train --workload=gpt2_124m  # GPU/TPU: bf16, batch 16
   python -m experiments.benchmark train --workload=gpt2_124m --batch_size=32
   python -m experiments.benchmark generate
+  python -m experiments.benchmark kv
   python -m experiments.benchmark tasks
   python -m experiments.benchmark data
   python -m experiments.benchmark prepare
@@ -14,6 +15,8 @@ script parses the flags and prints.
 Modes (each module's docstring says what is measured and how):
   train     jaxlm's train step vs transformers.GPT2LMHeadModel + torch AdamW (jaxlm/bench/train.py)
   generate  KV-cache decoding vs full recompute, time per token (jaxlm/bench/generate.py)
+  kv        KV-cache memory and ms/token: grouped-query and sliding-window attention vs
+            multi-head on the same model (jaxlm/bench/generate.py)
   tasks     task scoring vs the model's plain forward pass (jaxlm/bench/tasks.py)
   data      the training loader vs nanoGPT's get_batch (jaxlm/bench/data.py)
   prepare   prepare_data's tokens/s per core vs the raw encode, and its peak RSS
@@ -37,7 +40,7 @@ from experiments import common
 WORKLOADS = ("small", "default", "gpt2_124m")  # (jaxlm.bench.train's; kept here so --help
 CPU_WORKLOADS = ("small", "default")           # never imports jax)
 
-MODES = ("train", "generate", "tasks", "data", "prepare")
+MODES = ("train", "generate", "kv", "tasks", "data", "prepare")
 
 _WORKLOAD = flags.DEFINE_enum(
     "workload", "all", (*WORKLOADS, "all"),
@@ -111,6 +114,13 @@ def main(argv: list[str]) -> None:
     for line in machine.machine_lines():
       print(line)
     print(generate_benchmark.format_table(rows))
+    return
+  if argv[1] == "kv":
+    from jaxlm.bench import generate as generate_benchmark
+    rows = generate_benchmark.run_kv_benchmark(repeats=_GENERATE_REPEATS.value)
+    for line in machine.machine_lines():
+      print(line)
+    print(generate_benchmark.format_kv_table(rows))
     return
   if argv[1] == "tasks":
     from jaxlm.bench import tasks as tasks_benchmark

@@ -143,3 +143,17 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
   assert "| jaxlm loader (shuffled, segment ids, resumable) |" in table
   assert "| nanoGPT get_batch in numpy (random offsets) |" in table
   assert "jaxlm / nanoGPT get_batch:" in table
+
+
+def test_kv_mode_measures_cache_memory_and_speed_of_each_attention():
+  from jaxlm.bench import generate as generate_benchmark
+  rows = generate_benchmark.run_kv_benchmark(new_tokens=128, chunk=64, repeats=1,
+                                             log=lambda message: None)
+  mib = {r["attention"]: (r["cache_mib_1040"], r["cache_mib_4096"]) for r in rows}
+  full, grouped = mib["multi-head"], mib["grouped-query 2/8"]
+  windowed = mib["grouped-query 2/8, window 256"]
+  assert abs(grouped[0] * 4 - full[0]) < 0.1 * full[0]        # 2 kv heads of 8: a quarter
+  assert abs(full[1] / full[0] - 4096 / 1040) < 0.05          # grows with the slots...
+  assert windowed[0] == windowed[1] < grouped[0] / 3          # ...but a ring does not
+  assert all(r["ms_per_token_first"] > 0 and r["ms_per_token_last"] > 0 for r in rows)
+  assert generate_benchmark.format_kv_table(rows).count("\n") == 4

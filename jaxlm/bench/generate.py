@@ -33,8 +33,8 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import generate as gen
-from jaxlm.config import ConfigError
-from jaxlm.model import Transformer
+from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.model import Transformer, init_cache
 
 
 def load_model_config(path: str):
@@ -208,4 +208,56 @@ def format_table(rows: Sequence[dict]) -> str:
   for r in rows:
     cells = [fmt.format(r[name]) if name in r else "" for name, fmt in columns]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# -- Grouped-query and sliding-window attention against multi-head ---------------------------------
+
+# The same model three ways: multi-head attention, 2 key/value heads of 8, and those with a
+# 256-token window (a ring cache of 256 slots).
+KV_MODEL = ModelConfig(num_layers=4, num_heads=8, embed_dim=512, mlp_dim=1376, vocab_size=4096,
+                       max_seq_len=4096, positional="rope", norm="rmsnorm", mlp="swiglu",
+                       use_bias=False, tie_embeddings=False)
+KV_VARIANTS = {"multi-head": KV_MODEL,
+               "grouped-query 2/8": dataclasses.replace(KV_MODEL, num_kv_heads=2),
+               "grouped-query 2/8, window 256": dataclasses.replace(KV_MODEL, num_kv_heads=2,
+                                                                   sliding_window=256)}
+
+
+def cache_bytes(model_config, slots: int, batch: int = 1) -> int:
+  """Bytes of the KV cache `generate` allocates for `slots` sequence slots (its arrays)."""
+  cache = nn.unbox(init_cache(model_config, batch, slots))
+  return sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
+def run_kv_benchmark(new_tokens: int = 1024, chunk: int = 64, repeats: int = 3,
+                     log=None) -> list[dict]:
+  """Per variant: KV-cache bytes at 1,040 and 4,096 slots, and greedy ms per token in the
+  first and the last full chunk of a `new_tokens` generation (batch 1, 16-token prompt; the
+  variants alternate, medians over `repeats` after a compiling run of each)."""
+  log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+  models = {name: _Model(cfg, random_params(cfg)) for name, cfg in KV_VARIANTS.items()}
+  for name, model in models.items():
+    log(f"compiling {name}")
+    _decode(model, 1, 16, new_tokens, kv_cache=True, chunk_size=chunk, max_steps=1 + chunk)
+  timings: dict[str, list] = {name: [] for name in models}
+  for round_index in range(repeats):
+    order = list(models) if round_index % 2 == 0 else list(models)[::-1]
+    for name in order:
+      _, chunks = _decode(models[name], 1, 16, new_tokens, kv_cache=True, chunk_size=chunk)
+      timings[name].append([1e3 * t / n for n, t in chunks if n == chunk])
+  return [{"attention": name, "cache_mib_1040": cache_bytes(KV_VARIANTS[name], 1040) / 2**20,
+           "cache_mib_4096": cache_bytes(KV_VARIANTS[name], 4096) / 2**20,
+           "ms_per_token_first": statistics.median(t[0] for t in timings[name]),
+           "ms_per_token_last": statistics.median(t[-1] for t in timings[name]),
+           "new_tokens": new_tokens, "repeats": repeats} for name in models]
+
+
+def format_kv_table(rows: Sequence[dict]) -> str:
+  lines = ["| attention | KV cache, 1,040 slots | KV cache, 4,096 slots | ms/token, first chunk "
+           "| ms/token, last chunk |", "|---|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['attention']} | {r['cache_mib_1040']:.2f} MiB | "
+                 f"{r['cache_mib_4096']:.2f} MiB | {r['ms_per_token_first']:.2f} | "
+                 f"{r['ms_per_token_last']:.2f} |")
   return "\n".join(lines)
