@@ -54,12 +54,14 @@ def _fingerprint_leaf(x: jax.Array) -> jax.Array:
   return jnp.stack([h1, h2])
 
 
-_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_fingerprint_leaf, tree))
+# One leaf per call (compiled once per shape, sharding and dtype): the temporaries of one array
+# at a time, not of the whole state at once (3 GB more host memory for a 0.5B model's import).
+_fingerprint_array = jax.jit(_fingerprint_leaf)
 
 
 def fingerprints(tree: Any) -> dict[str, list[int]]:
   """{'params/.../kernel': [h1, h2], ...} for every array leaf."""
-  hashes = jax.device_get(_fingerprint_tree(tree))
+  hashes = jax.device_get(jax.tree.map(_fingerprint_array, tree))
   flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
   return {jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in value]
           for path, value in flat}

@@ -173,16 +173,17 @@ def load_params(hf_dir: str, family: Family, model: ModelConfig,
                        f"{family.architecture} of its config.json does not; the checkpoint and "
                        f"config.json do not match.")
   flat: dict[params_lib.Path, Any] = {}
-  handles: dict[str, Any] = {}
-  with contextlib.ExitStack() as stack:  # each file stays open until every tensor is read
-    for hf_name, paths, to_jaxlm, _ in entries:
-      name, path = locations[hf_name]
-      if path not in handles:
-        handles[path] = stack.enter_context(open_safetensors(path))
-      tensor = handles[path].get_tensor(name).astype(np.float32)
-      for jax_path, array in zip(paths, to_jaxlm(tensor)):
-        flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
-      del tensor
+  by_file: dict[str, list[Entry]] = {}
+  for entry in entries:
+    by_file.setdefault(locations[entry[0]][1], []).append(entry)
+  # One file open at a time: its memory-mapped pages leave the process when it closes.
+  for path, file_entries in by_file.items():
+    with open_safetensors(path) as handle:
+      for hf_name, paths, to_jaxlm, _ in file_entries:
+        tensor = handle.get_tensor(locations[hf_name][0]).astype(np.float32, copy=False)
+        for jax_path, array in zip(paths, to_jaxlm(tensor)):
+          flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
+        del tensor
   return params_lib.unflatten(flat)
 
 
