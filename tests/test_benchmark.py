@@ -1,6 +1,7 @@
 """jaxlm.bench (experiments/benchmark.py's modes): the real code paths on tiny workloads (not
 timings)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -147,11 +148,14 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
 
 def test_kv_mode_measures_cache_memory_and_speed_of_each_attention():
   from jaxlm.bench import generate as generate_benchmark
-  rows = generate_benchmark.run_kv_benchmark(new_tokens=128, chunk=64, repeats=1,
-                                             log=lambda message: None)
+  tiny = dataclasses.replace(generate_benchmark.KV_MODEL, num_layers=1, embed_dim=64,
+                             mlp_dim=128, vocab_size=256)
+  rows = generate_benchmark.run_kv_benchmark(
+      new_tokens=128, chunk=64, repeats=1, log=lambda message: None,
+      variants=generate_benchmark.kv_variants(tiny, window=32))
   mib = {r["attention"]: (r["cache_mib_1040"], r["cache_mib_4096"]) for r in rows}
   full, grouped = mib["multi-head"], mib["grouped-query 2/8"]
-  windowed = mib["grouped-query 2/8, window 256"]
+  windowed = mib["grouped-query 2/8, window 32"]
   assert abs(grouped[0] * 4 - full[0]) < 0.1 * full[0]        # 2 kv heads of 8: a quarter
   assert abs(full[1] / full[0] - 4096 / 1040) < 0.05          # grows with the slots...
   assert windowed[0] == windowed[1] < grouped[0] / 3          # ...but a ring does not

@@ -218,10 +218,16 @@ def format_table(rows: Sequence[dict]) -> str:
 KV_MODEL = ModelConfig(num_layers=4, num_heads=8, embed_dim=512, mlp_dim=1376, vocab_size=4096,
                        max_seq_len=4096, positional="rope", norm="rmsnorm", mlp="swiglu",
                        use_bias=False, tie_embeddings=False)
-KV_VARIANTS = {"multi-head": KV_MODEL,
-               "grouped-query 2/8": dataclasses.replace(KV_MODEL, num_kv_heads=2),
-               "grouped-query 2/8, window 256": dataclasses.replace(KV_MODEL, num_kv_heads=2,
-                                                                   sliding_window=256)}
+
+
+def kv_variants(model: ModelConfig = KV_MODEL, kv_heads: int = 2, window: int = 256
+                ) -> dict[str, ModelConfig]:
+  """`model` with multi-head attention, `kv_heads` key/value heads, and those with a window."""
+  grouped = f"grouped-query {kv_heads}/{model.num_heads}"
+  return {"multi-head": model,
+          grouped: dataclasses.replace(model, num_kv_heads=kv_heads),
+          f"{grouped}, window {window}": dataclasses.replace(model, num_kv_heads=kv_heads,
+                                                             sliding_window=window)}
 
 
 def cache_bytes(model_config, slots: int, batch: int = 1) -> int:
@@ -231,12 +237,13 @@ def cache_bytes(model_config, slots: int, batch: int = 1) -> int:
 
 
 def run_kv_benchmark(new_tokens: int = 1024, chunk: int = 64, repeats: int = 3,
-                     log=None) -> list[dict]:
+                     log=None, variants: dict[str, ModelConfig] | None = None) -> list[dict]:
   """Per variant: KV-cache bytes at 1,040 and 4,096 slots, and greedy ms per token in the
   first and the last full chunk of a `new_tokens` generation (batch 1, 16-token prompt; the
   variants alternate, medians over `repeats` after a compiling run of each)."""
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-  models = {name: _Model(cfg, random_params(cfg)) for name, cfg in KV_VARIANTS.items()}
+  variants = variants or kv_variants()
+  models = {name: _Model(cfg, random_params(cfg)) for name, cfg in variants.items()}
   for name, model in models.items():
     log(f"compiling {name}")
     _decode(model, 1, 16, new_tokens, kv_cache=True, chunk_size=chunk, max_steps=1 + chunk)
@@ -246,8 +253,8 @@ def run_kv_benchmark(new_tokens: int = 1024, chunk: int = 64, repeats: int = 3,
     for name in order:
       _, chunks = _decode(models[name], 1, 16, new_tokens, kv_cache=True, chunk_size=chunk)
       timings[name].append([1e3 * t / n for n, t in chunks if n == chunk])
-  return [{"attention": name, "cache_mib_1040": cache_bytes(KV_VARIANTS[name], 1040) / 2**20,
-           "cache_mib_4096": cache_bytes(KV_VARIANTS[name], 4096) / 2**20,
+  return [{"attention": name, "cache_mib_1040": cache_bytes(variants[name], 1040) / 2**20,
+           "cache_mib_4096": cache_bytes(variants[name], 4096) / 2**20,
            "ms_per_token_first": statistics.median(t[0] for t in timings[name]),
            "ms_per_token_last": statistics.median(t[-1] for t in timings[name]),
            "new_tokens": new_tokens, "repeats": repeats} for name in models]
