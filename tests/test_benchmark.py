@@ -36,6 +36,7 @@ def test_workload_configs_are_valid_float32_single_device():
   assert benchmark.default_dtype() == "float32"  # on this CPU
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("use_torch", [True, False])
 def test_train_table_rows(tmp_path, use_torch):
   if use_torch and not machine.torch_available():
@@ -68,6 +69,7 @@ def test_machine_lines_name_cpu_and_versions():
   assert "machine:" in text and "jax" in text
 
 
+@pytest.mark.e2e
 def test_generate_table_rows():
   from jaxlm.bench import generate as generate_benchmark
   settings = generate_benchmark.GenerateSettings(
@@ -84,6 +86,7 @@ def test_generate_table_rows():
   assert table.count("\n") == len(rows) + 1
 
 
+@pytest.mark.e2e
 def test_tasks_mode_scores_and_runs_the_plain_forward_on_the_same_batches(tmp_path):
   from jaxlm.bench import tasks as tasks_benchmark
   config_file = tmp_path / "tiny.py"
@@ -146,6 +149,7 @@ def test_data_mode_loads_the_real_train_split_with_both_loaders(tmp_path):
   assert "jaxlm / nanoGPT get_batch:" in table
 
 
+@pytest.mark.e2e
 def test_kv_mode_measures_cache_memory_and_speed_of_each_attention():
   from jaxlm.bench import generate as generate_benchmark
   tiny = dataclasses.replace(generate_benchmark.KV_MODEL, num_layers=1, embed_dim=64,

@@ -23,6 +23,7 @@ from tests.helpers import losses
 OLD_CONFIG = os.path.join(REPO, "tests", "data", "run_2026_12_06", "config.json")
 
 
+@pytest.mark.e2e
 def test_a_run_of_the_old_format_resumes_trains_and_is_evaluated(tmp_path, shared_data_dir):
   with open(OLD_CONFIG) as f:
     values = json.load(f)

@@ -107,6 +107,7 @@ def test_sigterm_saves_and_the_resumed_finetuning_equals_the_uninterrupted(
   assert again == resumed
 
 
+@pytest.mark.e2e
 def test_finetuning_microbatches_give_the_same_steps(tiny_lm_run, tmp_path):
   data = keyword_csv(tmp_path / "data.csv", count=30)
   batch = {"finetune.epochs": 1, "train.global_batch_size": 16}  # 2 x (8 devices x 1 row)

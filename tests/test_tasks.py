@@ -364,6 +364,7 @@ def test_cli_refuses_an_unknown_task_before_loading_anything(tiny_lm_run, tmp_pa
   assert not os.path.exists(os.path.join(tiny_lm_run, "eval_results.json"))
 
 
+@pytest.mark.e2e
 def test_tasks_are_scored_at_every_evaluation_of_a_pretraining_run(tmp_path):
   import email
   lambada = write(tmp_path / "lambada.txt", [f"from email import message number{i}"
@@ -391,6 +392,7 @@ def test_tasks_are_scored_at_every_evaluation_of_a_pretraining_run(tmp_path):
     assert 0 <= record["eval_sst2_acc"] <= 1 and "eval_sst2_acc_norm" in record
 
 
+@pytest.mark.e2e
 def test_fine_tuning_runs_score_tasks_too_and_classifiers_refuse_them(tiny_lm_run, tmp_path):
   from jaxlm import finetune
   lambada = write(tmp_path / "lambada.txt", [f"import os and import sys{i}" for i in range(4)])
