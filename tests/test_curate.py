@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from experiments import messy_corpus
 from jaxlm import corpora
 from jaxlm.config import ConfigError
 from jaxlm.curate import beam, dedup, inputs, local, rules, settings, throughput
+from jaxlm.curate import messy as messy_lib
 from tests.conftest import REPO
 
 PROSE = ("The library opens at nine in the morning and closes at six in the evening. Visitors "
@@ -37,7 +37,7 @@ def config_with(**sections) -> settings.CurationConfig:
 def messy(tmp_path_factory):
   """A small messy corpus (the reference documentation only) and its truth."""
   root = str(tmp_path_factory.mktemp("messy") / "corpus")
-  truth = messy_corpus.make(root, seed=3, docstrings=False)
+  truth = messy_lib.make(root, seed=3, docstrings=False)
   return root, truth
 
 
@@ -56,10 +56,10 @@ def test_normalization_unicode_whitespace_and_short_boilerplate_lines():
 
 LANGUAGE_SAMPLES = {
     "en": PROSE,
-    "fr": " ".join(messy_corpus.FOREIGN["fr"]),
-    "de": " ".join(messy_corpus.FOREIGN["de"]),
-    "es": " ".join(messy_corpus.FOREIGN["es"]),
-    "ru": " ".join(messy_corpus.FOREIGN["ru"]),
+    "fr": " ".join(messy_lib.FOREIGN["fr"]),
+    "de": " ".join(messy_lib.FOREIGN["de"]),
+    "es": " ".join(messy_lib.FOREIGN["es"]),
+    "ru": " ".join(messy_lib.FOREIGN["ru"]),
     "zh": "图书馆早上九点开门，晚上六点关门。访客一次最多可以借五本书，每次借期三周。"
           "十二岁以下的儿童需要家长签名的借书证。",
     "it": "La biblioteca apre alle nove del mattino e chiude alle sei di sera. I visitatori "
@@ -131,7 +131,7 @@ def test_decontamination_drops_or_cuts_13_gram_overlaps(tmp_path):
 def test_near_duplicates_precision_and_recall_at_the_default_threshold(tmp_path, seed):
   """Planted copies (1% of words edited, paragraphs reordered, other header and footer) are
   found with recall >= 0.95 and precision >= 0.95 (measured: 0.98-1.0 / 1.0)."""
-  truth = messy_corpus.make(str(tmp_path / "c"), seed=seed)
+  truth = messy_lib.make(str(tmp_path / "c"), seed=seed)
   config = settings.load().dedup
   signer = dedup.Signer(config)
   family = {name: fact["family"] for name, fact in truth.items()
