@@ -61,10 +61,12 @@ _fingerprint_array = jax.jit(_fingerprint_leaf)
 
 def fingerprints(tree: Any) -> dict[str, list[int]]:
   """{'params/.../kernel': [h1, h2], ...} for every array leaf."""
-  hashes = jax.device_get(jax.tree.map(_fingerprint_array, tree))
-  flat, _ = jax.tree_util.tree_flatten_with_path(hashes)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): [int(v) for v in value]
-          for path, value in flat}
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  # Each result is fetched before the next leaf's program starts: with several processes the
+  # programs hold collectives, and two in flight at once can pair up differently per process
+  # (a multi-process save hung with them dispatched back to back).
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          [int(v) for v in jax.device_get(_fingerprint_array(leaf))] for path, leaf in flat}
 
 
 # An OS error inside an Orbax/TensorStore message: "... [os_error_code='27']" (TensorStore puts
