@@ -54,19 +54,32 @@ def _fingerprint_leaf(x: jax.Array) -> jax.Array:
   return jnp.stack([h1, h2])
 
 
-# One leaf per call (compiled once per shape, sharding and dtype): the temporaries of one array
-# at a time, not of the whole state at once (3 GB more host memory for a 0.5B model's import).
-_fingerprint_array = jax.jit(_fingerprint_leaf)
+# Arrays are fingerprinted in groups of up to this many bytes, one compiled program per group,
+# each fetched before the next starts: the temporaries of one group at a time, not of the
+# whole state (a 0.5B model's import held 3 GB more host memory with one program for all), and
+# never two programs in flight (with several processes they hold collectives, which can pair
+# up differently per process: a 4-process save hung that way). A small state is one group.
+FINGERPRINT_GROUP_BYTES = 256 * 2**20
+_fingerprint_group = jax.jit(lambda leaves: [_fingerprint_leaf(x) for x in leaves])
 
 
 def fingerprints(tree: Any) -> dict[str, list[int]]:
   """{'params/.../kernel': [h1, h2], ...} for every array leaf."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  # Each result is fetched before the next leaf's program starts: with several processes the
-  # programs hold collectives, and two in flight at once can pair up differently per process
-  # (a multi-process save hung with them dispatched back to back).
-  return {jax.tree_util.keystr(path, simple=True, separator="/"):
-          [int(v) for v in jax.device_get(_fingerprint_array(leaf))] for path, leaf in flat}
+  groups: list[list[tuple[Any, Any]]] = [[]]
+  size = 0
+  for path, leaf in flat:
+    if groups[-1] and size + leaf.nbytes > FINGERPRINT_GROUP_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append((path, leaf))
+    size += leaf.nbytes
+  out = {}
+  for group in groups:
+    hashes = jax.device_get(_fingerprint_group([leaf for _, leaf in group]))
+    for (path, _), value in zip(group, hashes):
+      out[jax.tree_util.keystr(path, simple=True, separator="/")] = [int(v) for v in value]
+  return out
 
 
 # An OS error inside an Orbax/TensorStore message: "... [os_error_code='27']" (TensorStore puts
