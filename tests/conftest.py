@@ -111,15 +111,3 @@ def tiny_lm_run(tmp_path_factory) -> str:
   checkpointer.wait()
   return str(workdir)
 
-
-# CI runs the suite on two workers, each taking whole modules (--dist loadfile). The longest
-# modules go first, so the short ones fill in at the end and the two workers finish together
-# instead of one waiting on a long module dispatched last.
-LONGEST_FIRST = ("test_finetune.py", "test_multihost.py", "test_storage.py", "test_notebooks.py",
-                 "test_sweep.py", "test_plan.py", "test_pretrain.py", "test_crash.py",
-                 "test_spikes.py", "test_convert_llama.py", "test_prepare.py", "test_loop.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable within a module)
