@@ -90,7 +90,7 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0  # rope_scaling=llama3: see above
   rope_original_max_len: int = 8192  # rope_scaling: the context the model was pretrained with
   init_std: float = 0.02  # standard deviation of the normal initializers
-  # Fine-tuning (jaxlm/finetune.py, jaxlm/lora.py): a classification head of num_classes
+  # Fine-tuning (jaxlm/finetune/, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
   # named in lora_targets when > 0.
   num_classes: int = 0
@@ -231,10 +231,10 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py; jaxlm/finetune.py).
+  """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py; jaxlm/finetune/).
 
   trainable: '' (the default: all weights, or 'lora' when model.lora_rank > 0; measured to
-  learn where the book's last block + head did not, see jaxlm/finetune.py), 'head' (the output
+  learn where the book's last block + head did not, see jaxlm/finetune/), 'head' (the output
   layer), 'last_n_blocks' (+ the final norm and the head: the book's choice, lighter on optimizer
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
