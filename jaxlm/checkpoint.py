@@ -89,6 +89,27 @@ _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _OS_ERROR = re.compile(r"\[Errno \d+\] [^:'\"]{1,80}")
 
 
+def _save_whole_shards_on_cpu() -> None:
+  """On the CPU backend, Orbax saves each replicated array from one replica, whole.
+
+  Its default (TPU and CPU; on GPU it is off) splits every replicated array into one slice per
+  replica so that the replicas copy their parts to the host in parallel: one sliced XLA program
+  per array and replica. On CPU devices, which share the host's memory, there is nothing to
+  parallelize: a step's save of 222 small arrays replicated on 8 CPU devices took 0.83 s (2.0 s
+  the first time, compiling the slices) with it and 0.33 s without. Process-wide (Orbax's type
+  handler registry is global); a handler the user registered is left alone.
+  """
+  if jax.default_backend() != "cpu":
+    return
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if type(handler) is ocp.type_handlers.ArrayHandler and handler._use_replica_parallel:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            array_metadata_store=getattr(handler, "_array_metadata_store", None)),
+        override=True)
+
+
 class Checkpointer:
   """Async Orbax CheckpointManager for one run directory's `checkpoints/`."""
 
@@ -96,6 +117,7 @@ class Checkpointer:
                read_only: bool = False):
     """read_only: only list and restore (generation, evaluation): never creates the directory,
     deletes old steps, or cleans up the unfinished saves of a run that is still training."""
+    _save_whole_shards_on_cpu()
     self.directory = directory if storage.is_url(directory) else os.path.abspath(directory)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
