@@ -26,24 +26,39 @@ _FAMILY = flags.DEFINE_string("family", "", "model_type to write: gpt2, llama, m
                               "qwen3 (default: the first that expresses the model exactly).")
 
 
-@common.exit_on_user_error
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  common.quiet_logs()
+def exporter(family_name: str = ""):
+  """The script's main; `family_name`: the one family it writes, without --family
+  (experiments.export_gpt2)."""
+
+  @common.exit_on_user_error
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if family_name and _FAMILY.value not in ("", family_name):
+      raise app.UsageError(f"--family={_FAMILY.value}: this command writes {family_name} only; "
+                           f"use python -m experiments.export_hf --family={_FAMILY.value}.")
+    common.quiet_logs()
+    export(family_name or _FAMILY.value)
+  return main
+
+
+def export(family_name: str) -> None:
   from jaxlm import convert
   from jaxlm import run as run_lib
   if not _HF_DIR.value or not _WORKDIR.value:
     raise convert.ConvertError("pass both --workdir=RUN (the run to export) and --hf_dir=DIR "
                                "(the new directory to write).")
   run = run_lib.open_run(_WORKDIR.value, _STEP.value)
-  family = convert.family_for(run.config.model, _FAMILY.value)  # before the (slow) restore
+  family = convert.family_for(run.config.model, family_name)  # before the (slow) restore
   convert.check_new_directory(_HF_DIR.value, "--hf_dir")
   params = run_lib.restore_params(run)
   written = convert.export_hf(run.config.model, params, run.tokenizer, _HF_DIR.value,
                               family.name)
   print(json.dumps({"hf_dir": _HF_DIR.value, "step": run.step,
                     "architecture": family.architecture, "files": written}))
+
+
+main = exporter()
 
 
 if __name__ == "__main__":

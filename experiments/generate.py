@@ -12,6 +12,8 @@ piped. All prompts (times --num_samples) decode together as one batch.
 
 --prompts_file: one prompt per line (empty lines skipped), or, for a file ending in .jsonl, one
 JSON string or {"prompt": ...} object per line (for prompts spanning several lines).
+--chat: each prompt is a user turn of the run's chat template (a run imported from an instruct
+checkpoint keeps it); the rendered prompt is printed and each answer stops at the end of its turn.
 --stop: repeatable, or a comma-separated list; `\n`, `\t`, `\,` and `\\` are unescaped. The
 continuation ends just before the first stop string (which is not printed).
 """
@@ -43,6 +45,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "samples per prompt.")
 _KV_CACHE = flags.DEFINE_bool("kv_cache", True,
                               "decode with the KV cache; false = full recompute each step "
                               "(the reference path, slow).")
+_CHAT = flags.DEFINE_bool(
+    "chat", False, "format each prompt as a user turn with the run's chat template (kept from an "
+    "instruct checkpoint) and stop where the assistant's turn ends.")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to load (default: the latest).")
 _STOP = flags.DEFINE_multi_string("stop", [], "stop string(s): repeatable or comma-separated")
 _TRUNCATE = flags.DEFINE_bool("truncate", False,
@@ -168,6 +173,10 @@ def run(argv: list[str]) -> None:
   start = time.perf_counter()
   run_info = run_lib.open_run(_WORKDIR.value, _STEP.value, language_model=True)
   config, tokenizer = run_info.config, run_info.tokenizer
+  if _CHAT.value:  # (the rendered prompts are printed: what the model continues)
+    from jaxlm import chat
+    rows = [chat.of(tokenizer).prompt(p) for p in rows]
+    tokenizer = chat.turn_tokenizer(tokenizer)
   # Refuse prompts that do not fit before the (slower) restore.
   generate_lib.encode_prompts(config.model, tokenizer, rows, sampling.max_new_tokens,
                               options.truncate)

@@ -25,19 +25,26 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to r
 _WORKDIR = flags.DEFINE_string("workdir", None, "new run directory to write.")
 
 
-@common.exit_on_user_error
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  common.quiet_logs()
-  from jaxlm import convert
-  if not _HF_DIR.value or not _WORKDIR.value:
-    raise convert.ConvertError("pass both --hf_dir=DIR (the Hugging Face files) and "
-                               "--workdir=RUN (the new run directory).")
-  start = time.perf_counter()
-  summary = convert.import_hf(_HF_DIR.value, _WORKDIR.value)
-  summary["seconds"] = round(time.perf_counter() - start, 2)
-  print(json.dumps(summary))
+def importer(expect: str = ""):
+  """The script's main; `expect`: the one model_type it takes (experiments.import_gpt2)."""
+
+  @common.exit_on_user_error
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.quiet_logs()
+    from jaxlm import convert
+    if not _HF_DIR.value or not _WORKDIR.value:
+      raise convert.ConvertError("pass both --hf_dir=DIR (the Hugging Face files) and "
+                                 "--workdir=RUN (the new run directory).")
+    start = time.perf_counter()
+    summary = convert.import_hf(_HF_DIR.value, _WORKDIR.value, expect=expect)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(summary))
+  return main
+
+
+main = importer()
 
 
 if __name__ == "__main__":

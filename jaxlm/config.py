@@ -249,7 +249,7 @@ class FinetuneConfig:
   balance: bool = False  # classifier: undersample to equal classes, as the book does
   text_column: str = "text"  # classifier: the text field or column
   label_column: str = "label"  # classifier: the label field or column
-  template: str = "alpaca"  # instruct: the prompt format
+  template: str = "alpaca"  # instruct: the prompt format (model: the init run's chat template)
   max_new_tokens: int = 128  # instruct: tokens generated per test answer
 
 
@@ -266,7 +266,7 @@ class Config:
 
 _SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
 TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "model")
 
 
 def default_config_dict() -> ml_collections.ConfigDict:

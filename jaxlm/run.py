@@ -31,9 +31,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxlm import chat, files, remote, sharding, storage
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
-from jaxlm import files, remote, sharding, storage
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError
@@ -260,6 +260,8 @@ def write_files(workdir: str, config: Config, tokenizer, *,
     files.write_json(os.path.join(workdir, "config_diff.json"),
                      {k: v for k, v in diff.items() if v["from"] != v["to"]})
   files.write_bytes(os.path.join(workdir, tokenizer.file_name), tokenizer.serialize())
+  if getattr(tokenizer, "chat_template", None) is not None:
+    chat.write_run(workdir, tokenizer.chat_template)
   if run_source is not None:
     files.write_json(os.path.join(workdir, "source.json"), dict(run_source))
   if class_names is not None:
@@ -339,6 +341,7 @@ def open_run(workdir: str, step: int | None = None, *, what: str = "workdir",
     tokenizer = tokenizer_lib.from_bytes(
         base64.b64decode(meta["tokenizer_model_b64"]), meta.get("tokenizer_name", ""),
         f"{checkpoints_dir}/{step}/meta")
+  tokenizer.chat_template = chat.read_run(path)
   return RunDirectory(path if remote.url_of(path) else workdir, config, tokenizer, step, steps,
                       reader)
 

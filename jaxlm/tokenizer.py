@@ -137,6 +137,7 @@ def _checked_ids(ids: Sequence[int], vocab_size: int, source: str) -> list[int]:
 class SentencePieceTokenizer:
   """A SentencePiece model with jaxlm's newline/escape convention and fixed special ids."""
   file_name = "tokenizer.model"
+  chat_template = None  # a jaxlm.chat.ChatTemplate a run keeps beside its tokenizer
 
   def __init__(self, model_proto: bytes, model_path: str = ""):
     self.model_path = model_path
@@ -224,6 +225,7 @@ class ByteLevelBPETokenizer:
   `transformers`' tokenizer of the same tokenizer.json. The first of END_OF_TEXT_TOKENS in the
   vocabulary is eos, bos and pad; there is no unk (every byte has a token)."""
   file_name = "tokenizer.json"
+  chat_template = None  # a jaxlm.chat.ChatTemplate a run keeps beside its tokenizer
 
   def __init__(self, tokenizer_json: str, source: str = ""):
     from tokenizers import Tokenizer as HFTokenizer

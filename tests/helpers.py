@@ -268,3 +268,12 @@ def wait(processes, timeout=600):
   for p, (_, err) in zip(processes, results):
     assert p.returncode == 0, err[-3000:]
   return [err for _, err in results]
+
+
+# Llama 3's chat template, shortened (its structure: the headers and the end of turn).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")

@@ -50,16 +50,17 @@ def _texts() -> list[str]:
           for n in sorted(os.listdir(folder)) if n.endswith(".py")]
 
 
-def _tokenizer_json(path: str, eos: str) -> None:
+def _tokenizer_json(path: str, eos: str, special: tuple[str, ...] = ()) -> None:
   """A byte-level BPE tokenizer.json (Llama 3 / Qwen style: a Split + ByteLevel pre-tokenizer
-  sequence) with `eos` as a special token."""
+  sequence) with `eos` (and `special`) as special tokens."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(r"\s?\w+|\s?[^\w\s]+|\s+"), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[eos], show_progress=False,
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[eos, *special],
+                                show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tokenizer.train_from_iterator(_texts(), trainer)
   tokenizer.save(path)
@@ -74,13 +75,17 @@ def _randomize(model) -> None:
               + (1.0 if norm else 0.0))
 
 
-def _build(model_type: str, root, shard: bool = False):
-  """(hf_dir, torch model, imported workdir) of one family."""
+def _build(model_type: str, root, shard: bool = False, tokenizer_config: dict | None = None):
+  """(hf_dir, torch model, imported workdir) of one family; `tokenizer_config`: its
+  tokenizer_config.json (a chat template: with Llama 3's special tokens)."""
   torch.set_num_threads(2)
   config_class, model_class, eos, overrides = FAMILIES[model_type]
   hf_dir = root / f"hf-{model_type}"
   hf_dir.mkdir()
-  _tokenizer_json(str(hf_dir / "tokenizer.json"), eos)
+  _tokenizer_json(str(hf_dir / "tokenizer.json"), eos, ("<|begin_of_text|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>") if tokenizer_config else ())
+  if tokenizer_config:
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
   tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))
   shape = {k: v for k, v in SHAPE.items() if not (k == "rope_theta" and "rope_parameters"
                                                   in overrides)}
@@ -184,13 +189,16 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, overrides, mes
 
 @pytest.mark.e2e
 def test_cli_imports_a_llama_fine_tunes_it_with_lora_and_exports_it(tmp_path):
-  """experiments.import_hf -> finetune_instruct (LoRA) -> export_hf -> transformers, through
-  the command lines, on a small random Llama (docs/models.md shows the same for a real one)."""
+  """experiments.import_hf -> finetune_instruct (LoRA, in the checkpoint's chat template) ->
+  generate --chat -> export_hf -> transformers, through the command lines, on a small random
+  Llama (docs/models.md shows the same for a real one)."""
   import subprocess
   import sys
 
   from tests.conftest import REPO
-  hf_dir, model, _ = _build("llama", tmp_path)
+  from tests.helpers import LLAMA3_CHAT_TEMPLATE as LLAMA3
+  template = {"chat_template": LLAMA3, "eos_token": "<|end_of_text|>"}
+  hf_dir, model, _ = _build("llama", tmp_path, tokenizer_config=template)
   records = [{"instruction": "Repeat the word.", "input": w, "output": w}
              for w in ("alpha", "beta", "gamma", "delta", "omega", "sigma") * 4]
   (tmp_path / "data.json").write_text(json.dumps(records))
@@ -208,12 +216,24 @@ def test_cli_imports_a_llama_fine_tunes_it_with_lora_and_exports_it(tmp_path):
       "experiments.finetune_instruct", f"--init={tmp_path / 'llama'}",
       f"--data={tmp_path / 'data.json'}", f"--workdir={tmp_path / 'tuned'}", "--noprogress",
       "--config.model.lora_rank=4", "--config.finetune.epochs=1",
+      "--config.finetune.template=model",
       "--config.train.global_batch_size=8", "--config.finetune.max_new_tokens=4",
       "--config.data.seq_len=64"))
   assert tuned["trainable_params"] < tuned["total_params"] / 4 and tuned["finished"]
+  answers = json.loads((tmp_path / "tuned" / "test_responses.json").read_text())
+  assert answers and all(set(a) >= {"instruction", "response", "exact_match"} for a in answers)
+  chatted = subprocess.run(
+      [sys.executable, "-m", "experiments.generate", f"--workdir={tmp_path / 'tuned'}", "--chat",
+       "--prompt=Repeat the word.\nbeta", "--temperature=0", "--max_new_tokens=6"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert chatted.returncode == 0, chatted.stderr[-3000:]
+  assert chatted.stdout.startswith("<|start_header_id|>user<|end_header_id|>\n\nRepeat the "
+                                   "word.\nbeta<|eot_id|><|start_header_id|>assistant")
   exported = json.loads(run("experiments.export_hf", f"--workdir={tmp_path / 'tuned'}",
                             f"--hf_dir={tmp_path / 'out'}"))
   assert exported["architecture"] == "LlamaForCausalLM"
+  exported_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+  assert exported_config["chat_template"] == LLAMA3  # (kept through import and fine-tuning)
   # The exported weights are the tuned run's (adapters merged): transformers gives its logits.
   config, params, tokenizer = run_lib.load_run(str(tmp_path / "tuned"))
   tokens = np.asarray([tokenizer.encode("Below is an instruction")], np.int32)

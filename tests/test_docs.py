@@ -229,10 +229,15 @@ def _common_helpers() -> dict[str, set[str]]:
 @functools.lru_cache(maxsize=None)
 def script_flags(name: str) -> frozenset[str]:
   """The flags experiments/NAME.py defines: its own DEFINE_* calls (at module level or in any
-  function) and those of the experiments.common helpers it calls."""
+  function), those of the experiments.common helpers it calls, and those of the scripts it
+  imports (`from experiments import import_hf`: an alias script)."""
   with open(os.path.join(EXPERIMENTS, f"{name}.py"), encoding="utf-8") as f:
     tree = ast.parse(f.read())
   flags = set().union(*_defined_names(tree).values())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+      flags |= {flag for alias in node.names if alias.name != "common"
+                for flag in script_flags(alias.name)}
   helpers = _common_helpers()
   for node in ast.walk(tree):
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)

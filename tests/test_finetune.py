@@ -464,9 +464,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
 
 
 @pytest.mark.e2e
-def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
-  """Both scripts start from an imported GPT-2 run; a LoRA instruction run exports to GPT-2 with
-  its adapters merged, and transformers computes the same logits."""
+def test_a_classifier_fine_tunes_from_an_imported_gpt2(tmp_path):
+  """An imported GPT-2 run (its vocab.json + merges.txt tokenizer) is an init run like any
+  other. (Instruction tuning with LoRA from an imported model, exported back with the adapters
+  merged: tests/test_convert_llama.py.)"""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from tokenizers import ByteLevelBPETokenizer
@@ -497,29 +498,6 @@ def test_finetuning_an_imported_gpt2_and_exporting_the_lora_result(tmp_path):
   assert summary["trainable_params"] == summary["total_params"]
   config = json.loads((tmp_path / "cls" / "config.json").read_text())
   assert config["optim"]["learning_rate"] == pytest.approx(0.064 / 32)
-
-  reversal_json(tmp_path / "reverse.json", 60, seed=5)
-  workdir = tmp_path / "instruct"
-  result = run_script("finetune_instruct", [
-      f"--init={base}", f"--data={tmp_path / 'reverse.json'}", f"--workdir={workdir}",
-      "--config.finetune.epochs=1", "--config.finetune.max_new_tokens=4",
-      "--config.finetune.template=chat",
-      "--config.model.lora_rank=4", "--config.optim.learning_rate=1e-2", "--config.seed=2"])
-  assert result.returncode == 0, result.stderr[-3000:]
-  config, params, _ = run_lib.load_run(str(workdir))
-  assert config.model.lora_rank == 4 and config.seed == 2
-  lora_b = params["layers_0"]["attention"]["query"]["lora_b"]
-  assert float(jnp.abs(lora_b).max()) > 0  # the adapters trained
-  result = subprocess.run([sys.executable, "-m", "experiments.export_gpt2",
-                           f"--workdir={workdir}", f"--hf_dir={tmp_path / 'out'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  exported = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
-  tokens = np.asarray([[5, 17, 42, 8, 99, 3, 61]], np.int32)
-  with torch.no_grad():
-    reference = exported(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
-  ours = generate_lib.forward_logits(config.model, params, tokens)  # base + adapters, unmerged
-  assert np.max(np.abs(ours - reference)) < 1e-4
 
 
 def test_balance_and_split_are_seeded_and_complete():

@@ -22,8 +22,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxlm import chat, files, lora, sharding
 from jaxlm import config as config_lib
-from jaxlm import files, lora, sharding
 from jaxlm import params as params_lib
 from jaxlm import run as run_lib
 from jaxlm import steps as steps_lib
@@ -248,6 +248,10 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
     tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
   except tokenizer_lib.TokenizerError as e:
     raise ConvertError(f"{hf_dir}: {e}") from None
+  try:
+    tokenizer.chat_template = chat.read_hf(hf_dir)
+  except chat.ChatTemplateError as e:
+    raise ConvertError(str(e)) from None
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConvertError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} tokens but "
                        f"config.json has vocab_size={config.model.vocab_size} embedding rows; "
@@ -347,6 +351,12 @@ def write_tokenizer(tokenizer, directory: str, family_name: str) -> None:
     return
   files.write_bytes(os.path.join(directory, "tokenizer.json"), tokenizer.serialize())
   eos = tokenizer.id_to_token(tokenizer.eos_id)
-  files.write_json(os.path.join(directory, "tokenizer_config.json"), {
+  tokenizer_config = {
       "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": None,
-      "pad_token": eos, "model_max_length": 1 << 30, "add_bos_token": False})
+      "pad_token": eos, "model_max_length": 1 << 30, "add_bos_token": False}
+  chat_template = getattr(tokenizer, "chat_template", None)
+  if chat_template is not None:  # (with the token strings it was rendered with)
+    tokenizer_config.update(chat_template=chat_template.template,
+                            bos_token=chat_template.bos_token or None)
+    tokenizer_config["eos_token"] = chat_template.eos_token or eos
+  files.write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config)

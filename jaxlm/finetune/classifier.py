@@ -123,7 +123,8 @@ def encode_classifier(examples: Sequence[Example], tokenizer, classes: Sequence[
                  label_ids(examples, classes))
 
 
-def _read(path: str, f: FinetuneConfig, flag: str) -> list[Example]:
+def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
+  del tokenizer
   return read_labeled(path, f.text_column, f.label_column, flag=flag)
 
 

@@ -254,14 +254,14 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
   """Reads, selects (e.g. balances), splits and encodes the data the objective's way; returns
   the splits and the class names."""
   f, objective = config.finetune, objective_lib.get(config.finetune.objective)
-  examples = objective.select(objective.read(data, f, "--data"), config)
+  examples = objective.select(objective.read(data, f, tokenizer, "--data"), config)
   if validation_data or test_data:
     if not (validation_data and test_data):
       raise FinetuneError("pass both --validation_data and --test_data, or neither (then "
                           "--data is split by finetune.train_fraction/validation_fraction).")
     parts = {"train": examples,
-             "validation": objective.read(validation_data, f, "--validation_data"),
-             "test": objective.read(test_data, f, "--test_data")}
+             "validation": objective.read(validation_data, f, tokenizer, "--validation_data"),
+             "test": objective.read(test_data, f, tokenizer, "--test_data")}
   else:
     parts = dict(zip(("train", "validation", "test"), split_examples(
         examples, f.train_fraction, f.validation_fraction, config.seed)))

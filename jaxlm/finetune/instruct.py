@@ -1,7 +1,9 @@
 """Instruction following (the book's chapter 7): records {instruction, input?, output} are
-formatted with a prompt template (alpaca, or chat turns) and trained with the language-model
-loss on the response tokens only. The best checkpoint has the lowest validation loss; after
-training, the test split's prompts are answered greedily (test_responses.json, exact match).
+formatted with a prompt template (alpaca, chat turns, or the init run's own chat template:
+`model`) and trained with the language-model loss on the response tokens only (with `model`,
+the response and the template's end of turn, where generation then stops). The best checkpoint
+has the lowest validation loss; after training, the test split's prompts are answered greedily
+(test_responses.json, exact match).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxlm import chat, files
 from jaxlm import data as data_lib
-from jaxlm import files
 from jaxlm import generate as generate_lib
 from jaxlm import loss as loss_lib
 from jaxlm.config import Config, FinetuneConfig
@@ -26,7 +28,7 @@ ALPACA_HEADER = ("Below is an instruction that describes a task. Write a respons
 
 def format_prompt(instruction: str, input_text: str, template: str) -> str:
   """The prompt the response follows. alpaca: the Alpaca template (as in the book's ch. 7);
-  chat: `<|user|>` / `<|assistant|>` turns."""
+  chat: `<|user|>` / `<|assistant|>` turns. (model: `chat.ChatTemplate.prompt`.)"""
   if template == "alpaca":
     prompt = f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}"
     if input_text:
@@ -36,10 +38,12 @@ def format_prompt(instruction: str, input_text: str, template: str) -> str:
   return f"<|user|>\n{user}\n<|assistant|>\n"
 
 
-def read_instructions(path: str, template: str, flag: str = "--data") -> list[Example]:
+def read_instructions(path: str, template: str, flag: str = "--data",
+                      chat_template: chat.ChatTemplate | None = None) -> list[Example]:
   """Examples of a JSON file (a list of records) or JSONL file (a record per line; or any
   format of `files.read_records`), each with a string `instruction`, an optional string `input`
-  and a string `output`."""
+  and a string `output`. template "model": formatted with `chat_template`, the user's turn
+  being the instruction and the input on the next line."""
   records = files.read_records(path, FinetuneError, flag)
   if not records:
     raise FinetuneError(f"{path} has no records.")
@@ -54,20 +58,26 @@ def read_instructions(path: str, template: str, flag: str = "--data") -> list[Ex
     input_text = record.get("input") or ""
     if not isinstance(input_text, str):
       raise FinetuneError(f"{where}: field 'input' must be a string.")
-    examples.append(Example(where, format_prompt(record["instruction"], input_text, template),
-                            response=record["output"], record=record))
+    if template == "model":
+      user = record["instruction"] + (f"\n{input_text}" if input_text else "")
+      examples.append(Example(where, chat_template.prompt(user), response=record["output"],
+                              record=record, target=chat_template.answer(user, record["output"])))
+    else:
+      examples.append(Example(where, format_prompt(record["instruction"], input_text, template),
+                              response=record["output"], record=record))
   return examples
 
 
 def encode_instructions(examples: Sequence[Example], tokenizer, max_length: int,
                         classes: Sequence[str] = ()) -> Encoded:
-  """Prompt + response + EOS ids per example (`classes`: unused, the interface's)."""
+  """Prompt + response + EOS ids per example, or prompt + target where a chat template gave
+  one (its end of turn ends it) (`classes`: unused, the interface's)."""
   del classes
   prompts = tokenizer.encode_batch([e.text for e in examples])
-  responses = tokenizer.encode_batch([e.response for e in examples])
+  responses = tokenizer.encode_batch([e.target or e.response for e in examples])
   ids, prompt_lengths = [], []
   for example, prompt, response in zip(examples, prompts, responses):
-    sequence = list(prompt) + list(response) + [tokenizer.eos_id]
+    sequence = list(prompt) + list(response) + ([] if example.target else [tokenizer.eos_id])
     if len(sequence) - 1 > max_length:  # inputs are the sequence minus its last token
       raise FinetuneError(f"{example.where}: prompt + response are {len(sequence)} tokens, "
                           f"longer than max_length={max_length} + 1; shorten the example or "
@@ -99,6 +109,8 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
   budget are generated together (most share `max_new_tokens`)."""
   budgets = [max(1, min(max_new_tokens, config.model.max_seq_len - length))
              for length in split.prompt_lengths]
+  if config.finetune.template == "model":
+    tokenizer = chat.turn_tokenizer(tokenizer)  # answers end with the template's end of turn
   completions: list[Any] = [None] * len(budgets)
   for budget in sorted(set(budgets)):
     rows = [i for i, b in enumerate(budgets) if b == budget]
@@ -122,8 +134,14 @@ def _finish(prepared, params) -> dict[str, Any]:
   return {"test_exact_match": float(np.mean([r["exact_match"] for r in report]))}
 
 
-def _read(path: str, f: FinetuneConfig, flag: str) -> list[Example]:
-  return read_instructions(path, f.template, flag=flag)
+def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
+  if f.template != "model":
+    return read_instructions(path, f.template, flag=flag)
+  try:
+    chat.turn_tokenizer(tokenizer)  # (answers must end in one token: checked before training)
+    return read_instructions(path, f.template, flag, chat.of(tokenizer))
+  except chat.ChatTemplateError as e:
+    raise FinetuneError(f"--config.finetune.template=model: {e}") from None
 
 
 OBJECTIVE = register(Objective(

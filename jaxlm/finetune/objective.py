@@ -34,6 +34,9 @@ class Example:
   label: str = ""       # classifier label (as written in the file)
   response: str = ""    # instruct: the expected output
   record: Mapping[str, Any] | None = None  # instruct: the original record (for the report)
+  # instruct with a chat template: the text trained on after the prompt (the response as the
+  # template writes it and the template's end of turn); "": the response, then the EOS id
+  target: str = ""
 
 
 @dataclasses.dataclass
@@ -49,7 +52,8 @@ class Encoded:
 class Objective:
   """What a fine-tuning objective defines.
 
-  read(path, finetune config, flag) -> examples of a data file (FinetuneError naming the row)
+  read(path, finetune config, tokenizer, flag) -> examples of a data file, formatted for the
+    tokenizer (FinetuneError naming the row)
   select(train examples, config) -> the examples trained on (e.g. classes balanced)
   classes(train examples, path) -> the class names ([] for none; they size model.num_classes)
   encode(examples, tokenizer, classes, max_length) -> Encoded (too-long examples refused)
@@ -62,7 +66,7 @@ class Objective:
   finish(prepared run, best params) -> extra summary entries after training (e.g. test answers)
   """
   name: str
-  read: Callable[[str, FinetuneConfig, str], list[Example]]
+  read: Callable[[str, FinetuneConfig, Any, str], list[Example]]
   classes: Callable[[Sequence[Example], str], list[str]]
   encode: Callable[[Sequence[Example], Any, Sequence[str], int], Encoded]
   row: Callable[[Encoded, int, int, int], Batch]
