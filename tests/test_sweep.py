@@ -200,8 +200,9 @@ def corpus(tmp_path_factory):
 
 
 def tiny_sweep(tmp_path, corpus, points, steps=8, name="tiny.py", every=4):
-  """every: steps between evaluations and between checkpoints."""
-  return write_sweep(tmp_path, TINY.format(files=f"{corpus}/*.txt", cache=tmp_path / "cache",
+  """every: steps between evaluations and between checkpoints. The corpus's data_dir (its
+  prepared text and tokenizer) is the corpus fixture's, shared as on a user's machine."""
+  return write_sweep(tmp_path, TINY.format(files=f"{corpus}/*.txt", cache=f"{corpus}.cache",
                                            steps=steps, points=points, every=every), name)
 
 
