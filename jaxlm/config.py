@@ -67,6 +67,10 @@ class ModelConfig:
   # Each token attends to the last sliding_window positions only, itself included (Mistral;
   # 0: the whole context).
   sliding_window: int = 0
+  # With sliding_window: the layers that use it, as indices and ranges ("0,2,4-7"; empty: every
+  # layer); the others attend to the whole context (models that alternate local and global
+  # layers: Qwen2's max_window_layers, layer_types). Unscanned layers only.
+  window_layers: str = ""
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on attention probabilities and residual branches (training only)
   # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), XLA's fused attention on TPU, the
@@ -106,6 +110,31 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+  def windowed_layers(self) -> frozenset[int]:
+    """The layers that use sliding_window (every layer if window_layers is empty; none
+    without a window). ValueError for a malformed window_layers."""
+    if not self.sliding_window:
+      return frozenset()
+    if not self.window_layers.strip():
+      return frozenset(range(self.num_layers))
+    layers: set[int] = set()
+    for part in self.window_layers.split(","):
+      first, _, last = part.strip().partition("-")
+      if not first.isdigit() or (last and not last.isdigit()):
+        raise ValueError(part)
+      layers.update(range(int(first), int(last or first) + 1))
+    return frozenset(layers)
+
+  def layer_window(self, layer: int) -> int:
+    """The sliding window of block `layer` (0: the whole context)."""
+    return self.sliding_window if layer in self.windowed_layers() else 0
+
+  def for_layer(self, layer: int) -> "ModelConfig":
+    """This config as block `layer` sees it: its own window, no pattern."""
+    if not self.window_layers:
+      return self
+    return dataclasses.replace(self, sliding_window=self.layer_window(layer), window_layers="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -675,6 +704,27 @@ def mixture_sources(mixture: str) -> list[tuple[str, float]]:
   return sources
 
 
+def _check_window_layers(m: ModelConfig) -> None:
+  if not m.window_layers:
+    return
+  if not m.sliding_window:
+    raise ConfigError(f"model.window_layers={m.window_layers!r} chooses the layers that use "
+                      f"model.sliding_window, which is 0; set a window, or drop window_layers.")
+  try:
+    layers = m.windowed_layers()
+  except ValueError:
+    raise ConfigError(f"model.window_layers={m.window_layers!r}: write layer indices and "
+                      f"ranges separated by commas, e.g. 0,2,4-7.") from None
+  beyond = sorted(i for i in layers if i >= m.num_layers)
+  if beyond:
+    raise ConfigError(f"model.window_layers={m.window_layers!r} names layer {beyond[0]}, but "
+                      f"model.num_layers={m.num_layers} (layers 0-{m.num_layers - 1}).")
+  if m.scan_layers and len(layers) < m.num_layers:
+    raise ConfigError(f"model.window_layers={m.window_layers!r} with model.scan_layers=true: "
+                      f"scanned layers share one compiled block, and so one window; set "
+                      f"model.scan_layers=false.")
+
+
 def check(config: Config) -> Config:
   """Checks ranges and cross-field constraints; returns the config unchanged."""
   _check_fields(config)
@@ -685,6 +735,7 @@ def check(config: Config) -> Config:
     raise ConfigError(f"model.{field}={value} must be >= 0 (0: "
                       + {"num_kv_heads": "as many as num_heads", "head_size": "embed_dim / "
                          "num_heads", "sliding_window": "the whole context"}[field] + ").")
+  _check_window_layers(m)
   if m.num_heads % m.kv_heads:
     raise ConfigError(
         f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}: "

@@ -661,8 +661,9 @@ class Transformer(nn.Module):
     elif cfg.scan_layers:
       x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode)
     else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, deterministic, decode)
+      for i in range(cfg.num_layers):  # (each with its own window: model.window_layers)
+        x, _ = block(cfg.for_layer(i), name=f"layers_{i}")(x, positions, segment_ids,
+                                                           deterministic, decode)
 
     x = Norm(cfg, name="final_norm")(x)
     if return_hidden:
@@ -761,11 +762,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   (or, with a sliding window, over the keys each query sees).
   """
   d = config.embed_dim
-  keys = min(seq_len, config.sliding_window) if config.sliding_window else seq_len
+  keys = sum(min(seq_len, config.layer_window(i)) or seq_len for i in range(config.num_layers))
   dense = sum(i * o for i, o in _dense_shapes(config).values())
   matmul_params = (config.num_layers * (dense + lora_params_per_layer(config))
                    + d * (config.num_classes or config.vocab_size))
-  return 6.0 * matmul_params + 12.0 * config.num_layers * keys * config.num_heads * config.head_dim
+  return 6.0 * matmul_params + 12.0 * keys * config.num_heads * config.head_dim
 
 
 def _is_box(x: Any) -> bool:

@@ -212,3 +212,8 @@ def move(source: str, target: str) -> None:
     return
   fs, inner = filesystem(source)
   fs.mv(inner, filesystem(target)[1], recursive=True)
+  # Listings cached before the move would still show the source, in this instance and in the
+  # others of its class (Orbax reaches gs:// through its own: a --restore_step resume then
+  # found the discarded step "there", failed to delete it, and could not save that step).
+  for instance in [fs, *getattr(type(fs), "_cache", {}).values()]:
+    instance.invalidate_cache()

@@ -35,7 +35,10 @@ FAMILIES = {
                   "original_max_position_embeddings": 64}}),
     "mistral": ("MistralConfig", "MistralForCausalLM", "</s>",
                 {"sliding_window": 5, "tie_word_embeddings": False}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "<|endoftext|>", {"tie_word_embeddings": True}),
+    # A window on layer 1 only (max_window_layers=1): local and global layers alternate.
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "<|endoftext|>",
+              {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 6,
+               "max_window_layers": 1}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "<|endoftext|>",
               {"head_dim": 16, "tie_word_embeddings": True}),
 }
@@ -120,7 +123,8 @@ def test_import_generate_and_export_equal_transformers(family, tmp_path):
   m = config.model
   assert (m.num_kv_heads, m.qk_norm, m.qkv_bias) == (2, model_type == "qwen3",
                                                       model_type == "qwen2")
-  assert m.sliding_window == (5 if model_type == "mistral" else 0)
+  assert (m.sliding_window, m.window_layers) == {"mistral": (5, ""), "qwen2": (6, "1")}.get(
+      model_type, (0, ""))
   assert m.rope_scaling == ("llama3" if model_type == "llama" else "")
   # Logits of whole rows (longer than the window).
   ids = tokenizer.encode("".join(_texts()))

@@ -262,9 +262,10 @@ def test_remat_policies_save_what_they_say():
     make(positional="none"), make(positional="learned", scan_layers=True),
     make(positional="rope", attention_impl="xla"),
     make(positional="rope", num_kv_heads=2, qk_norm=True, sliding_window=4),
-    make(positional="rope", num_kv_heads=1, sliding_window=3, attention_impl="xla")],
+    make(positional="rope", num_kv_heads=1, sliding_window=3, attention_impl="xla"),
+    make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0")],
     ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla", "gqa-window",
-         "mqa-window-xla"])
+         "mqa-window-xla", "window-on-layer-0"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
 
@@ -289,8 +290,13 @@ def test_cached_decoding_matches_full_forward(cfg):
   np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=1e-5)
   attention_cache = nn.unbox(cache)["layers" if cfg.scan_layers else "layers_1"]["attention"]
   np.testing.assert_array_equal(attention_cache["cache_index"], LENGTH)
-  # A sliding window keeps a ring of `window` slots (of the 16 the cache was made for).
-  slots = cfg.sliding_window or cfg.max_seq_len
+  # A sliding window keeps a ring of `window` slots (of the 16 the cache was made for), in the
+  # layers that have it (model.window_layers).
+  for layer in range(cfg.num_layers if not cfg.scan_layers else 0):
+    slots = cfg.layer_window(layer) or cfg.max_seq_len
+    layer_cache = nn.unbox(cache)[f"layers_{layer}"]["attention"]["cached_key"]
+    assert layer_cache.shape == (BATCH, slots, cfg.kv_heads, cfg.head_dim), layer
+  slots = cfg.layer_window(1) or cfg.max_seq_len
   assert attention_cache["cached_key"].shape[-4:] == (BATCH, slots, cfg.kv_heads, cfg.head_dim)
 
 
@@ -498,6 +504,13 @@ def test_qk_norm_normalizes_each_head_of_queries_and_keys():
     ({"num_kv_heads": 3}, r"model.num_kv_heads=3 does not divide model.num_heads=4"),
     ({"num_kv_heads": -1}, r"model.num_kv_heads=-1 must be >= 0"),
     ({"sliding_window": -2}, r"model.sliding_window=-2 must be >= 0"),
+    ({"window_layers": "1"}, r"model.window_layers='1' chooses the layers that use "
+                             r"model.sliding_window, which is 0"),
+    ({"sliding_window": 4, "window_layers": "1;2"}, r"write layer indices and ranges separated "
+                                                    r"by commas, e.g. 0,2,4-7"),
+    ({"sliding_window": 4, "window_layers": "2-9"}, r"names layer 4, but model.num_layers=4"),
+    ({"sliding_window": 4, "window_layers": "1,3", "scan_layers": True},
+     r"scanned layers share one compiled block, and so one window"),
     ({"head_size": -8}, r"model.head_size=-8 must be >= 0")])
 def test_bad_attention_shapes_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -552,6 +565,11 @@ def test_flops_per_token():
   cfg = file_config("gpt2_124m")
   matmul_params = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50257
   assert model_lib.flops_per_token(cfg, 1024) == 6 * matmul_params + 12 * 12 * 1024 * 768
+  # A 256-token window on 4 of the 12 layers: their queries see 256 keys, the others 1,024.
+  windowed = dataclasses.replace(cfg, positional="rope", sliding_window=256,
+                                 window_layers="0,4-5,11")
+  assert model_lib.flops_per_token(windowed, 1024) == 6 * matmul_params + 12 * (
+      4 * 256 + 8 * 1024) * 768
 
 
 def test_flops_per_token_matches_xla_count():

@@ -118,11 +118,28 @@ def gs_losses(env, url):
   return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
 
 
+def test_a_move_on_gcs_is_seen_by_every_filesystem_instance(gcs, monkeypatch):
+  """Orbax reaches gs:// through its own gcsfs instance: a step moved aside by
+  `--restore_step` must not stay in that instance's cached listing (the resumed run then failed
+  to save the step again: "FileNotFoundError: gs://.../checkpoints/6")."""
+  import gcsfs
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  for key in ("STORAGE_EMULATOR_HOST", "FSSPEC_GS_TOKEN", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    monkeypatch.setenv(key, gcs[key])
+  orbax_view = fsspec.filesystem("gs", finalize_on_close=True)  # as etils.epath opens gs://
+  storage.write_bytes("gs://bucket/moves/step/a.bin", b"1")
+  assert orbax_view.exists("bucket/moves/step") and orbax_view.ls("bucket/moves")
+  storage.move("gs://bucket/moves/step", "gs://bucket/moves/discarded")
+  assert not orbax_view.exists("bucket/moves/step")
+  assert orbax_view.cat("bucket/moves/discarded/a.bin") == b"1"
+  gcsfs.GCSFileSystem.clear_instance_cache()
+
+
 @pytest.mark.e2e
 def test_prepare_train_resume_and_generate_on_gcs(gcs, tmp_path):
   """prepare_data reads and writes gs://; a run reads its shards from gs://, checkpoints to
-  gs://bucket/run, resumes from there and logs what an uninterrupted local run logs;
-  generation reads the run from gs://."""
+  gs://bucket/run, resumes from an earlier checkpoint there (--restore_step) and logs what it
+  logged uninterrupted; generation reads the run from gs://."""
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "code.jsonl").write_text("".join(
       json.dumps({"text": t}) + "\n" for t in stdlib_texts("json") + stdlib_texts("email", 12)))
@@ -134,13 +151,14 @@ def test_prepare_train_resume_and_generate_on_gcs(gcs, tmp_path):
                "--shard_tokens=8000", "--workers=2")
   assert json.loads(result.stdout)["splits"]["train"]["shards"] > 2
 
-  run(gcs, "pretrain", *train_flags("gs://bucket/tokens", "gs://bucket/run", 4))
-  resumed = run(gcs, "pretrain", *train_flags("gs://bucket/tokens", "gs://bucket/run", 6))
+  run(gcs, "pretrain", *train_flags("gs://bucket/tokens", "gs://bucket/run", 6))
+  want = gs_losses(gcs, "gs://bucket/run")
+  assert sorted(want) == list(range(1, 7))
+  # Back to the checkpoint at step 4 (read from the bucket; step 6 is moved aside), steps 5
+  # and 6 again: the same losses as the first time, and step 6 saved again.
+  resumed = run(gcs, "pretrain", *train_flags("gs://bucket/tokens", "gs://bucket/run", 6),
+                "--restore_step=4")
   assert "resumed from gs://bucket/run/checkpoints/4" in resumed.stderr
-  straight = tmp_path / "straight"
-  run(gcs, "pretrain", *train_flags("gs://bucket/tokens", straight, 6))
-  with open(straight / "metrics.jsonl") as f:
-    want = {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
   assert gs_losses(gcs, "gs://bucket/run") == want
 
   generated = run(gcs, "generate", "--workdir=gs://bucket/run", "--prompt=import ",

@@ -64,21 +64,44 @@ def _rope(hf: dict[str, Any], path: str) -> dict[str, Any]:
   return values
 
 
-def _window(model_type: str, hf: dict[str, Any], path: str) -> int:
-  """The sliding window every layer uses (0: none); ConvertError for alternating layers."""
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _window(model_type: str, hf: dict[str, Any], path: str) -> dict[str, Any]:
+  """model.sliding_window and model.window_layers of a config.json, as transformers builds
+  it: Mistral windows every layer; Qwen2/Qwen3 (with use_sliding_window) the layers
+  `layer_types` marks, by default those from max_window_layers on."""
   window = hf.get("sliding_window") or 0
-  if model_type in ("qwen2", "qwen3"):
-    if not hf.get("use_sliding_window", False):
-      return 0
-    layer_types = set(hf.get("layer_types") or [])
-    if layer_types - {"sliding_attention"}:
-      raise ConvertError(f"{path} alternates sliding-window and full-attention layers "
-                         f"(layer_types / max_window_layers), which jaxlm does not build.")
-  elif model_type == "llama":
-    return 0
+  if model_type == "llama" or (model_type != "mistral" and not hf.get("use_sliding_window")):
+    return {"sliding_window": 0, "window_layers": ""}
   if not isinstance(window, int) or window < 0:
     raise ConvertError(f"{path} has sliding_window={window!r}; it must be an integer >= 0.")
-  return window if window < hf["max_position_embeddings"] else 0
+  layers = hf["num_hidden_layers"]
+  windowed = list(range(layers))
+  if model_type != "mistral":  # (MistralForCausalLM ignores layer_types)
+    types = hf.get("layer_types")
+    if types is None:
+      first = hf.get("max_window_layers", 28)  # (transformers' default)
+      types = [_LAYER_TYPES[i < first] for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= set(
+        _LAYER_TYPES):
+      raise ConvertError(f"{path} has layer_types={types!r}; it must list "
+                         f"{' or '.join(_LAYER_TYPES)} for each of its {layers} layers.")
+    windowed = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+  if not windowed or window >= hf["max_position_embeddings"]:
+    return {"sliding_window": 0, "window_layers": ""}
+  return {"sliding_window": window,
+          "window_layers": "" if len(windowed) == layers else _ranges(windowed)}
+
+
+def _ranges(indices: list[int]) -> str:
+  """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+  parts, start = [], indices[0]
+  for previous, index in zip(indices, indices[1:] + [None]):
+    if index is None or index != previous + 1:
+      parts.append(str(start) if start == previous else f"{start}-{previous}")
+      start = index
+  return ",".join(parts)
 
 
 def read_config(model_type: str, hf: dict[str, Any], path: str) -> ml_collections.ConfigDict:
@@ -107,7 +130,7 @@ def read_config(model_type: str, hf: dict[str, Any], path: str) -> ml_collection
       vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
       positional="rope", norm="rmsnorm", mlp="swiglu", **_rope(hf, path),
       use_bias=False, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-      sliding_window=_window(model_type, hf, path),
+      **_window(model_type, hf, path),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       init_std=float(hf.get("initializer_range", 0.02)))
@@ -133,8 +156,11 @@ def problems(model_type: str, model: ModelConfig) -> list[str]:
                  f"normalizes queries and keys)")
   if model.rope_scaling and model_type != "llama":
     found.append(f"model.rope_scaling={model.rope_scaling!r} (written as Llama)")
-  if model.sliding_window and model_type != "mistral":
-    found.append(f"model.sliding_window={model.sliding_window} (written as Mistral)")
+  if model.sliding_window and model_type == "llama":
+    found.append(f"model.sliding_window={model.sliding_window} (written as Mistral or Qwen)")
+  if model.window_layers and model_type == "mistral":
+    found.append(f"model.window_layers={model.window_layers!r} (Mistral windows every layer; "
+                 f"written as Qwen2/Qwen3)")
   return found
 
 
@@ -157,7 +183,10 @@ def hf_config(model_type: str, model: ModelConfig, eos_id: int) -> dict[str, Any
   elif model_type == "mistral":
     config["sliding_window"] = model.sliding_window or None
   else:
-    config.update(use_sliding_window=False, sliding_window=None)
+    windowed = model.windowed_layers()
+    config.update(use_sliding_window=bool(windowed), sliding_window=model.sliding_window or None,
+                  max_window_layers=min(windowed, default=model.num_layers),
+                  layer_types=[_LAYER_TYPES[i not in windowed] for i in range(model.num_layers)])
     if model_type == "qwen3":
       config["attention_bias"] = False
   return config
