@@ -8,9 +8,8 @@ r"""Import a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) as a 
 model.safetensors.index.json) and the tokenizer (tokenizer.json, or GPT-2's vocab.json +
 merges.txt), e.g. downloaded elsewhere with `huggingface-cli download Qwen/Qwen3-0.6B
 --local-dir qwen3`. Only safetensors is read (never pickles). Tensors are read one file at a time
-and written from host memory: peak memory about the checkpoint's size. --workdir must be new or
-empty; it gets config.json, the tokenizer and checkpoints/0 (params only). docs/models.md lists
-the architectures.
+and placed straight into their sharding. --workdir must be new or empty; it gets config.json, the
+tokenizer and checkpoints/0 (params only). docs/models.md lists the architectures.
 """
 
 from __future__ import annotations

@@ -227,9 +227,8 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
   """Makes a run directory from a Hugging Face checkpoint directory; returns a summary.
 
   The run holds config.json, the tokenizer and `checkpoints/0` with the params only (no
-  optimizer state yet). Tensors are read one file at a time, checked against the shapes the
-  config implies on `mesh`, and written from host memory (restoring places each in the run's
-  sharding). Everything is written to a temporary directory beside `workdir` and renamed at
+  optimizer state yet). Tensors are read one file at a time and placed straight into their
+  sharding on `mesh`. Everything is written to a temporary directory beside `workdir` and renamed at
   the end: a failure leaves no half-made run. `expect`: a model_type the checkpoint must be
   (the GPT-2-only entry points)."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
@@ -263,15 +262,14 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
   mesh = sharding.make_mesh(config_lib.MeshConfig(data=-1)) if mesh is None else mesh
   abstract = steps_lib.abstract_params(config.model, mesh)
 
-  def put(name: str, array: np.ndarray) -> np.ndarray:
+  def put(name: str, array: np.ndarray) -> jax.Array:
     target = _get(abstract, name)
     if array.shape != target.shape:
       raise ConvertError(f"{hf_dir}: the tensor for {name} has shape {array.shape}, config.json "
                          f"implies {target.shape}; the checkpoint and config.json do not match.")
-    # Kept in host memory and written from there: on devices, Orbax would first copy every
-    # array back to the host (2.07x the checkpoint at the peak, against ~1x). Restoring places
-    # each array in the run's sharding.
-    return array
+    # (On devices, not host arrays: writing 494M float32 params from numpy arrays peaked at
+    # 6.02 GB RSS, from CPU device arrays at 4.10 GB.)
+    return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
 
   params = load_params(hf_dir, family, config.model, put)
   with staged(workdir, ".import-") as staging:
