@@ -114,6 +114,10 @@ def test_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, data_dir):
   pretrain.train(config, str(damaged), show_progress=False)
   assert losses(damaged) == losses(straight)
   assert sorted(os.listdir(damaged / "checkpoints_discarded")) == ["12"]
+  # Orbax's reads of the damaged arrays leave coroutines that raise when collected: collected
+  # here, under this test's filter, not in whichever test runs next.
+  import gc
+  gc.collect()
 
 
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path, data_dir):
