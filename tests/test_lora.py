@@ -337,3 +337,27 @@ def test_sharded_lora_forward_matches_one_device():
   for name, leaf in flat(merged).items():
     assert leaf.sharding.is_equivalent_to(want_shardings[name], leaf.ndim), name
     np.testing.assert_allclose(leaf, flat(host_merged)[name], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_on_grouped_query_attention_shards_the_kv_heads_and_matches_one_device():
+  """Adapters of a 4-head model with 2 kv heads on data 2 x fsdp 2 x tensor 2: the key and
+  value adapters' kv-head axis splits over the tensor axis like their kernels'; the loss equals
+  one device's."""
+  config = config_lib.validate(dict(SHARDED_VALUES, model=dict(
+      SHARDED_VALUES["model"], num_kv_heads=2, positional="rope", qk_norm=True)))
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  steps = steps_lib.make_steps(config, mesh)
+  params = jax.device_put(randomize_adapters(nn.unbox(jax.jit(Transformer(config.model).init)(
+      jax.random.key(0), tokens())["params"])), steps.state_shardings.params)
+  key = params["layers_0"]["attention"]["key"]
+  assert key["kernel"].shape == (64, 2, 16) and key["lora_b"].shape == (4, 2, 16)
+  assert key["lora_b"].addressable_shards[0].data.shape == (4, 1, 16)  # [rank, kv_heads, dim]
+  batch = random_batch(config)
+  one_config = config_lib.replace(config, mesh={"data": 1, "fsdp": 1, "tensor": 1})
+  one_mesh = sharding.make_mesh(one_config.mesh, jax.devices()[:1])
+  one_steps = steps_lib.make_steps(one_config, one_mesh)
+  losses = [float(s["loss_sum"] / s["weight_sum"]) for s in (
+      steps.eval(params, sharding.global_batch(batch, mesh)),
+      one_steps.eval(jax.device_get(params), sharding.global_batch(batch, one_mesh)))]
+  assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+

@@ -76,6 +76,17 @@ def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)
 
 
+def test_grouped_query_attention_with_a_window_and_qk_norm_equals_one_device_in_stages():
+  """The Llama/Qwen/Mistral attention (1 kv head for 2 query heads, qk-norm, a 5-token window
+  inside the packed documents) through stage 2 x fsdp 2 x data 2: the losses of one device."""
+  modern = {"num_kv_heads": 1, "qk_norm": True, "sliding_window": 5, "positional": "rope",
+            "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False}
+  _, want = run_steps(tiny_config(model=modern), 2, jax.devices()[:1])
+  _, got = run_steps(tiny_config({"stage": 2, "fsdp": 2, "data": 2}, model=modern), 2,
+                     jax.devices()[:8])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["dots_saveable", "save_attention_out", "minimal"])
 def test_the_other_remat_policies_train_the_same_through_the_pipeline(one_device, policy):
   """Step 2's loss depends on step 1's gradients, which each policy recomputes differently."""
