@@ -34,7 +34,7 @@ import json
 import os
 import random
 import re
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
@@ -211,6 +211,19 @@ def _gpt2_byte_chars() -> frozenset[str]:
 END_OF_TEXT_TOKENS = (END_OF_TEXT, "<|end_of_text|>", "</s>")
 
 
+def _is_metaspace(spec: dict) -> bool:
+  """A SentencePiece-style tokenizer.json: spaces become "▁" (a Metaspace pre-tokenizer or
+  decoder, or a normalizer replacing " " with "▁", as transformers converts Llama 2's)."""
+  def mentions(part: Any) -> bool:
+    if isinstance(part, dict):
+      if part.get("type") == "Metaspace" or (part.get("type") == "Replace"
+                                              and part.get("content") == "\u2581"):
+        return True
+      return any(mentions(v) for v in part.values())
+    return isinstance(part, list) and any(mentions(p) for p in part)
+  return any(mentions(spec.get(k)) for k in ("pre_tokenizer", "normalizer", "decoder"))
+
+
 def _is_byte_level(part: dict | None) -> bool:
   """A pre-tokenizer or decoder that is (or contains) ByteLevel."""
   part = part or {}
@@ -221,9 +234,11 @@ def _is_byte_level(part: dict | None) -> bool:
 
 
 class ByteLevelBPETokenizer:
-  """Byte-level BPE on Hugging Face `tokenizers` (GPT-2, Llama 3, Qwen): ids equal
-  `transformers`' tokenizer of the same tokenizer.json. The first of END_OF_TEXT_TOKENS in the
-  vocabulary is eos, bos and pad; there is no unk (every byte has a token)."""
+  """A BPE tokenizer.json on Hugging Face `tokenizers`: byte-level (GPT-2, Llama 3, Qwen), or
+  SentencePiece-style with `▁` for spaces and byte fallback (Llama 2, Mistral: what
+  `transformers` converts their tokenizer.model to). Ids equal `transformers`' tokenizer of the
+  same tokenizer.json. The first of END_OF_TEXT_TOKENS in the vocabulary is eos, bos and pad;
+  unk is the model's unk_token (byte-level: none, every byte has a token)."""
   file_name = "tokenizer.json"
   chat_template = None  # a jaxlm.chat.ChatTemplate a run keeps beside its tokenizer
 
@@ -238,11 +253,12 @@ class ByteLevelBPETokenizer:
                            f"merges.txt directory instead.") from None
     spec = json.loads(tokenizer_json)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(pre):
-      raise TokenizerError(f"tokenizer {source or '(in memory)'} is not a byte-level BPE "
-                           f"(model {model.get('type')}, pre-tokenizer {pre.get('type')}); jaxlm "
-                           f"reads byte-level BPE tokenizer.json files (GPT-2, Llama 3, Qwen) "
-                           f"and SentencePiece .model files.")
+    self.metaspace = not _is_byte_level(pre) and _is_metaspace(spec)
+    if model.get("type") != "BPE" or not (_is_byte_level(pre) or self.metaspace):
+      raise TokenizerError(f"tokenizer {source or '(in memory)'} is neither a byte-level BPE nor "
+                           f"a SentencePiece-style one (model {model.get('type')}, pre-tokenizer "
+                           f"{pre.get('type')}); jaxlm reads BPE tokenizer.json files (GPT-2, "
+                           f"Llama, Mistral, Qwen) and SentencePiece .model files.")
     eos = next((i for i in map(self._tokenizer.token_to_id, END_OF_TEXT_TOKENS)
                 if i is not None), None)
     if eos is None:
@@ -252,7 +268,9 @@ class ByteLevelBPETokenizer:
                            f"entry of GPT-2's vocab.json).")
     self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_id = self.bos_id = self.pad_id = int(eos)
-    self.unk_id = -1
+    unk = model.get("unk_token")
+    self.unk_id = self._tokenizer.token_to_id(unk) if unk else None
+    self.unk_id = -1 if self.unk_id is None else int(self.unk_id)
 
   @classmethod
   def from_files(cls, vocab_path: str, merges_path: str) -> ByteLevelBPETokenizer:
@@ -305,7 +323,11 @@ class ByteLevelBPETokenizer:
     lengths = np.zeros(self.vocab_size, np.int32)
     special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special}
     for piece, token_id in self._tokenizer.get_vocab(with_added_tokens=True).items():
-      if piece in special:
+      if piece in special or token_id == self.unk_id:
+        continue
+      if self.metaspace:  # "▁" is a space; byte-fallback pieces <0xNN> are one byte each
+        is_byte = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        lengths[token_id] = 1 if is_byte else len(piece.replace("\u2581", " ").encode("utf-8"))
         continue
       # One character per byte; an added plain-text token is its UTF-8 itself.
       byte_level = all(c in byte_chars for c in piece)

@@ -277,3 +277,25 @@ LLAMA3_CHAT_TEMPLATE = (
     " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+
+
+def llama2_style_tokenizer_json(path) -> None:
+  """A tokenizer.json laid out as transformers converts Llama 2's / Mistral's tokenizer.model:
+  BPE with byte fallback (<0x00>..<0xFF> in the vocabulary), a normalizer that prepends "▁" and
+  turns spaces into "▁", <unk> <s> </s>; trained on stdlib text."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+  folder = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+  texts = [open(os.path.join(folder, n), encoding="utf-8").read()
+           for n in sorted(os.listdir(folder)) if n.endswith(".py")]
+  byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+  tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+  tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+  tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False))
+  spec = json.loads(tokenizer.to_str())
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_pieces]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(spec, f)

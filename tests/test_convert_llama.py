@@ -19,6 +19,7 @@ from jaxlm import convert
 from jaxlm import generate as generate_lib
 from jaxlm import run as run_lib
 from jaxlm import tokenizer as tokenizer_lib
+from tests.helpers import llama2_style_tokenizer_json
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -85,8 +86,12 @@ def _build(model_type: str, root, shard: bool = False, tokenizer_config: dict | 
   config_class, model_class, eos, overrides = FAMILIES[model_type]
   hf_dir = root / f"hf-{model_type}"
   hf_dir.mkdir()
-  _tokenizer_json(str(hf_dir / "tokenizer.json"), eos, ("<|begin_of_text|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eot_id|>") if tokenizer_config else ())
+  if model_type == "mistral":  # (Llama 2 / Mistral: a SentencePiece-style tokenizer.json)
+    llama2_style_tokenizer_json(hf_dir / "tokenizer.json")
+  else:
+    _tokenizer_json(str(hf_dir / "tokenizer.json"), eos, ("<|begin_of_text|>",
+                    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+                    if tokenizer_config else ())
   if tokenizer_config:
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
   tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))

@@ -10,6 +10,7 @@ import pytest
 from jaxlm import corpora
 from jaxlm import tokenizer as tk
 from jaxlm.config import DataConfig
+from tests.helpers import llama2_style_tokenizer_json
 
 
 @pytest.fixture(scope="session")
@@ -210,3 +211,25 @@ def test_get_tokenizer_on_text_files(tmp_path):
   tokenizer, path = tk.get_tokenizer(data, 300)
   assert os.path.basename(path).startswith(corpora.corpus_id(data) + "-v300-")
   assert tokenizer.decode(tokenizer.encode(_SMALL[5])) == _SMALL[5]
+
+
+def test_a_sentencepiece_style_tokenizer_json_reads_as_transformers_does(tmp_path):
+  """Llama 2 / Mistral checkpoints carry this tokenizer.json: the same ids and text as
+  transformers, eos </s>, and byte lengths that count "▁" as a space and <0xNN> as one byte."""
+  transformers = pytest.importorskip("transformers")
+  path = tmp_path / "tokenizer.json"
+  llama2_style_tokenizer_json(path)
+  ours = tk.load_tokenizer(str(tmp_path))
+  reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+  assert ours.metaspace and ours.eos_id == reference.convert_tokens_to_ids("</s>")
+  assert ours.unk_id == reference.convert_tokens_to_ids("<unk>") == 0
+  texts = ["def dumps(obj):", "  two  spaces\n\nand lines", "naïve café ☃ 你好 \U0001f600"]
+  for text in texts:
+    ids = reference.encode(text, add_special_tokens=False)
+    assert ours.encode(text) == ids and ours.encode_batch([text]) == [ids]
+    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+  ids = ours.encode(texts[2])
+  assert any(reference.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # fallback
+  lengths = ours.byte_lengths()
+  for text in texts:  # (+1: the "▁" the normalizer puts before the text)
+    assert int(lengths[ours.encode(text)].sum()) == len(text.encode("utf-8")) + 1
