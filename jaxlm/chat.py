@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -75,8 +76,10 @@ class ChatTemplate:
     return closing[closing.index(marker) + len(marker):].strip()
 
 
+@functools.lru_cache(maxsize=8)
 def _compiled(template: str):
-  """The template compiled in transformers' environment for chat templates."""
+  """The template compiled in transformers' environment for chat templates (once: a dataset
+  renders it twice per example)."""
   import jinja2
   from jinja2 import ext, sandbox
 
@@ -133,7 +136,10 @@ def read_hf(hf_dir: str) -> ChatTemplate | None:
     raise ChatTemplateError(f"{source}: chat_template is not a template string.")
   chat = ChatTemplate(template, _token_text(config.get("bos_token")),
                       _token_text(config.get("eos_token")), source)
-  _compiled(template)  # a syntax error is reported now, not when it is first used
+  try:
+    _compiled(template)  # a syntax error is reported now, not when it is first used
+  except ChatTemplateError as e:
+    raise ChatTemplateError(f"{source}: {e}") from None
   return chat
 
 
