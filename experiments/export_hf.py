@@ -34,10 +34,12 @@ def exporter(family_name: str = ""):
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if family_name and _FAMILY.value not in ("", family_name):
-      raise app.UsageError(f"--family={_FAMILY.value}: this command writes {family_name} only; "
-                           f"use python -m experiments.export_hf --family={_FAMILY.value}.")
     common.quiet_logs()
+    if family_name and _FAMILY.value not in ("", family_name):
+      from jaxlm import convert
+      raise convert.ConvertError(f"--family={_FAMILY.value}: this command writes {family_name} "
+                                 f"only; use python -m experiments.export_hf "
+                                 f"--family={_FAMILY.value}.")
     export(family_name or _FAMILY.value)
   return main
 

@@ -296,15 +296,19 @@ def test_import_cli_errors_are_one_line(tmp_path, small_gpt2):
       ([f"--hf_dir={hf_dir}", f"--workdir={workdir}"], "already exists and is not empty"),
       ([f"--hf_dir={workdir}", f"--workdir={tmp_path}/w2"], "jaxlm run directory.*export_hf"),
       ([f"--hf_dir={hf_dir}"], "pass both --hf_dir"),
+      # (the GPT-2 alias of export_hf takes export_hf's flags, but writes GPT-2 only)
+      ([f"--workdir={workdir}", f"--hf_dir={tmp_path}/w3", "--family=llama"],
+       "this command writes gpt2 only; use python -m experiments.export_hf --family=llama"),
   ]
   for args, message in cases:
-    result = subprocess.run([sys.executable, "-m", "experiments.import_gpt2", *args], cwd=REPO,
+    script = "export_gpt2" if "--family=llama" in args else "import_gpt2"
+    result = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-1000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-1000:]
     assert __import__("re").search(message, lines[0]), lines[0]
-  assert not os.path.exists(f"{tmp_path}/w1") and not os.path.exists(f"{tmp_path}/w2")
+  assert not any(os.path.exists(f"{tmp_path}/w{i}") for i in (1, 2, 3))
 
 
 def test_unsupported_configs_are_refused(tmp_path):
