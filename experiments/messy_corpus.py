@@ -2,15 +2,9 @@ r"""Generate a messy web-like corpus (and clean held-out files) from text every 
 
   python -m experiments.messy_corpus --output=/tmp/messy
 
-English prose comes from the Python reference documentation (`pydoc_data.topics`), split into
-documents of a few paragraphs. The corpus then gets what crawls have: exact copies (some with
-other whitespace), near duplicates (word edits, reordered paragraphs, other headers and
-footers), cookie and legal boilerplate, documents in other languages, and junk (short stubs,
-symbol soup, bullet lists, repeated lines). A share of the clean documents goes, untouched and
-never duplicated, to `heldout/` for measuring what a model learned.
-
-Writes OUTPUT/train/*.txt + OUTPUT/train/*.jsonl (the messy corpus), OUTPUT/heldout/*.txt and
-OUTPUT/truth.json (every planted document: its kind and, for copies, the original's id).
+What the corpus holds (prose from the Python reference documentation with planted copies, near
+duplicates, boilerplate, other languages and junk; clean held-out files; truth.json): see
+jaxlm/curate/messy.py, which generates it.
 """
 
 from __future__ import annotations
