@@ -35,7 +35,7 @@ LORA_TARGETS = ("query", "key", "value", "out", "fc", "proj", "gate", "up", "dow
 NORMS = ("layernorm", "rmsnorm")
 ROPE_SCALINGS = ("", "llama3")
 MLPS = ("gelu", "swiglu")
-ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash", "triton")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,8 +73,9 @@ class ModelConfig:
   window_layers: str = ""
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on attention probabilities and residual branches (training only)
-  # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), XLA's fused attention on TPU, the
-  # written-out reference on CPU (see jaxlm.model.resolve_attention_impl).
+  # auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16), the splash Pallas kernel on TPU,
+  # the written-out reference on CPU (see jaxlm.model.resolve_attention_impl). 'splash' (TPU)
+  # and 'triton' (GPU) are Pallas kernels with segment ids (interpreted on CPU; jaxlm.kernels).
   attention_impl: str = "auto"
   scan_layers: bool = False  # one compiled block run by jax.lax.scan (fast compiles)
   # Layers per iteration of the scanned loop (scan_layers=true): 1 keeps one compiled layer,
@@ -774,6 +775,10 @@ def check(config: Config) -> Config:
         f"model.dropout={m.dropout} with model.attention_impl='{m.attention_impl}': the fused "
         f"kernels have no attention dropout; use attention_impl='reference' (or 'auto') or "
         f"dropout=0.")
+  if m.attention_impl == "triton" and m.sliding_window:
+    raise ConfigError(f"model.attention_impl='triton' with model.sliding_window="
+                      f"{m.sliding_window}: jax's GPU flash kernel has no sliding window; use "
+                      f"attention_impl='auto' (cuDNN) or 'xla'.")
   if m.scan_unroll > m.num_layers:
     raise ConfigError(f"model.scan_unroll={m.scan_unroll} exceeds model.num_layers="
                       f"{m.num_layers}; use 1..{m.num_layers}.")

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm import pipeline
+from jaxlm import kernels, pipeline
 from jaxlm.config import ConfigError, ModelConfig
 
 Array = jax.Array
@@ -257,6 +257,11 @@ def attention_logit_max(query: Array, key: Array, mask: Array, query_chunk: int 
   return jnp.max(jax.lax.map(chunk_max, jnp.arange(0, q_len, chunk)))
 
 
+# attention_impl -> the platforms it runs on (besides CPU, where Pallas kernels interpret).
+_IMPL_PLATFORMS = {"cudnn": ("gpu", "cuda"), "triton": ("gpu", "cuda", "cpu"),
+                   "splash": ("tpu", "cpu")}
+
+
 def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
                            decoding: bool = False) -> str:
   """The implementation `attention_impl='auto'` stands for on `platform` (default: JAX's
@@ -267,13 +272,17 @@ def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
   head_dim is a multiple of 8 up to 128, which cuDNN requires; else 'xla'. Decoding against a
   KV cache (a few queries, an arbitrary mask over cache slots) takes 'xla' there: the flash
   kernel pays off on long query blocks, and its mask support was never tried on a GPU here.
-  tpu: 'xla'. cpu: 'reference'. With attention dropout always 'reference' (the fused kernels
-  have none).
+  tpu: 'splash' (the Pallas splash-attention kernel, jaxlm.kernels: segment ids, causal and
+  local masks and grouped-query attention inside the kernel), 'xla' when decoding.
+  cpu: 'reference'. With attention dropout always 'reference' (the fused kernels have none).
   """
   platform = platform or jax.default_backend()
-  if config.attention_impl == "cudnn" and platform not in ("gpu", "cuda"):
-    raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the devices are "
-                      f"{platform}; use 'auto' (the best kernel for the devices) or 'xla'.")
+  runs_on = _IMPL_PLATFORMS.get(config.attention_impl)
+  if runs_on and platform not in runs_on:
+    where = "an NVIDIA GPU" if "gpu" in runs_on else "a TPU"
+    raise ConfigError(f"model.attention_impl='{config.attention_impl}' needs {where}, but the "
+                      f"devices are {platform}; use 'auto' (the best kernel for the devices) or "
+                      f"'xla'.")
   if config.attention_impl != "auto":
     return config.attention_impl
   if config.dropout > 0:
@@ -282,7 +291,21 @@ def resolve_attention_impl(config: ModelConfig, platform: str | None = None,
     cudnn_ok = (platform != "rocm" and not decoding and config.dtype in ("bfloat16", "float16")
                 and config.head_dim % 8 == 0 and config.head_dim <= 128)
     return "cudnn" if cudnn_ok else "xla"
-  return "xla" if platform == "tpu" else "reference"
+  if platform == "tpu":
+    return "xla" if decoding else "splash"
+  return "reference"
+
+
+def attention_kernel(config: ModelConfig, length: int, platform: str | None = None,
+                     decoding: bool = False) -> str:
+  """The implementation an attention call over `length` queries runs: `resolve_attention_impl`,
+  except that the Pallas kernels ('splash', 'triton') take only whole sequences of lengths
+  they tile (jaxlm.kernels.supports); decoding and other lengths run 'xla'."""
+  impl = resolve_attention_impl(config, platform, decoding)
+  if impl in kernels.KERNELS and (
+      decoding or not kernels.supports(impl, length, config.sliding_window)):
+    return "xla"
+  return impl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +412,9 @@ class CausalSelfAttention(nn.Module):
   of the three matmuls is already large; it mostly saves kernel launches on accelerators).
 
   `attention_impl='reference'` uses `reference_attention` above; 'xla'/'cudnn' call
-  `jax.nn.dot_product_attention` (same math, tested equal); 'auto' picks one for the platform
-  (`resolve_attention_impl`). Dropout on the attention
+  `jax.nn.dot_product_attention`, 'splash'/'triton' the Pallas kernels of jaxlm.kernels (same
+  math, tested equal; the kernels take sequence lengths they tile, decoding and other lengths
+  use 'xla'); 'auto' picks one for the platform (`resolve_attention_impl`). Dropout on the attention
   probabilities exists only in the reference path (the fused kernels have no dropout);
   residual and embedding dropout apply with every implementation.
 
@@ -453,7 +477,7 @@ class CausalSelfAttention(nn.Module):
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
 
-    impl = resolve_attention_impl(cfg, decoding=decoding)
+    impl = attention_kernel(cfg, x.shape[1], decoding=decoding)
     if impl == "reference":
       dropout_rng = None
       if not deterministic and cfg.dropout > 0.0:
@@ -463,6 +487,8 @@ class CausalSelfAttention(nn.Module):
     elif decoding:  # queries and cache slots are offset: pass the whole mask
       out = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                          implementation=impl)
+    elif impl in kernels.KERNELS:  # causal/local mask and segment ids inside the kernel
+      out = kernels.attention(impl, query, key, value, segment_ids, window=cfg.sliding_window)
     else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
       window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out = jax.nn.dot_product_attention(query, key, value, mask=segments, is_causal=True,

@@ -198,6 +198,9 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
       "scan_layers": config.model.scan_layers,
       "remat_policy": config.model.remat_policy,
       "dtype": config.model.dtype,
+      # What attention_impl (e.g. 'auto') compiles to for these devices and seq_len.
+      "attention": model_lib.attention_kernel(config.model, seq_len,
+                                              mesh.devices.flat[0].platform),
       # Per device, in bytes.
       "param_bytes": _tree_bytes(state.params),
       "opt_state_bytes": _tree_bytes(state.opt_state),
@@ -279,6 +282,9 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
       f"batch             global {r['global_batch_size']} x seq_len {r['seq_len']} = "
       f"{r['tokens_per_step']:,} tokens/step; per device {r['per_device_batch']}{micro}",
       f"parameters        {r['num_params']:,}",
+      f"attention         {r['attention']}"
+      + (" (Pallas kernel; --config.model.attention_impl=xla for XLA's attention)"
+         if r.get("attention") in ("splash", "triton") else ""),
       "memory per device",
   ]
   lines += [f"  {name:<20}{_bytes(value):>12}" for name, value in rows]

@@ -625,7 +625,7 @@ def test_auto_attention_decodes_with_xla_on_gpu():
     ("gpu", {"dtype": "float32"}, "xla"),          # cuDNN flash attention is bf16/fp16 only
     ("gpu", {"dtype": "bfloat16", "embed_dim": 40, "num_heads": 4}, "xla"),  # head_dim 10
     ("gpu", {"dtype": "bfloat16", "dropout": 0.1}, "reference"),
-    ("tpu", {"dtype": "bfloat16"}, "xla"),
+    ("tpu", {"dtype": "bfloat16"}, "splash"),   # the Pallas kernel (tests/test_kernels.py)
     ("cpu", {}, "reference"),
     ("gpu", {"attention_impl": "reference", "dtype": "bfloat16"}, "reference"),
 ])
