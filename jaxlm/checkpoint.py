@@ -31,27 +31,48 @@ class CheckpointError(UserError):
   """A checkpoint cannot be used; the message names it and what to do."""
 
 
-def _fingerprint_leaf(x: jax.Array) -> jax.Array:
+# Elements hashed at a time: a leaf's temporaries (its positions as uint32, the products) are
+# those of one chunk, not of the whole leaf (a 1 GB embedding held 2 GB more host memory while
+# an import was fingerprinted).
+FINGERPRINT_CHUNK = 2**24
+
+
+def _fingerprint_leaf(x: jax.Array, chunk: int = FINGERPRINT_CHUNK) -> jax.Array:
   """Two uint32 hashes of an array's bits: sums of bits times position-dependent odd numbers.
 
-  Addition mod 2**32 is exact and order-free, so the result does not depend on the sharding or
-  the reduction order, and because the multipliers are odd (invertible mod 2**32), changing any
-  single element always changes the first hash.
+  Addition mod 2**32 is exact and order-free, so the result does not depend on the sharding,
+  the reduction order or the `chunk` size the sums are taken in, and because the multipliers
+  are odd (invertible mod 2**32), changing any single element always changes the first hash.
   """
   unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}.get(x.dtype.itemsize)
   if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
+    bits = x.astype(jnp.uint8)
   elif unsigned is None:
     raise CheckpointError(f"cannot fingerprint dtype {x.dtype}")
   else:
-    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, unsigned)
   bits = bits.reshape(-1)
-  index = jnp.arange(bits.size, dtype=jnp.uint32)
-  h1 = jnp.sum(bits * (index * jnp.uint32(2654435761) | jnp.uint32(1)), dtype=jnp.uint32)
-  mixed = bits ^ (bits >> 15)
-  h2 = jnp.sum(mixed * (index * jnp.uint32(40503) + jnp.uint32(0x9E3779B1) | jnp.uint32(1)),
-               dtype=jnp.uint32)
-  return jnp.stack([h1, h2])
+
+  def hashes(part: jax.Array, offset: jax.Array) -> jax.Array:
+    """[2] uint32: the sums over `part`, whose first element sits at position `offset`."""
+    part = part.astype(jnp.uint32)
+    index = offset + jnp.arange(part.size, dtype=jnp.uint32)
+    h1 = jnp.sum(part * (index * jnp.uint32(2654435761) | jnp.uint32(1)), dtype=jnp.uint32)
+    mixed = part ^ (part >> 15)
+    h2 = jnp.sum(mixed * (index * jnp.uint32(40503) + jnp.uint32(0x9E3779B1) | jnp.uint32(1)),
+                 dtype=jnp.uint32)
+    return jnp.stack([h1, h2])
+
+  whole_chunks = bits.size // chunk
+  # The tail after the whole chunks (everything, for a leaf smaller than a chunk)...
+  total = hashes(bits[whole_chunks * chunk:], jnp.uint32(whole_chunks * chunk))
+  if whole_chunks:  # ... plus one chunk at a time
+    def add_chunk(i, acc):
+      start = i * chunk
+      part = jax.lax.dynamic_slice_in_dim(bits, start, chunk)
+      return acc + hashes(part, start.astype(jnp.uint32))
+    total = jax.lax.fori_loop(0, whole_chunks, add_chunk, total)
+  return total
 
 
 # Arrays are fingerprinted in groups of up to this many bytes, one compiled program per group,
@@ -114,9 +135,12 @@ class Checkpointer:
   """Async Orbax CheckpointManager for one run directory's `checkpoints/`."""
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, save_concurrent_bytes: int | None = None):
     """read_only: only list and restore (generation, evaluation): never creates the directory,
-    deletes old steps, or cleans up the unfinished saves of a run that is still training."""
+    deletes old steps, or cleans up the unfinished saves of a run that is still training.
+    save_concurrent_bytes: at most this many bytes of arrays being written at once (at least
+    the largest array); Orbax's default lets all of them, which for a checkpoint written once
+    from host memory (an import) costs about its size again in transient host memory."""
     _save_whole_shards_on_cpu()
     self.directory = directory if storage.is_url(directory) else os.path.abspath(directory)
     if read_only:
@@ -127,8 +151,13 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
           cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+    if save_concurrent_bytes is None:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "data", "meta"))
+    else:
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+          "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_bytes / 1e9),
+          "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
     self._saving: int | None = None  # the step of an async save not yet known to have worked
 
   def all_steps(self) -> list[int]:

@@ -277,9 +277,11 @@ def write_eval_results(workdir: str, results: Mapping[str, Any]) -> None:
   files.write_json(os.path.join(workdir, "eval_results.json"), merged)
 
 
-def checkpointer(workdir: str, keep: int = 2, async_save: bool = True) -> ckpt.Checkpointer:
-  """The writing Checkpointer of a run's `checkpoints/`."""
-  return ckpt.Checkpointer(remote.checkpoints_dir(workdir), keep=keep, async_save=async_save)
+def checkpointer(workdir: str, keep: int = 2, async_save: bool = True,
+                 save_concurrent_bytes: int | None = None) -> ckpt.Checkpointer:
+  """The writing Checkpointer of a run's `checkpoints/` (ckpt.Checkpointer's arguments)."""
+  return ckpt.Checkpointer(remote.checkpoints_dir(workdir), keep=keep, async_save=async_save,
+                           save_concurrent_bytes=save_concurrent_bytes)
 
 
 @dataclasses.dataclass

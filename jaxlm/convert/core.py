@@ -176,14 +176,16 @@ def load_params(hf_dir: str, family: Family, model: ModelConfig,
   by_file: dict[str, list[Entry]] = {}
   for entry in entries:
     by_file.setdefault(locations[entry[0]][1], []).append(entry)
-  # One file open at a time: its memory-mapped pages leave the process when it closes.
   for path, file_entries in by_file.items():
-    with open_safetensors(path) as handle:
-      for hf_name, paths, to_jaxlm, _ in file_entries:
-        tensor = handle.get_tensor(locations[hf_name][0]).astype(np.float32, copy=False)
-        for jax_path, array in zip(paths, to_jaxlm(tensor)):
-          flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
-        del tensor
+    for hf_name, paths, to_jaxlm, _ in file_entries:
+      # The file is opened per tensor: the memory-mapped pages a read touches stay in the
+      # process until the file closes (a 1 GB shard would otherwise stay resident).
+      with open_safetensors(path) as handle:
+        tensor = handle.get_tensor(locations[hf_name][0])
+      tensor = tensor.astype(np.float32, copy=False)
+      for jax_path, array in zip(paths, to_jaxlm(tensor)):
+        flat[tuple(jax_path.split("/"))] = put(jax_path, np.ascontiguousarray(array))
+      del tensor
   return params_lib.unflatten(flat)
 
 
@@ -267,15 +269,19 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
     if array.shape != target.shape:
       raise ConvertError(f"{hf_dir}: the tensor for {name} has shape {array.shape}, config.json "
                          f"implies {target.shape}; the checkpoint and config.json do not match.")
-    # (On devices, not host arrays: writing 494M float32 params from numpy arrays peaked at
-    # 6.02 GB RSS, from CPU device arrays at 4.10 GB.)
+    # (On devices, not host arrays: Orbax writing numpy arrays held more host memory.)
     return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
 
   params = load_params(hf_dir, family, config.model, put)
   with staged(workdir, ".import-") as staging:
     source = {"imported_from": hf_dir, "format": f"huggingface-{family.name}"}
     run_lib.write_files(staging, config, tokenizer, run_source=source)
-    checkpointer = run_lib.checkpointer(staging, async_save=False)
+    # One large array written at a time: Orbax's default writes all at once, holding a host
+    # copy of the whole checkpoint besides the params (import peak RSS 2.0x the checkpoint
+    # instead of 1.6x for a Qwen2.5-0.5B shape; docs/models.md).
+    largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+    checkpointer = run_lib.checkpointer(staging, async_save=False,
+                                        save_concurrent_bytes=max(largest, 2**28) + 2**20)
     checkpointer.save(0, {"params": params}, {}, config_lib.to_dict(config), tokenizer)
     checkpointer.wait()
   return {"workdir": workdir, "architecture": family.architecture,
