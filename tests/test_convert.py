@@ -288,6 +288,16 @@ def test_import_refuses_pickle_only_directory(tmp_path):
     convert.safetensors_files(str(tmp_path))
 
 
+def test_import_refuses_a_tokenizer_only_in_sentencepiece_form(tmp_path):
+  """A Llama 2/Mistral directory with tokenizer.model but no tokenizer.json: one line that
+  says how transformers writes the tokenizer.json (jaxlm's own SentencePiece convention is not
+  Hugging Face's)."""
+  (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x00")
+  with pytest.raises(convert.ConvertError, match=r"only as tokenizer.model \(SentencePiece\); "
+                     r"jaxlm imports tokenizer.json: .*save_pretrained"):
+    convert.load_hf_tokenizer(str(tmp_path))
+
+
 @pytest.mark.e2e
 def test_import_cli_errors_are_one_line(tmp_path, small_gpt2):
   hf_dir, _, workdir = small_gpt2

@@ -19,6 +19,7 @@ from jaxlm.convert.core import (  # noqa: F401
   family_of,
   hf_tensors,
   import_hf,
+  load_hf_tokenizer,
   read_hf_config,
   safetensors_files,
   staged,

@@ -225,6 +225,29 @@ def _get(tree: dict[str, Any], path: str) -> Any:
   return tree
 
 
+def load_hf_tokenizer(hf_dir: str):
+  """The tokenizer of a Hugging Face checkpoint directory (tokenizer.json, or GPT-2's vocab.json
+  + merges.txt) with its chat template; ConvertError naming what is wrong."""
+  present = lambda name: os.path.isfile(os.path.join(hf_dir, name))
+  if present("tokenizer.model") and not (present("tokenizer.json") or present("vocab.json")):
+    # Hugging Face's Llama 2/Mistral SentencePiece models differ from jaxlm's (special ids,
+    # whitespace handling); transformers writes the equivalent tokenizer.json from them.
+    raise ConvertError(
+        f"{hf_dir} has its tokenizer only as tokenizer.model (SentencePiece); jaxlm imports "
+        f"tokenizer.json: write it next to it with python -c \"from transformers import "
+        f"AutoTokenizer as T; T.from_pretrained('{hf_dir}').save_pretrained('{hf_dir}')\" "
+        f"(needs sentencepiece and protobuf), then import again.")
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
+  except tokenizer_lib.TokenizerError as e:
+    raise ConvertError(f"{hf_dir}: {e}") from None
+  try:
+    tokenizer.chat_template = chat.read_hf(hf_dir)
+  except chat.ChatTemplateError as e:
+    raise ConvertError(str(e)) from None
+  return tokenizer
+
+
 def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[str, Any]:
   """Makes a run directory from a Hugging Face checkpoint directory; returns a summary.
 
@@ -246,14 +269,7 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
                        f"{expect} only (python -m experiments.import_hf takes "
                        f"{', '.join(supported())}).")
   config = config_lib.validate(family.read_config(hf, path))
-  try:
-    tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
-  except tokenizer_lib.TokenizerError as e:
-    raise ConvertError(f"{hf_dir}: {e}") from None
-  try:
-    tokenizer.chat_template = chat.read_hf(hf_dir)
-  except chat.ChatTemplateError as e:
-    raise ConvertError(str(e)) from None
+  tokenizer = load_hf_tokenizer(hf_dir)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConvertError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} tokens but "
                        f"config.json has vocab_size={config.model.vocab_size} embedding rows; "
