@@ -69,7 +69,8 @@ class ModelConfig:
   sliding_window: int = 0
   # With sliding_window: the layers that use it, as indices and ranges ("0,2,4-7"; empty: every
   # layer); the others attend to the whole context (models that alternate local and global
-  # layers: Qwen2's max_window_layers, layer_types). Unscanned layers only.
+  # layers: Qwen2's max_window_layers, layer_types). Scanned (scan_layers), each layer takes
+  # its flag as a scan input, and a decoding cache spans max_len in every layer (one shape).
   window_layers: str = ""
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on attention probabilities and residual branches (training only)
@@ -130,6 +131,12 @@ class ModelConfig:
   def layer_window(self, layer: int) -> int:
     """The sliding window of block `layer` (0: the whole context)."""
     return self.sliding_window if layer in self.windowed_layers() else 0
+
+  @property
+  def window_pattern(self) -> bool:
+    """Whether the layers differ in window (some use sliding_window, some the whole context)."""
+    return bool(self.sliding_window and self.window_layers.strip()
+                and len(self.windowed_layers()) < self.num_layers)
 
   def for_layer(self, layer: int) -> "ModelConfig":
     """This config as block `layer` sees it: its own window, no pattern."""
@@ -720,10 +727,6 @@ def _check_window_layers(m: ModelConfig) -> None:
   if beyond:
     raise ConfigError(f"model.window_layers={m.window_layers!r} names layer {beyond[0]}, but "
                       f"model.num_layers={m.num_layers} (layers 0-{m.num_layers - 1}).")
-  if m.scan_layers and len(layers) < m.num_layers:
-    raise ConfigError(f"model.window_layers={m.window_layers!r} with model.scan_layers=true: "
-                      f"scanned layers share one compiled block, and so one window; set "
-                      f"model.scan_layers=false.")
 
 
 def check(config: Config) -> Config:

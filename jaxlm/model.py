@@ -155,18 +155,21 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray | float) -> Arra
 # Attention core
 # ---------------------------------------------------------------------------------------------
 
-def causal_mask(q_slots: Array, k_slots: Array, window: int = 0) -> Array:
+def causal_mask(q_slots: Array, k_slots: Array, window: int = 0,
+                windowed: Array | None = None) -> Array:
   """Causal mask: True where a query may attend to a key.
 
   q_slots [q_len], k_slots [kv_len]: index of each token in the sequence (or in the KV cache);
   a query sees keys at the same or earlier slots, and with a sliding `window` > 0 only the
-  last `window` of them (its own included). -> [1, 1, q_len, kv_len] (broadcasts over batch
-  and heads).
+  last `window` of them (its own included). `windowed`: a traced bool scalar that switches
+  the window on (a scanned layer of a model whose layers differ: model.window_layers).
+  -> [1, 1, q_len, kv_len] (broadcasts over batch and heads).
   """
   distance = q_slots[:, None] - k_slots[None, :]
   allowed = distance >= 0
   if window:
-    allowed &= distance < window
+    inside = distance < window
+    allowed &= inside if windowed is None else inside | ~windowed
   return allowed[None, None]
 
 
@@ -435,9 +438,14 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               deterministic: bool, decode: bool) -> Array:
+               deterministic: bool, decode: bool, windowed: Array | None = None) -> Array:
+    """windowed: a traced bool scalar, given when this is the scanned layer of a model whose
+    layers differ in window (model.window_layers): whether this layer uses sliding_window.
+    Its KV cache then spans max_len (scanned layers share one cache shape) and the mask
+    applies the window."""
     cfg = self.config
     residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+    ring = cfg.sliding_window and windowed is None  # decoding keeps a ring of window slots
     bias = cfg.use_bias or cfg.qkv_bias
     query = Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
                   use_bias=bias, name="query")(x, deterministic)  # [batch, length, heads, head_dim]
@@ -461,7 +469,7 @@ class CausalSelfAttention(nn.Module):
     if decoding:
       if segment_ids is None:
         segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-      if cfg.sliding_window:  # a ring of the last `window` keys, then this call's keys
+      if ring:  # the last `window` keys, then this call's keys
         key, value, k_segment_ids, k_slots, index = self._update_ring(key, value, segment_ids)
       else:
         key, value, k_segment_ids, index = self._update_cache(key, value, segment_ids)
@@ -470,10 +478,10 @@ class CausalSelfAttention(nn.Module):
       q_slots = index + q_slots  # the queries sit after the cached tokens
     elif decode:  # model.init(decode=True): allocate an empty cache sized by this input
       shape = key.shape
-      if cfg.sliding_window:  # (a window shorter than the cache: a ring of window slots)
+      if ring:  # (a window shorter than the cache: a ring of window slots)
         shape = (shape[0], min(shape[1], cfg.sliding_window)) + shape[2:]
       self._cache_variables(shape, key.dtype)
-    causal = causal_mask(q_slots, k_slots, cfg.sliding_window)  # [1, 1, q_len, kv_len]
+    causal = causal_mask(q_slots, k_slots, cfg.sliding_window, windowed)  # [1, 1, q, kv]
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
 
@@ -484,11 +492,16 @@ class CausalSelfAttention(nn.Module):
         dropout_rng = self.make_rng("dropout")
       out = reference_attention(query, key, value, mask, dropout_rate=cfg.dropout,
                                 dropout_rng=dropout_rng)
-    elif decoding:  # queries and cache slots are offset: pass the whole mask
+    elif impl in kernels.KERNELS:  # causal/local mask and segment ids inside the kernel
+      kernel = lambda window: kernels.attention(impl, query, key, value, segment_ids,
+                                                window=window)
+      if windowed is None:
+        out = kernel(cfg.sliding_window)
+      else:  # the kernel's masks are static: compile both, run this layer's
+        out = jax.lax.cond(windowed, lambda: kernel(cfg.sliding_window), lambda: kernel(0))
+    elif decoding or windowed is not None:  # offset cache slots, or a traced window: the mask
       out = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                          implementation=impl)
-    elif impl in kernels.KERNELS:  # causal/local mask and segment ids inside the kernel
-      out = kernels.attention(impl, query, key, value, segment_ids, window=cfg.sliding_window)
     else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
       window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out = jax.nn.dot_product_attention(query, key, value, mask=segments, is_causal=True,
@@ -599,12 +612,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               deterministic: bool, decode: bool) -> tuple[Array, None]:
+               deterministic: bool, decode: bool, windowed: Array | None = None
+               ) -> tuple[Array, None]:
     cfg = self.config
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = Norm(cfg, name="attention_norm")(x)
     h = CausalSelfAttention(cfg, name="attention")(h, positions, segment_ids, deterministic,
-                                                   decode)
+                                                   decode, windowed)
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     h = Norm(cfg, name="mlp_norm")(x)
     h = Mlp(cfg, name="mlp")(h, deterministic)
@@ -623,10 +637,12 @@ def _block_class(config: ModelConfig, length: int | None = None) -> type[nn.Modu
     block = nn.remat(block, prevent_cse=not config.scan_layers,
                      policy=CHECKPOINT_POLICIES[config.remat_policy], static_argnums=(4, 5))
   if config.scan_layers:
+    # (+ each layer's `windowed` flag, scanned over, when the layers differ in window)
+    per_layer = (0,) if config.window_pattern else ()
     block = nn.scan(block,
                     variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, *per_layer),
                     length=length or config.num_layers,
                     unroll=min(config.scan_unroll, length or config.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
@@ -685,7 +701,8 @@ class Transformer(nn.Module):
     if self.pipeline_stages > 1 and not decode and not self.is_initializing():
       x = self._pipelined_layers(x, positions, segment_ids, deterministic)
     elif cfg.scan_layers:
-      x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode)
+      x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode,
+                                       *_window_flags(cfg))
     else:
       for i in range(cfg.num_layers):  # (each with its own window: model.window_layers)
         x, _ = block(cfg.for_layer(i), name=f"layers_{i}")(x, positions, segment_ids,
@@ -715,15 +732,27 @@ class Transformer(nn.Module):
     stage_block = _block_class(cfg, length=cfg.num_layers // stages)(cfg, parent=None)
     has_segments = segment_ids is not None
 
-    def stage_apply(params, h, stage_positions, stage_segments, rng):
+    def stage_apply(layers, h, stage_positions, stage_segments, rng):
       out, _ = stage_block.apply(
-          {"params": params}, h, stage_positions, stage_segments if has_segments else None,
-          deterministic, False, rngs=None if deterministic else {"dropout": rng})
+          {"params": layers["params"]}, h, stage_positions,
+          stage_segments if has_segments else None, deterministic, False, *layers["windowed"],
+          rngs=None if deterministic else {"dropout": rng})
       return out
     rng = jax.random.key(0) if deterministic else self.make_rng("dropout")
     segments = segment_ids if has_segments else jnp.zeros(positions.shape, jnp.int32)
-    return pipeline.run(stage_apply, nn.unbox(self.variables["params"]["layers"]), x, positions,
-                        segments, rng, stages, self.pipeline_microbatches)
+    # Each stage gets its layers' params and window flags (pipeline.run splits both).
+    layers = {"params": nn.unbox(self.variables["params"]["layers"]),
+              "windowed": _window_flags(cfg)}
+    return pipeline.run(stage_apply, layers, x, positions, segments, rng, stages,
+                        self.pipeline_microbatches)
+
+
+def _window_flags(config: ModelConfig) -> tuple[Array, ...]:
+  """(windowed [num_layers] bool,) for scanned layers that differ in window; else ()."""
+  if not config.window_pattern:
+    return ()
+  windowed = config.windowed_layers()
+  return (jnp.array([i in windowed for i in range(config.num_layers)]),)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,29 @@ def test_splash_training_on_a_mesh_equals_the_reference_on_one_device(reference_
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=1e-5)
 
 
+def test_scanned_layers_that_differ_in_window_equal_the_unscanned_reference():
+  """model.window_layers with scan_layers (each layer's window flag a scan input; splash runs
+  the local or the causal kernel by it) through 2 pipeline stages x tensor 2: the unscanned
+  reference model's losses, whose layer 0 alone has the window."""
+  pattern = {"window_layers": "0"}
+  want_state, want_losses = run_steps(kernel_config(attention_impl="reference", **pattern), 2,
+                                      jax.devices()[:1], batch=packed_batch)
+  config = kernel_config({"stage": 2, "tensor": 2}, {"pipeline_microbatches": 2},
+                         attention_impl="splash", scan_layers=True, **pattern)
+  state, losses = run_steps(config, 2, jax.devices()[:4], batch=packed_batch)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  got = model_lib.unstack_layers(jax.device_get(state.params))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(want_state.params))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=1e-5)
+  # (and the pattern matters: with the window in both layers the trained params differ)
+  everywhere, _ = run_steps(kernel_config(attention_impl="reference", window_layers=""), 2,
+                            jax.devices()[:1], batch=packed_batch)
+  differences = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+      jax.tree.leaves(jax.device_get(everywhere.params)),
+      jax.tree.leaves(jax.device_get(want_state.params)))]
+  assert max(differences) > 1e-3, max(differences)
+
+
 @pytest.mark.parametrize("impl,platform,message", [
     ("splash", "gpu", "needs a TPU"), ("triton", "tpu", "needs an NVIDIA GPU"),
     ("cudnn", "cpu", "needs an NVIDIA GPU")])

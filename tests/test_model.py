@@ -263,9 +263,11 @@ def test_remat_policies_save_what_they_say():
     make(positional="rope", attention_impl="xla"),
     make(positional="rope", num_kv_heads=2, qk_norm=True, sliding_window=4),
     make(positional="rope", num_kv_heads=1, sliding_window=3, attention_impl="xla"),
-    make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0")],
+    make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0"),
+    make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0",
+         scan_layers=True, attention_impl="xla")],
     ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla", "gqa-window",
-         "mqa-window-xla", "window-on-layer-0"])
+         "mqa-window-xla", "window-on-layer-0", "window-on-layer-0-scan-xla"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
 
@@ -291,7 +293,7 @@ def test_cached_decoding_matches_full_forward(cfg):
   attention_cache = nn.unbox(cache)["layers" if cfg.scan_layers else "layers_1"]["attention"]
   np.testing.assert_array_equal(attention_cache["cache_index"], LENGTH)
   # A sliding window keeps a ring of `window` slots (of the 16 the cache was made for), in the
-  # layers that have it (model.window_layers).
+  # layers that have it (model.window_layers; scanned layers that differ share the full cache).
   for layer in range(cfg.num_layers if not cfg.scan_layers else 0):
     slots = cfg.layer_window(layer) or cfg.max_seq_len
     layer_cache = nn.unbox(cache)[f"layers_{layer}"]["attention"]["cached_key"]
@@ -509,8 +511,6 @@ def test_qk_norm_normalizes_each_head_of_queries_and_keys():
     ({"sliding_window": 4, "window_layers": "1;2"}, r"write layer indices and ranges separated "
                                                     r"by commas, e.g. 0,2,4-7"),
     ({"sliding_window": 4, "window_layers": "2-9"}, r"names layer 4, but model.num_layers=4"),
-    ({"sliding_window": 4, "window_layers": "1,3", "scan_layers": True},
-     r"scanned layers share one compiled block, and so one window"),
     ({"head_size": -8}, r"model.head_size=-8 must be >= 0")])
 def test_bad_attention_shapes_are_one_line(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
