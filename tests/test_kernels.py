@@ -98,12 +98,13 @@ def reference_run():
 
 @pytest.mark.parametrize("mesh,model", [
     ({"data": 2, "fsdp": 2, "tensor": 2}, {}),
-    ({"stage": 2, "tensor": 2}, {"scan_layers": True}),
+    ({"stage": 2, "tensor": 2}, {"scan_layers": True, "remat_policy": "full"}),
 ])
 def test_splash_training_on_a_mesh_equals_the_reference_on_one_device(reference_run, mesh,
                                                                       model):
   """Splash inside the model under data x fsdp x tensor (heads split over tensor: per-device
-  kernels in shard_map), and through pipeline stages: the reference's losses and parameters."""
+  kernels in shard_map), and through pipeline stages with full rematerialization: the
+  reference's losses and parameters."""
   want_state, want_losses = reference_run
   train = {"pipeline_microbatches": 2} if "stage" in mesh else {}
   config = kernel_config(mesh, train, attention_impl="splash", **model)
