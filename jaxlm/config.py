@@ -34,14 +34,16 @@ POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 LORA_TARGETS = ("query", "key", "value", "out", "fc", "proj", "gate", "up", "down")
 NORMS = ("layernorm", "rmsnorm")
 ROPE_SCALINGS = ("", "llama3")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "relu2", "swiglu")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash", "triton")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
 CORPORA = ("pystdlib", "text_files", "tfds", "tokens")
 SCHEDULES = ("cosine", "constant", "wsd")  # = jaxlm/optim.py SCHEDULES (a test checks)
-OPTIMIZERS = ("adamw",)  # = jaxlm/optim.py OPTIMIZERS
+OPTIMIZERS = ("adamw", "muon", "adafactor", "lion")  # = jaxlm/optimizers OPTIMIZERS
+# Parameter groups (jaxlm/optim.py group_of): learning-rate multipliers and weight decay per group.
+PARAM_GROUPS = ("embed", "head", "matrices", "vectors")
 SPIKE_ACTIONS = ("none", "log", "skip", "halt", "rollback")
 
 
@@ -60,7 +62,7 @@ class ModelConfig:
   max_seq_len: int = 256  # the context the model is built for (positions, caches)
   positional: str = "rope"  # how positions enter: learned/sinusoidal tables, rotary, none
   norm: str = "layernorm"  # the blocks' normalization
-  mlp: str = "gelu"  # the MLP: GELU, or SwiGLU (gated)
+  mlp: str = "gelu"  # the MLP: GELU, ReLU squared (relu2), or SwiGLU (gated)
   use_bias: bool = True  # biases in the Dense layers and norms
   qkv_bias: bool = False  # biases on the query/key/value projections even without use_bias
   qk_norm: bool = False  # RMSNorm of queries and keys per head before RoPE (Qwen3, OLMo 2)
@@ -96,6 +98,9 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0  # rope_scaling=llama3: see above
   rope_original_max_len: int = 8192  # rope_scaling: the context the model was pretrained with
   init_std: float = 0.02  # standard deviation of the normal initializers
+  # The projections into the residual stream (attention out, MLP proj/down) start at zero, so
+  # each block starts as the identity (modded-nanogpt); else init_std / sqrt(2 x num_layers).
+  zero_init_residual: bool = False
   # Fine-tuning (jaxlm/finetune/, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
   # named in lora_targets when > 0.
@@ -255,6 +260,24 @@ class OptimConfig:
   b2: float = 0.95  # AdamW's second-moment decay
   eps: float = 1e-8  # AdamW's epsilon
   grad_clip: float = 1.0  # global gradient-norm clip (0: none)
+  # Parameter groups: embed (token/position tables), head (LM head, classifier), matrices (the
+  # layers' kernels), vectors (norm scales, biases). Learning-rate multipliers per group
+  # ("embed=0.5,head=2"; unnamed groups: 1) and the groups weight decay applies to.
+  lr_multipliers: str = ""
+  weight_decay_groups: str = "embed,head,matrices"
+  # muon: Muon on the layers' matrices at learning_rate, AdamW (b1, b2, eps) on the rest at
+  # muon_adam_lr_scale x learning_rate (jaxlm/optimizers/muon.py).
+  muon_beta: float = 0.95  # momentum
+  muon_nesterov: bool = True
+  muon_ns_steps: int = 5  # Newton-Schulz iterations
+  muon_adam_lr_scale: float = 1.0
+  # adafactor: factored second moments (jaxlm/optimizers/adafactor.py).
+  adafactor_decay_rate: float = 0.8  # second-moment decay exponent (step^-decay_rate)
+  adafactor_momentum: float = 0.0  # first-moment decay (0: none, Adafactor's memory saving)
+  adafactor_clip_threshold: float = 1.0  # update clipping by RMS (0: none)
+  # lion: sign of interpolated momentum (jaxlm/optimizers/lion.py); use a smaller learning_rate.
+  lion_b1: float = 0.9
+  lion_b2: float = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,7 +578,8 @@ _POSITIVE = (
     "train.num_steps", "train.global_batch_size", "train.microbatches", "train.log_every",
     "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
-    "optim.eps", "finetune.epochs", "finetune.max_new_tokens")
+    "optim.eps", "optim.muon_ns_steps", "optim.muon_adam_lr_scale",
+    "finetune.epochs", "finetune.max_new_tokens")
 _NON_NEGATIVE = (
     "train.eval_every", "train.checkpoint_every", "train.sample_every",
     "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
@@ -563,7 +587,8 @@ _NON_NEGATIVE = (
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
     "train.layer_stats_every", "train.profile_steps", "train.sample_temperature",
     "optim.min_learning_rate", "data.stride",
-    "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip")
+    "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+    "optim.adafactor_clip_threshold")
 CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.rope_scaling": ROPE_SCALINGS,
@@ -573,7 +598,9 @@ CHOICES = {
     "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",
-              "optim.b1": "[0, 1)", "optim.b2": "[0, 1)"}
+              "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.muon_beta": "[0, 1)",
+              "optim.lion_b1": "[0, 1)", "optim.lion_b2": "[0, 1)",
+              "optim.adafactor_decay_rate": "[0, 1]", "optim.adafactor_momentum": "[0, 1)"}
 
 
 def _check_fields(config: Config) -> None:
@@ -712,6 +739,28 @@ def mixture_sources(mixture: str) -> list[tuple[str, float]]:
   return sources
 
 
+def parse_groups(text: str, field: str) -> dict[str, float]:
+  """{group: value} of a PARAM_GROUPS setting: "embed=0.5,head=2" (optim.lr_multipliers) or
+  "embed,head" (optim.weight_decay_groups: each named group -> 1.0). ConfigError naming `field`
+  for an unknown group or a value that is not a number >= 0."""
+  groups: dict[str, float] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, has_value, value = part.partition("=")
+    name = name.strip()
+    if name not in PARAM_GROUPS:
+      raise ConfigError(f"{field}={text!r}: {name!r} is not a parameter group; use "
+                        f"{', '.join(PARAM_GROUPS)}.")
+    try:
+      number = float(value) if has_value else 1.0
+    except ValueError:
+      number = -1.0
+    if not number >= 0:
+      raise ConfigError(f"{field}={text!r}: {part!r} needs a number >= 0 after '=', e.g. "
+                        f"embed=0.5.")
+    groups[name] = number
+  return groups
+
+
 def _check_window_layers(m: ModelConfig) -> None:
   if not m.window_layers:
     return
@@ -762,7 +811,7 @@ def check(config: Config) -> Config:
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r}: choose among "
                       f"{', '.join(LORA_TARGETS)}.")
   present = {"query", "key", "value", "out"} | (
-      {"fc", "proj"} if m.mlp == "gelu" else {"gate", "up", "down"})
+      {"fc", "proj"} if m.mlp != "swiglu" else {"gate", "up", "down"})
   if m.lora_rank and not present & set(m.lora_targets):
     raise ConfigError(f"model.lora_targets={','.join(m.lora_targets)!r} names no layer of this "
                       f"model (mlp={m.mlp!r} has {', '.join(sorted(present))}).")
@@ -814,6 +863,8 @@ def check(config: Config) -> Config:
     if not getattr(t, name) > 1.0:
       raise ConfigError(f"train.{name}={getattr(t, name)}: must be > 1 (a multiple of the "
                         f"running mean that counts as a spike; e.g. 2.0).")
+  parse_groups(o.lr_multipliers, "optim.lr_multipliers")
+  parse_groups(o.weight_decay_groups, "optim.weight_decay_groups")
   if o.min_learning_rate > o.learning_rate:
     raise ConfigError(f"optim.min_learning_rate={o.min_learning_rate} exceeds "
                       f"optim.learning_rate={o.learning_rate}; lower it.")

@@ -444,7 +444,6 @@ class CausalSelfAttention(nn.Module):
     Its KV cache then spans max_len (scanned layers share one cache shape) and the mask
     applies the window."""
     cfg = self.config
-    residual_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
     ring = cfg.sliding_window and windowed is None  # decoding keeps a ring of window slots
     bias = cfg.use_bias or cfg.qkv_bias
     query = Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
@@ -509,8 +508,8 @@ class CausalSelfAttention(nn.Module):
     if self.is_mutable_collection("intermediates") and not decoding:  # train.layer_stats_every
       self.sow("intermediates", "attention_logit_max", attention_logit_max(query, key, mask))
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
-    return Dense((cfg.embed_dim,), ("heads", "head_dim", "embed"), cfg, init_scale=residual_scale,
-                 name="out")(out, deterministic)
+    return Dense((cfg.embed_dim,), ("heads", "head_dim", "embed"), cfg,
+                 init_scale=residual_init_scale(cfg), name="out")(out, deterministic)
 
   def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
     """The 'cache' variables; created as zeros for shape [batch, max_len, kv_heads, head_dim]."""
@@ -575,10 +574,23 @@ class CausalSelfAttention(nn.Module):
             cached_segments.value, index)
 
 
+# model.mlp -> the activation between fc and proj (the gated 'swiglu' has gate/up/down instead).
+UNGATED_ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=True),
+                       "relu2": lambda x: jnp.square(nn.relu(x))}
+
+
+def residual_init_scale(config: ModelConfig) -> float:
+  """init_std's multiplier for the projections into the residual stream (attention out, MLP
+  proj/down): 1/sqrt(2 x num_layers) as GPT-2, or 0 with model.zero_init_residual (each block
+  starts as the identity, modded-nanogpt's choice)."""
+  return 0.0 if config.zero_init_residual else 1.0 / math.sqrt(2 * config.num_layers)
+
+
 class Mlp(nn.Module):
   """Position-wise MLP: [batch, length, embed] -> [batch, length, embed].
 
   gelu (GPT-2): fc -> gelu (tanh approximation) -> proj.
+  relu2 (Primer, modded-nanogpt): fc -> relu(.)^2 -> proj.
   swiglu (LLaMA): silu(gate(x)) * up(x) -> down.
   """
   config: ModelConfig
@@ -588,10 +600,10 @@ class Mlp(nn.Module):
     cfg = self.config
     dense_in = functools.partial(Dense, (cfg.mlp_dim,), ("embed", "mlp"), cfg)
     dense_out = functools.partial(Dense, (cfg.embed_dim,), ("mlp", "embed"), cfg,
-                                  init_scale=1.0 / math.sqrt(2 * cfg.num_layers))
-    if cfg.mlp == "gelu":
+                                  init_scale=residual_init_scale(cfg))
+    if cfg.mlp in UNGATED_ACTIVATIONS:
       hidden = checkpoint_name(dense_in(name="fc")(x, deterministic), "mlp_in")  # [b, l, mlp]
-      hidden = nn.gelu(hidden, approximate=True)
+      hidden = UNGATED_ACTIVATIONS[cfg.mlp](hidden)
       out_name = "proj"
     else:
       gate = checkpoint_name(dense_in(name="gate")(x, deterministic), "mlp_in")
@@ -796,7 +808,7 @@ def _dense_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
   """(fan_in, fan_out) of every Dense layer of one block, by name."""
   d, m = config.embed_dim, config.mlp_dim
   q, kv = config.num_heads * config.head_dim, config.kv_heads * config.head_dim
-  mlp = ({"fc": (d, m), "proj": (m, d)} if config.mlp == "gelu"
+  mlp = ({"fc": (d, m), "proj": (m, d)} if config.mlp in UNGATED_ACTIVATIONS
          else {"gate": (d, m), "up": (d, m), "down": (m, d)})
   return {"query": (d, q), "key": (d, kv), "value": (d, kv), "out": (q, d), **mlp}
 

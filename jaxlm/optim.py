@@ -1,5 +1,6 @@
-"""The optax chain: a learning-rate schedule, global-norm clipping, the optimizer, each chosen by
-name from a plain dict (SCHEDULES, OPTIMIZERS: a new one is a function and an entry)."""
+"""The optax chain: a learning-rate schedule, global-norm clipping, the optimizer (by name:
+jaxlm/optimizers/, one file each) and the parameter groups' learning-rate multipliers. Schedules
+and optimizers are plain dicts (SCHEDULES, OPTIMIZERS: a new one is a function and an entry)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import jax
 import optax
 
+from jaxlm import config as config_lib
 from jaxlm.config import OptimConfig
+from jaxlm.optimizers import OPTIMIZERS  # noqa: F401  (optim.name -> builder)
 
 
 def _constant(optim: OptimConfig, num_steps: int, warmup: int) -> optax.Schedule:
@@ -48,34 +51,69 @@ def make_schedule(optim: OptimConfig, num_steps: int) -> optax.Schedule:
                               [warmup])
 
 
-NO_DECAY_NAMES = ("bias", "scale")
+def _names(path) -> list[str]:
+  # The dict keys of a parameter's path (a logical-axis box adds an attribute key).
+  return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def group_of(names: list[str]) -> str:
+  """The parameter group (config.PARAM_GROUPS) of the parameter at `names`: 'vectors' (norm
+  scales, biases), 'embed' (token and position tables), 'head' (LM head, classifier), else
+  'matrices' (the layers' kernels, LoRA adapters). By name, not rank: with `scan_layers` a norm
+  scale is [layers, embed]."""
+  name = names[-1]
+  if "bias" in name or "scale" in name:
+    return "vectors"
+  if name in ("token_embed", "position_embed"):
+    return "embed"
+  if name == "lm_head" or names[0] == "classifier":
+    return "head"
+  return "matrices"
+
+
+class ParamGroups:
+  """The groups of optim.lr_multipliers and optim.weight_decay_groups, for any parameter tree
+  (boxed or not, or a masked part of one: optax.partition's)."""
+
+  def __init__(self, optim: OptimConfig):
+    self.multipliers = config_lib.parse_groups(optim.lr_multipliers, "optim.lr_multipliers")
+    self.decaying = frozenset(
+        config_lib.parse_groups(optim.weight_decay_groups, "optim.weight_decay_groups"))
+
+  def labels(self, params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda path, _: group_of(_names(path)), params)
+
+  def decays(self, params: Any) -> Any:
+    """The weight-decay mask: True for the parameters of optim.weight_decay_groups."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: group_of(_names(path)) in self.decaying, params)
+
+  def scale_updates(self) -> optax.GradientTransformation:
+    """Each update x its group's learning-rate multiplier (1 unless optim.lr_multipliers says):
+    the same as that group having its own learning rate, weight decay included."""
+    multipliers = self.multipliers
+
+    def update(updates, state, params=None):
+      del params
+      scale = lambda path, u: u * multipliers.get(group_of(_names(path)), 1.0)
+      return jax.tree_util.tree_map_with_path(scale, updates), state
+    if all(m == 1.0 for m in multipliers.values()):
+      return optax.identity()
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay only on matrices (embeddings, kernels), not on biases and norm scales.
-
-  Decided by parameter name, not rank: with `scan_layers` a norm scale is [layers, embed].
-  """
-  def decays(path, _) -> bool:
-    # The last dict key is the parameter's name (a logical-axis box adds an attribute key).
-    name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    return not any(word in name for word in NO_DECAY_NAMES)
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def _adamw(optim: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW (b1, b2, eps) with decoupled weight decay on matrices only (`decay_mask`)."""
-  return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay, mask=decay_mask)
-
-
-# optim.name -> (optim, learning-rate schedule) -> the update rule (after gradient clipping).
-OPTIMIZERS = {"adamw": _adamw}
+  """Weight decay on embeddings, kernels and heads, not on biases and norm scales (the default
+  optim.weight_decay_groups)."""
+  return ParamGroups(OptimConfig()).decays(params)
 
 
 def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-  """Clip by global norm (if grad_clip > 0), then OPTIMIZERS[optim.name] on the schedule."""
-  update = OPTIMIZERS[optim.name](optim, make_schedule(optim, num_steps))
+  """Clip by global norm (if grad_clip > 0), OPTIMIZERS[optim.name] on the schedule, then the
+  parameter groups' learning-rate multipliers."""
+  groups = ParamGroups(optim)
+  update = optax.chain(OPTIMIZERS[optim.name](optim, make_schedule(optim, num_steps), groups),
+                       groups.scale_updates())
   if optim.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), update)
   return update

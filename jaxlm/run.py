@@ -59,9 +59,14 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
   # to the run's tokenizer, and the data continue by batch number.
   bad = [k for k in changed if k.split(".")[0] not in RESUMABLE_SECTIONS
          and k not in ("data.data_dir", "data.tokens", "data.mixture")]
-  # Clipping on/off changes the optimizer state's structure.
+  # Another optimizer, clipping on/off, Adafactor's momentum on/off: another optimizer state.
+  if saved["optim"]["name"] != new["optim"]["name"]:
+    bad.append("optim.name")
   if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
     bad.append("optim.grad_clip")
+  if new["optim"]["name"] == "adafactor" and (
+      (saved["optim"]["adafactor_momentum"] > 0) != (new["optim"]["adafactor_momentum"] > 0)):
+    bad.append("optim.adafactor_momentum")
   return bad
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -174,6 +175,27 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   Leaves without logical names (step, RNG key, optimizer counters) are replicated.
   """
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_state), mesh, LOGICAL_RULES)
+
+
+def unbox_foreign(opt_state: Any, params: Any) -> Any:
+  """An optimizer state made from boxed `params` (logical axis names) without the boxes that
+  hold something other than an array shaped like a parameter with their names.
+
+  Optimizers map over the params, so each param's box (its names, hence its sharding) carries
+  over to what they keep per parameter: Adam's moments, sharded like the params. It also wraps
+  optax.partition's placeholder for a parameter another branch updates (Muon's split;
+  optax.MaskedNode, no array) and Adafactor's factored row/column statistics (other shapes):
+  those lose the box (replicated; they are small)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  boxed_params = {(x.names, np.shape(x.value))
+                  for x in jax.tree.leaves(params, is_leaf=is_box) if is_box(x)}
+
+  def unbox(x):
+    if is_box(x) and (isinstance(x.value, optax.MaskedNode)
+                      or (x.names, np.shape(x.value)) not in boxed_params):
+      return x.value
+    return x
+  return jax.tree.map(unbox, opt_state, is_leaf=is_box)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -276,8 +276,10 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     return params_lib.partition(params, trainable)
 
   def new_state(params: Any, rng: jax.Array) -> TrainState:
+    trainable = split(params)[0]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=optimizer.init(split(params)[0]), rng=rng)
+                      opt_state=sharding.unbox_foreign(optimizer.init(trainable), trainable),
+                      rng=rng)
 
   def init_boxed(rng: jax.Array) -> TrainState:
     tokens = jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)

@@ -420,6 +420,40 @@ def test_init():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
+def test_zero_init_residual_starts_every_block_as_the_identity():
+  """model.zero_init_residual: attention out and MLP proj/down kernels start at zero (the other
+  kernels as usual), so the initial logits are the embeddings through the final norm alone."""
+  for mlp, out_names in (("gelu", ("proj",)), ("swiglu", ("down",))):
+    cfg = make(zero_init_residual=True, mlp=mlp, positional="rope")
+    params = nn.unbox(model_lib.init_params(Transformer(cfg), jax.random.key(0, impl="rbg"),
+                                            ONES))
+    for i in range(cfg.num_layers):
+      layer = params[f"layers_{i}"]
+      assert not np.any(layer["attention"]["out"]["kernel"])
+      assert all(not np.any(layer["mlp"][name]["kernel"]) for name in out_names)
+      assert np.std(np.asarray(layer["attention"]["query"]["kernel"])) > 0.01
+    tokens = random_tokens()
+    hidden = jnp.take(params["token_embed"], tokens, axis=0)
+    norm = model_lib.Norm(cfg)
+    final = norm.apply({"params": params["final_norm"]}, hidden)
+    np.testing.assert_allclose(forward(cfg, params, tokens, ARANGE, ONES),
+                               final @ params["token_embed"].T, atol=1e-5)
+
+
+def test_relu2_mlp_is_fc_relu_squared_proj():
+  cfg = make(mlp="relu2", num_layers=1)
+  mlp = model_lib.Mlp(cfg)
+  x = random_normal(3, (BATCH, LENGTH, cfg.embed_dim))
+  params = mlp.init(jax.random.key(0), x)["params"]
+  params = nn.unbox(params)
+  fc, proj = params["fc"], params["proj"]
+  hidden = np.maximum(np.asarray(x) @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"]), 0) ** 2
+  np.testing.assert_allclose(mlp.apply({"params": params}, x),
+                             hidden @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"]),
+                             rtol=1e-5, atol=1e-5)
+  assert model_lib.param_count(cfg) == model_lib.count_params(random_params(cfg))
+
+
 def test_logical_axes():
   cfg = make(mlp="swiglu", tie_embeddings=False)
   specs = nn.get_partition_spec(random_params(cfg))
