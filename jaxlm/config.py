@@ -101,6 +101,9 @@ class ModelConfig:
   # The projections into the residual stream (attention out, MLP proj/down) start at zero, so
   # each block starts as the identity (modded-nanogpt); else init_std / sqrt(2 x num_layers).
   zero_init_residual: bool = False
+  # > 0: the LM logits are soft-capped, logit_softcap * tanh(logits / logit_softcap) (Gemma 2,
+  # modded-nanogpt: 30 and 15); 0: none.
+  logit_softcap: float = 0.0
   # Fine-tuning (jaxlm/finetune/, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
   # named in lora_targets when > 0.
@@ -588,7 +591,7 @@ _NON_NEGATIVE = (
     "train.layer_stats_every", "train.profile_steps", "train.sample_temperature",
     "optim.min_learning_rate", "data.stride",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
-    "optim.adafactor_clip_threshold")
+    "optim.adafactor_clip_threshold", "model.logit_softcap")
 CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.rope_scaling": ROPE_SCALINGS,

@@ -53,10 +53,13 @@ def _unchunk(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
 
 
-def _logits(hidden: jax.Array, head: jax.Array, layout: str) -> jax.Array:
-  """hidden [batch, chunk, embed] (compute dtype) -> float32 logits [batch, chunk, vocab]."""
-  return jnp.einsum(_EQUATIONS[layout], hidden, head.astype(hidden.dtype),
-                    preferred_element_type=jnp.float32)
+def _logits(hidden: jax.Array, head: jax.Array, layout: str, softcap: float = 0.0
+            ) -> jax.Array:
+  """hidden [batch, chunk, embed] (compute dtype) -> float32 logits [batch, chunk, vocab];
+  softcap > 0: softcap * tanh(logits / softcap) (model.logit_softcap, as the model applies)."""
+  logits = jnp.einsum(_EQUATIONS[layout], hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(logits / softcap) if softcap else logits
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -68,17 +71,17 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logits, log_z
 
 
-def _forward_chunk(hidden, head, targets, weights, layout, z_loss):
+def _forward_chunk(hidden, head, targets, weights, layout, z_loss, softcap):
   """The chunk's objective sum (weighted nll + z_loss * log Z^2), its weighted nll sum, its
-  log Z [batch, chunk] and its logits [batch, chunk, vocab] float32."""
-  logits = _logits(hidden, head, layout)
+  log Z [batch, chunk] and its (soft-capped) logits [batch, chunk, vocab] float32."""
+  logits = _logits(hidden, head, layout, softcap)
   nll, log_z = token_losses(logits, targets)
   nll_sum = jnp.sum(nll * weights)
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * weights)
   return objective, nll_sum, log_z, logits
 
 
-def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_grads):
+def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, softcap, with_grads):
   """(objective, nll sum) over all chunks; with_grads: also d objective / d hidden
   [batch, length, embed] (compute dtype) and / d head (float32, head's shape)."""
   vocab = head.shape[0] if layout == "vd" else head.shape[1]
@@ -87,7 +90,7 @@ def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_gra
   def body(carry, xs):
     hidden_c, targets_c, weights_c = xs
     objective, nll_sum, log_z, logits = _forward_chunk(hidden_c, head, targets_c, weights_c,
-                                                       layout, z_loss)
+                                                       layout, z_loss, softcap)
     sums = (carry[0] + objective, carry[1] + nll_sum)
     if not with_grads:
       return (*sums, carry[2]), None
@@ -95,6 +98,8 @@ def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_gra
     onehot = targets_c[..., None] == jnp.arange(vocab, dtype=targets_c.dtype)
     # d(nll)/d(logits) = softmax - onehot; d(log Z^2)/d(logits) = 2 log Z softmax.
     d_logits = (probs - onehot) + (2.0 * z_loss) * log_z[..., None] * probs
+    if softcap:  # through softcap * tanh(raw / softcap): x (1 - tanh^2)
+      d_logits = d_logits * (1.0 - jnp.square(logits / softcap))
     d_logits = (d_logits * weights_c[..., None]).astype(hidden.dtype)
     d_hidden = jnp.einsum(_GRAD_HIDDEN[layout], d_logits, compute_head,
                           preferred_element_type=jnp.float32).astype(hidden.dtype)
@@ -113,18 +118,20 @@ def _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_gra
   return objective, nll_sum, _unchunk(d_hidden), d_head
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_sums(hidden, head, targets, weights, chunk: int, layout: str, z_loss: float):
-  return _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_sums(hidden, head, targets, weights, chunk: int, layout: str, z_loss: float,
+                  softcap: float):
+  return _scan_chunks(hidden, head, targets, weights, chunk, layout, z_loss, softcap,
+                      with_grads=False)
 
 
-def _chunked_fwd(hidden, head, targets, weights, chunk, layout, z_loss):
+def _chunked_fwd(hidden, head, targets, weights, chunk, layout, z_loss, softcap):
   objective, nll_sum, d_hidden, d_head = _scan_chunks(hidden, head, targets, weights, chunk,
-                                                      layout, z_loss, with_grads=True)
+                                                      layout, z_loss, softcap, with_grads=True)
   return (objective, nll_sum), (d_hidden, d_head.astype(head.dtype), weights)
 
 
-def _chunked_bwd(chunk, layout, z_loss, residuals, cotangents):
+def _chunked_bwd(chunk, layout, z_loss, softcap, residuals, cotangents):
   # The nll sum leaves through stop_gradient (see cross_entropy_sums): only the objective's
   # cotangent flows back.
   d_hidden, d_head, weights = residuals
@@ -138,13 +145,15 @@ _chunked_sums.defvjp(_chunked_fwd, _chunked_bwd)
 
 def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array,
                        weights: jax.Array, *, layout: str, chunk_size: int = 0,
-                       z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                       z_loss: float = 0.0, softcap: float = 0.0
+                       ) -> tuple[jax.Array, jax.Array]:
   """(objective, nll sum): float32 scalars, objective = sum of weight * (nll + z_loss * log Z^2)
   (what training differentiates), nll sum = sum of weight * nll (reported; no gradient).
 
   hidden [batch, length, embed] in the compute dtype (the final norm's output); head [vocab,
   embed] (layout 'vd') or [embed, vocab] ('dv'); targets [batch, length] int; weights [batch,
-  length] float. nll = log Z - logit of the target, log Z = logsumexp over the vocabulary.
+  length] float. nll = log Z - logit of the target, log Z = logsumexp over the vocabulary;
+  softcap > 0: the logits are softcap * tanh(logits / softcap) first (model.logit_softcap).
 
   chunk_size > 0: positions in chunks of that many (at most the length), logits never whole
   and the gradient formed in the forward pass (see the module doc); a length that is not a
@@ -154,11 +163,12 @@ def cross_entropy_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array,
   if layout not in _EQUATIONS:
     raise ValueError(f"layout={layout!r}: must be 'vd' or 'dv'.")
   if chunk_size <= 0:
-    objective, nll_sum, _, _ = _forward_chunk(hidden, head, targets, weights, layout, z_loss)
+    objective, nll_sum, _, _ = _forward_chunk(hidden, head, targets, weights, layout, z_loss,
+                                              softcap)
     return objective, jax.lax.stop_gradient(nll_sum)
   chunk_size, (hidden, targets, weights) = _padded(chunk_size, hidden, targets, weights)
   objective, nll_sum = _chunked_sums(hidden, head, targets, weights.astype(jnp.float32),
-                                     chunk_size, layout, float(z_loss))
+                                     chunk_size, layout, float(z_loss), float(softcap))
   return objective, jax.lax.stop_gradient(nll_sum)
 
 
@@ -175,7 +185,8 @@ def _padded(chunk_size: int, *arrays: jax.Array) -> tuple[int, list[jax.Array]]:
 def max_logit(hidden: jax.Array, head: jax.Array, weights: jax.Array, *, layout: str,
               chunk_size: int = 0) -> jax.Array:
   """The largest logit at positions of weight > 0: float32 scalar, chunk by chunk as the loss
-  (hidden, head, weights as in `cross_entropy_sums`). A diagnostic: no gradient."""
+  (hidden, head, weights as in `cross_entropy_sums`), before any soft cap (what the cap
+  tames). A diagnostic: no gradient."""
   hidden = jax.lax.stop_gradient(hidden)
   chunk_size, (hidden, weights) = _padded(chunk_size or hidden.shape[1], hidden, weights)
 
@@ -214,7 +225,7 @@ def lm_loss(z_loss: float = 0.0, chunk_size: int = 0, document_mask: bool = True
     weights = batch["weights"]
     objective, nll_sum = cross_entropy_sums(
         hidden, head, batch["targets"], weights, layout=layout, chunk_size=chunk_size,
-        z_loss=z_loss)
+        z_loss=z_loss, softcap=model.config.logit_softcap)
     return objective, {"loss_sum": nll_sum, "weight_sum": jnp.sum(weights)}
   return loss
 

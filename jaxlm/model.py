@@ -734,6 +734,8 @@ class Transformer(nn.Module):
                            (cfg.embed_dim, cfg.vocab_size), jnp.float32)
       logits = jnp.einsum("bld,dv->blv", x, lm_head.astype(dtype),
                           preferred_element_type=jnp.float32)
+    if cfg.logit_softcap:  # (jaxlm/loss.py applies the same to its chunks)
+      logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def _pipelined_layers(self, x: Array, positions: Array, segment_ids: Array | None,

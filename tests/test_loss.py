@@ -8,11 +8,13 @@ import pytest
 from jaxlm import loss as loss_lib
 
 
-def reference_sums(hidden, head, targets, weights, layout):
+def reference_sums(hidden, head, targets, weights, layout, softcap=0.0):
   """The plain computation: whole float32 logits, log-softmax, autodiff."""
   equation = "bld,vd->blv" if layout == "vd" else "bld,dv->blv"
   logits = jnp.einsum(equation, hidden, head.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(nll * weights), jnp.sum(jnp.square(log_z) * weights)
@@ -30,17 +32,20 @@ def inputs(layout, length=24, dtype=jnp.float32, seed=0):
 
 
 @pytest.mark.parametrize("layout", ["vd", "dv"])
-@pytest.mark.parametrize("chunk_size, length", [(8, 24), (5, 24), (0, 24), (64, 24)])
-def test_chunked_equals_materialized_values_and_gradients(layout, chunk_size, length):
+@pytest.mark.parametrize("chunk_size, length, softcap", [
+    (8, 24, 0.0), (5, 24, 0.0), (0, 24, 0.0), (64, 24, 0.0), (8, 24, 2.0), (0, 24, 2.0)])
+def test_chunked_equals_materialized_values_and_gradients(layout, chunk_size, length, softcap):
+  """(softcap 2 bends these logits, whose scale is ~2, a lot: model.logit_softcap's gradient is
+  tested where it matters)"""
   hidden, head, targets, weights = inputs(layout, length)
   z_loss = 1e-2
 
   def chunked(hidden, head):
     return loss_lib.cross_entropy_sums(hidden, head, targets, weights, layout=layout,
-                                       chunk_size=chunk_size, z_loss=z_loss)
+                                       chunk_size=chunk_size, z_loss=z_loss, softcap=softcap)
 
   def plain(hidden, head):
-    nll, z = reference_sums(hidden, head, targets, weights, layout)
+    nll, z = reference_sums(hidden, head, targets, weights, layout, softcap)
     return nll + z_loss * z, (nll, z)
 
   (value, nll), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(

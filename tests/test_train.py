@@ -20,8 +20,11 @@ def tiny_config(**sections):
   return config_lib.validate(values)
 
 
-def test_loss_is_mean_token_cross_entropy():
-  config = tiny_config()
+@pytest.mark.parametrize("softcap", [0.0, 0.05])
+def test_loss_is_mean_token_cross_entropy(softcap):
+  """Of the model's logits (soft-capped by model.logit_softcap in both: 0.05 bends these
+  logits hard)."""
+  config = tiny_config(model={"logit_softcap": softcap})
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   steps = steps_lib.make_steps(config, mesh)
   state = steps.init(jax.random.PRNGKey(0))
@@ -30,6 +33,8 @@ def test_loss_is_mean_token_cross_entropy():
   logits = Transformer(config.model).apply({"params": state.params}, batch["inputs"],
                                           positions=batch["positions"],
                                           segment_ids=batch["segment_ids"])
+  if softcap:
+    assert softcap / 2 < jnp.abs(logits).max() <= np.float32(softcap)
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   expected = float(jnp.sum(expected * batch["weights"]) / batch["weights"].sum())
   result = steps.eval(state.params, sharding.global_batch(batch, mesh))
