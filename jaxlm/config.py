@@ -39,6 +39,7 @@ ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash", "triton")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_SCALINGS = ("auto", "dynamic", "none")
 CORPORA = ("pystdlib", "text_files", "tfds", "tokens")
 SCHEDULES = ("cosine", "constant", "wsd")  # = jaxlm/optim.py SCHEDULES (a test checks)
 OPTIMIZERS = ("adamw", "muon", "adafactor", "lion")  # = jaxlm/optimizers OPTIMIZERS
@@ -211,6 +212,13 @@ class TrainConfig:
   sample_temperature: float = 0.8  # sampling temperature of the samples (0: greedy)
   sample_top_k: int = 40  # top-k of the samples (0: all)
   max_nonfinite_steps: int = 3  # non-finite steps (skipped) in a row before the run stops
+  # Dynamic loss scaling (float16 compute has too little range for small gradients): the
+  # objective is multiplied by the scale, the gradients divided; a step whose gradients
+  # overflow is skipped and halves the scale (not counted as non-finite), loss_scale_period
+  # finite steps in a row double it. auto: on with model.dtype=float16; dynamic; none.
+  loss_scaling: str = "auto"
+  loss_scale_init: float = 32768.0  # the first scale (2^15)
+  loss_scale_period: int = 1000
   # Loss spikes on finite steps (docs/reliability.md): a step whose loss exceeds
   # spike_loss_ratio x, or whose gradient norm exceeds spike_grad_ratio x, their running means
   # (exponential, span spike_window accepted steps; armed after spike_window steps) is a spike.
@@ -582,6 +590,7 @@ _POSITIVE = (
     "train.pipeline_microbatches",
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
     "optim.eps", "optim.muon_ns_steps", "optim.muon_adam_lr_scale",
+    "train.loss_scale_init", "train.loss_scale_period",
     "finetune.epochs", "finetune.max_new_tokens")
 _NON_NEGATIVE = (
     "train.eval_every", "train.checkpoint_every", "train.sample_every",
@@ -598,6 +607,7 @@ CHOICES = {
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
     "optim.schedule": SCHEDULES, "optim.name": OPTIMIZERS,
+    "train.loss_scaling": LOSS_SCALINGS,
     "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Callable
@@ -37,8 +38,11 @@ class TrainState:
   `spike_stats` float32[3]: running means of the loss and gradient norm over accepted steps,
   and how many steps were accepted (see `spike_update`). `rollback_lr_until` int32[]: steps
   before it run at train.rollback_lr_factor x the learning rate (set by a rollback, see
-  `jaxlm.loop`). Both are checkpointed with the rest, so a resumed run decides spikes and
-  learning rates exactly as an uninterrupted one."""
+  `jaxlm.loop`). `loss_scale_log2` float32[] and `loss_scale_good_steps` int32[]: the dynamic
+  loss scale (log2; train.loss_scaling) and the finite steps since it last changed. All are
+  checkpointed with the rest, so a resumed run decides spikes, learning rates and loss scales
+  exactly as an uninterrupted one (a checkpoint from before a field existed restores it as
+  zeros: loss scale 1, which then grows)."""
   step: jax.Array
   params: Any
   opt_state: Any
@@ -47,6 +51,31 @@ class TrainState:
       default_factory=lambda: jnp.zeros([3], jnp.float32))
   rollback_lr_until: jax.Array = dataclasses.field(
       default_factory=lambda: jnp.zeros([], jnp.int32))
+  loss_scale_log2: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.zeros([], jnp.float32))
+  loss_scale_good_steps: jax.Array = dataclasses.field(
+      default_factory=lambda: jnp.zeros([], jnp.int32))
+
+
+# The dynamic loss scale stays within [2^0, 2^MAX_LOSS_SCALE_LOG2].
+MAX_LOSS_SCALE_LOG2 = 24.0
+
+
+def loss_scaling_on(config: Config) -> bool:
+  """Whether the train step scales its loss (train.loss_scaling; auto: float16 compute)."""
+  scaling = config.train.loss_scaling
+  return scaling == "dynamic" or (scaling == "auto" and config.model.dtype == "float16")
+
+
+def next_loss_scale(config: Config, log2: jax.Array, good_steps: jax.Array, overflow: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(log2 scale, finite steps in a row) after a step: an overflow halves the scale (and
+  restarts the count), train.loss_scale_period finite steps in a row double it."""
+  good_steps = jnp.where(overflow, 0, good_steps + 1)
+  grow = good_steps >= config.train.loss_scale_period
+  log2 = jnp.where(overflow, log2 - 1.0, jnp.where(grow, log2 + 1.0, log2))
+  return (jnp.clip(log2, 0.0, MAX_LOSS_SCALE_LOG2),
+          jnp.where(grow, 0, good_steps).astype(jnp.int32))
 
 
 def spike_update(config: Config, stats: jax.Array, loss: jax.Array, grad_norm: jax.Array,
@@ -275,11 +304,15 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
       return params, {}
     return params_lib.partition(params, trainable)
 
+  scaling = loss_scaling_on(config)
+  initial_log2 = (min(math.log2(config.train.loss_scale_init), MAX_LOSS_SCALE_LOG2) if scaling
+                  else 0.0)
+
   def new_state(params: Any, rng: jax.Array) -> TrainState:
     trainable = split(params)[0]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       opt_state=sharding.unbox_foreign(optimizer.init(trainable), trainable),
-                      rng=rng)
+                      rng=rng, loss_scale_log2=jnp.float32(initial_log2))
 
   def init_boxed(rng: jax.Array) -> TrainState:
     tokens = jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
@@ -301,8 +334,14 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     step_rng = jax.random.fold_in(state.rng, state.step)
     trainable_params, frozen = split(state.params)
 
+    # (ldexp: exactly 2^k; exp2 rounds on some backends)
+    loss_scale = (jnp.ldexp(jnp.float32(1.0), state.loss_scale_log2.astype(jnp.int32))
+                  if scaling else None)
+
     def objective(trainable_params, micro, rng):
-      return loss(model, params_lib.combine(trainable_params, frozen), micro, rng)
+      value, sums = loss(model, params_lib.combine(trainable_params, frozen), micro, rng)
+      # (scaled before the backward pass runs through the float16 activations)
+      return (value * loss_scale if scaling else value), sums
 
     def micro_grads(m: jax.Array, micro: DeviceBatch):
       rng = jax.random.fold_in(step_rng, m) if use_dropout else None
@@ -326,7 +365,8 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
       (grads, sums), _ = jax.lax.scan(accumulate, zeros,
                                       (jnp.arange(microbatches), micro_batches))
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
+    grad_denominator = denominator * loss_scale if scaling else denominator
+    grads = jax.tree.map(lambda g: g / grad_denominator, grads)
     loss_value = sums["loss_sum"] / denominator
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable_params)
@@ -341,17 +381,27 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     # optimizer state unchanged, step still advances so data and dropout move on); the loop
     # stops after too many in a row, or rolls back.
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+    # With loss scaling, gradients that overflow while the loss is finite mean a scale too
+    # large: skipped and rescaled, not a failure of the run.
+    overflow = (jnp.isfinite(loss_value) & ~finite) if scaling else jnp.bool_(False)
     spike, apply, spike_stats = spike_update(config, state.spike_stats, loss_value, grad_norm,
                                              finite)
+    scale_log2, good_steps = state.loss_scale_log2, state.loss_scale_good_steps
+    if scaling:
+      scale_log2, good_steps = next_loss_scale(config, scale_log2, good_steps, overflow)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
         params=params_lib.combine(keep(updated, trainable_params), frozen),
-        opt_state=keep(opt_state, state.opt_state), spike_stats=spike_stats)
+        opt_state=keep(opt_state, state.opt_state), spike_stats=spike_stats,
+        loss_scale_log2=scale_log2, loss_scale_good_steps=good_steps)
     metrics = {"train_loss": loss_value, "grad_norm": grad_norm,
-               "learning_rate": learning_rate, "nonfinite": (~finite).astype(jnp.int32),
+               "learning_rate": learning_rate,
+               "nonfinite": (~finite & ~overflow).astype(jnp.int32),
                "train_tokens": sums["weight_sum"], "spike": spike.astype(jnp.int32),
                "loss_mean": state.spike_stats[0], "grad_norm_mean": state.spike_stats[1]}
+    if scaling:  # the scale this step used, and whether it overflowed (then skipped)
+      metrics.update(loss_scale=loss_scale, overflow=overflow.astype(jnp.int32))
     if stats_every:  # per-layer statistics, computed only at the steps that report them
       first = batch if microbatches == 1 else jax.tree.map(lambda x: x[0], micro_batches)
       diagnose = lambda: diagnostics.layer_stats(model, config, state.params, first, grads,
