@@ -212,6 +212,10 @@ class TrainConfig:
   sample_temperature: float = 0.8  # sampling temperature of the samples (0: greedy)
   sample_top_k: int = 40  # top-k of the samples (0: all)
   max_nonfinite_steps: int = 3  # non-finite steps (skipped) in a row before the run stops
+  # ZeRO over mesh.data, where parameters stay replicated: 1 splits the optimizer state over
+  # the data-parallel devices too, 2 also reduces each gradient straight into those shards
+  # (reduce-scatter). 0: off. (mesh.fsdp splits parameters as well: ZeRO-3.)
+  zero_stage: int = 0
   # Dynamic loss scaling (float16 compute has too little range for small gradients): the
   # objective is multiplied by the scale, the gradients divided; a step whose gradients
   # overflow is skipped and halves the scale (not counted as non-finite), loss_scale_period
@@ -607,7 +611,7 @@ CHOICES = {
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
     "optim.schedule": SCHEDULES, "optim.name": OPTIMIZERS,
-    "train.loss_scaling": LOSS_SCALINGS,
+    "train.loss_scaling": LOSS_SCALINGS, "train.zero_stage": (0, 1, 2),
     "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",
@@ -638,7 +642,7 @@ def _check_fields(config: Config) -> None:
   for field, choices in CHOICES.items():
     if value(field) not in choices:
       raise ConfigError(f"{field}={value(field)!r}: must be one of "
-                        f"{', '.join(repr(c) if c == '' else c for c in choices)}.")
+                        f"{', '.join(repr(c) if c == '' else str(c) for c in choices)}.")
   for field, interval in _INTERVALS.items():
     x, (low, high) = value(field), map(float, interval[1:-1].split(","))
     if not ((x > low if interval[0] == "(" else x >= low)

@@ -198,6 +198,23 @@ def unbox_foreign(opt_state: Any, params: Any) -> Any:
   return jax.tree.map(unbox, opt_state, is_leaf=is_box)
 
 
+def over_data(array_sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """`array_sharding` with its array also split over mesh.data, ZeRO-style (train.zero_stage):
+  the first dimension that the data axis (times whatever already splits it) divides takes
+  'data' as well; an array no dimension of which divides stays as it is."""
+  mesh, spec = array_sharding.mesh, tuple(array_sharding.spec)
+  data = mesh.shape["data"]
+  if data == 1 or "data" in jax.tree.leaves(spec):
+    return array_sharding
+  spec = spec + (None,) * (len(shape) - len(spec))
+  for dim, (size, axes) in enumerate(zip(shape, spec)):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if size % (data * math.prod(mesh.shape[a] for a in axes)) == 0:
+      split = spec[:dim] + ((*axes, "data") if axes else "data",) + spec[dim + 1:]
+      return NamedSharding(mesh, PartitionSpec(*split))
+  return array_sharding
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -324,6 +324,19 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     return state.replace(rng=state_rng)
 
   abstract_state, state_shardings = _abstract(init_boxed, mesh)
+  if config.train.zero_stage:  # ZeRO-1/2: the optimizer state split over mesh.data as well
+    opt_shardings = jax.tree.map(lambda s, a: sharding.over_data(s, a.shape),
+                                 state_shardings.opt_state, abstract_state.opt_state)
+    state_shardings = state_shardings.replace(opt_state=opt_shardings)
+    abstract_state = abstract_state.replace(opt_state=jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state.opt_state, opt_shardings))
+  # ZeRO-2: each gradient reduced straight into its optimizer-state shards (a reduce-scatter
+  # over data instead of an all-reduce); the trainable params' shardings, split over data.
+  grad_shardings = (jax.tree.map(lambda s, a: sharding.over_data(s, a.shape),
+                                 split(state_shardings.params)[0],
+                                 split(abstract_state.params)[0])
+                    if config.train.zero_stage == 2 else None)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   # Microbatch m takes rows m, m+M, m+2M, ...: each device keeps its own rows (no reshuffling
@@ -364,6 +377,8 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(accumulate, zeros,
                                       (jnp.arange(microbatches), micro_batches))
+    if grad_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
     grad_denominator = denominator * loss_scale if scaling else denominator
     grads = jax.tree.map(lambda g: g / grad_denominator, grads)

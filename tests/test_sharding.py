@@ -117,3 +117,29 @@ def test_dimensions_must_divide_their_mesh_axes(field, value, mesh_values, match
   config = config_lib.validate(values)
   with pytest.raises(ConfigError, match=match):
     steps_lib.make_steps(config, sharding.make_mesh(config.mesh))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_splits_the_optimizer_state_over_data_and_matches_one_device(stage, single_device):
+  """train.zero_stage on mesh.data=8: parameters stay replicated, each optimizer-state array is
+  split 8 ways (a device holds an eighth of AdamW's moments); the losses and parameters are one
+  device's (ZeRO-2 also constrains the gradients to those shards)."""
+  want_losses, want_params = single_device
+  values = {**MESH_VALUES, "mesh": {"data": 8, "fsdp": 1, "tensor": 1},
+            "train": {**MESH_VALUES["train"], "zero_stage": stage}}
+  config = config_lib.validate(values)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  steps = steps_lib.make_steps(config, mesh)
+  state = steps.init(jax.random.PRNGKey(0))
+  losses = []
+  for i in range(5):
+    state, metrics = steps.train(state, sharding.global_batch(random_batch(config, i), mesh))
+    losses.append(float(metrics["train_loss"]))
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(jax.device_get(state.params)),
+                       jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
+  moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1]
+  per_device = sum(x.addressable_shards[0].data.nbytes for x in moments)
+  assert per_device <= sum(x.nbytes for x in moments) / 8 * 1.02, per_device
