@@ -130,3 +130,17 @@ def test_numpy_values_and_non_dicts():
   for value in (None, "configs/default.py"):
     with pytest.raises(ConfigError, match=r"a config is a dict, ConfigDict or Config, not"):
       config_lib.validate(value)
+
+
+def test_every_shipped_config_validates():
+  """configs/*.py: each one's get_config() is a valid config (the speedrun's Muon settings
+  included)."""
+  import importlib
+  import pathlib
+  names = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+  assert "speedrun_cpu" in names and "default" in names
+  for name in names:
+    config = config_lib.validate(importlib.import_module(f"configs.{name}").get_config())
+    if name == "speedrun_cpu":
+      assert (config.optim.name, config.train.global_batch_size, config.train.num_steps) == (
+          "muon", 16, 300)
