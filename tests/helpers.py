@@ -153,6 +153,20 @@ def random_batch(config, seed=0):
           "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
 
 
+def packed_batch(config, seed=0, cut=9):
+  """Random tokens in two packed documents per row, the second from position `cut`: segment ids
+  and positions restart there."""
+  rng = np.random.default_rng(seed)
+  shape = (config.train.global_batch_size, config.data.seq_len)
+  tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1))
+  segments = np.where(np.arange(shape[1]) < cut, 1, 2).astype(np.int32)
+  positions = np.where(segments == 1, np.arange(shape[1]), np.arange(shape[1]) - cut)
+  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+          "weights": np.ones(shape, np.float32),
+          "segment_ids": np.broadcast_to(segments, shape).copy(),
+          "positions": np.broadcast_to(positions.astype(np.int32), shape).copy()}
+
+
 def run_steps(config, num_steps, devices=None, batch=random_batch):
   """(final state, train losses) of `num_steps` steps on batch(config, step) from the seed's
   init."""

@@ -12,6 +12,7 @@ from jaxlm import config as config_lib
 from jaxlm import kernels
 from jaxlm import model as model_lib
 from jaxlm.config import ConfigError
+from tests import helpers
 from tests.helpers import run_steps
 
 BATCH, LENGTH, HEADS, HEAD_DIM = 2, 256, 4, 16
@@ -79,15 +80,7 @@ def kernel_config(mesh=None, train=None, **model):
 
 def packed_batch(config, seed):
   """Random tokens in two packed documents per row (a cut at 50)."""
-  rng = np.random.default_rng(seed)
-  shape = (config.train.global_batch_size, config.data.seq_len)
-  tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1))
-  segments = np.where(np.arange(shape[1]) < 50, 1, 2).astype(np.int32)
-  positions = np.where(segments == 1, np.arange(shape[1]), np.arange(shape[1]) - 50)
-  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-          "weights": np.ones(shape, np.float32),
-          "segment_ids": np.broadcast_to(segments, shape).copy(),
-          "positions": np.broadcast_to(positions.astype(np.int32), shape).copy()}
+  return helpers.packed_batch(config, seed, cut=50)
 
 
 @pytest.fixture(scope="module")

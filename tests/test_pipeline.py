@@ -11,6 +11,7 @@ from jaxlm import pipeline, sharding
 from jaxlm import run as run_lib
 from jaxlm import steps as steps_lib
 from jaxlm.config import ConfigError
+from tests.helpers import packed_batch
 from tests.helpers import run_steps as train_steps
 
 TINY = {"model": {"num_layers": 4, "num_heads": 2, "embed_dim": 32, "mlp_dim": 64,
@@ -29,16 +30,8 @@ def tiny_config(mesh=None, **sections):
 
 
 def random_batch(config, seed):
-  rng = np.random.default_rng(seed)
-  shape = (config.train.global_batch_size, config.data.seq_len)
-  tokens = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1))
-  # two packed documents per row: segment ids and positions restart mid-row
-  segments = np.where(np.arange(shape[1]) < 9, 1, 2).astype(np.int32)
-  positions = np.where(segments == 1, np.arange(shape[1]), np.arange(shape[1]) - 9)
-  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-          "weights": np.ones(shape, np.float32),
-          "segment_ids": np.broadcast_to(segments, shape).copy(),
-          "positions": np.broadcast_to(positions.astype(np.int32), shape).copy()}
+  """Two packed documents per row: segment ids and positions restart at position 9."""
+  return packed_batch(config, seed, cut=9)
 
 
 def run_steps(config, num_steps, devices):
