@@ -7,6 +7,7 @@ its docstring explains the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -205,8 +206,9 @@ def plan(config: config_lib.Config, mesh, hbm_bytes: int | None = None) -> dict[
       "param_bytes": _tree_bytes(state.params),
       "opt_state_bytes": _tree_bytes(state.opt_state),
       "batch_bytes": _tree_bytes(batch),
-      "other_state_bytes": _tree_bytes((state.step, state.rng, state.spike_stats,
-                                        state.rollback_lr_until)),
+      # the step counter, rng, spike statistics, rollback and loss-scale scalars
+      "other_state_bytes": _tree_bytes([getattr(state, f.name) for f in dataclasses.fields(state)
+                                        if f.name not in ("params", "opt_state")]),
       "argument_bytes": None,
       "output_bytes": None,
       "alias_bytes": None,
@@ -265,7 +267,7 @@ def format_table(result: dict[str, Any], config_path: str = "") -> str:
       ("temporaries (XLA)", r["temp_bytes"]),
       ("outputs not aliased",
        None if r["output_bytes"] is None else r["output_bytes"] - r["alias_bytes"]),
-      ("step, rng, spike stats", r["other_state_bytes"]),
+      ("step, rng, scalars", r["other_state_bytes"]),
   ]
   topology = r.get("topology")
   where = f"{r['num_devices']} {r['platform']} devices"
