@@ -28,9 +28,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+# (The Pallas kernels are imported where they are used: ~90 ms that every process importing the
+# model, test subprocesses and scripts included, would otherwise pay without using them.)
 
 Array = jax.Array
 
@@ -59,6 +59,8 @@ def _splash_kernel(length: int, heads: int, window: int, interpret: bool):
   """A splash kernel for one sequence: q [heads, length, head_dim], k/v [kv_heads, length,
   head_dim]. Built in the trace that uses it: its block tables become constants of that trace
   (jax caches the numpy work of processing the mask into them)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   shape = (length, length)
   # LocalMask's window counts keys to the left of the query: window - 1 of them plus itself.
   mask = (masks.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window
@@ -73,6 +75,7 @@ def _splash_kernel(length: int, heads: int, window: int, interpret: bool):
 
 def _splash_local(query: Array, key: Array, value: Array, segment_ids: Array | None, *,
                   window: int, interpret: bool) -> Array:
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   batch, length, heads, head_dim = query.shape
   kernel = _splash_kernel(length, heads, window, interpret)
   # The kernel takes one sequence, heads first, and does not scale the scores.
@@ -89,6 +92,7 @@ def _splash_local(query: Array, key: Array, value: Array, segment_ids: Array | N
 
 def _triton_local(query: Array, key: Array, value: Array, segment_ids: Array | None, *,
                   window: int, interpret: bool) -> Array:
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   del window  # refused by `supports` / the config
   group = query.shape[2] // key.shape[2]
   if group > 1:
