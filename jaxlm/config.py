@@ -35,6 +35,7 @@ LORA_TARGETS = ("query", "key", "value", "out", "fc", "proj", "gate", "up", "dow
 NORMS = ("layernorm", "rmsnorm")
 ROPE_SCALINGS = ("", "llama3")
 MLPS = ("gelu", "relu2", "swiglu")
+PARAMETRIZATIONS = ("standard", "mup")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash", "triton")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_attention_out", "minimal")
@@ -105,6 +106,15 @@ class ModelConfig:
   # > 0: the LM logits are soft-capped, logit_softcap * tanh(logits / logit_softcap) (Gemma 2,
   # modded-nanogpt: 30 and 15); 0: none.
   logit_softcap: float = 0.0
+  # Width transfer: 'mup' (maximal update parametrization, Tensor Programs V) makes the best
+  # learning rate found at width mup_base_width hold at other widths. With the width multiplier
+  # m = embed_dim / mup_base_width: the layers' matrices start at init_std / sqrt(m) and train at
+  # learning_rate / m (element-wise optimizers: AdamW, Adafactor, Lion; Muon's updates already
+  # carry the width factor), the logits are multiplied by 1 / m, attention scores use 1/head_dim
+  # (x sqrt of the base model's head_dim) instead of 1/sqrt(head_dim); embeddings, norms and
+  # biases stay as they are. At embed_dim = mup_base_width it is the standard parametrization.
+  parametrization: str = "standard"
+  mup_base_width: int = 0  # mup: the embed_dim the learning rate (and init_std) were tuned at
   # Fine-tuning (jaxlm/finetune/, jaxlm/lora.py): a classification head of num_classes
   # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
   # named in lora_targets when > 0.
@@ -146,6 +156,22 @@ class ModelConfig:
     """Whether the layers differ in window (some use sliding_window, some the whole context)."""
     return bool(self.sliding_window and self.window_layers.strip()
                 and len(self.windowed_layers()) < self.num_layers)
+
+  @property
+  def width_multiplier(self) -> float:
+    """muP's m = embed_dim / mup_base_width (1 under the standard parametrization)."""
+    if self.parametrization != "mup":
+      return 1.0
+    return self.embed_dim / self.mup_base_width
+
+  @property
+  def attention_multiplier(self) -> float:
+    """What multiplies the queries on top of the kernels' 1/sqrt(head_dim): under muP
+    sqrt(base head_dim / head_dim), making the scores q.k x sqrt(base head_dim) / head_dim; 1
+    under the standard parametrization or a fixed head_size (the head width does not grow)."""
+    if self.parametrization != "mup" or self.head_size:
+      return 1.0
+    return math.sqrt((self.mup_base_width / self.num_heads) / self.head_dim)
 
   def for_layer(self, layer: int) -> "ModelConfig":
     """This config as block `layer` sees it: its own window, no pattern."""
@@ -607,6 +633,7 @@ _NON_NEGATIVE = (
     "optim.adafactor_clip_threshold", "model.logit_softcap")
 CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
+    "model.parametrization": PARAMETRIZATIONS,
     "model.rope_scaling": ROPE_SCALINGS,
     "model.attention_impl": ATTENTION_IMPLS, "model.remat_policy": REMAT_POLICIES,
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
@@ -816,6 +843,13 @@ def check(config: Config) -> Config:
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
         f"choose num_heads among the divisors of embed_dim (e.g. "
         f"{', '.join(str(h) for h in divisors(m.embed_dim) if h <= 32)}).")
+  if m.parametrization == "mup" and m.mup_base_width <= 0:
+    raise ConfigError(f"model.parametrization=mup needs model.mup_base_width (> 0, got "
+                      f"{m.mup_base_width}): the embed_dim the learning rate was tuned at, e.g. "
+                      f"--config.model.mup_base_width={m.embed_dim}.")
+  if m.parametrization == "mup" and not m.head_size and m.mup_base_width < m.num_heads:
+    raise ConfigError(f"model.mup_base_width={m.mup_base_width} is narrower than "
+                      f"model.num_heads={m.num_heads}: the base model needs a head width >= 1.")
   if m.num_classes < 0 or m.num_classes == 1:
     raise ConfigError(f"model.num_classes={m.num_classes}: use 0 (language model) or >= 2 "
                       f"classes.")

@@ -327,6 +327,9 @@ class Dense(nn.Module):
   axes: tuple[str | None, ...]
   config: ModelConfig
   init_scale: float = 1.0  # multiplies init_std; < 1 for the residual output projections
+  # A hidden layer's matrix (muP: init_std / sqrt(width multiplier)); False for a readout (the
+  # classification head), which muP scales through the logits instead.
+  hidden: bool = True
   use_bias: bool | None = None  # None: config.use_bias (qkv_bias turns it on for q/k/v)
 
   @nn.compact
@@ -335,7 +338,8 @@ class Dense(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     n_in = len(self.axes) - len(self.features)
     in_shape = x.shape[x.ndim - n_in:]
-    kernel = self.param("kernel", _normal(cfg.init_std * self.init_scale, self.axes),
+    std = cfg.init_std * self.init_scale / (math.sqrt(cfg.width_multiplier) if self.hidden else 1)
+    kernel = self.param("kernel", _normal(std, self.axes),
                         in_shape + tuple(self.features), jnp.float32)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
@@ -458,6 +462,8 @@ class CausalSelfAttention(nn.Module):
     if cfg.positional == "rope":
       query = apply_rope(query, positions, rope_frequencies(cfg))
       key = apply_rope(key, positions, rope_frequencies(cfg))
+    if cfg.attention_multiplier != 1.0:  # muP's 1/head_dim scores (every kernel: 1/sqrt(d))
+      query = query * jnp.asarray(cfg.attention_multiplier, query.dtype)
     query = nn.with_logical_constraint(checkpoint_name(query, "query"), HEADS_AXES)
     key = nn.with_logical_constraint(checkpoint_name(key, "key"), KV_HEADS_AXES)
     value = nn.with_logical_constraint(checkpoint_name(value, "value"), KV_HEADS_AXES)
@@ -671,8 +677,8 @@ class Transformer(nn.Module):
   deterministic: False enables dropout (needs the 'dropout' rng).
   decode: use and update the 'cache' collection (apply with mutable=['cache']); see
     CausalSelfAttention and `init_cache`.
-  return_hidden: return the final norm's output [batch, length, embed] (compute dtype)
-    instead of logits; the training loss applies the head itself (`lm_head` and
+  return_hidden: return the final norm's output [batch, length, embed] (compute dtype; under
+    muP already x 1/width multiplier, the output multiplier) instead of logits; the training loss applies the head itself (`lm_head` and
     jaxlm/loss.py), chunk by chunk, so the full logits never exist.
 
   pipeline_stages > 1 (the train step sets it from mesh.stage): the scanned layers run as a
@@ -721,10 +727,13 @@ class Transformer(nn.Module):
                                                            deterministic, decode)
 
     x = Norm(cfg, name="final_norm")(x)
+    if cfg.width_multiplier != 1.0:  # muP's output multiplier 1/m: logits = head(x / m)
+      x = x * jnp.asarray(1.0 / cfg.width_multiplier, x.dtype)
     if return_hidden:
       return x
     if cfg.num_classes:  # classification: class logits at every position
-      logits = Dense((cfg.num_classes,), ("embed", None), cfg, name="classifier")(x)
+      logits = Dense((cfg.num_classes,), ("embed", None), cfg, hidden=False,
+                     name="classifier")(x)
       return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", None))
     if cfg.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, token_embed.astype(dtype),

@@ -11,7 +11,7 @@ import optax
 
 from jaxlm import config as config_lib
 from jaxlm.config import OptimConfig
-from jaxlm.optimizers import OPTIMIZERS  # noqa: F401  (optim.name -> builder)
+from jaxlm.optimizers import OPTIMIZERS, WIDTH_SCALED  # noqa: F401  (optim.name -> builder)
 
 
 def _constant(optim: OptimConfig, num_steps: int, warmup: int) -> optax.Schedule:
@@ -75,8 +75,12 @@ class ParamGroups:
   """The groups of optim.lr_multipliers and optim.weight_decay_groups, for any parameter tree
   (boxed or not, or a masked part of one: optax.partition's)."""
 
-  def __init__(self, optim: OptimConfig):
+  def __init__(self, optim: OptimConfig, width_multiplier: float = 1.0):
+    """width_multiplier: muP's m (ModelConfig.width_multiplier): the matrices' learning rate
+    is divided by it, unless the optimizer's updates already scale with width (Muon)."""
     self.multipliers = config_lib.parse_groups(optim.lr_multipliers, "optim.lr_multipliers")
+    if width_multiplier != 1.0 and optim.name not in WIDTH_SCALED:
+      self.multipliers["matrices"] = self.multipliers.get("matrices", 1.0) / width_multiplier
     self.decaying = frozenset(
         config_lib.parse_groups(optim.weight_decay_groups, "optim.weight_decay_groups"))
 
@@ -108,10 +112,11 @@ def decay_mask(params: Any) -> Any:
   return ParamGroups(OptimConfig()).decays(params)
 
 
-def make_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimConfig, num_steps: int, width_multiplier: float = 1.0
+                   ) -> optax.GradientTransformation:
   """Clip by global norm (if grad_clip > 0), OPTIMIZERS[optim.name] on the schedule, then the
-  parameter groups' learning-rate multipliers."""
-  groups = ParamGroups(optim)
+  parameter groups' learning-rate multipliers (with muP's 1/width_multiplier on the matrices)."""
+  groups = ParamGroups(optim, width_multiplier)
   update = optax.chain(OPTIMIZERS[optim.name](optim, make_schedule(optim, num_steps), groups),
                        groups.scale_updates())
   if optim.grad_clip > 0:

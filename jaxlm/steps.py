@@ -292,7 +292,8 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
   model = Transformer(config.model, pipeline_stages=mesh.shape["stage"],
                       pipeline_microbatches=config.train.pipeline_microbatches)
   loss = loss_for(config) if loss is None else loss
-  optimizer = make_optimizer(config.optim, config.train.num_steps)
+  optimizer = make_optimizer(config.optim, config.train.num_steps,
+                             config.model.width_multiplier)
   schedule = make_schedule(config.optim, config.train.num_steps)
   microbatches = config.train.microbatches
   stats_every = config.train.layer_stats_every

@@ -7,6 +7,11 @@ A sweep file (`configs/sweeps/NAME.py`) defines `get_sweep()` returning a dict:
   points     [{dotted.key: value, ..., "name": optional}]: each entry is a point
   seeds      optional list of ints (default [0]); each point runs once per seed
   name       optional (default: the file's name)
+  optimum    optional {"of": dotted.key, "per": dotted.key, "panels": optional dotted.key}: the
+             report adds the best value of `of` (lowest mean validation loss) for each value of
+             `per` (in each panel), how far apart those optima lie, and `optimum.png` (validation
+             loss against `of`, a line per `per` value, a panel per `panels` value): e.g. the
+             learning rate per width, under each parametrization (configs/sweeps/mup_width.py)
 
 `load` validates every run's config before anything runs or is written. Every run is an
 ordinary pretraining run directory `WORKDIR/POINT/seed_S` (trained by `jaxlm.pretrain.train`, the
@@ -63,17 +68,19 @@ class Plan:
   points: list[tuple[str, dict[str, Any]]]
   seeds: list[int]
   runs: list[Cell]
+  optimum: dict[str, str] | None = None  # the spec's `optimum` (of, per, panels)
 
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "source": self.source, "base": self.base,
             "points": [{"name": n, "overrides": o} for n, o in self.points],
-            "seeds": self.seeds, "runs": [dataclasses.asdict(r) for r in self.runs]}
+            "seeds": self.seeds, "runs": [dataclasses.asdict(r) for r in self.runs],
+            "optimum": self.optimum}
 
   @classmethod
   def from_json(cls, value: Mapping[str, Any]) -> "Plan":
     return cls(value["name"], value["source"], value["base"],
                [(p["name"], p["overrides"]) for p in value["points"]], value["seeds"],
-               [Cell(**r) for r in value["runs"]])
+               [Cell(**r) for r in value["runs"]], value.get("optimum"))
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -138,7 +145,36 @@ def expand_points(spec: Mapping[str, Any], where: str) -> list[tuple[str, dict[s
   return points
 
 
-_SPEC_KEYS = ("base", "overrides", "grid", "points", "seeds", "name")
+_SPEC_KEYS = ("base", "overrides", "grid", "points", "seeds", "name", "optimum")
+_OPTIMUM_KEYS = ("of", "per", "panels")
+
+
+def config_value(config: Mapping[str, Any], dotted: str) -> Any:
+  """config['a']['b'] for 'a.b'; KeyError if absent."""
+  node: Any = config
+  for part in dotted.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def _check_optimum(spec: Any, base: Mapping[str, Any], path: str) -> dict[str, str] | None:
+  if spec is None:
+    return None
+  where = f"sweep file {path}: 'optimum'"
+  if not isinstance(spec, Mapping) or not {"of", "per"} <= set(spec) \
+      or set(spec) - set(_OPTIMUM_KEYS):
+    raise SweepError(f"{where} must be a dict with 'of' and 'per' (and optionally 'panels'): "
+                     f"dotted config keys, e.g. {{'of': 'optim.learning_rate', "
+                     f"'per': 'model.embed_dim'}}.")
+  for role, key in spec.items():
+    try:
+      config_value(base, str(key))
+    except KeyError:
+      raise SweepError(f"{where}: {role}={key!r} is not a config key (e.g. "
+                       f"optim.learning_rate).") from None
+  return {role: str(key) for role, key in spec.items()}
 
 
 def load(path: str) -> Plan:
@@ -195,7 +231,8 @@ def _load(path: str) -> Plan:
       runs.append(Cell(name, seed, config_lib.plain(overrides), config))
   name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
   return Plan(name, os.path.abspath(path), base,
-              [(n, config_lib.plain(o)) for n, o in points], seeds, runs)
+              [(n, config_lib.plain(o)) for n, o in points], seeds, runs,
+              _check_optimum(spec.get("optimum"), base, path))
 
 
 # -- state of a sweep directory --------------------------------------------------------------
@@ -506,6 +543,8 @@ def write_report(plan: Plan, workdir: str) -> tuple[str, str]:
               + ", ".join(f"{p} {s}" for p, s in eval_sets.items()) + "); to compare them on "
               "one set, score each run with `python -m experiments.evaluate "
               "--workdir=RUN --split=validation`."]
+  if plan.optimum:
+    lines += ["", *optimum_section(plan, results, workdir)]
   report = os.path.join(workdir, "report.md")
   files.write_bytes(report, ("\n".join(lines) + "\n").encode("utf-8"))
   curves = os.path.join(workdir, "curves.png")
@@ -543,5 +582,79 @@ def plot_curves(plan: Plan, workdir: str, results: list[dict[str, Any]], path: s
   ax.grid(alpha=0.3)
   if ax.lines:
     ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def optima(plan: Plan, results: list[dict[str, Any]]) -> dict[Any, dict[Any, dict[Any, float]]]:
+  """{panel value: {per value: {of value: mean validation loss}}} over the finished points
+  (one panel, None, without 'panels')."""
+  spec = plan.optimum or {}
+  table: dict[Any, dict[Any, dict[Any, float]]] = {}
+  for r in results:
+    if not r["summaries"]:
+      continue
+    config = r["runs"][0].config
+    panel = config_value(config, spec["panels"]) if spec.get("panels") else None
+    per = table.setdefault(panel, {}).setdefault(config_value(config, spec["per"]), {})
+    per[config_value(config, spec["of"])] = float(np.mean([s["eval_loss"]
+                                                           for s in r["summaries"]]))
+  return table
+
+
+def optimum_section(plan: Plan, results: list[dict[str, Any]], workdir: str) -> list[str]:
+  """The report's lines on where `of` is best per `per` (and panel), with `optimum.png`."""
+  spec = plan.optimum or {}
+  of, per = spec["of"], spec["per"]
+  table = optima(plan, results)
+  lines = [f"## Best `{of}` per `{per}`", "",
+           f"The value of `{of}` with the lowest mean validation loss at each `{per}`"
+           + (f", for each `{spec['panels']}`" if spec.get("panels") else "")
+           + "; spread = the largest optimum / the smallest. Plot: `optimum.png`.", "",
+           "| " + (f"{spec['panels']} | " if spec.get("panels") else "")
+           + f"{per} | best {of} | its validation loss | spread |",
+           "|" + ("---|" if spec.get("panels") else "") + "---:|---:|---:|---:|"]
+  for panel, curves in table.items():
+    best = {p: min(losses, key=losses.get) for p, losses in curves.items()}
+    numeric = [b for b in best.values() if isinstance(b, (int, float)) and b > 0]
+    spread = (f"{max(numeric) / min(numeric):.2g}x" if len(numeric) == len(best) and numeric
+              else "–")
+    for i, (p, b) in enumerate(sorted(best.items(), key=lambda kv: kv[0])):
+      lines.append("| " + (f"{_value_text(panel)} | " if spec.get("panels") else "")
+                   + f"{_value_text(p)} | {_value_text(b)} | {curves[p][b]:.3f} | "
+                   + (spread if i == 0 else "") + " |")
+  plot_optimum(plan, table, os.path.join(workdir, "optimum.png"))
+  return lines
+
+
+def plot_optimum(plan: Plan, table: Mapping[Any, Mapping[Any, Mapping[Any, float]]],
+                 path: str) -> None:
+  """Validation loss against `of` (log scale when numeric and positive), a line per `per`
+  value with its optimum marked, a panel per `panels` value on one loss axis."""
+  from jaxlm import metrics
+  spec = plan.optimum or {}
+  panels = list(table)
+  fig, axes = metrics.new_figure((5.0 * max(len(panels), 1), 4.2), max(len(panels), 1))
+  axes = list(np.atleast_1d(axes))
+  for ax, panel in zip(axes, panels):
+    for p, losses in sorted(table[panel].items(), key=lambda kv: kv[0]):
+      xs = sorted(losses)
+      line, = ax.plot(xs, [losses[x] for x in xs], marker="o", markersize=3,
+                      label=f"{spec['per'].rpartition('.')[2]}={_value_text(p)}")
+      best = min(losses, key=losses.get)
+      ax.plot([best], [losses[best]], marker="*", markersize=12, color=line.get_color())
+    if all(isinstance(x, (int, float)) and x > 0 for c in table[panel].values() for x in c):
+      ax.set_xscale("log")
+    ax.set_xlabel(spec["of"])
+    ax.set_title(f"{spec['panels']}={_value_text(panel)}" if spec.get("panels")
+                 else f"sweep {plan.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0].set_ylabel("validation loss (nats/token)")
+  if len(axes) > 1:  # one loss scale, so the panels compare
+    low = min(ax.get_ylim()[0] for ax in axes)
+    high = max(ax.get_ylim()[1] for ax in axes)
+    for ax in axes:
+      ax.set_ylim(low, high)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -36,7 +36,9 @@ def data_dir(shared_data_dir):
 def test_cli_run_leaves_the_documented_run_directory(tmp_path, data_dir):
   workdir = tmp_path / "run"
   result = run_cli(["--workdir", str(workdir), "--progress=false",
-                    *overrides(tiny_values(data_dir)), "--config.seed=4"])
+                    *overrides(tiny_values(data_dir, train={"sample_every": 6,
+                                                            "sample_max_new_tokens": 8})),
+                    "--config.seed=4"])
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("config.json", "config_diff.json", "tokenizer.model", "metrics.jsonl",
                "samples.jsonl", "loss.png", "summary.json"):

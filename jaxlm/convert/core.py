@@ -306,6 +306,17 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
           "tokenizer": tokenizer.file_name}
 
 
+def common_problems(model: ModelConfig) -> list[str]:
+  """What no Hugging Face family jaxlm writes expresses: soft-capped logits, muP's multipliers."""
+  found = []
+  if model.logit_softcap:
+    found.append(f"model.logit_softcap={model.logit_softcap} (no family caps its logits)")
+  if model.width_multiplier != 1.0 or model.attention_multiplier != 1.0:
+    found.append(f"model.parametrization=mup at embed_dim {model.embed_dim} != mup_base_width "
+                 f"{model.mup_base_width} (the families have no logit or attention multipliers)")
+  return found
+
+
 def family_for(model: ModelConfig, name: str = "") -> Family:
   """The family `model` is written as: `name` (a model_type) if given, else the first family
   that expresses it exactly (GPT-2, then Llama, Mistral, Qwen2, Qwen3); ConvertError listing
@@ -315,7 +326,7 @@ def family_for(model: ModelConfig, name: str = "") -> Family:
     raise ConvertError(f"--family={name!r}: not one of {', '.join(FAMILIES)}.")
   reasons = {}
   for model_type in candidates:
-    problems = FAMILIES[model_type].problems(model)
+    problems = common_problems(model) + FAMILIES[model_type].problems(model)
     if not problems:
       return FAMILIES[model_type]
     reasons[model_type] = problems

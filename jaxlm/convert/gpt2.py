@@ -35,7 +35,8 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.config import ModelConfig
-from jaxlm.convert.core import ConvertError, Entry, Family, positive_ints, register
+from jaxlm.convert.core import (ConvertError, Entry, Family, common_problems, positive_ints,
+                                register)
 from jaxlm.model import sinusoidal_positions
 
 # GELU variants that are the tanh approximation jaxlm's MLP computes.
@@ -102,7 +103,7 @@ def problems(model: ModelConfig) -> list[str]:
 
 def check_exportable(model: ModelConfig) -> None:
   """ConvertError unless GPT-2's architecture can express `model` exactly."""
-  found = problems(model)
+  found = common_problems(model) + problems(model)
   if found:
     raise ConvertError(f"this model cannot be written as GPT-2: {'; '.join(found)}.")
 

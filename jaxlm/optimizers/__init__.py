@@ -11,3 +11,7 @@ from jaxlm.optimizers import adafactor, adamw, lion, muon
 # in jaxlm/config.py OPTIMIZERS, which validates configs without importing optax).
 OPTIMIZERS = {"adamw": adamw.build, "muon": muon.build, "adafactor": adafactor.build,
               "lion": lion.build}
+# The optimizers whose matrix updates already grow with width as muP prescribes (Muon: unit
+# singular values x sqrt(fan_out / fan_in)); model.parametrization=mup leaves their learning rate
+# alone. The element-wise ones (AdamW, Adafactor, Lion) get learning_rate / width multiplier.
+WIDTH_SCALED = frozenset({"muon"})
