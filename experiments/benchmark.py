@@ -67,7 +67,7 @@ _GENERATE_REPEATS = flags.DEFINE_integer(
 _UNCACHED_STEPS = flags.DEFINE_integer(
     "uncached_steps", 8, "generate mode: timed steps of the (constant-cost) uncached path.",
     lower_bound=1)
-_TASKS_CONFIG = flags.DEFINE_string("tasks_config", "configs/default.py",
+_TASKS_CONFIG = flags.DEFINE_string("tasks_config", "configs/adamw_cpu.py",
                                     "tasks mode: model config (random weights).")
 _TASKS_PAIRS = flags.DEFINE_integer("tasks_pairs", 512, "tasks mode: context/continuation pairs.",
                                     lower_bound=1)
@@ -75,7 +75,7 @@ _TASKS_REPEATS = flags.DEFINE_integer("tasks_repeats", 3, "tasks mode: alternati
                                       lower_bound=1)
 _TASKS_BATCH = flags.DEFINE_integer("tasks_batch_size", 16, "tasks mode: rows per batch.",
                                     lower_bound=1)
-_DATA_CONFIG = flags.DEFINE_string("data_config", "configs/default.py",
+_DATA_CONFIG = flags.DEFINE_string("data_config", "configs/adamw_cpu.py",
                                    "data mode: the config whose train split is loaded.")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 1000, "data mode: batches per timed block.",
                                      lower_bound=1)

@@ -20,7 +20,7 @@ median over seeds, and the median wall time of a run.
 Models (the issue's: "a small model pretrained briefly", the project's configs, GPT-2's shape):
   tiny      configs/small.py with 64 dims (2 layers, MLP 256; 362K params), 300 steps
   small     configs/small.py (2 layers, 128 dims), 300 steps
-  default   configs/default.py (4 layers, 256 dims) shortened to --default_steps steps
+  default   configs/adamw_cpu.py (4 layers, 256 dims; AdamW) shortened to --default_steps steps
   gpt2_random  GPT-2's architecture at 6 layers x 192 dims (6 heads, context 256) with a
             byte-level BPE vocabulary of 4,096 trained on the stdlib's top-level modules, built
             by `transformers` (its own random init, saved as safetensors) and imported with
@@ -63,7 +63,7 @@ _SETTINGS = flags.DEFINE_list("settings", ["defaults", "book", "rule_last1"],
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2"], "data seeds (one generated data set each).")
 _ROWS = flags.DEFINE_integer("rows", 1000, "sentences per data set.")
 _DEFAULT_STEPS = flags.DEFINE_integer("default_steps", 200, "pretraining steps of `default` "
-                                      "and `gpt2` (configs/default.py trains 500).")
+                                      "and `gpt2` (configs/adamw_cpu.py trains 500).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "only print the table of finished runs.")
 
 PYTHON = sys.executable
@@ -147,7 +147,7 @@ def build_model(name: str, cache: str) -> str:
     seconds = run(["experiments.pretrain", "--config=configs/small.py", *common],
                   log("pretrain"))
   elif name == "default":
-    seconds = run(["experiments.pretrain", "--config=configs/default.py", *common,
+    seconds = run(["experiments.pretrain", "--config=configs/adamw_cpu.py", *common,
                    f"--config.train.num_steps={_DEFAULT_STEPS.value}"], log("pretrain"))
   elif name in ("gpt2", "gpt2_random"):
     bpe = os.path.join(base, "bpe")
@@ -158,7 +158,7 @@ def build_model(name: str, cache: str) -> str:
     hf_dir = os.path.join(base, f"{name}_hf")
     if name == "gpt2":
       pre = os.path.join(base, "gpt2_pretrain")
-      seconds = run(["experiments.pretrain", "--config=configs/default.py", "--progress=false",
+      seconds = run(["experiments.pretrain", "--config=configs/adamw_cpu.py", "--progress=false",
                      f"--workdir={pre}", *overrides({
                          **GPT2_SHAPE, "model.positional": "learned",
                          "model.vocab_size": vocab, "data.tokenizer": bpe,

@@ -215,6 +215,11 @@ class TrainConfig:
   num_steps: int = 500  # optimizer steps of the run
   global_batch_size: int = 8  # rows per step, over all devices and processes
   microbatches: int = 1  # gradient accumulation: the batch in this many sequential parts
+  # GPT-3's batch-size warmup (jaxlm/batch_warmup.py): the batch grows from batch_warmup_start
+  # rows to global_batch_size, doubling, along a linear ramp over the first batch_warmup_tokens
+  # training tokens (0: off). Same data order; num_steps counts the smaller steps too.
+  batch_warmup_tokens: int = 0
+  batch_warmup_start: int = 0  # the first steps' rows: global_batch_size / a power of two
   z_loss: float = 0.0  # weight of PaLM's log(Z)^2 auxiliary loss (0: off)
   # Positions per chunk of the LM-head loss (jaxlm/loss.py): [batch, chunk, vocab] logits exist
   # at a time instead of [batch, length, vocab]; 0 = the whole sequence at once.
@@ -277,8 +282,9 @@ class TrainConfig:
   # its W&B run (the id is kept in the run directory's wandb_id).
   wandb_project: str = ""
   # Steps traced with jax.profiler into the run's profile/ folder (TensorBoard's profile plugin,
-  # Perfetto), starting after step 2 (compilation and warm-up); 0: no trace.
-  profile_steps: int = 0
+  # Perfetto): 'START:END' traces steps START .. END-1 as the log numbers them (START >= 2: step
+  # 1 compiles); a bare count 'N' means '3:3+N' (after compilation and warm-up); '': no trace.
+  profile_steps: str = ""
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
   compilation_cache: bool = True
@@ -312,6 +318,10 @@ class OptimConfig:
   muon_nesterov: bool = True
   muon_ns_steps: int = 5  # Newton-Schulz iterations
   muon_adam_lr_scale: float = 1.0
+  # The parameter groups Muon trains (the rest: AdamW). Matrices always; embed (the token table
+  # as a [vocab, embed] map) and head (LM head, classifier) may join, as in Moonlight; vectors
+  # (norm scales, biases) cannot: they are not matrices.
+  muon_groups: str = "matrices"
   # adafactor: factored second moments (jaxlm/optimizers/adafactor.py).
   adafactor_decay_rate: float = 0.8  # second-moment decay exponent (step^-decay_rate)
   adafactor_momentum: float = 0.0  # first-moment decay (0: none, Adafactor's memory saving)
@@ -573,6 +583,9 @@ RENAMED_KEYS = {("finetune", "task"): "objective"}
 
 
 def _renamed(section: str, values: Mapping[str, Any]) -> Mapping[str, Any]:
+  count = values.get("profile_steps") if section == "train" else None
+  if isinstance(count, int) and not isinstance(count, bool):  # (it was a number of steps)
+    values = {**values, "profile_steps": str(count) if count > 0 else ""}
   if not any((section, key) in RENAMED_KEYS for key in values):
     return values
   return {RENAMED_KEYS.get((section, key), key): value for key, value in values.items()}
@@ -582,6 +595,23 @@ def upgrade(values: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config's nested dict with renamed keys under their new names."""
   return {key: _renamed(key, value) if isinstance(value, Mapping) else value
           for key, value in values.items()}
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+  """train.profile_steps as (first traced step, first step after the trace), None for ''.
+  ValueError if malformed."""
+  text = text.strip()
+  if not text:
+    return None
+  if ":" not in text:
+    count = int(text)
+    if count < 0:
+      raise ValueError(text)
+    return (3, 3 + count) if count else None
+  start, end = (int(part) for part in text.split(":"))
+  if start < 2 or end <= start:
+    raise ValueError(text)
+  return start, end
 
 
 def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> Config:
@@ -627,7 +657,7 @@ _NON_NEGATIVE = (
     "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
     "train.max_nonfinite_steps", "train.eval_tasks_limit", "train.max_spike_steps",
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
-    "train.layer_stats_every", "train.profile_steps", "train.sample_temperature",
+    "train.layer_stats_every", "train.sample_temperature",
     "optim.min_learning_rate", "data.stride",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
     "optim.adafactor_clip_threshold", "model.logit_softcap")
@@ -843,6 +873,25 @@ def check(config: Config) -> Config:
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
         f"choose num_heads among the divisors of embed_dim (e.g. "
         f"{', '.join(str(h) for h in divisors(m.embed_dim) if h <= 32)}).")
+  if t.batch_warmup_tokens < 0:
+    raise ConfigError(f"train.batch_warmup_tokens={t.batch_warmup_tokens} must be >= 0 (0: off).")
+  if t.batch_warmup_tokens:
+    start, full = t.batch_warmup_start, t.global_batch_size
+    ratio = full // start if start > 0 and full % start == 0 else 0
+    if ratio < 1 or ratio & (ratio - 1):
+      raise ConfigError(
+          f"train.batch_warmup_start={start} must divide train.global_batch_size={full} by a "
+          f"power of two (the batch doubles up to it), e.g. {max(full // 8, 1)}.")
+    if start % t.microbatches:
+      raise ConfigError(f"train.batch_warmup_start={start} is not divisible by "
+                        f"train.microbatches={t.microbatches}: every step splits its rows into "
+                        f"that many microbatches.")
+  try:
+    profile_window(t.profile_steps)
+  except ValueError:
+    raise ConfigError(f"train.profile_steps={t.profile_steps!r}: use START:END (steps START .. "
+                      f"END-1, START >= 2, e.g. 10:15) or a number of steps after step 2; '' "
+                      f"for none.") from None
   if m.parametrization == "mup" and m.mup_base_width <= 0:
     raise ConfigError(f"model.parametrization=mup needs model.mup_base_width (> 0, got "
                       f"{m.mup_base_width}): the embed_dim the learning rate was tuned at, e.g. "
@@ -916,6 +965,12 @@ def check(config: Config) -> Config:
                         f"running mean that counts as a spike; e.g. 2.0).")
   parse_groups(o.lr_multipliers, "optim.lr_multipliers")
   parse_groups(o.weight_decay_groups, "optim.weight_decay_groups")
+  muon_groups = parse_groups(o.muon_groups, "optim.muon_groups")
+  if "vectors" in muon_groups or "matrices" not in muon_groups:
+    why = ("vectors: norm scales and biases are not matrices (they stay on AdamW)"
+           if "vectors" in muon_groups else "its list lacks matrices, the groups it is for")
+    raise ConfigError(f"optim.muon_groups={o.muon_groups!r}: Muon takes matrices and optionally "
+                      f"embed and head, not {why}; e.g. matrices,head.")
   if o.min_learning_rate > o.learning_rate:
     raise ConfigError(f"optim.min_learning_rate={o.min_learning_rate} exceeds "
                       f"optim.learning_rate={o.learning_rate}; lower it.")

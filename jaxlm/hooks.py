@@ -55,11 +55,12 @@ def run_due(hooks: Sequence[Hook], info: StepInfo) -> bool:
   return paused
 
 
-def profiler_hooks(trace_dir: str, first_step: int, num_steps: int) -> list[Hook]:
-  """Hooks that trace steps first_step+1 .. first_step+num_steps with `jax.profiler` into
-  `trace_dir` (TensorBoard's profile plugin or Perfetto read it); none for num_steps=0. A run
-  that ends (or resumes past the window) inside it stops the trace at its last step."""
-  if num_steps <= 0:
+def profiler_hooks(trace_dir: str, window: tuple[int, int] | None) -> list[Hook]:
+  """Hooks that trace steps START .. END-1 of `window` (config.profile_window) with
+  `jax.profiler` into `trace_dir` (TensorBoard's profile plugin or Perfetto read it); none for
+  None. A run that ends (or resumes past the start) inside the window stops the trace at its
+  last step."""
+  if window is None:
     return []
   import jax  # pylint: disable=import-outside-toplevel
   tracing = []
@@ -74,6 +75,6 @@ def profiler_hooks(trace_dir: str, first_step: int, num_steps: int) -> list[Hook
     jax.profiler.stop_trace()
     tracing.clear()
 
-  end = first_step + num_steps
-  return [Hook(start, when=lambda step, _: step == first_step),
-          Hook(stop, when=lambda step, last: bool(tracing) and (step == end or last))]
+  first, end = window
+  return [Hook(start, when=lambda step, _: step == first - 1),  # (after the step before it)
+          Hook(stop, when=lambda step, last: bool(tracing) and (step == end - 1 or last))]

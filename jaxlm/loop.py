@@ -288,7 +288,8 @@ class _Run:
         *([Hook(self.sample, every=t.sample_every, at_end=True)] if sampling else []),
         Hook(self.checkpoint, when=lambda step, last: due(t.checkpoint_every, step) or (
             last and job.rank is None) or self.new_best),
-        *hooks_lib.profiler_hooks(os.path.join(self.workdir, "profile"), 2, t.profile_steps),
+        *hooks_lib.profiler_hooks(os.path.join(self.workdir, "profile"),
+                                  config_lib.profile_window(t.profile_steps)),
     ]
 
   def layer_stats(self, info: StepInfo) -> None:

@@ -678,8 +678,9 @@ class Transformer(nn.Module):
   decode: use and update the 'cache' collection (apply with mutable=['cache']); see
     CausalSelfAttention and `init_cache`.
   return_hidden: return the final norm's output [batch, length, embed] (compute dtype; under
-    muP already x 1/width multiplier, the output multiplier) instead of logits; the training loss applies the head itself (`lm_head` and
-    jaxlm/loss.py), chunk by chunk, so the full logits never exist.
+    muP already x 1/width multiplier, the output multiplier) instead of logits; the training
+    loss applies the head itself (`lm_head` and jaxlm/loss.py), chunk by chunk, so the full
+    logits never exist.
 
   pipeline_stages > 1 (the train step sets it from mesh.stage): the scanned layers run as a
   pipeline over that many stages in `pipeline_microbatches` microbatches (jaxlm/pipeline.py);

@@ -7,15 +7,18 @@ can be wrong with the inputs (config, corpus, tokenizer, mesh, workdir, memory) 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
 
+from jaxlm import batch_warmup, loader, loop, metrics, sharding
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import loader, loop, metrics, sharding
 from jaxlm import run as run_lib
 from jaxlm import steps as steps_lib
 from jaxlm import tasks as tasks_lib
@@ -37,6 +40,10 @@ class PretrainInputs:
   train_step: Any          # the train step compiled ahead of time for this run's shapes
   compile_seconds: float
   eval_tasks: list[tasks_lib.LoadedTask]   # train.eval_tasks, read and checked
+  # train.batch_warmup_tokens: the steps of the warmup's smaller batches, by rows
+  warmup_steps: Mapping[int, Any] = dataclasses.field(default_factory=dict)
+  # A fresh run's initial-state function, compiled while the train step compiled (None: resumed)
+  compiled_init: Any = None
 
 
 def prepare(config: Config, workdir: str) -> PretrainInputs:
@@ -60,10 +67,49 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   run_lib.check_tokenizer(workdir, tokenizer)
   train_sources, eval_sources = data_sources(config, tokenizer)
   steps = steps_lib.make_steps(config, mesh)
-  train_step, compile_seconds = steps_lib.compile_checked(
-      config, steps, steps_lib.abstract_batch(config, mesh), mesh)
+  if config.train.compilation_cache:  # (before either compile starts)
+    steps_lib.use_compilation_cache(os.path.join(config.data.data_dir, "jax_cache"))
+  # A fresh run's initializer compiles in a second thread while the train step compiles: on a
+  # cold start it is the other large compile before the first step (the random initializers of
+  # every parameter; ~30 s of GPT-2 124M's cold start on 2 CPU cores).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    init_compiling = (pool.submit(steps.compile_init) if run_lib.saved_config(workdir) is None
+                      else None)
+    train_step, compile_seconds = steps_lib.compile_checked(
+        config, steps, steps_lib.abstract_batch(config, mesh), mesh)
+    warmup_steps, seconds = _warmup_steps(config, steps, mesh)
+    compiled_init = init_compiling.result() if init_compiling else None
   return PretrainInputs(config, workdir, tokenizer, train_sources, eval_sources, mesh, steps,
-                        train_step, compile_seconds, eval_tasks)
+                        train_step, compile_seconds + seconds, eval_tasks, warmup_steps,
+                        compiled_init)
+
+
+def _warmup_steps(config: Config, steps: steps_lib.Steps, mesh) -> tuple[dict[int, Any], float]:
+  """The batch-size warmup's smaller steps compiled ahead of time (none without it), and the
+  seconds that took; ConfigError if its first size cannot be split over the mesh."""
+  t = config.train
+  if not t.batch_warmup_tokens:
+    return {}, 0.0
+  try:
+    sharding.check_batch(dataclasses.replace(t, global_batch_size=t.batch_warmup_start), mesh)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"train.batch_warmup_start={t.batch_warmup_start} (the "
+                                 f"warmup's first steps): {e}") from None
+  started, compiled = time.perf_counter(), {}
+  for rows in batch_warmup.ladder(t)[:-1]:
+    smaller = config_lib.replace(config, train={"global_batch_size": rows})
+    compiled[rows] = steps.compile_train(steps.abstract_state,
+                                         steps_lib.abstract_batch(smaller, mesh))
+  return compiled, time.perf_counter() - started
+
+
+def _by_rows(prepared: PretrainInputs):
+  """The train step for a batch: the compiled one, or during a batch-size warmup the one
+  compiled for its rows."""
+  if not prepared.warmup_steps:
+    return prepared.train_step
+  steps = {**prepared.warmup_steps, prepared.config.train.global_batch_size: prepared.train_step}
+  return lambda state, batch: steps[batch["inputs"].shape[0]](state, batch)
 
 
 def data_sources(config: Config, tokenizer) -> tuple[list[loader.Source], list[loader.Source]]:
@@ -120,15 +166,23 @@ def job(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) 
   byte_lengths = prepared.tokenizer.byte_lengths()
 
   def data():
-    return loader.Loader(prepared.train_sources, cfg.seed, cfg.train.global_batch_size, eos_id,
-                         *group)
+    batches = loader.Loader(prepared.train_sources, cfg.seed, cfg.train.global_batch_size,
+                            eos_id, *group)
+    if cfg.train.batch_warmup_tokens:
+      return batch_warmup.WarmupBatches(batches, cfg.train, cfg.data.seq_len)
+    return batches
 
   def data_metrics(iterator, state) -> dict[str, float]:
     """Bytes of token data this process (process 0: it writes the metrics) has read, and the
-    tokens each source of a mixture has given the steps so far."""
+    tokens each source of a mixture has given the steps so far; during a batch-size warmup,
+    the last step's rows."""
+    metrics = {}
+    if isinstance(iterator, batch_warmup.WarmupBatches):
+      metrics["batch_rows"] = batch_warmup.rows_of_last_step(cfg.train, cfg.data.seq_len, state)
+      iterator = iterator.inner
     if not isinstance(iterator, loader.Loader):  # (a wrapped loader: tests poison batches)
-      return {}
-    metrics = {"data_bytes_read": iterator.bytes_read}
+      return metrics
+    metrics["data_bytes_read"] = iterator.bytes_read
     if len(prepared.train_sources) > 1:
       metrics.update((f"tokens_seen/{name}", tokens)
                      for name, tokens in iterator.tokens_per_source(state["batch"]).items())
@@ -145,9 +199,10 @@ def job(prepared: PretrainInputs, base_config: Mapping[str, Any] | None = None) 
   attention = resolve_attention_impl(cfg.model, mesh.devices.flat[0].platform)
   return loop.Job(
       config=cfg, workdir=prepared.workdir, mesh=mesh, tokenizer=prepared.tokenizer,
-      steps=prepared.steps, train_step=prepared.train_step,
+      steps=prepared.steps, train_step=_by_rows(prepared),
       compile_seconds=prepared.compile_seconds, compiled_step=prepared.train_step, data=data,
-      init_state=lambda: prepared.steps.init(jax.random.PRNGKey(cfg.seed)),
+      init_state=lambda: (prepared.compiled_init or prepared.steps.init)(
+          jax.random.PRNGKey(cfg.seed)),
       evaluate=evaluate, eval_every=cfg.train.eval_every,
       flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
       base_config=base_config, description=f"attention {attention}; ",

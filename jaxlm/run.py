@@ -62,6 +62,10 @@ def incompatible_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[
   # Another optimizer, clipping on/off, Adafactor's momentum on/off: another optimizer state.
   if saved["optim"]["name"] != new["optim"]["name"]:
     bad.append("optim.name")
+  # The batch-size warmup maps steps to rows: another ramp would replay or skip data.
+  for key in ("batch_warmup_tokens", "batch_warmup_start"):
+    if saved["train"][key] != new["train"][key]:
+      bad.append(f"train.{key}")
   if (saved["optim"]["grad_clip"] > 0) != (new["optim"]["grad_clip"] > 0):
     bad.append("optim.grad_clip")
   if new["optim"]["name"] == "adafactor" and (

@@ -108,7 +108,9 @@ class Steps:
   e.g. a pretrained model being fine-tuned), `train` and `eval` trace under the run's mesh and
   logical-axis rules; `compile_train` (state, batch -> compiled step) compiles the train step
   ahead of time for arrays or ShapeDtypeStructs like `state` and `batch` (for timing and
-  memory analysis). `split` divides params into (trainable, frozen).
+  memory analysis); `compile_init` (-> the compiled `init`, for a key like
+  jax.random.PRNGKey(seed)) does the same for the initial state, so that it can compile while
+  the train step does. `split` divides params into (trainable, frozen).
   """
   init: Callable[[jax.Array], TrainState]
   init_from: Callable[[Any, jax.Array], TrainState]
@@ -118,6 +120,7 @@ class Steps:
   state_shardings: Any
   abstract_state: TrainState
   compile_train: Callable[[Any, Any], Any]
+  compile_init: Callable[[], Any]
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -438,9 +441,13 @@ def make_steps(config: Config, mesh: Mesh, *, loss: LossFn | None = None,
     with jax.set_mesh(mesh), sharding.axis_rules():
       return train_jit.lower(state, batch).compile()
 
+  def compile_init():
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      return init_jit.lower(jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+
   return Steps(
       init=_under_rules(init_jit, mesh),
       init_from=_under_rules(init_from, mesh), train=_under_rules(train_jit, mesh),
       eval=make_eval_step(config.model, mesh, loss),
       split=split, state_shardings=state_shardings, abstract_state=abstract_state,
-      compile_train=compile_train)
+      compile_train=compile_train, compile_init=compile_init)

@@ -191,7 +191,10 @@ def tiny_values(data_dir, **sections):
                 # (no text samples: decoding's compile is ~2.5 s of each run; the run-directory
                 # test asks for them)
                 "sample_max_new_tokens": 0},
-      "optim": {"warmup_steps": 2},
+      # The schema's AdamW (what in-process runs get), also for the scripts, whose default
+      # config file (configs/default.py) trains with Muon.
+      "optim": {"name": "adamw", "learning_rate": 3e-3, "min_learning_rate": 3e-4,
+                "warmup_steps": 2},
   }
   for name, updates in sections.items():
     values.setdefault(name, {}).update(updates)

@@ -68,7 +68,8 @@ def pretrain_base(root) -> str:
                "data_dir": str(root / "cache"), "validation_fraction": 0.1},
       "train": {"num_steps": 300, "global_batch_size": 16, "eval_every": 300, "eval_batches": 2,
                 "checkpoint_every": 300, "sample_every": 1000, "sample_max_new_tokens": 0},
-      "optim": {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 20},
+      "optim": {"name": "adamw", "learning_rate": 3e-3, "min_learning_rate": 3e-4,
+                "warmup_steps": 20},
   }
   workdir = root / "run"
   # Through the CLI, in its own process, like the fine-tuning runs below: the base model then

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import hooks as hooks_lib
 from jaxlm import loader, loop, sharding
 from jaxlm import steps as steps_lib
 from jaxlm.hooks import Hook
@@ -87,9 +88,43 @@ def test_checkpoints_follow_their_schedule_and_a_hook_error_stops_the_run(tmp_pa
 
 
 def test_profile_steps_trace_a_window_of_steps(tmp_path):
-  loop.fit(fake_task(tmp_path / "run", profile_steps=2), show_progress=False)
+  loop.fit(fake_task(tmp_path / "run", profile_steps="4:7"), show_progress=False)
   traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+@pytest.mark.parametrize("text, num_steps, traced", [
+    ("4:7", 10, [4, 5, 6]),
+    ("3", 10, [3, 4, 5]),     # a count: after compilation and warm-up (steps 1-2)
+    ("8:20", 10, [8, 9, 10]),  # the run ends inside the window: stopped at its last step
+    ("", 10, []),
+])
+def test_the_profiler_window_covers_steps_start_to_end(monkeypatch, text, num_steps, traced):
+  calls = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda path: calls.append("start"))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append("stop"))
+  hooks = hooks_lib.profiler_hooks("unused", config_lib.profile_window(text))
+  tracing, steps = False, []
+  for step in range(1, num_steps + 1):
+    if tracing:
+      steps.append(step)  # (runs between the hooks of step - 1 and those of step)
+    calls.clear()
+    hooks_lib.run_due(hooks, hooks_lib.StepInfo(step, step == num_steps, None, {}, None))
+    tracing = (tracing or "start" in calls) and "stop" not in calls
+  assert steps == traced
+
+
+@pytest.mark.parametrize("text", ["1:5", "5:5", "a:b", "-2", "3:"])
+def test_bad_profile_windows_are_one_line(text):
+  with pytest.raises(config_lib.ConfigError, match=r"train.profile_steps=.*use START:END"):
+    config_lib.validate({"train": {"profile_steps": text}})
+
+
+def test_a_saved_count_of_profiled_steps_reads_as_a_window():
+  config = config_lib.validate({"train": {"profile_steps": 4}})  # (config.json before 2026-12)
+  assert config.train.profile_steps == "4"
+  assert config_lib.profile_window(config.train.profile_steps) == (3, 7)
+  assert config_lib.validate({"train": {"profile_steps": 0}}).train.profile_steps == ""
 
 
 def test_metrics_also_go_to_weights_and_biases_when_a_project_is_set(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 import pytest
+from flax import linen as nn
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib

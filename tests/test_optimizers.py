@@ -88,6 +88,10 @@ def test_muon_orthogonalizes_each_attention_kernel_as_one_matrix(scanned):
   assert layer["attention"]["query"]["kernel"] == layer["attention"]["out"]["kernel"] == "muon"
   assert layer["mlp"]["up"]["kernel"] == "muon" and layer["attention_norm"]["scale"] == "adam"
   assert labels["token_embed"] == labels["lm_head"] == "adam"
+  # optim.muon_groups: the token table [vocab, embed] and the head [embed, vocab] may join.
+  wider = muon.labels(params, frozenset({"matrices", "embed", "head"}))
+  assert wider["token_embed"] == wider["lm_head"] == "muon"
+  assert wider["layers" if scanned else "layers_0"]["attention_norm"]["scale"] == "adam"
 
   config = config_lib.validate({"optim": {"name": "muon", "learning_rate": 1.0,
                                           "warmup_steps": 0, "schedule": "constant",
@@ -101,6 +105,16 @@ def test_muon_orthogonalizes_each_attention_kernel_as_one_matrix(scanned):
     singular = np.linalg.svd(matrix, compute_uv=False)
     # Newton-Schulz (Muon's quintic) lands singular values in roughly [0.7, 1.2].
     assert 0.5 < singular.min() and singular.max() < 1.5, singular
+
+  # With optim.muon_groups=matrices,embed,head the tables are orthogonalized too, as
+  # [vocab, embed] and [embed, vocab] maps (x the width factor sqrt(max(1, out / in))).
+  wide = config_lib.validate({"optim": {**config.optim.__dict__,
+                                        "muon_groups": "matrices,embed,head"}})
+  transform = optim.make_optimizer(wide.optim, 10)
+  updates, _ = transform.update(grads, transform.init(params), params)
+  for name, factor in (("token_embed", 1.0), ("lm_head", 2 ** 0.5)):
+    singular = np.linalg.svd(np.asarray(updates[name]) / factor, compute_uv=False)
+    assert 0.5 < singular.min() and singular.max() < 1.5, (name, singular)
 
 
 def test_group_learning_rate_multipliers_and_weight_decay():
@@ -134,6 +148,10 @@ def test_group_learning_rate_multipliers_and_weight_decay():
     ({"name": "sgd"}, r"optim.name='sgd'"),
     ({"muon_beta": 1.0}, r"optim.muon_beta"),
     ({"muon_ns_steps": 0}, r"optim.muon_ns_steps"),
+    ({"muon_groups": "matrices,vectors"},
+     r"optim.muon_groups='matrices,vectors': Muon takes matrices and optionally embed and head, "
+     r"not vectors"),
+    ({"muon_groups": "embed"}, r"optim.muon_groups='embed': .* lacks matrices"),
 ])
 def test_bad_optimizer_settings_are_one_line(values, message):
   with pytest.raises(config_lib.ConfigError, match=message):

@@ -35,8 +35,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.config import ModelConfig
-from jaxlm.convert.core import (ConvertError, Entry, Family, common_problems, positive_ints,
-                                register)
+from jaxlm.convert.core import ConvertError, Entry, Family, common_problems, positive_ints, register
 from jaxlm.model import sinusoidal_positions
 
 # GELU variants that are the tanh approximation jaxlm's MLP computes.
