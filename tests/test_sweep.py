@@ -141,6 +141,12 @@ def test_points_with_names_and_a_base_file_relative_to_the_sweep(tmp_path):
     ("def get_sweep():\n  return {'base': {}, 'gird': {}}\n", "unknown key(s) gird"),
     ("def get_sweep():\n  return {'base': 'nope.py', 'grid': {'model.positional': ['rope']}}\n",
      "nope.py does not exist"),
+    ("def get_sweep():\n  return {'base': {}, 'grid': {'model.positional': ['rope']},"
+     " 'optimum': {'of': 'optim.learning_rate'}}\n",
+     "'optimum' must be a dict with 'of' and 'per'"),
+    ("def get_sweep():\n  return {'base': {}, 'grid': {'model.positional': ['rope']},"
+     " 'optimum': {'of': 'optim.lr', 'per': 'model.embed_dim'}}\n",
+     "'optimum': of='optim.lr' is not a config key"),
     ("x = 1\n", "defines no get_sweep()"),
     ("def get_sweep(:\n", "cannot be loaded: SyntaxError"),
 ])
@@ -365,3 +371,39 @@ def test_the_report_says_when_points_were_validated_on_different_samples(tmp_pat
                                           "{'optim.learning_rate': [1e-3, 2e-3]}}\n", "lr.py"))
   report, _ = sweep.write_report(same, str(tmp_path / "lr"))
   assert "different samples" not in open(report).read()
+
+
+def test_the_report_finds_the_best_value_per_width_in_each_panel(tmp_path):
+  """A sweep's `optimum`: the best learning rate per width and parametrization, the spread of
+  those optima, and optimum.png; from the runs' summaries (written here as finished runs)."""
+  path = write_sweep(tmp_path, textwrap.dedent("""
+      def get_sweep():
+        return {"base": {"model": {"mup_base_width": 64}},
+                "grid": {"model.parametrization": ["standard", "mup"],
+                         "model.embed_dim": [64, 128], "optim.learning_rate": [1e-3, 4e-3]},
+                "optimum": {"of": "optim.learning_rate", "per": "model.embed_dim",
+                            "panels": "model.parametrization"}}
+      """))
+  plan = sweep.load(path)
+  workdir = tmp_path / "out"
+  # Standard: the best rate halves... here 4e-3 at 64 and 1e-3 at 128; muP: 4e-3 at both.
+  losses = {("standard", 64, 1e-3): 5.0, ("standard", 64, 4e-3): 4.0,
+            ("standard", 128, 1e-3): 3.5, ("standard", 128, 4e-3): 3.9,
+            ("mup", 64, 1e-3): 5.0, ("mup", 64, 4e-3): 4.0,
+            ("mup", 128, 1e-3): 4.5, ("mup", 128, 4e-3): 3.6}
+  for run in plan.runs:
+    model, optim = run.config["model"], run.config["optim"]
+    loss = losses[(model["parametrization"], model["embed_dim"], optim["learning_rate"])]
+    os.makedirs(sweep.run_dir(str(workdir), run))
+    with open(os.path.join(sweep.run_dir(str(workdir), run), "summary.json"), "w") as f:
+      json.dump({"finished": True, "step": run.config["train"]["num_steps"], "eval_loss": loss,
+                 "eval_bits_per_byte": loss / 3, "num_params": 1,
+                 "median_tokens_per_second": 1.0}, f)
+    with open(os.path.join(sweep.run_dir(str(workdir), run), "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": run.config["train"]["num_steps"], "train_loss": loss}) + "\n")
+  report, _ = sweep.write_report(plan, str(workdir))
+  text = open(report).read()
+  assert "| standard | 64 | 0.004 | 4.000 | 4x |" in text, text
+  assert "| standard | 128 | 0.001 | 3.500 |  |" in text
+  assert "| mup | 64 | 0.004 | 4.000 | 1x |" in text and "| mup | 128 | 0.004 | 3.600 |  |" in text
+  assert os.path.getsize(workdir / "optimum.png") > 0
