@@ -72,13 +72,16 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   # A fresh run's initializer compiles in a second thread while the train step compiles: on a
   # cold start it is the other large compile before the first step (the random initializers of
   # every parameter; ~30 s of GPT-2 124M's cold start on 2 CPU cores).
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    init_compiling = (pool.submit(steps.compile_init) if run_lib.saved_config(workdir) is None
-                      else None)
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  init_compiling = (pool.submit(steps.compile_init) if run_lib.saved_config(workdir) is None
+                    else None)
+  try:
     train_step, compile_seconds = steps_lib.compile_checked(
         config, steps, steps_lib.abstract_batch(config, mesh), mesh)
     warmup_steps, seconds = _warmup_steps(config, steps, mesh)
     compiled_init = init_compiling.result() if init_compiling else None
+  finally:  # (a step that does not fit is reported without waiting for the initializer)
+    pool.shutdown(wait=False)
   return PretrainInputs(config, workdir, tokenizer, train_sources, eval_sources, mesh, steps,
                         train_step, compile_seconds + seconds, eval_tasks, warmup_steps,
                         compiled_init)

@@ -92,10 +92,10 @@ def test_coordinate_check_a_steps_effect_on_the_logits_does_not_grow_with_width(
   one learning rate, the logits move ~in proportion to width under the standard parametrization
   (measured 0.57, 1.14, 2.35, 3.90 at widths 64-512) and by the same amount under muP (0.57,
   0.57, 0.53, 0.55)."""
-  standard = [logit_change_after_steps(config_at(w, "standard")) for w in (64, 512)]
-  mup = [logit_change_after_steps(config_at(w, "mup")) for w in (64, 512)]
-  assert standard[1] / standard[0] > 4
-  assert 0.7 < mup[1] / mup[0] < 1.4, mup
+  standard = [logit_change_after_steps(config_at(w, "standard")) for w in (64, 256)]
+  mup = [logit_change_after_steps(config_at(w, "mup")) for w in (64, 256)]
+  assert standard[1] / standard[0] > 3, standard  # (4.1 measured over this 4x of width)
+  assert 0.7 < mup[1] / mup[0] < 1.4, mup  # (0.93 measured)
 
 
 @pytest.mark.parametrize("values, message", [
