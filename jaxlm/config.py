@@ -282,8 +282,8 @@ class TrainConfig:
   # its W&B run (the id is kept in the run directory's wandb_id).
   wandb_project: str = ""
   # Steps traced with jax.profiler into the run's profile/ folder (TensorBoard's profile plugin,
-  # Perfetto): 'START:END' traces steps START .. END-1 as the log numbers them (START >= 2: step
-  # 1 compiles); a bare count 'N' means '3:3+N' (after compilation and warm-up); '': no trace.
+  # Perfetto): 'START:END' traces steps START .. END-1 as the log numbers them (from 1; the
+  # first steps include warm-up); a bare count 'N' means '3:3+N'; '': no trace.
   profile_steps: str = ""
   # JAX's persistent compilation cache in data.data_dir/jax_cache: a rerun with the same shapes
   # loads the compiled step instead of compiling it again.
@@ -609,7 +609,7 @@ def profile_window(text: str) -> tuple[int, int] | None:
       raise ValueError(text)
     return (3, 3 + count) if count else None
   start, end = (int(part) for part in text.split(":"))
-  if start < 2 or end <= start:
+  if start < 1 or end <= start:
     raise ValueError(text)
   return start, end
 
@@ -890,7 +890,7 @@ def check(config: Config) -> Config:
     profile_window(t.profile_steps)
   except ValueError:
     raise ConfigError(f"train.profile_steps={t.profile_steps!r}: use START:END (steps START .. "
-                      f"END-1, START >= 2, e.g. 10:15) or a number of steps after step 2; '' "
+                      f"END-1, START >= 1, e.g. 10:15) or a number of steps after step 2; '' "
                       f"for none.") from None
   if m.parametrization == "mup" and m.mup_base_width <= 0:
     raise ConfigError(f"model.parametrization=mup needs model.mup_base_width (> 0, got "

@@ -55,11 +55,13 @@ def run_due(hooks: Sequence[Hook], info: StepInfo) -> bool:
   return paused
 
 
-def profiler_hooks(trace_dir: str, window: tuple[int, int] | None) -> list[Hook]:
+def profiler_hooks(trace_dir: str, window: tuple[int, int] | None, next_step: int = 1
+                   ) -> list[Hook]:
   """Hooks that trace steps START .. END-1 of `window` (config.profile_window) with
   `jax.profiler` into `trace_dir` (TensorBoard's profile plugin or Perfetto read it); none for
-  None. A run that ends (or resumes past the start) inside the window stops the trace at its
-  last step."""
+  None. If START is `next_step` (the step the run is about to take) the trace starts now. A run
+  that ends inside the window stops the trace at its last step; one that resumes past START
+  traces nothing."""
   if window is None:
     return []
   import jax  # pylint: disable=import-outside-toplevel
@@ -76,5 +78,8 @@ def profiler_hooks(trace_dir: str, window: tuple[int, int] | None) -> list[Hook]
     tracing.clear()
 
   first, end = window
+  if first == next_step:
+    jax.profiler.start_trace(trace_dir)
+    tracing.append(True)
   return [Hook(start, when=lambda step, _: step == first - 1),  # (after the step before it)
           Hook(stop, when=lambda step, last: bool(tracing) and (step == end - 1 or last))]

@@ -289,7 +289,7 @@ class _Run:
         Hook(self.checkpoint, when=lambda step, last: due(t.checkpoint_every, step) or (
             last and job.rank is None) or self.new_best),
         *hooks_lib.profiler_hooks(os.path.join(self.workdir, "profile"),
-                                  config_lib.profile_window(t.profile_steps)),
+                                  config_lib.profile_window(t.profile_steps), self.step + 1),
     ]
 
   def layer_stats(self, info: StepInfo) -> None:

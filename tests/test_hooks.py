@@ -97,14 +97,15 @@ def test_profile_steps_trace_a_window_of_steps(tmp_path):
     ("4:7", 10, [4, 5, 6]),
     ("3", 10, [3, 4, 5]),     # a count: after compilation and warm-up (steps 1-2)
     ("8:20", 10, [8, 9, 10]),  # the run ends inside the window: stopped at its last step
+    ("1:3", 10, [1, 2]),      # from the first step: the trace starts before it
     ("", 10, []),
 ])
 def test_the_profiler_window_covers_steps_start_to_end(monkeypatch, text, num_steps, traced):
   calls = []
   monkeypatch.setattr(jax.profiler, "start_trace", lambda path: calls.append("start"))
   monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append("stop"))
-  hooks = hooks_lib.profiler_hooks("unused", config_lib.profile_window(text))
-  tracing, steps = False, []
+  hooks = hooks_lib.profiler_hooks("unused", config_lib.profile_window(text), 1)
+  tracing, steps = "start" in calls, []
   for step in range(1, num_steps + 1):
     if tracing:
       steps.append(step)  # (runs between the hooks of step - 1 and those of step)
@@ -114,7 +115,7 @@ def test_the_profiler_window_covers_steps_start_to_end(monkeypatch, text, num_st
   assert steps == traced
 
 
-@pytest.mark.parametrize("text", ["1:5", "5:5", "a:b", "-2", "3:"])
+@pytest.mark.parametrize("text", ["0:5", "5:5", "a:b", "-2", "3:"])
 def test_bad_profile_windows_are_one_line(text):
   with pytest.raises(config_lib.ConfigError, match=r"train.profile_steps=.*use START:END"):
     config_lib.validate({"train": {"profile_steps": text}})
