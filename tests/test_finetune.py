@@ -531,3 +531,16 @@ def test_lora_trains_only_adapters_and_the_head():
       f"layers_{i}/attention/{m}/lora_{x}" for i in (0, 1) for m in ("query", "value")
       for x in "ab"}
   assert finetune.resolved_trainable(config) == "lora"
+
+
+def test_fine_tuning_uses_adamw_and_no_batch_warmup_whatever_the_init_run_trained_with():
+  """The default pretraining config trains with Muon (and a run may use a batch-size warmup);
+  fine-tuning's measured defaults are AdamW's, with its own epochs of batches."""
+  from jaxlm.finetune import core
+  init = config_lib.validate({"optim": {"name": "muon", "learning_rate": 0.02},
+                              "train": {"global_batch_size": 16, "batch_warmup_tokens": 1000,
+                                        "batch_warmup_start": 4}})
+  config = core.finetune_config(init, "classifier", {})
+  assert config.optim.name == "adamw"
+  assert (config.train.batch_warmup_tokens, config.train.batch_warmup_start) == (0, 0)
+  assert core.finetune_config(init, "classifier", {"optim.name": "muon"}).optim.name == "muon"

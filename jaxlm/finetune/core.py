@@ -81,11 +81,15 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
 # overridden with --config.K=V.
 LEARNING_RATE_TIMES_WIDTH = 0.064
 FINETUNE_DEFAULTS = {
-    "optim": {"schedule": "constant", "min_learning_rate": 0.0, "warmup_steps": 0,
-              "weight_decay": 0.1, "grad_clip": 1.0},
+    # AdamW whatever the init run trained with (the default pretraining config uses Muon): the
+    # fine-tuning learning rates were measured with it; --config.optim.name=muon still works.
+    "optim": {"name": "adamw", "schedule": "constant", "min_learning_rate": 0.0,
+              "warmup_steps": 0, "weight_decay": 0.1, "grad_clip": 1.0},
     "train": {"global_batch_size": 8, "microbatches": 1, "log_every": 10, "z_loss": 0.0,
               "eval_every": 0, "checkpoint_every": 0, "sample_every": 0,
-              "sample_max_new_tokens": 0},
+              "sample_max_new_tokens": 0,
+              # (a pretraining schedule: fine-tuning's steps are epochs of its own batches)
+              "batch_warmup_tokens": 0, "batch_warmup_start": 0},
 }
 
 
@@ -284,6 +288,10 @@ def prepare(init_workdir: str, workdir: str, objective: str, data: str,
   run_lib.check_writable(workdir)
   init = run_lib.open_run(init_workdir, what="--init", language_model=True)
   config = finetune_config(init.config, objective, overrides or {})
+  if config.train.batch_warmup_tokens:
+    raise config_lib.ConfigError(
+        "train.batch_warmup_tokens is for pretraining (experiments.pretrain); fine-tuning steps "
+        "through epochs of its own batches: drop --config.train.batch_warmup_tokens.")
   metrics.check_wandb(config.train.wandb_project)
   eval_tasks = tasks_lib.load_eval_tasks(config)
   mesh = sharding.make_mesh(config.mesh)
