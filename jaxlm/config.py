@@ -106,6 +106,13 @@ class ModelConfig:
   # > 0: the LM logits are soft-capped, logit_softcap * tanh(logits / logit_softcap) (Gemma 2,
   # modded-nanogpt: 30 and 15); 0: none.
   logit_softcap: float = 0.0
+  # modded-nanogpt's skips (docs/training.md measures both on the default run): x0_skip feeds
+  # each block a.x + b.x0, x0 the residual stream's start (the embeddings), a and b learned per
+  # layer from 1 and 0; value_embed adds a second token table [vocab, kv_heads, head_dim] whose
+  # rows are mixed into every layer's attention values, v = a.v + b.table[token], a and b
+  # learned per layer from 0.5 and 0.5.
+  x0_skip: bool = False
+  value_embed: bool = False
   # Width transfer: 'mup' (maximal update parametrization, Tensor Programs V) makes the best
   # learning rate found at width mup_base_width hold at other widths. With the width multiplier
   # m = embed_dim / mup_base_width: the layers' matrices start at init_std / sqrt(m) and train at

@@ -442,8 +442,11 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               deterministic: bool, decode: bool, windowed: Array | None = None) -> Array:
-    """windowed: a traced bool scalar, given when this is the scanned layer of a model whose
+               deterministic: bool, decode: bool, windowed: Array | None = None,
+               value_embed: Array | None = None) -> Array:
+    """value_embed [batch, length, kv_heads, head_dim]: model.value_embed's rows for these
+    tokens, mixed into the values (a.v + b.rows, a and b this layer's, from 0.5 and 0.5).
+    windowed: a traced bool scalar, given when this is the scanned layer of a model whose
     layers differ in window (model.window_layers): whether this layer uses sliding_window.
     Its KV cache then spans max_len (scanned layers share one cache shape) and the mask
     applies the window."""
@@ -456,6 +459,10 @@ class CausalSelfAttention(nn.Module):
                            cfg, use_bias=bias)
     key = kv(name="key")(x, deterministic)       # [batch, length, kv_heads, head_dim]
     value = kv(name="value")(x, deterministic)
+    if value_embed is not None:  # (before the cache: cached values are final)
+      mix = self.param("value_embed_scale", nn.with_logical_partitioning(
+          nn.initializers.constant(0.5), (None,)), (2,), jnp.float32).astype(value.dtype)
+      value = mix[0] * value + mix[1] * value_embed.astype(value.dtype)
     if cfg.qk_norm:  # per head, over head_dim, before the rotation (Qwen3, OLMo 2)
       query = Norm(cfg, kind="rmsnorm", axis="head_dim", name="query_norm")(query)
       key = Norm(cfg, kind="rmsnorm", axis="head_dim", name="key_norm")(key)
@@ -625,18 +632,29 @@ class Block(nn.Module):
 
   x [batch, length, embed] -> (x [batch, length, embed], None). The (carry, output) pair lets
   the same module be the body of `nn.scan`.
+
+  skips: what model.x0_skip / model.value_embed give every block, None when both are off:
+  {'x0': the residual stream's start [batch, length, embed] (the block's input becomes
+  a.x + b.x0, a and b this layer's, from 1 and 0), 'value_embed': the value table's rows
+  [batch, length, kv_heads, head_dim] (see CausalSelfAttention)}.
   """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
-               deterministic: bool, decode: bool, windowed: Array | None = None
-               ) -> tuple[Array, None]:
+               skips: dict[str, Array] | None, deterministic: bool, decode: bool,
+               windowed: Array | None = None) -> tuple[Array, None]:
     cfg = self.config
+    skips = skips or {}
+    if "x0" in skips:
+      mix = self.param("x0_skip_scale", nn.with_logical_partitioning(
+          lambda _, shape, dtype: jnp.array([1.0, 0.0], dtype), (None,)), (2,), jnp.float32)
+      mix = mix.astype(x.dtype)
+      x = mix[0] * x + mix[1] * skips["x0"]
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = Norm(cfg, name="attention_norm")(x)
     h = CausalSelfAttention(cfg, name="attention")(h, positions, segment_ids, deterministic,
-                                                   decode, windowed)
+                                                   decode, windowed, skips.get("value_embed"))
     x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     h = Norm(cfg, name="mlp_norm")(x)
     h = Mlp(cfg, name="mlp")(h, deterministic)
@@ -649,18 +667,18 @@ def _block_class(config: ModelConfig, length: int | None = None) -> type[nn.Modu
   scan runs (default all; a pipeline stage runs its share)."""
   block = Block
   if config.remat_policy != "none":
-    # Arguments 4, 5 (counting self) are the Python bools deterministic and decode. Inside a
+    # Arguments 5, 6 (counting self) are the Python bools deterministic and decode. Inside a
     # scan, CSE cannot merge the recomputation with the forward pass anyway, so prevent_cse
     # (which blocks some XLA optimizations) is only needed unscanned.
     block = nn.remat(block, prevent_cse=not config.scan_layers,
-                     policy=CHECKPOINT_POLICIES[config.remat_policy], static_argnums=(4, 5))
+                     policy=CHECKPOINT_POLICIES[config.remat_policy], static_argnums=(5, 6))
   if config.scan_layers:
     # (+ each layer's `windowed` flag, scanned over, when the layers differ in window)
     per_layer = (0,) if config.window_pattern else ()
     block = nn.scan(block,
                     variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, *per_layer),
+                    in_axes=(nn.broadcast,) * 5 + per_layer,
                     length=length or config.num_layers,
                     unroll=min(config.scan_unroll, length or config.num_layers),
                     metadata_params={nn.PARTITION_NAME: "layers"})
@@ -715,16 +733,26 @@ class Transformer(nn.Module):
       x = x + sinusoidal_positions(positions, cfg).astype(dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    skips = {}  # what every block sees besides the residual stream (Block)
+    if cfg.x0_skip:
+      skips["x0"] = x
+    if cfg.value_embed:
+      value_table = self.param("value_embed", _normal(cfg.init_std,
+                                                      ("vocab", "kv_heads", "head_dim")),
+                               (cfg.vocab_size, cfg.kv_heads, cfg.head_dim), jnp.float32)
+      skips["value_embed"] = nn.with_logical_constraint(
+          jnp.take(value_table, tokens, axis=0).astype(dtype), KV_HEADS_AXES)
+    skips = skips or None
 
     block = _block_class(cfg)
     if self.pipeline_stages > 1 and not decode and not self.is_initializing():
-      x = self._pipelined_layers(x, positions, segment_ids, deterministic)
+      x = self._pipelined_layers(x, positions, segment_ids, skips, deterministic)
     elif cfg.scan_layers:
-      x, _ = block(cfg, name="layers")(x, positions, segment_ids, deterministic, decode,
+      x, _ = block(cfg, name="layers")(x, positions, segment_ids, skips, deterministic, decode,
                                        *_window_flags(cfg))
     else:
       for i in range(cfg.num_layers):  # (each with its own window: model.window_layers)
-        x, _ = block(cfg.for_layer(i), name=f"layers_{i}")(x, positions, segment_ids,
+        x, _ = block(cfg.for_layer(i), name=f"layers_{i}")(x, positions, segment_ids, skips,
                                                            deterministic, decode)
 
     x = Norm(cfg, name="final_norm")(x)
@@ -749,26 +777,29 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def _pipelined_layers(self, x: Array, positions: Array, segment_ids: Array | None,
-                        deterministic: bool) -> Array:
+                        skips: dict[str, Array] | None, deterministic: bool) -> Array:
     """The scanned layers' params [num_layers, ...] applied through jaxlm.pipeline.run."""
     cfg, stages = self.config, self.pipeline_stages
     # parent=None: a free-standing module applied as a function on each stage's slice
     stage_block = _block_class(cfg, length=cfg.num_layers // stages)(cfg, parent=None)
-    has_segments = segment_ids is not None
 
-    def stage_apply(layers, h, stage_positions, stage_segments, rng):
+    def stage_apply(layers, h, rows, rng):
       out, _ = stage_block.apply(
-          {"params": layers["params"]}, h, stage_positions,
-          stage_segments if has_segments else None, deterministic, False, *layers["windowed"],
+          {"params": layers["params"]}, h, rows["positions"], rows.get("segment_ids"),
+          rows.get("skips"), deterministic, False, *layers["windowed"],
           rngs=None if deterministic else {"dropout": rng})
       return out
     rng = jax.random.key(0) if deterministic else self.make_rng("dropout")
-    segments = segment_ids if has_segments else jnp.zeros(positions.shape, jnp.int32)
+    # What each microbatch's rows bring besides the residual stream (pipeline.run splits it).
+    rows = {"positions": positions}
+    if segment_ids is not None:
+      rows["segment_ids"] = segment_ids
+    if skips:
+      rows["skips"] = skips
     # Each stage gets its layers' params and window flags (pipeline.run splits both).
     layers = {"params": nn.unbox(self.variables["params"]["layers"]),
               "windowed": _window_flags(cfg)}
-    return pipeline.run(stage_apply, layers, x, positions, segments, rng, stages,
-                        self.pipeline_microbatches)
+    return pipeline.run(stage_apply, layers, x, rows, rng, stages, self.pipeline_microbatches)
 
 
 def _window_flags(config: ModelConfig) -> tuple[Array, ...]:
@@ -807,6 +838,10 @@ def param_count(config: ModelConfig) -> int:
               for name, (i, o) in _dense_shapes(config).items())
   dense += 2 * config.head_dim if config.qk_norm else 0  # (query_norm and key_norm scales)
   total = v * d + config.num_layers * (2 * norm + dense) + norm
+  if config.x0_skip:
+    total += 2 * config.num_layers
+  if config.value_embed:
+    total += v * config.kv_heads * config.head_dim + 2 * config.num_layers
   if config.positional == "learned":
     total += config.max_seq_len * d
   if config.num_classes:

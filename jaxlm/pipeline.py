@@ -33,15 +33,15 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
   return (stages - 1) / (microbatches + stages - 1)
 
 
-def run(stage_apply: Callable[[Any, Array, Array, Array, Array], Array], layer_params: Any,
-        x: Array, positions: Array, segment_ids: Array, rng: Array, stages: int,
-        microbatches: int) -> Array:
+def run(stage_apply: Callable[[Any, Array, Any, Array], Array], layer_params: Any,
+        x: Array, rows: Any, rng: Array, stages: int, microbatches: int) -> Array:
   """x [batch, length, embed] through all layers, pipelined; returns [batch, length, embed].
 
-  stage_apply(params [layers/stages, ...], h [mb, length, embed], positions [mb, length],
-  segment_ids [mb, length], rng) -> h: one stage's layers on one microbatch.
-  layer_params: stacked [num_layers, ...] leaves. rng: a key, folded with the microbatch index
-  so each microbatch gets its own dropout.
+  stage_apply(params [layers/stages, ...], h [mb, length, embed], rows_mb, rng) -> h: one
+  stage's layers on one microbatch. rows: a pytree of what the layers read per row besides x,
+  every leaf [batch, ...] (positions, segment ids, the model's skips); rows_mb: its microbatch
+  [mb, ...]. layer_params: stacked [num_layers, ...] leaves. rng: a key, folded with the
+  microbatch index so each microbatch gets its own dropout.
   """
   batch = x.shape[0]
   if batch % microbatches:
@@ -50,7 +50,7 @@ def run(stage_apply: Callable[[Any, Array, Array, Array, Array], Array], layer_p
 
   def split(a: Array) -> Array:  # [batch, ...] -> [microbatches, batch / microbatches, ...]
     return a.reshape(microbatches, batch // microbatches, *a.shape[1:])
-  xs, positions, segment_ids = split(x), split(positions), split(segment_ids)
+  xs, rows = split(x), jax.tree.map(split, rows)
   per_stage = jax.tree.map(lambda p: p.reshape(stages, p.shape[0] // stages, *p.shape[1:]),
                            layer_params)
   stage_ids = jnp.arange(stages)
@@ -64,7 +64,8 @@ def run(stage_apply: Callable[[Any, Array, Array, Array, Array], Array], layer_p
     held = t - stage_ids  # the microbatch each stage holds (outside [0, M): a bubble slot)
     index = jnp.clip(held, 0, microbatches - 1)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
-    state = apply_all(per_stage, incoming, positions[index], segment_ids[index], keys)
+    stage_rows = jax.tree.map(lambda a: a[index], rows)  # [stages, mb, ...]
+    state = apply_all(per_stage, incoming, stage_rows, keys)
     done = t - (stages - 1)  # the microbatch the last stage just finished
     slot = jnp.clip(done, 0, microbatches - 1)
     previous = jax.lax.dynamic_index_in_dim(outputs, slot, keepdims=False)

@@ -17,6 +17,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import optim as optim_lib
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
 from tests.conftest import random_params as unboxed_random_params
@@ -265,9 +266,10 @@ def test_remat_policies_save_what_they_say():
     make(positional="rope", num_kv_heads=1, sliding_window=3, attention_impl="xla"),
     make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0"),
     make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0",
-         scan_layers=True, attention_impl="xla")],
+         scan_layers=True, attention_impl="xla"),
+    make(positional="rope", num_kv_heads=2, x0_skip=True, value_embed=True, scan_layers=True)],
     ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla", "gqa-window",
-         "mqa-window-xla", "window-on-layer-0", "window-on-layer-0-scan-xla"])
+         "mqa-window-xla", "window-on-layer-0", "window-on-layer-0-scan-xla", "skips-gqa-scan"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
 
@@ -440,6 +442,40 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
                                final @ params["token_embed"].T, atol=1e-5)
 
 
+def test_skips_start_where_modded_nanogpt_starts_them_and_learn_their_mix():
+  """model.x0_skip starts as the plain model (a = 1, b = 0); model.value_embed's table is an
+  'embed' parameter mixed in at 0.5 / 0.5; every new parameter gets a gradient."""
+  cfg = make(positional="rope", num_kv_heads=2)
+  tokens = random_tokens()
+  skipped = dataclasses.replace(cfg, x0_skip=True, value_embed=True)
+  params = nn.unbox(Transformer(skipped).init(jax.random.key(0), tokens)["params"])
+  for layer in ("layers_0", "layers_1"):
+    np.testing.assert_array_equal(params[layer]["x0_skip_scale"], [1.0, 0.0])
+    np.testing.assert_array_equal(params[layer]["attention"]["value_embed_scale"], [0.5, 0.5])
+  assert params["value_embed"].shape == (cfg.vocab_size, 2, cfg.head_dim)
+  assert optim_lib.group_of(["value_embed"]) == "embed"
+  assert optim_lib.group_of(["layers_0", "x0_skip_scale"]) == "vectors"
+  # Without the value table, the x0 skip at its init is the plain model.
+  x0_only = dataclasses.replace(cfg, x0_skip=True)
+  plain_params = {k: v for k, v in params.items() if k != "value_embed"}
+  for layer in ("layers_0", "layers_1"):
+    plain_params[layer] = dict(plain_params[layer], attention={
+        k: v for k, v in params[layer]["attention"].items() if k != "value_embed_scale"})
+  with_skip = forward(x0_only, plain_params, tokens, ARANGE, ONES)
+  without = {k: ({n: p for n, p in v.items() if n != "x0_skip_scale"} if k.startswith("layers")
+                 else v) for k, v in plain_params.items()}
+  np.testing.assert_allclose(with_skip, forward(cfg, without, tokens, ARANGE, ONES), atol=1e-6)
+
+  grads = jax.grad(lambda p: loss_fn(skipped, p, tokens, ARANGE, ONES)[0])(
+      nn.unbox(random_params(skipped)))
+  for layer in ("layers_0", "layers_1"):
+    assert np.all(np.abs(grads[layer]["x0_skip_scale"]) > 0)
+    assert np.all(np.abs(grads[layer]["attention"]["value_embed_scale"]) > 0)
+  seen = np.unique(np.asarray(tokens))
+  assert np.all(np.abs(grads["value_embed"][seen]).sum(axis=(1, 2)) > 0)
+  assert not np.any(np.delete(np.asarray(grads["value_embed"]), seen, axis=0))
+
+
 def test_relu2_mlp_is_fc_relu_squared_proj():
   cfg = make(mlp="relu2", num_layers=1)
   mlp = model_lib.Mlp(cfg)
@@ -559,7 +595,8 @@ def test_bad_attention_shapes_are_one_line(overrides, match):
     {"positional": "none", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False,
      "tie_embeddings": False, "scan_layers": True},
     {"num_kv_heads": 1, "head_size": 16, "qk_norm": True, "qkv_bias": True, "use_bias": False,
-     "norm": "rmsnorm", "mlp": "swiglu", "positional": "rope"}])
+     "norm": "rmsnorm", "mlp": "swiglu", "positional": "rope"},
+    {"num_kv_heads": 2, "x0_skip": True, "value_embed": True}])
 def test_param_count_formula(overrides):
   cfg = make(**overrides)
   assert model_lib.param_count(cfg) == model_lib.count_params(random_params(cfg))

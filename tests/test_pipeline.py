@@ -69,11 +69,14 @@ def test_pipelined_training_equals_one_device(one_device, two_stages, mesh):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)
 
 
-def test_grouped_query_attention_with_a_window_and_qk_norm_equals_one_device_in_stages():
+def test_grouped_query_attention_with_a_window_qk_norm_and_skips_equals_one_device_in_stages():
   """The Llama/Qwen/Mistral attention (1 kv head for 2 query heads, qk-norm, a 5-token window
-  inside the packed documents) through stage 2 x fsdp 2 x data 2: the losses of one device."""
+  inside the packed documents) with modded-nanogpt's x0 skip and value embeddings (each
+  microbatch's rows of them reach every stage) through stage 2 x fsdp 2 x data 2: the losses
+  of one device."""
   modern = {"num_kv_heads": 1, "qk_norm": True, "sliding_window": 5, "positional": "rope",
-            "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False}
+            "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False, "x0_skip": True,
+            "value_embed": True}
   _, want = run_steps(tiny_config(model=modern), 2, jax.devices()[:1])
   _, got = run_steps(tiny_config({"stage": 2, "fsdp": 2, "data": 2}, model=modern), 2,
                      jax.devices()[:8])
