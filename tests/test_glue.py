@@ -189,6 +189,12 @@ def test_superglue_jsonl_files_are_read_as_published(tmp_path):
   assert items("wic", root / "WiC/val.jsonl")[0].contexts[0].count("the word 'place'") == 1
   wsc = items("wsc", root / "WSC/val.jsonl")
   assert [i.label for i in wsc] == [0, 1]
+  # Few-shot: the demonstration is another example solved; the item keeps its metric fields.
+  [first, second] = tasks.load_task("record", str(root / "ReCoRD/val.jsonl"),
+                                    num_fewshot=1).items
+  assert first.contexts[0] == (record[1].contexts[0] + record[1].choices[1] + "\n\n" +
+                               record[0].contexts[0])
+  assert (first.entities, first.answers) == (record[0].entities, record[0].answers)
   assert wsc[1].contexts[0] == ("Passage: the table won't fit through the doorway because *it* "
                                 "is too wide.\nQuestion: In the passage above, does the pronoun "
                                 "\"*it*\" refer to \"*the table*\"?\nAnswer:")
@@ -217,6 +223,8 @@ def harness_prompts():
 
 def test_prompts_are_the_harness_prompts(tmp_path):
   """Each task's context and choices equal the harness's rendering of the same example."""
+  pytest.importorskip("lm_eval")
+  import jinja2
   from lm_eval.tasks.glue.mnli import utils as mnli_utils
   from lm_eval.tasks.super_glue.copa import utils as copa_utils
   from lm_eval.tasks.super_glue.wsc import preprocess_wsc
@@ -256,17 +264,12 @@ def test_prompts_are_the_harness_prompts(tmp_path):
   template, choices = prompts["multirc"]
   assert multirc.contexts[0] == template.render(**doc)
   # The same wording; the harness's list puts "yes" first: here a right answer (label 1) is yes.
-  harness_choices = ast.literal_eval(jinja2_render(choices, doc))
+  harness_choices = ast.literal_eval(jinja2.Template(choices).render(**doc))
   assert multirc.choices == (" " + harness_choices[1], " " + harness_choices[0])
   for record, item in zip(WSC, items("wsc", superglue_root / "WSC/val.jsonl")):
     fixed = dict(record["target"], text=record["text"])  # TFDS's wsc.fixed of the record
     fixed["span1_text"] = fixed["span1_text"].rstrip(".").replace("The", "the")
     assert item.contexts[0] == preprocess_wsc.default_doc_to_text(fixed)
-
-
-def jinja2_render(template, doc):
-  import jinja2
-  return jinja2.Template(template).render(**doc)
 
 
 def test_tfds_layouts_give_the_items_of_the_published_files(tmp_path):
