@@ -6,9 +6,12 @@ r"""Evaluate a run: loss, perplexity and bits per byte on text, or zero-/few-sho
       --stride=512
   python -m experiments.evaluate --workdir=runs/gpt2 \
       --tasks=hellaswag:/data/hellaswag_val.jsonl,lambada:/data/lambada_test.txt --num_fewshot=0
+  python -m experiments.evaluate --workdir=runs/gpt2 --tasks=glue:/data/glue,superglue:tfds
 
---tasks (see jaxlm/tasks.py for the names and file formats) prints one JSON line per task and
-merges the results into the run's eval_results.json (keyed "TASK_Kshot"). NAME:tfds reads the
+--tasks (see jaxlm/tasks.py and jaxlm/glue.py for the names and file formats) prints one JSON
+line per task and merges the results into the run's eval_results.json (keyed "TASK_Kshot");
+glue:DIR and superglue:DIR score every task of the benchmark found in DIR and add a line (and
+"glue_Kshot") with the benchmark's score and the tasks missing. NAME:tfds reads the
 task's TFDS dataset prepared in the run's data.data_dir/tfds (or --data_dir's), e.g.
 --tasks=hellaswag:tfds,arc_easy:tfds:ai2_arc/ARC-Easy:test.
 
@@ -44,7 +47,8 @@ _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0,
                                       "evaluate only the first N documents (0: all).")
 _TASKS = flags.DEFINE_string("tasks", None, "comma-separated NAME:PATH task files, e.g. "
                              "hellaswag:/data/hellaswag_val.jsonl, or NAME:tfds[:DATASET[:SPLIT]] "
-                             "for a prepared TFDS dataset (see jaxlm/tasks.py).")
+                             "for a prepared TFDS dataset (see jaxlm/tasks.py); glue:DIR, "
+                             "superglue:DIR (or :tfds): every task of the benchmark found.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where TFDS task datasets are prepared (in its "
                                 "tfds/ folder; default: the run's data.data_dir).")
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "solved examples before each task example.")
@@ -123,6 +127,15 @@ def evaluate_tasks() -> None:
     results[f"{task.name}_{task.num_fewshot}shot"] = result
     if jax.process_index() == 0:
       print(json.dumps(result), flush=True)
+  # glue:DIR, superglue:DIR: the benchmark's score over the tasks just scored (a line each).
+  for summary in tasks.score_groups(_TASKS.value, list(results.values())):
+    summary.update(num_fewshot=_NUM_FEWSHOT.value, step=run.step)
+    results[f"{summary['group']}_{_NUM_FEWSHOT.value}shot"] = summary
+    if summary["missing"]:
+      common.log(f"{summary['group']}: the score averages {summary['tasks_scored']} of its "
+                 f"{summary['tasks']} tasks; missing: {', '.join(summary['missing'])}")
+    if jax.process_index() == 0:
+      print(json.dumps(summary), flush=True)
   run_lib.write_eval_results(run.workdir, results)
 
 

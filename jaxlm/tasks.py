@@ -21,6 +21,10 @@ to length buckets, so each bucket compiles once.
 
 Few-shot: `num_fewshot` solved examples drawn (with `seed`, per example) from the same file,
 the example itself excluded, precede the context, separated by a blank line.
+
+GLUE and SuperGLUE (jaxlm/glue.py, imported at the end of this file) add their tasks, scored
+from each example's predicted choice (`choice_loglikelihoods`) with their official metrics, and
+the groups (`GROUPS`) glue:DIR and superglue:DIR that stand for every task of the benchmark.
 """
 
 from __future__ import annotations
@@ -346,17 +350,27 @@ def wikitext_detokenize(text: str) -> str:
 
 def parse_specs(text: str, data_dir: str | None = None) -> list[tuple[str, str]]:
   """"name:path,name:tfds[:DATASET[:SPLIT]],..." -> [(name, path)], a TFDS dataset prepared
-  in `data_dir`/tfds as a `tfds_source` path; TaskError for an unknown name or missing file."""
-  specs = []
+  in `data_dir`/tfds as a `tfds_source` path; TaskError for an unknown name or missing file.
+  A group (GROUPS: glue:DIR, superglue:tfds ...) stands for each of its tasks found there,
+  except those the spec names on their own (their file replaces the group's) or an earlier
+  group already gave (GLUE's and SuperGLUE's RTE)."""
+  entries, specs = [], []
   for spec in (s.strip() for s in text.split(",") if s.strip()):
     name, sep, path = spec.partition(":")
     if not sep or not path:
       raise TaskError(f"task {spec!r}: write NAME:PATH, e.g. hellaswag:/data/hellaswag_val.jsonl.")
-    if name in (n for n, _ in specs):  # (results are keyed by name: the second would win)
+    if name in (n for n, _ in entries):  # (results are keyed by name: the second would win)
       raise TaskError(f"task {name} is given twice; score one file per task (or run the command "
                       f"once per file).")
-    if name not in TASK_NAMES:
-      raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
+    if name not in TASKS and name not in GROUPS:
+      raise TaskError(f"unknown task {name!r}; one of {_known()}.")
+    entries.append((name, path))
+  named = {name for name, _ in entries}
+  for name, path in entries:
+    if name in GROUPS:
+      given = named | {n for n, _ in specs}
+      specs += [(task, p) for task, p in GROUPS[name].members(path, data_dir) if task not in given]
+      continue
     if path == "tfds" or path.startswith("tfds:"):
       specs.append((name, tfds_source(name, path, data_dir)))
       continue
@@ -505,13 +519,19 @@ def _stderr(values: np.ndarray) -> float:
   return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+def choice_loglikelihoods(scorer: Scorer, items: Sequence[Item]) -> list[np.ndarray]:
+  """Per item, the log-likelihood of each of its choices given its context [len(choices)]:
+  what every multiple-choice metric is computed from (argmax: the predicted choice)."""
+  pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
+  ll, _ = loglikelihoods(scorer, pairs)
+  return np.split(ll, np.cumsum([len(i.choices) for i in items])[:-1])
+
+
 def score_items(scorer: Scorer, items: Sequence[Item]) -> dict[str, float]:
   """Multiple choice: acc, acc_norm (per character of the choice) and their standard errors
   over `items`."""
-  pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.choices)]
-  ll, _ = loglikelihoods(scorer, pairs)
   correct, correct_norm = [], []
-  for item, scores in zip(items, np.split(ll, np.cumsum([len(i.choices) for i in items])[:-1])):
+  for item, scores in zip(items, choice_loglikelihoods(scorer, items)):
     # The harness's acc_norm: per character of the choice, without the " " joining it on.
     lengths = np.array([max(len(x) - x.startswith(" "), 1) for x in item.choices])
     correct.append(float(np.argmax(scores) == item.label))
@@ -570,8 +590,23 @@ TASKS: dict[str, TaskKind] = {
     "lambada": TaskKind(read_lambada, score_last_word),
     "wikitext": TaskKind(read_wikitext, functools.partial(score_documents, detokenize=True),
                          documents=True),
-}
-TASK_NAMES = tuple(TASKS)
+}  # + GLUE's and SuperGLUE's tasks (jaxlm/glue.py adds them: imported at the end of this file)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGroup:
+  """A benchmark named in a spec as one task, GROUP:PATH: members(PATH, data_dir) -> the
+  (task, path) of each of its tasks found there; summary(results of those tasks) -> the
+  benchmark's score as its papers compute it (and which tasks are missing)."""
+  members: Callable[[str, str | None], list[tuple[str, str]]]
+  summary: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+
+
+GROUPS: dict[str, TaskGroup] = {}  # glue, superglue (jaxlm/glue.py)
+
+
+def _known() -> str:
+  return ", ".join(list(TASKS) + list(GROUPS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,8 +624,8 @@ def load_task(name: str, path: str, *, num_fewshot: int = 0, limit: int = 0,
               seed: int = 0) -> LoadedTask:
   """Reads a task file (the first `limit` examples, 0: all; few-shot prompts built): every
   error a task file can cause is raised here, before any scoring."""
-  if name not in TASK_NAMES:  # (any file would be read as the fallback, LAMBADA)
-    raise TaskError(f"unknown task {name!r}; one of {', '.join(TASK_NAMES)}.")
+  if name not in TASKS:  # (any file would be read as the fallback, LAMBADA)
+    raise TaskError(f"unknown task {name!r}; one of {', '.join(TASKS)}.")
   for flag, value in (("limit", limit), ("num_fewshot", num_fewshot)):
     if value < 0:
       raise TaskError(f"--{flag}={value} must be >= 0.")
@@ -620,6 +655,13 @@ def load_tasks(specs: str, *, num_fewshot: int = 0, limit: int = 0, seed: int = 
           for name, path in parse_specs(specs, data_dir)]
 
 
+def score_groups(specs: str, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The summary ({"group": NAME, "score": ..., "missing": [...], ...}) of each group a
+  "NAME:PATH,..." spec names, from the results (`score_task`'s) of its tasks."""
+  names = [spec.partition(":")[0].strip() for spec in specs.split(",")]
+  return [{"group": name, **GROUPS[name].summary(results)} for name in names if name in GROUPS]
+
+
 def score_task(task: LoadedTask, scorer: Scorer) -> dict[str, Any]:
   """The task's metrics (its kind's `score`), plus task, file and num_fewshot."""
   config_lib.language_model(scorer.config, f"task {task.name}")
@@ -640,13 +682,20 @@ def load_eval_tasks(config: Config) -> list[LoadedTask]:
 def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask], mesh
                           ) -> Callable[[Any], dict[str, float]]:
   """params -> the tasks' results as flat eval metrics for metrics.jsonl / TensorBoard:
-  eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte} (empty without
-  tasks). The scorer compiles once per length bucket, on first use."""
+  eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte} and the GLUE metrics
+  (mcc, f1, f1a, em, pearson, spearman) (empty without tasks). The scorer compiles once per
+  length bucket, on first use."""
   scorer = Scorer(config, None, tokenizer, mesh, batch_size=config.train.global_batch_size)
-  keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte")
+  keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte", "mcc", "f1",
+          "f1a", "em", "pearson", "spearman")
 
   def evaluate(params: Any) -> dict[str, float]:
     scorer.params = params
     results = [score_task(task, scorer) for task in loaded]
     return {f"eval_{r['task']}_{k}": float(r[k]) for r in results for k in keys if k in r}
   return evaluate
+
+
+# GLUE and SuperGLUE (jaxlm/glue.py builds on this module and adds its tasks and groups to
+# TASKS and GROUPS when imported; imported last, so either module may be imported first).
+from jaxlm import glue as _glue  # noqa: E402,F401  pylint: disable=wrong-import-position
