@@ -357,7 +357,8 @@ class FinetuneConfig:
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
-  objective: str = ""  # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct
+  # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct, preference
+  objective: str = ""
   trainable: str = ""  # which weights train (see above)
   last_n_blocks: int = 1  # trainable=last_n_blocks: how many
   epochs: int = 5  # passes over the training split
@@ -367,8 +368,24 @@ class FinetuneConfig:
   balance: bool = False  # classifier: undersample to equal classes, as the book does
   text_column: str = "text"  # classifier: the text field or column
   label_column: str = "label"  # classifier: the label field or column
-  template: str = "alpaca"  # instruct: the prompt format (model: the init run's chat template)
-  max_new_tokens: int = 128  # instruct: tokens generated per test answer
+  # classifier: the columns of a table without a header row, in order ("label,text" reads the
+  # SMS Spam Collection's raw SMSSpamCollection file); "": the table's first row names them
+  table_columns: str = ""
+  # instruct, preference: the prompt format (model: the init run's chat template; plain: the
+  # prompt as written, an input on the next line)
+  template: str = "alpaca"
+  max_new_tokens: int = 128  # instruct, preference: tokens generated per test answer
+  # preference (jaxlm/finetune/preference.py): dpo (Rafailov et al.: against a reference
+  # model's log-probabilities) or simpo (Meng et al.: reference-free, length-normalised, with a
+  # target margin simpo_gamma).
+  preference_loss: str = "dpo"
+  beta: float = 0.1  # preference: the reward scale (DPO ~0.1; SimPO's paper uses 2-2.5)
+  label_smoothing: float = 0.0  # preference: the share of pairs assumed mislabeled (cDPO)
+  simpo_gamma: float = 0.5  # preference_loss=simpo: the target reward margin
+  # preference_loss=dpo: a run directory whose model gives the reference log-probabilities
+  # (the same tokenizer; e.g. the SFT run when --init is another); "": the --init run's.
+  # Either way they are computed once before training: no second model in the train step.
+  reference: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +401,8 @@ class Config:
 
 _SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
 TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
-TEMPLATES = ("alpaca", "chat", "model")
+TEMPLATES = ("alpaca", "chat", "model", "plain")
+PREFERENCE_LOSSES = ("dpo", "simpo")
 
 
 def default_config_dict() -> ml_collections.ConfigDict:
@@ -658,7 +676,7 @@ _POSITIVE = (
     "train.eval_batches", "train.keep_checkpoints", "train.spike_window", "optim.learning_rate",
     "optim.eps", "optim.muon_ns_steps", "optim.muon_adam_lr_scale",
     "train.loss_scale_init", "train.loss_scale_period",
-    "finetune.epochs", "finetune.max_new_tokens")
+    "finetune.epochs", "finetune.max_new_tokens", "finetune.beta")
 _NON_NEGATIVE = (
     "train.eval_every", "train.checkpoint_every", "train.sample_every",
     "train.sample_max_new_tokens", "train.z_loss", "train.loss_chunk_size", "train.sample_top_k",
@@ -667,7 +685,7 @@ _NON_NEGATIVE = (
     "train.layer_stats_every", "train.sample_temperature",
     "optim.min_learning_rate", "data.stride",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
-    "optim.adafactor_clip_threshold", "model.logit_softcap")
+    "optim.adafactor_clip_threshold", "model.logit_softcap", "finetune.simpo_gamma")
 CHOICES = {
     "model.positional": POSITIONALS, "model.norm": NORMS, "model.mlp": MLPS,
     "model.parametrization": PARAMETRIZATIONS,
@@ -676,12 +694,14 @@ CHOICES = {
     "model.dtype": DTYPES, "data.corpus": CORPORA, "train.spike_action": SPIKE_ACTIONS,
     "optim.schedule": SCHEDULES, "optim.name": OPTIMIZERS,
     "train.loss_scaling": LOSS_SCALINGS, "train.zero_stage": (0, 1, 2),
-    "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES}
+    "finetune.trainable": TRAINABLE, "finetune.template": TEMPLATES,
+    "finetune.preference_loss": PREFERENCE_LOSSES}
 _INTERVALS = {"model.dropout": "[0, 1)", "model.lora_dropout": "[0, 1)",
               "data.validation_fraction": "(0, 1)", "optim.decay_fraction": "[0, 1]",
               "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.muon_beta": "[0, 1)",
               "optim.lion_b1": "[0, 1)", "optim.lion_b2": "[0, 1)",
-              "optim.adafactor_decay_rate": "[0, 1]", "optim.adafactor_momentum": "[0, 1)"}
+              "optim.adafactor_decay_rate": "[0, 1]", "optim.adafactor_momentum": "[0, 1)",
+              "finetune.label_smoothing": "[0, 0.5)"}
 
 
 def _check_fields(config: Config) -> None:
@@ -1007,6 +1027,15 @@ def check(config: Config) -> Config:
   if f.max_length < 0 or f.max_length > m.max_seq_len:
     raise ConfigError(f"finetune.max_length={f.max_length} must be in [0, model.max_seq_len="
                       f"{m.max_seq_len}] (0: the whole context).")
+  if f.table_columns:
+    names = [c.strip() for c in f.table_columns.split(",")]
+    if "" in names or len(set(names)) < len(names):
+      raise ConfigError(f"finetune.table_columns={f.table_columns!r}: name each column once, "
+                        f"comma-separated (e.g. 'label,text').")
+    for key, column in (("text_column", f.text_column), ("label_column", f.label_column)):
+      if column not in names:
+        raise ConfigError(f"finetune.table_columns={f.table_columns!r} has no column "
+                          f"{column!r} (finetune.{key}); name it there or set finetune.{key}.")
   if not (0 < f.train_fraction < 1 and 0 <= f.validation_fraction < 1
           and f.train_fraction + f.validation_fraction <= 1):
     raise ConfigError(f"finetune.train_fraction={f.train_fraction} and validation_fraction="

@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def write_bytes(path: str, content: bytes) -> None:
@@ -42,12 +42,15 @@ def write_json(path: str, value: Any) -> None:
   write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
-def read_records(path: str, error: Callable[[str], Exception], flag: str = ""
-                 ) -> list[tuple[str, dict[str, Any]]]:
+def read_records(path: str, error: Callable[[str], Exception], flag: str = "",
+                 columns: Sequence[str] = ()) -> list[tuple[str, dict[str, Any]]]:
   """(where, record) of each record of a data file, `where` naming it in messages:
 
     .csv, or .tsv / .txt (tab-separated; quote characters are text, as in GLUE's and the SMS
       Spam Collection's files), with a header row: a record per row, "PATH:LINE"
+    `columns` given: a table without a header row whose columns those are, whatever the file's
+      name (tab-separated unless .csv; the SMS Spam Collection's raw `SMSSpamCollection` file
+      is `label<TAB>text` lines)
     .jsonl: a JSON object per non-blank line, "PATH:LINE"
     other names (.json): a JSON list of objects, "PATH:record I" (from 0), or objects one per
       line as in .jsonl
@@ -62,19 +65,22 @@ def read_records(path: str, error: Callable[[str], Exception], flag: str = ""
   try:
     # utf-8-sig: a byte-order mark (Excel, Windows editors) is not part of the first field.
     with open(path, newline="", encoding="utf-8-sig") as f:
-      if extension in (".csv", ".tsv", ".txt"):
+      if extension in (".csv", ".tsv", ".txt") or columns:
         tab = extension != ".csv"
-        reader = csv.DictReader(f, delimiter="\t" if tab else ",",
+        reader = csv.DictReader(f, fieldnames=list(columns) or None,
+                                delimiter="\t" if tab else ",",
                                 quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
         rows = [(f"{path}:{reader.line_num}", row) for row in reader]
         for where, row in rows:  # (DictReader files extra fields under None, fills missing ones)
           if None in row:
-            raise error(f"{where} has {len(row) - 1 + len(row[None])} fields but the header has "
+            raise error(f"{where} has {len(row) - 1 + len(row[None])} fields but the "
+                        f"{'columns given have' if columns else 'header has'} "
                         f"{len(reader.fieldnames)}; " + ("a field cannot hold a tab (quotes are "
                         "text in a TSV)." if tab else "quote fields that hold commas."))
           if None in row.values():
             raise error(f"{where} has {sum(v is not None for v in row.values())} fields but the "
-                        f"header has {len(reader.fieldnames)}; every row needs all its columns.")
+                        f"{'columns given have' if columns else 'header has'} "
+                        f"{len(reader.fieldnames)}; every row needs all its columns.")
         return rows
       text = f.read()
   except (OSError, UnicodeDecodeError, csv.Error) as e:

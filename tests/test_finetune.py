@@ -1,5 +1,6 @@
-"""Fine-tuning: classification and instruction following, fully and with LoRA, on tasks the
-tests generate, starting from a small model pretrained here on the same kind of text."""
+"""Fine-tuning: classification, instruction following and preference tuning, fully and with
+LoRA, on tasks the tests generate, starting from a small model pretrained here on the same kind
+of text."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import preference_study
 from jaxlm import config as config_lib
 from jaxlm import finetune, sharding
 from jaxlm import generate as generate_lib
@@ -227,6 +229,36 @@ def test_instruction_tuning_learns_to_reverse_words(base_run, tmp_path):
   assert sum(r["exact_match"] for r in untuned) == 0
 
 
+@pytest.mark.e2e
+def test_preference_tuning_makes_the_model_prefer_what_it_did_not(base_run, tmp_path):
+  """DPO on pairs preferring 'bright' among the adjectives (experiments/preference_study.py,
+  whose table docs/finetuning.md shows). The base model's greedy answers never pick it, and its
+  own log-probabilities prefer the chosen answer for about half the pairs; after 2 epochs every
+  held-out pair is ranked right and the greedy answers say 'bright' (thresholds 0.9 and 0.8)."""
+  data = tmp_path / "pairs.jsonl"
+  preference_study.write_pairs(str(data), 600, seed=1, liked="bright")
+  workdir = tmp_path / "dpo"
+  result = run_script("finetune_preference", [
+      f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
+      "--config.finetune.template=plain", "--config.finetune.epochs=2",
+      "--config.finetune.max_new_tokens=6", "--config.optim.learning_rate=1e-4"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["test_preference_accuracy"] >= 0.9, summary
+  assert 0.3 <= summary["test_reference_preference_accuracy"] <= 0.7, summary
+  evaluations = [r for r in map(json.loads, open(workdir / "metrics.jsonl"))
+                 if "eval_preference_accuracy" in r]
+  assert len(evaluations) == 2 and evaluations[-1]["eval_preference_accuracy"] >= 0.9
+  report = json.loads((workdir / "test_responses.json").read_text())
+  liked = lambda answers: np.mean([a["response"].strip().startswith("bright") for a in answers])
+  assert len(report) == 120 and liked(report) >= 0.8, report[:5]
+  config, params, tokenizer = run_lib.load_run(base_run)
+  prompts = finetune.encode_instructions(
+      [finetune.Example("", r["prompt"], response=r["chosen"]) for r in report], tokenizer, 64)
+  untuned = finetune.respond(config, params, tokenizer, prompts, max_new_tokens=6)
+  assert liked(untuned) <= 0.2, untuned[:5]
+
+
 # ---------------------------------------------------------------------------------------------
 # Masking, trainable selection and bad input (fast)
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +443,35 @@ def test_labeled_data_reads_the_same_from_every_format(tmp_path):
   assert [e.where for e in examples] == [f"{tsv}:2", f"{tsv}:3"]
   numbers = finetune.read_labeled(_write(tmp_path / "n.json", '[{"text": "t", "label": 1}]'))
   assert numbers[0].label == "1"  # JSON numbers are labels as written
+
+
+def test_the_sms_spam_collection_is_read_as_published(tmp_path, tiny_lm_run):
+  """The raw `SMSSpamCollection` file of the book's chapter 6: `ham`/`spam`, a tab, the message
+  (quotes and commas are text), no header row, no file extension; read with
+  finetune.table_columns=label,text, up to the prepared splits."""
+  lines = ["ham\tGo until jurong point, crazy.. Available only in bugis n great world la e "
+           "buffet...", 'spam\tFree entry in 2 a wkly comp to win FA Cup final tkts "21st May"',
+           "ham\tOk lar... Joking wif u oni...", "spam\tWINNER!! claim your prize now",
+           "ham\tI'm gonna be home soon", "spam\tURGENT! You have won a 1 week FREE membership"]
+  raw = _write(tmp_path / "SMSSpamCollection", "\n".join(lines * 4) + "\n")
+  examples = finetune.read_labeled(raw, table_columns=("label", "text"))
+  assert [(e.label, e.text) for e in examples[:2]] == [tuple(x.split("\t")) for x in lines[:2]]
+  assert examples[1].where == f"{raw}:2"
+  prepared = finetune.prepare(tiny_lm_run, str(tmp_path / "spam"), "classifier", raw, {
+      "finetune.table_columns": "label,text", "finetune.balance": True,
+      "train.global_batch_size": 8})
+  assert prepared.classes == ["ham", "spam"] and len(prepared.splits["train"].ids) == 17
+  with pytest.raises(finetune.FinetuneError, match=r"SMSSpamCollection: not JSON .* "):
+    finetune.read_labeled(raw)  # (without the columns: no header, no table extension)
+  with pytest.raises(finetune.FinetuneError,
+                     match=r"bad:2 has 3 fields but the columns given have 2"):
+    finetune.read_labeled(_write(tmp_path / "bad", "ham\tok\nspam\tx\ty\n"),
+                          table_columns=("label", "text"))
+  with pytest.raises(config_lib.ConfigError, match=r"finetune.table_columns='label,message' has "
+                                                   r"no column 'text' \(finetune.text_column\)"):
+    finetune.prepare(tiny_lm_run, str(tmp_path / "w"), "classifier", raw,
+                     {"finetune.table_columns": "label,message"})
+  assert not (tmp_path / "w").exists()
 
 
 def test_texts_to_label_are_read_from_every_format(tmp_path):

@@ -1,4 +1,5 @@
-"""Fine-tuning a run: text classification and instruction following, fully, partly or with LoRA.
+"""Fine-tuning a run: text classification, instruction following and preference tuning, fully,
+partly or with LoRA.
 
   core.py        what every objective shares: config, trainable weights, initial params,
                  epochs of batches, the loop's job (evaluation, best checkpoint), preflight
@@ -6,11 +7,12 @@
                  metrics, rank, checks, finish), shared records, the registry
   classifier.py  classification (the book's chapter 6): a class head on the last token
   instruct.py    instruction following (chapter 7): prompt templates, loss on the response
+  preference.py  preference tuning (DPO, SimPO) on chosen/rejected pairs
 
 A new objective is one module registering an `Objective` and one import line below.
 """
 
-from jaxlm.finetune import classifier, instruct  # noqa: F401  (register the objectives)
+from jaxlm.finetune import classifier, instruct, preference  # noqa: F401  (register them)
 from jaxlm.finetune.classifier import (
                                        balance,
                                        class_names,

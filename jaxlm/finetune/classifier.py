@@ -33,11 +33,12 @@ from jaxlm.model import Transformer
 
 
 def read_labeled(path: str, text_column: str = "text", label_column: str = "label",
-                 flag: str = "--data") -> list[Example]:
+                 flag: str = "--data", table_columns: Sequence[str] = ()) -> list[Example]:
   """Examples of a table (`.csv`, or tab-separated `.tsv` / `.txt`) with a header row naming
   `text_column` and `label_column`, or of JSON / JSONL records with those fields (the formats
-  of `files.read_records`)."""
-  records = files.read_records(path, FinetuneError, flag)
+  of `files.read_records`); `table_columns` given: a table without a header row, whose columns
+  those name (the SMS Spam Collection's raw file: ("label", "text"))."""
+  records = files.read_records(path, FinetuneError, flag, table_columns)
   if not records:
     raise FinetuneError(f"{path} has no examples (a header row alone, or an empty list).")
   first = records[0][1]
@@ -46,7 +47,10 @@ def read_labeled(path: str, text_column: str = "text", label_column: str = "labe
   if missing:
     raise FinetuneError(
         f"{path} has no column '{missing[0]}' (columns: {', '.join(columns) or 'none'}); name "
-        f"the columns with --config.finetune.text_column / label_column.")
+        f"the columns with --config.finetune.text_column / label_column"
+        + (" (and a headerless table's with --config.finetune.table_columns)." if table_columns
+           else ", or give a table without a header row its columns with "
+                "--config.finetune.table_columns=label,text."))
   examples = []
   for where, row in records:
     text, label = (row.get(text_column), row.get(label_column)) if isinstance(row, dict) else (
@@ -125,7 +129,13 @@ def encode_classifier(examples: Sequence[Example], tokenizer, classes: Sequence[
 
 def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
   del tokenizer
-  return read_labeled(path, f.text_column, f.label_column, flag=flag)
+  return read_labeled(path, f.text_column, f.label_column, flag=flag,
+                      table_columns=table_columns(f))
+
+
+def table_columns(f: FinetuneConfig) -> tuple[str, ...]:
+  """finetune.table_columns as names ("label,text" -> ("label", "text")); () for none."""
+  return tuple(c.strip() for c in f.table_columns.split(",")) if f.table_columns else ()
 
 
 def _classes(examples: Sequence[Example], path: str) -> list[str]:
@@ -156,7 +166,7 @@ def _check(config: Config) -> None:
 
 OBJECTIVE = register(Objective(
     name="classifier", read=_read, classes=_classes, encode=encode_classifier, row=_row,
-    model_length=len, loss=lambda config: loss_lib.classifier_loss,
+    model_length=lambda split, i: len(split.ids[i]), loss=lambda config: loss_lib.classifier_loss,
     metrics=lambda name, sums, loss: {
         f"{name}_accuracy": sums["correct"] / max(sums["weight_sum"], 1.0)},
     # Ties (a small saturated split) go to the lower loss.

@@ -131,12 +131,22 @@ MODEL_KEYS_FINETUNING_MAY_SET = ("dropout", "attention_impl", "scan_layers", "sc
                                  "lora_alpha", "lora_dropout", "lora_targets")
 
 
+# finetune.* keys only preference tuning reads (jaxlm/finetune/preference.py)
+PREFERENCE_KEYS = ("preference_loss", "beta", "label_smoothing", "simpo_gamma", "reference")
+
+
 def _check_objective_keys(config: Config, overrides: Mapping[str, Any]) -> None:
   """FinetuneError for a key set that this objective could only ignore."""
   if "train.num_steps" in overrides:
     raise FinetuneError("train.num_steps is set by fine-tuning (finetune.epochs x batches per "
                         "epoch); set --config.finetune.epochs instead.")
   objective_lib.get(config.finetune.objective).check(config)
+  if config.finetune.objective != "preference":
+    for key in PREFERENCE_KEYS:
+      if f"finetune.{key}" in overrides:
+        raise FinetuneError(f"finetune.{key} is a preference-tuning setting "
+                            f"(experiments.finetune_preference); this run is "
+                            f"{config.finetune.objective}: drop it.")
   config_lib.check_sampling(config)
 
 
@@ -313,6 +323,8 @@ def prepare(init_workdir: str, workdir: str, objective: str, data: str,
                             steps_per_epoch, eval_tasks, data_sha256)
   run_lib.check_resumable(workdir, config, prepared.source)
   _compile_largest_step(prepared)
+  if prepared.objective.annotate:
+    prepared.objective.annotate(prepared)
   return prepared
 
 
@@ -324,7 +336,7 @@ def _compile_largest_step(prepared: FinetuneInputs) -> None:
   config, mesh, split = prepared.config, prepared.mesh, prepared.splits["train"]
   steps = steps_lib.make_steps(config, mesh, loss=prepared.objective.loss(config),
                                trainable=trainable_filter(config))
-  longest = max(range(len(split.ids)), key=lambda i: len(split.ids[i]))
+  longest = max(range(len(split.ids)), key=lambda i: prepared.objective.model_length(split, i))
   row = prepared.batch(split, [longest], 1)  # shapes only: the global batch may be huge
   largest = {key: jax.ShapeDtypeStruct((config.train.global_batch_size,) + value.shape[1:],
                                        value.dtype, sharding=sharding.batch_sharding(mesh))

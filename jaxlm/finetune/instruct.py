@@ -28,7 +28,10 @@ ALPACA_HEADER = ("Below is an instruction that describes a task. Write a respons
 
 def format_prompt(instruction: str, input_text: str, template: str) -> str:
   """The prompt the response follows. alpaca: the Alpaca template (as in the book's ch. 7);
-  chat: `<|user|>` / `<|assistant|>` turns. (model: `chat.ChatTemplate.prompt`.)"""
+  chat: `<|user|>` / `<|assistant|>` turns; plain: the instruction as written (the input on
+  the next line). (model: `chat.ChatTemplate.prompt`.)"""
+  if template == "plain":
+    return instruction + (f"\n{input_text}" if input_text else "")
   if template == "alpaca":
     prompt = f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}"
     if input_text:
@@ -122,7 +125,7 @@ def respond(config: Config, params: Any, tokenizer, split: Encoded, max_new_toke
           for e, c in zip(split.examples, completions)]
 
 
-def _finish(prepared, params) -> dict[str, Any]:
+def answer_test_prompts(prepared, params) -> dict[str, Any]:
   """The test split's prompts answered with the best params: test_responses.json and the
   exact-match rate."""
   if "test" not in prepared.splits:
@@ -148,7 +151,8 @@ OBJECTIVE = register(Objective(
     name="instruct", read=_read, classes=lambda examples, path: [],
     encode=lambda examples, tokenizer, classes, max_length: encode_instructions(
         examples, tokenizer, max_length),
-    row=_row, model_length=lambda ids: len(ids) - 1,  # (inputs: the sequence minus its last)
+    row=_row, model_length=lambda split, i: len(split.ids[i]) - 1,  # (inputs: all but the last)
     loss=lambda config: loss_lib.loss_for(config),
     metrics=lambda name, sums, loss: {f"{name}_perplexity": math.exp(min(loss, 700.0))},
-    rank=lambda r: (-r["validation_loss"],), can_sample=True, check=_check, finish=_finish))
+    rank=lambda r: (-r["validation_loss"],), can_sample=True, check=_check,
+    finish=answer_test_prompts))

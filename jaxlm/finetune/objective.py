@@ -28,7 +28,8 @@ class FinetuneError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One record: its text (classifier) or prompt + response (instruct), label, and origin."""
+  """One record: its text (classifier) or prompt + response (instruct; preference: the
+  chosen response and the rejected one), label, and origin."""
   where: str            # "file:row" for error messages
   text: str             # classifier text, or the formatted prompt
   label: str = ""       # classifier label (as written in the file)
@@ -37,6 +38,8 @@ class Example:
   # instruct with a chat template: the text trained on after the prompt (the response as the
   # template writes it and the template's end of turn); "": the response, then the EOS id
   target: str = ""
+  rejected: str = ""         # preference: the response the chosen one is preferred to
+  rejected_target: str = ""  # preference with a chat template: as `target`, for `rejected`
 
 
 @dataclasses.dataclass
@@ -46,6 +49,11 @@ class Encoded:
   ids: list[list[int]]           # classifier: text ids; instruct: prompt + response + eos
   prompt_lengths: list[int]      # instruct: tokens before the response (0 for classifier)
   labels: np.ndarray | None      # classifier: [num_examples] class ids
+  # preference: prompt + rejected response + eos per example (the chosen one is `ids`), and
+  # the reference log-probabilities [num_examples, 2] of (chosen, rejected) responses, filled
+  # by the objective's `annotate` before training (None: not computed / not needed)
+  rejected_ids: list[list[int]] | None = None
+  reference: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +66,22 @@ class Objective:
   classes(train examples, path) -> the class names ([] for none; they size model.num_classes)
   encode(examples, tokenizer, classes, max_length) -> Encoded (too-long examples refused)
   row(split, index, length, pad id) -> one [length] padded row of the batch dict
-  model_length(ids) -> tokens the model reads of an encoded sequence (sets the padded length)
+  model_length(split, index) -> tokens the model reads of an encoded example (sets the padded
+    length)
   loss(config) -> the loss function (jaxlm/loss.py)
   metrics(split name, summed eval sums, mean loss) -> that split's metrics
   rank(evaluation) -> what the best checkpoint maximizes (given a validation split)
   check(config) -> FinetuneError for config keys this objective could only ignore
   finish(prepared run, best params) -> extra summary entries after training (e.g. test answers)
+  annotate(prepared run) -> fills what the splits need from a model before training (once
+    the steps are built; e.g. preference's reference log-probabilities)
   """
   name: str
   read: Callable[[str, FinetuneConfig, Any, str], list[Example]]
   classes: Callable[[Sequence[Example], str], list[str]]
   encode: Callable[[Sequence[Example], Any, Sequence[str], int], Encoded]
   row: Callable[[Encoded, int, int, int], Batch]
-  model_length: Callable[[Sequence[int]], int]
+  model_length: Callable[[Encoded, int], int]
   loss: Callable[[Config], LossFn]
   metrics: Callable[[str, Mapping[str, float], float], dict[str, float]]
   rank: Callable[[Mapping[str, float]], tuple]
@@ -78,6 +89,7 @@ class Objective:
   select: Callable[[list[Example], Config], list[Example]] = lambda examples, config: examples
   check: Callable[[Config], None] = lambda config: None
   finish: Callable[[Any, Any], dict[str, Any]] | None = None
+  annotate: Callable[[Any], None] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -113,7 +125,7 @@ def make_batch(encoded: Encoded, indices: Sequence[int], batch_size: int, max_le
   """[batch_size, length] arrays of the rows `indices` (the objective's `row`; rows beyond them
   are weight-0 padding), `length` the longest of them rounded up to LENGTH_BUCKET."""
   objective = get(objective) if isinstance(objective, str) else objective
-  longest = max(objective.model_length(encoded.ids[i]) for i in indices)
+  longest = max(objective.model_length(encoded, i) for i in indices)
   length = data_lib.bucketed_length(longest, LENGTH_BUCKET, max_length)
   rows = [objective.row(encoded, i, length, pad_id) for i in indices]
   return data_lib.stack_rows(rows, batch_size)[0]
