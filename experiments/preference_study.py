@@ -6,7 +6,8 @@ A 2-layer, 128-dim model is pretrained (300 steps, its own process) on generated
 ("the old cat sees the red door."); its greedy continuation of "the old cat sees the" is one
 adjective, and its log-probabilities rank the adjectives about evenly. Preference pairs then
 prefer the continuation with `--liked` (" bright door.") to the same with another adjective
-(" big door."); each data seed's 600 pairs are split 420/60/120 and tuned with each
+(" big door."), `liked` being an adjective the base model's greedy answers never say (a
+property it lacks); each data seed's 600 pairs are split 420/60/120 and tuned with each
 `--losses` (experiments.finetune_preference). The table: held-out (test split) preference
 accuracy of the base model's own log-probabilities and of the tuned rewards, and the share of
 greedy answers to the test prompts that say `--liked`, before and after.
@@ -27,12 +28,15 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", "~/.cache/jaxlm/preference_study",
                                  "the base run, the data and the tuned runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "data seeds (one set of pairs each).")
 _LOSSES = flags.DEFINE_list("losses", ["dpo", "simpo"], "finetune.preference_loss values.")
-_LIKED = flags.DEFINE_string("liked", "bright", "the adjective the pairs prefer.")
+_LIKED = flags.DEFINE_string("liked", "auto", "the adjective the pairs prefer; auto: the first "
+                             "of PREFERRED_ORDER the base model's greedy answers never say.")
 
 ADJECTIVES = ["red", "big", "small", "green", "old", "new", "quiet", "bright", "dark", "happy"]
 NOUNS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "road", "car", "book", "lamp",
          "chair", "garden", "window", "door", "city"]
 VERBS = ["sees", "likes", "finds", "takes", "moves", "paints", "opens", "follows", "watches"]
+PREFERRED_ORDER = ["bright", "dark", "quiet", "happy", "green", "small", "big", "new", "old",
+                   "red"]
 # Per loss: the settings measured (2 epochs; DPO's beta 0.1 at 1e-4, SimPO's beta 2 and margin
 # 0.5 as its paper's at 1e-4).
 SETTINGS = {"dpo": {"optim.learning_rate": 1e-4},
@@ -97,22 +101,33 @@ def liked_share(answers: list[dict], liked: str) -> float:
   return sum(a["response"].strip().startswith(liked) for a in answers) / len(answers)
 
 
-def untuned_share(base: str, report: list[dict], liked: str) -> float:
-  """The share of the base model's greedy answers to the report's prompts that say `liked`."""
+def untuned_answers(base: str, prompts: list[str]) -> list[dict]:
+  """The base model's greedy answers (6 tokens) to `prompts`."""
   from jaxlm import finetune
   from jaxlm import run as run_lib
   config, params, tokenizer = run_lib.load_run(base)
-  prompts = finetune.encode_instructions(
-      [finetune.Example("", r["prompt"], response=r["chosen"]) for r in report], tokenizer, 64)
-  return liked_share(finetune.respond(config, params, tokenizer, prompts, max_new_tokens=6),
-                     liked)
+  encoded = finetune.encode_instructions(
+      [finetune.Example("", prompt, response="") for prompt in prompts], tokenizer, 64)
+  return finetune.respond(config, params, tokenizer, encoded, max_new_tokens=6)
+
+
+def pick_liked(base: str, cache: str) -> str:
+  """The first adjective of PREFERRED_ORDER that none of the base model's greedy answers to
+  120 prompts says."""
+  path = os.path.join(cache, "probe.jsonl")
+  write_pairs(path, 120, seed=0)
+  with open(path) as f:
+    answers = untuned_answers(base, [json.loads(line)["prompt"] for line in f])
+  said = {a["response"].split()[0] for a in answers if a["response"].split()}
+  return next(a for a in PREFERRED_ORDER if a not in said)
 
 
 def main(argv: list[str]) -> None:
   del argv
   cache = os.path.expanduser(_CACHE_DIR.value)
   os.makedirs(cache, exist_ok=True)
-  base, liked = pretrain_base(cache), _LIKED.value
+  base = pretrain_base(cache)
+  liked = pick_liked(base, cache) if _LIKED.value == "auto" else _LIKED.value
   print("| loss | data seed | base log-prob accuracy | tuned accuracy | reward margin | "
         f"answers saying '{liked}', base | tuned |")
   print("|---|---:|---:|---:|---:|---:|---:|")
@@ -132,7 +147,8 @@ def main(argv: list[str]) -> None:
       reference = summary.get("test_reference_preference_accuracy")
       print(f"| {loss} | {seed} | {'-' if reference is None else f'{reference:.3f}'} | "
             f"{summary['test_preference_accuracy']:.3f} | {summary['test_reward_margin']:.2f} | "
-            f"{untuned_share(base, report, liked):.2f} | {liked_share(report, liked):.2f} |",
+            f"{liked_share(untuned_answers(base, [r['prompt'] for r in report]), liked):.2f} | "
+            f"{liked_share(report, liked):.2f} |",
             flush=True)
 
 
