@@ -177,10 +177,11 @@ def define_restore_step_flag() -> flags.FlagHolder:
       "(the later ones are moved to checkpoints_discarded/).", lower_bound=0))
 
 
-def run_finetune(objective: str) -> None:
+def run_finetune(objective: str, overrides: dict[str, Any] | None = None) -> None:
   """The fine-tuning scripts' shared main: checks everything, trains, prints the summary. The
   scripts define the same flags (--init, --data, --validation_data, --test_data, --workdir,
-  --progress, --restore_step); they are read here."""
+  --progress, --restore_step); they are read here. `overrides`: config values a script's own
+  flags set (over --config.K=V)."""
   import json
 
   from jaxlm import finetune
@@ -192,7 +193,8 @@ def run_finetune(objective: str) -> None:
     raise finetune.FinetuneError(f"{', '.join(missing)} required: --init=RUN (the run to start "
                                  f"from), --data=FILE, --workdir=NEW_RUN.")
   maybe_initialize_distributed()
-  prepared = finetune.prepare(init, workdir, objective, data, config_overrides(),
+  prepared = finetune.prepare(init, workdir, objective, data,
+                              {**config_overrides(), **(overrides or {})},
                               f.validation_data or "", f.test_data or "")
   summary = finetune.finetune(prepared, show_progress=f.progress, restore_step=f.restore_step)
   import jax

@@ -123,8 +123,9 @@ class ModelConfig:
   parametrization: str = "standard"
   mup_base_width: int = 0  # mup: the embed_dim the learning rate (and init_std) were tuned at
   # Fine-tuning (jaxlm/finetune/, jaxlm/lora.py): a classification head of num_classes
-  # outputs replaces the LM head when > 0; LoRA adapters of rank lora_rank on the Dense layers
-  # named in lora_targets when > 0.
+  # outputs replaces the LM head when > 0 (1: a single output, the regression head of STS-B
+  # in experiments.finetune_glue); LoRA adapters of rank lora_rank on the Dense layers named in
+  # lora_targets when > 0.
   num_classes: int = 0
   lora_rank: int = 0  # adapters' rank (0: no LoRA)
   lora_alpha: float = 16.0  # LoRA scale: alpha / rank
@@ -349,7 +350,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-  """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py; jaxlm/finetune/).
+  """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py,
+  finetune_preference.py, finetune_glue.py; jaxlm/finetune/).
 
   trainable: '' (the default: all weights, or 'lora' when model.lora_rank > 0; measured to
   learn where the book's last block + head did not, see jaxlm/finetune/), 'head' (the output
@@ -357,8 +359,12 @@ class FinetuneConfig:
   memory), 'all', or 'lora' (adapters, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
-  # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct, preference
+  # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct, preference,
+  # glue
   objective: str = ""
+  # glue (experiments.finetune_glue --task): the GLUE or SuperGLUE task whose published files
+  # are read, e.g. mrpc, stsb, copa (jaxlm/finetune/glue.py lists them)
+  glue_task: str = ""
   trainable: str = ""  # which weights train (see above)
   last_n_blocks: int = 1  # trainable=last_n_blocks: how many
   epochs: int = 5  # passes over the training split
@@ -926,9 +932,9 @@ def check(config: Config) -> Config:
   if m.parametrization == "mup" and not m.head_size and m.mup_base_width < m.num_heads:
     raise ConfigError(f"model.mup_base_width={m.mup_base_width} is narrower than "
                       f"model.num_heads={m.num_heads}: the base model needs a head width >= 1.")
-  if m.num_classes < 0 or m.num_classes == 1:
-    raise ConfigError(f"model.num_classes={m.num_classes}: use 0 (language model) or >= 2 "
-                      f"classes.")
+  if m.num_classes < 0:
+    raise ConfigError(f"model.num_classes={m.num_classes}: use 0 (language model), 1 (a "
+                      f"regression head) or >= 2 classes.")
   if m.lora_rank < 0:
     raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA).")
   if m.lora_rank and m.lora_alpha <= 0:

@@ -170,6 +170,19 @@ def read_qqp(path: str) -> list[Item]:
 STSB_RATINGS = tuple(f" {k}" for k in range(6))
 
 
+def stsb_target(row: tasks._Row) -> float:
+  """An STS-B row's gold similarity (its score or label field), checked to be 0-5."""
+  value = row.field("score", "label")
+  try:
+    target = float(value)
+  except (TypeError, ValueError):
+    target = math.nan
+  if not 0 <= target <= 5:
+    raise row.error(f"score {value!r} is not a similarity from 0 to 5; fix the row or pass "
+                    f"STS-B's dev file.")
+  return target
+
+
 def read_stsb(path: str) -> list[Item]:
   """STS-B (Pearson, Spearman): TSV (sentence1, sentence2, score among its columns) or TFDS
   glue/stsb (label: the score). The harness has no STS-B task: the prompt is jaxlm's, in the
@@ -177,14 +190,7 @@ def read_stsb(path: str) -> list[Item]:
   demonstrations, is the gold score rounded)."""
   items = []
   for r in _rows(path):
-    value = r.field("score", "label")
-    try:
-      target = float(value)
-    except (TypeError, ValueError):
-      target = math.nan
-    if not 0 <= target <= 5:
-      raise r.error(f"score {value!r} is not a similarity from 0 to 5; fix the row or pass "
-                    f"STS-B's dev file.")
+    target = stsb_target(r)
     items.append(_choice(
         r, f"Sentence 1: {_text(r, 'sentence1')}\nSentence 2: {_text(r, 'sentence2')}\n"
         "Question: On a scale from 0 to 5, how similar in meaning are the two sentences?"
@@ -260,28 +266,36 @@ def read_multirc(path: str) -> list[Item]:
   right answer is " yes"."""
   items = []
   for r in _rows(path):
-    passage = r.field("passage", "paragraph")
-    if isinstance(passage, dict):  # the published layout: a passage with its questions
-      options = [(f"{r.index}/{q}", question.get("question"), answer.get("text"),
-                  answer.get("label"))
-                 for q, question in enumerate(passage.get("questions", []))
-                 for answer in question.get("answers", [])]
-      text = passage.get("text")
-    else:
-      idx = r.field("idx")
-      options = [(f"{idx.get('paragraph')}/{idx.get('question')}" if isinstance(idx, dict)
-                  else str(idx), r.field("question"), r.field("answer"), r.field("label"))]
-      text = passage
-    for group, question, answer, label in options:
-      if not all(isinstance(v, str) for v in (text, question, answer)):
-        raise r.error("needs passage text, and a question and answer text for every answer "
-                      "option.")
-      row = dataclasses.replace(r, fields={"label": label})
+    for group, text, question, answer, label in multirc_options(r):
       items.append(_choice(r, f"{text}\nQuestion: {question}\nAnswer:",
                            [f" {answer}\nIs the answer correct? no",
-                            f" {answer}\nIs the answer correct? yes"],
-                           _label(row, ("False", "True"), "label"), group=group))
+                            f" {answer}\nIs the answer correct? yes"], label, group=group))
   return items
+
+
+def multirc_options(r: tasks._Row) -> list[tuple[str, str, str, str, int]]:
+  """A MultiRC record's answer options: (group (its question), passage text, question, answer,
+  label 0/1 (1: a right answer)), from either layout (see `read_multirc`)."""
+  passage = r.field("passage", "paragraph")
+  if isinstance(passage, dict):  # the published layout: a passage with its questions
+    options = [(f"{r.index}/{q}", question.get("question"), answer.get("text"),
+                answer.get("label"))
+               for q, question in enumerate(passage.get("questions", []))
+               for answer in question.get("answers", [])]
+    text = passage.get("text")
+  else:
+    idx = r.field("idx")
+    options = [(f"{idx.get('paragraph')}/{idx.get('question')}" if isinstance(idx, dict)
+                else str(idx), r.field("question"), r.field("answer"), r.field("label"))]
+    text = passage
+  out = []
+  for group, question, answer, label in options:
+    if not all(isinstance(v, str) for v in (text, question, answer)):
+      raise r.error("needs passage text, and a question and answer text for every answer "
+                    "option.")
+    row = dataclasses.replace(r, fields={"label": label})
+    out.append((group, text, question, answer, _label(row, ("False", "True"), "label")))
+  return out
 
 
 def _record_passage(text: str) -> str:
@@ -297,28 +311,36 @@ def read_record(path: str) -> list[Item]:
   answers [{text, ...}]}]; TFDS super_glue/record: passage, query, entities, answers."""
   items = []
   for r in _rows(path):
-    passage = r.field("passage")
-    if isinstance(passage, dict):  # the published layout
-      text = passage.get("text")
-      if not isinstance(text, str) or not isinstance(passage.get("entities"), list):
-        raise r.error("passage needs text and a list of entities.")
-      entities = sorted({text[e["start"]:e["end"] + 1] for e in passage["entities"]})
-      queries = [(qa.get("query"), sorted({a["text"] for a in qa.get("answers", [])}))
-                 for qa in r.field("qas")]
-    else:
-      text, entities = passage, sorted(set(r.field("entities")))
-      queries = [(r.field("query"), sorted(set(r.field("answers"))))]
-    for query, answers in queries:
-      if not isinstance(query, str) or "@placeholder" not in query:
-        raise r.error(f"query {query!r} has no @placeholder.")
+    for text, entities, query, answers in record_queries(r):
       found = [entities.index(a) for a in answers if a in entities]
-      if not found:
-        raise r.error(f"none of the answers {answers} is one of the passage's entities (a "
-                      f"test split has no answers: score the validation split).")
       choices = [" " + f"  - {query}".replace("@placeholder", e) for e in entities]
       items.append(_choice(r, _record_passage(text), choices, found[0],
                            entities=tuple(entities), answers=tuple(answers)))
   return items
+
+
+def record_queries(r: tasks._Row) -> list[tuple[str, list[str], str, list[str]]]:
+  """A ReCoRD record's queries: (passage text, its entities (distinct, sorted), query (with
+  its @placeholder), gold answers (sorted, at least one of them an entity)), from either
+  layout (see `read_record`)."""
+  passage = r.field("passage")
+  if isinstance(passage, dict):  # the published layout
+    text = passage.get("text")
+    if not isinstance(text, str) or not isinstance(passage.get("entities"), list):
+      raise r.error("passage needs text and a list of entities.")
+    entities = sorted({text[e["start"]:e["end"] + 1] for e in passage["entities"]})
+    queries = [(qa.get("query"), sorted({a["text"] for a in qa.get("answers", [])}))
+               for qa in r.field("qas")]
+  else:
+    text, entities = passage, sorted(set(r.field("entities")))
+    queries = [(r.field("query"), sorted(set(r.field("answers"))))]
+  for query, answers in queries:
+    if not isinstance(query, str) or "@placeholder" not in query:
+      raise r.error(f"query {query!r} has no @placeholder.")
+    if not any(a in entities for a in answers):
+      raise r.error(f"none of the answers {answers} is one of the passage's entities (a "
+                    f"test split has no answers: score the validation split).")
+  return [(text, entities, query, answers) for query, answers in queries]
 
 
 def read_wic(path: str) -> list[Item]:
@@ -356,6 +378,23 @@ def _detokenize(text: str) -> str:
   return re.sub(r" (['.,])", r"\1", text)
 
 
+def wsc_spans(r: tasks._Row) -> tuple[str, str, str]:
+  """A WSC record's (passage with its pronoun marked *...*, pronoun (span2), noun (span1)),
+  the spans fixed as TFDS's wsc.fixed (see `read_wsc`)."""
+  example = dict(r.fields, **(r.fields.get("target") or {}))
+  names = ("text", "span1_index", "span1_text", "span2_index", "span2_text")
+  missing = [name for name in names if name not in example]
+  if missing:
+    raise r.error(f"no field {missing[0]!r} (top-level or in target); its fields are "
+                  f"{sorted(example)}.")
+  _fix_wsc_span(example, "span1")
+  _fix_wsc_span(example, "span2")
+  raw, pronoun, noun = example["text"], example["span2_text"], example["span1_text"]
+  pre = " ".join(raw.split()[:int(example["span2_index"])])
+  post = raw[len(pre) + len(pronoun) + 1:]
+  return _detokenize(pre + f" *{pronoun}*" + post), pronoun, noun
+
+
 def read_wsc(path: str) -> list[Item]:
   """WSC (acc), SuperGLUE's wsc.fixed as the harness reads it: the published JSONL (text,
   target {span1_index, span1_text, span2_index, span2_text}, label) with TFDS's span fixes, or
@@ -363,18 +402,7 @@ def read_wsc(path: str) -> list[Item]:
   marked *...* in the passage; does it refer to span1?"""
   items = []
   for r in _rows(path):
-    example = dict(r.fields, **(r.fields.get("target") or {}))
-    names = ("text", "span1_index", "span1_text", "span2_index", "span2_text")
-    missing = [name for name in names if name not in example]
-    if missing:
-      raise r.error(f"no field {missing[0]!r} (top-level or in target); its fields are "
-                    f"{sorted(example)}.")
-    _fix_wsc_span(example, "span1")
-    _fix_wsc_span(example, "span2")
-    raw, pronoun, noun = example["text"], example["span2_text"], example["span1_text"]
-    pre = " ".join(raw.split()[:int(example["span2_index"])])
-    post = raw[len(pre) + len(pronoun) + 1:]
-    passage = _detokenize(pre + f" *{pronoun}*" + post)
+    passage, pronoun, noun = wsc_spans(r)
     items.append(_choice(r, f"Passage: {passage}\nQuestion: In the passage above, does the "
                          f"pronoun \"*{pronoun}*\" refer to \"*{noun}*\"?\nAnswer:",
                          [" no", " yes"], _label(r, ("False", "True"), "label")))

@@ -242,7 +242,11 @@ def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: ja
   """Cross-entropy of the class logits read at each row's last real token (batch["last_index"]
   [batch]) against batch["labels"] [batch], rows weighted by batch["row_weight"] (0: padding).
   sums: loss_sum, weight_sum, correct (weighted count of right predictions)."""
-  last = class_logits(model, params, batch, rng)                      # [batch, classes]
+  return classifier_sums(class_logits(model, params, batch, rng), batch)
+
+
+def classifier_sums(last: jax.Array, batch: DeviceBatch) -> tuple[jax.Array, Metrics]:
+  """`classifier_loss` from the class logits [batch, classes] at the rows' last real tokens."""
   log_probs = jax.nn.log_softmax(last.astype(jnp.float32))
   nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
   weight = batch["row_weight"]
@@ -252,8 +256,28 @@ def classifier_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: ja
                     "correct": jnp.sum(correct * weight)}
 
 
+def regression_loss(model: Transformer, params: Any, batch: DeviceBatch, rng: jax.Array | None
+                    ) -> tuple[jax.Array, Metrics]:
+  """Squared error of a one-output head (model.num_classes=1) read at each row's last real
+  token (batch["last_index"]) against batch["score"] [batch] float: the train step divides the
+  sum by the rows' weight (batch["row_weight"], 0: padding), so it minimises the mean squared
+  error. sums: loss_sum, weight_sum."""
+  return regression_sums(class_logits(model, params, batch, rng), batch)
+
+
+def regression_sums(last: jax.Array, batch: DeviceBatch) -> tuple[jax.Array, Metrics]:
+  """`regression_loss` from the head's outputs [batch, 1] at the rows' last real tokens."""
+  error = last[:, 0].astype(jnp.float32) - batch["score"].astype(jnp.float32)
+  weight = batch["row_weight"]
+  loss_sum = jnp.sum(jnp.square(error) * weight)
+  return loss_sum, {"loss_sum": loss_sum, "weight_sum": jnp.sum(weight)}
+
+
 def loss_for(config: Config) -> LossFn:
-  """The loss a config trains with: the classifier's when model.num_classes, else the LM's."""
+  """The loss a config trains with: the regression head's when model.num_classes is 1, the
+  classifier's when it is more, else the LM's."""
+  if config.model.num_classes == 1:
+    return regression_loss
   if config.model.num_classes:
     return classifier_loss
   return lm_loss(config.train.z_loss, config.train.loss_chunk_size, config.train.document_mask)

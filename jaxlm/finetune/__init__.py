@@ -8,11 +8,13 @@ partly or with LoRA.
   classifier.py  classification (the book's chapter 6): a class head on the last token
   instruct.py    instruction following (chapter 7): prompt templates, loss on the response
   preference.py  preference tuning (DPO, SimPO) on chosen/rejected pairs
+  glue.py        GLUE and SuperGLUE from their published files: pair inputs, a regression head
+                 (STS-B), candidates (COPA, ReCoRD), the benchmarks' metrics
 
 A new objective is one module registering an `Objective` and one import line below.
 """
 
-from jaxlm.finetune import classifier, instruct, preference  # noqa: F401  (register them)
+from jaxlm.finetune import classifier, glue, instruct, preference  # noqa: F401  (register them)
 from jaxlm.finetune.classifier import (
                                        balance,
                                        class_names,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import loop, lora, metrics, sharding
@@ -141,6 +142,9 @@ def _check_objective_keys(config: Config, overrides: Mapping[str, Any]) -> None:
     raise FinetuneError("train.num_steps is set by fine-tuning (finetune.epochs x batches per "
                         "epoch); set --config.finetune.epochs instead.")
   objective_lib.get(config.finetune.objective).check(config)
+  if config.finetune.objective != "glue" and "finetune.glue_task" in overrides:
+    raise FinetuneError(f"finetune.glue_task is for GLUE fine-tuning (experiments.finetune_glue); "
+                        f"this run is {config.finetune.objective}: drop it.")
   if config.finetune.objective != "preference":
     for key in PREFERENCE_KEYS:
       if f"finetune.{key}" in overrides:
@@ -269,7 +273,16 @@ def load_splits(config: Config, data: str, validation_data: str, test_data: str,
   the splits and the class names."""
   f, objective = config.finetune, objective_lib.get(config.finetune.objective)
   examples = objective.select(objective.read(data, f, tokenizer, "--data"), config)
-  if validation_data or test_data:
+  if objective.validation_file:
+    if not validation_data:
+      raise FinetuneError(f"finetune.objective={f.objective} reads the benchmark's own splits: "
+                          f"pass --data=TRAIN_FILE --validation_data=DEV_FILE (and optionally "
+                          f"--test_data=FILE).")
+    parts = {"train": examples,
+             "validation": objective.read(validation_data, f, tokenizer, "--validation_data")}
+    if test_data:
+      parts["test"] = objective.read(test_data, f, tokenizer, "--test_data")
+  elif validation_data or test_data:
     if not (validation_data and test_data):
       raise FinetuneError("pass both --validation_data and --test_data, or neither (then "
                           "--data is split by finetune.train_fraction/validation_fraction).")
@@ -313,10 +326,10 @@ def prepare(init_workdir: str, workdir: str, objective: str, data: str,
   config = config_lib.replace(config, train={"num_steps": steps_per_epoch * config.finetune.epochs},
                               model={"num_classes": len(classes)})
   sharding.check_model(config.model, mesh)
-  data_sha256 = {}  # (the files were read above: they exist)
+  data_sha256 = {}  # (the files were read above: they exist; a TFDS dataset is no file)
   for flag, path in (("--data", data), ("--validation_data", validation_data),
                      ("--test_data", test_data)):
-    if path:
+    if path and not path.startswith("tfds:"):
       with open(path, "rb") as f:
         data_sha256[flag] = hashlib.file_digest(f, "sha256").hexdigest()
   prepared = FinetuneInputs(config, workdir, splits, classes, init, mesh, max_length,
@@ -359,7 +372,7 @@ def base_params(prepared: FinetuneInputs) -> Any:
 
 def evaluate_splits(params: Any, prepared: FinetuneInputs) -> dict[str, float]:
   """{split}_loss of every split, and the objective's metrics of it (a classifier's
-  {split}_accuracy, instruct's {split}_perplexity)."""
+  {split}_accuracy, instruct's {split}_perplexity; GLUE's from the per-row outputs)."""
   mesh, objective = prepared.mesh, prepared.objective
   results: dict[str, float] = {}
   for name, split in prepared.splits.items():
@@ -367,10 +380,15 @@ def evaluate_splits(params: Any, prepared: FinetuneInputs) -> dict[str, float]:
         prepared.steps.eval(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh))
         for batch in batches(split, prepared.config.train.global_batch_size,
                              prepared.max_length, prepared.tokenizer.pad_id, objective)])
-    totals = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
+    totals = {key: sum(float(s[key]) for s in sums) for key in sums[0]
+              if np.ndim(sums[0][key]) == 0}
     loss = totals["loss_sum"] / max(totals["weight_sum"], 1.0)
     results[f"{name}_loss"] = loss
     results.update(objective.metrics(name, totals, loss))
+    if objective.split_metrics:  # per-row outputs, the batches' padding rows dropped
+      outputs = {key: np.concatenate([s[key] for s in sums])[:len(split.ids)]
+                 for key in sums[0] if np.ndim(sums[0][key]) > 0}
+      results.update(objective.split_metrics(name, split, outputs))
   return results
 
 

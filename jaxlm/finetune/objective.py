@@ -48,7 +48,8 @@ class Encoded:
   examples: list[Example]
   ids: list[list[int]]           # classifier: text ids; instruct: prompt + response + eos
   prompt_lengths: list[int]      # instruct: tokens before the response (0 for classifier)
-  labels: np.ndarray | None      # classifier: [num_examples] class ids
+  # classifier: [num_examples] class ids (glue's STS-B: float32 similarities)
+  labels: np.ndarray | None
   # preference: prompt + rejected response + eos per example (the chosen one is `ids`), and
   # the reference log-probabilities [num_examples, 2] of (chosen, rejected) responses, filled
   # by the objective's `annotate` before training (None: not computed / not needed)
@@ -75,6 +76,12 @@ class Objective:
   finish(prepared run, best params) -> extra summary entries after training (e.g. test answers)
   annotate(prepared run) -> fills what the splits need from a model before training (once
     the steps are built; e.g. preference's reference log-probabilities)
+  split_metrics(split name, encoded split, outputs) -> more metrics of that split from the
+    loss's per-row outputs (its sums that are arrays [batch, ...], not scalars: `outputs` holds
+    them concatenated over the split's examples in order [num_examples, ...]; e.g. GLUE's
+    F1, MCC, correlations)
+  validation_file: the data comes as separate train and validation files (GLUE's published
+    splits): --validation_data is required, --test_data optional, nothing is split
   """
   name: str
   read: Callable[[str, FinetuneConfig, Any, str], list[Example]]
@@ -90,6 +97,8 @@ class Objective:
   check: Callable[[Config], None] = lambda config: None
   finish: Callable[[Any, Any], dict[str, Any]] | None = None
   annotate: Callable[[Any], None] | None = None
+  split_metrics: Callable[[str, Encoded, Mapping[str, np.ndarray]], dict[str, float]] | None = None
+  validation_file: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {}
