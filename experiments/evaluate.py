@@ -7,13 +7,19 @@ r"""Evaluate a run: loss, perplexity and bits per byte on text, or zero-/few-sho
   python -m experiments.evaluate --workdir=runs/gpt2 \
       --tasks=hellaswag:/data/hellaswag_val.jsonl,lambada:/data/lambada_test.txt --num_fewshot=0
   python -m experiments.evaluate --workdir=runs/gpt2 --tasks=glue:/data/glue,superglue:tfds
+  python -m experiments.evaluate --workdir=runs/gpt2 --num_fewshot=1 \
+      --tasks=cnn_dailymail:/data/cnn_dm_test.jsonl,wmt14_en_fr:/data/wmt14.en-fr.src
 
 --tasks (see jaxlm/tasks.py and jaxlm/glue.py for the names and file formats) prints one JSON
 line per task and merges the results into the run's eval_results.json (keyed "TASK_Kshot");
 glue:DIR and superglue:DIR score every task of the benchmark found in DIR and add a line (and
 "glue_Kshot") with the benchmark's score and the tasks missing. NAME:tfds reads the
 task's TFDS dataset prepared in the run's data.data_dir/tfds (or --data_dir's), e.g.
---tasks=hellaswag:tfds,arc_easy:tfds:ai2_arc/ARC-Easy:test.
+--tasks=hellaswag:tfds,arc_easy:tfds:ai2_arc/ARC-Easy:test. Generative tasks (jaxlm/generative.py:
+QA, summarization, translation) generate each answer greedily and report em/f1, ROUGE or
+BLEU/chrF with the generation's prompts/s and new tokens/s; --max_new_tokens overrides every
+such task's budget and the first --samples answers are kept, beside their references, in
+eval_results.json.
 
 Each document (a .txt/.md file, or a line of a .jsonl file with a "text" field; or a document
 of the run's corpus split) is scored on its own with sliding windows of --seq_len tokens that
@@ -55,6 +61,12 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 0, "solved examples before ea
 _LIMIT = flags.DEFINE_integer("limit", 0, "score only the first N examples of each task (0: all).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "progress bar on stderr while scoring tasks.")
 _SEED = flags.DEFINE_integer("seed", 0, "draws the few-shot examples.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", 0, "generative tasks: new tokens per answer for every such task (0: each "
+    "task's own budget; see jaxlm/generative.py).")
+_SAMPLES = flags.DEFINE_integer(
+    "samples", 5, "generative tasks: the first N answers, beside their prompts and references, "
+    "kept in eval_results.json (not on the printed line).")
 
 
 @common.exit_on_user_error
@@ -73,6 +85,9 @@ def main(argv: list[str]) -> None:
                           "--tasks=NAME:PATH,...")
   if _MAX_DOCUMENTS.value < 0:
     raise EvaluationError(f"--max_documents={_MAX_DOCUMENTS.value} must be >= 0.")
+  for flag in (_MAX_NEW_TOKENS, _SAMPLES):
+    if flag.value < 0:
+      raise EvaluationError(f"--{flag.name}={flag.value} must be >= 0.")
   if _STRIDE.value is not None and _STRIDE.value < 1:
     raise EvaluationError(f"--stride={_STRIDE.value} must be >= 1 (omit it: seq_len // 2).")
   if _TASKS.value:
@@ -114,10 +129,16 @@ def evaluate_tasks() -> None:
   loaded = tasks.load_tasks(_TASKS.value, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
                             seed=_SEED.value,
                             data_dir=_DATA_DIR.value or run.config.data.data_dir)
+  context = run.config.model.max_seq_len
+  if _MAX_NEW_TOKENS.value >= context:
+    raise tasks.TaskError(f"--max_new_tokens={_MAX_NEW_TOKENS.value} leaves no room for a prompt "
+                          f"in the model's context (model.max_seq_len={context}); use at most "
+                          f"{context - 1}.")
   mesh = run_lib.default_mesh(run.config)
   params = run_lib.restore_params(run, mesh)
   scorer = tasks.Scorer(run.config, params, run.tokenizer, mesh, _BATCH_SIZE.value,
-                        progress=_PROGRESS.value)
+                        progress=_PROGRESS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                        samples=_SAMPLES.value)
   results = {}
   for task in loaded:
     start = time.perf_counter()
@@ -125,8 +146,8 @@ def evaluate_tasks() -> None:
     result = tasks.score_task(task, scorer)
     result.update(step=run.step, seconds=round(time.perf_counter() - start, 2))
     results[f"{task.name}_{task.num_fewshot}shot"] = result
-    if jax.process_index() == 0:
-      print(json.dumps(result), flush=True)
+    if jax.process_index() == 0:  # (a generative task's samples: in eval_results.json only)
+      print(json.dumps({k: v for k, v in result.items() if k != "samples"}), flush=True)
   # glue:DIR, superglue:DIR: the benchmark's score over the tasks just scored (a line each).
   for summary in tasks.score_groups(_TASKS.value, list(results.values())):
     summary.update(num_fewshot=_NUM_FEWSHOT.value, step=run.step)

@@ -25,6 +25,8 @@ the example itself excluded, precede the context, separated by a blank line.
 GLUE and SuperGLUE (jaxlm/glue.py, imported at the end of this file) add their tasks, scored
 from each example's predicted choice (`choice_loglikelihoods`) with their official metrics, and
 the groups (`GROUPS`) glue:DIR and superglue:DIR that stand for every task of the benchmark.
+jaxlm/generative.py (imported there too) adds the tasks whose answers are generated (QA,
+summarization, translation), scored with EM/F1, ROUGE, BLEU and chrF.
 """
 
 from __future__ import annotations
@@ -443,7 +445,9 @@ class Scorer:
   batches are sharded over, the global batch size (rounded to the devices), a progress bar, and
   the compiled scoring step (`make_scorer`, made on first use; share one Scorer, or its `step`,
   so each length bucket compiles once). `dataclasses.replace(scorer, params=...)` scores other
-  params with the same step."""
+  params with the same step. Generative tasks (jaxlm/generative.py): `max_new_tokens` overrides
+  every task's answer budget (0: each task's own), `samples` answers are kept in each result
+  beside their references."""
   config: Config
   params: Any
   tokenizer: Any
@@ -451,6 +455,8 @@ class Scorer:
   batch_size: int = 8
   progress: bool = False
   step: Callable[[Any, dict], dict[str, Any]] | None = None
+  max_new_tokens: int = 0
+  samples: int = 0
 
   def scores(self, batches) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
     """(key, per-row scores) of each (key, global batch) of `batches`, host-side."""
@@ -683,11 +689,12 @@ def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask
                           ) -> Callable[[Any], dict[str, float]]:
   """params -> the tasks' results as flat eval metrics for metrics.jsonl / TensorBoard:
   eval_{task}_{acc, acc_norm, perplexity, word_perplexity, bits_per_byte} and the GLUE metrics
-  (mcc, f1, f1a, em, pearson, spearman) (empty without tasks). The scorer compiles once per
+  (mcc, f1, f1a, em, pearson, spearman) and the generative ones (bleu, chrf, rouge1, rouge2,
+  rougeL) (empty without tasks). The scorer compiles once per
   length bucket, on first use."""
   scorer = Scorer(config, None, tokenizer, mesh, batch_size=config.train.global_batch_size)
   keys = ("acc", "acc_norm", "perplexity", "word_perplexity", "bits_per_byte", "mcc", "f1",
-          "f1a", "em", "pearson", "spearman")
+          "f1a", "em", "pearson", "spearman", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
   def evaluate(params: Any) -> dict[str, float]:
     scorer.params = params
@@ -696,6 +703,8 @@ def in_training_evaluator(config: Config, tokenizer, loaded: Sequence[LoadedTask
   return evaluate
 
 
-# GLUE and SuperGLUE (jaxlm/glue.py builds on this module and adds its tasks and groups to
-# TASKS and GROUPS when imported; imported last, so either module may be imported first).
+# GLUE and SuperGLUE (jaxlm/glue.py) and the generative tasks (jaxlm/generative.py: answers
+# generated and scored against references) build on this module and add their tasks (and GLUE's
+# groups) to TASKS and GROUPS when imported; imported last, so any of them may be imported first.
+from jaxlm import generative as _generative  # noqa: E402,F401  pylint: disable=wrong-import-position
 from jaxlm import glue as _glue  # noqa: E402,F401  pylint: disable=wrong-import-position
