@@ -111,3 +111,27 @@ def tiny_lm_run(tmp_path_factory) -> str:
   checkpointer.wait()
   return str(workdir)
 
+
+
+# Seconds each test file took (the sums of its tests' setup, call and teardown, `pytest
+# --durations=0` on the 2-core machine beside other work, 2026-12-07; only the order matters).
+# pytest-xdist's loadfile hands whole files to its two workers, by default the files with the
+# most tests first, so a file of two long tests (the multi-process jobs, the notebooks) could
+# start last and keep one worker busy while the other idles. pyproject.toml turns that order
+# off (--no-loadscope-reorder) and the files go out heaviest first, whatever they hold; files
+# not named here (the quick ones) follow in their usual order.
+FILE_SECONDS = {
+    "test_finetune.py": 557, "test_pretrain.py": 228, "test_convert.py": 190,
+    "test_plan.py": 150, "test_pipeline.py": 149, "test_model.py": 125, "test_multihost.py": 107,
+    "test_tasks.py": 103, "test_lora.py": 94, "test_sweep.py": 87, "test_loop.py": 85,
+    "test_optimizers.py": 77, "test_generate.py": 75, "test_train.py": 75,
+    "test_notebooks.py": 73, "test_spikes.py": 68, "test_convert_llama.py": 67,
+    "test_crash.py": 66, "test_sharding.py": 63, "test_storage.py": 59,
+    "test_glue_finetune.py": 55, "test_benchmark.py": 50, "test_kernels.py": 45,
+    "test_curate.py": 44, "test_generative.py": 40, "test_harness.py": 35,
+    "test_batch_warmup.py": 31, "test_shards.py": 30, "test_mup.py": 30,
+    "test_preference.py": 29}
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # (stable: a file's order)
