@@ -234,9 +234,11 @@ def test_preference_tuning_makes_the_model_prefer_what_it_did_not(base_run, tmp_
   """DPO on pairs preferring 'bright' among the adjectives (experiments/preference_study.py,
   whose table docs/finetuning.md shows). The base model's greedy answers never pick it, and its
   own log-probabilities prefer the chosen answer for about half the pairs; after 2 epochs every
-  held-out pair is ranked right and the greedy answers say 'bright' (thresholds 0.9 and 0.8)."""
+  held-out pair is ranked right and the greedy answers say 'bright' (thresholds 0.9 and 0.8;
+  measured with 360 pairs, data seeds 1-3: accuracy 1.0 and 1.0, the base's log-probabilities
+  0.65, 0.63, 0.46)."""
   data = tmp_path / "pairs.jsonl"
-  preference_study.write_pairs(str(data), 600, seed=1, liked="bright")
+  preference_study.write_pairs(str(data), 360, seed=1, liked="bright")
   workdir = tmp_path / "dpo"
   result = run_script("finetune_preference", [
       f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
@@ -245,13 +247,13 @@ def test_preference_tuning_makes_the_model_prefer_what_it_did_not(base_run, tmp_
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["test_preference_accuracy"] >= 0.9, summary
-  assert 0.3 <= summary["test_reference_preference_accuracy"] <= 0.7, summary
+  assert 0.25 <= summary["test_reference_preference_accuracy"] <= 0.75, summary
   evaluations = [r for r in map(json.loads, open(workdir / "metrics.jsonl"))
                  if "eval_preference_accuracy" in r]
   assert len(evaluations) == 2 and evaluations[-1]["eval_preference_accuracy"] >= 0.9
   report = json.loads((workdir / "test_responses.json").read_text())
   liked = lambda answers: np.mean([a["response"].strip().startswith("bright") for a in answers])
-  assert len(report) == 120 and liked(report) >= 0.8, report[:5]
+  assert len(report) == 72 and liked(report) >= 0.8, report[:5]
   config, params, tokenizer = run_lib.load_run(base_run)
   prompts = finetune.encode_instructions(
       [finetune.Example("", r["prompt"], response=r["chosen"]) for r in report], tokenizer, 64)

@@ -14,11 +14,12 @@ from jaxlm import plan as plan_lib
 from jaxlm import sharding
 from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
+# (The CLI's default config file trains with Muon and has modded-nanogpt's skips: these plans
+# count AdamW's state and the plain model's parameters, as the schema's defaults give them.)
 TINY = {"model": {"num_layers": 1, "num_heads": 2, "embed_dim": 64, "mlp_dim": 256,
-                  "vocab_size": 1024, "max_seq_len": 32},
+                  "vocab_size": 1024, "max_seq_len": 32, "value_embed": False, "x0_skip": False},
         "data": {"seq_len": 32, "stride": 32},
         "train": {"global_batch_size": 8},
-        # (the CLI's default config file trains with Muon: these plans count AdamW's state)
         "optim": {"name": "adamw"}}
 TINY_FLAGS = [f"--config.{section}.{key}={value}"
               for section, values in TINY.items() for key, value in values.items()]
