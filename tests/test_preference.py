@@ -156,8 +156,9 @@ def _prepare(tiny_lm_run, workdir, data, **finetune_keys):
 def test_dpo_starts_at_log_2_with_every_pair_tied_and_resumes_exactly(tiny_lm_run, pairs_file,
                                                                       tmp_path):
   """The reference is the policy at step 0: every reward 0, the loss log 2, accuracy 0.5 (ties
-  count half); the reference's own preference is reported. A run stopped after 3 steps resumes
-  (recomputing the reference) to the uninterrupted run's numbers."""
+  count half); the reference's own preference is reported; finetune.reference naming the
+  init run gives the same reference. A run stopped after 3 steps resumes (recomputing the
+  reference) to the uninterrupted run's numbers."""
   prepared = _prepare(tiny_lm_run, tmp_path / "a", pairs_file)
   assert prepared.splits["train"].reference.shape == (len(prepared.splits["train"].ids), 2)
   params = finetune.initial_params(prepared.config, finetune.base_params(prepared),
@@ -169,6 +170,12 @@ def test_dpo_starts_at_log_2_with_every_pair_tied_and_resumes_exactly(tiny_lm_ru
   reference = prepared.splits["validation"].reference
   assert results["validation_reference_preference_accuracy"] == pytest.approx(
       float(np.mean(reference[:, 0] > reference[:, 1])))
+
+  # finetune.reference naming the init run gives the same reference (another run's model
+  # scores the pairs the same way, its own config and params restored).
+  named = _prepare(tiny_lm_run, tmp_path / "c", pairs_file, reference=tiny_lm_run)
+  np.testing.assert_allclose(named.splits["train"].reference, prepared.splits["train"].reference,
+                             rtol=1e-5)
 
   whole = finetune.finetune(prepared, show_progress=False)
   assert whole["steps"] == 2 * math.ceil(len(prepared.splits["train"].ids) / 8)
