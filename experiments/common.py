@@ -177,11 +177,28 @@ def define_restore_step_flag() -> flags.FlagHolder:
       "(the later ones are moved to checkpoints_discarded/).", lower_bound=0))
 
 
+def define_finetune_flags(*, data: str, validation_data: str, test_data: str,
+                          workdir: str = "new run directory.",
+                          init: str = "run directory to start from (pretrained or imported)."
+                          ) -> None:
+  """The flags every fine-tuning script has (--init, --data, --validation_data, --test_data,
+  --workdir, --progress, --restore_step, --config, the distributed ones), with the script's own
+  help texts where they differ; `run_finetune` reads them."""
+  _in_help(flags.DEFINE_string("init", None, init))
+  _in_help(flags.DEFINE_string("data", None, data))
+  _in_help(flags.DEFINE_string("validation_data", None, validation_data))
+  _in_help(flags.DEFINE_string("test_data", None, test_data))
+  _in_help(flags.DEFINE_string("workdir", None, workdir))
+  _in_help(flags.DEFINE_bool("progress", True, "show a progress bar on stderr."))
+  define_restore_step_flag()
+  define_config_overrides_flag()
+  define_distributed_flags()
+
+
 def run_finetune(objective: str, overrides: dict[str, Any] | None = None) -> None:
   """The fine-tuning scripts' shared main: checks everything, trains, prints the summary. The
-  scripts define the same flags (--init, --data, --validation_data, --test_data, --workdir,
-  --progress, --restore_step); they are read here. `overrides`: config values a script's own
-  flags set (over --config.K=V)."""
+  scripts define the same flags (`define_finetune_flags`); they are read here. `overrides`:
+  config values a script's own flags set (over --config.K=V)."""
   import json
 
   from jaxlm import finetune

@@ -30,20 +30,14 @@ from absl import app, flags
 
 from experiments import common
 
-_INIT = flags.DEFINE_string("init", None, "run directory to start from (pretrained or imported).")
-_DATA = flags.DEFINE_string("data", None, "CSV/TSV/JSON/JSONL of text,label records (split unless "
-                            "--validation_data and --test_data are given).")
-_VALIDATION_DATA = flags.DEFINE_string("validation_data", None,
-                                       "validation records (formats as --data).")
-_TEST_DATA = flags.DEFINE_string("test_data", None, "test records (formats as --data).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "new run directory (or, with --predict, the "
-                               "fine-tuned classifier).")
+common.define_finetune_flags(
+    data="CSV/TSV/JSON/JSONL of text,label records (split unless --validation_data and "
+         "--test_data are given).",
+    validation_data="validation records (formats as --data).",
+    test_data="test records (formats as --data).",
+    workdir="new run directory (or, with --predict, the fine-tuned classifier).")
 _PREDICT = flags.DEFINE_string("predict", None, "label the texts of this file with --workdir's "
                                "classifier instead of training.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
-_RESTORE_STEP = common.define_restore_step_flag()
-_CONFIG = common.define_config_overrides_flag()
-common.define_distributed_flags()
 
 
 @common.exit_on_user_error
@@ -53,13 +47,14 @@ def main(argv: list[str]) -> None:
   common.quiet_logs()
   if _PREDICT.value:
     from jaxlm import finetune
-    if not _WORKDIR.value:
+    workdir = flags.FLAGS.workdir
+    if not workdir:
       raise finetune.FinetuneError("--predict needs --workdir=RUN, a fine-tuned classifier.")
     from jaxlm import run as run_lib
-    saved = (run_lib.saved_config(_WORKDIR.value) or {}).get("finetune", {})
+    saved = (run_lib.saved_config(workdir) or {}).get("finetune", {})
     texts = finetune.read_texts(_PREDICT.value, common.config_overrides().get(
         "finetune.text_column", saved.get("text_column", "text")))  # default: as trained
-    for result in finetune.predict(_WORKDIR.value, texts):
+    for result in finetune.predict(workdir, texts):
       print(json.dumps(result, ensure_ascii=False))
     return
   common.run_finetune("classifier")

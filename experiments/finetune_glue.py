@@ -29,18 +29,11 @@ from experiments import common
 
 _TASK = flags.DEFINE_string("task", None, "the GLUE or SuperGLUE task, e.g. mrpc, stsb, copa "
                             "(finetune.glue_task).")
-_INIT = flags.DEFINE_string("init", None, "run directory to start from (pretrained or imported).")
-_DATA = flags.DEFINE_string("data", None, "the task's training file (GLUE TSV, SuperGLUE JSONL) "
-                            "or TFDS dataset.")
-_VALIDATION_DATA = flags.DEFINE_string("validation_data", None,
-                                       "the task's dev/validation file (required).")
-_TEST_DATA = flags.DEFINE_string("test_data", None, "another labelled file scored as the test "
-                                 "split (optional; e.g. MNLI's dev_mismatched.tsv).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "new run directory.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
-_RESTORE_STEP = common.define_restore_step_flag()
-_CONFIG = common.define_config_overrides_flag()
-common.define_distributed_flags()
+common.define_finetune_flags(
+    data="the task's training file (GLUE TSV, SuperGLUE JSONL) or TFDS dataset.",
+    validation_data="the task's dev/validation file (required).",
+    test_data="another labelled file scored as the test split (optional; e.g. MNLI's "
+              "dev_mismatched.tsv).")
 
 
 @common.exit_on_user_error

@@ -16,20 +16,14 @@ kept, and its greedy responses to the test prompts go to test_responses.json (ea
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app
 
 from experiments import common
 
-_INIT = flags.DEFINE_string("init", None, "run directory to start from (pretrained or imported).")
-_DATA = flags.DEFINE_string("data", None, "JSON/JSONL instruction records (split unless "
-                            "--validation_data and --test_data are given).")
-_VALIDATION_DATA = flags.DEFINE_string("validation_data", None, "validation JSON/JSONL.")
-_TEST_DATA = flags.DEFINE_string("test_data", None, "test JSON/JSONL.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "new run directory.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar on stderr.")
-_RESTORE_STEP = common.define_restore_step_flag()
-_CONFIG = common.define_config_overrides_flag()
-common.define_distributed_flags()
+common.define_finetune_flags(
+    data="JSON/JSONL instruction records (split unless --validation_data and --test_data are "
+         "given).",
+    validation_data="validation JSON/JSONL.", test_data="test JSON/JSONL.")
 
 
 @common.exit_on_user_error

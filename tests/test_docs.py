@@ -220,9 +220,18 @@ def _defined_names(tree: ast.AST) -> dict[str, set[str]]:
 
 @functools.lru_cache(maxsize=None)
 def _common_helpers() -> dict[str, set[str]]:
-  """{experiments.common function: the flags it defines}."""
+  """{experiments.common function: the flags it defines, itself or through the other helpers
+  it calls (define_finetune_flags -> define_restore_step_flag ...)}."""
   with open(os.path.join(EXPERIMENTS, "common.py"), encoding="utf-8") as f:
-    defined = _defined_names(ast.parse(f.read()))
+    tree = ast.parse(f.read())
+  defined = _defined_names(tree)
+  calls = {node.name: {c.func.id for c in ast.walk(node)
+                       if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+           for node in tree.body if isinstance(node, ast.FunctionDef)}
+  for _ in calls:  # (to a fixed point: helpers call helpers)
+    for name, called in calls.items():
+      for other in called & defined.keys():
+        defined[name] = defined.get(name, set()) | defined[other]
   return {name: flags for name, flags in defined.items() if name and flags}
 
 
