@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -137,14 +137,22 @@ def answer_test_prompts(prepared, params) -> dict[str, Any]:
   return {"test_exact_match": float(np.mean([r["exact_match"] for r in report]))}
 
 
-def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
+def read_templated(read: Callable[..., list[Example]], path: str, f: FinetuneConfig, tokenizer,
+                   flag: str) -> list[Example]:
+  """read(path, template, flag[, chat_template]): the examples of a file formatted by
+  finetune.template; with `model`, the init run's chat template (ChatTemplateError, e.g. a run
+  without one, as one FinetuneError line naming the key)."""
   if f.template != "model":
-    return read_instructions(path, f.template, flag=flag)
+    return read(path, f.template, flag)
   try:
     chat.turn_tokenizer(tokenizer)  # (answers must end in one token: checked before training)
-    return read_instructions(path, f.template, flag, chat.of(tokenizer))
+    return read(path, f.template, flag, chat.of(tokenizer))
   except chat.ChatTemplateError as e:
     raise FinetuneError(f"--config.finetune.template=model: {e}") from None
+
+
+def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
+  return read_templated(read_instructions, path, f, tokenizer, flag)
 
 
 OBJECTIVE = register(Objective(

@@ -275,13 +275,7 @@ def annotate(prepared) -> None:
 # -- The objective ---------------------------------------------------------------------------
 
 def _read(path: str, f: FinetuneConfig, tokenizer, flag: str) -> list[Example]:
-  if f.template != "model":
-    return read_preferences(path, f.template, flag)
-  try:
-    chat.turn_tokenizer(tokenizer)  # (answers must end in one token: checked before training)
-    return read_preferences(path, f.template, flag, chat.of(tokenizer))
-  except chat.ChatTemplateError as e:
-    raise FinetuneError(f"--config.finetune.template=model: {e}") from None
+  return instruct.read_templated(read_preferences, path, f, tokenizer, flag)
 
 
 def _check(config: Config) -> None:
