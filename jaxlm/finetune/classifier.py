@@ -153,7 +153,9 @@ def _row(split: Encoded, index: int, length: int, pad_id: int) -> Batch:
               labels=np.int32(split.labels[index]), row_weight=np.float32(1.0))
 
 
-def _check(config: Config) -> None:
+def check_no_lm_head(config: Config) -> None:
+  """FinetuneError for settings that use the language-model head a class head replaces (the
+  classifier's and GLUE fine-tuning's check)."""
   t = config.train
   lm_head_keys = [key for key, value in [("train.eval_tasks", t.eval_tasks),
                                          ("train.sample_every", t.sample_every),
@@ -173,7 +175,7 @@ OBJECTIVE = register(Objective(
     rank=lambda r: (r["validation_accuracy"], -r["validation_loss"]),
     select=lambda examples, config: (balance(examples, config.seed)
                                      if config.finetune.balance else examples),
-    check=_check))
+    check=check_no_lm_head))
 
 
 def predict(workdir: str, texts: Sequence[str]) -> list[dict[str, Any]]:

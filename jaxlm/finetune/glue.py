@@ -48,8 +48,7 @@ from jaxlm import data as data_lib
 from jaxlm import glue as glue_lib
 from jaxlm import loss as loss_lib
 from jaxlm.config import Config, FinetuneConfig
-from jaxlm.finetune.classifier import _check as check_no_lm_head
-from jaxlm.finetune.classifier import label_ids
+from jaxlm.finetune.classifier import check_no_lm_head, label_ids
 from jaxlm.finetune.objective import Batch, Encoded, Example, FinetuneError, Objective, register
 from jaxlm.tasks import _Row
 
