@@ -1,6 +1,8 @@
 r"""Measures preference tuning on a property the base model lacks (docs/finetuning.md).
 
   python -m experiments.preference_study --cache_dir=/tmp/pref --seeds=1,2,3
+  python -m experiments.preference_study --cache_dir=/tmp/pref \
+      --overrides=model.prefix_length=16,optim.learning_rate=1e-2   # prefix tuning
 
 A 2-layer, 128-dim model is pretrained (300 steps, its own process) on generated sentences
 ("the old cat sees the red door."); its greedy continuation of "the old cat sees the" is one
@@ -28,6 +30,9 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", "~/.cache/jaxlm/preference_study",
                                  "the base run, the data and the tuned runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "data seeds (one set of pairs each).")
 _LOSSES = flags.DEFINE_list("losses", ["dpo", "simpo"], "finetune.preference_loss values.")
+_OVERRIDES = flags.DEFINE_list(
+    "overrides", [], "config overrides K=V for every tuned run, e.g. prefix tuning: "
+    "model.prefix_length=16,optim.learning_rate=1e-2 (the runs' folders get a _tuned suffix).")
 _LIKED = flags.DEFINE_string("liked", "auto", "the adjective the pairs prefer; auto: the first "
                              "of PREFERRED_ORDER the base model's greedy answers never say.")
 
@@ -135,9 +140,11 @@ def main(argv: list[str]) -> None:
     data = os.path.join(cache, f"pairs_{liked}_{seed}.jsonl")
     write_pairs(data, 600, seed, liked)
     for loss in _LOSSES.value:
-      workdir = os.path.join(cache, f"{loss}_{liked}_{seed}")
+      overrides = dict(item.split("=", 1) for item in _OVERRIDES.value)
+      suffix = "_" + "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides.items())
+      workdir = os.path.join(cache, f"{loss}_{liked}_{seed}{suffix if overrides else ''}")
       settings = {"finetune.template": "plain", "finetune.epochs": 2,
-                  "finetune.max_new_tokens": 6, "seed": seed, **SETTINGS[loss]}
+                  "finetune.max_new_tokens": 6, "seed": seed, **SETTINGS[loss], **overrides}
       summary = json.loads(run(["experiments.finetune_preference", f"--init={base}",
                                 f"--data={data}", f"--workdir={workdir}",
                                 *[f"--config.{k}={v}" for k, v in settings.items()]],

@@ -131,6 +131,10 @@ class ModelConfig:
   lora_alpha: float = 16.0  # LoRA scale: alpha / rank
   lora_dropout: float = 0.0  # dropout on the adapters' input
   lora_targets: tuple[str, ...] = LORA_TARGETS  # Dense layers that get adapters
+  # Prefix tuning (Li & Liang 2021) when > 0: every layer gets this many learned key/value
+  # slots that every query attends to (the only weights that train, with a classification head;
+  # attention then runs XLA's kernel with an explicit mask, not the flash kernels).
+  prefix_length: int = 0
 
   @property
   def head_dim(self) -> int:
@@ -353,10 +357,11 @@ class FinetuneConfig:
   """Fine-tuning (experiments/finetune_classifier.py, finetune_instruct.py,
   finetune_preference.py, finetune_glue.py; jaxlm/finetune/).
 
-  trainable: '' (the default: all weights, or 'lora' when model.lora_rank > 0; measured to
-  learn where the book's last block + head did not, see jaxlm/finetune/), 'head' (the output
-  layer), 'last_n_blocks' (+ the final norm and the head: the book's choice, lighter on optimizer
-  memory), 'all', or 'lora' (adapters, plus a classification head).
+  trainable: '' (the default: all weights, 'lora' when model.lora_rank > 0, 'prefix' when
+  model.prefix_length > 0; all weights measured to learn where the book's last block + head did
+  not, see jaxlm/finetune/), 'head' (the output layer), 'last_n_blocks' (+ the final norm and
+  the head: the book's choice, lighter on optimizer memory), 'all', 'lora' (adapters, plus a
+  classification head) or 'prefix' (the layers' key/value prefixes, plus a classification head).
   Data given as one file is split train/validation/test by the fractions (seeded by `seed`).
   """
   # what is learned (jaxlm/finetune/), set by the scripts: classifier, instruct, preference,
@@ -406,7 +411,7 @@ class Config:
 
 
 _SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config) if f.name != "seed"}
-TRAINABLE = ("", "head", "last_n_blocks", "all", "lora")
+TRAINABLE = ("", "head", "last_n_blocks", "all", "lora", "prefix")
 TEMPLATES = ("alpaca", "chat", "model", "plain")
 PREFERENCE_LOSSES = ("dpo", "simpo")
 
@@ -689,7 +694,7 @@ _NON_NEGATIVE = (
     "train.max_nonfinite_steps", "train.eval_tasks_limit", "train.max_spike_steps",
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
     "train.layer_stats_every", "train.sample_temperature",
-    "optim.min_learning_rate", "data.stride",
+    "optim.min_learning_rate", "data.stride", "model.prefix_length",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
     "optim.adafactor_clip_threshold", "model.logit_softcap", "finetune.simpo_gamma")
 CHOICES = {
@@ -1024,6 +1029,17 @@ def check(config: Config) -> Config:
     raise ConfigError(f"finetune.trainable={f.trainable!r} conflicts with model.lora_rank="
                       f"{m.lora_rank}: LoRA trains only the adapters (and a classification "
                       f"head); drop one of the two.")
+  if m.prefix_length and m.lora_rank:
+    raise ConfigError(f"model.prefix_length={m.prefix_length} and model.lora_rank={m.lora_rank}: "
+                      f"prefix tuning and LoRA are two ways to adapt a model; set one of them "
+                      f"to 0.")
+  if m.prefix_length and f.trainable not in ("", "prefix"):
+    raise ConfigError(f"finetune.trainable={f.trainable!r} conflicts with model.prefix_length="
+                      f"{m.prefix_length}: prefix tuning trains only the prefixes (and a "
+                      f"classification head); drop one of the two.")
+  if f.trainable == "prefix" and not m.prefix_length:
+    raise ConfigError("finetune.trainable='prefix' needs prefixes: set "
+                      "--config.model.prefix_length (e.g. 16).")
   if f.trainable == "lora" and not m.lora_rank:
     raise ConfigError("finetune.trainable='lora' needs adapters: set --config.model.lora_rank "
                       "(e.g. 8).")

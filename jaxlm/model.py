@@ -36,6 +36,8 @@ Parameter tree (unscanned; with `scan_layers=True`, `layers_0 .. layers_{n-1}` b
   classifier/bias        [num_classes]                                    (instead of lm_head)
   .../{query,...}/lora_a [*kernel inputs, rank]    (input axes, None)     lora_rank > 0, on the
   .../{query,...}/lora_b [rank, *kernel outputs]   (None, output axes)    lora_targets
+  layers_{i}/attention/prefix_{key,value} [prefix_length, kv_heads, head_dim]
+                         (None, 'kv_heads', 'head_dim')                  prefix_length > 0
 
 The LM head never has a bias (as in GPT-2 / nanoGPT).
 """
@@ -308,6 +310,8 @@ def attention_kernel(config: ModelConfig, length: int, platform: str | None = No
   if impl in kernels.KERNELS and (
       decoding or not kernels.supports(impl, length, config.sliding_window)):
     return "xla"
+  if config.prefix_length and impl != "reference":  # prefix slots: an explicit mask
+    return "xla"
   return impl
 
 
@@ -496,6 +500,8 @@ class CausalSelfAttention(nn.Module):
     causal = causal_mask(q_slots, k_slots, cfg.sliding_window, windowed)  # [1, 1, q, kv]
     segments = None if segment_ids is None else segment_mask(segment_ids, k_segment_ids)
     mask = causal if segments is None else causal & segments   # [batch, 1, q_len, kv_len]
+    if cfg.prefix_length:
+      key, value, mask = self._with_prefix(key, value, mask)
 
     impl = attention_kernel(cfg, x.shape[1], decoding=decoding)
     if impl == "reference":
@@ -511,7 +517,8 @@ class CausalSelfAttention(nn.Module):
         out = kernel(cfg.sliding_window)
       else:  # the kernel's masks are static: compile both, run this layer's
         out = jax.lax.cond(windowed, lambda: kernel(cfg.sliding_window), lambda: kernel(0))
-    elif decoding or windowed is not None:  # offset cache slots, or a traced window: the mask
+    elif decoding or windowed is not None or cfg.prefix_length:  # offset cache slots, a traced
+      # window, or prefix slots: the mask
       out = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                          implementation=impl)
     else:  # let the kernel build the causal part (cuDNN then skips the masked blocks)
@@ -523,6 +530,25 @@ class CausalSelfAttention(nn.Module):
     out = checkpoint_name(out, "attention_out")  # [batch, length, heads, head_dim]
     return Dense((cfg.embed_dim,), ("heads", "head_dim", "embed"), cfg,
                  init_scale=residual_init_scale(cfg), name="out")(out, deterministic)
+
+  def _with_prefix(self, key: Array, value: Array, mask: Array) -> tuple[Array, Array, Array]:
+    """Prefix tuning (Li & Liang 2021): this layer's learned keys and values
+    prefix_{key,value} [prefix_length, kv_heads, head_dim] go before key/value [batch, kv_len,
+    kv_heads, head_dim], and every query sees them (whatever its segment or window): mask
+    [batch or 1, 1, q_len, kv_len] -> [.., prefix_length + kv_len]. They are final keys and
+    values (no rotation, norm or value mix: nothing positions them), not cached (they are
+    params), drawn N(0, init_std) like the other weights (PEFT draws them at random too)."""
+    cfg = self.config
+    shape = (cfg.prefix_length, cfg.kv_heads, cfg.head_dim)
+    init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                        (None, "kv_heads", "head_dim"))
+    prefix = [jnp.broadcast_to(self.param(name, init, shape, jnp.float32).astype(like.dtype),
+                               (like.shape[0],) + shape)
+              for name, like in (("prefix_key", key), ("prefix_value", value))]
+    key = jnp.concatenate([prefix[0], key], axis=1)
+    value = jnp.concatenate([prefix[1], value], axis=1)
+    seen = jnp.ones(mask.shape[:-1] + (cfg.prefix_length,), bool)
+    return key, value, jnp.concatenate([seen, mask], axis=-1)
 
   def _cache_variables(self, shape: tuple[int, ...], dtype: Any):
     """The 'cache' variables; created as zeros for shape [batch, max_len, kv_heads, head_dim]."""
@@ -848,7 +874,8 @@ def param_count(config: ModelConfig) -> int:
     total += d * config.num_classes + (config.num_classes if bias else 0)
   elif not config.tie_embeddings:
     total += d * v
-  return total + config.num_layers * lora_params_per_layer(config)
+  prefix = 2 * config.prefix_length * config.kv_heads * config.head_dim
+  return total + config.num_layers * (lora_params_per_layer(config) + prefix)
 
 
 def _dense_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -58,13 +58,13 @@ def _names(path) -> list[str]:
 
 def group_of(names: list[str]) -> str:
   """The parameter group (config.PARAM_GROUPS) of the parameter at `names`: 'vectors' (norm
-  scales, biases), 'embed' (token, position and value tables), 'head' (LM head, classifier), else
-  'matrices' (the layers' kernels, LoRA adapters). By name, not rank: with `scan_layers` a norm
-  scale is [layers, embed]."""
+  scales, biases), 'embed' (token, position and value tables, prefix tuning's slots), 'head' (LM
+  head, classifier), else 'matrices' (the layers' kernels, LoRA adapters). By name, not rank:
+  with `scan_layers` a norm scale is [layers, embed]."""
   name = names[-1]
   if "bias" in name or "scale" in name:
     return "vectors"
-  if name in ("token_embed", "position_embed", "value_embed"):
+  if name in ("token_embed", "position_embed", "value_embed", "prefix_key", "prefix_value"):
     return "embed"
   if name == "lm_head" or names[0] == "classifier":
     return "head"

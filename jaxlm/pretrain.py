@@ -51,8 +51,9 @@ def prepare(config: Config, workdir: str) -> PretrainInputs:
   is mirrored locally first (jaxlm/remote.py)."""
   workdir = run_lib.local_workdir(workdir)
   run_lib.check_resumable(workdir, config, None)
-  if config.model.num_classes or config.model.lora_rank:
-    field = "num_classes" if config.model.num_classes else "lora_rank"
+  adds = [k for k in ("num_classes", "lora_rank", "prefix_length") if getattr(config.model, k)]
+  if adds:
+    field = adds[0]
     raise config_lib.ConfigError(
         f"model.{field} is for fine-tuning (experiments.finetune_classifier / "
         f"finetune_instruct); pretraining trains a whole language model: set it to 0.")

@@ -67,6 +67,13 @@ def test_override_and_choice_messages_say_what_is_valid():
     ({"optim": {"weight_decay": float("nan")}}, r"optim\.weight_decay=nan: must be a finite"),
     ({"optim": {"learning_rate": float("inf")}}, r"optim\.learning_rate=inf: must be a finite"),
     ({"model": {"rope_theta": 0.0}}, r"model\.rope_theta=0\.0: must be positive"),
+    ({"model": {"prefix_length": -2}}, r"model\.prefix_length=-2: must be >= 0"),
+    ({"model": {"prefix_length": 4, "lora_rank": 8}},
+     r"model\.prefix_length=4 and model\.lora_rank=8: .* set one of them to 0"),
+    ({"model": {"prefix_length": 4}, "finetune": {"trainable": "head"}},
+     r"finetune\.trainable='head' conflicts with model\.prefix_length=4"),
+    ({"finetune": {"trainable": "prefix"}},
+     r"finetune\.trainable='prefix' needs prefixes: set --config\.model\.prefix_length"),
 ])
 def test_values_that_would_fail_mid_run_are_refused(overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -596,6 +596,41 @@ def test_lora_trains_only_adapters_and_the_head():
   assert finetune.resolved_trainable(config) == "lora"
 
 
+def test_prefix_tuning_trains_only_the_prefixes_and_the_head(tmp_path):
+  """model.prefix_length: the layers' prefix slots (and a classification head) train; an init
+  run's prefixes stay (they cannot be merged into the weights); pretraining and Hugging Face
+  export refuse them."""
+  import dataclasses
+
+  from jaxlm import convert
+  from jaxlm import pretrain as pretrain_lib
+  from jaxlm.finetune import FinetuneError, core
+  config = config_lib.validate({
+      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
+                "vocab_size": 50, "num_classes": 2, "prefix_length": 4},
+      "finetune": {"objective": "classifier"}})
+  params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  trainable, _ = params_lib.partition(nn.unbox(params["params"]),
+                                      finetune.trainable_filter(config))
+  names = {"/".join(p.key for p in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  assert names == {"classifier/kernel", "classifier/bias"} | {
+      f"layers_{i}/attention/prefix_{x}" for i in (0, 1) for x in ("key", "value")}
+  assert finetune.resolved_trainable(config) == "prefix"
+  base = config_lib.validate({})
+  tuned = core.finetune_config(base, "instruct", {"model.prefix_length": 8})
+  assert tuned.model.prefix_length == 8 and finetune.resolved_trainable(tuned) == "prefix"
+  # A prefix-tuned init run keeps its prefixes, and refuses to drop or resize them.
+  assert core.finetune_config(tuned, "preference", {}).model.prefix_length == 8
+  with pytest.raises(FinetuneError, match=r"model\.prefix_length=0: the init run was "
+                     r"prefix-tuned with 8 slots"):
+    core.finetune_config(tuned, "preference", {"model.prefix_length": 0})
+  with pytest.raises(config_lib.ConfigError, match=r"model\.prefix_length is for fine-tuning"):
+    pretrain_lib.prepare(tuned, str(tmp_path / "run"))
+  with pytest.raises(convert.ConvertError, match=r"model\.prefix_length=8 \(prefix tuning"):
+    convert.check_exportable(dataclasses.replace(base.model, prefix_length=8))
+
+
 def test_fine_tuning_uses_adamw_and_no_batch_warmup_whatever_the_init_run_trained_with():
   """The default pretraining config trains with Muon (and a run may use a batch-size warmup);
   fine-tuning's measured defaults are AdamW's, with its own epochs of batches."""

@@ -267,9 +267,12 @@ def test_remat_policies_save_what_they_say():
     make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0"),
     make(positional="rope", num_kv_heads=2, sliding_window=4, window_layers="0",
          scan_layers=True, attention_impl="xla"),
-    make(positional="rope", num_kv_heads=2, x0_skip=True, value_embed=True, scan_layers=True)],
+    make(positional="rope", num_kv_heads=2, x0_skip=True, value_embed=True, scan_layers=True),
+    make(positional="rope", num_kv_heads=2, sliding_window=4, prefix_length=3, scan_layers=True,
+         attention_impl="xla")],
     ids=["learned", "sinusoidal", "rope", "none", "learned-scan", "rope-xla", "gqa-window",
-         "mqa-window-xla", "window-on-layer-0", "window-on-layer-0-scan-xla", "skips-gqa-scan"])
+         "mqa-window-xla", "window-on-layer-0", "window-on-layer-0-scan-xla", "skips-gqa-scan",
+         "prefix-gqa-window-scan-xla"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Prefill 5 tokens, then 7 one-token steps == one forward pass over all 12.
 
@@ -476,6 +479,41 @@ def test_skips_start_where_modded_nanogpt_starts_them_and_learn_their_mix():
   assert not np.any(np.delete(np.asarray(grads["value_embed"]), seen, axis=0))
 
 
+def test_prefix_slots_are_the_keys_and_values_of_virtual_tokens():
+  """model.prefix_length: slots holding the keys/values that each layer computes for P real
+  tokens make the model continue after those tokens exactly (the tokens' queries come after
+  them, positions P..); every segment of a packed row sees the prefix."""
+  cfg = make(positional="rope", num_kv_heads=2)
+  prefixed, length = dataclasses.replace(cfg, prefix_length=3), 3
+  params = nn.unbox(random_params(cfg))
+  context, tokens = random_tokens(1, (BATCH, length)), random_tokens(2)
+  _, cache = decode_step(cfg, params, model_lib.init_cache(cfg, BATCH, cfg.max_seq_len), context,
+                         ARANGE[:, :length], None)
+  slots = nn.unbox(cache)
+  prefix_params = dict(params)
+  for layer in ("layers_0", "layers_1"):
+    attention = slots[layer]["attention"]
+    prefix_params[layer] = dict(params[layer], attention=dict(
+        params[layer]["attention"], prefix_key=attention["cached_key"][0, :length],
+        prefix_value=attention["cached_value"][0, :length]))
+  context = jnp.broadcast_to(context[:1], context.shape)  # (the slots are row 0's)
+  full = forward(cfg, params, jnp.concatenate([context, tokens], axis=1)[:, :LENGTH],
+                 ARANGE, ONES)
+  after = forward(prefixed, prefix_params, tokens[:, :LENGTH - length], ARANGE[:, length:],
+                  ONES[:, length:])
+  np.testing.assert_allclose(after, full[:, length:], atol=1e-5)
+  assert not np.allclose(after, forward(cfg, params, tokens[:, :LENGTH - length],
+                                        ARANGE[:, :LENGTH - length], ONES[:, length:]), atol=1e-3)
+  # A packed row: its second segment, positions from 0, equals that segment alone.
+  half = LENGTH // 2
+  packed = forward(prefixed, prefix_params, tokens,
+                   jnp.concatenate([ARANGE[:, :half]] * 2, axis=1),
+                   jnp.concatenate([ONES[:, :half], 2 * ONES[:, half:]], axis=1))
+  alone = forward(prefixed, prefix_params, tokens[:, half:], ARANGE[:, :half], ONES[:, :half])
+  np.testing.assert_allclose(packed[:, half:], alone, atol=1e-5)
+  assert optim_lib.group_of(["layers_0", "attention", "prefix_key"]) == "embed"
+
+
 def test_relu2_mlp_is_fc_relu_squared_proj():
   cfg = make(mlp="relu2", num_layers=1)
   mlp = model_lib.Mlp(cfg)
@@ -596,7 +634,8 @@ def test_bad_attention_shapes_are_one_line(overrides, match):
      "tie_embeddings": False, "scan_layers": True},
     {"num_kv_heads": 1, "head_size": 16, "qk_norm": True, "qkv_bias": True, "use_bias": False,
      "norm": "rmsnorm", "mlp": "swiglu", "positional": "rope"},
-    {"num_kv_heads": 2, "x0_skip": True, "value_embed": True}])
+    {"num_kv_heads": 2, "x0_skip": True, "value_embed": True},
+    {"num_kv_heads": 2, "prefix_length": 5, "num_classes": 3}])
 def test_param_count_formula(overrides):
   cfg = make(**overrides)
   assert model_lib.param_count(cfg) == model_lib.count_params(random_params(cfg))

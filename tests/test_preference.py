@@ -36,6 +36,7 @@ def _write(path, records) -> str:
   return str(path)
 
 
+TINY_HEADS_TIMES_HEAD_DIM = 32  # conftest.TINY_MODEL: 2 heads x 16 (kv_heads = heads)
 PAIRS = [{"prompt": f"Name a colour for item {i}.", "chosen": "bright red", "rejected": "grey"}
          for i in range(24)]
 
@@ -187,6 +188,37 @@ def test_dpo_starts_at_log_2_with_every_pair_tied_and_resumes_exactly(tiny_lm_ru
   for key in ("validation_loss", "test_preference_accuracy", "train_reward_margin"):
     assert resumed[key] == whole[key], key
   assert (tmp_path / "a" / "test_responses.json").exists()
+
+
+def test_prefix_tuned_dpo_keeps_the_init_run_as_reference_and_trains_only_the_slots(
+    tiny_lm_run, pairs_file, tmp_path):
+  """model.prefix_length: DPO's reference is the init run without the slots (the same
+  log-probabilities as a plain run's); the slots start from real tokens' keys/values; after the
+  run only the slots differ from the init run's params."""
+  from jaxlm import params as params_lib
+  from jaxlm import run as run_lib
+  plain = _prepare(tiny_lm_run, tmp_path / "plain", pairs_file)
+  overrides = {"train.global_batch_size": 8, "finetune.template": "plain",
+               "finetune.max_new_tokens": 2, "finetune.epochs": 1, "model.prefix_length": 4,
+               "optim.learning_rate": 1e-2}
+  prepared = finetune.prepare(tiny_lm_run, str(tmp_path / "prefix"), "preference", pairs_file,
+                              overrides)
+  np.testing.assert_allclose(prepared.splits["train"].reference,
+                             plain.splits["train"].reference, rtol=1e-5)
+  base = params_lib.flatten(jax.device_get(finetune.base_params(plain)))
+  start = params_lib.flatten(jax.device_get(finetune.initial_params(
+      prepared.config, finetune.base_params(prepared), prepared.mesh, 0,
+      prefix_tokens=prepared.splits["train"].ids[0])))
+  summary = finetune.finetune(prepared, show_progress=False)
+  assert summary["trainable_params"] == 2 * 2 * 4 * TINY_HEADS_TIMES_HEAD_DIM
+  tuned = params_lib.flatten(jax.device_get(run_lib.restore_params(
+      run_lib.open_run(str(tmp_path / "prefix")), prepared.mesh)))
+  assert set(tuned) == set(base) | {p for p in start if p[-1].startswith("prefix_")}
+  for path, value in tuned.items():
+    if path[-1].startswith("prefix_"):
+      assert np.std(start[path]) > 0.01 and not np.allclose(value, start[path]), path
+    else:
+      np.testing.assert_array_equal(value, base[path], err_msg=str(path))
 
 
 def test_preference_settings_are_checked_before_anything_is_written(tiny_lm_run, pairs_file,

@@ -307,14 +307,17 @@ def import_hf(hf_dir: str, workdir: str, mesh=None, expect: str = "") -> dict[st
 
 
 def common_problems(model: ModelConfig) -> list[str]:
-  """What no Hugging Face family jaxlm writes expresses: soft-capped logits, the skips, muP's
-  multipliers."""
+  """What no Hugging Face family jaxlm writes expresses: soft-capped logits, the skips, prefix
+  tuning's slots, muP's multipliers."""
   found = []
   if model.logit_softcap:
     found.append(f"model.logit_softcap={model.logit_softcap} (no family caps its logits)")
   for knob in ("x0_skip", "value_embed"):
     if getattr(model, knob):
       found.append(f"model.{knob}=true (modded-nanogpt's skip: no family has it)")
+  if model.prefix_length:
+    found.append(f"model.prefix_length={model.prefix_length} (prefix tuning's key/value slots: no "
+                 f"family has them, and they cannot be merged into the weights)")
   if model.width_multiplier != 1.0 or model.attention_multiplier != 1.0:
     found.append(f"model.parametrization=mup at embed_dim {model.embed_dim} != mup_base_width "
                  f"{model.mup_base_width} (the families have no logit or attention multipliers)")

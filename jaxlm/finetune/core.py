@@ -44,12 +44,16 @@ from jaxlm.finetune.objective import (
   make_batch,
   split_examples,
 )
-from jaxlm.model import Transformer, count_params, flops_per_token, unstack_layers
+from jaxlm.model import Transformer, count_params, flops_per_token, init_cache, unstack_layers
 
 # -- Params: what trains ------------------------------------------------------------------------
 
+PREFIX_NAMES = ("prefix_key", "prefix_value")  # model.prefix_length's params, in every layer
+
 def resolved_trainable(config: Config) -> str:
-  return "lora" if config.model.lora_rank else (config.finetune.trainable or "all")
+  if config.model.lora_rank:
+    return "lora"
+  return "prefix" if config.model.prefix_length else (config.finetune.trainable or "all")
 
 
 def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
@@ -64,6 +68,8 @@ def trainable_filter(config: Config) -> Callable[[params_lib.Path], bool]:
       return True
     if mode == "lora":
       return lora.is_adapter_path(names) or names[0] == "classifier"
+    if mode == "prefix":
+      return names[-1] in PREFIX_NAMES or names[0] == "classifier"
     if mode == "head":
       return head
     in_last_blocks = names[0].startswith("layers_") and int(names[0][7:]) >= first_trained
@@ -129,7 +135,7 @@ def finetune_config(init: Config, objective: str, overrides: Mapping[str, Any]) 
 # function the init run's weights compute (every other key must stay the init run's).
 MODEL_KEYS_FINETUNING_MAY_SET = ("dropout", "attention_impl", "scan_layers", "scan_unroll",
                                  "remat_policy", "dtype", "init_std", "num_classes", "lora_rank",
-                                 "lora_alpha", "lora_dropout", "lora_targets")
+                                 "lora_alpha", "lora_dropout", "lora_targets", "prefix_length")
 
 
 # finetune.* keys only preference tuning reads (jaxlm/finetune/preference.py)
@@ -157,6 +163,11 @@ def _check_objective_keys(config: Config, overrides: Mapping[str, Any]) -> None:
 def _check_model(base: ModelConfig, model: ModelConfig) -> None:
   """FinetuneError unless `model` computes what the init run's `base` does (see
   MODEL_KEYS_FINETUNING_MAY_SET): its weights would otherwise load into another function."""
+  if base.prefix_length and model.prefix_length != base.prefix_length:
+    raise FinetuneError(
+        f"model.prefix_length={model.prefix_length}: the init run was prefix-tuned with "
+        f"{base.prefix_length} slots, and prefixes cannot be merged into the weights; fine-tune "
+        f"it with its prefixes (drop --config.model.prefix_length) or from its own init run.")
   for field in dataclasses.fields(ModelConfig):
     old, new = getattr(base, field.name), getattr(model, field.name)
     if field.name == "max_seq_len" and base.positional != "learned":
@@ -168,9 +179,11 @@ def _check_model(base: ModelConfig, model: ModelConfig) -> None:
           f"may be set): drop --config.model.{field.name}.")
 
 
-def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
-  """The base run's params plus what fine-tuning adds (a classification head, LoRA adapters),
-  initialised as the model initialises them, with the shardings of `config` on `mesh`."""
+def initial_params(config: Config, base_params: Any, mesh, seed: int,
+                   prefix_tokens: Sequence[int] = ()) -> Any:
+  """The base run's params plus what fine-tuning adds (a classification head, LoRA adapters,
+  prefix-tuning slots), initialised as the model initialises them, with the shardings of
+  `config` on `mesh`; new prefix slots from `prefix_tokens` when given (`prefix_from_tokens`)."""
   if "layers" in base_params:  # a scanned base run: fine-tuning addresses blocks by index
     base_params = unstack_layers(base_params)
   shardings = jax.tree.map(lambda leaf: leaf.sharding,
@@ -185,9 +198,40 @@ def initial_params(config: Config, base_params: Any, mesh, seed: int) -> Any:
   # Shared params keep the init run's values (the same model: see `_check_model`); a
   # classifier has no lm_head, so a base lm_head is dropped.
   base, targets = params_lib.flatten(base_params), params_lib.flatten(shardings)
+  if config.model.prefix_length and prefix_tokens and not any(
+      path[-1] in PREFIX_NAMES for path in base):
+    base.update(prefix_from_tokens(config.model, base_params, prefix_tokens, mesh))
   return params_lib.unflatten({
       path: jax.device_put(base[path], targets[path]) if path in base else leaf
       for path, leaf in params_lib.flatten(fresh).items()})
+
+
+def prefix_from_tokens(model: ModelConfig, base_params: Any, tokens: Sequence[int], mesh
+                       ) -> dict[params_lib.Path, jax.Array]:
+  """Prefix tuning's init from real words (Li & Liang 2021, sec. 7.2: better than random, most
+  of all with little data): each layer's slots hold the keys and values that the init run
+  computes for `tokens` (the first model.prefix_length of them, repeated if fewer), placed just
+  before position 0 (positions -P..-1; 0..P-1 with a learned position table), so the tuned model
+  starts as the init run continuing after those tokens (tests/test_model.py checks that
+  equivalence). {('layers_i', 'attention', 'prefix_key' | 'prefix_value'): [P, kv_heads,
+  head_dim]}."""
+  length = model.prefix_length
+  ids = np.resize(np.asarray(tokens, np.int32), length)[None]                   # [1, P]
+  positions = np.arange(length, dtype=np.int32)[None] - (
+      0 if model.positional == "learned" else length)
+  plain = dataclasses.replace(model, prefix_length=0, lora_rank=0, scan_layers=False)
+
+  def slots(params):
+    cache = init_cache(plain, 1, length)
+    _, variables = Transformer(plain).apply(
+        {"params": params, "cache": cache}, ids, positions=positions, decode=True,
+        return_hidden=True, mutable=["cache"])
+    return {name: {key: layer["attention"][f"cached_{key}"][0] for key in ("key", "value")}
+            for name, layer in nn.unbox(variables["cache"]).items()}
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    found = jax.jit(slots)(base_params)
+  return {(name, "attention", f"prefix_{key}"): found[name][key].astype(jnp.float32)
+          for name in found for key in ("key", "value")}
 
 
 # -- Data order ---------------------------------------------------------------------------------
@@ -402,7 +446,8 @@ def make_job(prepared: FinetuneInputs) -> loop.Job:
   started = time.perf_counter()
 
   def init_state() -> steps_lib.TrainState:  # (a resumed run restores its own checkpoint)
-    params = initial_params(config, base_params(prepared), mesh, config.seed)
+    params = initial_params(config, base_params(prepared), mesh, config.seed,
+                            prefix_tokens=prepared.splits["train"].ids[0])
     return steps.init_from(params, jax.random.PRNGKey(config.seed))
 
   evaluate_tasks = tasks_lib.in_training_evaluator(config, prepared.tokenizer,

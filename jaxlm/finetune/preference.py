@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat, files, sharding
+from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import loss as loss_lib
 from jaxlm import run as run_lib
@@ -234,10 +235,13 @@ def _metrics(name: str, sums: Mapping[str, float], loss: float) -> dict[str, flo
 
 def _reference_model(prepared) -> tuple[Any, Any]:
   """(model config, params on the run's mesh) of the reference: finetune.reference's run, or
-  the policy's initial params (the init run's, with fresh LoRA adapters: the same function)."""
+  the init run's function: the policy's initial params (with fresh LoRA adapters: the same
+  function) without new prefix-tuning slots (they change it from the start)."""
   from jaxlm.finetune import core  # (core imports the objectives' registry)
   config, mesh = prepared.config, prepared.mesh
   if not config.finetune.reference:
+    config = config_lib.replace(
+        config, model={"prefix_length": prepared.init.config.model.prefix_length})
     return config.model, core.initial_params(config, core.base_params(prepared), mesh,
                                              config.seed)
   reference = run_lib.open_run(config.finetune.reference, what="--config.finetune.reference",
