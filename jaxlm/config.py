@@ -373,6 +373,11 @@ class FinetuneConfig:
   trainable: str = ""  # which weights train (see above)
   last_n_blocks: int = 1  # trainable=last_n_blocks: how many
   epochs: int = 5  # passes over the training split
+  # Each evaluation scores the train split's first this many examples (a fixed sample, as
+  # nanoGPT's estimate_loss and the book's few batches do: scoring all of MNLI's or ReCoRD's
+  # training set every epoch would cost more than the epoch); 0: the whole split. Validation
+  # and test are always whole.
+  train_eval_examples: int = 512
   max_length: int = 0  # tokens per example (0: model.max_seq_len)
   train_fraction: float = 0.7  # of one data file: the training split
   validation_fraction: float = 0.1  # of one data file: the validation split (the rest: test)
@@ -695,6 +700,7 @@ _NON_NEGATIVE = (
     "train.rollback_skip_batches", "train.rollback_lr_steps", "train.max_rollbacks",
     "train.layer_stats_every", "train.sample_temperature",
     "optim.min_learning_rate", "data.stride", "model.prefix_length",
+    "finetune.train_eval_examples",
     "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
     "optim.adafactor_clip_threshold", "model.logit_softcap", "finetune.simpo_gamma")
 CHOICES = {

@@ -13,7 +13,8 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOKS = os.path.join(REPO, "experiments", "notebooks")
-NAMES = ["quickstart.ipynb", "from_scratch.ipynb"]
+NAMES = ["quickstart.ipynb", "from_scratch.ipynb", "classification.ipynb",
+         "instruction_preference.ipynb"]
 # The CPU branch's training lengths, shortened for the test (every cell still runs, and the
 # notebooks' own checks, e.g. "validation loss should fall", still hold): (text, replacement),
 # each found exactly once, so a change to the notebook cannot silently skip this.
@@ -23,6 +24,12 @@ SHORTER = {
                           "num_steps=20, global_batch_size=16, eval_every=10, "
                           "checkpoint_every=10")],
     "from_scratch.ipynb": [("num_steps=300 if backend", "num_steps=30 if backend")],
+    "classification.ipynb": [("num_steps=300 if backend", "num_steps=60 if backend"),
+                             ('"finetune.epochs": 3}', '"finetune.epochs": 1}')],
+    "instruction_preference.ipynb": [("num_steps=300 if backend", "num_steps=100 if backend"),
+                                     ('"finetune.epochs": 8 if backend',
+                                      '"finetune.epochs": 3 if backend'),
+                                     ('"finetune.epochs": 2,', '"finetune.epochs": 1,')],
 }
 
 
@@ -70,3 +77,6 @@ def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path, data_dir, monkeypatc
   assert not [o for o in outputs if o.output_type == "error"]
   assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
   assert os.path.isdir(tmp_path / "runs" / "quickstart") == (name == "quickstart.ipynb")
+  for run in {"classification.ipynb": ["spam", "spam_lora"],
+              "instruction_preference.ipynb": ["reverse", "dpo"]}.get(name, []):
+    assert os.path.isfile(tmp_path / "runs" / run / "summary.json"), run

@@ -416,10 +416,13 @@ def base_params(prepared: FinetuneInputs) -> Any:
 
 def evaluate_splits(params: Any, prepared: FinetuneInputs) -> dict[str, float]:
   """{split}_loss of every split, and the objective's metrics of it (a classifier's
-  {split}_accuracy, instruct's {split}_perplexity; GLUE's from the per-row outputs)."""
+  {split}_accuracy, instruct's {split}_perplexity; GLUE's from the per-row outputs); of the
+  train split only its first finetune.train_eval_examples."""
   mesh, objective = prepared.mesh, prepared.objective
   results: dict[str, float] = {}
   for name, split in prepared.splits.items():
+    if name == "train":
+      split = objective_lib.first_examples(split, prepared.config.finetune.train_eval_examples)
     sums = jax.device_get([
         prepared.steps.eval(params, sharding.global_batch(sharding.local_rows(batch, mesh), mesh))
         for batch in batches(split, prepared.config.train.global_batch_size,

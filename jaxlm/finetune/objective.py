@@ -57,6 +57,17 @@ class Encoded:
   reference: np.ndarray | None = None
 
 
+def first_examples(split: Encoded, count: int) -> Encoded:
+  """The split's first `count` examples (all of them when count is 0 or more than it has)."""
+  if not count or count >= len(split.ids):
+    return split
+  cut = lambda values: None if values is None else values[:count]
+  return dataclasses.replace(
+      split, examples=split.examples[:count], ids=split.ids[:count],
+      prompt_lengths=split.prompt_lengths[:count], labels=cut(split.labels),
+      rejected_ids=cut(split.rejected_ids), reference=cut(split.reference))
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What a fine-tuning objective defines.
