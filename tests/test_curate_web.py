@@ -261,6 +261,9 @@ def test_classifier_stage_reports_its_histogram_and_examples(trained, crawl, tmp
 
 
 def test_config_refuses_unknown_extractor_and_missing_classifier_before_writing(tmp_path):
+  # The choices settings checks are the registries' keys.
+  assert settings.EXTRACTORS == tuple(extract.EXTRACTORS) and settings.PII_KINDS == tuple(
+      pii.PATTERNS)
   with pytest.raises(settings.ConfigError, match="web.extractor='boilerpipe': must be one of"):
     config_with(**{"web.extractor": "boilerpipe"})
   with pytest.raises(settings.ConfigError, match="classifier.keep='top': must be 'pareto' or"):
