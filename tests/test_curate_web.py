@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from jaxlm import corpora
 from jaxlm.curate import classifier, extract, local, messy, messy_web, pii, settings, urls
+from jaxlm.curate import throughput as throughput_lib
 from tests.conftest import REPO
 
 QUIET = {"log": lambda _: None}
@@ -148,6 +149,17 @@ def test_truncated_archive_keeps_the_records_before_the_cut_or_fails_in_one_line
                        workers=1, **QUIET)
   assert stats["dropped"]["bad_input:truncated"]["documents"] == 1
   assert stats["kept"]["documents"] >= 2  # the pages before the cut
+  garbage = b"not a WARC record\r\n" * 3  # after the last record: damaged, not truncated
+  (folder / "cut.warc.gz").write_bytes((crawl / "crawl.warc.wet.gz").read_bytes() + garbage)
+  with pytest.raises(corpora.CorpusError) as excinfo:
+    local.curate(str(folder / "*"), str(tmp_path / "c"), settings.load(), workers=1, **QUIET)
+  _one_line_error(excinfo, "cut.warc.gz: damaged after record 1 (ArchiveLoadFailed",
+                  "on_bad_input=drop")
+  stats = local.curate(str(folder / "*"), str(tmp_path / "d"),
+                       config_with(**{"input.on_bad_input": "drop", "quality.min_words": 20}),
+                       workers=1, **QUIET)
+  assert stats["dropped"]["bad_input:damaged"]["documents"] == 1
+  assert stats["kept"]["documents"] == 1
 
 
 def test_an_extractor_failure_on_one_page_is_counted_or_one_line(crawl, tmp_path, monkeypatch):
@@ -276,6 +288,13 @@ def test_config_refuses_unknown_extractor_and_missing_classifier_before_writing(
     local.curate(str(tmp_path / "a.txt"), str(tmp_path / "out"),
                  config_with(**{"web.blocklist": str(tmp_path / "none.txt")}), **QUIET)
   assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_benchmark_reports_extraction_in_pages_per_second(crawl):
+  rows = throughput_lib.measure(str(crawl / "crawl.warc.gz"),
+                            config_with(**{"input.on_bad_input": "drop"}), repeats=1)
+  extraction = {r["stage"]: r for r in rows}["extract (resiliparse)"]
+  assert extraction["pages"] == 6 and extraction["pages_per_s"] > 0  # HTML pages decoded
 
 
 @pytest.mark.e2e

@@ -74,10 +74,11 @@ def _page(record, number: int, url: str, body: bytes, meta: dict[str, Any], path
   try:
     text = extractor(html)
   except Exception as e:  # pylint: disable=broad-except  (any failure of one page: counted)
+    said = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     if not drop:
-      _refuse(path, number, url, f"the {config.web.extractor} extractor failed "
-              f"({type(e).__name__}: {e})", "try --config.web.extractor=<another>")
-    return number, None, size, "bad_input:extraction", f"{url}: {type(e).__name__}: {e}", meta
+      _refuse(path, number, url, f"the {config.web.extractor} extractor failed ({said})",
+              "try --config.web.extractor=<another>")
+    return number, None, size, "bad_input:extraction", f"{url}: {said}", meta
   return number, text, size, None, "", meta
 
 
@@ -106,8 +107,11 @@ def documents(path: str, stream: BinaryIO, config: CurationConfig,
       if iterator.offset < iterator.fh.tell():
         problem = (f"truncated after record {number} ({iterator.fh.tell() - iterator.offset} "
                    f"bytes of an unfinished record)")
+  except textfiles.CorpusError:  # (a ValueError too) a record refused above: as it is
+    raise
   except (ArchiveLoadFailed, EOFError, zlib.error, ValueError) as e:
-    problem = f"damaged after record {number} ({type(e).__name__}: {e})"
+    said = " ".join(str(e).split())[:200]  # warcio quotes the bad line, line break included
+    problem = f"damaged after record {number} ({type(e).__name__}: {said})"
     rule = "bad_input:damaged"
   if problem:
     if not drop:
