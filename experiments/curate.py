@@ -1,7 +1,10 @@
-r"""Curate raw documents into a training corpus: normalize, language, quality, decontaminate,
-exact + near-duplicate removal (see jaxlm/curate and docs/curation.md).
+r"""Curate raw documents into a training corpus: web pages' main text, normalize, language,
+quality, decontaminate, the quality classifier, PII, exact + near-duplicate removal (see
+jaxlm/curate and docs/curation.md).
 
   python -m experiments.curate --input='/data/crawl/**/*.jsonl' --output=/data/clean
+  python -m experiments.curate --input='/data/cc/*.warc.gz' --output=/data/cc-clean \
+      --config.web.blocklist=blocklist.txt --config.classifier.model=/data/quality_classifier
   python -m experiments.curate --input='/data/crawl/*' --output=/data/clean \
       --config=configs/curation/default.py --config.dedup.threshold=0.7 \
       --config.decontaminate.files='tasks/*.jsonl' --workers=8
@@ -11,7 +14,8 @@ exact + near-duplicate removal (see jaxlm/curate and docs/curation.md).
   # throughput of each stage on this machine (MB/s per core), nothing written:
   python -m experiments.curate --input='/data/crawl/*' --benchmark
 
-Writes OUTPUT/shard-*.jsonl ({"text", "id"} per line: pretrain with
+Writes OUTPUT/shard-*.jsonl ({"text", "id"} per line, web pages with "url", "date",
+"content_type": pretrain with
 --config.data.corpus=text_files --config.data.files='OUTPUT/*.jsonl'), manifest.json,
 stats.json, report.md and config.json. An interrupted local run resumes when rerun with the same
 arguments (finished input shards are kept in OUTPUT.partial/); OUTPUT appears only when complete.
@@ -29,7 +33,8 @@ from jaxlm.curate import local, settings, throughput
 
 _CONFIG = common.define_config_flag(settings.DEFAULT_CONFIG_FILE)
 _INPUT = flags.DEFINE_string("input", None, "comma-separated globs of .txt/.md (a document per "
-                             "file) and .jsonl (a document per line) files; quote them.")
+                             "file), .jsonl (a document per line) and web archive (.warc.gz, "
+                             ".warc.wet.gz: a document per page) files; quote them.")
 _OUTPUT = flags.DEFINE_string("output", None, "folder to create with the curated corpus.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "local engine: processes (0: every core).",
                                 lower_bound=0)

@@ -2,10 +2,10 @@
 planted copies, determinism (whatever the workers, local == Beam), resume and bad input."""
 
 import filecmp
-import itertools
 import json
 import os
 import pathlib
+import random
 import subprocess
 import sys
 
@@ -13,8 +13,10 @@ import pytest
 
 from jaxlm import corpora
 from jaxlm.config import ConfigError
-from jaxlm.curate import beam, dedup, inputs, local, rules, settings, throughput
+from jaxlm.curate import beam, classifier, dedup, inputs, local, rules, settings, throughput
+from jaxlm.curate import dedup_study as study
 from jaxlm.curate import messy as messy_lib
+from jaxlm.curate import messy_web as web_lib
 from tests.conftest import REPO
 
 PROSE = ("The library opens at nine in the morning and closes at six in the evening. Visitors "
@@ -35,10 +37,44 @@ def config_with(**sections) -> settings.CurationConfig:
 
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
-  """A small messy corpus (the reference documentation only) and its truth."""
+  """A small messy corpus (the reference documentation only) with a web archive of pages
+  among its files, and its truth; a quality classifier; a block list."""
   root = str(tmp_path_factory.mktemp("messy") / "corpus")
   truth = messy_lib.make(root, seed=3, docstrings=False)
+  rng = random.Random(3)
+  articles = list(messy_lib.clean_documents(docstrings=False))[-8:]
+  texts = articles + [articles[0], web_lib.junk_text("spam", rng, [])]
+  pages = [{"url": f"https://site.example.com/{i}", "body": web_lib.page_html(
+      f"Page {i}", text, rng).encode()} for i, text in enumerate(texts)]
+  pages += [{"url": "https://blocked.example/x", "body": pages[1]["body"]},
+            {"url": "https://site.example.com/missing", "status": "404 Not Found",
+             "body": b"<p>gone</p>"}]
+  web_lib.write_warc(os.path.join(root, "train", "web.warc.gz"), pages)
+  kinds = ["original"] * 8 + ["exact", "junk_spam", "blocked", "status"]
+  # records: warcinfo, then request + response per page
+  truth.update({f"web.warc.gz:{2 * i + 3}": {"kind": kind, **({"family": f"web{i % 8}"}
+                                                              if i < 9 else {})}
+                for i, kind in enumerate(kinds)})
+  vocabulary = sorted({w.lower() for t in articles for w in t.split() if w.isalpha()})
+  junk = [web_lib.junk_text(kind, rng, vocabulary) for kind in web_lib.JUNK_KINDS
+          for _ in range(10)]
+  model_dir = os.path.join(root, "classifier")
+  classifier.save(classifier.train(list(messy_lib.clean_documents(docstrings=False))[:100],
+                                   junk), model_dir)
+  with open(os.path.join(root, "blocklist.txt"), "w") as f:
+    f.write("blocked.example\n")
   return root, truth
+
+
+@pytest.fixture(scope="module")
+def sharded(messy):
+  """Several input shards, and every stage on: the classifier (GPT-3's Pareto sampling, a
+  low alpha so that it drops some documents), PII, the block list."""
+  root, _ = messy
+  return settings.load(overrides={
+      "input.shard_mb": 0.05, "classifier.model": os.path.join(root, "classifier"),
+      "classifier.alpha": 1.0, "pii.enabled": True,
+      "web.blocklist": os.path.join(root, "blocklist.txt")})
 
 
 # -- Per-document stages ------------------------------------------------------------------------
@@ -128,31 +164,14 @@ def test_decontamination_drops_or_cuts_13_gram_overlaps(tmp_path):
 # -- De-duplication -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_near_duplicates_precision_and_recall_at_the_default_threshold(tmp_path, seed):
-  """Planted copies (1% of words edited, paragraphs reordered, other header and footer) are
-  found with recall >= 0.95 and precision >= 0.95 (measured: 0.98-1.0 / 1.0)."""
-  truth = messy_lib.make(str(tmp_path / "c"), seed=seed)
-  config = settings.load().dedup
-  signer = dedup.Signer(config)
-  family = {name: fact["family"] for name, fact in truth.items()
-            if fact["kind"] in ("original", "edit", "reorder", "boilerplate")}
-  texts = {}
-  for file in inputs.list_files(str(tmp_path / "c" / "train" / "*")):
-    for key, text, _, _ in inputs.documents(file, settings.load(), inputs.open_local):
-      if dedup.format_key(key) in family:
-        texts[key] = text
-  roots = dedup.near_duplicates({key: signer(text) for key, text in texts.items()}, config)
-  clusters = {}
-  for key, root in roots.items():
-    clusters.setdefault(root, []).append(dedup.format_key(key))
-  found = {frozenset(pair) for members in clusters.values()
-           for pair in itertools.combinations(members, 2)}
-  originals = {fact: name for name, fact in family.items() if truth[name]["kind"] == "original"}
-  planted = {frozenset((name, originals[fact])) for name, fact in family.items()
-             if truth[name]["kind"] != "original"}
-  related = {pair for pair in found if len({family[name] for name in pair}) == 1}
-  recall, precision = len(planted & found) / len(planted), len(related) / len(found)
-  assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+def test_near_duplicates_of_each_kind_found_with_recall_and_precision_over_95(seed):
+  """Planted copies in a prose corpus (lines wrapped anew, another header and footer, 3% of
+  words edited, paragraphs reordered): recall and precision >= 0.95 for each kind at the
+  default settings (measured over seeds 0-7: recall 0.99-1.0, precision 0.965-1.0; the
+  misses are two standard-library docstrings that are near duplicates of each other)."""
+  score = study.measure(seed, settings.load().dedup)
+  for kind in study.KINDS:
+    assert score[kind]["recall"] >= 0.95 and score[kind]["precision"] >= 0.95, (kind, score)
 
 
 def test_cluster_roots_are_connected_components_with_the_smallest_key():
@@ -177,22 +196,20 @@ def _same_output(a: str, b: str) -> None:
       assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
 
 
-SHARDED = settings.load(overrides={"input.shard_mb": 0.05})  # several input shards
-
-
 @pytest.fixture(scope="module")
-def curated(messy, tmp_path_factory):
+def curated(messy, sharded, tmp_path_factory):
   """The messy corpus curated by the local engine in one process (several input shards)."""
   root, _ = messy
   output = str(tmp_path_factory.mktemp("curated") / "one")
-  stats = local.curate(os.path.join(root, "train", "*"), output, SHARDED, workers=1,
+  stats = local.curate(os.path.join(root, "train", "*"), output, sharded, workers=1,
                        log=lambda _: None)
   return output, stats
 
 
-def test_curation_end_to_end_is_deterministic_whatever_the_workers(messy, curated, tmp_path):
+def test_curation_end_to_end_is_deterministic_whatever_the_workers(messy, sharded, curated,
+                                                                   tmp_path):
   (root, truth), (one, stats) = messy, curated
-  local.curate(os.path.join(root, "train", "*"), str(tmp_path / "two"), SHARDED, workers=2,
+  local.curate(os.path.join(root, "train", "*"), str(tmp_path / "two"), sharded, workers=2,
                log=lambda _: None)
   _same_output(one, str(tmp_path / "two"))
   assert not os.path.exists(one + ".partial")
@@ -211,6 +228,14 @@ def test_curation_end_to_end_is_deterministic_whatever_the_workers(messy, curate
   assert len(families) - len(set(families)) <= 0.05 * len(set(families))  # near: recall >= .95
   assert stats["dropped"]["exact_duplicate"]["documents"] > 0
   assert stats["dropped"]["near_duplicate"]["documents"] > 0
+  # The web archive among the files: pages with their metadata, skips counted, and the
+  # classifier's Pareto sampling dropped some documents (the same ones on 2 workers and Beam).
+  assert stats["dropped"]["skipped:status"]["documents"] == 1
+  assert stats["dropped"]["blocked:domain"]["documents"] == 1
+  assert stats["dropped"]["classifier"]["documents"] == sum(stats["classifier"]["dropped"]) > 0
+  web = [json.loads(line) for name in sorted(os.listdir(one)) if name.endswith(".jsonl")
+         for line in open(one / name) if '"web.warc.gz:' in line]
+  assert web and all(r["url"].startswith("https://site.example.com/") for r in web)
   assert stats["input"]["documents"] == len(truth) == stats["kept"]["documents"] + sum(
       d["documents"] for d in stats["dropped"].values())
   report = open(one / "report.md").read()
@@ -219,19 +244,19 @@ def test_curation_end_to_end_is_deterministic_whatever_the_workers(messy, curate
   assert manifest["documents"] == len(ids) and len(manifest["shards"]) == 4
 
 
-def test_beam_gives_the_local_engines_bytes(messy, curated, tmp_path):
+def test_beam_gives_the_local_engines_bytes(messy, sharded, curated, tmp_path):
   pytest.importorskip("apache_beam", reason="the Beam engine: pip install -r requirements-beam.txt")
   root, _ = messy
-  beam.curate(os.path.join(root, "train", "*"), str(tmp_path / "beam"), SHARDED,
+  beam.curate(os.path.join(root, "train", "*"), str(tmp_path / "beam"), sharded,
               ["--runner=DirectRunner", "--direct_num_workers=1"], log=lambda _: None)
   _same_output(curated[0], str(tmp_path / "beam"))
 
 
-def test_interrupted_run_resumes_without_redoing_finished_shards(messy, curated, tmp_path,
-                                                                monkeypatch):
+def test_interrupted_run_resumes_without_redoing_finished_shards(messy, sharded, curated,
+                                                                tmp_path, monkeypatch):
   root, _ = messy
   glob, output = os.path.join(root, "train", "*"), str(tmp_path / "out")
-  config = SHARDED
+  config = sharded
   done = []
   original = local._process_shard
 

@@ -34,7 +34,7 @@ ABSL_FLAGS = frozenset({
     "logger_levels", "logtostderr", "only_check_args", "only_check_flags", "pdb",
     "pdb_post_mortem", "profile_file", "run_with_pdb", "run_with_profiling", "showprefixforinfo",
     "stderrthreshold", "use_cprofile_for_profiling", "v", "verbosity", "flagfile", "undefok", "h"})
-CURATION_SCRIPTS = frozenset({"curate"})  # their --config is the curation schema's
+CURATION_SCRIPTS = frozenset({"curate", "curate_classifier", "dedup_study"})  # curation schema
 PASSTHROUGH_SCRIPTS = frozenset({"harness"})  # the command line is lm_eval's (no absl flags)
 COMMAND = re.compile(r"\bpython3? -m experiments\.(\w+)")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # --config.K=V written as syntax, not as a key

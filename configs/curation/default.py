@@ -1,4 +1,5 @@
-"""Curation defaults: C4/Gopher-style filters for English prose, exact + MinHash dedup.
+"""Curation defaults: web pages' main text, C4/Gopher-style filters for English prose, exact +
+MinHash dedup; the quality classifier and PII scrubbing are off until configured.
 
   python -m experiments.curate --input='/data/crawl/**/*.jsonl' --output=/data/clean \
       --config=configs/curation/default.py --config.dedup.threshold=0.7
@@ -10,6 +11,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.input = dict(text_key="text", on_bad_input="fail", shard_mb=64.0)
+  # WARC/WET inputs: the main-text extractor, the content types kept, a block list file
+  # (domains, URL globs; jaxlm/curate/urls.py).
+  config.web = dict(extractor="resiliparse", content_types=("text/html", "application/xhtml+xml"),
+                    blocklist="")
   config.normalize = dict(
       enabled=True, unicode_form="NFC", whitespace=True, boilerplate_max_words=30,
       # Short lines matching one of these are deleted (C4 deleted every line mentioning
@@ -30,7 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
       max_duplicate_ngram_fraction=(0.15, 0.14, 0.13, 0.12, 0.11, 0.10))  # n = 5 .. 10
   # files: comma-separated globs of evaluation sets (task .jsonl/.json/.csv or any text).
   config.decontaminate = dict(files="", ngram=13, action="drop")
-  config.dedup = dict(exact=True, near=True, threshold=0.8, shingle_words=5, num_perm=128,
+  # model: a folder `python -m experiments.curate_classifier` wrote ("" = stage off); keep:
+  # pareto (GPT-3: keep if np.random.pareto(alpha) > 1 - score) or threshold.
+  config.classifier = dict(model="", keep="pareto", alpha=9.0, threshold=0.5, seed=0)
+  config.pii = dict(enabled=False, kinds=("email", "ip", "phone"))
+  # 3-word shingles that stop at sentence ends (not at line breaks) and Jaccard >= 0.65: what
+  # finds reflowed, re-headed and 3%-edited copies (python -m experiments.dedup_study).
+  config.dedup = dict(exact=True, near=True, threshold=0.65, shingle_words=3, num_perm=128,
                       seed=1)
   config.output = dict(num_shards=4)
   return config

@@ -21,7 +21,6 @@ import os
 import posixpath
 from typing import Any, Iterable, Sequence
 
-from jaxlm import textfiles
 from jaxlm.curate import dedup, inputs, report, settings
 from jaxlm.curate.local import CurationError, check_output
 from jaxlm.curate.rules import DocumentRules
@@ -59,10 +58,14 @@ def _records_fn(beam, config: settings.CurationConfig):
   """A DoFn: the per-document records of one input shard (rules loaded once per worker)."""
   class RecordsFn(beam.DoFn):
     def setup(self):
-      from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+      # pylint: disable=import-outside-toplevel
+      from apache_beam.io.filesystems import CompressionTypes, FileSystems
       self.rules = DocumentRules(config)
       self.signer = dedup.Signer(config.dedup) if config.dedup.near else None
-      self.open = FileSystems.open
+      # The files' bytes as stored (FileSystems would gunzip .gz itself): the readers
+      # decompress, as locally, so a damaged archive reads the same on both engines.
+      self.open = lambda path: FileSystems.open(
+          path, compression_type=CompressionTypes.UNCOMPRESSED)
 
     def process(self, shard):
       yield from inputs.shard_records(shard, config, self.rules, self.signer, self.open)
@@ -81,11 +84,12 @@ def _write(path: str, content: bytes) -> None:
     f.write(content)
 
 
-def _write_shard(item: tuple[int, Iterable[tuple[dedup.DocKey, str]]], directory: str,
-                 num_shards: int) -> dict[str, Any]:
+def _write_shard(item: tuple[int, Iterable[tuple[dedup.DocKey, str, dict | None]]],
+                 directory: str, num_shards: int) -> dict[str, Any]:
   """Writes one output shard (documents sorted by key); returns its manifest entry."""
   index, documents = item
-  content = b"".join(report.shard_line(key, text) for key, text in sorted(documents))
+  content = b"".join(report.shard_line(key, text, meta)
+                     for key, text, meta in sorted(documents, key=lambda d: d[0]))
   name = report.shard_name(index, num_shards)
   _write(posixpath.join(directory, name), content)
   return report.content_entry(name, content)
@@ -169,7 +173,7 @@ def _pipeline(pipeline, beam, shards: list[list[inputs.File]], config: settings.
             | "join drops" >> beam.CoGroupByKey() | "verdict" >> beam.Map(_final_record))
   written = (finals | "kept" >> beam.Filter(lambda r: r["rule"] is None)
              | "to shards" >> beam.Map(lambda r: (report.shard_of(key_of(r), num_shards),
-                                                 (key_of(r), r["text"])))
+                                                 (key_of(r), r["text"], r.get("meta"))))
              | "group shards" >> beam.GroupByKey()
              | "write" >> beam.Map(_write_shard, staging, num_shards)
              | "written" >> beam.combiners.ToList())
@@ -194,8 +198,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig,
   elif FileSystems.exists(output):
     raise CurationError(f"--output {output} already exists; choose a new folder or delete it.")
   files, sizes = _list_files(input_glob)
-  if config.decontaminate.files:  # the workers read them; fail here, before the pipeline
-    textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+  inputs.check_resources(config)  # what the workers load; fail here, before the pipeline
   shards = inputs.plan_shards(files, sizes, config.input.shard_mb)
   log(f"{len(files)} files in {len(shards)} shards; running on Beam.")
   staging = output.rstrip("/") + ".partial"

@@ -3,10 +3,11 @@
 A document's key is (relative path, line) (line 0 for a whole file); among duplicates the
 smallest key is kept, so the result does not depend on the order documents arrive in.
 
-Near duplicates: a MinHash signature of each document's word shingles (within lines;
-datasketch), split into `bands` bands of `rows` rows (datasketch's optimal split for the
-threshold); documents sharing a band are candidates, and a candidate pair is a duplicate when
-the signatures agree on at least
+Near duplicates: a MinHash signature of each document's word shingles (datasketch; shingles stop
+at sentence ends and blank lines, never at a single line break, so re-wrapped copies and
+reordered paragraphs keep theirs), split into `bands` bands of `rows` rows (datasketch's
+optimal split for the threshold); documents sharing a band are candidates, and a candidate
+pair is a duplicate when the signatures agree on at least
 `threshold` of their positions (the MinHash estimate of the Jaccard similarity). Duplicate pairs
 join clusters (connected components); each cluster keeps its smallest key. Grouping happens per
 band (a dict here, a GroupByKey in Beam), never in one global index.
@@ -16,14 +17,18 @@ from __future__ import annotations
 
 import base64
 import collections
-import hashlib
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from jaxlm.curate.rules import WORD
+from jaxlm.curate.rules import WORD, dedup_hash
 from jaxlm.curate.settings import DedupConfig
+
+# Where shingles stop: a sentence's end (. ! ? and closing quotes/brackets, then whitespace) or a
+# blank line. Single line breaks are spaces: rewrapping moves them; sentences stay.
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n")
 
 DocKey = tuple[str, int]  # (path relative to the inputs' common folder, line; 0: whole file)
 
@@ -35,8 +40,7 @@ def format_key(key: DocKey) -> str:
 
 def exact_hash(text: str) -> str:
   """Hash of the lower-cased text with whitespace collapsed."""
-  return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"),
-                         digest_size=16).hexdigest()
+  return dedup_hash(text)
 
 
 def band_shape(config: DedupConfig) -> tuple[int, int]:
@@ -57,13 +61,16 @@ class Signer:
   def __call__(self, text: str) -> np.ndarray:
     """[num_perm] uint32 signature of the set of `shingle_words`-word shingles of `text`.
 
-    Shingles stay inside a line (a paragraph in most web text): reordered paragraphs keep
-    their shingle set, so they are caught as duplicates; a line shorter than a shingle is one.
+    Shingles run over the words of each sentence (SENTENCE_END), wherever its line breaks
+    fall: a copy whose lines were wrapped differently (the commonest web duplicate after
+    boilerplate) has the same shingles, and so has one with its paragraphs reordered (the
+    earlier within-line shingles lost the first). A sentence shorter than a shingle is one.
+    Measured per kind of copy: jaxlm/curate/dedup_study.py.
     """
     n = self.config.shingle_words
     shingles = set()
-    for line in text.lower().split("\n"):
-      words = WORD.findall(line)
+    for sentence in SENTENCE_END.split(text.lower()):
+      words = WORD.findall(sentence)
       shingles.update(" ".join(words[i:i + n]).encode("utf-8")
                       for i in range(max(1, len(words) - n + 1)) if words)
     minhash = MinHash(num_perm=self.config.num_perm, seed=self.config.seed,

@@ -19,7 +19,6 @@ import sys
 from typing import Any, Iterator
 
 from jaxlm import files as files_lib
-from jaxlm import textfiles
 from jaxlm.curate import dedup, inputs, report, settings
 from jaxlm.curate.rules import DocumentRules
 from jaxlm.errors import UserError
@@ -115,7 +114,7 @@ def _write_output(record_files: list[str], drops: dict[dedup.DocKey, str],
         stats.add(record)
         if record["rule"] is None:
           shard = report.shard_of(key, num_shards)
-          line = report.shard_line(key, record["text"])
+          line = report.shard_line(key, record["text"], record.get("meta"))
           handles[shard].write(line)
           digests[shard].update(line)
           counts[shard][0] += 1
@@ -133,8 +132,7 @@ def curate(input_glob: str, output: str, config: settings.CurationConfig, worker
   the stats. workers: processes for the per-document stages (0: every core)."""
   check_output(output)
   files = inputs.list_files(input_glob)
-  if config.decontaminate.files:  # resolve the evaluation globs before any work
-    textfiles.resolve_globs(config.decontaminate.files, "--config.decontaminate.files")
+  inputs.check_resources(config)  # before any work
   staging = output.rstrip("/") + ".partial"
   records_dir = os.path.join(staging, "records")
   try:

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import random
+import textwrap
 
 # A few sentences per language (everyday prose), sampled into documents.
 FOREIGN = {
@@ -109,18 +110,22 @@ def clean_documents(min_words: int = 220, docstrings: bool = True) -> tuple[str,
   return tuple(documents)
 
 
-def near_copy(text: str, kind: str, rng: random.Random) -> str:
-  """A near duplicate of `text`: ~1% of its words replaced (edit), its paragraphs reordered
-  (reorder), or another header and footer (boilerplate)."""
+def near_copy(text: str, kind: str, rng: random.Random, edit_fraction: float = 0.01) -> str:
+  """A near duplicate of `text`: `edit_fraction` of its words replaced (edit), its paragraphs
+  reordered (reorder), another header and footer (boilerplate), or its lines wrapped anew at
+  another width (reflow: the same words, other line breaks)."""
   if kind == "edit":
     words = text.split(" ")
-    for i in rng.sample(range(len(words)), max(1, len(words) // 100)):
+    for i in rng.sample(range(len(words)), max(1, int(len(words) * edit_fraction + 1e-9))):
       words[i] = rng.choice(["the", "a", "value", "object", "which", "new"])
     return " ".join(words)
   if kind == "reorder":
     paragraphs = text.split("\n\n")
     rng.shuffle(paragraphs)
     return "\n\n".join(paragraphs)
+  if kind == "reflow":
+    width = rng.randint(40, 90)
+    return "\n\n".join(textwrap.fill(" ".join(p.split()), width) for p in text.split("\n\n"))
   header = rng.choice(HEADERS).format(d=f"2019-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
                                       n=rng.randint(2, 99))
   return f"{header}\n\n{text}\n\nRelated: {rng.choice(['tutorials', 'news', 'guides'])} " \

@@ -13,9 +13,11 @@ from jaxlm import files
 from jaxlm.curate import dedup, rules
 
 EXAMPLES_PER_RULE = 3
+SCORE_BINS = 10  # the classifier's score histogram: [0, 0.1), ..., [0.9, 1]
 # The order stages run in: the report's funnel lists drops in this order.
-STAGES = ("bad_input", "empty", "language", "contaminated", "quality", "exact_duplicate",
-          "near_duplicate")
+STAGES = ("bad_input", "skipped", "blocked", "empty", "language", "contaminated", "quality",
+          "classifier", "exact_duplicate", "near_duplicate")
+METADATA = ("url", "date", "content_type")  # of web archive records, kept in the output
 
 
 class Stats:
@@ -28,6 +30,26 @@ class Stats:
     self.dropped: dict[str, list[int]] = {}
     self.examples: dict[str, list[tuple[dedup.DocKey, str]]] = {}
     self.languages: collections.Counter = collections.Counter()
+    # The classifier: scores of the documents it kept / dropped per bin, and the borderline
+    # calls (the lowest-scoring kept, the highest-scoring dropped) as (score, key, snippet).
+    self.scores = {"kept": [0] * SCORE_BINS, "dropped": [0] * SCORE_BINS}
+    self.score_examples: dict[str, list[tuple[float, dedup.DocKey, str]]] = {
+        "kept": [], "dropped": []}
+    self.pii: collections.Counter = collections.Counter()  # kind -> replacements; "documents"
+
+  def _add_score(self, record: dict[str, Any]) -> None:
+    score, kept = record["score"], record["rule"] != "classifier"
+    fate = "kept" if kept else "dropped"
+    self.scores[fate][min(int(score * SCORE_BINS), SCORE_BINS - 1)] += 1
+    snippet = (record.get("text") or record.get("snippet") or "")[:300]
+    self._keep_examples(fate, [(score, tuple(record["key"]), snippet)])
+
+  def _keep_examples(self, fate: str, new: list) -> None:
+    # kept: the lowest scores first; dropped: the highest (ties: by key): a pure function of
+    # the set of documents, so merged partial counts give the same examples.
+    order = (lambda e: (e[0], e[1])) if fate == "kept" else (lambda e: (-e[0], e[1]))
+    self.score_examples[fate] = sorted(self.score_examples[fate] + new,
+                                       key=order)[:EXAMPLES_PER_RULE]
 
   def add(self, record: dict[str, Any]) -> None:
     """`record`: key, bytes, rule (None: kept), language, cut, text or snippet."""
@@ -36,6 +58,11 @@ class Stats:
     self.cut += bool(record["cut"])
     if record["language"]:
       self.languages[record["language"]] += 1
+    if record.get("score") is not None:
+      self._add_score(record)
+    if record.get("pii"):
+      self.pii.update(record["pii"])
+      self.pii["documents"] += 1
     rule = record["rule"]
     if rule is None:
       self.kept_documents += 1
@@ -59,13 +86,18 @@ class Stats:
     for rule, examples in other.examples.items():
       self.examples[rule] = sorted(self.examples.get(rule, []) + examples)[:EXAMPLES_PER_RULE]
     self.languages.update(other.languages)
+    for fate in ("kept", "dropped"):
+      self.scores[fate] = [a + b for a, b in zip(self.scores[fate], other.scores[fate])]
+      self._keep_examples(fate, [tuple(e) for e in other.score_examples[fate]])
+    self.pii.update(other.pii)
     return self
 
   def to_json(self, clusters: dict[str, dict[str, int]]) -> dict[str, Any]:
-    def order(rule: str) -> tuple[int, int]:
+    def order(rule: str) -> tuple[int, int, str]:
       stage, _, check = rule.partition(":")
-      return STAGES.index(stage), rules.QUALITY_CHECKS.index(check) if check else 0
-    return {
+      return (STAGES.index(stage),
+              rules.QUALITY_CHECKS.index(check) if stage == "quality" else 0, check)
+    result = {
         "input": {"documents": self.documents, "bytes": self.bytes},
         "kept": {"documents": self.kept_documents, "bytes": self.kept_bytes,
                  "output_bytes": self.output_bytes},
@@ -79,6 +111,16 @@ class Stats:
                             sorted(self.examples[rule])]
                      for rule in sorted(self.examples, key=order)},
     }
+    if sum(map(sum, self.scores.values())):
+      result["classifier"] = {
+          "bins": [round(i / SCORE_BINS, 2) for i in range(SCORE_BINS + 1)],
+          "kept": self.scores["kept"], "dropped": self.scores["dropped"],
+          "examples": {fate: [{"id": dedup.format_key(key), "score": score, "text": text}
+                              for score, key, text in examples]
+                       for fate, examples in self.score_examples.items()}}
+    if self.pii:
+      result["pii"] = dict(sorted(self.pii.items()))
+    return result
 
 
 # -- Output shards ------------------------------------------------------------------------------
@@ -93,10 +135,12 @@ def shard_name(index: int, num_shards: int) -> str:
   return f"shard-{index:05d}-of-{num_shards:05d}.jsonl"
 
 
-def shard_line(key: dedup.DocKey, text: str) -> bytes:
-  """One output document: {"text": ..., "id": ...}; what data.corpus=text_files reads."""
-  return (json.dumps({"text": text, "id": dedup.format_key(key)}, ensure_ascii=False)
-          + "\n").encode("utf-8")
+def shard_line(key: dedup.DocKey, text: str, meta: dict[str, Any] | None = None) -> bytes:
+  """One output document: {"text": ..., "id": ...} (what data.corpus=text_files and
+  prepare_data read), then a web page's "url", "date" and "content_type"."""
+  record = {"text": text, "id": dedup.format_key(key)}
+  record.update((name, meta[name]) for name in METADATA if meta and name in meta)
+  return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def shard_entry(name: str, documents: int, size: int, sha256: str) -> dict[str, Any]:
@@ -140,6 +184,21 @@ def render_report(stats: dict[str, Any]) -> str:
     lines += ["", f"{kind.capitalize()}-duplicate clusters by size (documents per cluster: "
                   f"clusters): " + (", ".join(f"{size}: {count}"
                                             for size, count in histogram.items()) or "none")]
+  if "classifier" in stats:
+    c = stats["classifier"]
+    lines += ["", "## Quality classifier", "", "| score | kept | dropped |", "|---|---:|---:|"]
+    lines += [f"| {low:.1f}-{high:.1f} | {kept} | {dropped} |" for low, high, kept, dropped
+              in zip(c["bins"], c["bins"][1:], c["kept"], c["dropped"])]
+    for fate, title in (("kept", "Kept with the lowest scores"),
+                        ("dropped", "Dropped with the highest scores")):
+      lines += ["", f"{title}:"]
+      lines += [f"- `{e['id']}` ({e['score']:.3f}): {' '.join(e['text'].split())[:200]}"
+                for e in c["examples"][fate]]
+  if "pii" in stats:
+    counts = dict(stats["pii"])
+    documents = counts.pop("documents", 0)
+    lines += ["", f"Personal data replaced by placeholders in {documents} documents: "
+                  + ", ".join(f"{kind} {count}" for kind, count in counts.items()) + "."]
   lines += ["", "## Examples of dropped documents (the first by id, per rule)"]
   for rule, examples in stats["examples"].items():
     lines += ["", f"### {rule}"]

@@ -3,7 +3,8 @@
 Each stage is a pure function of one document and the config, so the local worker pool and
 Beam's workers run the same code and a document's fate never depends on another document (the
 de-duplication, which does, is in dedup.py). `DocumentRules.apply` runs the stages in order:
-normalize -> language -> decontaminate -> quality; the first that rejects names the drop.
+normalize -> language -> decontaminate -> quality -> classifier -> PII scrubbing; the first
+that rejects names the drop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -19,6 +21,7 @@ import unicodedata
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 from jaxlm import textfiles
+from jaxlm.curate import classifier, extract, pii, urls
 from jaxlm.curate.settings import CurationConfig, DecontaminateConfig, QualityConfig
 
 WORD = re.compile(r"\w+")
@@ -38,6 +41,8 @@ class Outcome:
   rule: str | None         # the rule that dropped it ("language", "quality:min_words", ...)
   language: str = ""       # the identified language ("" with the stage off)
   cut: bool = False        # decontamination cut spans out of it
+  score: float | None = None  # the quality classifier's score (None with the stage off)
+  pii: dict[str, int] = dataclasses.field(default_factory=dict)  # {kind: replacements}
 
 
 # -- Normalization ------------------------------------------------------------------------------
@@ -191,14 +196,26 @@ def contaminated_spans(text: str, grams: frozenset[str], n: int) -> list[tuple[i
   return spans
 
 
+def dedup_hash(text: str) -> str:
+  """The exact-dedup hash (dedup.exact_hash; here, as dedup imports this module): the
+  classifier's Pareto draw is seeded by it, so exact copies share their fate."""
+  return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"),
+                         digest_size=16).hexdigest()
+
+
 # -- All per-document stages --------------------------------------------------------------------
 
 class DocumentRules:
   """The per-document stages of `config`, with their resources loaded once per process (the
-  language model, the evaluation n-grams)."""
+  language model, the evaluation n-grams, the classifier; for web archives the extractor and
+  the block list, which the readers take from here)."""
 
   def __init__(self, config: CurationConfig):
     self.config = config
+    self.extractor = extract.check_extractor(config.web.extractor)
+    self.blocklist = urls.load(config.web.blocklist)
+    self.classifier = classifier.load(config.classifier.model) if config.classifier.model \
+        else None
     self._boilerplate = [re.compile(p, re.IGNORECASE)
                          for p in config.normalize.boilerplate_patterns]
     self._identifier = None
@@ -244,4 +261,12 @@ class DocumentRules:
       failure = quality_failure(text, c.quality)
       if failure:
         return Outcome(None, f"quality:{failure}", language, cut)
-    return Outcome(text, None, language, cut)
+    score = None
+    if self.classifier is not None:
+      score = round(float(self.classifier.scores([text])[0]), 6)  # (6 digits: stable JSON)
+      if not classifier.keeps(score, dedup_hash(text), c.classifier):
+        return Outcome(None, "classifier", language, cut, score)
+    found: dict[str, int] = {}
+    if c.pii.enabled:
+      text, found = pii.scrub(text, c.pii.kinds)
+    return Outcome(text, None, language, cut, score, found)

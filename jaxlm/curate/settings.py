@@ -14,6 +14,11 @@ from typing import Any, Mapping
 from jaxlm import config as config_lib
 from jaxlm.config import ConfigError
 
+# The choices some keys name (the registries live in the modules that use them: extract.py,
+# pii.py; named here so that checking a config imports neither).
+EXTRACTORS = ("resiliparse", "trafilatura")
+PII_KINDS = ("email", "ip", "phone")
+
 DEFAULT_CONFIG_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "configs", "curation", "default.py")
@@ -24,6 +29,14 @@ class InputConfig:
   text_key: str = "text"           # the field holding the text in .jsonl inputs
   on_bad_input: str = "fail"       # fail: one-line error; drop: count the document as dropped
   shard_mb: float = 64.0           # input files are grouped into shards of about this size
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+  """WARC/WET inputs (.warc.gz, .warc.wet.gz): which records become documents, and how."""
+  extractor: str = "resiliparse"   # main-text extractor of HTML pages: resiliparse | trafilatura
+  content_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")  # others: skipped
+  blocklist: str = ""              # file of blocked domains (subdomains too) / URL globs; "": none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +83,28 @@ class DecontaminateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+  """GPT-3's quality classifier: hashed n-grams + logistic regression, trained by
+  `python -m experiments.curate_classifier`; documents kept by their score."""
+  model: str = ""                  # folder the training command wrote; "": stage off
+  keep: str = "pareto"             # pareto: keep if pareto(alpha) > 1 - score; threshold
+  alpha: float = 9.0               # Pareto shape (GPT-3: 9); smaller keeps more low scores
+  threshold: float = 0.5           # keep: threshold keeps scores >= this
+  seed: int = 0                    # of the Pareto draws (each seeded by the document's hash too)
+
+
+@dataclasses.dataclass(frozen=True)
+class PiiConfig:
+  enabled: bool = False            # replace personal data by placeholders (counted)
+  kinds: tuple[str, ...] = ("email", "ip", "phone")  # of jaxlm.curate.pii.PATTERNS
+
+
+@dataclasses.dataclass(frozen=True)
 class DedupConfig:
   exact: bool = True               # hash of the normalized, lower-cased text
   near: bool = True                # MinHash LSH
-  threshold: float = 0.8           # Jaccard similarity of word shingles that makes a duplicate
-  shingle_words: int = 5
+  threshold: float = 0.65          # Jaccard similarity of word shingles that makes a duplicate
+  shingle_words: int = 3           # words per shingle (shingles stop at sentence ends)
   num_perm: int = 128
   seed: int = 1
 
@@ -87,10 +117,13 @@ class OutputConfig:
 @dataclasses.dataclass(frozen=True)
 class CurationConfig:
   input: InputConfig = InputConfig()
+  web: WebConfig = WebConfig()
   normalize: NormalizeConfig = NormalizeConfig()
   language: LanguageConfig = LanguageConfig()
   quality: QualityConfig = QualityConfig()
   decontaminate: DecontaminateConfig = DecontaminateConfig()
+  classifier: ClassifierConfig = ClassifierConfig()
+  pii: PiiConfig = PiiConfig()
   dedup: DedupConfig = DedupConfig()
   output: OutputConfig = OutputConfig()
 
@@ -107,6 +140,18 @@ def _check(config: CurationConfig) -> CurationConfig:
   require(config.input.on_bad_input in ("fail", "drop"), "input.on_bad_input",
           config.input.on_bad_input, "must be 'fail' or 'drop'")
   require(config.input.shard_mb > 0, "input.shard_mb", config.input.shard_mb, "must be > 0")
+  require(config.web.extractor in EXTRACTORS, "web.extractor", config.web.extractor,
+          f"must be one of {', '.join(EXTRACTORS)}")
+  require(bool(config.web.content_types), "web.content_types", config.web.content_types,
+          "needs at least one type, e.g. ('text/html',)")
+  require(config.classifier.keep in ("pareto", "threshold"), "classifier.keep",
+          config.classifier.keep, "must be 'pareto' or 'threshold'")
+  require(config.classifier.alpha > 0, "classifier.alpha", config.classifier.alpha,
+          "must be > 0 (GPT-3 used 9)")
+  require(0.0 <= config.classifier.threshold <= 1.0, "classifier.threshold",
+          config.classifier.threshold, "must be in [0, 1]")
+  require(set(config.pii.kinds) <= set(PII_KINDS), "pii.kinds", config.pii.kinds,
+          f"each must be one of {', '.join(PII_KINDS)}")
   require(config.normalize.unicode_form in ("", "NFC", "NFKC", "NFD", "NFKD"),
           "normalize.unicode_form", config.normalize.unicode_form,
           "must be NFC, NFKC, NFD, NFKD or ''")
