@@ -113,26 +113,25 @@ def tiny_lm_run(tmp_path_factory) -> str:
 
 
 
-# Seconds each test file took (the sums of its tests' setup, call and teardown, `pytest
-# --durations=0` on the 2-core machine beside other work, 2026-12-07; only the order matters).
-# pytest-xdist's loadfile hands whole files to its two workers, by default the files with the
+# Seconds each test file took (the sums of its tests' setup, call and teardown; only the order
+# matters). pytest-xdist's loadfile hands whole files to its two workers, by default the files with the
 # most tests first, so a file of two long tests (the multi-process jobs, the notebooks) could
 # start last and keep one worker busy while the other idles. pyproject.toml turns that order
 # off (--no-loadscope-reorder) and the files go out heaviest first, whatever they hold; files
-# not named here (the quick ones) follow in their usual order. (test_curate*.py: re-measured
-# alone, -n0, 2026-12-07: 22.8 s and 7.2 s where the earlier test_curate.py took 17.8 s;
-# scaled to this list's 44 for it.)
+# not named here (the quick ones) follow in their usual order. Seconds per file as measured by
+# `.ci/run` with --durations=0 (2026-12-07, both workers busy; test_convert.py and
+# test_preference.py less what was cut after).
 FILE_SECONDS = {
-    "test_finetune.py": 557, "test_pretrain.py": 228, "test_convert.py": 190,
-    "test_plan.py": 150, "test_pipeline.py": 149, "test_model.py": 125, "test_multihost.py": 107,
-    "test_tasks.py": 103, "test_lora.py": 94, "test_sweep.py": 87, "test_loop.py": 85,
-    "test_optimizers.py": 77, "test_generate.py": 75, "test_train.py": 75,
-    "test_notebooks.py": 73, "test_spikes.py": 68, "test_convert_llama.py": 67,
-    "test_crash.py": 66, "test_sharding.py": 63, "test_storage.py": 59,
-    "test_glue_finetune.py": 55, "test_benchmark.py": 50, "test_kernels.py": 45,
-    "test_curate.py": 56, "test_generative.py": 40, "test_harness.py": 35,
-    "test_batch_warmup.py": 31, "test_shards.py": 30, "test_mup.py": 30,
-    "test_preference.py": 29, "test_curate_web.py": 18}
+    "test_finetune.py": 197, "test_notebooks.py": 152, "test_multihost.py": 102,
+    "test_pipeline.py": 84, "test_pretrain.py": 74, "test_plan.py": 65, "test_sweep.py": 64,
+    "test_convert.py": 61, "test_model.py": 58, "test_train.py": 50, "test_loop.py": 48,
+    "test_spikes.py": 44, "test_generate.py": 41, "test_tasks.py": 39,
+    "test_convert_llama.py": 39, "test_sharding.py": 36, "test_optimizers.py": 31,
+    "test_curate.py": 30, "test_storage.py": 29, "test_benchmark.py": 29, "test_kernels.py": 28,
+    "test_preference.py": 28, "test_glue_finetune.py": 26, "test_crash.py": 26,
+    "test_lora.py": 25, "test_batch_warmup.py": 21, "test_harness.py": 19, "test_shards.py": 18,
+    "test_mup.py": 15, "test_hooks.py": 15, "test_prepare.py": 12, "test_generative.py": 12,
+    "test_checkpoint.py": 11, "test_loss.py": 9, "test_curate_web.py": 8}
 
 
 def pytest_collection_modifyitems(items):

@@ -166,8 +166,10 @@ def _hf_perplexity(model, ids: list[int], eos_id: int, seq_len: int, stride: int
 
 
 @pytest.mark.e2e
-def test_evaluate_cli_perplexity_equals_transformers(gpt2, tmp_path):
-  hf_dir, model, workdir = gpt2
+def test_evaluate_cli_perplexity_equals_transformers(small_gpt2, tmp_path):
+  """The command line on the small shape (the odd one's numbers: the in-process tests above;
+  the CLI adds nothing shape-specific and costs a process)."""
+  hf_dir, model, workdir = small_gpt2
   tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))
   documents = [_texts()[1], TRICKY.replace("<|endoftext|>", "")]
   for i, text in enumerate(documents):

@@ -134,7 +134,9 @@ def classifiers(base_run, tmp_path_factory):
                                 "--config.model.lora_targets=query,key,value",
                                 "--config.optim.learning_rate=3e-3",
                                 "--config.finetune.epochs=8",
-                                "--config.train.global_batch_size=16"])]:
+                                "--config.train.global_batch_size=16",
+                                # (train metrics on a 64-example sample: not asserted here)
+                                "--config.finetune.train_eval_examples=64"])]:
     workdir = root / name
     result = run_script("finetune_classifier", [
         f"--init={base_run}", f"--data={data}", f"--workdir={workdir}", *extra])
@@ -207,6 +209,7 @@ def test_instruction_tuning_learns_to_reverse_words(base_run, tmp_path):
   result = run_script("finetune_instruct", [
       f"--init={base_run}", f"--data={data}", f"--workdir={workdir}",
       "--config.finetune.template=chat", "--config.finetune.epochs=12",
+      "--config.finetune.train_eval_examples=64",
       "--config.finetune.max_new_tokens=12", "--config.train.global_batch_size=16",
       "--config.optim.learning_rate=1e-3", "--config.optim.schedule=cosine",
       "--config.optim.min_learning_rate=1e-5", "--config.optim.warmup_steps=20",

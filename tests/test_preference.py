@@ -17,6 +17,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import finetune
+from jaxlm import run as run_lib
 from jaxlm.config import ConfigError
 from jaxlm.finetune import preference
 from jaxlm.model import Transformer
@@ -159,7 +160,7 @@ def test_dpo_starts_at_log_2_with_every_pair_tied_and_resumes_exactly(tiny_lm_ru
   """The reference is the policy at step 0: every reward 0, the loss log 2, accuracy 0.5 (ties
   count half); the reference's own preference is reported; finetune.reference naming the
   init run gives the same reference. A run stopped after 3 steps resumes (recomputing the
-  reference) to the uninterrupted run's numbers."""
+  reference) to the uninterrupted run's numbers. Prefix tuning keeps the init run as reference."""
   prepared = _prepare(tiny_lm_run, tmp_path / "a", pairs_file)
   assert prepared.splits["train"].reference.shape == (len(prepared.splits["train"].ids), 2)
   params = finetune.initial_params(prepared.config, finetune.base_params(prepared),
@@ -189,30 +190,23 @@ def test_dpo_starts_at_log_2_with_every_pair_tied_and_resumes_exactly(tiny_lm_ru
     assert resumed[key] == whole[key], key
   assert (tmp_path / "a" / "test_responses.json").exists()
 
-
-def test_prefix_tuned_dpo_keeps_the_init_run_as_reference_and_trains_only_the_slots(
-    tiny_lm_run, pairs_file, tmp_path):
-  """model.prefix_length: DPO's reference is the init run without the slots (the same
-  log-probabilities as a plain run's); the slots start from real tokens' keys/values; after the
-  run only the slots differ from the init run's params."""
+  # Prefix tuning (model.prefix_length): the reference is the init run without the slots (the
+  # plain run's log-probabilities); the slots start from real tokens' keys/values; after the
+  # run only the slots differ from the init run's params.
   from jaxlm import params as params_lib
-  from jaxlm import run as run_lib
-  plain = _prepare(tiny_lm_run, tmp_path / "plain", pairs_file)
-  overrides = {"train.global_batch_size": 8, "finetune.template": "plain",
-               "finetune.max_new_tokens": 2, "finetune.epochs": 1, "model.prefix_length": 4,
-               "optim.learning_rate": 1e-2}
-  prepared = finetune.prepare(tiny_lm_run, str(tmp_path / "prefix"), "preference", pairs_file,
-                              overrides)
-  np.testing.assert_allclose(prepared.splits["train"].reference,
-                             plain.splits["train"].reference, rtol=1e-5)
-  base = params_lib.flatten(jax.device_get(finetune.base_params(plain)))
+  prefixed = finetune.prepare(tiny_lm_run, str(tmp_path / "prefix"), "preference", pairs_file, {
+      "train.global_batch_size": 8, "finetune.template": "plain", "finetune.max_new_tokens": 2,
+      "finetune.epochs": 1, "model.prefix_length": 4, "optim.learning_rate": 1e-2})
+  np.testing.assert_allclose(prefixed.splits["train"].reference,
+                             prepared.splits["train"].reference, rtol=1e-5)
+  base = params_lib.flatten(jax.device_get(finetune.base_params(prepared)))
   start = params_lib.flatten(jax.device_get(finetune.initial_params(
-      prepared.config, finetune.base_params(prepared), prepared.mesh, 0,
-      prefix_tokens=prepared.splits["train"].ids[0])))
-  summary = finetune.finetune(prepared, show_progress=False)
+      prefixed.config, finetune.base_params(prefixed), prefixed.mesh, 0,
+      prefix_tokens=prefixed.splits["train"].ids[0])))
+  summary = finetune.finetune(prefixed, show_progress=False)
   assert summary["trainable_params"] == 2 * 2 * 4 * TINY_HEADS_TIMES_HEAD_DIM
   tuned = params_lib.flatten(jax.device_get(run_lib.restore_params(
-      run_lib.open_run(str(tmp_path / "prefix")), prepared.mesh)))
+      run_lib.open_run(str(tmp_path / "prefix")), prefixed.mesh)))
   assert set(tuned) == set(base) | {p for p in start if p[-1].startswith("prefix_")}
   for path, value in tuned.items():
     if path[-1].startswith("prefix_"):
