@@ -113,14 +113,14 @@ def tiny_lm_run(tmp_path_factory) -> str:
 
 
 
-# Seconds each test file took (the sums of its tests' setup, call and teardown; only the order
-# matters). pytest-xdist's loadfile hands whole files to its two workers, by default the files with the
-# most tests first, so a file of two long tests (the multi-process jobs, the notebooks) could
-# start last and keep one worker busy while the other idles. pyproject.toml turns that order
-# off (--no-loadscope-reorder) and the files go out heaviest first, whatever they hold; files
-# not named here (the quick ones) follow in their usual order. Seconds per file as measured by
-# `.ci/run` with --durations=0 (2026-12-07, both workers busy; test_convert.py and
-# test_preference.py less what was cut after).
+# Seconds each test file took (the sums of its tests' setup, call and teardown, measured by
+# `.ci/run` with --durations=0 on 2026-12-07, both workers busy; test_convert.py and
+# test_preference.py less what was cut after; only the order matters). pytest-xdist's loadfile
+# hands whole files to its two workers, by default the files with the most tests first, so a
+# file of two long tests (the multi-process jobs, the notebooks) could start last and keep one
+# worker busy while the other idles. pyproject.toml turns that order off
+# (--no-loadscope-reorder) and the files go out heaviest first, whatever they hold; files not
+# named here (the quick ones) follow in their usual order.
 FILE_SECONDS = {
     "test_finetune.py": 197, "test_notebooks.py": 152, "test_multihost.py": 102,
     "test_pipeline.py": 84, "test_pretrain.py": 74, "test_plan.py": 65, "test_sweep.py": 64,
