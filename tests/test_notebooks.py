@@ -25,7 +25,7 @@ SHORTER = {
                           "checkpoint_every=10")],
     "from_scratch.ipynb": [("num_steps=300 if backend", "num_steps=30 if backend")],
     "classification.ipynb": [("num_steps=300 if backend", "num_steps=60 if backend"),
-                             ("range(1200)", "range(500)"), ("range(40)", "range(10)"),
+                             ("range(1200)", "range(400)"), ("range(40)", "range(10)"),
                              ('"finetune.epochs": 3}', '"finetune.epochs": 1}')],
     "instruction_preference.ipynb": [("num_steps=300 if backend", "num_steps=100 if backend"),
                                      ("range(600)", "range(300)"),
