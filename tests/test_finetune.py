@@ -583,17 +583,21 @@ def test_balance_and_split_are_seeded_and_complete():
   assert finetune.class_names(["10", "9", "2"]) == ["2", "9", "10"]
 
 
-def test_lora_trains_only_adapters_and_the_head():
+def _trainable_names(adapter: dict) -> tuple[set[str], config_lib.Config]:
+  """The '/'-joined paths that train in a 2-layer classifier with `adapter`'s model keys."""
   config = config_lib.validate({
       "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
-                "vocab_size": 50, "num_classes": 2, "lora_rank": 4,
-                "lora_targets": ("query", "value")},
+                "vocab_size": 50, "num_classes": 2, **adapter},
       "finetune": {"objective": "classifier"}})
   params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-  trainable, frozen = params_lib.partition(nn.unbox(params["params"]),
-                                           finetune.trainable_filter(config))
-  names = {"/".join(p.key for p in path) for path, _ in
-           jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  trainable, _ = params_lib.partition(nn.unbox(params["params"]),
+                                      finetune.trainable_filter(config))
+  return {"/".join(p.key for p in path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(trainable)[0]}, config
+
+
+def test_lora_trains_only_adapters_and_the_head():
+  names, config = _trainable_names({"lora_rank": 4, "lora_targets": ("query", "value")})
   assert names == {"classifier/kernel", "classifier/bias"} | {
       f"layers_{i}/attention/{m}/lora_{x}" for i in (0, 1) for m in ("query", "value")
       for x in "ab"}
@@ -609,15 +613,7 @@ def test_prefix_tuning_trains_only_the_prefixes_and_the_head(tmp_path):
   from jaxlm import convert
   from jaxlm import pretrain as pretrain_lib
   from jaxlm.finetune import FinetuneError, core
-  config = config_lib.validate({
-      "model": {"num_layers": 2, "num_heads": 2, "embed_dim": 16, "mlp_dim": 32,
-                "vocab_size": 50, "num_classes": 2, "prefix_length": 4},
-      "finetune": {"objective": "classifier"}})
-  params = Transformer(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-  trainable, _ = params_lib.partition(nn.unbox(params["params"]),
-                                      finetune.trainable_filter(config))
-  names = {"/".join(p.key for p in path) for path, _ in
-           jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  names, config = _trainable_names({"prefix_length": 4})
   assert names == {"classifier/kernel", "classifier/bias"} | {
       f"layers_{i}/attention/prefix_{x}" for i in (0, 1) for x in ("key", "value")}
   assert finetune.resolved_trainable(config) == "prefix"
